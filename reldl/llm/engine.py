@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from tokenizers import Tokenizer
 
-from reldl.errors import DataError, ProgrammingError
+from reldl.errors import DataError
 from reldl.llm.attention import Step
 from reldl.llm.config import ModelConfig
 from reldl.llm.kv_cache import TRASH_BLOCK, PagedKVCache
@@ -290,8 +290,11 @@ class Engine:
         out: list[float] = []
         for ids, lp in zip(rows, self.token_logprobs([c + k for c, k in rows])):
             ctx, cont = ids
-            out.append(float(lp[len(ctx) - 1 : len(ctx) + len(cont) - 1].gather(-1, torch.tensor(cont)[:, None]).sum())
-                       if cont else 0.0)
+            out.append(
+                float(lp[len(ctx) - 1 : len(ctx) + len(cont) - 1].gather(-1, torch.tensor(cont)[:, None]).sum())
+                if cont
+                else 0.0
+            )
         return out
 
     def token_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:

@@ -47,7 +47,9 @@ class _Captured:
 
     def replay(self, tokens, positions, slots, tables) -> torch.Tensor:
         batch, nb = self.tables.shape
-        rows = [[t, p, s] + row + [TRASH_BLOCK] * (nb - len(row)) for t, p, s, row in zip(tokens, positions, slots, tables)]
+        rows = [
+            [t, p, s] + row + [TRASH_BLOCK] * (nb - len(row)) for t, p, s, row in zip(tokens, positions, slots, tables)
+        ]
         rows += [[0] * (3 + nb)] * (batch - len(rows))  # padding rows: token 0 at position 0, into the trash block
         packed = torch.tensor(rows, dtype=torch.long).to(self.tokens.device, non_blocking=True)
         self.tokens.copy_(packed[:, 0:1])

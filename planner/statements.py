@@ -1,0 +1,192 @@
+"""Split SQL text into statements and recognise reldl's own: CREATE/DROP/SHOW MODEL(S), and calls of reldl functions.
+
+Everything else passes through to DuckDB exactly as the user wrote it. Recognition uses sqlglot's tokenizer (cheap),
+and a full sqlglot parse only for statements that involve reldl.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import ParseError, TokenError
+from sqlglot.tokens import Token, TokenType
+
+from reldl.errors import ProgrammingError
+
+# reldl SQL functions and their named arguments (after the positional ones)
+FUNCTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "llm_generate": (
+        ("prompt",),
+        ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "truncate"),
+    ),
+    "llm_score": (("prompt", "continuation"), ("model",)),
+}
+
+
+@dataclass
+class Passthrough:
+    sql: str
+    functions: set[str] = field(default_factory=set)  # reldl functions it calls
+
+
+@dataclass
+class CreateModel:
+    name: str
+    options: dict[str, Any]
+    replace: bool = False
+    if_not_exists: bool = False
+    query: str | None = None
+
+
+@dataclass
+class DropModel:
+    name: str
+    if_exists: bool = False
+
+
+@dataclass
+class ShowModels:
+    pass
+
+
+Statement = Passthrough | CreateModel | DropModel | ShowModels
+
+
+def split(sql: str) -> list[tuple[str, list[Token]]]:
+    """Statements of a script with their tokens; a script sqlglot cannot tokenize stays whole for DuckDB."""
+    try:
+        tokens = sqlglot.tokenize(sql, read="duckdb")
+    except (TokenError, ParseError, ValueError):
+        return [(sql, [])]
+    out: list[tuple[str, list[Token]]] = []
+    current: list[Token] = []
+    for tok in tokens:
+        if tok.token_type == TokenType.SEMICOLON:
+            if current:
+                out.append((sql[current[0].start : current[-1].end + 1], current))
+            current = []
+        else:
+            current.append(tok)
+    if current:
+        out.append((sql[current[0].start : current[-1].end + 1], current))
+    return out
+
+
+def _words(tokens: list[Token], n: int) -> list[str]:
+    return [t.text.upper() for t in tokens[:n]]
+
+
+def classify(text: str, tokens: list[Token]) -> Statement:
+    """One statement's text and tokens -> a reldl statement, or a Passthrough for DuckDB."""
+    w = _words(tokens, 6)
+    if w[:2] == ["CREATE", "MODEL"] or w[:4] == ["CREATE", "OR", "REPLACE", "MODEL"]:
+        return _create_model(text)
+    if w[:2] == ["DROP", "MODEL"]:
+        return _drop_model(tokens)
+    if w[:2] == ["SHOW", "MODELS"] and len(tokens) == 2:
+        return ShowModels()
+    calls = {
+        t.text.lower()
+        for i, t in enumerate(tokens[:-1])
+        if t.text.lower() in FUNCTIONS and tokens[i + 1].token_type == TokenType.L_PAREN
+    }
+    if calls:
+        check_calls(text)
+    return Passthrough(text, calls)
+
+
+def check_calls(text: str) -> None:
+    """Reject unknown or repeated named arguments of reldl functions with a one-line error."""
+    try:
+        tree = sqlglot.parse_one(text, read="duckdb")
+    except (ParseError, TokenError):
+        return  # DuckDB reports the syntax error itself
+    for call in tree.find_all(exp.Anonymous):
+        name = str(call.this).lower()
+        if name not in FUNCTIONS:
+            continue
+        positional, named = FUNCTIONS[name]
+        seen: set[str] = set()
+        for arg in call.expressions:
+            if isinstance(arg, (exp.PropertyEQ, exp.Kwarg)):
+                key = arg.this.name.lower()
+                if key not in named:
+                    raise ProgrammingError(f"{name}: unknown argument {key!r} (named arguments: {', '.join(named)})")
+                if key in seen:
+                    raise ProgrammingError(f"{name}: argument {key!r} given twice")
+                seen.add(key)
+        n_pos = sum(not isinstance(a, (exp.PropertyEQ, exp.Kwarg)) for a in call.expressions)
+        if n_pos != len(positional):
+            want = ", ".join(positional)
+            raise ProgrammingError(f"{name}: expects {len(positional)} positional argument(s) ({want}), got {n_pos}")
+
+
+def _drop_model(tokens: list[Token]) -> DropModel:
+    rest = tokens[2:]
+    if_exists = _words(rest, 2) == ["IF", "EXISTS"]
+    if if_exists:
+        rest = rest[2:]
+    if len(rest) != 1:
+        raise ProgrammingError("syntax: DROP MODEL [IF EXISTS] name")
+    return DropModel(_ident(rest[0]), if_exists)
+
+
+def _ident(tok: Token) -> str:
+    return tok.text
+
+
+def _create_model(text: str) -> CreateModel:
+    try:
+        tree = sqlglot.parse_one(text, read="bigquery")
+    except (ParseError, TokenError) as e:
+        msg = str(e).splitlines()[0]
+        raise ProgrammingError(f"CREATE MODEL: cannot parse statement ({msg})") from None
+    if not isinstance(tree, exp.Create) or str(tree.args.get("kind", "")).upper() != "MODEL":
+        raise ProgrammingError("syntax: CREATE [OR REPLACE] MODEL name OPTIONS (key = value, ...) [AS SELECT ...]")
+    target = tree.this
+    name = target.name if isinstance(target, exp.Table) else target.sql()
+    options: dict[str, Any] = {}
+    props = tree.args.get("properties")
+    for prop in props.expressions if props else []:
+        if not isinstance(prop, exp.Property):
+            continue
+        key = prop.this.name if isinstance(prop.this, exp.Expression) else str(prop.this)
+        key = key.lower()
+        if key in options:
+            raise ProgrammingError(f"CREATE MODEL {name}: option {key!r} given twice")
+        options[key] = _value(prop.args.get("value"), name, key)
+    query = tree.expression
+    return CreateModel(
+        name=name,
+        options=options,
+        replace=bool(tree.args.get("replace")),
+        if_not_exists=bool(tree.args.get("exists")),
+        query=query.sql(dialect="duckdb") if query is not None else None,
+    )
+
+
+def _value(node: exp.Expression | None, model: str, key: str) -> Any:
+    if node is None or isinstance(node, exp.Null):
+        return None
+    if isinstance(node, exp.Boolean):
+        return bool(node.this)
+    if isinstance(node, exp.Literal):
+        if node.is_string:
+            return node.this
+        num = node.this
+        return float(num) if any(c in num for c in ".eE") else int(num)
+    if isinstance(node, exp.Neg):
+        return -_value(node.this, model, key)
+    if isinstance(node, (exp.Array, exp.Tuple)):
+        return [_value(x, model, key) for x in node.expressions]
+    if isinstance(node, (exp.Var, exp.Column, exp.Identifier)):
+        return node.name
+    raise ProgrammingError(f"CREATE MODEL {model}: option {key!r} must be a literal, got {node.sql()}")
+
+
+def parse(sql: str) -> list[Statement]:
+    """SQL text (one statement or a script) -> statements, in order."""
+    return [classify(text, tokens) if tokens else Passthrough(text) for text, tokens in split(sql)]

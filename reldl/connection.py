@@ -1,0 +1,269 @@
+"""PEP 249 (DB-API 2.0) Connection and Cursor over DuckDB, with reldl's SQL surface.
+
+Each cursor runs on its own DuckDB cursor (DuckDB's own DB-API does the same), with reldl's functions registered
+on it, so cursors can be used from different threads. Statements go through the planner: reldl statements run
+here, everything else goes to DuckDB as written.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import duckdb
+
+from reldl import catalog, registry
+from reldl.errors import InterfaceError, NotSupportedError, ProgrammingError, translate
+from reldl.llm.loader import inspect_checkpoint
+from reldl.planner.statements import CreateModel, DropModel, Passthrough, ShowModels, parse
+from reldl.udfs.llm import LLMFunctions
+
+LLM_OPTIONS = {"model_type", "path", "dtype", "device"}
+
+
+class Cursor:
+    arraysize: int = 1
+
+    def __init__(self, connection: Connection, duck: duckdb.DuckDBPyConnection):
+        self.connection = connection
+        self._duck = duck
+        self._functions = LLMFunctions(duck)
+        self._functions.register(duck)
+        self._has_result = False
+        self.rowcount = -1
+        self._description: list[tuple] | None = None
+        self._closed = False
+
+    # -- PEP 249 attributes
+    @property
+    def description(self) -> list[tuple] | None:
+        return self._description
+
+    @property
+    def duckdb_cursor(self) -> duckdb.DuckDBPyConnection:
+        return self._duck
+
+    def _check(self) -> None:
+        if self._closed:
+            raise InterfaceError("cursor is closed")
+        if self.connection.closed:
+            raise InterfaceError("connection is closed")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._functions.end_query()
+            try:
+                self._duck.close()
+            except duckdb.Error:
+                pass
+
+    def execute(self, operation: str, parameters: Sequence[Any] | dict | None = None) -> Cursor:
+        """Run one statement or a script; the last statement's result is what fetch* returns."""
+        self._check()
+        if not isinstance(operation, str):
+            raise ProgrammingError("execute() needs SQL text")
+        statements = parse(operation)
+        if parameters is not None and len(statements) > 1:
+            raise ProgrammingError("parameters can only be used with a single statement")
+        self._has_result = False
+        self._description = None
+        self.rowcount = -1
+        for stmt in statements:
+            self._run(stmt, parameters)
+        return self
+
+    def _run(self, stmt, parameters) -> None:
+        if isinstance(stmt, Passthrough):
+            self._duckdb(stmt.sql, parameters, uses_llm=bool(stmt.functions))
+        elif isinstance(stmt, CreateModel):
+            self._create_model(stmt)
+        elif isinstance(stmt, DropModel):
+            rec = catalog.delete_model(self._duck, stmt.name, if_exists=stmt.if_exists)
+            if rec is not None:
+                registry.unload(rec.name)
+        elif isinstance(stmt, ShowModels):
+            sql = f"SELECT {catalog.MODEL_COLUMNS} FROM reldl.models ORDER BY name"
+            self._duckdb(sql if catalog.has_catalog(self._duck) else catalog.EMPTY_MODELS_SQL, None)
+
+    def _duckdb(self, sql: str, parameters, uses_llm: bool = False) -> None:
+        if uses_llm:
+            self._functions.begin_query()
+        try:
+            self._duck.execute(sql, parameters)
+        except duckdb.Error as e:
+            raise translate(e) from None
+        finally:
+            if uses_llm:
+                self._functions.end_query()
+        self._has_result = True
+        self._description = self._duck.description
+        self.rowcount = getattr(self._duck, "rowcount", -1)
+
+    def _create_model(self, stmt: CreateModel) -> None:
+        opts = dict(stmt.options)
+        model_type = opts.get("model_type")
+        if model_type is None:
+            raise ProgrammingError(f"CREATE MODEL {stmt.name}: OPTIONS must set model_type (e.g. model_type = 'llm')")
+        if model_type != "llm":
+            raise NotSupportedError(f"CREATE MODEL {stmt.name}: model_type {model_type!r} is not supported (use 'llm')")
+        unknown = set(opts) - LLM_OPTIONS
+        if unknown:
+            raise ProgrammingError(
+                f"CREATE MODEL {stmt.name}: unknown option(s) {', '.join(sorted(unknown))} for model_type 'llm' "
+                f"(options: {', '.join(sorted(LLM_OPTIONS))})"
+            )
+        if stmt.query is not None:
+            raise ProgrammingError(f"CREATE MODEL {stmt.name}: model_type 'llm' takes no AS query")
+        path = opts.get("path")
+        if not isinstance(path, str) or not path:
+            raise ProgrammingError(f"CREATE MODEL {stmt.name}: OPTIONS must set path = '/dir/of/checkpoint'")
+        if stmt.if_not_exists and catalog.get_model(self._duck, stmt.name) is not None:
+            return
+        dev = registry.resolve_device(str(opts.get("device", "auto")))
+        registry.resolve_dtype(str(opts.get("dtype", "auto")), dev)
+        ckpt = inspect_checkpoint(path)
+        options = {"dtype": str(opts.get("dtype", "auto")), "device": str(opts.get("device", "auto"))}
+        options["architecture"] = ckpt.config.model_type
+        existing = catalog.get_model(self._duck, stmt.name)
+        catalog.put_model(self._duck, stmt.name, "llm", str(ckpt.path.resolve()), options, replace=stmt.replace)
+        if existing is not None:
+            registry.unload(existing.name)
+
+    def executemany(self, operation: str, seq_of_parameters: Sequence[Sequence[Any]]) -> Cursor:
+        self._check()
+        statements = parse(operation)
+        if len(statements) != 1 or not isinstance(statements[0], Passthrough):
+            raise ProgrammingError("executemany() takes a single SQL statement")
+        try:
+            self._duck.executemany(statements[0].sql, list(seq_of_parameters))
+        except duckdb.Error as e:
+            raise translate(e) from None
+        self._has_result = True
+        self._description = self._duck.description
+        self.rowcount = getattr(self._duck, "rowcount", -1)
+        return self
+
+    def _fetch(self, how: str, *args):
+        self._check()
+        if not self._has_result:
+            raise ProgrammingError("no result set: call execute() first")
+        try:
+            return getattr(self._duck, how)(*args)
+        except duckdb.Error as e:
+            raise translate(e) from None
+
+    def fetchone(self) -> tuple | None:
+        return self._fetch("fetchone")
+
+    def fetchmany(self, size: int | None = None) -> list[tuple]:
+        return self._fetch("fetchmany", self.arraysize if size is None else size)
+
+    def fetchall(self) -> list[tuple]:
+        return self._fetch("fetchall")
+
+    def fetch_arrow_table(self):
+        return self._fetch("fetch_arrow_table")
+
+    def fetchdf(self):
+        return self._fetch("fetchdf")
+
+    def __iter__(self) -> Iterator[tuple]:
+        while (row := self.fetchone()) is not None:
+            yield row
+
+    def setinputsizes(self, sizes) -> None:
+        pass
+
+    def setoutputsize(self, size, column=None) -> None:
+        pass
+
+    def __enter__(self) -> Cursor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Connection:
+    def __init__(self, database: str = ":memory:", *, read_only: bool = False, config: dict | None = None):
+        try:
+            self._duck = duckdb.connect(str(database), read_only=read_only, config=config or {})
+            if not read_only:
+                catalog.ensure_schema(self._duck)
+        except duckdb.Error as e:
+            raise translate(e) from None
+        self.database = str(database)
+        self.read_only = read_only
+        self.closed = False
+        self._cursors: weakref.WeakSet[Cursor] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._default: Cursor | None = None
+
+    @property
+    def duckdb_connection(self) -> duckdb.DuckDBPyConnection:
+        """The underlying DuckDB connection, for power users."""
+        return self._duck
+
+    def _check(self) -> None:
+        if self.closed:
+            raise InterfaceError("connection is closed")
+
+    def cursor(self) -> Cursor:
+        self._check()
+        with self._lock:
+            try:
+                cur = Cursor(self, self._duck.cursor())
+            except duckdb.Error as e:
+                raise translate(e) from None
+            self._cursors.add(cur)
+        return cur
+
+    def execute(self, operation: str, parameters: Sequence[Any] | dict | None = None) -> Cursor:
+        """Shortcut: run on the connection's own cursor (the one commit() and rollback() act on) and return it."""
+        self._check()
+        if self._default is None or self._default._closed:
+            self._default = Cursor(self, self._duck)
+        return self._default.execute(operation, parameters)
+
+    def commit(self) -> None:
+        self._check()
+        self._each_transaction("commit")
+
+    def rollback(self) -> None:
+        self._check()
+        self._each_transaction("rollback")
+
+    def _each_transaction(self, how: str) -> None:
+        """DuckDB autocommits unless BEGIN was issued; end any open transaction on this connection's cursors."""
+        handles = [self._duck] + [c._duck for c in list(self._cursors) if not c._closed]
+        for h in handles:
+            try:
+                getattr(h, how)()
+            except duckdb.TransactionException:
+                pass
+            except duckdb.Error as e:
+                raise translate(e) from None
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        for c in list(self._cursors):
+            c.close()
+        if self._default is not None:
+            self._default._functions.end_query()
+        self._duck.close()
+        self.closed = True
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.closed:
+            if exc_type is None:
+                self.commit()
+            else:
+                self.rollback()
+        self.close()

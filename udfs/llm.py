@@ -1,0 +1,169 @@
+"""`llm_generate` and `llm_score` as vectorized (Arrow) DuckDB functions: a thin adapter over `Engine`.
+
+Per chunk: NULL in gives NULL out; arguments are checked; rows are grouped by model; identical prompts with
+deterministic decoding run once; results are remembered across the chunks of one query.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import duckdb
+import pyarrow as pa
+from duckdb.sqltypes import BIGINT, DOUBLE, VARCHAR
+
+from reldl import catalog, registry
+from reldl.errors import ProgrammingError
+from reldl.llm import Engine, SamplingParams
+from reldl.progress import Progress
+
+CACHE_ENTRIES = 100_000
+
+
+def _stop(value: str | None) -> tuple[str, ...]:
+    """`stop` arrives as JSON (the macro wraps it in to_json) so both 'x' and ['x', 'y'] work."""
+    if value is None:
+        return ()
+    parsed = json.loads(value)
+    items = parsed if isinstance(parsed, list) else [parsed]
+    if not all(isinstance(s, str) and s for s in items):
+        raise ProgrammingError("llm_generate: stop must be a non-empty string or a list of non-empty strings")
+    return tuple(items)
+
+
+def _params(max_tokens, temperature, top_p, top_k, seed, stop) -> SamplingParams:
+    if max_tokens is None or max_tokens < 0:
+        raise ProgrammingError(f"llm_generate: max_tokens must be >= 0, got {max_tokens}")
+    temperature = 0.0 if temperature is None else float(temperature)
+    if temperature < 0:
+        raise ProgrammingError(f"llm_generate: temperature must be >= 0, got {temperature}")
+    top_p = 1.0 if top_p is None else float(top_p)
+    if not 0.0 < top_p <= 1.0:
+        raise ProgrammingError(f"llm_generate: top_p must be in (0, 1], got {top_p}")
+    top_k = 0 if top_k is None else int(top_k)
+    if top_k < 0:
+        raise ProgrammingError(f"llm_generate: top_k must be >= 0, got {top_k}")
+    return SamplingParams(int(max_tokens), temperature, top_p, top_k, seed, _stop(stop))
+
+
+class LLMFunctions:
+    """The SQL functions registered on one DuckDB connection, with that connection's result cache."""
+
+    def __init__(self, duck: duckdb.DuckDBPyConnection, progress: Callable[[], Progress] | None = None):
+        self.duck = duck
+        self.cache: OrderedDict[tuple, str] = OrderedDict()
+        self.lock = threading.Lock()
+        self.new_progress = progress or Progress
+        self.progress: Progress | None = None
+
+    def register(self, duck: duckdb.DuckDBPyConnection) -> None:
+        duck.create_function(
+            "reldl_llm_generate",
+            self.generate,
+            [VARCHAR, VARCHAR, BIGINT, DOUBLE, DOUBLE, BIGINT, BIGINT, VARCHAR, VARCHAR],
+            VARCHAR,
+            type="arrow",
+            null_handling="special",
+            side_effects=True,
+        )
+        duck.create_function(
+            "reldl_llm_score",
+            self.score,
+            [VARCHAR, VARCHAR, VARCHAR],
+            DOUBLE,
+            type="arrow",
+            null_handling="special",
+            side_effects=True,
+        )
+        duck.execute(catalog.sql_file("functions.sql"))
+
+    # -- query lifecycle (called by reldl's cursor; plain DuckDB users get a bounded cache instead)
+    def begin_query(self) -> None:
+        with self.lock:
+            self.cache.clear()
+
+    def end_query(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+
+    def _engine(self, model: str | None) -> tuple[str, Engine]:
+        cur = self.duck.cursor()  # a fresh handle: this runs inside a query on self.duck
+        try:
+            rec = catalog.default_llm(cur) if model is None else catalog.get_model(cur, model)
+        finally:
+            cur.close()
+        if rec is None:
+            raise ProgrammingError(f"model {model!r} does not exist (SHOW MODELS lists the registered models)")
+        if rec.model_type != "llm":
+            raise ProgrammingError(f"model {rec.name!r} is a {rec.model_type!r} model, not an LLM")
+        return rec.name, registry.get_engine(rec.name, rec.path, rec.dtype, rec.device)
+
+    def _remember(self, key: tuple, value) -> None:
+        self.cache[key] = value
+        if len(self.cache) > CACHE_ENTRIES:
+            self.cache.popitem(last=False)
+
+    def generate(self, prompt, model, max_tokens, temperature, top_p, top_k, seed, stop, truncate) -> pa.Array:
+        cols = [c.to_pylist() for c in (prompt, model, max_tokens, temperature, top_p, top_k, seed, stop, truncate)]
+        rows = list(zip(*cols))
+        out: list[str | None] = [None] * len(rows)
+        todo: dict[tuple, list[int]] = {}  # cache key -> rows waiting for it
+        engines: dict[str | None, tuple[str, Engine]] = {}  # model argument -> (catalog name, engine)
+        for i, (p, m, mt, t, tp, tk, sd, st, tr) in enumerate(rows):
+            if p is None:
+                continue
+            if tr not in (None, "left"):
+                raise ProgrammingError(f"llm_generate: truncate must be 'left' or NULL, got {tr!r}")
+            sp = _params(mt, t, tp, tk, sd, st)
+            if m not in engines:
+                engines[m] = self._engine(m)
+            name = engines[m][0]
+            key = (name, p, sp, tr) if sp.deterministic else (name, p, sp, tr, i)
+            with self.lock:
+                hit = self.cache.get(key) if sp.deterministic else None
+            if hit is not None:
+                out[i] = hit
+            else:
+                todo.setdefault(key, []).append(i)
+        by_model: dict[str, list[tuple]] = {}
+        for key in todo:
+            by_model.setdefault(key[0], []).append(key)
+        resolved = dict(engines.values())
+        for name, keys in by_model.items():
+            eng = resolved[name]
+            if self.progress is None:
+                self.progress = self.new_progress()
+            ids = [eng.prepare(k[1], k[2], k[3]) for k in keys]
+            results = eng.generate_ids(ids, [k[2] for k in keys], on_progress=self.progress.update)
+            for k, r in zip(keys, results):
+                for i in todo[k]:
+                    out[i] = r.text
+                if k[2].deterministic:
+                    with self.lock:
+                        self._remember(k, r.text)
+        return pa.array(out, pa.string())
+
+    def score(self, prompt, continuation, model) -> pa.Array:
+        rows = list(zip(prompt.to_pylist(), continuation.to_pylist(), model.to_pylist()))
+        out: list[float | None] = [None] * len(rows)
+        groups: dict[str | None, list[int]] = {}
+        for i, (p, c, m) in enumerate(rows):
+            if p is not None and c is not None:
+                groups.setdefault(m, []).append(i)
+        for m, idx in groups.items():
+            _, eng = self._engine(m)
+            scores = eng.score([rows[i][0] for i in idx], [rows[i][1] for i in idx])
+            for i, s in zip(idx, scores):
+                out[i] = s
+        return pa.array(out, pa.float64())
+
+
+def install(duck: duckdb.DuckDBPyConnection) -> LLMFunctions:
+    """Register reldl's LLM functions on a DuckDB connection (or cursor)."""
+    fns = LLMFunctions(duck)
+    fns.register(duck)
+    return fns
