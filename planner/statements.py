@@ -30,6 +30,7 @@ FUNCTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 class Passthrough:
     sql: str
     functions: set[str] = field(default_factory=set)  # reldl functions it calls
+    returns_rows: bool = True  # False for DDL/DML/SET/transactions (PEP 249: no description, no fetch)
 
 
 @dataclass
@@ -95,7 +96,23 @@ def classify(text: str, tokens: list[Token]) -> Statement:
     }
     if calls:
         check_calls(text)
-    return Passthrough(text, calls)
+    return Passthrough(text, calls, returns_rows(tokens))
+
+
+# statements whose result is a status (DuckDB's "Count"/"Success" row), not rows, unless they say RETURNING
+_NO_ROWS = {
+    "INSERT", "UPDATE", "DELETE", "CREATE", "DROP", "ALTER", "SET", "RESET", "BEGIN", "START", "COMMIT", "END",
+    "ROLLBACK", "ABORT", "ATTACH", "DETACH", "USE", "VACUUM", "CHECKPOINT", "FORCE", "LOAD", "INSTALL", "COPY",
+    "EXPORT", "IMPORT", "ANALYZE", "TRUNCATE", "PREPARE", "DEALLOCATE", "COMMENT", "MERGE",
+}  # fmt: skip
+
+
+def returns_rows(tokens: list[Token]) -> bool:
+    if not tokens or tokens[0].text.upper() not in _NO_ROWS:
+        return True
+    if tokens[0].text.upper() == "COPY" and any(t.text.upper() == "TO" for t in tokens):
+        return False
+    return any(t.token_type == TokenType.RETURNING for t in tokens)
 
 
 def check_calls(text: str) -> None:
@@ -113,12 +130,13 @@ def check_calls(text: str) -> None:
         for arg in call.expressions:
             if isinstance(arg, (exp.PropertyEQ, exp.Kwarg)):
                 key = arg.this.name.lower()
-                if key not in named:
+                if key not in named and key not in positional:  # DuckDB also lets positional ones be named
                     raise ProgrammingError(f"{name}: unknown argument {key!r} (named arguments: {', '.join(named)})")
                 if key in seen:
                     raise ProgrammingError(f"{name}: argument {key!r} given twice")
                 seen.add(key)
         n_pos = sum(not isinstance(a, (exp.PropertyEQ, exp.Kwarg)) for a in call.expressions)
+        n_pos += len(seen.intersection(positional))
         if n_pos != len(positional):
             want = ", ".join(positional)
             raise ProgrammingError(f"{name}: expects {len(positional)} positional argument(s) ({want}), got {n_pos}")

@@ -18,12 +18,18 @@ from reldl.errors import (
     ProgrammingError,
     Warning,
 )
-from reldl.registry import unload
 
 __version__ = "0.1.0"
 apilevel = "2.0"
 threadsafety = 1
 paramstyle = "qmark"
+
+
+def unload(name: str | None = None) -> int:
+    """Free the memory of model `name` (every loaded model when None); the next use loads it again."""
+    from reldl.registry import unload as _unload
+
+    return _unload(name)
 
 
 def connect(database: str = ":memory:", *, read_only: bool = False, config: dict | None = None) -> Connection:
@@ -58,7 +64,7 @@ def register_model(
     if conn is not None:
         conn.execute(sql)
         return
-    Cursor(_Detached(duck), duck).execute(sql)
+    Cursor(_Detached(), duck, owns_duck=False).execute(sql)  # type: ignore[arg-type]
 
 
 def _quote(s: str) -> str:

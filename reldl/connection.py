@@ -1,8 +1,10 @@
 """PEP 249 (DB-API 2.0) Connection and Cursor over DuckDB, with reldl's SQL surface.
 
-Each cursor runs on its own DuckDB cursor (DuckDB's own DB-API does the same), with reldl's functions registered
-on it, so cursors can be used from different threads. Statements go through the planner: reldl statements run
-here, everything else goes to DuckDB as written.
+Each cursor runs on its own DuckDB cursor (DuckDB's own DB-API does the same), so cursors can be used from
+different threads. reldl's UDFs live in the DuckDB instance's catalog under names unique to each reldl connection,
+registered on the connection's own DuckDB handle (which outlives its cursors); each cursor gets the TEMP
+named-argument macros. Statements go through the planner: reldl statements run here, everything else goes to DuckDB
+as written.
 """
 
 from __future__ import annotations
@@ -14,23 +16,36 @@ from typing import Any
 
 import duckdb
 
-from reldl import catalog, registry
+from reldl import catalog
 from reldl.errors import InterfaceError, NotSupportedError, ProgrammingError, translate
-from reldl.llm.loader import inspect_checkpoint
 from reldl.planner.statements import CreateModel, DropModel, Passthrough, ShowModels, parse
 from reldl.udfs.llm import LLMFunctions
 
 LLM_OPTIONS = {"model_type", "path", "dtype", "device"}
 
 
+def _registry():
+    """The model registry, imported on first use so that importing reldl (and the CLI) does not load torch."""
+    from reldl import registry
+
+    return registry
+
+
 class Cursor:
     arraysize: int = 1
 
-    def __init__(self, connection: Connection, duck: duckdb.DuckDBPyConnection):
+    def __init__(
+        self,
+        connection: Connection,
+        duck: duckdb.DuckDBPyConnection,
+        functions: LLMFunctions | None = None,
+        *,
+        owns_duck: bool = True,
+    ):
         self.connection = connection
         self._duck = duck
-        self._functions = LLMFunctions(duck)
-        self._functions.register(duck)
+        self._functions = functions  # None: a cursor over a plain DuckDB connection (reldl.register_model)
+        self._owns_duck = owns_duck  # False for the connection's own cursor: closing it must not close the database
         self._has_result = False
         self.rowcount = -1
         self._description: list[tuple] | None = None
@@ -54,11 +69,13 @@ class Cursor:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._functions.end_query()
-            try:
-                self._duck.close()
-            except duckdb.Error:
-                pass
+            if self._functions is not None:
+                self._functions.end_query()
+            if self._owns_duck:
+                try:
+                    self._duck.close()
+                except duckdb.Error:
+                    pass
 
     def execute(self, operation: str, parameters: Sequence[Any] | dict | None = None) -> Cursor:
         """Run one statement or a script; the last statement's result is what fetch* returns."""
@@ -77,30 +94,40 @@ class Cursor:
 
     def _run(self, stmt, parameters) -> None:
         if isinstance(stmt, Passthrough):
-            self._duckdb(stmt.sql, parameters, uses_llm=bool(stmt.functions))
+            self._duckdb(stmt.sql, parameters, uses_llm=bool(stmt.functions), returns_rows=stmt.returns_rows)
         elif isinstance(stmt, CreateModel):
             self._create_model(stmt)
         elif isinstance(stmt, DropModel):
             rec = catalog.delete_model(self._duck, stmt.name, if_exists=stmt.if_exists)
             if rec is not None:
-                registry.unload(rec.name)
+                _registry().unload(rec.name)
         elif isinstance(stmt, ShowModels):
             sql = f"SELECT {catalog.MODEL_COLUMNS} FROM reldl.models ORDER BY name"
             self._duckdb(sql if catalog.has_catalog(self._duck) else catalog.EMPTY_MODELS_SQL, None)
 
-    def _duckdb(self, sql: str, parameters, uses_llm: bool = False) -> None:
+    def _duckdb(self, sql: str, parameters, uses_llm: bool = False, returns_rows: bool = True) -> None:
+        uses_llm = uses_llm and self._functions is not None
         if uses_llm:
             self._functions.begin_query()
         try:
             self._duck.execute(sql, parameters)
-        except duckdb.Error as e:
+        except (duckdb.Error, RuntimeError) as e:  # DuckDB raises RuntimeError("Query interrupted") on Ctrl-C
             raise translate(e) from None
         finally:
             if uses_llm:
                 self._functions.end_query()
-        self._has_result = True
-        self._description = self._duck.description
-        self.rowcount = getattr(self._duck, "rowcount", -1)
+        self._finish(returns_rows)
+
+    def _finish(self, returns_rows: bool) -> None:
+        """PEP 249: statements without rows have no description; DML reports its row count."""
+        if returns_rows:
+            self._has_result = True
+            self._description = self._duck.description
+            self.rowcount = -1
+            return
+        status = self._duck.fetchall() if self._duck.description else []  # DuckDB's one "Count" row
+        count = status[0][0] if status and isinstance(status[0][0], int) and not isinstance(status[0][0], bool) else -1
+        self.rowcount = count
 
     def _create_model(self, stmt: CreateModel) -> None:
         opts = dict(stmt.options)
@@ -122,6 +149,9 @@ class Cursor:
             raise ProgrammingError(f"CREATE MODEL {stmt.name}: OPTIONS must set path = '/dir/of/checkpoint'")
         if stmt.if_not_exists and catalog.get_model(self._duck, stmt.name) is not None:
             return
+        from reldl.llm.loader import inspect_checkpoint
+
+        registry = _registry()
         dev = registry.resolve_device(str(opts.get("device", "auto")))
         registry.resolve_dtype(str(opts.get("dtype", "auto")), dev)
         ckpt = inspect_checkpoint(path)
@@ -139,17 +169,15 @@ class Cursor:
             raise ProgrammingError("executemany() takes a single SQL statement")
         try:
             self._duck.executemany(statements[0].sql, list(seq_of_parameters))
-        except duckdb.Error as e:
+        except (duckdb.Error, RuntimeError) as e:
             raise translate(e) from None
-        self._has_result = True
-        self._description = self._duck.description
-        self.rowcount = getattr(self._duck, "rowcount", -1)
+        self._finish(statements[0].returns_rows)
         return self
 
     def _fetch(self, how: str, *args):
         self._check()
         if not self._has_result:
-            raise ProgrammingError("no result set: call execute() first")
+            raise ProgrammingError("no result set to fetch: execute() a query first (the last statement returned none)")
         try:
             return getattr(self._duck, how)(*args)
         except duckdb.Error as e:
@@ -165,7 +193,9 @@ class Cursor:
         return self._fetch("fetchall")
 
     def fetch_arrow_table(self):
-        return self._fetch("fetch_arrow_table")
+        # DuckDB 1.4+ calls it to_arrow_table (fetch_arrow_table was deprecated, then removed)
+        how = "to_arrow_table" if hasattr(self._duck, "to_arrow_table") else "fetch_arrow_table"
+        return self._fetch(how)
 
     def fetchdf(self):
         return self._fetch("fetchdf")
@@ -191,10 +221,19 @@ class Connection:
     def __init__(self, database: str = ":memory:", *, read_only: bool = False, config: dict | None = None):
         try:
             self._duck = duckdb.connect(str(database), read_only=read_only, config=config or {})
-            if not read_only:
-                catalog.ensure_schema(self._duck)
         except duckdb.Error as e:
             raise translate(e) from None
+        try:
+            if not read_only:
+                catalog.ensure_schema(self._duck)
+            self._functions = LLMFunctions(self._duck)
+            self._functions.register(self._duck)
+        except duckdb.Error as e:
+            self._duck.close()
+            raise translate(e) from None
+        except BaseException:
+            self._duck.close()
+            raise
         self.database = str(database)
         self.read_only = read_only
         self.closed = False
@@ -215,7 +254,9 @@ class Connection:
         self._check()
         with self._lock:
             try:
-                cur = Cursor(self, self._duck.cursor())
+                duck = self._duck.cursor()
+                self._functions.install_macros(duck)
+                cur = Cursor(self, duck, self._functions)
             except duckdb.Error as e:
                 raise translate(e) from None
             self._cursors.add(cur)
@@ -225,7 +266,7 @@ class Connection:
         """Shortcut: run on the connection's own cursor (the one commit() and rollback() act on) and return it."""
         self._check()
         if self._default is None or self._default._closed:
-            self._default = Cursor(self, self._duck)
+            self._default = Cursor(self, self._duck, self._functions, owns_duck=False)
         return self._default.execute(operation, parameters)
 
     def commit(self) -> None:
@@ -253,7 +294,8 @@ class Connection:
         for c in list(self._cursors):
             c.close()
         if self._default is not None:
-            self._default._functions.end_query()
+            self._default.close()
+        self._functions.unregister()
         self._duck.close()
         self.closed = True
 

@@ -101,6 +101,8 @@ def translate(exc: BaseException) -> Error:
     for src, dst in _DUCKDB_TO_PEP249:
         if isinstance(exc, src):
             return dst(first_line(text))
+    if isinstance(exc, RuntimeError) and "interrupted" in text.lower():
+        return OperationalError("query interrupted")
     if isinstance(exc, MemoryError):
         return OperationalError("out of memory")
     return OperationalError(f"{type(exc).__name__}: {first_line(text)}")

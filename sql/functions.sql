@@ -1,9 +1,10 @@
 -- Named-argument front ends of reldl's SQL functions (temporary macros, created on every connection).
--- The Python UDFs behind them take every argument positionally.
+-- The Python UDFs behind them take every argument positionally; $generate and $score are their names on this
+-- connection (filled in by udfs/llm.py).
 CREATE OR REPLACE TEMP MACRO llm_generate(
     prompt, model := NULL, max_tokens := 64, temperature := 0.0, top_p := 1.0, top_k := 0,
     seed := NULL, stop := NULL, truncate := NULL
-) AS reldl_llm_generate(prompt, model, max_tokens, temperature, top_p, top_k, seed, to_json(stop), truncate);
+) AS $generate(prompt, model, max_tokens, temperature, top_p, top_k, seed, to_json(stop), truncate);
 
 CREATE OR REPLACE TEMP MACRO llm_score(prompt, continuation, model := NULL)
-AS reldl_llm_score(prompt, continuation, model);
+AS $score(prompt, continuation, model);

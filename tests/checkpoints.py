@@ -101,12 +101,8 @@ _VERB = (
     "improved heated cooled cracked folded cleaned"
 ).split()
 _ADV = "really very quite pretty super extremely slightly barely totally almost".split()
-_NAMES = (
-    "Alice Bob Carol Dave Erin Frank Grace Heidi Ivan Judy Mallory Oscar Peggy Trent Victor Walter".split()
-)
-_CITIES = (
-    "Paris London Berlin Tokyo Madrid Rome Oslo Vienna Dublin Prague Lisbon Boston Seattle Denver".split()
-)
+_NAMES = "Alice Bob Carol Dave Erin Frank Grace Heidi Ivan Judy Mallory Oscar Peggy Trent Victor Walter".split()
+_CITIES = "Paris London Berlin Tokyo Madrid Rome Oslo Vienna Dublin Prague Lisbon Boston Seattle Denver".split()
 _OPENERS = (
     "I think",
     "Honestly,",
@@ -195,7 +191,7 @@ def _build_tokenizer(kind: str):
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False)
+    tok.decoder = decoders.ByteLevel()
     specials = _SPECIALS[kind]
     n_trained = VOCAB_SIZE - (1 if kind == "gpt2" else 0)
     trainer = trainers.BpeTrainer(

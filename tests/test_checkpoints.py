@@ -29,9 +29,7 @@ def build(tmp_path_factory):
     def _build(family: str, sharded: bool = False) -> Path:
         key = (family, sharded)
         if key not in cache:
-            cache[key] = ck.make_checkpoint(
-                root / f"{family}{'_sharded' if sharded else ''}", family, sharded=sharded
-            )
+            cache[key] = ck.make_checkpoint(root / f"{family}{'_sharded' if sharded else ''}", family, sharded=sharded)
         return cache[key]
 
     return _build

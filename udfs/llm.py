@@ -6,19 +6,26 @@ deterministic decoding run once; results are remembered across the chunks of one
 
 from __future__ import annotations
 
+import itertools
 import json
+import string
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import duckdb
 import pyarrow as pa
 from duckdb.sqltypes import BIGINT, DOUBLE, VARCHAR
 
-from reldl import catalog, registry
+from reldl import catalog
 from reldl.errors import ProgrammingError
-from reldl.llm import Engine, SamplingParams
+from reldl.llm.params import SamplingParams
 from reldl.progress import Progress
+
+if TYPE_CHECKING:
+    from reldl.llm.engine import Engine
+    from reldl.registry import EngineKey
 
 CACHE_ENTRIES = 100_000
 
@@ -52,16 +59,23 @@ def _params(max_tokens, temperature, top_p, top_k, seed, stop) -> SamplingParams
 class LLMFunctions:
     """The SQL functions registered on one DuckDB connection, with that connection's result cache."""
 
+    _ids = itertools.count()
+
     def __init__(self, duck: duckdb.DuckDBPyConnection, progress: Callable[[], Progress] | None = None):
         self.duck = duck
         self.cache: OrderedDict[tuple, str] = OrderedDict()
         self.lock = threading.Lock()
         self.new_progress = progress or Progress
         self.progress: Progress | None = None
+        # DuckDB keeps Python UDFs in the database instance's catalog, shared by every connection to it, while
+        # the macros are TEMP (per connection). Unique UDF names let each connection own (and drop) its own.
+        n = next(self._ids)
+        self.names = {"generate": f"reldl_llm_generate_{n}", "score": f"reldl_llm_score_{n}"}
 
     def register(self, duck: duckdb.DuckDBPyConnection) -> None:
+        """Create this connection's UDFs on `duck` (its own handle) and the named-argument macros."""
         duck.create_function(
-            "reldl_llm_generate",
+            self.names["generate"],
             self.generate,
             [VARCHAR, VARCHAR, BIGINT, DOUBLE, DOUBLE, BIGINT, BIGINT, VARCHAR, VARCHAR],
             VARCHAR,
@@ -70,7 +84,7 @@ class LLMFunctions:
             side_effects=True,
         )
         duck.create_function(
-            "reldl_llm_score",
+            self.names["score"],
             self.score,
             [VARCHAR, VARCHAR, VARCHAR],
             DOUBLE,
@@ -78,7 +92,19 @@ class LLMFunctions:
             null_handling="special",
             side_effects=True,
         )
-        duck.execute(catalog.sql_file("functions.sql"))
+        self.install_macros(duck)
+
+    def install_macros(self, duck: duckdb.DuckDBPyConnection) -> None:
+        """The TEMP macros (per DuckDB connection or cursor) that give the functions their named arguments."""
+        duck.execute(string.Template(catalog.sql_file("functions.sql")).substitute(self.names))
+
+    def unregister(self) -> None:
+        """Drop the UDFs before the connection closes: DuckDB would otherwise keep entries pointing at it."""
+        for name in self.names.values():
+            try:
+                self.duck.remove_function(name)
+            except duckdb.Error:
+                pass
 
     # -- query lifecycle (called by reldl's cursor; plain DuckDB users get a bounded cache instead)
     def begin_query(self) -> None:
@@ -86,11 +112,14 @@ class LLMFunctions:
             self.cache.clear()
 
     def end_query(self) -> None:
-        if self.progress is not None:
-            self.progress.close()
-            self.progress = None
+        with self.lock:
+            progress, self.progress = self.progress, None
+        if progress is not None:
+            progress.close()
 
-    def _engine(self, model: str | None) -> tuple[str, Engine]:
+    def _engine(self, model: str | None) -> tuple[EngineKey, Engine]:
+        """The engine of a model, and its identity for the result cache: the checkpoint (path, mtime), dtype and
+        device, not the catalog name, so results of a model replaced under the same name are never reused."""
         cur = self.duck.cursor()  # a fresh handle: this runs inside a query on self.duck
         try:
             rec = catalog.default_llm(cur) if model is None else catalog.get_model(cur, model)
@@ -100,7 +129,10 @@ class LLMFunctions:
             raise ProgrammingError(f"model {model!r} does not exist (SHOW MODELS lists the registered models)")
         if rec.model_type != "llm":
             raise ProgrammingError(f"model {rec.name!r} is a {rec.model_type!r} model, not an LLM")
-        return rec.name, registry.get_engine(rec.name, rec.path, rec.dtype, rec.device)
+        from reldl import registry  # loads torch: only once a model is actually used
+
+        ident = registry.engine_key(rec.path, rec.dtype, rec.device)
+        return ident, registry.get_engine(rec.name, rec.path, rec.dtype, rec.device)
 
     def _remember(self, key: tuple, value) -> None:
         self.cache[key] = value
@@ -112,7 +144,7 @@ class LLMFunctions:
         rows = list(zip(*cols))
         out: list[str | None] = [None] * len(rows)
         todo: dict[tuple, list[int]] = {}  # cache key -> rows waiting for it
-        engines: dict[str | None, tuple[str, Engine]] = {}  # model argument -> (catalog name, engine)
+        engines: dict[str | None, tuple[EngineKey, Engine]] = {}  # model argument -> (identity, engine)
         for i, (p, m, mt, t, tp, tk, sd, st, tr) in enumerate(rows):
             if p is None:
                 continue
@@ -129,16 +161,17 @@ class LLMFunctions:
                 out[i] = hit
             else:
                 todo.setdefault(key, []).append(i)
-        by_model: dict[str, list[tuple]] = {}
+        by_model: dict[EngineKey, list[tuple]] = {}
         for key in todo:
             by_model.setdefault(key[0], []).append(key)
         resolved = dict(engines.values())
         for name, keys in by_model.items():
             eng = resolved[name]
-            if self.progress is None:
-                self.progress = self.new_progress()
+            progress = self.progress
+            if progress is None:  # (a local: another cursor's end_query may reset self.progress meanwhile)
+                progress = self.progress = self.new_progress()
             ids = [eng.prepare(k[1], k[2], k[3]) for k in keys]
-            results = eng.generate_ids(ids, [k[2] for k in keys], on_progress=self.progress.update)
+            results = eng.generate_ids(ids, [k[2] for k in keys], on_progress=progress.update)
             for k, r in zip(keys, results):
                 for i in todo[k]:
                     out[i] = r.text

@@ -39,6 +39,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     sliding_window: int | None = None
+    layer_windows: list[int | None] = field(default_factory=list)  # per layer; empty: sliding_window for all
     word_embed_proj_dim: int | None = None  # OPT-350m style projections
     norm_before: bool = True  # OPT's do_layer_norm_before
     bos_token_id: int | None = None
@@ -110,6 +111,15 @@ def _llama(cfg: dict[str, Any], gen: dict[str, Any], model_type: str) -> ModelCo
     window = cfg.get("sliding_window")
     if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
         window = None
+    # Qwen2 slides only layers >= max_window_layers; transformers 5 spells the choice out in `layer_types`
+    n_layers, types = cfg["num_hidden_layers"], cfg.get("layer_types")
+    if window is not None and isinstance(types, list) and len(types) == n_layers:
+        windows = [window if t == "sliding_attention" else None for t in types]
+    elif window is not None and model_type == "qwen2":
+        windows = [window if i >= cfg.get("max_window_layers", n_layers) else None for i in range(n_layers)]
+    else:
+        windows = [window] * n_layers
+    window = window if any(w is not None for w in windows) else None
     return ModelConfig(
         family="llama",
         model_type=model_type,
@@ -129,6 +139,7 @@ def _llama(cfg: dict[str, Any], gen: dict[str, Any], model_type: str) -> ModelCo
         rope_theta=theta,
         rope_scaling=scaling,
         sliding_window=window,
+        layer_windows=windows,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg, gen),
         pad_token_id=cfg.get("pad_token_id"),

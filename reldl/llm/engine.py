@@ -246,8 +246,15 @@ class Engine:
                     s.blocks = []
 
     def _advance(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        if all(s.params.greedy for s in seqs):
+            tokens = logits.argmax(-1).tolist()
+        else:
+            tokens = self._sample(seqs, logits)
+        self._append(seqs, tokens)
+
+    def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
         dev = logits.device
-        tokens = sample(
+        return sample(
             logits,
             torch.tensor([s.params.temperature for s in seqs], device=dev, dtype=torch.float32),
             torch.tensor([s.params.top_k for s in seqs], device=dev, dtype=torch.long),
@@ -255,6 +262,8 @@ class Engine:
             torch.tensor([s.seed for s in seqs], device=dev, dtype=torch.long),
             torch.tensor([len(s.out) for s in seqs], device=dev, dtype=torch.long),
         ).tolist()
+
+    def _append(self, seqs: list[_Seq], tokens: list[int]) -> None:
         for s, t in zip(seqs, tokens):
             if t in self.eos:
                 s.finish = "stop"

@@ -78,6 +78,6 @@ class DecodeGraphs:
             g = self.graphs[key] = _Captured(eng, key[0], key[1], self.pool)
         cache = eng.cache
         positions = [s.length - 1 for s in seqs]
-        tokens = [(s.prompt + s.out)[-1] for s in seqs]
+        tokens = [s.out[-1] if s.out else s.prompt[-1] for s in seqs]
         slots = [cache.slot(s.blocks, p) for s, p in zip(seqs, positions)]
         return g.replay(tokens, positions, slots, [s.blocks for s in seqs])

@@ -6,31 +6,12 @@ request's text depends only on its own seed and prompt: not on the batch it shar
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
+
+from reldl.llm.params import SamplingParams  # noqa: F401  (re-exported)
 
 _MASK32 = 0xFFFFFFFF
 _MUL = 0x45D9F3B  # < 2**31, so 32-bit x * _MUL never overflows int64
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-    @property
-    def deterministic(self) -> bool:
-        """Same prompt, same output: greedy decoding, or sampling with a fixed seed."""
-        return self.greedy or self.seed is not None
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:

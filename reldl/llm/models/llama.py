@@ -70,10 +70,11 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, step: Step, cache: list[LayerKV]) -> torch.Tensor:
         c = self.config
-        mask = build_mask(step, c.num_heads // c.num_kv_heads, c.sliding_window)
+        windows = c.layer_windows or [c.sliding_window] * len(self.layers)
+        masks = {w: build_mask(step, c.num_heads // c.num_kv_heads, w) for w in set(windows)}
         x = self.embed(tokens)
-        for layer, kv in zip(self.layers, cache):
-            x = layer(x, step, kv, mask, self.rope)
+        for layer, kv, w in zip(self.layers, cache, windows):
+            x = layer(x, step, kv, masks[w], self.rope)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,119 @@
+"""The `reldl` command line.
+
+Each command is a `cmd_*(args) -> int` function registered by one `_command(...)` call in `build_parser()`.
+Exit status: 0 ok, 1 SQL or reldl error, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable
+
+import duckdb
+
+import reldl
+from reldl import shell
+
+EXAMPLES = """\
+examples:
+  reldl sql my.db -c "SELECT llm_generate(prompt, max_tokens := 32) FROM reviews"
+  reldl sql my.db < script.sql        run a script, printing each result
+  reldl sql my.db                     interactive shell (.help lists its commands)
+  reldl models my.db
+"""
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    """Run SQL: a query (-c), a script on stdin, or an interactive shell."""
+    with contextlib.closing(reldl.connect(args.database, read_only=args.read_only)) as conn:
+        if args.query is not None:
+            shell.run_query(conn.cursor(), args.query, sys.stdout, args.max_rows)
+        elif not sys.stdin.isatty():
+            shell.run_script(conn.cursor(), sys.stdin.read(), sys.stdout, args.max_rows)
+        else:
+            print(f"reldl {reldl.__version__} (DuckDB {duckdb.__version__}) on {args.database}; .help for help")
+            with shell.readline_history():
+                return shell.Shell(conn, max_rows=args.max_rows).run()
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the models registered in a database (SHOW MODELS)."""
+    read_only = args.database != ":memory:"  # never create a database file just to list its models
+    with contextlib.closing(reldl.connect(args.database, read_only=read_only)) as conn:
+        shell.run_query(conn.cursor(), "SHOW MODELS", sys.stdout, max_rows=0)
+    return 0
+
+
+def _command(sub, name: str, func: Callable[[argparse.Namespace], int], **kw) -> argparse.ArgumentParser:
+    """Register a subcommand; its one-line help is the first line of `func`'s docstring."""
+    summary = (func.__doc__ or "").strip().splitlines()[0]
+    parser = sub.add_parser(name, help=summary, description=summary, **kw)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _database(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "database",
+        nargs="?",
+        default=":memory:",
+        metavar="DATABASE",
+        help="DuckDB database file (default: an in-memory database)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reldl",
+        description="In-database deep learning on DuckDB: LLM generation and scoring from SQL.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"reldl {reldl.__version__} (DuckDB {duckdb.__version__})"
+    )
+    sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
+
+    p = _command(sub, "sql", cmd_sql)
+    _database(p)
+    p.add_argument("-c", "--command", dest="query", metavar="QUERY", help="run QUERY and print the last result")
+    p.add_argument("--read-only", action="store_true", help="open the database read-only")
+    p.add_argument(
+        "--max-rows",
+        type=int,
+        default=shell.MAX_ROWS,
+        metavar="N",
+        help=f"print at most N rows of a result, 0 for all (default {shell.MAX_ROWS})",
+    )
+
+    _database(_command(sub, "models", cmd_models))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `reldl` console script and of `python -m reldl`; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors: argparse has printed what it had to
+        return e.code if isinstance(e.code, int) else 0
+    try:
+        return args.func(args)
+    except reldl.Error as e:
+        shell.print_error(e)
+        return 1
+    except (KeyboardInterrupt, RuntimeError) as e:
+        if not shell.interrupted(e):
+            raise
+        print("Error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The `reldl` command line and its shell: fast, no model needed."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from decimal import Decimal
+
+import pytest
+
+import reldl
+from reldl.cli import main
+from reldl.shell import Shell, format_table, readline_history, returns_rows, statement_complete
+
+DESC = [("id", "INTEGER"), ("name", "VARCHAR")]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- format_table
+
+
+def test_format_table_aligns_numbers_right_and_text_left():
+    table = format_table(DESC, [(1, "alice"), (100, "bo")])
+    assert table.splitlines() == [
+        "  id | name",
+        "-----+-------",
+        "   1 | alice",
+        " 100 | bo",
+        "(2 rows)",
+    ]
+
+
+def test_format_table_null_truncation_newlines():
+    rows = [(None, "x" * 20), (Decimal("1.5"), "a\nb")]
+    lines = format_table(DESC, rows, max_width=10).splitlines()
+    assert lines[2] == " NULL | xxxxxxxxx…"
+    assert lines[3] == "  1.5 | a\\nb"
+    assert all(len(line) <= len(lines[1]) for line in lines[:4])
+
+
+def test_format_table_footers():
+    assert format_table(DESC, [(1, "a")]).splitlines()[-1] == "(1 row)"
+    assert format_table(DESC, []).splitlines() == [" id | name", "----+------", "(0 rows)"]
+    assert format_table(DESC, [(1, "a")], total=5000).splitlines()[-1] == "(5000 rows, 1 shown)"
+
+
+def test_format_table_values_read_like_duckdb():
+    table = format_table([("b", "BOOLEAN"), ("l", "INTEGER[]"), ("s", "STRUCT")], [(True, [1, None], {"k": "v"})])
+    assert table.splitlines()[2] == " true | [1, NULL] | {'k': v}"
+
+
+def test_status_results_are_not_result_sets():
+    conn = reldl.connect()
+    cur = conn.cursor()
+    assert not returns_rows("CREATE TABLE t(a INT)", cur.execute("CREATE TABLE t(a INT)").description)
+    assert not returns_rows("INSERT INTO t VALUES (1)", cur.execute("INSERT INTO t VALUES (1)").description)
+    assert returns_rows("SELECT 1 AS Count", cur.execute("SELECT 1::BIGINT AS Count").description)
+    assert returns_rows("SELECT a FROM t", cur.execute("SELECT a FROM t").description)
+
+
+def test_statement_complete():
+    assert statement_complete("SELECT 1;\n")
+    assert statement_complete("SELECT 1; -- done\n")
+    assert not statement_complete("SELECT 1\n")
+    assert not statement_complete("SELECT 'a;\n")  # inside a string
+    assert not statement_complete("SELECT 1 /* ; \n")  # inside a comment
+
+
+# -- reldl sql / reldl models
+
+
+def test_sql_command_prints_last_result(capsys):
+    code, out, err = run(capsys, "sql", "-c", "SELECT 1 AS a; SELECT 42 AS answer, 'x' AS s")
+    assert (code, err) == (0, "")
+    assert out == " answer | s\n--------+---\n     42 | x\n(1 row)\n"
+
+
+def test_sql_command_without_result_prints_nothing(capsys):
+    assert run(capsys, "sql", "-c", "CREATE TABLE t(a INT); INSERT INTO t VALUES (1)") == (0, "", "")
+
+
+def test_script_from_stdin_prints_each_result(capsys, monkeypatch):
+    script = (
+        "CREATE TABLE t(a INT);\nINSERT INTO t VALUES (1), (2);\nSELECT count(*) AS n FROM t;\nSELECT 'done' AS s;\n"
+    )
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    code, out, err = run(capsys, "sql")
+    assert (code, err) == (0, "")
+    assert out == " n\n---\n 2\n(1 row)\n s\n------\n done\n(1 row)\n"
+
+
+def test_error_exits_1_with_one_line_message(capsys, monkeypatch):
+    code, out, err = run(capsys, "sql", "-c", "SELEC 1")
+    assert (code, out) == (1, "")
+    assert err.startswith("Error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("SELECT 1 AS a;\nSELECT * FROM missing;\nSELECT 2 AS b;\n"))
+    code, out, err = run(capsys, "sql")
+    assert code == 1 and " a\n" in out and " b\n" not in out  # the script stops at its first error
+    assert err.startswith("Error: ") and "missing" in err
+
+
+def test_max_rows(capsys):
+    code, out, _ = run(capsys, "sql", "--max-rows", "2", "-c", "SELECT range AS i FROM range(5)")
+    assert code == 0 and out.splitlines()[-3:] == [" 0", " 1", "(5 rows, 2 shown)"]
+
+
+def test_database_persists_across_runs(capsys, tmp_path):
+    db = str(tmp_path / "my.db")
+    assert run(capsys, "sql", db, "-c", "CREATE TABLE t AS SELECT 7 AS x")[0] == 0
+    code, out, _ = run(capsys, "sql", db, "--read-only", "-c", "SELECT x FROM t")
+    assert code == 0 and out.splitlines()[2] == " 7"
+
+
+def test_models_on_empty_database(capsys, tmp_path):
+    db = str(tmp_path / "empty.db")
+    run(capsys, "sql", db, "-c", "SELECT 1")
+    code, out, err = run(capsys, "models", db)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[0].split(" | ") == [" name", "model_type", "path", "options", "created_at"]
+    assert out.splitlines()[-1] == "(0 rows)"
+
+
+def test_models_does_not_create_a_database(capsys, tmp_path):
+    code, _, err = run(capsys, "models", str(tmp_path / "nope.db"))
+    assert code == 1 and err.startswith("Error: ") and not (tmp_path / "nope.db").exists()
+
+
+def test_help_version_and_usage_errors(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "sql" in out and "models" in out and "reldl models my.db" in out
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and reldl.__version__ in out
+    assert run(capsys)[0] == 2
+    assert run(capsys, "sql", "--no-such-flag")[0] == 2
+
+
+def test_python_dash_m():
+    proc = subprocess.run(
+        [sys.executable, "-m", "reldl", "sql", "-c", "SELECT 1"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == " 1\n---\n 1\n(1 row)\n"
+
+
+# -- the interactive shell
+
+
+def feed(lines: list[str | type[BaseException]]):
+    """A fake input(): returns the lines in order (raising any exception class given), then Ctrl-D."""
+    prompts: list[str] = []
+    items = iter(lines)
+
+    def input_fn(prompt: str) -> str:
+        prompts.append(prompt)
+        item = next(items, EOFError)
+        if isinstance(item, type):
+            raise item
+        return item
+
+    return input_fn, prompts
+
+
+def test_shell_multiline_statements_dot_commands_and_errors():
+    lines = [
+        "",
+        "CREATE TABLE t(a INT);",
+        "INSERT INTO t",
+        "VALUES (1), (2);",
+        "SELECT sum(a) AS total",
+        "FROM t; SELECT 'x;y' AS s;",
+        "SELEC 1;",
+        ".tables",
+        ".models",
+        ".bogus",
+        ".help",
+        "SELECT 'never run'",
+        KeyboardInterrupt,
+        "SELECT 'after ctrl-c' AS s;",
+    ]
+    input_fn, prompts = feed(lines)
+    out, err = io.StringIO(), io.StringIO()
+    assert Shell(reldl.connect(), input_fn=input_fn, out=out, err=err).run() == 0
+    text = out.getvalue()
+    assert text.count("OK\n") == 2
+    assert "   3\n(1 row)" in text and " x;y\n" in text
+    assert " t    | base table" in text  # .tables
+    assert " name | model_type" in text  # .models
+    assert ".quit" in text  # .help
+    assert "never run" not in text and " after ctrl-c\n" in text
+    assert err.getvalue().splitlines() == [
+        'Error: Parser Error: syntax error at or near "SELEC"',
+        "Error: unknown command .bogus (try .help)",
+    ]
+    assert prompts[:5] == ["reldl> ", "reldl> ", "reldl> ", "   ...> ", "reldl> "]
+
+
+def test_shell_quit():
+    input_fn, prompts = feed([".quit", "SELECT 1;"])
+    out = io.StringIO()
+    assert Shell(reldl.connect(), input_fn=input_fn, out=out).run() == 0
+    assert prompts == ["reldl> "] and out.getvalue() == ""
+
+
+def test_history_file(tmp_path, monkeypatch):
+    readline = pytest.importorskip("readline")
+    path = tmp_path / "history"
+    monkeypatch.setenv("RELDL_HISTORY", str(path))
+    with readline_history():
+        readline.add_history("SELECT 42;")
+    assert "42" in path.read_text()
+
+
+def test_shell_survives_an_interrupted_query(monkeypatch):
+    def interrupted_query(*args, **kw):
+        raise RuntimeError("Query interrupted")  # what DuckDB raises when Ctrl-C stops a running query
+
+    monkeypatch.setattr("reldl.shell.run_script", interrupted_query)
+    input_fn, prompts = feed(["SELECT 1;", "SELECT 2;"])
+    err = io.StringIO()
+    assert Shell(reldl.connect(), input_fn=input_fn, out=io.StringIO(), err=err).run() == 0
+    assert err.getvalue() == "Error: interrupted\n" * 2 and len(prompts) == 3
