@@ -16,6 +16,7 @@ import json
 import platform
 import random
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -138,7 +139,29 @@ def bench_engine(eng, prompts, p) -> dict:
     return {"seconds": secs, "tokens": tokens, "tokens_per_s": tokens / secs, "texts": [r.text for r in res]}
 
 
-def bench_sql(path: Path, prompts, p) -> dict:
+def bench_engine_in_thread(eng, prompts, p) -> dict:
+    """The same call from a non-main thread, as DuckDB makes it: separates threading effects from SQL overhead."""
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.update(bench_engine(eng, prompts, p)))
+    t.start()
+    t.join()
+    return box
+
+
+def bench_sql(path: Path, eng, prompts, p, threads: int | None = None) -> dict:
+    """SQL path; also records how much of it is spent inside the engine (the rest is DuckDB + the UDF adapter)."""
+    inner = {"seconds": 0.0}
+    engine_call = eng.generate_ids
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return engine_call(*args, **kwargs)
+        finally:
+            sync(p["device"])
+            inner["seconds"] += time.perf_counter() - t0
+
+    eng.generate_ids = timed
     con = reldl.connect()
     con.execute(
         f"CREATE MODEL bench OPTIONS (model_type = 'llm', path = '{path}', dtype = '{p['dtype']}', "
@@ -146,6 +169,8 @@ def bench_sql(path: Path, prompts, p) -> dict:
     )
     con.execute("CREATE TABLE prompts (id INTEGER, prompt VARCHAR)")
     con.cursor().executemany("INSERT INTO prompts VALUES (?, ?)", list(enumerate(prompts)))
+    if threads is not None:
+        con.execute(f"SET threads = {threads}")
     sync(p["device"])
     t = time.perf_counter()
     con.execute(
@@ -156,7 +181,14 @@ def bench_sql(path: Path, prompts, p) -> dict:
     texts = [r[0] for r in con.execute("SELECT g FROM out ORDER BY id").fetchall()]
     tokens = len(prompts) * p["max_tokens"]
     con.close()
-    return {"seconds": secs, "tokens": tokens, "tokens_per_s": tokens / secs, "texts": texts}
+    del eng.generate_ids
+    return {
+        "seconds": secs,
+        "tokens": tokens,
+        "tokens_per_s": tokens / secs,
+        "engine_seconds_inside": inner["seconds"],
+        "texts": texts,
+    }
 
 
 def bench_transformers(path: Path, eng, prompts, p) -> dict | None:
@@ -254,8 +286,10 @@ def main() -> None:
         eng = registry.get_engine("bench", str(path), p["dtype"], p["device"], max_batch=p["batch"])
         eng.generate(prompts[: p["batch"]], SamplingParams(max_tokens=4))  # warm-up: load, graphs, allocator
         direct = bench_engine(eng, prompts, p)
-        sql = bench_sql(path, prompts, p)
+        sql = bench_sql(path, eng, prompts, p)
         direct2 = bench_engine(eng, prompts, p)  # again, so drift shows
+        threaded = bench_engine_in_thread(eng, prompts, p)
+        sql1 = bench_sql(path, eng, prompts, p, threads=1)
         hf = bench_transformers(path, eng, prompts, p)
         steps = [decode_step_ms(eng, p, c) for c in (p["prompt"], p["prompt"] + p["max_tokens"])]
         floor = weight_read_ms(eng, p)
@@ -269,7 +303,9 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "engine": {k: v for k, v in direct.items() if k != "texts"},
         "engine_repeat": {k: v for k, v in direct2.items() if k != "texts"},
+        "engine_worker_thread": {k: v for k, v in threaded.items() if k != "texts"},
         "sql": {k: v for k, v in sql.items() if k != "texts"},
+        "sql_threads_1": {k: v for k, v in sql1.items() if k != "texts"},
         "transformers": {k: v for k, v in hf.items() if k != "texts"} if hf else None,
         "sql_overhead_vs_engine": sql["seconds"] / best_direct - 1,
         "sql_equals_engine_fraction": same_sql,
@@ -288,12 +324,19 @@ def main() -> None:
     )
     print(f"{'path':<34}{'seconds':>10}{'tokens':>10}{'tokens/s':>12}{'vs engine':>11}")
     ref = direct["tokens_per_s"]
-    rows = [("engine (direct)", direct), ("engine (direct, repeat)", direct2), ("SQL llm_generate", sql)]
+    rows = [
+        ("engine (direct)", direct),
+        ("engine (direct, repeat)", direct2),
+        ("engine (direct, worker thread)", threaded),
+        ("SQL llm_generate", sql),
+        ("SQL llm_generate (threads=1)", sql1),
+    ]
     if hf:
         rows.append((f"transformers generate ({p['hf_batches']} batch)", hf))
     for name, r in rows:
         ratio = r["tokens_per_s"] / ref
         print(f"{name:<34}{r['seconds']:>10.3f}{r['tokens']:>10}{r['tokens_per_s']:>12.1f}{ratio:>10.3f}x")
+    print(f"SQL: {sql['engine_seconds_inside']:.3f} s of {sql['seconds']:.3f} s inside Engine.generate_ids")
     print(
         f"SQL overhead vs best engine run: {result['sql_overhead_vs_engine'] * 100:+.1f}%  "
         f"(SQL text == engine text for {same_sql * 100:.0f}% of rows)"

@@ -33,7 +33,7 @@ class Result:
     prompt_tokens: int
 
 
-@dataclass
+@dataclass(eq=False)  # identity: membership tests in the scheduler must not compare token lists
 class _Seq:
     index: int
     prompt: list[int]
@@ -314,8 +314,16 @@ class Engine:
         """Logits [T, V] (float32, CPU) at every position of each sequence, computed through the paged cache."""
         results: list[torch.Tensor] = []
         with self.lock, torch.inference_mode():
-            for start in range(0, len(sequences), self.max_batch):
-                chunk = [list(s) for s in sequences[start : start + self.max_batch]]
+            start = 0
+            while start < len(sequences):
+                # as many sequences as max_batch and the free cache blocks allow (always at least one)
+                chunk, need = [list(sequences[start])], self.cache.blocks_for(len(sequences[start]))
+                for s in sequences[start + 1 : start + self.max_batch]:
+                    need += self.cache.blocks_for(len(s))
+                    if need > self.cache.allocator.num_free:
+                        break
+                    chunk.append(list(s))
+                start += len(chunk)
                 seqs = [_Seq(i, s, SamplingParams(max_tokens=0), 0) for i, s in enumerate(chunk)]
                 try:
                     for s in seqs:
