@@ -25,10 +25,10 @@ def _bucket(n: int) -> int:
 class _Captured:
     def __init__(self, engine: Engine, batch: int, blocks: int, pool):
         dev = engine.device
-        self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=dev)
-        self.positions = torch.zeros((batch, 1), dtype=torch.long, device=dev)
-        self.slots = torch.zeros((batch, 1), dtype=torch.long, device=dev)
+        self.inputs = torch.zeros((batch, 3), dtype=torch.long, device=dev)  # token, position, slot per row
+        self.tokens, self.positions, self.slots = (self.inputs[:, i : i + 1] for i in range(3))
         self.tables = torch.full((batch, blocks), TRASH_BLOCK, dtype=torch.long, device=dev)
+        self.members: list[_Seq] = []
         step = Step(self.positions, self.slots, self.tables, engine.cache.block_size)
         model, layers = engine.model, engine.cache.layers
 
@@ -45,19 +45,24 @@ class _Captured:
         with torch.cuda.graph(self.graph, pool=pool):
             self.logits = run()
 
-    def replay(self, tokens, positions, slots, tables) -> torch.Tensor:
+    def replay(self, seqs: list[_Seq], block_size: int) -> torch.Tensor:
         batch, nb = self.tables.shape
-        rows = [
-            [t, p, s] + row + [TRASH_BLOCK] * (nb - len(row)) for t, p, s, row in zip(tokens, positions, slots, tables)
-        ]
-        rows += [[0] * (3 + nb)] * (batch - len(rows))  # padding rows: token 0 at position 0, into the trash block
-        packed = torch.tensor(rows, dtype=torch.long).to(self.tokens.device, non_blocking=True)
-        self.tokens.copy_(packed[:, 0:1])
-        self.positions.copy_(packed[:, 1:2])
-        self.slots.copy_(packed[:, 2:3])
-        self.tables.copy_(packed[:, 3:])
+        same = len(seqs) == len(self.members) and all(a is b for a, b in zip(seqs, self.members))
+        if not same:  # block tables change only when the batch does (a sequence's blocks are reserved up front)
+            rows = [s.blocks + [TRASH_BLOCK] * (nb - len(s.blocks)) for s in seqs]
+            rows += [[TRASH_BLOCK] * nb] * (batch - len(rows))
+            self.tables.copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
+            self.members = list(seqs)  # references, not ids: ids of freed sequences get reused
+        step = []
+        for s in seqs:
+            pos = s.length - 1
+            step.append(
+                (s.out[-1] if s.out else s.prompt[-1], pos, s.blocks[pos // block_size] * block_size + pos % block_size)
+            )
+        step += [(0, 0, 0)] * (batch - len(step))  # padding rows: token 0 at position 0, into the trash block
+        self.inputs.copy_(torch.tensor(step, dtype=torch.long), non_blocking=True)
         self.graph.replay()
-        return self.logits[: len(tokens)]
+        return self.logits[: len(seqs)]
 
 
 class DecodeGraphs:
@@ -76,8 +81,4 @@ class DecodeGraphs:
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = _Captured(eng, key[0], key[1], self.pool)
-        cache = eng.cache
-        positions = [s.length - 1 for s in seqs]
-        tokens = [s.out[-1] if s.out else s.prompt[-1] for s in seqs]
-        slots = [cache.slot(s.blocks, p) for s, p in zip(seqs, positions)]
-        return g.replay(tokens, positions, slots, [s.blocks for s in seqs])
+        return g.replay(seqs, eng.cache.block_size)
