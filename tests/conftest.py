@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# The test models are tiny: intra-op threads buy nothing, and on a shared 2-core machine OpenMP's spin-waiting
+# made the suite up to 9x slower. Set before torch is imported (and inherited by subprocesses); an explicit
+# OMP_NUM_THREADS still wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 _TESTS = Path(__file__).resolve().parent
 if str(_TESTS) not in sys.path:  # `import checkpoints` from any test file, at any depth

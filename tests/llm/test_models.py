@@ -281,3 +281,11 @@ def test_small_kv_cache_makes_requests_wait_but_gives_same_results(llama_alone):
         eng.generate_ids([prompts[0]], [SamplingParams(max_tokens=100)])
     assert eng.cache.allocator.num_free == 4
     assert eng.generate_ids(prompts[:2], params[:2]) == want[:2]
+    # scoring / full logits split their batch to fit the cache too
+    seqs = [p + r.token_ids[:10] for p, r in zip(prompts, want)]
+    assert sum(eng.cache.blocks_for(len(x)) for x in seqs) > 4
+    for x, y in zip(eng.logits(seqs), base.logits(seqs)):
+        assert (x - y).abs().max().item() < 1e-5
+    texts = [base.decode(p) for p in prompts]
+    assert eng.score(texts, [" great"] * 7) == pytest.approx(base.score(texts, [" great"] * 7), abs=1e-6)
+    assert eng.cache.allocator.num_free == 4
