@@ -52,12 +52,18 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q [B,T,H,D], k/v [B,T,KVH,D] -> [B,T,H*D]. Query heads of a GQA group share one read of their KV head."""
-    B, T, H, D = q.shape
-    KVH = k.shape[2]
-    g = H // KVH
+    KVH, D = k.shape[2], k.shape[3]
     flat = step.slots.reshape(-1)
     kv.k.index_copy_(0, flat, k.reshape(-1, KVH, D).to(kv.k.dtype))
     kv.v.index_copy_(0, flat, v.reshape(-1, KVH, D).to(kv.v.dtype))
+    return attend_cached(q, kv, step, mask, scale)
+
+
+def attend_cached(q: torch.Tensor, kv: LayerKV, step: Step, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B,T,H,D] against each sequence's cached K/V (gathered through its block table) -> [B,T,H*D]."""
+    B, T, H, D = q.shape
+    KVH = kv.k.shape[1]
+    g = H // KVH
     bs = step.block_size
     S = step.block_tables.shape[1] * bs
     kc = kv.k.view(-1, bs, KVH, D)[step.block_tables].view(B, S, KVH, D).transpose(1, 2)

@@ -4,23 +4,38 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from reldl.llm.attention import LayerKV, Step, build_mask, paged_attention
+from reldl.llm import fused
+from reldl.llm.attention import LayerKV, Step, attend_cached, build_mask, paged_attention
 from reldl.llm.config import ModelConfig
 from reldl.llm.models.common import Getter, RMSNorm, activation, assign
 from reldl.llm.rope import Rotary
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, window: int | None = None):
         super().__init__()
         self.h, self.kvh, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.window = window
         self.wqkv = nn.Linear(cfg.hidden_size, (self.h + 2 * self.kvh) * self.d, bias=cfg.attention_bias)
         self.wo = nn.Linear(self.h * self.d, cfg.hidden_size, bias=_output_bias(cfg))
         self.scale = self.d**-0.5
 
     def forward(self, x, step: Step, kv: LayerKV, mask, rope: Rotary):
         B, T, _ = x.shape
+        k_ = fused.on(x)
+        if k_ is not None:  # one kernel rotates q/k and writes k/v into the cache; decode reads it in place
+            qkv = self.wqkv(x).view(B * T, -1)
+            pos, slots = step.positions.reshape(-1), step.slots.reshape(-1)
+            q = k_.rope_and_cache(qkv, pos, rope.cos, rope.sin, kv.k, kv.v, slots, self.h, self.kvh, self.d)
+            if T == 1:
+                lens = step.positions[:, 0] + 1
+                out = k_.paged_decode_attention(
+                    q, kv.k, kv.v, step.block_tables, lens, step.block_size, self.scale, window=self.window
+                )
+                return self.wo(out.reshape(B, 1, self.h * self.d))
+            return self.wo(attend_cached(q.view(B, T, self.h, self.d), kv, step, mask, self.scale))
         q, k, v = self.wqkv(x).split([self.h * self.d, self.kvh * self.d, self.kvh * self.d], dim=-1)
         q = rope(q.view(B, T, self.h, self.d), step.positions)
         k = rope(k.view(B, T, self.kvh, self.d), step.positions)
@@ -37,15 +52,19 @@ class GatedMLP(nn.Module):
         self.act = activation(cfg.activation)
 
     def forward(self, x):
-        gate, up = self.w13(x).split(self.inter, dim=-1)
+        h = self.w13(x)
+        k_ = fused.on(x) if self.act is F.silu else None
+        if k_ is not None:
+            return self.w2(k_.silu_and_mul(h))
+        gate, up = h.split(self.inter, dim=-1)
         return self.w2(self.act(gate) * up)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, window: int | None = None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, window)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = GatedMLP(cfg)
 
@@ -59,7 +78,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, w) for w in _windows(cfg))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope: Rotary | None = None
@@ -70,7 +89,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, step: Step, cache: list[LayerKV]) -> torch.Tensor:
         c = self.config
-        windows = c.layer_windows or [c.sliding_window] * len(self.layers)
+        windows = _windows(c)
         masks = {w: build_mask(step, c.num_heads // c.num_kv_heads, w) for w in set(windows)}
         x = self.embed(tokens)
         for layer, kv, w in zip(self.layers, cache, windows):
@@ -79,6 +98,11 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+
+def _windows(cfg: ModelConfig) -> list[int | None]:
+    """Each layer's sliding window (None: full attention)."""
+    return list(cfg.layer_windows or [cfg.sliding_window] * cfg.num_layers)
 
 
 def _output_bias(cfg: ModelConfig) -> bool:
