@@ -11,6 +11,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import duckdb
 
@@ -19,6 +20,7 @@ from reldl import shell
 
 EXAMPLES = """\
 examples:
+  reldl demo                          extract JSON from 300 reviews with the shipped model, check accuracy
   reldl sql my.db -c "SELECT llm_generate(prompt, max_tokens := 32) FROM reviews"
   reldl sql my.db < script.sql        run a script, printing each result
   reldl sql my.db                     interactive shell (.help lists its commands)
@@ -46,6 +48,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     with contextlib.closing(reldl.connect(args.database, read_only=read_only)) as conn:
         shell.run_query(conn.cursor(), "SHOW MODELS", sys.stdout, max_rows=0)
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The main job end to end: LLM extraction over a table with SQL, checked against ground truth."""
+    from reldl.demo.run import run
+
+    if args.rows < 1:
+        raise reldl.ProgrammingError("--rows must be at least 1")
+    return run(args.dir, rows=args.rows, device=args.device)
 
 
 def _command(sub, name: str, func: Callable[[argparse.Namespace], int], **kw) -> argparse.ArgumentParser:
@@ -91,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _database(_command(sub, "models", cmd_models))
+
+    p = _command(sub, "demo", cmd_demo)
+    p.add_argument("--dir", type=Path, help="folder for the demo database (default: a new temporary folder)")
+    p.add_argument("--rows", type=int, default=300, help="reviews to process (default 300)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     return parser
 
 
