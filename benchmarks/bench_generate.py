@@ -26,8 +26,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import reldl
 from reldl import registry
-from reldl.llm import SamplingParams
-from reldl.llm.engine import _Seq
+from reldl.llm import SamplingParams, fused
+from reldl.llm.engine import Engine, _Seq
 
 PRESETS = {
     # ~20M parameters: quick on 2 CPU cores
@@ -224,8 +224,18 @@ def bench_transformers(path: Path, eng, prompts, p) -> dict | None:
     return {"seconds": secs, "tokens": tokens, "tokens_per_s": tokens / secs, "texts": texts}
 
 
-def decode_step_ms(eng, p, context: int) -> dict:
-    """Time one decode step for a full batch at a given context length (host prep + forward + logits)."""
+def decode_step_ms(base, p, context: int, triton: bool = True) -> dict:
+    """Time one decode step for a full batch at a given context length (host prep + forward + logits), on a fresh
+    engine sharing the model's weights, with reldl's Triton kernels or the PyTorch path."""
+    fused.enabled = triton
+    eng = Engine(
+        base.model,
+        base.tokenizer,
+        device=base.device,
+        dtype=base.dtype,
+        max_batch=p["batch"],
+        cache_tokens=p["batch"] * (context + 32),
+    )
     seqs = []
     for i in range(p["batch"]):
         s = _Seq(i, [1] * context, SamplingParams(max_tokens=1), 0)
@@ -245,7 +255,8 @@ def decode_step_ms(eng, p, context: int) -> dict:
     finally:
         for s in seqs:
             eng.cache.allocator.free(s.blocks)
-    return {"context": context, "batch": p["batch"], "ms": step * 1e3}
+        fused.enabled = True
+    return {"context": context, "batch": p["batch"], "triton": triton, "ms": step * 1e3}
 
 
 def weight_read_ms(eng, p) -> dict:
@@ -291,7 +302,8 @@ def main() -> None:
         threaded = bench_engine_in_thread(eng, prompts, p)
         sql1 = bench_sql(path, eng, prompts, p, threads=1)
         hf = bench_transformers(path, eng, prompts, p)
-        steps = [decode_step_ms(eng, p, c) for c in (p["prompt"], p["prompt"] + p["max_tokens"])]
+        contexts = (p["prompt"], p["prompt"] + p["max_tokens"], 2048 - 32)
+        steps = [decode_step_ms(eng, p, c, t) for c in contexts for t in (True, False)]
         floor = weight_read_ms(eng, p)
     best_direct = min(direct["seconds"], direct2["seconds"])
     same_sql = sum(a == b for a, b in zip(sql["texts"], direct["texts"])) / len(prompts)
@@ -344,7 +356,8 @@ def main() -> None:
     if hf:
         print(f"engine vs transformers: {result['speedup_vs_transformers']:.1f}x tokens/s")
     for s in steps:
-        line = f"decode step, batch {s['batch']}, context {s['context']}: {s['ms']:.2f} ms"
+        kind = "triton" if s["triton"] else "pytorch"
+        line = f"decode step ({kind}), batch {s['batch']}, context {s['context']}: {s['ms']:.2f} ms"
         if "ms" in floor:
             line += (
                 f" = {s['ms'] / floor['ms']:.2f}x the weight-read time ({floor['ms']:.2f} ms for "

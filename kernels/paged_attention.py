@@ -259,6 +259,7 @@ def paged_decode_attention(
         q = q.contiguous()
     if block_tables.stride(1) != 1:
         block_tables = block_tables.contiguous()
+    context_lens = context_lens.contiguous()  # indexed densely by the kernel
     group = h // kvh
     max_keys = block_tables.shape[1] * block_size
     cfg = paged_attention_config(d, group, q.dtype)

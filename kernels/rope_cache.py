@@ -167,8 +167,8 @@ def rope_and_cache(
         raise ValueError(f"rope_and_cache: cos/sin must have {d // 2} columns")
     cos = cos if cos.stride(-1) == 1 else cos.contiguous()
     sin = sin if sin.stride(-1) == 1 else sin.contiguous()
-    positions = positions.reshape(-1)
-    slots = slots.reshape(-1)
+    positions = positions.reshape(-1).contiguous()  # the kernel indexes them densely; views of [B, 1] may stride
+    slots = slots.reshape(-1).contiguous()
     q = torch.empty((n, h, d), dtype=qkv.dtype, device=qkv.device)
     if n > 0:
         _rope_cache_kernel[(n,)](

@@ -25,8 +25,9 @@ def _bucket(n: int) -> int:
 class _Captured:
     def __init__(self, engine: Engine, batch: int, blocks: int, pool):
         dev = engine.device
-        self.inputs = torch.zeros((batch, 3), dtype=torch.long, device=dev)  # token, position, slot per row
-        self.tokens, self.positions, self.slots = (self.inputs[:, i : i + 1] for i in range(3))
+        # tokens, positions, slots: one buffer (one copy per step), each row contiguous (kernels index densely)
+        self.inputs = torch.zeros((3, batch, 1), dtype=torch.long, device=dev)
+        self.tokens, self.positions, self.slots = self.inputs.unbind(0)
         self.tables = torch.full((batch, blocks), TRASH_BLOCK, dtype=torch.long, device=dev)
         self.members: list[_Seq] = []
         step = Step(self.positions, self.slots, self.tables, engine.cache.block_size)
@@ -60,7 +61,7 @@ class _Captured:
                 (s.out[-1] if s.out else s.prompt[-1], pos, s.blocks[pos // block_size] * block_size + pos % block_size)
             )
         step += [(0, 0, 0)] * (batch - len(step))  # padding rows: token 0 at position 0, into the trash block
-        self.inputs.copy_(torch.tensor(step, dtype=torch.long), non_blocking=True)
+        self.inputs.copy_(torch.tensor(step, dtype=torch.long).T.unsqueeze(-1), non_blocking=True)
         self.graph.replay()
         return self.logits[: len(seqs)]
 
