@@ -170,7 +170,11 @@ class LLMFunctions:
             progress = self.progress
             if progress is None:  # (a local: another cursor's end_query may reset self.progress meanwhile)
                 progress = self.progress = self.new_progress()
-            ids = [eng.prepare(k[1], k[2], k[3]) for k in keys]
+            keys.sort(key=lambda k: k[3] or "")  # one batched tokenization per truncate mode
+            ids = []
+            for tr, group in itertools.groupby(keys, key=lambda k: k[3]):
+                part = list(group)
+                ids += eng.prepare_many([k[1] for k in part], [k[2] for k in part], tr)
             results = eng.generate_ids(ids, [k[2] for k in keys], on_progress=progress.update)
             for k, r in zip(keys, results):
                 for i in todo[k]:

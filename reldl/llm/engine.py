@@ -100,29 +100,39 @@ class Engine:
 
     # ------------------------------------------------------------------ tokens
     def encode(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text).ids
-        if not ids and self.config.bos_token_id is not None:
-            ids = [self.config.bos_token_id]
-        return ids
+        return self.encode_many([text])[0]
+
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        """Tokenize in one call: `tokenizers` works through the batch without returning to Python per text."""
+        out = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+        bos = self.config.bos_token_id
+        return [ids if ids or bos is None else [bos] for ids in out]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def prepare(self, text: str, params: SamplingParams, truncate: str | None = None) -> list[int]:
         """Tokenize a prompt and check it fits the context (or cut it from the left when asked)."""
-        ids = self.encode(text)
+        return self.prepare_many([text], [params], truncate)[0]
+
+    def prepare_many(
+        self, texts: Sequence[str], params: Sequence[SamplingParams], truncate: str | None = None
+    ) -> list[list[int]]:
         limit = self.context_length
-        if not ids:
-            raise DataError("llm_generate: empty prompt and the model has no BOS token to start from")
-        if len(ids) >= limit:
-            if truncate != "left":
-                raise DataError(
-                    f"llm_generate: prompt is {len(ids)} tokens but the model's context is {limit} tokens "
-                    "(pass truncate := 'left' to keep the end of the prompt)"
-                )
-            keep = max(1, limit - max(1, min(params.max_tokens, limit // 2)))
-            ids = ids[-keep:]
-        return ids
+        out = []
+        for ids, sp in zip(self.encode_many(texts), params):
+            if not ids:
+                raise DataError("llm_generate: empty prompt and the model has no BOS token to start from")
+            if len(ids) >= limit:
+                if truncate != "left":
+                    raise DataError(
+                        f"llm_generate: prompt is {len(ids)} tokens but the model's context is {limit} tokens "
+                        "(pass truncate := 'left' to keep the end of the prompt)"
+                    )
+                keep = max(1, limit - max(1, min(sp.max_tokens, limit // 2)))
+                ids = ids[-keep:]
+            out.append(ids)
+        return out
 
     # ------------------------------------------------------------------ forward
     def _forward(self, tokens, positions, slots, tables) -> torch.Tensor:
@@ -174,7 +184,7 @@ class Engine:
         on_progress: ProgressFn | None = None,
     ) -> list[Result]:
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        ids = [self.prepare(p, sp, truncate) for p, sp in zip(prompts, plist)]
+        ids = self.prepare_many(prompts, plist, truncate)
         return self.generate_ids(ids, plist, on_progress=on_progress)
 
     def generate_ids(
