@@ -61,9 +61,10 @@ def run(
     rows: int = 300,
     device: str = "auto",
     min_accuracy: float = 0.9,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> int:
     """Run the demo; returns the process exit status (0: accuracy at or above `min_accuracy`)."""
+    out = out or sys.stdout
     directory = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="reldl-demo-"))
     directory.mkdir(parents=True, exist_ok=True)
     db = directory / "demo.db"
