@@ -82,7 +82,7 @@ def run(
         out.write(f"loaded {rows} held-out reviews (never seen in training) into table reviews\n")
         _step(
             con,
-            "register the model reldl ships (a 4M-parameter Llama trained by reldl/demo/train.py)",
+            "register the model reldl ships (a 2.2M-parameter Llama trained by reldl/demo/train.py)",
             f"CREATE OR REPLACE MODEL demo OPTIONS (model_type = 'llm', path = '{MODEL_DIR}', device = '{device}')",
             out,
         )

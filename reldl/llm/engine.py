@@ -71,7 +71,7 @@ class Engine:
         self.config: ModelConfig = model.config
         self.device, self.dtype = device, dtype
         gpu = device.type == "cuda"
-        self.max_batch = max_batch or (64 if gpu else 16)
+        self.max_batch = max_batch or 64
         self.prefill_tokens = prefill_tokens or (16384 if gpu else 4096)
         cfg = self.config
         if cache_tokens is None:
