@@ -124,7 +124,14 @@ def delete_model(duck: duckdb.DuckDBPyConnection, name: str, *, if_exists: bool 
 
 def default_llm(duck: duckdb.DuckDBPyConnection) -> ModelRecord:
     """The model an `llm_*` call without `model :=` uses: the only registered LLM."""
-    llms = list_models(duck, "llm")
+    return pick_model(list_models(duck), None)
+
+
+def pick_model(models: list[ModelRecord], name: str | None) -> ModelRecord | None:
+    """`name` among `models` (case-insensitive; None if absent), or with no name the only registered LLM."""
+    if name is not None:
+        return next((m for m in models if m.name.lower() == name.lower()), None)
+    llms = [m for m in models if m.model_type == "llm"]
     if len(llms) == 1:
         return llms[0]
     if not llms:

@@ -142,7 +142,7 @@ class Cursor:
     def _duckdb(self, sql: str, parameters, uses_llm: bool = False, returns_rows: bool = True) -> None:
         uses_llm = uses_llm and self._functions is not None
         if uses_llm:
-            self._functions.begin_query()
+            self._functions.begin_query(catalog.list_models(self._duck))
         try:
             with _calling_thread(self._duck, self.connection.instance_key) if uses_llm else contextlib.nullcontext():
                 self._duck.execute(sql, parameters)

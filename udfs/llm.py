@@ -67,6 +67,7 @@ class LLMFunctions:
         self.lock = threading.Lock()
         self.new_progress = progress or Progress
         self.progress: Progress | None = None
+        self.local = threading.local()
         # DuckDB keeps Python UDFs in the database instance's catalog, shared by every connection to it, while
         # the macros are TEMP (per connection). Unique UDF names let each connection own (and drop) its own.
         n = next(self._ids)
@@ -107,11 +108,16 @@ class LLMFunctions:
                 pass
 
     # -- query lifecycle (called by reldl's cursor; plain DuckDB users get a bounded cache instead)
-    def begin_query(self) -> None:
+    def begin_query(self, models: list[catalog.ModelRecord] | None = None) -> None:
+        """A statement with model calls starts. `models`: the catalog as the statement's own transaction sees it
+        (uncommitted CREATE MODEL included); the UDF runs on this same thread (reldl runs such statements on
+        DuckDB's calling thread), so it is kept per thread."""
         with self.lock:
             self.cache.clear()
+        self.local.models = models
 
     def end_query(self) -> None:
+        self.local.models = None
         with self.lock:
             progress, self.progress = self.progress, None
         if progress is not None:
@@ -120,11 +126,14 @@ class LLMFunctions:
     def _engine(self, model: str | None) -> tuple[EngineKey, Engine]:
         """The engine of a model, and its identity for the result cache: the checkpoint (path, mtime), dtype and
         device, not the catalog name, so results of a model replaced under the same name are never reused."""
-        cur = self.duck.cursor()  # a fresh handle: this runs inside a query on self.duck
-        try:
-            rec = catalog.default_llm(cur) if model is None else catalog.get_model(cur, model)
-        finally:
-            cur.close()
+        models = getattr(self.local, "models", None)
+        if models is None:  # a plain DuckDB connection: read the (committed) catalog through a fresh handle
+            cur = self.duck.cursor()  # not self.duck: this runs inside a query on it
+            try:
+                models = catalog.list_models(cur)
+            finally:
+                cur.close()
+        rec = catalog.pick_model(models, model)
         if rec is None:
             raise ProgrammingError(f"model {model!r} does not exist (SHOW MODELS lists the registered models)")
         if rec.model_type != "llm":

@@ -62,3 +62,14 @@ def test_concurrent_model_calls_restore_threads_once_both_end(llm):
         t.join()
     assert not errors
     assert _threads(llm) == 2
+
+
+def test_model_created_in_open_transaction_is_usable_there(conn, llama_ckpt):
+    conn.execute("BEGIN")
+    conn.execute(f"CREATE MODEL pending OPTIONS (model_type = 'llm', path = '{llama_ckpt}')")
+    ((text,),) = conn.execute("SELECT llm_generate('hello', max_tokens := 3)").fetchall()
+    assert isinstance(text, str)
+    conn.rollback()
+    assert conn.execute("SELECT count(*) FROM reldl.models").fetchall() == [(0,)]
+    with pytest.raises(reldl.ProgrammingError, match="no LLM is registered"):
+        conn.execute("SELECT llm_generate('hello')")
