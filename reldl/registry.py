@@ -59,7 +59,7 @@ class EngineKey:
     device: str
 
 
-_engines: dict[EngineKey, Engine] = {}
+_engines: dict[EngineKey, dict[tuple, Engine]] = {}  # loaded checkpoint -> engines by their options
 _names: dict[str, set[EngineKey]] = {}
 _lock = threading.Lock()
 
@@ -75,17 +75,27 @@ def engine_key(path: str, dtype: str = "auto", device: str = "auto") -> EngineKe
 
 
 def get_engine(name: str, path: str, dtype: str = "auto", device: str = "auto", **engine_options) -> Engine:
-    """Load (once per process) and return the engine for a registered model."""
+    """Load (once per process) and return the engine for a registered model. Engines with other options
+    (max_batch, cache_tokens, ...) share the loaded weights."""
     key = engine_key(path, dtype, device)
+    opts = tuple(sorted(engine_options.items()))
     with _lock:
-        eng = _engines.get(key)
+        engines = _engines.setdefault(key, {})
+        eng = engines.get(opts)
         if eng is None:
-            ckpt = inspect_checkpoint(key.path)
-            dev = torch.device(key.device)
-            dt = getattr(torch, key.dtype)
-            model = build(ckpt, dev, dt)
-            eng = Engine(model, load_tokenizer(ckpt), device=dev, dtype=dt, **engine_options)
-            _engines[key] = eng
+            if engines:
+                base = next(iter(engines.values()))
+                model, tokenizer = base.model, base.tokenizer
+            else:
+                ckpt = inspect_checkpoint(key.path)
+                model = build(ckpt, torch.device(key.device), getattr(torch, key.dtype))
+                tokenizer = load_tokenizer(ckpt)
+            dev, dt = torch.device(key.device), getattr(torch, key.dtype)
+            try:
+                eng = engines[opts] = Engine(model, tokenizer, device=dev, dtype=dt, **engine_options)
+            finally:
+                if not engines:
+                    del _engines[key]
         _names.setdefault(name, set()).add(key)
         return eng
 
@@ -98,10 +108,7 @@ def unload(name: str | None = None) -> int:
             _names.clear()
         else:
             keys = _names.pop(name, set())
-        count = 0
-        for k in keys:
-            if _engines.pop(k, None) is not None:
-                count += 1
+        count = sum(_engines.pop(k, None) is not None for k in keys)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
