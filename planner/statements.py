@@ -53,7 +53,23 @@ class ShowModels:
     pass
 
 
-Statement = Passthrough | CreateModel | DropModel | ShowModels
+@dataclass
+class SetOption:
+    """SET / RESET of a reldl session option (DuckDB rejects unknown settings, so reldl keeps them)."""
+
+    name: str
+    value: str | None  # None: RESET
+
+
+@dataclass
+class Explain:
+    """EXPLAIN [ANALYZE] of a statement with model calls: reldl shows its plan."""
+
+    statement: str
+    analyze: bool = False
+
+
+Statement = Passthrough | CreateModel | DropModel | ShowModels | SetOption | Explain
 
 
 def split(sql: str) -> list[tuple[str, list[Token]]]:
@@ -89,14 +105,32 @@ def classify(text: str, tokens: list[Token]) -> Statement:
         return _drop_model(tokens)
     if w[:2] == ["SHOW", "MODELS"] and len(tokens) == 2:
         return ShowModels()
+    if w[:1] in (["SET"], ["RESET"]) and len(tokens) >= 2 and tokens[1].text.lower().startswith("reldl_"):
+        return _set_option(tokens)
     calls = {
         t.text.lower()
         for i, t in enumerate(tokens[:-1])
         if t.text.lower() in FUNCTIONS and tokens[i + 1].token_type == TokenType.L_PAREN
     }
+    if w[:1] == ["EXPLAIN"] and len(tokens) == 2:  # sqlglot keeps what follows EXPLAIN as one string token
+        return _explain(text, tokens[1].text)
     if calls:
         check_calls(text)
     return Passthrough(text, calls, returns_rows(tokens))
+
+
+def _explain(text: str, body: str) -> Statement:
+    """EXPLAIN [ANALYZE] of a statement with model calls is reldl's to answer; any other EXPLAIN is DuckDB's."""
+    body = body.strip()
+    analyze = body[:8].upper() == "ANALYZE " or body[:8].upper() == "ANALYZE\n"
+    if analyze:
+        body = body[8:].lstrip()
+    inner = split(body)
+    if len(inner) == 1 and inner[0][1]:
+        stmt = classify(*inner[0])
+        if isinstance(stmt, Passthrough) and stmt.functions:
+            return Explain(stmt.sql, analyze)
+    return Passthrough(text, set(), True)
 
 
 # statements whose result is a status (DuckDB's "Count"/"Success" row), not rows, unless they say RETURNING
@@ -140,6 +174,20 @@ def check_calls(text: str) -> None:
         if n_pos != len(positional):
             want = ", ".join(positional)
             raise ProgrammingError(f"{name}: expects {len(positional)} positional argument(s) ({want}), got {n_pos}")
+
+
+def _set_option(tokens: list[Token]) -> SetOption:
+    name = tokens[1].text.lower()
+    if tokens[0].text.upper() == "RESET":
+        if len(tokens) != 2:
+            raise ProgrammingError(f"syntax: RESET {name}")
+        return SetOption(name, None)
+    rest = tokens[2:]
+    if rest and rest[0].token_type in (TokenType.EQ, TokenType.VAR) and rest[0].text.upper() in ("=", "TO"):
+        rest = rest[1:]
+    if len(rest) != 1:
+        raise ProgrammingError(f"syntax: SET {name} = 'value'")
+    return SetOption(name, rest[0].text)
 
 
 def _drop_model(tokens: list[Token]) -> DropModel:

@@ -12,15 +12,17 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 from reldl import catalog
 from reldl.errors import InterfaceError, NotSupportedError, ProgrammingError, translate
-from reldl.planner.statements import CreateModel, DropModel, Passthrough, ShowModels, parse
+from reldl.planner.statements import CreateModel, DropModel, Explain, Passthrough, SetOption, ShowModels, parse
 from reldl.udfs.llm import LLMFunctions
 
 LLM_OPTIONS = {"model_type", "path", "dtype", "device"}
@@ -58,6 +60,10 @@ def _calling_thread(duck: duckdb.DuckDBPyConnection, instance: object):
                     cur.execute(f"SET threads = {entry[1]}")
 
 
+def _sql_lines(plan, sql: str) -> list[str]:
+    return ["  runs:"] + ["    " + line for line in sql.splitlines()]
+
+
 def _registry():
     """The model registry, imported on first use so that importing reldl (and the CLI) does not load torch."""
     from reldl import registry
@@ -84,6 +90,7 @@ class Cursor:
         self.rowcount = -1
         self._description: list[tuple] | None = None
         self._closed = False
+        self._temp_views: list[str] = []  # Arrow tables a plan registered; dropped before the next statement
 
     # -- PEP 249 attributes
     @property
@@ -103,6 +110,7 @@ class Cursor:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._drop_temp_views()
             if self._functions is not None:
                 self._functions.end_query()
             if self._owns_duck:
@@ -122,13 +130,20 @@ class Cursor:
         self._has_result = False
         self._description = None
         self.rowcount = -1
+        self._drop_temp_views()
         for stmt in statements:
             self._run(stmt, parameters)
         return self
 
     def _run(self, stmt, parameters) -> None:
-        if isinstance(stmt, Passthrough):
-            self._duckdb(stmt.sql, parameters, uses_llm=bool(stmt.functions), returns_rows=stmt.returns_rows)
+        if isinstance(stmt, Passthrough) and stmt.functions:
+            self._model_statement(stmt.sql, parameters, stmt.returns_rows)
+        elif isinstance(stmt, Explain):
+            self._model_statement(stmt.statement, parameters, True, explain=True, analyze=stmt.analyze)
+        elif isinstance(stmt, Passthrough):
+            self._duckdb(stmt.sql, parameters, returns_rows=stmt.returns_rows)
+        elif isinstance(stmt, SetOption):
+            self.connection.set_option(stmt.name, stmt.value)
         elif isinstance(stmt, CreateModel):
             self._create_model(stmt)
         elif isinstance(stmt, DropModel):
@@ -139,18 +154,72 @@ class Cursor:
             sql = f"SELECT {catalog.MODEL_COLUMNS} FROM reldl.models ORDER BY name"
             self._duckdb(sql if catalog.has_catalog(self._duck) else catalog.EMPTY_MODELS_SQL, None)
 
-    def _duckdb(self, sql: str, parameters, uses_llm: bool = False, returns_rows: bool = True) -> None:
-        uses_llm = uses_llm and self._functions is not None
-        if uses_llm:
+    def _model_statement(
+        self, sql: str, parameters, returns_rows: bool, explain: bool = False, analyze: bool = False
+    ) -> None:
+        """A statement with model calls: plan it (planner/), then run the plan or show it (EXPLAIN)."""
+        from reldl import planning
+
+        plan = planning.make_plan(self, sql, parameters)
+        if explain and not analyze:
+            self._show(plan.explain() + _sql_lines(plan, sql))
+            return
+        timings = planning.Timings() if analyze else None
+        if self._functions is not None:
             self._functions.begin_query(catalog.list_models(self._duck))
+        table = None
         try:
-            with _calling_thread(self._duck, self.connection.instance_key) if uses_llm else contextlib.nullcontext():
-                self._duck.execute(sql, parameters)
+            start = time.perf_counter()
+            if plan.family == "udf":
+                run_sql = sql
+                with _calling_thread(self._duck, self.connection.instance_key):
+                    self._execute(sql, parameters)
+            else:
+                run_sql, table = planning.run_plan(self, plan, sql, parameters, timings)
+                start = time.perf_counter()
+                self._execute(run_sql, parameters)
+            if timings is not None:
+                timings.add("statement" if plan.family == "udf" else "statement reading the results", start)
+        finally:
+            if self._functions is not None:
+                self._functions.end_query()
+        if table is not None:
+            self._temp_views.append(table)
+        if analyze:
+            self._duck.fetchall()  # finish the statement's own result
+            lines = plan.explain() + [f"  {name}: {secs * 1e3:.1f} ms" for name, secs in timings.stages]
+            self._show(lines + _sql_lines(plan, run_sql))
+            return
+        self._finish(returns_rows)
+
+    def _functions_for(self, function: str):
+        """The Python function behind a model call, for plans that evaluate calls outside DuckDB's pipeline."""
+        fns = {"llm_generate": self._functions.generate, "llm_score": self._functions.score}
+        return fns[function]
+
+    def _show(self, lines: list[str]) -> None:
+        """Make `lines` this cursor's result set (one VARCHAR column), as EXPLAIN output."""
+        table = f"__reldl_explain_{id(self)}"
+        self._duck.register(table, pa.table({"explain": pa.array(lines, pa.string())}))
+        self._temp_views.append(table)
+        self._execute(f'SELECT * FROM "{table}"', None)
+        self._finish(True)
+
+    def _execute(self, sql: str, parameters) -> None:
+        try:
+            self._duck.execute(sql, parameters)
         except (duckdb.Error, RuntimeError) as e:  # DuckDB raises RuntimeError("Query interrupted") on Ctrl-C
             raise translate(e) from None
-        finally:
-            if uses_llm:
-                self._functions.end_query()
+
+    def _drop_temp_views(self) -> None:
+        while self._temp_views:
+            try:
+                self._duck.unregister(self._temp_views.pop())
+            except duckdb.Error:
+                pass
+
+    def _duckdb(self, sql: str, parameters, returns_rows: bool = True) -> None:
+        self._execute(sql, parameters)
         self._finish(returns_rows)
 
     def _finish(self, returns_rows: bool) -> None:
@@ -277,6 +346,36 @@ class Connection:
         self._cursors: weakref.WeakSet[Cursor] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._default: Cursor | None = None
+        self.settings: dict[str, str] = {}  # reldl session options (SET reldl_plan = ...)
+
+    def set_option(self, name: str, value: str | None) -> None:
+        from reldl.planning import SETTINGS
+
+        if name not in SETTINGS:
+            raise ProgrammingError(f"unknown reldl option {name!r} (options: {', '.join(sorted(SETTINGS))})")
+        if value is None:
+            self.settings.pop(name, None)
+            return
+        value = value.lower()
+        if value not in SETTINGS[name]:
+            raise ProgrammingError(f"{name} must be one of {', '.join(SETTINGS[name])}, got {value!r}")
+        self.settings[name] = value
+
+    def cost_constants(self) -> dict[str, float]:
+        """Calibrated cost-model constants (`reldl calibrate`), read from the catalog; defaults where absent."""
+        try:
+            rows = (
+                self._duck.cursor()
+                .execute(
+                    "SELECT key, value FROM reldl.calibration WHERE database_name = current_database()"
+                    if False
+                    else "SELECT key, value FROM reldl.calibration"
+                )
+                .fetchall()
+            )
+        except duckdb.Error:
+            return {}
+        return dict(rows)
 
     @property
     def duckdb_connection(self) -> duckdb.DuckDBPyConnection:

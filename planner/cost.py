@@ -1,0 +1,114 @@
+"""The cost model: seconds and bytes for each plan family, from row estimates, model size and machine constants.
+
+Constants are rates measured by `reldl calibrate` (stored in `reldl.calibration`); the defaults below are what
+the 2-core development machine measured, so estimates are sensible before calibration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULTS: dict[str, float] = {
+    "torch_cpu_flops": 2.0e10,  # dense float64/float32 matmul FLOP/s on the CPU
+    "torch_cuda_flops": 2.0e13,  # on a GPU
+    "sql_flops": 5.0e7,  # multiply-adds per second of the relation-centric plan (list_dot_product over tiles)
+    "udf_chunk_seconds": 2.0e-4,  # fixed cost of one UDF call (one DuckDB chunk: Arrow in, Arrow out)
+    "row_seconds": 2.0e-7,  # moving one row through DuckDB (scan, temp table, join back)
+    "dl_fixed_seconds": 2.0e-3,  # DL plan set-up: input query, temp table registration, final join
+    "relation_fixed_seconds": 5.0e-3,  # relation plan set-up: weight tables, CTE chain
+    "llm_step_seconds_cpu": 5.0e-3,  # one decode step of a small model at batch 64 on the CPU
+    "llm_step_seconds_cuda": 2.0e-3,  # on a GPU
+}
+
+CHUNK_ROWS = 2048  # DuckDB's vector size: the UDF plan sees rows in chunks of this many
+
+
+@dataclass
+class Workload:
+    """What a statement asks of a model."""
+
+    function: str  # predict | predict_proba | llm_generate | llm_score
+    rows: float  # rows reaching the model call (estimate)
+    distinct: float  # distinct argument tuples among them (estimate, <= rows)
+    rows_needed: float | None  # when a LIMIT lets a streaming plan stop early: rows it must process
+    flops_per_row: float = 0.0
+    weight_bytes: float = 0.0
+    activation_bytes_per_row: float = 0.0
+    max_tokens: int = 0
+    device: str = "cpu"
+    memory_limit: float = float("inf")  # bytes available to the DL plan's working set
+    relation_ok: bool = False  # the model can run as SQL (tabular models)
+
+
+@dataclass
+class Estimate:
+    family: str
+    seconds: float
+    feasible: bool = True
+    note: str = ""
+    details: dict[str, float] = field(default_factory=dict)
+
+
+def _per_row(w: Workload, c: dict[str, float]) -> float:
+    if w.function.startswith("llm"):
+        step = c["llm_step_seconds_cuda" if w.device.startswith("cuda") else "llm_step_seconds_cpu"]
+        return max(w.max_tokens, 1) * step / 64.0
+    rate = c["torch_cuda_flops" if w.device.startswith("cuda") else "torch_cpu_flops"]
+    return w.flops_per_row / rate
+
+
+def estimate(w: Workload, constants: dict[str, float] | None = None) -> list[Estimate]:
+    c = {**DEFAULTS, **(constants or {})}
+    per_row = _per_row(w, c)
+    out: list[Estimate] = []
+
+    # DL-centric: every distinct input row, in one large batch, then a join back.
+    dl_bytes = w.weight_bytes + w.distinct * w.activation_bytes_per_row
+    dl = Estimate(
+        "dl",
+        c["dl_fixed_seconds"] + w.distinct * per_row + (w.rows + w.distinct) * c["row_seconds"],
+        details={"working_set_bytes": dl_bytes},
+    )
+    if dl_bytes > w.memory_limit:
+        dl.feasible = False
+        dl.note = f"working set {dl_bytes / 2**20:.0f} MiB exceeds the memory limit {w.memory_limit / 2**20:.0f} MiB"
+    out.append(dl)
+
+    # UDF-centric: streams chunks; stops early under a LIMIT; deduplicates within a chunk and across (cache).
+    processed = w.rows if w.rows_needed is None else min(w.rows, w.rows_needed + CHUNK_ROWS)
+    model_rows = min(processed, w.distinct)
+    chunks = max(1.0, processed / CHUNK_ROWS)
+    udf_bytes = w.weight_bytes + min(processed, CHUNK_ROWS) * w.activation_bytes_per_row
+    udf = Estimate(
+        "udf",
+        chunks * c["udf_chunk_seconds"] + model_rows * per_row + processed * c["row_seconds"],
+        details={"working_set_bytes": udf_bytes},
+    )
+    if udf_bytes > w.memory_limit:
+        udf.feasible = False
+        udf.note = f"weights and one chunk need {udf_bytes / 2**20:.0f} MiB, over the memory limit"
+    out.append(udf)
+
+    # Relation-centric: the model as SQL joins and aggregates; spills instead of failing.
+    if w.relation_ok:
+        rel = Estimate(
+            "relation",
+            c["relation_fixed_seconds"] + w.distinct * (w.flops_per_row / 2) / c["sql_flops"],
+            note="spills to disk under memory pressure",
+        )
+        out.append(rel)
+    return out
+
+
+def choose(estimates: list[Estimate]) -> tuple[Estimate, str]:
+    """The cheapest feasible plan, and why."""
+    feasible = [e for e in estimates if e.feasible]
+    if not feasible:
+        best = min(estimates, key=lambda e: e.seconds)
+        return best, "no plan fits the memory limit; running the cheapest anyway"
+    best = min(feasible, key=lambda e: e.seconds)
+    others = [e for e in estimates if e is not best]
+    why = [f"lowest estimated cost ({best.seconds:.3g} s)"]
+    for e in others:
+        why.append(f"{e.family}: {'infeasible, ' + e.note if not e.feasible else f'{e.seconds:.3g} s'}")
+    return best, "; ".join(why)

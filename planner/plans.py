@@ -1,0 +1,216 @@
+"""Plans for statements with model calls: UDF-centric, DL-centric or relation-centric, chosen by the cost model.
+
+- UDF-centric: the statement runs as written; DuckDB streams chunks through the Arrow UDFs (stops early under LIMIT).
+- DL-centric: the distinct argument tuples of the model calls are pulled out once (Arrow), the model runs on all of
+  them in one large batch, and the statement reads the results back through a lookup on the argument tuple.
+- Relation-centric (tabular models): as DL-centric, but the model itself runs as SQL joins and aggregates over
+  weight tables, so DuckDB's buffer manager spills where PyTorch would run out of memory.
+
+Each rewrite is a small transform over the sqlglot AST. Shapes the planner does not understand run UDF-centric,
+and EXPLAIN says why.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import sqlglot
+from sqlglot import exp
+
+from reldl.planner import cost
+
+# positional signature of each function's UDF (after macro defaults), with the SQL types of its arguments
+SIGNATURES: dict[str, list[tuple[str, str, str | None]]] = {
+    # name, type, default (SQL) when the call does not give it
+    "llm_generate": [
+        ("prompt", "VARCHAR", None),
+        ("model", "VARCHAR", "NULL"),
+        ("max_tokens", "BIGINT", "64"),
+        ("temperature", "DOUBLE", "0.0"),
+        ("top_p", "DOUBLE", "1.0"),
+        ("top_k", "BIGINT", "0"),
+        ("seed", "BIGINT", "NULL"),
+        ("stop", "VARCHAR", "NULL"),  # to_json(stop), as the macro passes it
+        ("truncate", "VARCHAR", "NULL"),
+    ],
+    "llm_score": [("prompt", "VARCHAR", None), ("continuation", "VARCHAR", None), ("model", "VARCHAR", "NULL")],
+    "predict": [("model", "VARCHAR", None), ("features", "DOUBLE[]", None)],
+    "predict_proba": [("model", "VARCHAR", None), ("features", "DOUBLE[]", None)],
+}
+FAMILIES = ("udf", "dl", "relation")
+_names = itertools.count()
+
+
+@dataclass
+class CallSite:
+    node: exp.Expression
+    function: str
+    args: list[exp.Expression]  # in SIGNATURES order, defaults filled in
+    model: str | None  # the model's name when given as a literal (None: the default LLM, or not static)
+
+
+@dataclass
+class Plan:
+    family: str
+    statement: exp.Expression
+    calls: list[CallSite] = field(default_factory=list)
+    select: exp.Select | None = None  # the SELECT whose calls a DL/relation plan rewrites
+    estimates: list[cost.Estimate] = field(default_factory=list)
+    reason: str = ""
+    forced: bool = False
+
+    def explain(self) -> list[str]:
+        names = {"udf": "UDF-centric", "dl": "DL-centric", "relation": "relation-centric"}
+        lines = [f"reldl plan: {names[self.family]}" + (" (forced by SET reldl_plan)" if self.forced else "")]
+        lines.append(f"  why: {self.reason}")
+        for e in self.estimates:
+            mark = "*" if e.family == self.family else " "
+            state = f"{e.seconds:.4g} s" if e.feasible else f"infeasible ({e.note})"
+            lines.append(f"  {mark} {names[e.family]:<17} estimated {state}")
+        for c in self.calls:
+            lines.append(f"  model call: {c.node.sql(dialect='duckdb', normalize_functions=False)}")
+        return lines
+
+
+def model_calls(tree: exp.Expression) -> list[exp.Expression]:
+    return [n for n in tree.find_all(exp.Anonymous) if str(n.this).lower() in SIGNATURES]
+
+
+def canonical_args(call: exp.Expression) -> list[exp.Expression]:
+    """Positional and named arguments -> the UDF's positional list, defaults filled in."""
+    sig = SIGNATURES[str(call.this).lower()]
+    given: dict[str, exp.Expression] = {}
+    positional = [a for a in call.expressions if not isinstance(a, (exp.PropertyEQ, exp.Kwarg))]
+    for (name, _, _), arg in zip(sig, positional):
+        given[name] = arg
+    for a in call.expressions:
+        if isinstance(a, (exp.PropertyEQ, exp.Kwarg)):
+            given[a.this.name.lower()] = a.expression
+    out = []
+    for name, _, default in sig:
+        arg = given.get(name)
+        if arg is None:
+            arg = sqlglot.parse_one(default or "NULL", read="duckdb")
+        out.append(arg.copy())
+    return out
+
+
+def _literal_model(call: exp.Expression, args: list[exp.Expression]) -> str | None:
+    fn = str(call.this).lower()
+    idx = [n for n, _, _ in SIGNATURES[fn]].index("model")
+    arg = args[idx]
+    return arg.this if isinstance(arg, exp.Literal) and arg.is_string else None
+
+
+def target_select(tree: exp.Expression) -> tuple[exp.Select | None, str]:
+    """The SELECT a DL/relation plan can rewrite: every model call in its scope, arguments from its FROM only."""
+    stmt = tree
+    if isinstance(stmt, (exp.Create, exp.Insert)):
+        stmt = stmt.expression
+    if not isinstance(stmt, exp.Select):
+        return None, "not a plain SELECT (or CREATE TABLE AS / INSERT ... SELECT)"
+    calls = model_calls(tree)
+    if not stmt.args.get("from_") and not stmt.args.get("from"):
+        return None, "SELECT without FROM"
+    for c in calls:
+        if c.parent_select is not stmt:
+            return None, "a model call inside a subquery or CTE"
+        parent = c.parent
+        while parent is not None and parent is not stmt:
+            if isinstance(parent, (exp.AggFunc, exp.Window)):
+                return None, "a model call inside an aggregate or window function"
+            parent = parent.parent
+        for arg in c.expressions:
+            if arg.find(exp.Subquery, exp.Select, exp.AggFunc, exp.Window):
+                return None, "a model call whose arguments hold a subquery, aggregate or window"
+            if arg.find(exp.Anonymous) and any(str(a.this).lower() in SIGNATURES for a in arg.find_all(exp.Anonymous)):
+                return None, "nested model calls"
+    return stmt, ""
+
+
+def inputs_query(select: exp.Select, calls: list[CallSite]) -> exp.Select:
+    """SELECT DISTINCT <each call's arguments, cast to the UDF's types> FROM <the statement's sources>."""
+    cols = []
+    for i, c in enumerate(calls):
+        for j, ((_, typ, _), arg) in enumerate(zip(SIGNATURES[c.function], c.args)):
+            value = arg.copy()
+            if c.function == "llm_generate" and j == 7:  # stop
+                value = exp.func("to_json", value)
+            cols.append(exp.alias_(exp.cast(value, typ, dialect="duckdb"), f"a{i}_{j}"))
+    q = exp.select(*cols).distinct()
+    src = select.args.get("from_") or select.args.get("from")
+    q.set("from_" if "from_" in select.args else "from", src.copy())
+    if select.args.get("joins"):
+        q.set("joins", [j.copy() for j in select.args["joins"]])
+    in_where = any(c.node.find_ancestor(exp.Where) is not None for c in calls)
+    if select.args.get("where") and not in_where:
+        q.set("where", select.args["where"].copy())
+    if select.args.get("with_") or select.args.get("with"):
+        key = "with_" if "with_" in select.args else "with"
+        q.set(key, select.args[key].copy())
+    return q
+
+
+def lookup_rewrite(tree: exp.Expression, calls: list[CallSite], table: str) -> exp.Expression:
+    """Replace each call with a lookup of its result in `table` by argument tuple (NULL-safe equality)."""
+    tree = tree.copy()
+    by_sql = {c.node.sql(): i for i, c in enumerate(calls)}
+    for node in model_calls(tree):
+        i = by_sql.get(node.sql())
+        if i is None:
+            continue
+        c = calls[i]
+        conds = [
+            exp.NullSafeEQ(
+                this=exp.column(f"a{i}_{j}", table="__d"),
+                expression=exp.cast(
+                    exp.func("to_json", a.copy()) if c.function == "llm_generate" and j == 7 else a.copy(),
+                    typ,
+                    dialect="duckdb",
+                ),
+            )
+            for j, ((_, typ, _), a) in enumerate(zip(SIGNATURES[c.function], c.args))
+            if a.find(exp.Column)  # arguments without columns are the same on every row: not part of the key
+        ]
+        sub = exp.select(exp.column(f"r{i}", table="__d")).from_(exp.alias_(exp.to_table(table), "__d", table=True))
+        if conds:
+            sub = sub.where(exp.and_(*conds))
+        node.replace(exp.Subquery(this=sub))
+    return tree
+
+
+def deterministic(call: CallSite) -> bool:
+    """Whether identical arguments give identical results (else a DL plan's deduplication would change results)."""
+    if call.function != "llm_generate":
+        return True
+    temperature, seed = call.args[3], call.args[6]
+    greedy = isinstance(temperature, exp.Literal) and not temperature.is_string and float(temperature.this) == 0
+    seeded = not isinstance(seed, exp.Null)
+    return greedy or seeded
+
+
+def new_table_name() -> str:
+    return f"__reldl_results_{next(_names)}"
+
+
+def analyse(tree: exp.Expression) -> tuple[list[CallSite], exp.Select | None, str]:
+    calls = []
+    for node in model_calls(tree):
+        args = canonical_args(node)
+        calls.append(CallSite(node, str(node.this).lower(), args, _literal_model(node, args)))
+    select, why = target_select(tree)
+    return calls, select, why
+
+
+def limit_of(select: exp.Select) -> int | None:
+    """Rows a streaming plan needs when a LIMIT applies directly to the model calls' rows."""
+    limit = select.args.get("limit")
+    if limit is None or select.args.get("order") or select.args.get("group") or select.args.get("distinct"):
+        return None
+    if any(isinstance(e, exp.AggFunc) for p in select.expressions for e in p.find_all(exp.AggFunc)):
+        return None
+    value = limit.expression if isinstance(limit, exp.Limit) else None
+    if isinstance(value, exp.Literal) and not value.is_string:
+        return int(value.this)
+    return None

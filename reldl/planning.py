@@ -1,0 +1,156 @@
+"""Runs the planner's plans on a cursor: estimates inputs with DuckDB, evaluates model calls for DL-centric and
+relation-centric plans, and runs the rewritten statement. `planner/` decides and rewrites; this module executes."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import duckdb
+import pyarrow as pa
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import ParseError, TokenError
+
+from reldl import catalog
+from reldl.errors import ProgrammingError, translate
+from reldl.planner import cost, plans
+
+if TYPE_CHECKING:
+    from reldl.connection import Cursor
+
+SETTINGS = {"reldl_plan": ("auto", "udf", "dl", "relation")}
+
+
+@dataclass
+class Timings:
+    stages: list[tuple[str, float]] = field(default_factory=list)
+
+    def add(self, name: str, start: float) -> None:
+        self.stages.append((name, time.perf_counter() - start))
+
+
+def _estimated_rows(duck: duckdb.DuckDBPyConnection, query: exp.Select) -> float:
+    """DuckDB's cardinality estimate for the rows reaching the model calls."""
+    q = query.copy()
+    q.set("distinct", None)
+    try:
+        plan = json.loads(duck.execute("EXPLAIN (FORMAT JSON) " + q.sql(dialect="duckdb")).fetchall()[0][1])
+        return float(plan[0].get("extra_info", {}).get("Estimated Cardinality", 1000))
+    except (duckdb.Error, ValueError, KeyError, IndexError, TypeError):
+        return 1000.0
+
+
+def _workload(cur: Cursor, call: plans.CallSite, rows: float, rows_needed: float | None) -> cost.Workload:
+    models = catalog.list_models(cur._duck)
+    try:
+        rec = catalog.pick_model(models, call.model) if (call.model or call.function.startswith("llm")) else None
+    except ProgrammingError:
+        rec = None
+    w = cost.Workload(call.function, rows, rows, rows_needed)
+    if rec is not None:
+        opts = rec.options
+        w.device = str(opts.get("device", "cpu"))
+        if w.device == "auto":
+            w.device = "cpu"  # the cost model treats 'auto' as the CPU until calibrated on a GPU
+        w.flops_per_row = float(opts.get("flops_per_row", 0.0))
+        w.weight_bytes = float(opts.get("weight_bytes", 0.0))
+        w.activation_bytes_per_row = float(opts.get("activation_bytes_per_row", 8 * opts.get("max_width", 64)))
+        w.relation_ok = rec.model_type in ("mlp", "linear_reg", "logistic_reg")
+    if call.function == "llm_generate":
+        mt = call.args[2]
+        w.max_tokens = int(mt.this) if isinstance(mt, exp.Literal) and not mt.is_string else 64
+    limit = _memory_limit(cur._duck)
+    w.memory_limit = limit
+    return w
+
+
+def _memory_limit(duck: duckdb.DuckDBPyConnection) -> float:
+    try:
+        value = duck.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+    except duckdb.Error:
+        return float("inf")
+    units = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+    number, _, unit = str(value).partition(" ")
+    try:
+        return float(number) * units.get(unit, 1)
+    except ValueError:
+        return float("inf")
+
+
+def make_plan(cur: Cursor, sql: str, parameters) -> plans.Plan:
+    """Parse, analyse and cost a statement with model calls; honours `SET reldl_plan`."""
+    forced = cur.connection.settings.get("reldl_plan", "auto")
+    try:
+        tree = sqlglot.parse_one(sql, read="duckdb")
+    except (ParseError, TokenError):
+        return plans.Plan("udf", exp.Anonymous(this="raw"), reason="statement not parsed by sqlglot; runs as written")
+    calls, select, why = plans.analyse(tree)
+    plan = plans.Plan("udf", tree, calls, select)
+    if select is None:
+        plan.reason = f"SQL shape not understood ({why}): runs UDF-centric, as written"
+        return plan
+    if parameters is not None:
+        plan.reason = "parameterized statement: runs UDF-centric"
+        return plan
+    if not all(plans.deterministic(c) for c in calls):
+        plan.reason = "sampling without a seed: every row draws its own sample, so rows are not deduplicated"
+        return plan
+    rows = _estimated_rows(cur._duck, plans.inputs_query(select, calls))
+    limit = plans.limit_of(select)
+    work = [_workload(cur, c, rows, limit) for c in calls]
+    per_family: dict[str, cost.Estimate] = {}
+    for w in work:
+        for e in cost.estimate(w, cur.connection.cost_constants()):
+            acc = per_family.get(e.family)
+            if acc is None:
+                per_family[e.family] = e
+            else:
+                acc.seconds += e.seconds
+                acc.feasible &= e.feasible
+    if not all(w.relation_ok for w in work):
+        per_family.pop("relation", None)
+    plan.estimates = list(per_family.values())
+    best, reason = cost.choose(plan.estimates)
+    plan.family, plan.reason = best.family, reason
+    if forced != "auto":
+        if forced not in per_family:
+            raise ProgrammingError(
+                f"reldl_plan = '{forced}' is not possible for this statement ({why or 'model type'})"
+            )
+        plan.family, plan.forced = forced, True
+    return plan
+
+
+def run_plan(cur: Cursor, plan: plans.Plan, sql: str, parameters, timings: Timings | None = None) -> tuple[str, str]:
+    """Evaluate a DL-centric or relation-centric plan's model calls; returns the rewritten statement and the name
+    of the registered Arrow table of results it reads (the caller unregisters it)."""
+    start = time.perf_counter()
+    query = plans.inputs_query(plan.select, plan.calls)
+    try:
+        rel = cur._duck.sql(query.sql(dialect="duckdb"))  # a relation: Arrow without the DB-API copy
+        inputs = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
+    except duckdb.Error as e:
+        raise translate(e) from None
+    if timings:
+        timings.add(f"pull {inputs.num_rows} distinct input rows (Arrow)", start)
+    start = time.perf_counter()
+    results = inputs
+    for i, call in enumerate(plan.calls):
+        cols = [inputs.column(f"a{i}_{j}").combine_chunks() for j in range(len(call.args))]
+        if plan.family == "relation":
+            values = cur._relation_predict(call, cols)
+        else:
+            values = cur._functions_for(call.function)(*cols)
+        results = results.append_column(f"r{i}", values if isinstance(values, pa.Array) else pa.array(values))
+    if timings:
+        timings.add(f"run the model on them ({plan.family})", start)
+    table = plans.new_table_name()
+    cur._duck.register(table, results)
+    try:
+        return plans.lookup_rewrite(plan.statement, plan.calls, table).sql(dialect="duckdb"), table
+    except Exception:
+        cur._duck.unregister(table)
+        raise
