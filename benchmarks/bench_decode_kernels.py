@@ -18,10 +18,11 @@ import platform
 import sys
 from pathlib import Path
 
-import reldl.kernels as K
 import torch
 import triton
 import triton.testing
+
+import reldl.kernels as K
 
 # TinyLlama-1.1B
 CFG = dict(batch=64, heads=32, kv_heads=4, head_dim=64, hidden=2048, inter=5632, block_size=16, eps=1e-5)

@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-from reldl.udfs.llm import LLMFunctions
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -30,6 +29,7 @@ import reldl
 from reldl import registry
 from reldl.llm import SamplingParams, fused
 from reldl.llm.engine import Engine, _Seq
+from reldl.udfs.llm import LLMFunctions
 
 PRESETS = {
     # ~20M parameters: quick on 2 CPU cores

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from reldl.kernels._triton import cdiv, next_pow2, require_triton, tl, triton
 
 MAX_BLOCK = 1024

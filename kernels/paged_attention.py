@@ -19,6 +19,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
 from reldl.kernels._triton import cdiv, interpreting, next_pow2, require_triton, tl, triton
 
 LOG2E = 1.4426950408889634

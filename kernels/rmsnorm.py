@@ -7,6 +7,7 @@ Semantics are those of reldl's `RMSNorm` module: statistics in float32, the norm
 from __future__ import annotations
 
 import torch
+
 from reldl.kernels._triton import cdiv, next_pow2, require_triton, tl, triton
 
 MAX_SINGLE_BLOCK = 8192  # rows up to this many elements are held in registers; longer rows take two passes

@@ -7,6 +7,7 @@ One launch replaces the split/view, two rotations (about ten elementwise ops eac
 from __future__ import annotations
 
 import torch
+
 from reldl.kernels._triton import next_pow2, require_triton, tl, triton
 
 MAX_TILE = 4096  # heads x (head_dim / 2) elements per tile

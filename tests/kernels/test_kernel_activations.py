@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_testing import DTYPES, TOL, randn
+
 from reldl.kernels import silu_and_mul, silu_and_mul_reference
 
 

@@ -6,9 +6,10 @@ import ast
 from pathlib import Path
 
 import pytest
-import reldl.kernels as K
 import torch
 from kernel_testing import ON_GPU, randn
+
+import reldl.kernels as K
 
 
 def test_exports_and_reference_signatures():

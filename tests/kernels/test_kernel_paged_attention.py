@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_testing import DTYPES, TOL, gen, randn
+
 from reldl.kernels import choose_num_splits, paged_decode_attention, paged_decode_attention_reference
 
 

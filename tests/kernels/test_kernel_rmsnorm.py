@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_testing import DTYPES, TOL, randn
+
 from reldl.kernels import rmsnorm, rmsnorm_reference
 
 EPS = 1e-6

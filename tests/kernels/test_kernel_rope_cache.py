@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from kernel_testing import DTYPES, TOL, gen, randn
+
 from reldl.kernels import rope_and_cache, rope_and_cache_reference
 
 SHAPES = [(4, 2, 16), (8, 8, 32), (4, 1, 64)]  # (H, KVH, D)

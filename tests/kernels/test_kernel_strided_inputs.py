@@ -4,6 +4,7 @@ the launchers must not assume they are contiguous."""
 from __future__ import annotations
 
 import torch
+
 from reldl.kernels import (
     paged_decode_attention,
     paged_decode_attention_reference,
