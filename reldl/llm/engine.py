@@ -40,6 +40,7 @@ class _Seq:
     params: SamplingParams
     seed: int
     blocks: list[int] = field(default_factory=list)
+    cached: int = 0  # leading prompt tokens whose K/V blocks are shared with an earlier sequence
     out: list[int] = field(default_factory=list)
     finish: str | None = None
     text: str | None = None
@@ -161,9 +162,10 @@ class Engine:
         return tokens, positions, slots, tables
 
     def _prefill(self, seqs: list[_Seq]) -> torch.Tensor:
-        width = max(len(s.prompt) for s in seqs)
-        hidden = self._forward(*self._inputs(seqs, [0] * len(seqs), width))
-        last = torch.tensor([len(s.prompt) - 1 for s in seqs], device=self.device)
+        """Prompt tokens after each sequence's shared prefix, in one padded forward."""
+        width = max(len(s.prompt) - s.cached for s in seqs)
+        hidden = self._forward(*self._inputs(seqs, [s.cached for s in seqs], width))
+        last = torch.tensor([len(s.prompt) - 1 - s.cached for s in seqs], device=self.device)
         return self.model.logits(hidden[torch.arange(len(seqs), device=self.device), last])
 
     def _decode(self, seqs: list[_Seq]) -> torch.Tensor:
@@ -208,33 +210,50 @@ class Engine:
             self._loop([s for s in seqs if s.finish is None], on_progress)
         return [Result(s.text or "", s.out, s.finish or "length", len(s.prompt)) for s in seqs]
 
-    def _reserve(self, s: _Seq) -> bool:
-        need = self.cache.blocks_for(min(len(s.prompt) + s.params.max_tokens, self.context_length))
+    def _reserve(self, s: _Seq, donor: _Seq | None) -> bool:
+        """Reserve cache blocks for prompt + max_tokens. Whole blocks of prompt prefix that `donor` (a sequence
+        admitted before it, still holding its blocks) already has are shared, not recomputed: their K/V are the
+        same, since a token's K/V depend only on the tokens up to it."""
+        bs = self.cache.block_size
+        shared = 0
+        if donor is not None and donor.blocks:
+            common = 0
+            for a, b in zip(s.prompt, donor.prompt):
+                if a != b:
+                    break
+                common += 1
+            shared = min(common, len(s.prompt) - 1) // bs  # keep one prompt token to prefill, for its logits
+        need = self.cache.blocks_for(min(len(s.prompt) + s.params.max_tokens, self.context_length)) - shared
         if need > self.cache.allocator.num_free:
             return False
-        s.blocks = self.cache.allocator.allocate(need)
+        s.blocks = self.cache.allocator.fork(donor.blocks[:shared]) if shared else []
+        s.blocks += self.cache.allocator.allocate(need)
+        s.cached = shared * bs
         return True
 
     def _loop(self, pending: list[_Seq], on_progress: ProgressFn | None) -> None:
-        waiting = deque(pending)
+        # prompts in token order: rows sharing a prefix are admitted one after another and share its blocks
+        waiting = deque(sorted(pending, key=lambda s: s.prompt))
         running: list[_Seq] = []
+        donor: _Seq | None = None
         try:
             while waiting or running:
                 admitted: list[_Seq] = []
                 budget = self.prefill_tokens
                 while waiting and len(running) + len(admitted) < self.max_batch:
                     s = waiting[0]
-                    width = max([len(x.prompt) for x in admitted] + [len(s.prompt)])
+                    width = max([len(x.prompt) - x.cached for x in admitted] + [len(s.prompt)])
                     if admitted and width * (len(admitted) + 1) > budget:
                         break
-                    if not self._reserve(s):
+                    if not self._reserve(s, donor):
                         if not running and not admitted:
                             raise DataError(
                                 f"prompt of {len(s.prompt)} tokens plus max_tokens={s.params.max_tokens} "
                                 "does not fit the KV cache"
                             )
                         break
-                    admitted.append(waiting.popleft())
+                    donor = waiting.popleft()
+                    admitted.append(donor)
                 if admitted:
                     self._advance(admitted, self._prefill(admitted))
                     running += admitted

@@ -219,8 +219,8 @@ def _spy(engine: Engine, calls: dict[str, list]) -> None:
         calls["forward"].append(len(tokens))
         return forward(tokens, *args)
 
-    def spy_reserve(seq):
-        ok = reserve(seq)
+    def spy_reserve(seq, *args):
+        ok = reserve(seq, *args)
         if not ok:
             calls["refused"].append(seq.index)
         return ok
