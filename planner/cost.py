@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DEFAULTS: dict[str, float] = {
-    "torch_cpu_flops": 2.0e10,  # dense float64/float32 matmul FLOP/s on the CPU
+    "torch_cpu_flops": 4.0e10,  # dense float32 matmul FLOP/s on the CPU
     "torch_cuda_flops": 2.0e13,  # on a GPU
-    "sql_flops": 5.0e7,  # multiply-adds per second of the relation-centric plan (list_dot_product over tiles)
-    "udf_chunk_seconds": 2.0e-4,  # fixed cost of one UDF call (one DuckDB chunk: Arrow in, Arrow out)
-    "row_seconds": 2.0e-7,  # moving one row through DuckDB (scan, temp table, join back)
+    "sql_flops": 4.0e8,  # multiply-adds per second of list_dot_product over DOUBLE[] tiles (relation-centric)
+    "udf_chunk_seconds": 4.0e-5,  # fixed cost of one UDF call (one DuckDB chunk: Arrow in, Arrow out)
+    "row_seconds": 1.0e-7,  # moving one row through DuckDB (scan, temp table, join back)
     "dl_fixed_seconds": 2.0e-3,  # DL plan set-up: input query, temp table registration, final join
     "relation_fixed_seconds": 5.0e-3,  # relation plan set-up: weight tables, CTE chain
     "llm_step_seconds_cpu": 5.0e-3,  # one decode step of a small model at batch 64 on the CPU

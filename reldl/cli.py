@@ -25,6 +25,7 @@ examples:
   reldl sql my.db < script.sql        run a script, printing each result
   reldl sql my.db                     interactive shell (.help lists its commands)
   reldl models my.db
+  reldl calibrate my.db               measure the planner's cost constants here; EXPLAIN then uses them
 """
 
 
@@ -47,6 +48,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     read_only = args.database != ":memory:"  # never create a database file just to list its models
     with contextlib.closing(reldl.connect(args.database, read_only=read_only)) as conn:
         shell.run_query(conn.cursor(), "SHOW MODELS", sys.stdout, max_rows=0)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Measure the planner's cost constants on this machine and store them in the database."""
+    from reldl.calibrate import calibrate
+
+    with contextlib.closing(reldl.connect(args.database)) as conn:
+        calibrate(conn.duckdb_connection)
     return 0
 
 
@@ -102,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     _database(_command(sub, "models", cmd_models))
+
+    _database(_command(sub, "calibrate", cmd_calibrate))
 
     p = _command(sub, "demo", cmd_demo)
     p.add_argument("--dir", type=Path, help="folder for the demo database (default: a new temporary folder)")
