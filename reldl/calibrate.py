@@ -45,8 +45,8 @@ def sql_flops(duck: duckdb.DuckDBPyConnection) -> float:
     """Multiply-adds per second of list_dot_product over DOUBLE[] tiles, the relation-centric plan's inner loop."""
     rows, width = 20_000, 256
     duck.execute(
-        f"CREATE OR REPLACE TEMP TABLE __reldl_cal AS SELECT i, list_transform(range({width}), lambda j: random()) AS v "
-        f"FROM range({rows}) t(i)"
+        "CREATE OR REPLACE TEMP TABLE __reldl_cal AS "
+        f"SELECT i, list_transform(range({width}), lambda j: random()) AS v FROM range({rows}) t(i)"
     )
     secs = _best(lambda: duck.execute("SELECT sum(list_dot_product(v, v)) FROM __reldl_cal").fetchall())
     duck.execute("DROP TABLE __reldl_cal")
