@@ -53,11 +53,14 @@ def _listify(node: exp.Expression) -> exp.Expression:
         node = exp.Anonymous(this="predict", expressions=[a.copy() for a in args if a is not None])
     elif not (isinstance(node, exp.Anonymous) and str(node.this).lower() in PREDICT_FUNCTIONS):
         return node
-    args = list(node.expressions)
-    if any(isinstance(a, (exp.PropertyEQ, exp.Kwarg)) for a in args):
-        return node
-    if len(args) >= 3 or (len(args) == 2 and _wraps(args[1])):
-        return exp.Anonymous(this=node.this, expressions=[args[0], exp.Array(expressions=args[1:])])
+    elif isinstance(node.parent, exp.Dot) and node.arg_key == "expression":
+        return node  # qualified (`s.predict(...)`): someone else's function
+    # transform() does not descend into a replaced node: rewrite calls nested in the arguments first
+    args = [a.transform(_listify, copy=False) for a in node.expressions]
+    if not any(isinstance(a, (exp.PropertyEQ, exp.Kwarg)) for a in args):
+        if len(args) >= 3 or (len(args) == 2 and _wraps(args[1])):
+            args = [args[0], exp.Array(expressions=args[1:])]
+    node.set("expressions", args)
     return node
 
 

@@ -15,6 +15,7 @@ from sqlglot.errors import ParseError, TokenError
 from sqlglot.tokens import Token, TokenType
 
 from reldl.errors import ProgrammingError
+from reldl.planner.predict_calls import listify_predict_sql, parse_one
 
 # reldl SQL functions and their named arguments (after the positional ones)
 FUNCTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -23,6 +24,8 @@ FUNCTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "truncate"),
     ),
     "llm_score": (("prompt", "continuation"), ("model",)),
+    "predict": (("model", "features"), ()),  # predict(m, f1, f2, ...) is rewritten to predict(m, [f1, f2, ...])
+    "predict_proba": (("model", "features"), ()),
 }
 
 
@@ -114,6 +117,8 @@ def classify(text: str, tokens: list[Token]) -> Statement:
     }
     if w[:1] == ["EXPLAIN"] and len(tokens) == 2:  # sqlglot keeps what follows EXPLAIN as one string token
         return _explain(text, tokens[1].text)
+    if calls & {"predict", "predict_proba"}:
+        text = listify_predict_sql(text)
     if calls:
         check_calls(text)
     return Passthrough(text, calls, returns_rows(tokens))
@@ -152,7 +157,7 @@ def returns_rows(tokens: list[Token]) -> bool:
 def check_calls(text: str) -> None:
     """Reject unknown or repeated named arguments of reldl functions with a one-line error."""
     try:
-        tree = sqlglot.parse_one(text, read="duckdb")
+        tree = parse_one(text)
     except (ParseError, TokenError):
         return  # DuckDB reports the syntax error itself
     for call in tree.find_all(exp.Anonymous):

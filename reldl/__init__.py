@@ -27,9 +27,10 @@ paramstyle = "qmark"
 
 def unload(name: str | None = None) -> int:
     """Free the memory of model `name` (every loaded model when None); the next use loads it again."""
+    from reldl import tabular
     from reldl.registry import unload as _unload
 
-    return _unload(name)
+    return _unload(name) + tabular.unload(name)
 
 
 def connect(database: str = ":memory:", *, read_only: bool = False, config: dict | None = None) -> Connection:
@@ -38,12 +39,13 @@ def connect(database: str = ":memory:", *, read_only: bool = False, config: dict
 
 
 def install(duck: duckdb.DuckDBPyConnection) -> None:
-    """Register reldl's SQL functions (llm_generate, llm_score) on a plain DuckDB connection."""
+    """Register reldl's SQL functions (llm_generate, llm_score, predict, predict_proba) on a plain DuckDB
+    connection; named arguments work there too. Statements are not planned: every call runs UDF-centric."""
     from reldl import catalog
-    from reldl.udfs.llm import install as install_llm
+    from reldl.udfs import install as install_functions
 
     catalog.ensure_schema(duck)
-    install_llm(duck)
+    install_functions(duck)
 
 
 def register_model(

@@ -23,7 +23,7 @@ import pyarrow as pa
 from reldl import catalog
 from reldl.errors import InterfaceError, NotSupportedError, ProgrammingError, translate
 from reldl.planner.statements import CreateModel, DropModel, Explain, Passthrough, SetOption, ShowModels, parse
-from reldl.udfs.llm import LLMFunctions
+from reldl.udfs import SqlFunctions
 
 LLM_OPTIONS = {"model_type", "path", "dtype", "device"}
 
@@ -64,6 +64,14 @@ def _sql_lines(plan, sql: str) -> list[str]:
     return ["  runs:"] + ["    " + line for line in sql.splitlines()]
 
 
+def _unload(name: str) -> None:
+    """Free a model's memory in whichever process-wide cache holds it (LLM engines or tabular models)."""
+    from reldl import tabular
+
+    _registry().unload(name)
+    tabular.unload(name)
+
+
 def _registry():
     """The model registry, imported on first use so that importing reldl (and the CLI) does not load torch."""
     from reldl import registry
@@ -78,7 +86,7 @@ class Cursor:
         self,
         connection: Connection,
         duck: duckdb.DuckDBPyConnection,
-        functions: LLMFunctions | None = None,
+        functions: SqlFunctions | None = None,
         *,
         owns_duck: bool = True,
     ):
@@ -149,7 +157,7 @@ class Cursor:
         elif isinstance(stmt, DropModel):
             rec = catalog.delete_model(self._duck, stmt.name, if_exists=stmt.if_exists)
             if rec is not None:
-                _registry().unload(rec.name)
+                _unload(rec.name)
         elif isinstance(stmt, ShowModels):
             sql = f"SELECT {catalog.MODEL_COLUMNS} FROM reldl.models ORDER BY name"
             self._duckdb(sql if catalog.has_catalog(self._duck) else catalog.EMPTY_MODELS_SQL, None)
@@ -194,8 +202,7 @@ class Cursor:
 
     def _functions_for(self, function: str):
         """The Python function behind a model call, for plans that evaluate calls outside DuckDB's pipeline."""
-        fns = {"llm_generate": self._functions.generate, "llm_score": self._functions.score}
-        return fns[function]
+        return self._functions.function(function)
 
     def _show(self, lines: list[str]) -> None:
         """Make `lines` this cursor's result set (one VARCHAR column), as EXPLAIN output."""
@@ -234,25 +241,43 @@ class Cursor:
         self.rowcount = count
 
     def _create_model(self, stmt: CreateModel) -> None:
+        from reldl import tabular
+
         opts = dict(stmt.options)
         model_type = opts.get("model_type")
         if model_type is None:
             raise ProgrammingError(f"CREATE MODEL {stmt.name}: OPTIONS must set model_type (e.g. model_type = 'llm')")
-        if model_type != "llm":
-            raise NotSupportedError(f"CREATE MODEL {stmt.name}: model_type {model_type!r} is not supported (use 'llm')")
+        if model_type != "llm" and model_type not in tabular.MODEL_TYPES:
+            kinds = ", ".join(repr(t) for t in ("llm", *tabular.MODEL_TYPES))
+            raise NotSupportedError(f"CREATE MODEL {stmt.name}: model_type {model_type!r} is not supported ({kinds})")
+        if stmt.query is not None:
+            raise NotSupportedError(
+                f"CREATE MODEL {stmt.name}: training with AS SELECT is not supported yet; register a model with path"
+            )
+        if stmt.if_not_exists and catalog.get_model(self._duck, stmt.name) is not None:
+            return
+        if model_type == "llm":
+            path, options = self._llm_options(stmt.name, opts)
+        else:
+            path, options = tabular.validate_create_options(stmt.name, opts)
+            spec = tabular.inspect_tabular(path)
+            options["activation_bytes_per_row"] = 8 * (spec.n_features + sum(out for _, out, _ in spec.layers))
+        existing = catalog.get_model(self._duck, stmt.name)
+        catalog.put_model(self._duck, stmt.name, model_type, str(path), options, replace=stmt.replace)
+        if existing is not None:
+            _unload(existing.name)
+
+    @staticmethod
+    def _llm_options(name: str, opts: dict) -> tuple[str, dict]:
         unknown = set(opts) - LLM_OPTIONS
         if unknown:
             raise ProgrammingError(
-                f"CREATE MODEL {stmt.name}: unknown option(s) {', '.join(sorted(unknown))} for model_type 'llm' "
+                f"CREATE MODEL {name}: unknown option(s) {', '.join(sorted(unknown))} for model_type 'llm' "
                 f"(options: {', '.join(sorted(LLM_OPTIONS))})"
             )
-        if stmt.query is not None:
-            raise ProgrammingError(f"CREATE MODEL {stmt.name}: model_type 'llm' takes no AS query")
         path = opts.get("path")
         if not isinstance(path, str) or not path:
-            raise ProgrammingError(f"CREATE MODEL {stmt.name}: OPTIONS must set path = '/dir/of/checkpoint'")
-        if stmt.if_not_exists and catalog.get_model(self._duck, stmt.name) is not None:
-            return
+            raise ProgrammingError(f"CREATE MODEL {name}: OPTIONS must set path = '/dir/of/checkpoint'")
         from reldl.llm.loader import inspect_checkpoint
 
         registry = _registry()
@@ -261,10 +286,7 @@ class Cursor:
         ckpt = inspect_checkpoint(path)
         options = {"dtype": str(opts.get("dtype", "auto")), "device": str(opts.get("device", "auto"))}
         options["architecture"] = ckpt.config.model_type
-        existing = catalog.get_model(self._duck, stmt.name)
-        catalog.put_model(self._duck, stmt.name, "llm", str(ckpt.path.resolve()), options, replace=stmt.replace)
-        if existing is not None:
-            registry.unload(existing.name)
+        return str(ckpt.path.resolve()), options
 
     def executemany(self, operation: str, seq_of_parameters: Sequence[Sequence[Any]]) -> Cursor:
         self._check()
@@ -330,7 +352,7 @@ class Connection:
         try:
             if not read_only:
                 catalog.ensure_schema(self._duck)
-            self._functions = LLMFunctions(self._duck)
+            self._functions = SqlFunctions(self._duck)
             self._functions.register(self._duck)
         except duckdb.Error as e:
             self._duck.close()

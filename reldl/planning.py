@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING
 
 import duckdb
 import pyarrow as pa
-import sqlglot
 from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 
 from reldl import catalog
 from reldl.errors import ProgrammingError, translate
-from reldl.planner import cost, plans
+from reldl.planner import cost, plans, predict_calls
 
 if TYPE_CHECKING:
     from reldl.connection import Cursor
@@ -84,7 +83,7 @@ def make_plan(cur: Cursor, sql: str, parameters) -> plans.Plan:
     """Parse, analyse and cost a statement with model calls; honours `SET reldl_plan`."""
     forced = cur.connection.settings.get("reldl_plan", "auto")
     try:
-        tree = sqlglot.parse_one(sql, read="duckdb")
+        tree = predict_calls.parse_one(sql)
     except (ParseError, TokenError):
         return plans.Plan("udf", exp.Anonymous(this="raw"), reason="statement not parsed by sqlglot; runs as written")
     calls, select, why = plans.analyse(tree)

@@ -2,8 +2,9 @@
 
 config.json::
 
-    {"model_type": "mlp" | "linear_reg" | "logistic_reg", "n_features": F, "task": "regression" | "binary" | "multiclass",
-     "layers": [{"units": 64, "activation": "relu"}, ..., {"units": K, "activation": "identity"}]}
+    {"model_type": "mlp" | "linear_reg" | "logistic_reg", "n_features": F,
+     "layers": [{"units": 64, "activation": "relu"}, ..., {"units": K, "activation": "identity"}],
+     "task": "regression" | "binary" | "multiclass"}
 
 model.safetensors holds `layers.{i}.weight` [out, in] and `layers.{i}.bias` [out], float32. The task applies the link
 of the output layer: binary -> sigmoid of the single output (probability of class 1), multiclass -> softmax over the
@@ -220,6 +221,8 @@ class TabularModel(nn.Module):
 
     def _inputs(self, x) -> torch.Tensor:
         p = self._param()
+        if isinstance(x, np.ndarray) and not x.flags.writeable:
+            x = np.array(x)  # e.g. a zero-copy view of Arrow data: torch refuses read-only memory
         t = torch.as_tensor(x)
         if t.ndim != 2 or t.shape[1] != self.n_features:
             raise ValueError(f"expected features of shape [N, {self.n_features}], got {list(t.shape)}")
@@ -275,6 +278,24 @@ def load_tabular(
     model = TabularModel(spec)
     model.load_state_dict({k: tensors[k] for k in spec.tensor_shapes()})
     return model.to(device=dev, dtype=dtype).eval().requires_grad_(False)
+
+
+def read_layers(path: str | Path) -> tuple[TabularSpec, list[tuple[np.ndarray, np.ndarray, str]]]:
+    """The validated spec and, per layer, (weight [out, in], bias [out], activation) as float64 numpy arrays:
+    e.g. for running the model as SQL over a weight table (planner/relational.py's store_weights)."""
+    spec = inspect_tabular(path)
+    from safetensors.numpy import load_file
+
+    weights = Path(path).expanduser() / WEIGHTS_FILE
+    try:
+        t = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{weights}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    layers = [
+        (t[f"layers.{i}.weight"].astype(np.float64), t[f"layers.{i}.bias"].astype(np.float64), act)
+        for i, (_, _, act) in enumerate(spec.layers)
+    ]
+    return spec, layers
 
 
 # -------------------------------------------------------------------------------------------------- writing models
