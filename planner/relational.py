@@ -1,6 +1,6 @@
-"""Relation-centric MLP inference: the weights are a DuckDB table and a forward pass is one SQL query of joins and
-GROUP BY aggregates, so DuckDB's buffer manager spills to its temp directory when weights plus activations exceed
-``memory_limit`` (where PyTorch would run out of memory).
+"""Relation-centric MLP inference: the weights are a DuckDB table and a forward pass is one SQL query over it, so
+the work runs inside DuckDB's executor and buffer manager: streamed chunk by chunk, or joined and aggregated with
+spilling to the temp directory, where PyTorch would need weights plus activations in memory at once.
 
 Weight table layout (one table per model, e.g. ``reldl.w_<model>``), written by :func:`store_weights`::
 
@@ -8,29 +8,32 @@ Weight table layout (one table per model, e.g. ``reldl.w_<model>``), written by 
     j        INTEGER   -- 0-based output unit of the layer (row j of its weight W [out, in])
     in_block INTEGER   -- 0-based block of the input dimension: columns [in_block*tile, (in_block+1)*tile) of row j
     w        DOUBLE[]  -- W[j, in_block*tile : (in_block+1)*tile]; the last block of a row may be shorter
-    b        DOUBLE    -- bias[j] on in_block 0, 0.0 on the other blocks (so SUM over blocks adds it exactly once)
+    b        DOUBLE    -- bias[j] on in_block 0, 0.0 on the other blocks (so a SUM over blocks adds it once)
 
-One row per (layer, output unit, input block), written in (layer, in_block, j) order. ``tile`` is the knob: a tile at
-least as wide as a layer's input keeps whole rows (one block, one dot product per (input row, unit), no aggregation
-over blocks: the fast path); small tiles give many short rows (what sparse or huge layers want, and what lets a layer
-be processed a block at a time).
+One row per (layer, output unit, input block), written in (layer, in_block, j) order. ``tile`` is the knob, per layer:
 
-A layer of the query (:func:`forward_query`), for the previous layer's vectors ``(rid, x DOUBLE[])``:
+* ``tile`` >= the layer's input width (``tile=None``: every layer) keeps whole rows, and the query streams: the
+  layer's rows are gathered once into a matrix (``list(w ORDER BY j)``, a list of rows), cross-joined with the input
+  rows and applied with ``list_transform(m, lambda r, i: list_dot_product(r, x) + bb[i])``, then the activation in
+  another ``list_transform``. No join on data and no aggregate over input rows: DuckDB processes chunks of 2048 rows,
+  so memory stays about (chunk x width) whatever the number of rows, and nothing needs to spill. The fastest path,
+  but the layer's matrix is one value, so it must fit in memory.
+* a smaller ``tile`` cuts x into the same blocks (``x[blk*tile+1 : blk*tile+tile]`` against ``range(0, n_blocks)``),
+  joins them with the weight tiles on ``in_block``, sums ``list_dot_product(w, xt) + b`` in ``GROUP BY rid, j``,
+  applies the activation, and re-assembles each row's vector in ``GROUP BY rid`` as a list of ``{j, v}`` structs
+  sorted by j. Hash join and aggregates spill, so weights larger than memory (and DuckDB's own working set of
+  per-(row, unit) partial sums) go through the temp directory. Several times slower; for huge or sparse layers.
 
-* whole rows (tile >= in): ``(rid, j, v = list_dot_product(w, x) + b)`` for every input row and unit, a cross join
-  with the layer's rows of the weight table;
-* tiled: x is cut into the same blocks (``x[blk*tile+1 : blk*tile+tile]`` against ``range(0, n_blocks)``), joined
-  with the weight tiles on ``in_block``, and ``v = SUM(list_dot_product(w, xt) + b) GROUP BY rid, j``;
-* then the activation, in SQL on v, and ``list(act(v) ORDER BY j) GROUP BY rid`` re-assembles the vector for the next
-  layer. Layers are chained as CTEs.
+Layers are chained as CTEs, one select over the input relation ``(rid, x)`` (:func:`forward_query`); the SQL of a small
+model is shown by ``print(forward_query(...).sql("duckdb", pretty=True))``. Input rows whose x is NULL or holds a NULL
+element get a NULL output (NULL in, NULL out); an x of the wrong length raises an error. Everything is DOUBLE.
 
-Input rows whose x is NULL or holds a NULL element get a NULL output (NULL in, NULL out); an x of the wrong length
-raises an error. Everything is DOUBLE. Activations: identity, relu, tanh, sigmoid and gelu. DuckDB has no ``erf``, so
-gelu's exact (erf) form, torch's default, uses an erf built here from piecewise polynomials (fitted at import from
+Activations: identity, relu, tanh, sigmoid, gelu. DuckDB has no ``erf``, so gelu's exact (erf) form, torch's default
+``F.gelu``, uses an erf built here from piecewise polynomials (fitted at import by Chebyshev interpolation of
 ``math.erf``; absolute error about 3e-15), not the tanh approximation (which differs from torch by up to 5e-4).
 
-This module only builds SQL (sqlglot ASTs; table names go through ``exp.to_table``, numbers through literals) and
-writes the weight table; it does not import the rest of reldl.
+This module only builds SQL (sqlglot ASTs from fixed templates; table names go through ``exp.to_table``, numbers
+through literals) and writes the weight table; it imports nothing else of reldl.
 """
 
 from __future__ import annotations
@@ -135,6 +138,9 @@ def store_weights(duck: Any, table: str, layers: Sequence[WeightLayer], tile: in
     )
 
     target = exp.to_table(table, dialect="duckdb")
+    temporary = str(target.args.get("catalog") or "").lower() == "temp"  # temp.main.t: a TEMP table of duck
+    if temporary:
+        target = exp.to_table(target.name, dialect="duckdb")
     view = f"__reldl_weights_{uuid.uuid4().hex}"
     duck.register(view, arrow)
     try:
@@ -147,6 +153,8 @@ def store_weights(duck: Any, table: str, layers: Sequence[WeightLayer], tile: in
             __t=target,
             __v=exp.to_table(exp.to_identifier(view, quoted=True)),
         )
+        if temporary:
+            ctas.set("properties", exp.Properties(expressions=[exp.TemporaryProperty()]))
         duck.execute(ctas.sql("duckdb"))
     finally:
         duck.unregister(view)
@@ -326,7 +334,7 @@ def activation_sql(act: str, v: exp.Expression, z: exp.Expression | None = None)
     if act == "identity":
         return v.copy()
     if act == "relu":
-        return exp.Greatest(this=v.copy(), expressions=[_num(0)])
+        return _template("greatest(__v, 0)", __v=v)  # DuckDB's greatest; sqlglot's own Greatest adds a NULL CASE
     if act == "tanh":
         return exp.Anonymous(this="tanh", expressions=[v.copy()])
     if act == "sigmoid":  # torch: 1 / (1 + exp(-v))
@@ -360,64 +368,53 @@ def _layer_ctes(
     t = n_in if tile is None else min(tile, n_in)
     n_blocks = -(-n_in // t)
     pre, out = f"__p{k}", f"__l{k + 1}"
-    ctes = []
-    if n_blocks == 1:
-        ctes.append(
-            _cte(
-                pre,
-                _template(
-                    "SELECT p.rid, w.j, list_dot_product(w.w, p.x) + w.b AS v FROM __prev AS p "
-                    "CROSS JOIN (SELECT j, w, b FROM __w WHERE layer = __k) AS w",
-                    __prev=exp.to_table(prev),
-                    __w=weights,
-                    __k=_num(k),
-                ),
-            )
+    if n_blocks == 1:  # whole rows: the layer's matrix as one list of rows, applied to each x; no aggregation
+        query = _template(
+            "SELECT p.rid, list_transform(w.m, lambda r, i: list_dot_product(r, p.x) + w.bb[i]) AS x "
+            "FROM __prev AS p CROSS JOIN "
+            "(SELECT list(w ORDER BY j) AS m, list(b ORDER BY j) AS bb FROM __w WHERE layer = __k) AS w",
+            __prev=exp.to_table(prev),
+            __w=weights,
+            __k=_num(k),
         )
-    else:
-        tiles = f"__t{k}"
-        ctes.append(
-            _cte(
-                tiles,
-                _template(
-                    "SELECT p.rid, CAST(b.blk AS INTEGER) AS in_block, "
-                    "p.x[b.blk * __tile + 1 : b.blk * __tile + __tile] AS xt "
-                    "FROM __prev AS p CROSS JOIN range(0, __nb) AS b(blk)",
-                    __prev=exp.to_table(prev),
-                    __tile=_num(t),
-                    __nb=_num(n_blocks),
-                ),
+        if act != "identity":
+            dots = query.selects[1].this
+            query.selects[1].set(
+                "this",
+                _template("list_transform(__d, lambda v: __a)", __d=dots, __a=activation_sql(act, exp.column("v"))),
             )
-        )
-        ctes.append(
-            _cte(
-                pre,
-                _template(
-                    "SELECT t.rid, w.j, SUM(list_dot_product(w.w, t.xt) + w.b) AS v FROM __tiles AS t "
-                    "JOIN __w AS w ON w.layer = __k AND w.in_block = t.in_block GROUP BY t.rid, w.j",
-                    __tiles=exp.to_table(tiles),
-                    __w=weights,
-                    __k=_num(k),
-                ),
-            )
-        )
+        return [_cte(out, query)]
+    tiles = f"__t{k}"
+    ctes = [
+        _cte(
+            tiles,
+            _template(
+                "SELECT p.rid, CAST(b.blk AS INTEGER) AS in_block, "
+                "p.x[b.blk * __tile + 1 : b.blk * __tile + __tile] AS xt "
+                "FROM __prev AS p CROSS JOIN range(0, __nb) AS b(blk)",
+                __prev=exp.to_table(prev),
+                __tile=_num(t),
+                __nb=_num(n_blocks),
+            ),
+        ),
+        _cte(
+            pre,
+            _template(
+                "SELECT t.rid, w.j, SUM(list_dot_product(w.w, t.xt) + w.b) AS v FROM __tiles AS t "
+                "JOIN __w AS w ON w.layer = __k AND w.in_block = t.in_block GROUP BY t.rid, w.j",
+                __tiles=exp.to_table(tiles),
+                __w=weights,
+                __k=_num(k),
+            ),
+        ),
+    ]
     if act == "gelu":  # z = v * sqrt(0.5) once per value, not at each of erf's uses
         source = _template("(SELECT rid, j, v, v * __c AS z FROM __pre)", __c=_num(_SQRT_HALF), __pre=exp.to_table(pre))
         value = activation_sql(act, exp.column("v"), exp.column("z"))
     else:
         source, value = exp.to_table(pre), activation_sql(act, exp.column("v"))
-    ctes.append(
-        _cte(
-            out,
-            _template(
-                _ASSEMBLE_SORTED
-                if spill_safe
-                else "SELECT rid, list(__a ORDER BY j) AS x FROM __pre AS p GROUP BY rid",
-                __a=value,
-                __pre=source,
-            ),
-        )
-    )
+    assemble = _ASSEMBLE_SORTED if spill_safe else "SELECT rid, list(__a ORDER BY j) AS x FROM __pre AS p GROUP BY rid"
+    ctes.append(_cte(out, _template(assemble, __a=value, __pre=source)))
     return ctes
 
 

@@ -99,6 +99,7 @@ class Cursor:
         self._description: list[tuple] | None = None
         self._closed = False
         self._temp_views: list[str] = []  # Arrow tables a plan registered; dropped before the next statement
+        self._weight_tables: dict = {}  # relation-centric plans: checkpoint version -> this cursor's temp table
 
     # -- PEP 249 attributes
     @property

@@ -140,7 +140,7 @@ def run_plan(cur: Cursor, plan: plans.Plan, sql: str, parameters, timings: Timin
     for i, call in enumerate(plan.calls):
         cols = [inputs.column(f"a{i}_{j}").combine_chunks() for j in range(len(call.args))]
         if plan.family == "relation":
-            values = cur._relation_predict(call, cols)
+            values = relation_predict(cur, call.function, cols)
         else:
             values = cur._functions_for(call.function)(*cols)
         results = results.append_column(f"r{i}", values if isinstance(values, pa.Array) else pa.array(values))
@@ -153,3 +153,54 @@ def run_plan(cur: Cursor, plan: plans.Plan, sql: str, parameters, timings: Timin
     except Exception:
         cur._duck.unregister(table)
         raise
+
+
+RELATION_TILE = 256  # input-block width of the weight tables (planner/relational.py)
+
+
+def relation_predict(cur: Cursor, function: str, cols: list[pa.Array]) -> pa.Array:
+    """predict / predict_proba for distinct (model, features) rows, with the model run as SQL over weight tables
+    (temporary tables of this connection, written once per checkpoint version)."""
+    from reldl import tabular
+    from reldl.planner import relational
+
+    models, features = cols[0].to_pylist(), cols[1]
+    complete = [v is not None and None not in v for v in features.to_pylist()]
+    out: list = [None] * len(models)
+    snapshot = catalog.list_models(cur._duck)
+    for name in {m for m in models if m is not None}:
+        rec = catalog.pick_model(snapshot, name)
+        if rec is None or rec.model_type not in tabular.MODEL_TYPES:
+            raise ProgrammingError(f"{function}: model {name!r} is not a registered tabular model")
+        spec, layers = tabular.read_layers(rec.path)
+        weights = _weight_table(cur, rec.path, layers)
+        # NULL features (or a NULL among them) give NULL, as in the UDF: only complete vectors go to SQL
+        rows = [i for i, m in enumerate(models) if m == name and complete[i]]
+        view = plans.new_table_name()
+        cur._duck.register(view, pa.table({"rid": pa.array(rows, pa.int64()), "x": features.take(rows)}))
+        try:
+            build = relational.proba_query if function == "predict_proba" else relational.predict_query
+            query = build(weights, view, spec.layers, spec.task, RELATION_TILE)
+            for rid, value in cur._duck.execute(query.sql(dialect="duckdb")).fetchall():
+                out[rid] = value
+        except duckdb.Error as e:
+            raise translate(e) from None
+        finally:
+            cur._duck.unregister(view)
+    typ = pa.list_(pa.float64()) if function == "predict_proba" else pa.float64()
+    return pa.array(out, typ)
+
+
+def _weight_table(cur: Cursor, path: str, layers) -> str:
+    """This cursor's temporary weight table for the checkpoint's current version, written on first use (temporary
+    tables belong to one DuckDB connection, and each cursor is its own)."""
+    from reldl import tabular
+    from reldl.planner import relational
+
+    key = tabular.tabular_key(path, "cpu")
+    tables = cur._weight_tables
+    if key not in tables:
+        name = f"temp.main.__reldl_w_{len(tables)}"  # a TEMP table: never written to the database file
+        relational.store_weights(cur._duck, name, layers, RELATION_TILE)
+        tables[key] = name
+    return tables[key]
