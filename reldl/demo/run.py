@@ -21,13 +21,12 @@ MODEL_DIR = Path(__file__).resolve().parent / "model"
 
 STEPS = {
     "extract": """CREATE OR REPLACE TABLE extracted AS
-SELECT id, answer, CASE WHEN json_valid(answer) THEN answer::JSON END AS fields
-FROM (SELECT id, llm_generate('Review: ' || review || chr(10) || 'JSON:', max_tokens := 48, stop := chr(10)) AS answer
-      FROM reviews)""",
+SELECT id, llm_generate('Review: ' || review || chr(10) || 'JSON:', max_tokens := 48, stop := chr(10)) AS answer
+FROM reviews""",
     "predicted": """CREATE OR REPLACE VIEW predicted AS
 SELECT id, fields->>'product' AS product, TRY_CAST(fields->>'rating' AS INTEGER) AS rating,
        fields->>'sentiment' AS sentiment, fields->>'issue' AS issue
-FROM extracted""",
+FROM (SELECT id, CASE WHEN json_valid(answer) THEN answer::JSON END AS fields FROM extracted)""",
     "sample": """SELECT r.id, left(r.review, 60) AS review, e.answer
 FROM reviews r JOIN extracted e USING (id) ORDER BY r.id LIMIT 5""",
     "confusion": """SELECT r.sentiment AS true_sentiment, coalesce(p.sentiment, '(unparsed)') AS predicted,
@@ -45,14 +44,14 @@ FROM reviews r JOIN predicted p USING (id)""",
 }
 
 
-def _step(con, title: str, sql: str, out: TextIO) -> list[tuple]:
+def _step(con, title: str, sql: str, out: TextIO, width: int = 60) -> list[tuple]:
     """Print a query, run it, print its result (if it has rows) and return the rows."""
     out.write(f"\n-- {title}\n{sql};\n")
     cur = con.execute(sql)
     if cur.description is None:
         return []
     rows = cur.fetchall()
-    out.write(format_table(cur.description, rows) + "\n")
+    out.write(format_table(cur.description, rows, max_width=width) + "\n")
     return rows
 
 
@@ -87,6 +86,7 @@ def run(
             out,
         )
         _step(con, "the registered models", "SHOW MODELS", out)
+        _step(con, "how reldl's planner will run the extraction, and why", "EXPLAIN " + STEPS["extract"], out, 130)
         start = time.perf_counter()
         _step(con, f"extract product, rating, sentiment and issue from {rows} reviews", STEPS["extract"], out)
         secs = time.perf_counter() - start
