@@ -155,7 +155,14 @@ def run_plan(cur: Cursor, plan: plans.Plan, sql: str, parameters, timings: Timin
         raise
 
 
-RELATION_TILE = 256  # input-block width of the weight tables (planner/relational.py)
+BIG_LAYER_TILE = 512  # input-block width for layers too big to hold as one value (planner/relational.py)
+
+
+def _tile(layers, memory_limit: float) -> int | None:
+    """Whole weight rows (fastest, streams without spilling) unless a layer's matrix is a large share of memory;
+    then tiles, which DuckDB can spill."""
+    biggest = max(w.size for w, _, _ in layers) * 8
+    return None if biggest * 4 < memory_limit else BIG_LAYER_TILE
 
 
 def relation_predict(cur: Cursor, function: str, cols: list[pa.Array]) -> pa.Array:
@@ -173,14 +180,15 @@ def relation_predict(cur: Cursor, function: str, cols: list[pa.Array]) -> pa.Arr
         if rec is None or rec.model_type not in tabular.MODEL_TYPES:
             raise ProgrammingError(f"{function}: model {name!r} is not a registered tabular model")
         spec, layers = tabular.read_layers(rec.path)
-        weights = _weight_table(cur, rec.path, layers)
+        tile = _tile(layers, _memory_limit(cur._duck))
+        weights = _weight_table(cur, rec.path, layers, tile)
         # NULL features (or a NULL among them) give NULL, as in the UDF: only complete vectors go to SQL
         rows = [i for i, m in enumerate(models) if m == name and complete[i]]
         view = plans.new_table_name()
         cur._duck.register(view, pa.table({"rid": pa.array(rows, pa.int64()), "x": features.take(rows)}))
         try:
             build = relational.proba_query if function == "predict_proba" else relational.predict_query
-            query = build(weights, view, spec.layers, spec.task, RELATION_TILE)
+            query = build(weights, view, spec.layers, spec.task, tile)
             for rid, value in cur._duck.execute(query.sql(dialect="duckdb")).fetchall():
                 out[rid] = value
         except duckdb.Error as e:
@@ -191,16 +199,16 @@ def relation_predict(cur: Cursor, function: str, cols: list[pa.Array]) -> pa.Arr
     return pa.array(out, typ)
 
 
-def _weight_table(cur: Cursor, path: str, layers) -> str:
+def _weight_table(cur: Cursor, path: str, layers, tile: int | None) -> str:
     """This cursor's temporary weight table for the checkpoint's current version, written on first use (temporary
     tables belong to one DuckDB connection, and each cursor is its own)."""
     from reldl import tabular
     from reldl.planner import relational
 
-    key = tabular.tabular_key(path, "cpu")
+    key = (tabular.tabular_key(path, "cpu"), tile)
     tables = cur._weight_tables
     if key not in tables:
         name = f"temp.main.__reldl_w_{len(tables)}"  # a TEMP table: never written to the database file
-        relational.store_weights(cur._duck, name, layers, RELATION_TILE)
+        relational.store_weights(cur._duck, name, layers, tile)
         tables[key] = name
     return tables[key]
