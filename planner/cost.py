@@ -57,16 +57,26 @@ def _per_row(w: Workload, c: dict[str, float]) -> float:
     return w.flops_per_row / rate
 
 
+def _drain(w: Workload, c: dict[str, float]) -> float:
+    """LLM generation only: the end of each engine call, where the batch empties and decode steps run part-full
+    (about half the steps of one generation). A UDF plan pays it once per chunk, a DL plan once."""
+    if not w.function.startswith("llm"):
+        return 0.0
+    step = c["llm_step_seconds_cuda" if w.device.startswith("cuda") else "llm_step_seconds_cpu"]
+    return 0.5 * max(w.max_tokens, 1) * step
+
+
 def estimate(w: Workload, constants: dict[str, float] | None = None) -> list[Estimate]:
     c = {**DEFAULTS, **(constants or {})}
     per_row = _per_row(w, c)
+    drain = _drain(w, c)
     out: list[Estimate] = []
 
     # DL-centric: every distinct input row, in one large batch, then a join back.
     dl_bytes = w.weight_bytes + w.distinct * w.activation_bytes_per_row
     dl = Estimate(
         "dl",
-        c["dl_fixed_seconds"] + w.distinct * per_row + (w.rows + w.distinct) * c["row_seconds"],
+        c["dl_fixed_seconds"] + drain + w.distinct * per_row + (w.rows + w.distinct) * c["row_seconds"],
         details={"working_set_bytes": dl_bytes},
     )
     if dl_bytes > w.memory_limit:
@@ -76,12 +86,13 @@ def estimate(w: Workload, constants: dict[str, float] | None = None) -> list[Est
 
     # UDF-centric: streams chunks; stops early under a LIMIT; deduplicates within a chunk and across (cache).
     processed = w.rows if w.rows_needed is None else min(w.rows, w.rows_needed + CHUNK_ROWS)
-    model_rows = min(processed, w.distinct)
+    # the LLM functions remember results across a query's chunks; predict computes every row it is given
+    model_rows = min(processed, w.distinct) if w.function.startswith("llm") else processed
     chunks = max(1.0, processed / CHUNK_ROWS)
     udf_bytes = w.weight_bytes + min(processed, CHUNK_ROWS) * w.activation_bytes_per_row
     udf = Estimate(
         "udf",
-        chunks * c["udf_chunk_seconds"] + model_rows * per_row + processed * c["row_seconds"],
+        chunks * (c["udf_chunk_seconds"] + drain) + model_rows * per_row + processed * c["row_seconds"],
         details={"working_set_bytes": udf_bytes},
     )
     if udf_bytes > w.memory_limit:
