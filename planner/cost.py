@@ -13,7 +13,8 @@ DEFAULTS: dict[str, float] = {
     "torch_cuda_flops": 2.0e13,  # on a GPU
     "sql_flops": 4.0e8,  # multiply-adds per second of list_dot_product over DOUBLE[] tiles (relation-centric)
     "udf_chunk_seconds": 4.0e-5,  # fixed cost of one UDF call (one DuckDB chunk: Arrow in, Arrow out)
-    "row_seconds": 1.0e-7,  # moving one row through DuckDB (scan, temp table, join back)
+    "row_seconds": 2.5e-7,  # moving one row through DuckDB (scan, temp table, join back)
+    "udf_row_seconds": 1.2e-6,  # one row through a Python Arrow UDF (conversion, grouping; bench_planner)
     "dl_fixed_seconds": 2.0e-3,  # DL plan set-up: input query, temp table registration, final join
     "relation_fixed_seconds": 5.0e-3,  # relation plan set-up: weight tables, CTE chain
     "llm_step_seconds_cpu": 5.0e-3,  # one decode step of a small model at batch 64 on the CPU
@@ -92,7 +93,9 @@ def estimate(w: Workload, constants: dict[str, float] | None = None) -> list[Est
     udf_bytes = w.weight_bytes + min(processed, CHUNK_ROWS) * w.activation_bytes_per_row
     udf = Estimate(
         "udf",
-        chunks * (c["udf_chunk_seconds"] + drain) + model_rows * per_row + processed * c["row_seconds"],
+        chunks * (c["udf_chunk_seconds"] + drain)
+        + model_rows * per_row
+        + processed * (c["row_seconds"] + c["udf_row_seconds"]),
         details={"working_set_bytes": udf_bytes},
     )
     if udf_bytes > w.memory_limit:
