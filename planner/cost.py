@@ -15,8 +15,11 @@ DEFAULTS: dict[str, float] = {
     "udf_chunk_seconds": 4.0e-5,  # fixed cost of one UDF call (one DuckDB chunk: Arrow in, Arrow out)
     "row_seconds": 2.5e-7,  # moving one row through DuckDB (scan, temp table, join back)
     "udf_row_seconds": 1.2e-6,  # one row through a Python Arrow UDF (conversion, grouping; bench_planner)
+    "model_call_seconds": 2.0e-3,  # one call of a model UDF: catalog and model lookup, tensors (bench_planner)
     "dl_fixed_seconds": 2.0e-3,  # DL plan set-up: input query, temp table registration, final join
     "relation_fixed_seconds": 5.0e-3,  # relation plan set-up: weight tables, CTE chain
+    "relation_row_seconds": 2.5e-6,  # per input row of the relation plan (joins, re-assembly; bench_planner)
+    "relation_value_seconds": 3.0e-8,  # per activation value it builds as a list element
     "llm_step_seconds_cpu": 5.0e-3,  # one decode step of a small model at batch 64 on the CPU
     "llm_step_seconds_cuda": 2.0e-3,  # on a GPU
 }
@@ -38,6 +41,7 @@ class Workload:
     max_tokens: int = 0
     device: str = "cpu"
     memory_limit: float = float("inf")  # bytes available to the DL plan's working set
+    scanned: float = 0.0  # rows the statement scans before its filters (0: same as rows); sets the UDF call count
     relation_ok: bool = False  # the model can run as SQL (tabular models)
 
 
@@ -87,13 +91,15 @@ def estimate(w: Workload, constants: dict[str, float] | None = None) -> list[Est
 
     # UDF-centric: streams chunks; stops early under a LIMIT; deduplicates within a chunk and across (cache).
     processed = w.rows if w.rows_needed is None else min(w.rows, w.rows_needed + CHUNK_ROWS)
+    # DuckDB calls the UDF once per scanned chunk, however few of its rows pass the filters
+    selectivity = min(1.0, w.rows / w.scanned) if w.scanned > 0 else 1.0
     # the LLM functions remember results across a query's chunks; predict computes every row it is given
     model_rows = min(processed, w.distinct) if w.function.startswith("llm") else processed
-    chunks = max(1.0, processed / CHUNK_ROWS)
+    chunks = max(1.0, processed / max(selectivity, 1e-9) / CHUNK_ROWS)
     udf_bytes = w.weight_bytes + min(processed, CHUNK_ROWS) * w.activation_bytes_per_row
     udf = Estimate(
         "udf",
-        chunks * (c["udf_chunk_seconds"] + drain)
+        chunks * (c["udf_chunk_seconds"] + c["model_call_seconds"] + drain)
         + model_rows * per_row
         + processed * (c["row_seconds"] + c["udf_row_seconds"]),
         details={"working_set_bytes": udf_bytes},
@@ -107,7 +113,13 @@ def estimate(w: Workload, constants: dict[str, float] | None = None) -> list[Est
     if w.relation_ok:
         rel = Estimate(
             "relation",
-            c["relation_fixed_seconds"] + w.distinct * (w.flops_per_row / 2) / c["sql_flops"],
+            c["relation_fixed_seconds"]
+            + w.distinct
+            * (
+                (w.flops_per_row / 2) / c["sql_flops"]
+                + c["relation_row_seconds"]
+                + (w.activation_bytes_per_row / 8) * c["relation_value_seconds"]
+            ),
             note="spills to disk under memory pressure",
         )
         out.append(rel)

@@ -97,9 +97,17 @@ def make_plan(cur: Cursor, sql: str, parameters) -> plans.Plan:
     if not all(plans.deterministic(c) for c in calls):
         plan.reason = "sampling without a seed: every row draws its own sample, so rows are not deduplicated"
         return plan
-    rows = _estimated_rows(cur._duck, plans.inputs_query(select, calls))
+    inputs = plans.inputs_query(select, calls)
+    rows = _estimated_rows(cur._duck, inputs)
+    scanned = rows
+    if inputs.args.get("where") is not None:
+        unfiltered = inputs.copy()
+        unfiltered.set("where", None)
+        scanned = max(rows, _estimated_rows(cur._duck, unfiltered))
     limit = plans.limit_of(select)
     work = [_workload(cur, c, rows, limit) for c in calls]
+    for w in work:
+        w.scanned = scanned
     per_family: dict[str, cost.Estimate] = {}
     for w in work:
         for e in cost.estimate(w, cur.connection.cost_constants()):
