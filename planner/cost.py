@@ -16,7 +16,7 @@ DEFAULTS: dict[str, float] = {
     "row_seconds": 2.5e-7,  # moving one row through DuckDB (scan, temp table, join back)
     "udf_row_seconds": 1.2e-6,  # one row through a Python Arrow UDF (conversion, grouping; bench_planner)
     "model_call_seconds": 2.0e-3,  # one call of a model UDF: catalog and model lookup, tensors (bench_planner)
-    "dl_fixed_seconds": 2.0e-3,  # DL plan set-up: input query, temp table registration, final join
+    "dl_fixed_seconds": 2.0e-2,  # DL plan set-up: estimate, input query, Arrow registration, rewritten statement
     "relation_fixed_seconds": 5.0e-3,  # relation plan set-up: weight tables, CTE chain
     "relation_row_seconds": 2.5e-6,  # per input row of the relation plan (joins, re-assembly; bench_planner)
     "relation_value_seconds": 3.0e-8,  # per activation value it builds as a list element
@@ -132,7 +132,8 @@ def choose(estimates: list[Estimate]) -> tuple[Estimate, str]:
     if not feasible:
         best = min(estimates, key=lambda e: e.seconds)
         return best, "no plan fits the memory limit; running the cheapest anyway"
-    best = min(feasible, key=lambda e: e.seconds)
+    order = {"udf": 0, "dl": 1, "relation": 2}  # on a tie, the plan that streams and rewrites nothing
+    best = min(feasible, key=lambda e: (e.seconds, order.get(e.family, 3)))
     others = [e for e in estimates if e is not best]
     why = [f"lowest estimated cost ({best.seconds:.3g} s)"]
     for e in others:
