@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
+import importlib
 import json
 import math
 import multiprocessing as mp
@@ -81,7 +83,29 @@ OOM = re.compile(
     r"failed to allocate|could not allocate|not enough memory|error code 12",
     re.IGNORECASE,
 )
-PRELOAD = ["__main__", "torch", "duckdb", "pyarrow", "sqlglot", "reldl", "reldl.connection", "reldl.planning"]
+# every reldl module a run uses, imported up front (here and, through __main__, in the fork server started at the
+# beginning of a run), so that the whole run measures the code as it was when it started
+SOURCE_MODULES = [
+    "reldl.connection",
+    "reldl.planning",
+    "reldl.tabular",
+    "reldl.catalog",
+    "reldl.registry",
+    "reldl.udfs.predict",
+    "reldl.udfs.llm",
+    "reldl.planner.cost",
+    "reldl.planner.plans",
+    "reldl.planner.relational",
+    "reldl.planner.predict_calls",
+    "reldl.planner.statements",
+    "reldl.llm.engine",
+    "reldl.llm.models",
+    "safetensors.torch",
+    "safetensors.numpy",
+]
+for _m in SOURCE_MODULES:
+    importlib.import_module(_m)
+SOURCE_DIRS = ("reldl", "planner", "udfs", "sql")
 
 warnings.filterwarnings("ignore", message="Arrow output on a DB-API result")
 
@@ -500,6 +524,22 @@ def score(rec: dict) -> None:
         rec["ratio"] = math.inf
 
 
+def source_fingerprint() -> str:
+    """A hash of reldl's source files: the run warns when they change while it runs (other work in the checkout)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha1()
+    for d in SOURCE_DIRS:
+        for f in sorted((root / d).rglob("*")):
+            if f.suffix in (".py", ".sql") and f.is_file():
+                h.update(str(f.relative_to(root)).encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _noop() -> None:
+    pass
+
+
 def machine_info() -> dict:
     mem = None
     try:
@@ -544,14 +584,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/planner.json"), help="JSON results")
     ap.add_argument("--quick", action="store_true", help="a smaller grid (about a minute)")
-    ap.add_argument("--timeout", type=float, default=20.0, help="seconds before a run is interrupted")
+    ap.add_argument("--timeout", type=float, default=15.0, help="seconds before a run is interrupted")
     ap.add_argument("--repeat-budget", type=float, default=1.5, help="timed runs per plan stop after this many s")
     ap.add_argument("--slack-mib", type=float, default=32.0, help="RLIMIT_DATA headroom over the memory limit")
     ap.add_argument("--llm-rows", type=int, default=None, help="distinct prompts (default 300, --quick 60)")
     args = ap.parse_args(argv)
     llm_rows = args.llm_rows or (60 if args.quick else 300)
     start = time.perf_counter()
+    fingerprint = source_fingerprint()
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__"])
+    warm_server = ctx.Process(target=_noop)  # starts the fork server now, with the code as it is now
+    warm_server.start()
+    warm_server.join()
     info = machine_info()
+    info["source_sha1"] = fingerprint
     print(
         f"{info['platform']}, {info['cores']} cores, {info['memory_gib']} GiB; torch {info['torch']} "
         f"({info['torch_threads']} threads), duckdb {info['duckdb']}; {info['date']}; reldl "
@@ -590,8 +637,6 @@ def main(argv=None) -> int:
         )
         con.duckdb_connection.unregister("__prompts")
 
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
     runner = Runner(con, args.timeout, args.repeat_budget)
     refs: dict = {}
     by_name: dict[str, dict] = {}
@@ -731,6 +776,13 @@ def main(argv=None) -> int:
     for d in disagreements:
         print(f"  {d['case']}: {d['plan']} differs in {d['rows']} row(s)")
     print(f"total time {elapsed:.0f} s")
+    changed = source_fingerprint() != fingerprint
+    summary["source_changed_during_run"] = changed
+    if changed:
+        print("WARNING: reldl's source files changed while this ran; the fork server and this process kept the code")
+        print(
+            "         they imported at the start, but lazily imported modules may not have: rerun on a quiet checkout"
+        )
 
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
