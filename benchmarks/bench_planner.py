@@ -14,11 +14,13 @@ Cases:
 
 For each case every plan ('udf', 'dl', 'relation') is forced with `SET reldl_plan` and run once as a warm-up. A
 failure is recorded instead of a time: `oom` (torch or DuckDB could not allocate), `timeout` (interrupted after
---timeout seconds), `refused` (the planner rejects the forced plan), `error`. Then `RESET reldl_plan`: EXPLAIN's first
-line says which plan `auto` chose. Then timed runs of every plan that worked and of `auto` (whose plan is warm from
-the forced runs), interleaved round by round so that drift in the machine's speed hits all alike: best of up to 9 runs
-each, fewer once a plan's runs add up to --repeat-budget seconds (one run when a run takes longer). The chosen plan is
-scored by its forced time against the fastest forced plan (both measured the same way): within 10% is a hit.
+--timeout seconds, or once it runs 5x as long as the fastest warm-up of the case so far, but never before 10 s: such a
+plan cannot be within 10% of the fastest), `refused` (the planner rejects the forced plan), `error`. Then
+`RESET reldl_plan`: EXPLAIN's first line says which plan `auto` chose. Then timed runs of every plan that worked and
+of `auto` (whose plan is warm from the forced runs), interleaved round by round so that drift in the machine's speed
+hits all alike: best of up to 9 runs each, fewer once a plan's runs add up to --repeat-budget seconds (one run when a
+run takes longer). The chosen plan is scored by its forced time against the fastest forced plan (both measured the
+same way): within 10% is a hit.
 
 Memory limits: each limited case runs in a fresh process (forked from a preloaded fork server) that warms torch and
 DuckDB on a tiny model, then sets DuckDB's `memory_limit` (with `temp_directory` under a temp folder, so DuckDB can
@@ -77,6 +79,7 @@ FAMILY_OF = {"UDF-centric": "udf", "DL-centric": "dl", "relation-centric": "rela
 WIDTHS = {"w16": [16], "w256": [256], "w1024x2": [1024, 1024]}
 N_FEATURES = 4
 MIB = 2**20
+MIN_TIMEOUT = 10.0  # seconds: the shortest a warm-up run is given (see Runner.run_case)
 LLM_CALL = "llm_generate(prompt, model := 'demo', max_tokens := 24, stop := chr(10))"
 OOM = re.compile(
     r"can't allocate memory|cannot allocate memory|out of memory|outofmemory|memoryerror|bad_alloc|"
@@ -225,14 +228,14 @@ class Runner:
     def capped(self, fam: str) -> bool:
         return self.limit_bytes is not None and fam in TORCH_FAMILIES
 
-    def once(self, sql: str, fam: str) -> dict:
+    def once(self, sql: str, fam: str, timeout: float | None = None) -> dict:
         fired = threading.Event()
 
         def interrupt():
             fired.set()
             self.con.duckdb_connection.interrupt()
 
-        timer = threading.Timer(self.timeout, interrupt)
+        timer = threading.Timer(timeout or self.timeout, interrupt)
         timer.start()  # before the cap: the thread's stack is data too
         _, hard = resource.getrlimit(resource.RLIMIT_DATA)
         if self.capped(fam):
@@ -260,10 +263,10 @@ class Runner:
             timer.cancel()
             timer.join()
 
-    def timed(self, sql: str, fam: str, rec: dict, peak: bool) -> dict:
+    def timed(self, sql: str, fam: str, rec: dict, peak: bool, timeout: float | None = None) -> dict:
         """One run; with peak=True also the RSS high-water mark above the RSS at its start (into rec)."""
         rss0 = _status_field("VmRSS") if peak and _reset_peak() else None
-        r = self.once(sql, fam)
+        r = self.once(sql, fam, timeout)
         hwm = _status_field("VmHWM") if rss0 is not None else None
         if rss0 is not None and hwm is not None:
             rec["peak_rss_growth_mib"] = round(max(rec.get("peak_rss_growth_mib", 0.0), (hwm - rss0) / MIB), 1)
@@ -309,10 +312,15 @@ class Runner:
             if self.capped(fam):
                 reldl.unload()  # the model loads in the warm-up, under the cap: its weights count
             rec = plans_rec[fam] = {}
-            w = self.timed(sql, fam, rec, peak=True)
+            # a plan 5x slower than one that finished cannot be within 10% of the fastest: stop it there
+            best = min((plans_rec[f]["warmup_s"] for f in live), default=None)
+            timeout = self.timeout if best is None else min(self.timeout, max(MIN_TIMEOUT, 5 * best))
+            w = self.timed(sql, fam, rec, peak=True, timeout=timeout)
             rec["warmup_s"] = round(w["seconds"], 6)
             if w["status"] != "ok":
                 rec.update(status=w["status"], error=w.get("error"), failed_in="warm-up")
+                if w["status"] == "timeout":
+                    rec["timeout_s"] = timeout
                 continue
             live.append(fam)
         out: dict = {"plans": plans_rec}
@@ -573,6 +581,9 @@ def machine_info() -> dict:
         sqlglot=sqlglot.__version__,
         reldl_commit=git("rev-parse", "HEAD"),
         reldl_modified_files=dirty.splitlines() if dirty else [],
+        reldl_source_modified=any(
+            line[3:].split("/")[0] in SOURCE_DIRS for line in (dirty.splitlines() if dirty else [])
+        ),
         loadavg_at_start=list(os.getloadavg()),
     )
 
@@ -584,7 +595,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/planner.json"), help="JSON results")
     ap.add_argument("--quick", action="store_true", help="a smaller grid (about a minute)")
-    ap.add_argument("--timeout", type=float, default=15.0, help="seconds before a run is interrupted")
+    ap.add_argument("--timeout", type=float, default=30.0, help="seconds before a run is interrupted")
     ap.add_argument("--repeat-budget", type=float, default=1.5, help="timed runs per plan stop after this many s")
     ap.add_argument("--slack-mib", type=float, default=32.0, help="RLIMIT_DATA headroom over the memory limit")
     ap.add_argument("--llm-rows", type=int, default=None, help="distinct prompts (default 300, --quick 60)")
@@ -602,7 +613,7 @@ def main(argv=None) -> int:
     print(
         f"{info['platform']}, {info['cores']} cores, {info['memory_gib']} GiB; torch {info['torch']} "
         f"({info['torch_threads']} threads), duckdb {info['duckdb']}; {info['date']}; reldl "
-        f"{(info['reldl_commit'] or '?')[:10]}{' (modified)' if info['reldl_modified_files'] else ''}; "
+        f"{(info['reldl_commit'] or '?')[:10]}{' (modified)' if info['reldl_source_modified'] else ''}; "
         f"load average {info['loadavg_at_start'][0]:.2f}"
     )
 

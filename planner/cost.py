@@ -17,10 +17,10 @@ DEFAULTS: dict[str, float] = {
     "udf_row_seconds": 1.2e-6,  # one row through a Python Arrow UDF (conversion, grouping; bench_planner)
     "model_call_seconds": 2.0e-3,  # one call of a model UDF: catalog and model lookup, tensors (bench_planner)
     "dl_fixed_seconds": 2.0e-2,  # DL plan set-up: estimate, input query, Arrow registration, rewritten statement
-    "relation_fixed_seconds": 5.0e-3,  # relation plan set-up: weight tables, CTE chain
+    "relation_fixed_seconds": 2.5e-2,  # relation plan set-up: weight tables, CTE chain
     "relation_row_seconds": 2.5e-6,  # per input row of the relation plan (joins, re-assembly; bench_planner)
     "relation_value_seconds": 3.0e-8,  # per activation value it builds as a list element
-    "llm_step_seconds_cpu": 5.0e-3,  # one decode step of a small model at batch 64 on the CPU
+    "llm_step_seconds_cpu": 1.0e-2,  # one decode step of a small model at batch 64 on the CPU
     "llm_step_seconds_cuda": 2.0e-3,  # on a GPU
 }
 
@@ -78,7 +78,7 @@ def estimate(w: Workload, constants: dict[str, float] | None = None) -> list[Est
     out: list[Estimate] = []
 
     # DL-centric: every distinct input row, in one large batch, then a join back.
-    dl_bytes = w.weight_bytes + w.distinct * w.activation_bytes_per_row
+    dl_bytes = 2 * w.weight_bytes + w.distinct * w.activation_bytes_per_row  # float32 file, float64 in memory
     dl = Estimate(
         "dl",
         c["dl_fixed_seconds"] + drain + w.distinct * per_row + (w.rows + w.distinct) * c["row_seconds"],
@@ -90,13 +90,13 @@ def estimate(w: Workload, constants: dict[str, float] | None = None) -> list[Est
     out.append(dl)
 
     # UDF-centric: streams chunks; stops early under a LIMIT; deduplicates within a chunk and across (cache).
-    processed = w.rows if w.rows_needed is None else min(w.rows, w.rows_needed + CHUNK_ROWS)
+    processed = w.rows if w.rows_needed is None else min(w.rows, w.rows_needed)  # DuckDB pushes LIMIT down
     # DuckDB calls the UDF once per scanned chunk, however few of its rows pass the filters
     selectivity = min(1.0, w.rows / w.scanned) if w.scanned > 0 else 1.0
     # the LLM functions remember results across a query's chunks; predict computes every row it is given
     model_rows = min(processed, w.distinct) if w.function.startswith("llm") else processed
     chunks = max(1.0, processed / max(selectivity, 1e-9) / CHUNK_ROWS)
-    udf_bytes = w.weight_bytes + min(processed, CHUNK_ROWS) * w.activation_bytes_per_row
+    udf_bytes = 2 * w.weight_bytes + min(processed, CHUNK_ROWS) * w.activation_bytes_per_row
     udf = Estimate(
         "udf",
         chunks * (c["udf_chunk_seconds"] + c["model_call_seconds"] + drain)
