@@ -152,27 +152,64 @@ def inputs_query(select: exp.Select, calls: list[CallSite]) -> exp.Select:
     return q
 
 
+def _key_conditions(calls: list[CallSite], ref) -> list[exp.Expression]:
+    """NULL-safe equality of each call argument that references columns with its column of the results table
+    (``ref(i, j)``); arguments without columns are the same on every row, so they are not part of the key."""
+    conds = []
+    for i, c in enumerate(calls):
+        for j, ((_, typ, _), a) in enumerate(zip(SIGNATURES[c.function], c.args)):
+            if not a.find(exp.Column):
+                continue
+            value = exp.func("to_json", a.copy()) if c.function == "llm_generate" and j == 7 else a.copy()
+            conds.append(exp.NullSafeEQ(this=ref(i, j), expression=exp.cast(value, typ, dialect="duckdb")))
+    return conds
+
+
 def lookup_rewrite(tree: exp.Expression, calls: list[CallSite], table: str) -> exp.Expression:
-    """Replace each call with a lookup of its result in `table` by argument tuple (NULL-safe equality)."""
+    """Replace each call with its result from `table` (one row per distinct argument tuple of all the calls).
+
+    The results are attached with one ``LEFT JOIN`` on the argument tuple (NULL-safe equality), appended to the
+    SELECT's joins: a plain hash join, which DuckDB can run out of core (a correlated lookup per call becomes a
+    delim join that materializes the whole input and runs out of memory under a small ``memory_limit``). The join's
+    columns are prefixed ``__reldl_`` and excluded from ``*``. A call inside an existing join's ON clause cannot see
+    a join appended after it: then each call becomes a correlated scalar subquery on the table instead.
+    """
     tree = tree.copy()
     by_sql = {c.node.sql(): i for i, c in enumerate(calls)}
-    for node in model_calls(tree):
-        i = by_sql.get(node.sql())
-        if i is None:
-            continue
-        c = calls[i]
-        conds = [
-            exp.NullSafeEQ(
-                this=exp.column(f"a{i}_{j}", table="__d"),
-                expression=exp.cast(
-                    exp.func("to_json", a.copy()) if c.function == "llm_generate" and j == 7 else a.copy(),
-                    typ,
-                    dialect="duckdb",
-                ),
-            )
-            for j, ((_, typ, _), a) in enumerate(zip(SIGNATURES[c.function], c.args))
-            if a.find(exp.Column)  # arguments without columns are the same on every row: not part of the key
-        ]
+    nodes = [(n, by_sql.get(n.sql())) for n in model_calls(tree)]
+    nodes = [(n, i) for n, i in nodes if i is not None]
+    if not nodes:
+        return tree
+    if any(n.find_ancestor(exp.Join) is not None for n, _ in nodes):
+        return _subquery_rewrite(tree, calls, nodes, table)
+    select = nodes[0][0].parent_select
+    alias = "__reldl_d"
+    keys = _key_conditions(calls, lambda i, j: exp.column(f"__reldl_a{i}_{j}", table=alias))
+    cols = [
+        exp.alias_(exp.column(f"a{i}_{j}"), f"__reldl_a{i}_{j}")
+        for i, c in enumerate(calls)
+        for j, a in enumerate(c.args)
+        if a.find(exp.Column)
+    ] + [exp.alias_(exp.column(f"r{i}"), f"__reldl_r{i}") for i in range(len(calls))]
+    source = exp.Subquery(this=exp.select(*cols).from_(exp.to_table(table)), alias=exp.TableAlias(this=alias))
+    joins = [j.copy() for j in select.args.get("joins") or []]
+    for j in joins:  # FROM a, b: a comma binds looser than JOIN, so make it a CROSS JOIN before appending ours
+        if not j.args.get("kind") and not j.args.get("side") and not j.args.get("on") and not j.args.get("using"):
+            j.set("kind", "CROSS")
+    joins.append(exp.Join(this=source, side="LEFT", on=exp.and_(*keys) if keys else exp.true()))
+    select.set("joins", joins)
+    hidden = [exp.column(e.alias) for e in cols]
+    for star in [p for p in select.expressions if isinstance(p, exp.Star)]:
+        star.set("except_", [*(star.args.get("except_") or []), *[h.copy() for h in hidden]])
+    for node, i in nodes:
+        node.replace(exp.column(f"__reldl_r{i}", table=alias))
+    return tree
+
+
+def _subquery_rewrite(tree: exp.Expression, calls: list[CallSite], nodes, table: str) -> exp.Expression:
+    """Each call replaced by a correlated scalar subquery on `table` (keys of that call only)."""
+    for node, i in nodes:
+        conds = _key_conditions([calls[i]], lambda _, j, i=i: exp.column(f"a{i}_{j}", table="__d"))
         sub = exp.select(exp.column(f"r{i}", table="__d")).from_(exp.alias_(exp.to_table(table), "__d", table=True))
         if conds:
             sub = sub.where(exp.and_(*conds))

@@ -54,6 +54,8 @@ TASKS = ("regression", "binary", "multiclass")
 
 # (weight [out, in], bias [out], activation) as torch tensors, numpy arrays or nested lists
 WeightLayer = tuple[Any, Any, str]
+# input-block width: one for every layer, or one per layer (None: whole rows)
+Tiles = int | None | Sequence[int | None]
 # (in, out, activation): the shape of a layer, as TabularSpec.layers holds it
 LayerShape = tuple[int, int, str]
 
@@ -87,15 +89,28 @@ def _check_tile(tile: int | None) -> int | None:
     return int(tile)
 
 
-def store_weights(duck: Any, table: str, layers: Sequence[WeightLayer], tile: int | None = 64) -> None:
+def _layer_tiles(tile: Tiles, n_layers: int) -> list[int | None]:
+    """``tile`` for every layer: one width (or None) for all, or a sequence with one per layer."""
+    if isinstance(tile, (list, tuple)):
+        if len(tile) != n_layers:
+            raise ValueError(f"tile: {len(tile)} widths given for {n_layers} layers")
+        return [_check_tile(t) for t in tile]
+    return [_check_tile(tile)] * n_layers
+
+
+def store_weights(
+    duck: Any, table: str, layers: Sequence[WeightLayer], tile: Tiles = 64, only: Sequence[int] | None = None
+) -> None:
     """Write an MLP's weights into ``table`` (``CREATE OR REPLACE``; its schema is created if missing).
 
     ``layers``: ``(weight [out, in], bias [out], activation)`` per dense layer, in order; ``tile``: input-block width,
-    None for whole rows. The layout is in the module docstring. Inserted in one statement from an Arrow table.
+    None for whole rows, for every layer or one per layer; ``only``: the layers to write (default all; the others
+    may come from :func:`store_matrices`). The layout is in the module docstring. Inserted in one statement from an
+    Arrow table.
     """
-    tile = _check_tile(tile)
     if not layers:
         raise ValueError("a model needs at least one layer")
+    tiles = _layer_tiles(tile, len(layers))
     cols: dict[str, list[np.ndarray]] = {"layer": [], "j": [], "in_block": [], "b": []}
     values: list[np.ndarray] = []
     lengths: list[np.ndarray] = []
@@ -112,7 +127,9 @@ def store_weights(duck: Any, table: str, layers: Sequence[WeightLayer], tile: in
         if in_dim < 1 or out_dim < 1:
             raise ValueError(f"layer {i}: empty weight {w.shape}")
         prev_out = out_dim
-        t = in_dim if tile is None else min(tile, in_dim)
+        if only is not None and i not in only:
+            continue
+        t = in_dim if tiles[i] is None else min(tiles[i], in_dim)
         for blk in range(-(-in_dim // t)):
             part = w[:, blk * t : (blk + 1) * t]
             values.append(part.ravel())
@@ -121,22 +138,80 @@ def store_weights(duck: Any, table: str, layers: Sequence[WeightLayer], tile: in
             cols["j"].append(np.arange(out_dim, dtype=np.int32))
             cols["in_block"].append(np.full(out_dim, blk, dtype=np.int32))
             cols["b"].append(b if blk == 0 else np.zeros(out_dim))
-    flat = np.concatenate(values)
-    offsets = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
-    if offsets[-1] < 2**31 - 1:
-        w_arr: pa.Array = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat))
-    else:
-        w_arr = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))
+    if not values:
+        values, lengths = [np.zeros(0)], [np.zeros(0, dtype=np.int64)]
+        for k in cols:
+            cols[k].append(np.zeros(0, dtype=np.int32 if k != "b" else np.float64))
     arrow = pa.table(
         {
             "layer": pa.array(np.concatenate(cols["layer"])),
             "j": pa.array(np.concatenate(cols["j"])),
             "in_block": pa.array(np.concatenate(cols["in_block"])),
-            "w": w_arr,
+            "w": _lists(np.concatenate(values), np.concatenate(lengths)),
             "b": pa.array(np.concatenate(cols["b"])),
         }
     )
+    _write(
+        duck,
+        table,
+        arrow,
+        "CREATE OR REPLACE TABLE __t AS SELECT CAST(layer AS INTEGER) AS layer, CAST(j AS INTEGER) AS j, "
+        "CAST(in_block AS INTEGER) AS in_block, CAST(w AS DOUBLE[]) AS w, CAST(b AS DOUBLE) AS b FROM __v",
+    )
 
+
+def store_matrices(duck: Any, table: str, layers: Sequence[WeightLayer], only: Sequence[int] | None = None) -> None:
+    """Write whole-row layers as one value each into ``table`` (``CREATE OR REPLACE``): ``(layer INTEGER,
+    m DOUBLE[][], bb DOUBLE[])``, ``m`` the weight's rows in order and ``bb`` the bias. :func:`forward_query` with
+    ``matrices=table`` applies them without assembling the matrix at query time (an ordered aggregate, which holds
+    the matrix twice and cannot spill). ``only``: the layers to write (default all)."""
+    if not layers:
+        raise ValueError("a model needs at least one layer")
+    ids, rows, biases = [], [], []
+    for i, (weight, bias, act) in enumerate(layers):
+        _check_activation(act, i)
+        w = _as_f64(weight, f"layers.{i}.weight")
+        b = _as_f64(bias, f"layers.{i}.bias")
+        if w.ndim != 2 or b.shape != (w.shape[0],):
+            raise ValueError(f"layer {i}: weight must be [out, in] and bias [out], got {w.shape} and {b.shape}")
+        if only is None or i in only:
+            ids.append(i)
+            rows.append(w)
+            biases.append(b)
+    outer = np.concatenate([[0], np.cumsum([w.shape[0] for w in rows])]) if rows else np.zeros(1, np.int64)
+    inner = _lists(
+        np.concatenate([w.ravel() for w in rows]) if rows else np.zeros(0),
+        np.concatenate([np.full(w.shape[0], w.shape[1], np.int64) for w in rows]) if rows else np.zeros(0, np.int64),
+    )
+    arrow = pa.table(
+        {
+            "layer": pa.array(np.asarray(ids, dtype=np.int32)),
+            "m": pa.ListArray.from_arrays(pa.array(outer.astype(np.int32)), inner),
+            "bb": _lists(
+                np.concatenate(biases) if biases else np.zeros(0),
+                np.asarray([len(b) for b in biases], dtype=np.int64),
+            ),
+        }
+    )
+    _write(
+        duck,
+        table,
+        arrow,
+        "CREATE OR REPLACE TABLE __t AS SELECT CAST(layer AS INTEGER) AS layer, CAST(m AS DOUBLE[][]) AS m, "
+        "CAST(bb AS DOUBLE[]) AS bb FROM __v",
+    )
+
+
+def _lists(flat: np.ndarray, lengths: np.ndarray) -> pa.Array:
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    if offsets[-1] < 2**31 - 1:
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat, pa.float64()))
+    return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float64()))
+
+
+def _write(duck: Any, table: str, arrow: pa.Table, ctas_sql: str) -> None:
+    """``ctas_sql`` (``CREATE OR REPLACE TABLE __t AS ... FROM __v``) with ``__t`` the target, ``__v`` the Arrow
+    table; ``temp.main.x`` makes a TEMP table; a missing schema is created."""
     target = exp.to_table(table, dialect="duckdb")
     temporary = str(target.args.get("catalog") or "").lower() == "temp"  # temp.main.t: a TEMP table of duck
     if temporary:
@@ -148,8 +223,7 @@ def store_weights(duck: Any, table: str, layers: Sequence[WeightLayer], tile: in
             schema = exp.Table(this=target.args["db"].copy(), db=_copy(target.args.get("catalog")))
             duck.execute(exp.Create(this=schema, kind="SCHEMA", exists=True).sql("duckdb"))
         ctas = _template(
-            "CREATE OR REPLACE TABLE __t AS SELECT CAST(layer AS INTEGER) AS layer, CAST(j AS INTEGER) AS j, "
-            "CAST(in_block AS INTEGER) AS in_block, CAST(w AS DOUBLE[]) AS w, CAST(b AS DOUBLE) AS b FROM __v",
+            ctas_sql,
             __t=target,
             __v=exp.to_table(exp.to_identifier(view, quoted=True)),
         )
@@ -362,20 +436,33 @@ _ASSEMBLE_SORTED = (
 
 
 def _layer_ctes(
-    k: int, prev: str, weights: exp.Table, n_in: int, act: str, tile: int | None, spill_safe: bool
+    k: int,
+    prev: str,
+    weights: exp.Table,
+    n_in: int,
+    act: str,
+    tile: int | None,
+    spill_safe: bool,
+    matrices: exp.Table | None = None,
 ) -> list[exp.CTE]:
     """CTEs computing layer k from ``prev(rid, x)``; the last is named ``__l{k+1}`` with columns (rid, x)."""
     t = n_in if tile is None else min(tile, n_in)
     n_blocks = -(-n_in // t)
     pre, out = f"__p{k}", f"__l{k + 1}"
     if n_blocks == 1:  # whole rows: the layer's matrix as one list of rows, applied to each x; no aggregation
+        if matrices is not None:
+            matrix = _template("(SELECT m, bb FROM __m WHERE layer = __k)", __m=matrices, __k=_num(k))
+        else:
+            matrix = _template(
+                "(SELECT list(w ORDER BY j) AS m, list(b ORDER BY j) AS bb FROM __w WHERE layer = __k)",
+                __w=weights,
+                __k=_num(k),
+            )
         query = _template(
             "SELECT p.rid, list_transform(w.m, lambda r, i: list_dot_product(r, p.x) + w.bb[i]) AS x "
-            "FROM __prev AS p CROSS JOIN "
-            "(SELECT list(w ORDER BY j) AS m, list(b ORDER BY j) AS bb FROM __w WHERE layer = __k) AS w",
+            "FROM __prev AS p CROSS JOIN __mat AS w",
             __prev=exp.to_table(prev),
-            __w=weights,
-            __k=_num(k),
+            __mat=matrix,
         )
         if act != "identity":
             dots = query.selects[1].this
@@ -422,25 +509,28 @@ def forward_query(
     weights_table: str,
     source: str | exp.Expression,
     layers: Sequence[LayerShape | WeightLayer],
-    tile: int | None = 64,
+    tile: Tiles = 64,
     *,
     rid: str = "rid",
     x: str = "x",
     spill_safe: bool = True,
+    matrices: str | None = None,
 ) -> exp.Select:
     """The model's raw output per input row: a SELECT of ``(rid, y DOUBLE[])``.
 
     ``source``: a table/view name, query text or sqlglot query with a unique row id column ``rid`` and the feature
     vector ``x`` (any numeric list or array type); ``layers``: ``(in, out, activation)`` per layer (as
     ``TabularSpec.layers``) or the ``(weight, bias, activation)`` given to :func:`store_weights`; ``tile`` must be the
-    one the weights were stored with. Rows with a NULL x (or a NULL element) give a NULL y; an x of another length than
-    the first layer's input raises an error when the query runs. Row order is unspecified. ``spill_safe=False``
-    re-assembles vectors with ``list(v ORDER BY j)``: faster, but DuckDB cannot spill ordered aggregates, so only for
-    working sets that fit in ``memory_limit``.
+    one the weights were stored with (one width for all layers, or one per layer); ``matrices``: a table
+    :func:`store_matrices` wrote, from which whole-row layers read their matrix. Rows with a NULL x (or a NULL
+    element) give a NULL y; an x of another length than the first layer's input raises an error when the query runs.
+    Row order is unspecified. ``spill_safe=False`` re-assembles vectors with ``list(v ORDER BY j)``: faster, but
+    DuckDB cannot spill ordered aggregates, so only for working sets that fit in ``memory_limit``.
     """
     shapes = _shapes(layers)
-    tile = _check_tile(tile)
+    tiles = _layer_tiles(tile, len(shapes))
     weights = exp.to_table(weights_table, dialect="duckdb")
+    mats = exp.to_table(matrices, dialect="duckdb") if matrices is not None else None
     src = _source(source)
     n_features = shapes[0][0]
     inputs = dict(__src=src, __rid=_col(rid), __x=_col(x))
@@ -459,7 +549,7 @@ def forward_query(
         )
     ]
     for k, (n_in, _, act) in enumerate(shapes):
-        ctes.extend(_layer_ctes(k, f"__l{k}", weights, n_in, act, tile, spill_safe))
+        ctes.extend(_layer_ctes(k, f"__l{k}", weights, n_in, act, tiles[k], spill_safe, mats))
     final = _template(
         "SELECT rid, y FROM (SELECT rid, x AS y FROM __last UNION ALL "
         "SELECT rid, CAST(NULL AS DOUBLE[]) AS y "
@@ -487,15 +577,16 @@ def predict_query(
     source: str | exp.Expression,
     layers: Sequence[LayerShape | WeightLayer],
     task: str,
-    tile: int | None = 64,
+    tile: Tiles = 64,
     *,
     rid: str = "rid",
     x: str = "x",
     spill_safe: bool = True,
+    matrices: str | None = None,
 ) -> exp.Select:
     """``(rid, prediction DOUBLE)``: regression y[1]; binary sigmoid(y[1]); multiclass the 0-based argmax of y (the
     first maximum, as torch.argmax). Arguments as :func:`forward_query`."""
-    forward = forward_query(weights_table, source, layers, tile, rid=rid, x=x, spill_safe=spill_safe)
+    forward = forward_query(weights_table, source, layers, tile, rid=rid, x=x, spill_safe=spill_safe, matrices=matrices)
     if task == "regression":
         return _wrap(forward, "SELECT rid, y[1] AS prediction FROM __y")
     if task == "binary":
@@ -510,15 +601,16 @@ def proba_query(
     source: str | exp.Expression,
     layers: Sequence[LayerShape | WeightLayer],
     task: str,
-    tile: int | None = 64,
+    tile: Tiles = 64,
     *,
     rid: str = "rid",
     x: str = "x",
     spill_safe: bool = True,
+    matrices: str | None = None,
 ) -> exp.Select:
     """``(rid, proba DOUBLE[])``: binary [1 - p, p] with p = sigmoid(y[1]); multiclass softmax(y) (as torch: exp(y -
     max) / sum). Regression has no probabilities. Arguments as :func:`forward_query`."""
-    forward = forward_query(weights_table, source, layers, tile, rid=rid, x=x, spill_safe=spill_safe)
+    forward = forward_query(weights_table, source, layers, tile, rid=rid, x=x, spill_safe=spill_safe, matrices=matrices)
     if task == "binary":
         return _wrap(
             forward,

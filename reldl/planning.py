@@ -3,12 +3,16 @@ relation-centric plans, and runs the rewritten statement. `planner/` decides and
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
@@ -164,59 +168,116 @@ def run_plan(cur: Cursor, plan: plans.Plan, sql: str, parameters, timings: Timin
 
 
 BIG_LAYER_TILE = 512  # input-block width for layers too big to hold as one value (planner/relational.py)
+WHOLE_LAYER_SHARE = 0.3  # a layer keeps whole rows while its matrix (float64) is at most this share of memory_limit
+VALUES_PER_BATCH_SHARE = 1 / 32  # bytes of one input batch's widest activations, as a share of memory_limit
+MAX_BATCH_ROWS = 2048  # DuckDB's vector size
+THREAD_SHARE = 0.5  # per-thread working sets of all DuckDB threads may take this share of memory_limit
 
 
-def _tile(layers, memory_limit: float) -> int | None:
-    """Whole weight rows (fastest, streams without spilling) unless a layer's matrix is a large share of memory;
-    then tiles, which DuckDB can spill."""
-    biggest = max(w.size for w, _, _ in layers) * 8
-    return None if biggest * 4 < memory_limit else BIG_LAYER_TILE
+def thread_bytes(layers, tiles: list[int | None]) -> float:
+    """DuckDB's working set per thread for a whole-row layer: list_transform runs its lambda over a vector of
+    2048 weight rows at a time, each carrying its own copy of the row and of x (measured: a 1024-wide layer runs
+    on one thread under a 32 MiB memory_limit, not on two)."""
+    widths = [w.shape[1] for (w, _, _), t in zip(layers, tiles) if t is None]
+    return MAX_BATCH_ROWS * max(widths, default=0) * 8 * 2
+
+
+def single_thread(duck: duckdb.DuckDBPyConnection, layers, tiles, memory_limit: float) -> bool:
+    """Whether the relation query must run on one DuckDB thread to stay within ``memory_limit``."""
+    try:
+        threads = int(duck.execute("SELECT current_setting('threads')").fetchall()[0][0])
+    except (duckdb.Error, ValueError):
+        threads = 1
+    return threads > 1 and threads * thread_bytes(layers, tiles) > THREAD_SHARE * memory_limit
+
+
+def layer_tiles(layers, memory_limit: float) -> list[int | None]:
+    """Per layer: whole weight rows (the fastest path, streams without spilling, but the layer's matrix is one value
+    held in memory) while the matrix is a small share of ``memory_limit``; otherwise input tiles, which DuckDB joins
+    and aggregates out of core."""
+    return [None if w.size * 8 <= WHOLE_LAYER_SHARE * memory_limit else BIG_LAYER_TILE for w, _, _ in layers]
+
+
+def batch_rows(layers, memory_limit: float) -> int:
+    """Rows per Arrow record batch of the relation plan's input. DuckDB's scan emits a chunk per batch at most, and
+    every chunk of a whole-row layer carries (rows x width) float64 activations through the pipeline, so wide models
+    under a small memory_limit get smaller chunks (a 2048-row chunk of a 1024-wide layer is 16 MiB)."""
+    widest = max(max(w.shape) for w, _, _ in layers)
+    rows = int(VALUES_PER_BATCH_SHARE * memory_limit / (8 * widest)) if memory_limit < float("inf") else MAX_BATCH_ROWS
+    return max(16, min(MAX_BATCH_ROWS, rows))
 
 
 def relation_predict(cur: Cursor, function: str, cols: list[pa.Array]) -> pa.Array:
     """predict / predict_proba for distinct (model, features) rows, with the model run as SQL over weight tables
-    (temporary tables of this connection, written once per checkpoint version)."""
+    (temporary tables of this connection, written once per checkpoint version and memory budget)."""
     from reldl import tabular
+    from reldl.connection import _calling_thread
     from reldl.planner import relational
 
     models, features = cols[0].to_pylist(), cols[1]
-    complete = [v is not None and None not in v for v in features.to_pylist()]
+    complete = np.asarray([v is not None and None not in v for v in features.to_pylist()], dtype=bool)
+    is_proba = function == "predict_proba"
     out: list = [None] * len(models)
     snapshot = catalog.list_models(cur._duck)
+    limit = _memory_limit(cur._duck)
+    _ensure_temp_directory(cur._duck)
     for name in {m for m in models if m is not None}:
         rec = catalog.pick_model(snapshot, name)
         if rec is None or rec.model_type not in tabular.MODEL_TYPES:
             raise ProgrammingError(f"{function}: model {name!r} is not a registered tabular model")
         spec, layers = tabular.read_layers(rec.path)
-        tile = _tile(layers, _memory_limit(cur._duck))
-        weights = _weight_table(cur, rec.path, layers, tile)
+        tiles = layer_tiles(layers, limit)
+        weights, matrices = _weight_tables(cur, rec.path, layers, tiles)
         # NULL features (or a NULL among them) give NULL, as in the UDF: only complete vectors go to SQL
-        rows = [i for i, m in enumerate(models) if m == name and complete[i]]
+        rows = np.flatnonzero(complete & np.asarray([m == name for m in models], dtype=bool))
         view = plans.new_table_name()
-        cur._duck.register(view, pa.table({"rid": pa.array(rows, pa.int64()), "x": features.take(rows)}))
+        table = pa.table({"rid": pa.array(rows, pa.int64()), "x": features.take(pa.array(rows))})
+        cur._duck.register(view, pa.Table.from_batches(table.to_batches(max_chunksize=batch_rows(layers, limit))))
         try:
-            build = relational.proba_query if function == "predict_proba" else relational.predict_query
-            query = build(weights, view, spec.layers, spec.task, tile)
-            for rid, value in cur._duck.execute(query.sql(dialect="duckdb")).fetchall():
-                out[rid] = value
+            build = relational.proba_query if is_proba else relational.predict_query
+            query = build(weights, view, spec.layers, spec.task, tiles, matrices=matrices)
+            serial = single_thread(cur._duck, layers, tiles, limit)
+            with _calling_thread(cur._duck, cur.connection.instance_key) if serial else contextlib.nullcontext():
+                rel = cur._duck.sql(query.sql(dialect="duckdb"))
+                result = rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
         except duckdb.Error as e:
             raise translate(e) from None
         finally:
             cur._duck.unregister(view)
-    typ = pa.list_(pa.float64()) if function == "predict_proba" else pa.float64()
+        values = result.column(1).to_pylist()
+        for rid, value in zip(result.column(0).to_numpy(), values):
+            out[rid] = value
+    typ = pa.list_(pa.float64()) if is_proba else pa.float64()
     return pa.array(out, typ)
 
 
-def _weight_table(cur: Cursor, path: str, layers, tile: int | None) -> str:
-    """This cursor's temporary weight table for the checkpoint's current version, written on first use (temporary
-    tables belong to one DuckDB connection, and each cursor is its own)."""
+def _ensure_temp_directory(duck: duckdb.DuckDBPyConnection) -> None:
+    """The relation plan relies on spilling: give DuckDB a temp directory when it has none (an in-memory database
+    started without one), under the system's temp folder."""
+    try:
+        current = duck.execute("SELECT current_setting('temp_directory')").fetchall()[0][0]
+    except duckdb.Error:
+        return
+    if current:
+        return
+    path = os.path.join(tempfile.gettempdir(), f"reldl-spill-{os.getpid()}")
+    duck.execute(f"SET temp_directory = '{path}'")
+
+
+def _weight_tables(cur: Cursor, path: str, layers, tiles: list[int | None]) -> tuple[str, str]:
+    """This cursor's temporary weight tables for the checkpoint's current version and these tiles, written on first
+    use (temporary tables belong to one DuckDB connection, and each cursor is its own): the tiled layers' tiles and
+    the whole-row layers' matrices, each layer stored once."""
     from reldl import tabular
     from reldl.planner import relational
 
-    key = (tabular.tabular_key(path, "cpu"), tile)
+    key = (tabular.tabular_key(path, "cpu"), tuple(tiles))
     tables = cur._weight_tables
     if key not in tables:
-        name = f"temp.main.__reldl_w_{len(tables)}"  # a TEMP table: never written to the database file
-        relational.store_weights(cur._duck, name, layers, tile)
-        tables[key] = name
+        n = len(tables)
+        weights, matrices = f"temp.main.__reldl_w_{n}", f"temp.main.__reldl_m_{n}"
+        whole = [i for i, t in enumerate(tiles) if t is None]
+        relational.store_weights(cur._duck, weights, layers, tiles, only=[i for i, t in enumerate(tiles) if t])
+        relational.store_matrices(cur._duck, matrices, layers, only=whole)
+        tables[key] = (weights, matrices)
     return tables[key]
