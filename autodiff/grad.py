@@ -1,0 +1,316 @@
+"""Reverse mode over the IR: from a scalar loss relation to one gradient relation per parameter, as SQL.
+
+The result is a :class:`Program`: named steps (forward relations ``f<id>``, gradient relations ``g<id>``), each a
+SELECT over earlier steps. Run it as one WITH query per parameter (:meth:`Program.gradient_query`), or materialize
+every step once into temporary tables (:meth:`Program.materialize`, what training does each step).
+
+Rules, for a consumer ``y`` of ``x`` with gradient ``gy`` (a relation on ``y``'s keys):
+
+* Join ``y = k(x_0, ..., x_n)``: re-join the inputs with ``gy`` on ``y``'s keys, apply ``k``'s vector-Jacobian
+  product for ``x_j``, and sum over the keys ``x_j`` lacks (GROUP BY ``x_j``'s keys). Filters are applied again.
+* Aggregate ``y = agg_{keys - g}(x)``: broadcast ``gy`` to the group's members (join on ``g``); AVG divides by the
+  group's size, MAX passes it to the members equal to the maximum; COUNT has no gradient.
+* Rename: rename ``gy``'s keys back.
+* Several consumers (or one join using ``x`` twice): contributions are stacked with UNION ALL and summed per key.
+
+Gradients are sparse: a key with no row has gradient zero. The per-parameter query fills those with zeros (LEFT JOIN
+from the parameter), so it returns one row per parameter row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlglot import exp
+
+from reldl.autodiff import emit
+from reldl.autodiff import symbolic as sym
+from reldl.autodiff.emit import aliased, col, select, table_as, tile_sum
+from reldl.autodiff.ir import Aggregate, AutodiffError, Join, Node, Rename, Scan, topological
+from reldl.autodiff.kernels import at, transform
+
+Names = Callable[[str], exp.Expression]  # step name -> table expression to read it from
+
+
+@dataclass
+class Step:
+    name: str
+    build: Callable[[Names], exp.Select]
+    deps: list[str]
+    node: Node
+    gradient: bool = False
+
+
+@dataclass
+class Program:
+    """Forward and gradient steps in dependency order; ``grads`` maps each parameter's node id to its step."""
+
+    loss: Node
+    steps: list[Step] = field(default_factory=list)
+    grads: dict[int, str] = field(default_factory=dict)
+    wrt: list[Scan] = field(default_factory=list)
+
+    def step(self, name: str) -> Step:
+        return self._by_name[name]
+
+    def __post_init__(self) -> None:
+        self._by_name: dict[str, Step] = {}
+
+    def add(self, step: Step) -> None:
+        self.steps.append(step)
+        self._by_name[step.name] = step
+
+    def closure(self, names: Sequence[str]) -> list[Step]:
+        """The steps ``names`` need, in order."""
+        need: set[str] = set()
+        stack = list(names)
+        while stack:
+            n = stack.pop()
+            if n not in need:
+                need.add(n)
+                stack.extend(self._by_name[n].deps)
+        return [s for s in self.steps if s.name in need]
+
+    def query(self, name: str, final: Callable[[Names], exp.Select] | None = None) -> exp.Select:
+        """One WITH query computing step ``name`` (or ``final`` over it) from the sources."""
+        steps = self.closure([name])
+        ref = _cte_ref
+        ctes = [(s.name, s.build(ref)) for s in steps]
+        last = final(ref) if final is not None else select(exp.Star()).from_(ref(name))
+        return emit.with_query(ctes, last)
+
+    def loss_query(self) -> exp.Select:
+        return self.query(f"f{self.loss.id}")
+
+    def gradient_query(self, param: Scan) -> exp.Select:
+        """``(keys..., v)``: the loss's gradient for every row of ``param`` (zeros where it does not depend on it)."""
+        if param.id not in self.grads:
+            raise AutodiffError(f"{param.label()} is not among the parameters differentiated")
+        g = self.grads[param.id]
+        steps = self.closure([g, f"f{param.id}"])
+        ctes = [(s.name, s.build(_cte_ref)) for s in steps]
+        return emit.with_query(ctes, _dense(param, _cte_ref(f"f{param.id}"), _cte_ref(g)))
+
+    def statements(self, prefix: str, names: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
+        """``(step, table, CREATE OR REPLACE TEMP TABLE ... AS ...)`` for the steps (all, or those ``names`` need), in
+        order; tables are named ``<prefix>_<step>``. Build once, execute every training step."""
+        steps = self.closure(names) if names is not None else self.steps
+        tables = {s.name: f"{prefix}_{s.name}" for s in steps}
+
+        def ref(n: str) -> exp.Expression:
+            return exp.Table(this=exp.to_identifier(tables[n]))
+
+        out = []
+        for s in steps:
+            create = exp.Create(
+                this=exp.Table(this=exp.to_identifier(tables[s.name])),
+                kind="TABLE",
+                expression=s.build(ref),
+                replace=True,
+                properties=exp.Properties(expressions=[exp.TemporaryProperty()]),
+            )
+            out.append((s.name, tables[s.name], create.sql("duckdb")))
+        return out
+
+    def materialize(self, duck: Any, prefix: str, names: Sequence[str] | None = None) -> dict[str, str]:
+        """Run the steps (all, or those ``names`` need) into TEMP tables ``<prefix>_<step>``; returns step -> table."""
+        tables = {}
+        for step, table, sql in self.statements(prefix, names):
+            duck.execute(sql)
+            tables[step] = table
+        return tables
+
+
+def _cte_ref(name: str) -> exp.Expression:
+    return exp.Table(this=exp.to_identifier(name))
+
+
+def _dense(param: Scan, pref: exp.Expression, gref: exp.Expression) -> exp.Select:
+    cols = [aliased(col(k, "t0"), k) for k in param.keys]
+    v = exp.Coalesce(this=col("v", "t1"), expressions=[emit.zeros_like(col("v", "t0"), param.shape)])
+    on = (
+        exp.and_(*[exp.EQ(this=col(k, "t0"), expression=col(k, "t1")) for k in param.keys])
+        if param.keys
+        else exp.true()
+    )
+    q = select(*cols, aliased(v, "v")).from_(table_as(pref, "t0"))
+    q = q.join(table_as(gref, "t1"), on=on, join_type="left")
+    return q.order_by(*[col(k, "t0") for k in param.keys]) if param.keys else q
+
+
+def _seed(ref: Names) -> exp.Select:
+    return select(aliased(sym.num(1.0), "v"))
+
+
+def _group(keys: Sequence[str], q: exp.Select, shape, v: exp.Expression, key_cols: list[exp.Expression]) -> exp.Select:
+    """q with ``keys`` + v summed per key (or as is when not grouped)."""
+    q = q.select(*[aliased(c, k) for c, k in zip(key_cols, keys)], aliased(tile_sum(v, shape), "v"))
+    return q.group_by(*[c.copy() for c in key_cols]) if keys else q
+
+
+def _join_contribution(y: Join, j: int, gname: str) -> Callable[[Names], exp.Select]:
+    x = y.parts[j]
+
+    def build(ref: Names) -> exp.Select:
+        n = len(y.parts)
+        q, holder = emit.join_from(y.parts, lambda p: ref(f"f{p.id}"), extra=[(ref(gname), y.keys)])
+        args = [col("v", f"t{i}") for i in range(n)]
+        v = y.kernel.vjp(j, args, col("v", f"t{n}"), [p.shape for p in y.parts])
+        if y.where is not None:
+            q = q.where(emit._qualify(y.where, holder))
+        # x's own keys come from x's alias, so a key x shares with an earlier input reads the same value
+        key_cols = [col(k, holder[k]) for k in x.keys]
+        if set(x.keys) == set(y.keys):
+            return q.select(*[aliased(c, k) for c, k in zip(key_cols, x.keys)], aliased(v, "v"))
+        return _group(x.keys, q, x.shape, v, key_cols)
+
+    return build
+
+
+def _aggregate_contribution(y: Aggregate, gname: str) -> Callable[[Names], exp.Select]:
+    x = y.source
+
+    def build(ref: Names) -> exp.Select:
+        q = select().from_(table_as(ref(f"f{x.id}"), "t0"))
+        g = list(y.keys)
+
+        def on(alias: str) -> exp.Expression:
+            return exp.and_(*[exp.EQ(this=col(k, "t0"), expression=col(k, alias)) for k in g]) if g else exp.true()
+
+        q = q.join(table_as(ref(gname), "t1"), on=on("t1"), join_type="inner")
+        gv = col("v", "t1")
+        if y.fn == "sum":
+            v = gv
+        elif y.fn == "avg":
+            counts = select(*[col(k) for k in g], aliased(exp.Count(this=exp.Star()), "n")).from_(ref(f"f{x.id}"))
+            counts = counts.group_by(*[col(k) for k in g]) if g else counts
+            q = q.join(exp.Subquery(this=counts, alias=exp.TableAlias(this=exp.to_identifier("t2"))), on=on("t2"))
+            n = col("n", "t2")
+            v = sym.div(gv, n) if x.shape == () else transform(gv, sym.div(col("__x"), n), with_index=False)
+        elif y.fn == "max":
+            q = q.join(table_as(ref(f"f{y.id}"), "t2"), on=on("t2"))
+            if x.shape == ():
+                hit = exp.EQ(this=col("v", "t0"), expression=col("v", "t2"))
+                v = exp.Case(ifs=[exp.If(this=hit, true=gv)], default=sym.num(0.0))
+            else:
+                i = col("__i")
+                hit = exp.EQ(this=col("__x"), expression=at(col("v", "t2"), i))
+                v = transform(col("v", "t0"), exp.Case(ifs=[exp.If(this=hit, true=at(gv, i))], default=sym.num(0.0)))
+        else:
+            raise AutodiffError("COUNT has no gradient")
+        return q.select(*[aliased(col(k, "t0"), k) for k in x.keys], aliased(v, "v"))
+
+    return build
+
+
+def _rename_contribution(y: Rename, gname: str) -> Callable[[Names], exp.Select]:
+    back = {new: old for old, new in y.mapping.items()}
+
+    def build(ref: Names) -> exp.Select:
+        return select(*[aliased(col(k), back.get(k, k)) for k in y.keys], col("v")).from_(ref(gname))
+
+    return build
+
+
+def _sum_of(x: Node, parts: list[Callable[[Names], exp.Select]]) -> Callable[[Names], exp.Select]:
+    if len(parts) == 1:
+        return parts[0]
+
+    def build(ref: Names) -> exp.Select:
+        union: exp.Query = parts[0](ref)
+        for p in parts[1:]:
+            union = exp.union(union, p(ref), distinct=False)
+        sub = exp.Subquery(this=union, alias=exp.TableAlias(this=exp.to_identifier("u")))
+        return _group(x.keys, select().from_(sub), x.shape, col("v"), [col(k) for k in x.keys])
+
+    return build
+
+
+def backward(loss: Node, wrt: Sequence[Scan] | None = None) -> Program:
+    """The forward and gradient steps of ``loss`` (a scalar relation: no keys, shape ()) for the parameters ``wrt``
+    (default: every Scan marked ``param=True`` that the loss reads)."""
+    if loss.keys or loss.shape != ():
+        raise AutodiffError(f"the loss must be one scalar (no keys, shape ()), got keys {loss.keys} shape {loss.shape}")
+    order = topological([loss])
+    if wrt is None:
+        wrt = [n for n in order if isinstance(n, Scan) and n.param]
+    wrt = list(wrt)
+    ids = {n.id for n in order}
+    for p in wrt:
+        if not isinstance(p, Scan):
+            raise AutodiffError(f"gradients are taken for tables (scans), not {p!r}")
+        if p.id not in ids:
+            raise AutodiffError(f"the loss does not read {p.label()}")
+    if not wrt:
+        raise AutodiffError("no parameters to differentiate: mark scans with param=True or pass wrt")
+    want = {p.id for p in wrt}
+    needs: dict[int, bool] = {}
+    for n in order:
+        needs[n.id] = n.id in want or any(needs[i.id] for i in n.inputs)
+
+    prog = Program(loss=loss, wrt=wrt)
+    for n in order:
+        prog.add(Step(f"f{n.id}", _forward(n), [f"f{i.id}" for i in n.inputs], n))
+    consumers: dict[int, list[tuple[Node, int]]] = {n.id: [] for n in order}
+    for y in order:
+        for j, x in enumerate(y.inputs):
+            consumers[x.id].append((y, j))
+
+    prog.add(Step(f"g{loss.id}", _seed, [], loss, gradient=True))
+    for x in reversed(order):
+        if x is loss or not needs[x.id]:
+            continue
+        parts, deps = [], []
+        for y, j in consumers[x.id]:
+            if not needs[y.id] and y.id not in want:
+                continue
+            gname = f"g{y.id}"
+            if isinstance(y, Join):
+                if not y.kernel.differentiable(j):
+                    raise AutodiffError(f"kernel {y.kernel.name} has no gradient for input {j} ({x.label()})")
+                parts.append(_join_contribution(y, j, gname))
+                deps += [f"f{p.id}" for p in y.parts] + [gname]
+            elif isinstance(y, Aggregate):
+                if y.fn == "count":
+                    continue
+                parts.append(_aggregate_contribution(y, gname))
+                deps += [f"f{x.id}", gname] + ([f"f{y.id}"] if y.fn == "max" else [])
+            elif isinstance(y, Rename):
+                parts.append(_rename_contribution(y, gname))
+                deps.append(gname)
+        if not parts:  # nothing differentiable reaches the loss through x: gradient zero, no rows
+            prog.add(Step(f"g{x.id}", _empty(x), [f"f{x.id}"], x, gradient=True))
+        else:
+            prog.add(Step(f"g{x.id}", _sum_of(x, parts), sorted(set(deps)), x, gradient=True))
+    prog.grads = {p.id: f"g{p.id}" for p in wrt}
+    prog.steps = _order(prog)
+    return prog
+
+
+def _forward(n: Node) -> Callable[[Names], exp.Select]:
+    return lambda ref: emit.node_query(n, lambda m: ref(f"f{m.id}"))
+
+
+def _empty(x: Node) -> Callable[[Names], exp.Select]:
+    return lambda ref: select(*[col(k) for k in x.keys], col("v")).from_(ref(f"f{x.id}")).limit(0)
+
+
+def _order(prog: Program) -> list[Step]:
+    """Steps in an order where every step follows its dependencies (forward first, then gradients in reverse)."""
+    done: set[str] = set()
+    out: list[Step] = []
+    pending = list(prog.steps)
+    while pending:
+        rest = []
+        for s in pending:
+            if all(d in done for d in s.deps):
+                out.append(s)
+                done.add(s.name)
+            else:
+                rest.append(s)
+        if len(rest) == len(pending):
+            raise AutodiffError("internal: gradient steps have a dependency cycle")
+        pending = rest
+    return out

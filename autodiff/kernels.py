@@ -1,0 +1,498 @@
+"""Kernels: what a Join applies to its inputs' tiles, with the vector-Jacobian product for each input.
+
+Two kinds:
+
+* :class:`Elementwise`: a scalar SQL expression over the inputs (``add``, ``mul``, ``exp``, ``sigmoid``, or any
+  expression the SQL front end meets). Its partial derivatives come from :mod:`reldl.autodiff.symbolic`. On tiles it
+  is lifted with ``list_transform(a, lambda x, i: ...)``; scalar inputs broadcast over a tile (and their gradient is
+  the tile's sum).
+* Tile kernels that are not element-wise (``matmul``, ``bias_add``, ``softmax_xent``, ``dot``, ``tile_sum``): their
+  heavy parts are calls to ``reldl_*`` functions, which DuckDB runs as vectorized numpy UDFs over Arrow buffers
+  (:func:`install`), and which :mod:`reldl.autodiff.spark` rewrites to Spark SQL higher-order functions.
+
+Tiles are ``DOUBLE[]`` in row-major order; a kernel reads the leading dimension of a matrix tile from its length, so
+the last row block of a relation may be short.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from sqlglot import exp
+
+from reldl.autodiff import symbolic as sym
+from reldl.autodiff.ir import AutodiffError, Shape
+
+_X, _I = "__x", "__i"  # lambda parameters in lifted kernels (names no table column uses)
+
+
+def _lam_col(name: str) -> exp.Column:
+    return exp.column(exp.to_identifier(name))
+
+
+def at(tile: exp.Expression, index: exp.Expression) -> exp.Expression:
+    """``tile[index]`` (1-based, as DuckDB reads it)."""
+    return exp.Bracket(this=tile.copy(), expressions=[index.copy()], offset=1)
+
+
+def transform(tile: exp.Expression, body: exp.Expression, with_index: bool = True) -> exp.Expression:
+    """``list_transform(tile, lambda __x, __i: body)``."""
+    params = [exp.to_identifier(_X)] + ([exp.to_identifier(_I)] if with_index else [])
+    return exp.Transform(this=tile.copy(), expression=exp.Lambda(this=body, expressions=params))
+
+
+def length(tile: exp.Expression) -> exp.Expression:
+    return sym.func("len", tile)
+
+
+def rows(tile: exp.Expression, cols: int) -> exp.Expression:
+    """The leading dimension of a row-major tile with ``cols`` columns: ``len(tile) // cols``."""
+    return exp.IntDiv(this=length(tile), expression=exp.Literal.number(cols))
+
+
+def _int(n: int) -> exp.Expression:
+    return exp.Literal.number(int(n))
+
+
+class Kernel:
+    """Interface: output shape, forward expression, and the vector-Jacobian product for input ``i``."""
+
+    name = "kernel"
+
+    def out_shape(self, shapes: Sequence[Shape]) -> Shape:
+        raise NotImplementedError
+
+    def forward(self, args: Sequence[exp.Expression], shapes: Sequence[Shape]) -> exp.Expression:
+        raise NotImplementedError
+
+    def vjp(
+        self, i: int, args: Sequence[exp.Expression], grad: exp.Expression, shapes: Sequence[Shape]
+    ) -> exp.Expression:
+        """The gradient of input ``i`` (same shape as it) given the output's gradient ``grad``."""
+        raise NotImplementedError
+
+    def differentiable(self, i: int) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _substitute(template: exp.Expression, subs: dict[str, exp.Expression]) -> exp.Expression:
+    def sub(node: exp.Expression) -> exp.Expression:
+        if isinstance(node, exp.Column) and not node.table and node.name in subs:
+            return subs[node.name].copy()
+        return node
+
+    return template.copy().transform(sub)
+
+
+class Elementwise(Kernel):
+    """A scalar expression over placeholders ``__a0 .. __a{n-1}``, lifted over tiles."""
+
+    def __init__(self, name: str, template: exp.Expression, arity: int):
+        self.name, self.template, self.arity = name, template, arity
+        self._partials: dict[int, exp.Expression] = {}
+
+    @staticmethod
+    def placeholder(i: int) -> str:
+        return f"__a{i}"
+
+    def partial(self, i: int) -> exp.Expression:
+        if i not in self._partials:
+            self._partials[i] = sym.derivative(self.template, self.placeholder(i))
+        return self._partials[i]
+
+    def _check(self, shapes: Sequence[Shape]) -> Shape:
+        if len(shapes) != self.arity:
+            raise AutodiffError(f"kernel {self.name} takes {self.arity} inputs, got {len(shapes)}")
+        tiles = {s for s in shapes if s != ()}
+        if len(tiles) > 1:
+            raise AutodiffError(f"kernel {self.name}: tile shapes differ: {sorted(tiles)}")
+        return tiles.pop() if tiles else ()
+
+    def out_shape(self, shapes: Sequence[Shape]) -> Shape:
+        return self._check(shapes)
+
+    def _lifted(self, body: exp.Expression, args: Sequence[exp.Expression], shapes: Sequence[Shape]):
+        """``body`` with placeholders bound: scalars directly; tiles element by element (lead tile as ``__x``)."""
+        lead = next((j for j, s in enumerate(shapes) if s != ()), None)
+        subs = {}
+        for j, (a, s) in enumerate(zip(args, shapes)):
+            if s == ():
+                subs[self.placeholder(j)] = a
+            elif j == lead:
+                subs[self.placeholder(j)] = _lam_col(_X)
+            else:
+                subs[self.placeholder(j)] = at(a, _lam_col(_I))
+        return lead, _substitute(body, subs)
+
+    def forward(self, args, shapes):
+        self._check(shapes)
+        lead, body = self._lifted(self.template, args, shapes)
+        return body if lead is None else transform(args[lead], body)
+
+    def vjp(self, i, args, grad, shapes):
+        self._check(shapes)
+        lead, d = self._lifted(self.partial(i), args, shapes)
+        if lead is None:
+            return sym.mul(d, grad)
+        per_element = transform(args[lead], sym.mul(d, at(grad, _lam_col(_I))))
+        return per_element if shapes[i] != () else sym.func("list_sum", per_element)
+
+
+@functools.cache
+def elementwise(name: str) -> Elementwise:
+    """A named element-wise kernel (see :data:`ELEMENTWISE`)."""
+    if name not in ELEMENTWISE:
+        raise AutodiffError(f"unknown kernel {name!r} (one of {', '.join(sorted(KERNELS))})")
+    arity, build = ELEMENTWISE[name]
+    return Elementwise(name, build(*[_lam_col(Elementwise.placeholder(i)) for i in range(arity)]), arity)
+
+
+def expression(sql: str | exp.Expression, names: Sequence[str]) -> Elementwise:
+    """An element-wise kernel from a scalar SQL expression over the column names ``names`` (in input order)."""
+    import sqlglot
+
+    tree = sqlglot.parse_one(sql, read="duckdb") if isinstance(sql, str) else sql
+    unknown = {c.name for c in tree.find_all(exp.Column)} - set(names)
+    if unknown:
+        raise AutodiffError(f"expression {tree.sql('duckdb')!r} uses {sorted(unknown)}, not among {list(names)}")
+    template = _substitute(tree, {n: _lam_col(Elementwise.placeholder(i)) for i, n in enumerate(names)})
+    return Elementwise(tree.sql("duckdb"), template, len(names))
+
+
+def _sigmoid(a):
+    return sym.div(sym.num(1.0), sym.add(sym.num(1.0), exp.Exp(this=sym.neg(a))))
+
+
+def _relu(a):
+    return exp.Case(ifs=[exp.If(this=exp.GT(this=a, expression=sym.num(0.0)), true=a.copy())], default=sym.num(0.0))
+
+
+def _bce_logits(z, y):  # max(z, 0) - z y + ln(1 + exp(-|z|)): binary cross-entropy on logits, stable
+    return sym.add(
+        sym.sub(_relu(z), sym.mul(z.copy(), y)),
+        exp.Ln(this=sym.add(sym.num(1.0), exp.Exp(this=sym.neg(exp.Abs(this=z.copy()))))),
+    )
+
+
+ELEMENTWISE: dict[str, tuple[int, Callable[..., exp.Expression]]] = {
+    "identity": (1, lambda a: a),
+    "neg": (1, sym.neg),
+    "add": (2, sym.add),
+    "sub": (2, sym.sub),
+    "mul": (2, sym.mul),
+    "div": (2, sym.div),
+    "square": (1, lambda a: sym.mul(a, a.copy())),
+    "squared_error": (2, lambda a, b: exp.Pow(this=exp.Paren(this=sym.sub(a, b)), expression=sym.num(2.0))),
+    "exp": (1, lambda a: exp.Exp(this=a)),
+    "log": (1, lambda a: exp.Ln(this=a)),
+    "tanh": (1, lambda a: sym.func("tanh", a)),
+    "sigmoid": (1, _sigmoid),
+    "relu": (1, _relu),
+    "bce_logits": (2, _bce_logits),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tile kernels
+
+
+class Matmul(Kernel):
+    """``A (m, k) @ B (k, n)``; a vector ``(k,)`` on the left is one row (output ``(n,)``)."""
+
+    name = "matmul"
+
+    def out_shape(self, shapes):
+        if len(shapes) != 2 or len(shapes[0]) not in (1, 2) or len(shapes[1]) != 2 or shapes[0][-1] != shapes[1][0]:
+            raise AutodiffError(f"matmul needs tiles (m, k) and (k, n), got {list(shapes)}")
+        return (shapes[1][1],) if len(shapes[0]) == 1 else (shapes[0][0], shapes[1][1])
+
+    def forward(self, args, shapes):
+        k, n = shapes[1]
+        return sym.func("reldl_matmul", args[0], args[1], rows(args[0], k), _int(k), _int(n))
+
+    def vjp(self, i, args, grad, shapes):
+        k, n = shapes[1]
+        if i == 0:  # dA = G @ B^T: (m, n) x (k, n)^T
+            return sym.func("reldl_matmul_nt", grad, args[1], rows(grad, n), _int(n), _int(k))
+        return sym.func("reldl_matmul_tn", args[0], grad, _int(k), rows(grad, n), _int(n))  # dB = A^T @ G
+
+
+class BiasAdd(Kernel):
+    """``A (m, n) + b (n,)`` on every row."""
+
+    name = "bias_add"
+
+    def out_shape(self, shapes):
+        if len(shapes) != 2 or len(shapes[0]) != 2 or shapes[1] != shapes[0][1:]:
+            raise AutodiffError(f"bias_add needs a tile (m, n) and a vector (n,), got {list(shapes)}")
+        return shapes[0]
+
+    def forward(self, args, shapes):
+        n = shapes[0][1]
+        col = sym.add(exp.Mod(this=exp.Paren(this=sym.sub(_lam_col(_I), _int(1))), expression=_int(n)), _int(1))
+        return transform(args[0], sym.add(_lam_col(_X), at(args[1], col)))
+
+    def vjp(self, i, args, grad, shapes):
+        n = shapes[0][1]
+        return grad.copy() if i == 0 else sym.func("reldl_col_sum", grad, rows(grad, n), _int(n))
+
+
+class SoftmaxXent(Kernel):
+    """Per-row softmax cross-entropy: logits ``(m, n)`` and class labels ``(m,)`` (0-based, as DOUBLE) -> ``(m,)``."""
+
+    name = "softmax_xent"
+
+    def out_shape(self, shapes):
+        if len(shapes) != 2 or len(shapes[0]) != 2 or shapes[1] != shapes[0][:1]:
+            raise AutodiffError(f"softmax_xent needs logits (m, n) and labels (m,), got {list(shapes)}")
+        return shapes[1]
+
+    def forward(self, args, shapes):
+        n = shapes[0][1]
+        return sym.func("reldl_softmax_xent", args[0], args[1], rows(args[0], n), _int(n))
+
+    def differentiable(self, i):
+        return i == 0
+
+    def vjp(self, i, args, grad, shapes):
+        if i != 0:
+            raise AutodiffError("softmax_xent has no gradient with respect to the labels")
+        n = shapes[0][1]
+        row = sym.add(exp.IntDiv(this=exp.Paren(this=sym.sub(_lam_col(_I), _int(1))), expression=_int(n)), _int(1))
+        probs = sym.func("reldl_softmax_xent_grad", args[0], args[1], rows(args[0], n), _int(n))
+        return transform(probs, sym.mul(_lam_col(_X), at(grad, row)))
+
+
+class TileSum(Kernel):
+    """Sum of a tile's elements -> a scalar."""
+
+    name = "tile_sum"
+
+    def out_shape(self, shapes):
+        if len(shapes) != 1 or shapes[0] == ():
+            raise AutodiffError(f"tile_sum needs one tile, got {list(shapes)}")
+        return ()
+
+    def forward(self, args, shapes):
+        return sym.func("list_sum", args[0])
+
+    def vjp(self, i, args, grad, shapes):
+        return transform(args[0], grad.copy(), with_index=False)
+
+
+class Dot(Kernel):
+    """Dot product of two vectors ``(n,)`` -> a scalar."""
+
+    name = "dot"
+
+    def out_shape(self, shapes):
+        if len(shapes) != 2 or len(shapes[0]) != 1 or shapes[0] != shapes[1]:
+            raise AutodiffError(f"dot needs two vectors of one length, got {list(shapes)}")
+        return ()
+
+    def forward(self, args, shapes):
+        return sym.func("list_dot_product", args[0], args[1])
+
+    def vjp(self, i, args, grad, shapes):
+        return transform(args[1 - i], sym.mul(_lam_col(_X), grad), with_index=False)
+
+
+TILE_KERNELS: dict[str, Kernel] = {k.name: k for k in (Matmul(), BiasAdd(), SoftmaxXent(), TileSum(), Dot())}
+KERNELS = sorted(set(ELEMENTWISE) | set(TILE_KERNELS))
+
+
+def kernel(name: str) -> Kernel:
+    """The registered kernel called ``name``."""
+    return TILE_KERNELS[name] if name in TILE_KERNELS else elementwise(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the reldl_* functions, as DuckDB UDFs over Arrow buffers
+
+
+def _lists(a: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, values) of a list<double> Arrow array, nulls refused."""
+    if isinstance(a, pa.ChunkedArray):
+        a = a.combine_chunks()
+    if a.null_count:
+        raise ValueError("a tile is NULL")
+    offsets = np.asarray(a.offsets, dtype=np.int64)
+    values = np.asarray(a.values.to_numpy(zero_copy_only=False), dtype=np.float64)
+    return offsets, values
+
+
+def _ints(a: Any) -> np.ndarray:
+    if isinstance(a, pa.ChunkedArray):
+        a = a.combine_chunks()
+    return np.asarray(a.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _out(pieces: list[np.ndarray], lengths: np.ndarray) -> pa.Array:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(pieces) if pieces else np.zeros(0)
+    kind = pa.LargeListArray if offsets[-1] >= 2**31 else pa.ListArray
+    offsets = offsets if kind is pa.LargeListArray else offsets.astype(np.int32)
+    return kind.from_arrays(pa.array(offsets), pa.array(values, pa.float64()))
+
+
+def _tiles(a: Any, cols: int, what: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Rows grouped by tile length: [(row indices, array [rows, len/cols, cols])]."""
+    offsets, values = _lists(a)
+    lengths = np.diff(offsets)
+    if cols < 1 or np.any(lengths % cols):
+        raise ValueError(f"{what}: a tile's length is not a multiple of {cols}")
+    groups = []
+    for length in np.unique(lengths):
+        idx = np.nonzero(lengths == length)[0]
+        if len(idx) == len(lengths) and offsets[0] == 0:
+            block = values[: offsets[-1]]
+        else:
+            block = np.concatenate([values[offsets[r] : offsets[r + 1]] for r in idx]) if length else np.zeros(0)
+        groups.append((idx, block.reshape(len(idx), length // cols if cols else 0, cols)))
+    return groups
+
+
+def _gather(n: int, results: list[tuple[np.ndarray, np.ndarray]]) -> pa.Array:
+    """Reassemble per-group results [(row indices, array [rows, ...])] in row order."""
+    pieces: list[np.ndarray] = [np.zeros(0)] * n
+    lengths = np.zeros(n, dtype=np.int64)
+    for idx, arr in results:
+        flat = arr.reshape(len(idx), -1)
+        for j, r in enumerate(idx):
+            pieces[r] = flat[j]
+        lengths[idx] = flat.shape[1]
+    return _out(pieces, lengths)
+
+
+def _const(a: Any) -> int:
+    v = np.unique(_ints(a))
+    if len(v) != 1:
+        raise ValueError("a tile dimension varies between rows")
+    return int(v[0])
+
+
+def _matmul(kind: str):
+    def run(a, b, m, k, n):
+        k_, n_ = (None if kind == "tn" else _const(k)), _const(n)  # tn: k is the rows of a, varying per row
+        bo, bv = _lists(b)
+        blen = np.diff(bo)
+        out = []
+        a_cols = _const(m) if kind == "tn" else k_  # tn: a is [k, m] per row, m fixed; else a is [m, k]
+        b_len = None if kind == "tn" else k_ * n_
+        for idx, a3 in _tiles(a, a_cols, f"reldl_matmul_{kind}"):
+            rows_b = [bv[bo[r] : bo[r + 1]] for r in idx]
+            if b_len is not None and any(len(x) != b_len for x in rows_b):
+                raise ValueError(f"reldl_matmul: the right tile does not have {b_len} elements")
+            if kind == "nn":
+                b3 = np.stack(rows_b).reshape(len(idx), k_, n_)
+                out.append((idx, a3 @ b3))
+            elif kind == "nt":
+                b3 = np.stack(rows_b).reshape(len(idx), n_, k_)
+                out.append((idx, a3 @ b3.transpose(0, 2, 1)))
+            else:  # a is [k, m] (a3 [rows, k, m]), b is [k, n]
+                b3 = np.stack(rows_b).reshape(len(idx), a3.shape[1], n_)
+                out.append((idx, a3.transpose(0, 2, 1) @ b3))
+        return _gather(len(blen), out)
+
+    return run
+
+
+def _col_sum(a, m, n):
+    groups = _tiles(a, _const(n), "reldl_col_sum")
+    return _gather(sum(len(i) for i, _ in groups), [(idx, t.sum(axis=1)) for idx, t in groups])
+
+
+def _row_sum(a, m, n):
+    groups = _tiles(a, _const(n), "reldl_row_sum")
+    return _gather(sum(len(i) for i, _ in groups), [(idx, t.sum(axis=2)) for idx, t in groups])
+
+
+def _xent_parts(logits, labels, n):
+    groups = _tiles(logits, _const(n), "reldl_softmax_xent")
+    lo, lv = _lists(labels)
+    for idx, z in groups:
+        y = np.stack([lv[lo[r] : lo[r + 1]] for r in idx]) if len(idx) else np.zeros((0, 0))
+        if y.shape != z.shape[:2]:
+            raise ValueError("reldl_softmax_xent: labels do not match the logits' rows")
+        yi = y.astype(np.int64)
+        if np.any(yi != y) or np.any(yi < 0) or np.any(yi >= z.shape[2]):
+            raise ValueError(f"reldl_softmax_xent: labels must be class indices in [0, {z.shape[2]})")
+        zmax = z.max(axis=2, keepdims=True)
+        e = np.exp(z - zmax)
+        s = e.sum(axis=2, keepdims=True)
+        yield idx, z, yi, zmax, e, s
+
+
+def _softmax_xent(logits, labels, m, n):
+    out = []
+    for idx, z, yi, zmax, _e, s in _xent_parts(logits, labels, n):
+        picked = np.take_along_axis(z, yi[..., None], axis=2)
+        out.append((idx, (np.log(s) + zmax - picked)[..., 0]))
+    return _gather(len(_ints(m)), out)
+
+
+def _softmax_xent_grad(logits, labels, m, n):
+    out = []
+    for idx, _z, yi, _zmax, e, s in _xent_parts(logits, labels, n):
+        p = e / s
+        np.put_along_axis(p, yi[..., None], np.take_along_axis(p, yi[..., None], axis=2) - 1.0, axis=2)
+        out.append((idx, p))
+    return _gather(len(_ints(m)), out)
+
+
+def _reduce_tiles(fn: Callable[[np.ndarray], np.ndarray]):
+    def run(tiles):
+        if isinstance(tiles, pa.ChunkedArray):
+            tiles = tiles.combine_chunks()
+        outer = np.asarray(tiles.offsets, dtype=np.int64)
+        inner_o, inner_v = _lists(tiles.values)
+        pieces, lengths = [], np.zeros(len(outer) - 1, dtype=np.int64)
+        for g in range(len(outer) - 1):
+            lo, hi = outer[g], outer[g + 1]
+            if hi == lo:
+                pieces.append(np.zeros(0))
+                continue
+            sizes = np.diff(inner_o[lo : hi + 1])
+            if np.any(sizes != sizes[0]):
+                raise ValueError("tiles of different lengths in one group")
+            block = inner_v[inner_o[lo] : inner_o[hi]].reshape(hi - lo, sizes[0])
+            pieces.append(fn(block))
+            lengths[g] = sizes[0]
+        return _out(pieces, lengths)
+
+    return run
+
+
+_DOUBLES, _INT = "DOUBLE[]", "BIGINT"
+UDFS: dict[str, tuple[Callable, list[str], str]] = {
+    "reldl_matmul": (_matmul("nn"), [_DOUBLES, _DOUBLES, _INT, _INT, _INT], _DOUBLES),
+    "reldl_matmul_nt": (_matmul("nt"), [_DOUBLES, _DOUBLES, _INT, _INT, _INT], _DOUBLES),
+    "reldl_matmul_tn": (_matmul("tn"), [_DOUBLES, _DOUBLES, _INT, _INT, _INT], _DOUBLES),
+    "reldl_col_sum": (_col_sum, [_DOUBLES, _INT, _INT], _DOUBLES),
+    "reldl_row_sum": (_row_sum, [_DOUBLES, _INT, _INT], _DOUBLES),
+    "reldl_softmax_xent": (_softmax_xent, [_DOUBLES, _DOUBLES, _INT, _INT], _DOUBLES),
+    "reldl_softmax_xent_grad": (_softmax_xent_grad, [_DOUBLES, _DOUBLES, _INT, _INT], _DOUBLES),
+    "reldl_tile_sum": (_reduce_tiles(lambda b: b.sum(axis=0)), ["DOUBLE[][]"], _DOUBLES),
+    "reldl_tile_max": (_reduce_tiles(lambda b: b.max(axis=0)), ["DOUBLE[][]"], _DOUBLES),
+}
+
+
+def install(duck: Any) -> None:
+    """Register the ``reldl_*`` tile functions on a DuckDB connection (once; later calls do nothing)."""
+    present = {
+        r[0]
+        for r in duck.execute(
+            "SELECT function_name FROM duckdb_functions() WHERE function_name LIKE 'reldl\\_%' ESCAPE '\\'"
+        ).fetchall()
+    }
+    for name, (fn, args, ret) in UDFS.items():
+        if name not in present:
+            duck.create_function(name, fn, args, ret, type="arrow", side_effects=False)
