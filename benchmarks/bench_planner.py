@@ -15,7 +15,10 @@ Cases:
 For each case every plan ('udf', 'dl', 'relation') is forced with `SET reldl_plan` and run once as a warm-up. A
 failure is recorded instead of a time: `oom` (torch or DuckDB could not allocate), `timeout` (interrupted after
 --timeout seconds, or once it runs 5x as long as the fastest warm-up of the case so far, but never before 10 s: such a
-plan cannot be within 10% of the fastest), `refused` (the planner rejects the forced plan), `error`. Then
+plan cannot be within 10% of the fastest; in memory-limited cases the relation plan instead gets --limited-timeout,
+default 600 s, since the question there is whether it finishes at all), `refused` (the planner rejects the forced
+plan), `error`. A warm-up that takes longer than --long-run seconds (default 20) is that plan's one timed run (its
+time and rows are recorded; minutes of work are warm after their first seconds). Then
 `RESET reldl_plan`: EXPLAIN's first line says which plan `auto` chose. Then timed runs of every plan that worked and
 of `auto` (whose plan is warm from the forced runs), interleaved round by round so that drift in the machine's speed
 hits all alike: best of up to 9 runs each, fewer once a plan's runs add up to --repeat-budget seconds (one run when a
@@ -216,6 +219,8 @@ class Runner:
         max_repeat: int = 9,
         limit_bytes: int | None = None,
         slack: int = 0,
+        relation_timeout: float | None = None,
+        long_run: float = float("inf"),
     ):
         self.con = con
         self.cur = con.cursor()  # for the planner's estimates (planning.make_plan)
@@ -224,6 +229,8 @@ class Runner:
         self.max_repeat = max_repeat
         self.limit_bytes = limit_bytes  # caps udf/dl runs' data segment (see the module docstring)
         self.slack = slack
+        self.relation_timeout = relation_timeout  # memory-limited cases: the relation plan's own timeout
+        self.long_run = long_run  # a warm-up longer than this is the plan's one timed run
 
     def capped(self, fam: str) -> bool:
         return self.limit_bytes is not None and fam in TORCH_FAMILIES
@@ -276,7 +283,7 @@ class Runner:
         self.con.execute("RESET reldl_plan")
         lines = [r[0] for r in self.con.execute("EXPLAIN " + sql).fetchall()]
         m = re.match(r"reldl plan: (UDF-centric|DL-centric|relation-centric)", lines[0])
-        out = {"chosen": FAMILY_OF[m.group(1)] if m else None, "explain": lines[: 2 + len(FAMILIES)]}
+        out = {"chosen": FAMILY_OF[m.group(1)] if m else None, "explain": lines[: 3 + len(FAMILIES)]}
         try:  # the planner's numbers, infeasible ones included (EXPLAIN prints no seconds for those)
             plan = planning.make_plan(self.cur, sql, None)
             if plan.select is not None:  # the row estimate the planner costed with (DuckDB's cardinality)
@@ -315,12 +322,18 @@ class Runner:
             # a plan 5x slower than one that finished cannot be within 10% of the fastest: stop it there
             best = min((plans_rec[f]["warmup_s"] for f in live), default=None)
             timeout = self.timeout if best is None else min(self.timeout, max(MIN_TIMEOUT, 5 * best))
+            if fam == "relation" and self.relation_timeout is not None:
+                timeout = self.relation_timeout  # under a memory limit: does it finish at all?
             w = self.timed(sql, fam, rec, peak=True, timeout=timeout)
             rec["warmup_s"] = round(w["seconds"], 6)
             if w["status"] != "ok":
                 rec.update(status=w["status"], error=w.get("error"), failed_in="warm-up")
                 if w["status"] == "timeout":
                     rec["timeout_s"] = timeout
+                continue
+            if w["seconds"] > self.long_run:  # minutes of work: warm after its first seconds, not run again
+                rec.update(status="ok", seconds=w["seconds"], times=[round(w["seconds"], 6)], warmup_is_timed=True)
+                results[fam] = normalize(w["table"], kind)
                 continue
             live.append(fam)
         out: dict = {"plans": plans_rec}
@@ -371,7 +384,13 @@ def _child(conn, payload: dict) -> None:
         con.execute(f"SET temp_directory = '{payload['spill_dir']}'")
         con.execute(f"SET memory_limit = '{case['limit']}'")
         runner = Runner(
-            con, payload["timeout"], payload["budget"], limit_bytes=parse_size(case["limit"]), slack=payload["slack"]
+            con,
+            payload["timeout"],
+            payload["budget"],
+            limit_bytes=parse_size(case["limit"]),
+            slack=payload["slack"],
+            relation_timeout=payload["limited_timeout"],
+            long_run=payload["long_run"],
         )
         rec, results = runner.run_case(case, payload["skip"])
         conn.send(("ok", rec, results))
@@ -596,6 +615,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/out/planner.json"), help="JSON results")
     ap.add_argument("--quick", action="store_true", help="a smaller grid (about a minute)")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds before a run is interrupted")
+    ap.add_argument(
+        "--limited-timeout", type=float, default=600.0, help="memory-limited cases: the relation plan's timeout"
+    )
+    ap.add_argument("--long-run", type=float, default=20.0, help="a warm-up longer than this is the timed run")
     ap.add_argument("--repeat-budget", type=float, default=1.5, help="timed runs per plan stop after this many s")
     ap.add_argument("--slack-mib", type=float, default=32.0, help="RLIMIT_DATA headroom over the memory limit")
     ap.add_argument("--llm-rows", type=int, default=None, help="distinct prompts (default 300, --quick 60)")
@@ -674,8 +697,11 @@ def main(argv=None) -> int:
                 timeout=args.timeout,
                 budget=args.repeat_budget,
                 skip=skip,
+                limited_timeout=args.limited_timeout,
+                long_run=args.long_run,
             )
-            rec, results = run_limited(ctx, case, payload, deadline=12 * args.timeout + 120)
+            deadline = 12 * args.timeout + 3 * args.limited_timeout + 120
+            rec, results = run_limited(ctx, case, payload, deadline=deadline)
         rec = {k: v for k, v in case.items() if k not in ("ref",)} | rec
         rec["case_seconds"] = round(time.perf_counter() - t_case, 2)
         # results: against the reference of this (table, model), made by the first plan that finished

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 DEFAULTS: dict[str, float] = {
     "torch_cpu_flops": 4.0e10,  # dense float32 matmul FLOP/s on the CPU
     "torch_cuda_flops": 2.0e13,  # on a GPU
-    "sql_flops": 4.0e8,  # multiply-adds per second of list_dot_product over DOUBLE[] tiles (relation-centric)
+    "sql_flops": 8.0e8,  # multiply-adds per second and DuckDB thread of list_dot_product (relation-centric)
     "udf_chunk_seconds": 4.0e-5,  # fixed cost of one UDF call (one DuckDB chunk: Arrow in, Arrow out)
     "row_seconds": 2.5e-7,  # moving one row through DuckDB (scan, temp table, join back)
     "udf_row_seconds": 1.2e-6,  # one row through a Python Arrow UDF (conversion, grouping; bench_planner)
@@ -20,6 +20,7 @@ DEFAULTS: dict[str, float] = {
     "relation_fixed_seconds": 2.5e-2,  # relation plan set-up: weight tables, CTE chain
     "relation_row_seconds": 2.5e-6,  # per input row of the relation plan (joins, re-assembly; bench_planner)
     "relation_value_seconds": 3.0e-8,  # per activation value it builds as a list element
+    "relation_group_seconds": 3.0e-7,  # per (row, unit) partial sum of a tiled layer (join + GROUP BY, may spill)
     "llm_step_seconds_cpu": 1.0e-2,  # one decode step of a small model at batch 64 on the CPU
     "llm_step_seconds_cuda": 2.0e-3,  # on a GPU
 }
@@ -43,6 +44,10 @@ class Workload:
     memory_limit: float = float("inf")  # bytes available to the DL plan's working set
     scanned: float = 0.0  # rows the statement scans before its filters (0: same as rows); sets the UDF call count
     relation_ok: bool = False  # the model can run as SQL (tabular models)
+    relation_threads: float = 1.0  # DuckDB threads the relation query runs on (1 when memory is tight)
+    relation_bytes: float = 0.0  # its working set in DuckDB: whole-row matrices held + per-thread vectors
+    relation_tiled_values: float = 0.0  # per row: (row, unit) partial sums of its tiled layers
+    distinct_source: str = ""  # how `distinct` was estimated (EXPLAIN shows it)
 
 
 @dataclass
@@ -109,19 +114,27 @@ def estimate(w: Workload, constants: dict[str, float] | None = None) -> list[Est
         udf.note = f"weights and one chunk need {udf_bytes / 2**20:.0f} MiB, over the memory limit"
     out.append(udf)
 
-    # Relation-centric: the model as SQL joins and aggregates; spills instead of failing.
+    # Relation-centric: the model as SQL; whole-row layers stream, tiled layers join and aggregate (and spill).
     if w.relation_ok:
         rel = Estimate(
             "relation",
             c["relation_fixed_seconds"]
             + w.distinct
             * (
-                (w.flops_per_row / 2) / c["sql_flops"]
+                (w.flops_per_row / 2) / (c["sql_flops"] * max(w.relation_threads, 1.0))
                 + c["relation_row_seconds"]
                 + (w.activation_bytes_per_row / 8) * c["relation_value_seconds"]
+                + w.relation_tiled_values * c["relation_group_seconds"]
             ),
-            note="spills to disk under memory pressure",
+            note="tiled layers spill to disk under memory pressure",
+            details={"working_set_bytes": w.relation_bytes},
         )
+        if w.relation_bytes > w.memory_limit:
+            rel.feasible = False
+            rel.note = (
+                f"whole-row matrices and per-thread vectors need {w.relation_bytes / 2**20:.0f} MiB, over the "
+                "memory limit"
+            )
         out.append(rel)
     return out
 

@@ -59,15 +59,20 @@ class Plan:
     estimates: list[cost.Estimate] = field(default_factory=list)
     reason: str = ""
     forced: bool = False
+    inputs: str = ""  # the row and distinct-count estimates the costs come from
 
     def explain(self) -> list[str]:
         names = {"udf": "UDF-centric", "dl": "DL-centric", "relation": "relation-centric"}
         lines = [f"reldl plan: {names[self.family]}" + (" (forced by SET reldl_plan)" if self.forced else "")]
         lines.append(f"  why: {self.reason}")
+        if self.inputs:
+            lines.append(f"  inputs: {self.inputs}")
         for e in self.estimates:
             mark = "*" if e.family == self.family else " "
             state = f"{e.seconds:.4g} s" if e.feasible else f"infeasible ({e.note})"
-            lines.append(f"  {mark} {names[e.family]:<17} estimated {state}")
+            ws = e.details.get("working_set_bytes")
+            memory = f", working set {ws / 2**20:.3g} MiB" if ws is not None and e.feasible else ""
+            lines.append(f"  {mark} {names[e.family]:<17} estimated {state}{memory}")
         for c in self.calls:
             lines.append(f"  model call: {c.node.sql(dialect='duckdb', normalize_functions=False)}")
         return lines

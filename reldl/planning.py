@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 
 from reldl import catalog
-from reldl.errors import ProgrammingError, translate
+from reldl.errors import OperationalError, ProgrammingError, translate
 from reldl.planner import cost, plans, predict_calls
 
 if TYPE_CHECKING:
@@ -46,13 +47,50 @@ def _estimated_rows(duck: duckdb.DuckDBPyConnection, query: exp.Select) -> float
         return 1000.0
 
 
-def _workload(cur: Cursor, call: plans.CallSite, rows: float, rows_needed: float | None) -> cost.Workload:
+DISTINCT_SAMPLE_ROWS = 2048  # rows the distinct-count estimate reads (the first ones the scan yields)
+
+
+def estimate_distinct(duck: duckdb.DuckDBPyConnection, query: exp.Select, rows: float) -> tuple[float, str]:
+    """Distinct argument tuples among ``rows`` (DuckDB's cardinality estimate of the inputs), from the first
+    DISTINCT_SAMPLE_ROWS rows of the inputs query: tuples seen more than once in the sample are taken as all there
+    is of them, tuples seen once are scaled up with the population (a unique column stays unique, a column of few
+    values stays few). A sample that reaches the end of the input is exact. Cheap: the scan stops at the sample."""
+    q = query.copy()
+    q.set("distinct", None)
+    keys = ", ".join(e.alias_or_name for e in q.expressions)
+    sample = q.limit(DISTINCT_SAMPLE_ROWS).sql(dialect="duckdb")
+    sql = (
+        f"SELECT count(*), coalesce(sum(c), 0), count(*) FILTER (WHERE c = 1) FROM "
+        f"(SELECT count(*) AS c FROM ({sample}) AS s GROUP BY hash({keys})) AS g"
+    )
+    try:
+        d, n, f1 = duck.execute(sql).fetchall()[0]
+    except duckdb.Error:
+        return rows, "not estimated (sample failed): every row taken as distinct"
+    if n == 0:
+        return 0.0, "empty sample"
+    if n < DISTINCT_SAMPLE_ROWS:
+        return float(d), f"exact: {d} of {n} rows"
+    total = max(rows, float(n))
+    est = min(total, max(float(d), (d - f1) + f1 * total / n))
+    return est, f"{d} distinct in a sample of {n} rows"
+
+
+def _layer_shapes(path: str) -> list[tuple[int, int, str]]:
+    from reldl import tabular
+
+    return tabular.inspect_tabular(path).layers
+
+
+def _workload(cur: Cursor, call: plans.CallSite, rows: float, distinct: float, rows_needed: float | None):
     models = catalog.list_models(cur._duck)
     try:
         rec = catalog.pick_model(models, call.model) if (call.model or call.function.startswith("llm")) else None
     except ProgrammingError:
         rec = None
-    w = cost.Workload(call.function, rows, rows, rows_needed)
+    w = cost.Workload(call.function, rows, min(rows, distinct), rows_needed)
+    limit = _memory_limit(cur._duck)
+    w.memory_limit = limit
     if rec is not None:
         opts = rec.options
         w.device = str(opts.get("device", "cpu"))
@@ -62,12 +100,32 @@ def _workload(cur: Cursor, call: plans.CallSite, rows: float, rows_needed: float
         w.weight_bytes = float(opts.get("weight_bytes", 0.0))
         w.activation_bytes_per_row = float(opts.get("activation_bytes_per_row", 8 * opts.get("max_width", 64)))
         w.relation_ok = rec.model_type in ("mlp", "linear_reg", "logistic_reg")
+        if w.relation_ok:
+            try:
+                shapes = _layer_shapes(rec.path)
+            except Exception:  # noqa: BLE001 - a broken checkpoint fails when the plan runs, with its own error
+                shapes = []
+            if shapes:
+                mats = [np.empty((o, i)) for i, o, _ in shapes]  # shapes only: np.empty allocates lazily
+                layers = [(m, None, a) for m, (_, _, a) in zip(mats, shapes)]
+                tiles = layer_tiles(layers, limit)
+                threads = _threads(cur._duck)
+                serial = threads > 1 and threads * thread_bytes(layers, tiles) > THREAD_SHARE * limit
+                w.relation_threads = 1.0 if serial else float(min(threads, os.cpu_count() or 1))
+                whole = sum(8 * i * o for (i, o, _), t in zip(shapes, tiles) if t is None)
+                w.relation_bytes = whole + w.relation_threads * thread_bytes(layers, tiles)
+                w.relation_tiled_values = float(sum(o for (_, o, _), t in zip(shapes, tiles) if t is not None))
     if call.function == "llm_generate":
         mt = call.args[2]
         w.max_tokens = int(mt.this) if isinstance(mt, exp.Literal) and not mt.is_string else 64
-    limit = _memory_limit(cur._duck)
-    w.memory_limit = limit
     return w
+
+
+def _threads(duck: duckdb.DuckDBPyConnection) -> int:
+    try:
+        return int(duck.execute("SELECT current_setting('threads')").fetchall()[0][0])
+    except (duckdb.Error, ValueError):
+        return 1
 
 
 def _memory_limit(duck: duckdb.DuckDBPyConnection) -> float:
@@ -108,19 +166,25 @@ def make_plan(cur: Cursor, sql: str, parameters) -> plans.Plan:
         unfiltered = inputs.copy()
         unfiltered.set("where", None)
         scanned = max(rows, _estimated_rows(cur._duck, unfiltered))
+    distinct, how = estimate_distinct(cur._duck, inputs, rows)
     limit = plans.limit_of(select)
-    work = [_workload(cur, c, rows, limit) for c in calls]
+    work = [_workload(cur, c, rows, distinct, limit) for c in calls]
     for w in work:
         w.scanned = scanned
+    plan.inputs = f"~{rows:.0f} rows (DuckDB's estimate), ~{min(rows, distinct):.0f} distinct inputs ({how})"
     per_family: dict[str, cost.Estimate] = {}
     for w in work:
         for e in cost.estimate(w, cur.connection.cost_constants()):
             acc = per_family.get(e.family)
             if acc is None:
                 per_family[e.family] = e
-            else:
+            else:  # calls run one after the other: times add, the working set is the largest
                 acc.seconds += e.seconds
+                if not e.feasible and acc.feasible:
+                    acc.note = e.note
                 acc.feasible &= e.feasible
+                for k, v in e.details.items():
+                    acc.details[k] = max(acc.details.get(k, 0.0), v)
     if not all(w.relation_ok for w in work):
         per_family.pop("relation", None)
     plan.estimates = list(per_family.values())
@@ -154,7 +218,12 @@ def run_plan(cur: Cursor, plan: plans.Plan, sql: str, parameters, timings: Timin
         if plan.family == "relation":
             values = relation_predict(cur, call.function, cols)
         else:
-            values = cur._functions_for(call.function)(*cols)
+            try:
+                values = cur._functions_for(call.function)(*cols)
+            except (MemoryError, RuntimeError) as e:
+                if not isinstance(e, MemoryError) and not _OOM.search(str(e)):
+                    raise
+                raise _dl_out_of_memory(cur, plan, call, inputs.num_rows, e) from None
         results = results.append_column(f"r{i}", values if isinstance(values, pa.Array) else pa.array(values))
     if timings:
         timings.add(f"run the model on them ({plan.family})", start)
@@ -167,6 +236,35 @@ def run_plan(cur: Cursor, plan: plans.Plan, sql: str, parameters, timings: Timin
         raise
 
 
+_OOM = re.compile(
+    r"can't allocate memory|cannot allocate memory|out of memory|failed to allocate|not enough memory", re.I
+)
+
+
+def _dl_out_of_memory(cur: Cursor, plan: plans.Plan, call: plans.CallSite, rows: int, exc: BaseException):
+    """A one-line OperationalError for a DL-centric plan whose model ran out of memory (torch's allocator or
+    Python's MemoryError), with what it needed against the limit and the plan that spills instead."""
+    name = call.model or "the default model"
+    asked = re.search(r"tried to allocate (\d+) bytes", str(exc))
+    est = next((e for e in plan.estimates if e.family == "dl"), None)
+    needed = []
+    if est is not None and "working_set_bytes" in est.details:
+        needed.append(f"about {est.details['working_set_bytes'] / 2**20:.0f} MiB estimated")
+    if asked:
+        needed.append(f"an allocation of {int(asked.group(1)) / 2**20:.0f} MiB failed")
+    limit = _memory_limit(cur._duck)
+    limit_text = f"memory_limit {limit / 2**20:.0f} MiB" if limit < float("inf") else "the memory available"
+    hint = (
+        "SET reldl_plan = 'relation' runs the model as SQL, which spills to disk"
+        if call.function.startswith("predict")
+        else "SET reldl_plan = 'udf' streams chunk by chunk"
+    )
+    return OperationalError(
+        f"{call.function}: model {name!r} ran out of memory in the DL-centric plan over {rows} distinct inputs "
+        f"({'; '.join(needed) or 'allocation failed'}; limit: {limit_text}); {hint}"
+    )
+
+
 BIG_LAYER_TILE = 512  # input-block width for layers too big to hold as one value (planner/relational.py)
 WHOLE_LAYER_SHARE = 0.3  # a layer keeps whole rows while its matrix (float64) is at most this share of memory_limit
 VALUES_PER_BATCH_SHARE = 1 / 32  # bytes of one input batch's widest activations, as a share of memory_limit
@@ -176,18 +274,15 @@ THREAD_SHARE = 0.5  # per-thread working sets of all DuckDB threads may take thi
 
 def thread_bytes(layers, tiles: list[int | None]) -> float:
     """DuckDB's working set per thread for a whole-row layer: list_transform runs its lambda over a vector of
-    2048 weight rows at a time, each carrying its own copy of the row and of x (measured: a 1024-wide layer runs
-    on one thread under a 32 MiB memory_limit, not on two)."""
+    2048 weight rows at a time, about (2048 x width) float64 values (measured: a 1024-wide layer runs on one thread
+    under a 32 MiB memory_limit, not on two)."""
     widths = [w.shape[1] for (w, _, _), t in zip(layers, tiles) if t is None]
-    return MAX_BATCH_ROWS * max(widths, default=0) * 8 * 2
+    return MAX_BATCH_ROWS * max(widths, default=0) * 8
 
 
 def single_thread(duck: duckdb.DuckDBPyConnection, layers, tiles, memory_limit: float) -> bool:
     """Whether the relation query must run on one DuckDB thread to stay within ``memory_limit``."""
-    try:
-        threads = int(duck.execute("SELECT current_setting('threads')").fetchall()[0][0])
-    except (duckdb.Error, ValueError):
-        threads = 1
+    threads = _threads(duck)
     return threads > 1 and threads * thread_bytes(layers, tiles) > THREAD_SHARE * memory_limit
 
 
