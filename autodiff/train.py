@@ -1,0 +1,614 @@
+"""Training in the database: gradient steps and optimizer updates as SQL, one transaction per epoch.
+
+``minimize(duck, loss)`` trains any differentiable graph built with :mod:`reldl.autodiff.builder`. The gradient program
+(:func:`reldl.autodiff.grad.backward`) is built once; its ``CREATE OR REPLACE TEMP TABLE`` statements are rendered once
+and re-executed every step. After them each parameter table is updated in SQL:
+
+* ``sgd``: ``p -= lr * g``; ``momentum``: ``buf = mu * buf + g; p -= lr * buf``; ``adam``: torch.optim.Adam's update
+  with bias correction (``m``, ``s`` moments; ``p -= lr / (1 - b1^t) * m / (sqrt(s) / sqrt(1 - b2^t) + eps)``).
+  ``weight_decay`` adds ``wd * p`` to the gradient (L2, as torch does).
+* Tiles are updated element by element (``list_transform(v, lambda x, i: ...)``), scalars directly.
+* A parameter row without a gradient row has gradient zero (gradients are sparse relations): it is still updated
+  (momentum and moments decay, weight decay applies), which is exactly torch's semantics for dense gradients.
+* Optimizer state lives beside each parameter table, in ``<table>__opt`` (its keys, ``m`` and ``s`` or ``buf``).
+
+Mini-batches: :class:`Batches` names a TEMP view that the graph's data scans read; it shows the rows of a source table
+whose key (e.g. row block ``rb``) is in the current batch, so the program is built once and each step only moves a
+cursor. Batch order is a permutation seeded by (seed, epoch) (:func:`batch_order`), so a resumed run sees the same
+batches as an uninterrupted one.
+
+Durability: each epoch's parameter updates, optimizer state, loss log rows and the run's epoch counter
+(``reldl.training_runs``) are committed in one transaction. A process killed mid-epoch leaves the database at the last
+committed epoch; calling ``minimize`` again with the same ``name`` resumes there: no update lost or applied twice.
+The loss of every step is in ``reldl.training_log``; :func:`plot_loss` draws it to a PNG (needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from sqlglot import exp
+
+from reldl.autodiff import symbolic as sym
+from reldl.autodiff.emit import aliased, col, select, table_as
+from reldl.autodiff.grad import Program, backward
+from reldl.autodiff.ir import AutodiffError, Node, Scan
+from reldl.autodiff.kernels import at, install, transform
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+RUNS_TABLE = ("reldl", "training_runs")
+LOG_TABLE = ("reldl", "training_log")
+_FROM = "from_" if "from_" in exp.Update.arg_types else "from"  # sqlglot renamed the key
+
+
+class TrainingError(AutodiffError):
+    """A training job that cannot run as asked (message says why, in one line)."""
+
+
+@dataclass(frozen=True)
+class Batches:
+    """Mini-batches over ``source`` (a table): each step, the TEMP view ``view`` shows the rows whose ``key`` is among
+    the ``size`` key values of the current batch. The loss graph's data scans read ``view``."""
+
+    view: str
+    source: str
+    key: str
+    size: int
+    shuffle: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
+            raise TrainingError(f"batches: size must be a positive integer, got {self.size!r}")
+        for what, name in (("view", self.view), ("key", self.key)):
+            if not isinstance(name, str) or not name:
+                raise TrainingError(f"batches: {what} must be a name")
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """Hyperparameters of one optimizer (``kind``: sgd, momentum or adam)."""
+
+    kind: str = "adam"
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in OPTIMIZERS:
+            raise TrainingError(f"unknown optimizer {self.kind!r} (one of {', '.join(OPTIMIZERS)})")
+        for name in ("learning_rate", "momentum", "beta1", "beta2", "eps", "weight_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise TrainingError(f"{name} must be a non-negative number, got {v!r}")
+        if self.learning_rate <= 0:
+            raise TrainingError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.momentum < 1):
+            raise TrainingError("beta1, beta2 and momentum must be in [0, 1)")
+
+    @property
+    def state(self) -> tuple[str, ...]:
+        """Names of the per-element state columns in ``<param>__opt``."""
+        return {"sgd": (), "momentum": ("buf",), "adam": ("m", "s")}[self.kind]
+
+
+@dataclass
+class TrainResult:
+    """What a :func:`minimize` call did. ``losses``: mean step loss of every completed epoch of the run (including
+    epochs committed by an earlier, interrupted call)."""
+
+    name: str
+    epochs: int
+    steps: int
+    losses: list[float]
+    step_losses: list[float] = field(default_factory=list)  # this call's steps
+    resumed_from: int = 0
+    seconds: float = 0.0
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        done = self.epochs - self.resumed_from
+        return self.seconds / done if done else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# names and small SQL helpers
+
+
+def table_ref(source: Any, what: str) -> exp.Table:
+    """A parameter's (or batch source's) table as a sqlglot Table; queries are refused (they cannot be updated)."""
+    if isinstance(source, exp.Table):
+        return source.copy()
+    if isinstance(source, str):
+        try:
+            t = exp.to_table(source, dialect="duckdb")
+        except Exception:  # sqlglot raises ParseError or ValueError for non-names
+            t = None
+        if isinstance(t, exp.Table) and t.name and all(isinstance(p, exp.Identifier) for p in t.parts):
+            return t
+    raise TrainingError(f"{what} must be a table name, got {source!r}")
+
+
+def _sibling(t: exp.Table, suffix: str) -> exp.Table:
+    """A table next to ``t`` (same catalog and schema) named ``<name><suffix>``."""
+    out = t.copy()
+    out.set("this", exp.to_identifier(t.name + suffix, quoted=True))
+    return out
+
+
+def _qualified(parts: tuple[str, str]) -> exp.Table:
+    return exp.Table(this=exp.to_identifier(parts[1]), db=exp.to_identifier(parts[0]))
+
+
+def _temp(name: str) -> exp.Table:
+    return exp.Table(this=exp.to_identifier(name, quoted=True))
+
+
+def _create(target: exp.Table, query: exp.Expression, temp: bool = False, replace: bool = True) -> str:
+    props = exp.Properties(expressions=[exp.TemporaryProperty()]) if temp else None
+    return exp.Create(this=target, kind="TABLE", expression=query, replace=replace, properties=props).sql("duckdb")
+
+
+def _drop(target: exp.Table, kind: str = "TABLE") -> str:
+    return exp.Drop(this=target, kind=kind, exists=True).sql("duckdb")
+
+
+def _eq_keys(keys: Sequence[str], a: str, b: str, cols_a: dict[str, str] | None = None) -> exp.Expression:
+    if not keys:
+        return exp.true()
+    cols_a = cols_a or {}
+    return exp.and_(*[exp.EQ(this=col(cols_a.get(k, k), a), expression=col(k, b)) for k in keys])
+
+
+def _num(x: float) -> exp.Expression:
+    return sym.num(float(x))
+
+
+def _elem(tile: exp.Expression, shape: tuple[int, ...]) -> exp.Expression:
+    """The current element of ``tile`` inside an update lambda (or the scalar itself)."""
+    return at(tile, col("__i")) if shape != () else tile.copy()
+
+
+def _coalesce0(e: exp.Expression) -> exp.Expression:
+    return exp.Coalesce(this=e, expressions=[_num(0.0)])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# optimizer updates as SQL
+
+
+@dataclass
+class _Param:
+    scan: Scan
+    table: exp.Table
+    opt_table: exp.Table
+    key_cols: dict[str, str]  # key name -> column of the table
+    value: str  # the table's value column
+    grad_step: str
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self.scan.keys
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.scan.shape
+
+
+def _param(scan: Scan, grad_step: str) -> _Param:
+    table = table_ref(scan.source, f"parameter {scan.label()}")
+    if not isinstance(scan.value, str):
+        raise TrainingError(f"parameter {scan.label()}: its value must be a column name, not an expression")
+    key_cols = {k: scan.columns.get(k, k) for k in scan.keys}
+    return _Param(scan, table, _sibling(table, "__opt"), key_cols, scan.value, grad_step)
+
+
+def _updated(p: _Param, opt: Optimizer, step: int, grad_table: exp.Table) -> exp.Select:
+    """``(keys..., v, <state>...)``: the parameter after one update, one row per parameter row."""
+    shape = p.shape
+    pv = col(p.value, "p")
+    gv = _coalesce0(_elem(col("v", "g"), shape))
+    x = col("__x") if shape != () else pv.copy()
+    g = sym.add(gv, sym.mul(_num(opt.weight_decay), x.copy())) if opt.weight_decay else gv
+
+    def lifted(body: exp.Expression) -> exp.Expression:
+        return transform(pv, body) if shape != () else body
+
+    def state(name: str) -> exp.Expression:
+        return _coalesce0(_elem(col(name, "s"), shape))
+
+    keys = [aliased(col(p.key_cols[k], "p"), k) for k in p.keys]
+    inner = select(*keys, aliased(pv.copy(), "pv"))
+    if opt.kind == "momentum":
+        inner = inner.select(aliased(lifted(sym.add(sym.mul(_num(opt.momentum), state("buf")), g.copy())), "buf"))
+    elif opt.kind == "adam":
+        m = sym.add(sym.mul(_num(opt.beta1), state("m")), sym.mul(_num(1.0 - opt.beta1), g.copy()))
+        s = sym.add(sym.mul(_num(opt.beta2), state("s")), sym.mul(_num(1.0 - opt.beta2), sym.mul(g.copy(), g.copy())))
+        inner = inner.select(aliased(lifted(m), "m"), aliased(lifted(s), "s"))
+    if opt.kind == "sgd":
+        inner = inner.select(aliased(lifted(g.copy()), "d"))
+    inner = inner.from_(table_as(p.table.copy(), "p"))
+    inner = inner.join(table_as(grad_table, "g"), on=_eq_keys(p.keys, "p", "g", p.key_cols), join_type="left")
+    if opt.state:
+        inner = inner.join(table_as(p.opt_table, "s"), on=_eq_keys(p.keys, "p", "s", p.key_cols), join_type="left")
+
+    # outer: the new value from the new state
+    def cur(name: str) -> exp.Expression:
+        return _elem(col(name, "u"), shape)
+
+    xo = col("__x") if shape != () else col("pv", "u")
+    lr = _num(opt.learning_rate)
+    if opt.kind == "sgd":
+        delta = sym.mul(lr, cur("d"))
+    elif opt.kind == "momentum":
+        delta = sym.mul(lr, cur("buf"))
+    else:
+        bc1 = 1.0 - opt.beta1**step
+        bc2_sqrt = math.sqrt(1.0 - opt.beta2**step)
+        denom = sym.add(sym.div(sym.func("sqrt", cur("s")), _num(bc2_sqrt)), _num(opt.eps))
+        delta = sym.mul(_num(opt.learning_rate / bc1), sym.div(cur("m"), denom))
+    new = sym.sub(xo, delta)
+    v = transform(col("pv", "u"), new) if shape != () else new
+    outer = select(*[col(k, "u") for k in p.keys], aliased(v, "v"), *[col(c, "u") for c in opt.state])
+    return outer.from_(exp.Subquery(this=inner, alias=exp.TableAlias(this=exp.to_identifier("u"))))
+
+
+def _apply_update(p: _Param, opt: Optimizer, upd: exp.Table) -> list[str]:
+    """UPDATE the parameter table (its identity, other columns and constraints stay) and replace the state table."""
+    sets = [exp.EQ(this=col(p.value), expression=col("v", "u"))]
+    update = exp.Update(this=p.table.copy(), expressions=sets)
+    update.set(_FROM, exp.From(this=table_as(upd, "u")))
+    if p.keys:
+        tname = p.table.name
+        cond = exp.and_(
+            *[
+                exp.EQ(this=exp.column(p.key_cols[k], table=exp.to_identifier(tname)), expression=col(k, "u"))
+                for k in p.keys
+            ]
+        )
+        update.set("where", exp.Where(this=cond))
+    out = [update.sql("duckdb")]
+    if opt.state:
+        state = select(*[col(k) for k in p.keys], *[col(c) for c in opt.state]).from_(upd.copy())
+        out.append(_create(p.opt_table.copy(), state))
+    return out
+
+
+def _init_state(p: _Param, opt: Optimizer) -> str | None:
+    """``<param>__opt`` with zero state for every parameter row."""
+    if not opt.state:
+        return None
+    pv = col(p.value, "p")
+    zero = transform(pv, _num(0.0), with_index=False) if p.shape != () else _num(0.0)
+    q = select(*[aliased(col(p.key_cols[k], "p"), k) for k in p.keys], *[aliased(zero.copy(), c) for c in opt.state])
+    return _create(p.opt_table.copy(), q.from_(table_as(p.table.copy(), "p")))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# run bookkeeping (reldl.training_runs / reldl.training_log)
+
+
+def _ensure_tables(duck: Any) -> None:
+    duck.execute("CREATE SCHEMA IF NOT EXISTS reldl")
+    duck.execute(
+        "CREATE TABLE IF NOT EXISTS reldl.training_runs (name VARCHAR PRIMARY KEY, fingerprint VARCHAR NOT NULL, "
+        "config JSON NOT NULL, epoch INTEGER NOT NULL, step BIGINT NOT NULL, updated_at TIMESTAMP NOT NULL "
+        "DEFAULT current_timestamp)"
+    )
+    duck.execute(
+        "CREATE TABLE IF NOT EXISTS reldl.training_log (name VARCHAR NOT NULL, epoch INTEGER NOT NULL, "
+        "step BIGINT NOT NULL, loss DOUBLE, seconds DOUBLE, logged_at TIMESTAMP NOT NULL DEFAULT current_timestamp)"
+    )
+
+
+def _run_row(duck: Any, name: str) -> tuple[str, int, int] | None:
+    rows = duck.execute("SELECT fingerprint, epoch, step FROM reldl.training_runs WHERE name = ?", [name]).fetchall()
+    return rows[0] if rows else None
+
+
+def epoch_losses(duck: Any, name: str) -> list[float]:
+    """Mean step loss per committed epoch of run ``name`` (from ``reldl.training_log``)."""
+    rows = duck.execute(
+        "SELECT epoch, avg(loss) FROM reldl.training_log WHERE name = ? GROUP BY epoch ORDER BY epoch", [name]
+    ).fetchall()
+    return [float(r[1]) for r in rows]
+
+
+def forget(duck: Any, name: str) -> None:
+    """Delete a run's bookkeeping (its parameters and optimizer tables are the caller's)."""
+    _ensure_tables(duck)
+    duck.execute("DELETE FROM reldl.training_runs WHERE name = ?", [name])
+    duck.execute("DELETE FROM reldl.training_log WHERE name = ?", [name])
+
+
+def batch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> np.ndarray:
+    """The order of ``n`` batch keys in ``epoch`` (1-based): a permutation seeded by (seed, epoch), or as sorted."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# progress
+
+
+class _Bar:
+    def __init__(self, enabled: bool | None, total: int, initial: int, desc: str):
+        from reldl.progress import _interactive
+
+        self.bar = None
+        if _interactive() if enabled is None else enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=" step", file=sys.stderr, leave=False)
+
+    def step(self, epoch: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"epoch {epoch} loss {loss:.5g}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _fingerprint(params: list[_Param], opt: Optimizer, batches: Batches | None) -> tuple[str, dict]:
+    config = {
+        "optimizer": asdict(opt),
+        "params": [[p.table.sql("duckdb"), list(p.keys), list(p.shape)] for p in params],
+        "batches": asdict(batches) if batches is not None else None,
+    }
+    text = json.dumps(config, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16], config
+
+
+def _execute(duck: Any, sql: str, *args) -> Any:
+    import duckdb
+
+    try:
+        return duck.execute(sql, *args)
+    except duckdb.Error as e:
+        from reldl.errors import first_line
+
+        raise TrainingError(f"training: {first_line(str(e))}") from None
+
+
+def minimize(
+    duck: Any,
+    loss: Node,
+    params: Sequence[Scan] | None = None,
+    *,
+    optimizer: str = "adam",
+    learning_rate: float = 0.01,
+    epochs: int = 1,
+    batches: Batches | None = None,
+    momentum: float = 0.9,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    name: str = "train",
+    resume: bool = True,
+    progress: bool | None = None,
+    plot: str | Path | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> TrainResult:
+    """Train ``loss`` (a scalar relation) by updating the parameter tables it reads, for ``epochs`` epochs.
+
+    ``params``: the parameter scans to train (default: every ``param=True`` scan). ``name`` identifies the run in
+    ``reldl.training_runs``: a run with that name is resumed from its last committed epoch (``resume=False`` starts
+    its bookkeeping over; the parameter tables are used as they are). ``on_step(epoch, step, loss)`` runs after each
+    update, inside the epoch's transaction. Returns a :class:`TrainResult`.
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise TrainingError(f"epochs must be a non-negative integer, got {epochs!r}")
+    if not isinstance(name, str) or not name:
+        raise TrainingError("a training run needs a name")
+    opt = Optimizer(optimizer, learning_rate, momentum, betas[0], betas[1], eps, weight_decay)
+    prog: Program = backward(loss, params)
+    plist = [_param(s, prog.grads[s.id]) for s in prog.wrt]
+    seen: set[str] = set()
+    for p in plist:
+        key = p.table.sql("duckdb").lower()
+        if key in seen:
+            raise TrainingError(f"parameter table {p.table.sql('duckdb')} is read by two parameter scans")
+        seen.add(key)
+    install(duck)
+    _ensure_tables(duck)
+    fingerprint, config = _fingerprint(plist, opt, batches)
+    tag = hashlib.sha256(name.encode()).hexdigest()[:10]
+    prefix = f"__reldl_train_{tag}"
+    statements = [sql for _, _, sql in prog.statements(prefix)]
+    loss_table = _temp(f"{prefix}_f{prog.loss.id}")
+    loss_sql = select(col("v")).from_(loss_table).sql("duckdb")
+    upd_tables = [_temp(f"{prefix}_upd{i}") for i in range(len(plist))]
+
+    # start or resume
+    row = _run_row(duck, name)
+    if row is not None and not resume:
+        forget(duck, name)
+        row = None
+    if row is not None and row[0] != fingerprint:
+        raise TrainingError(
+            f"training run {name!r} exists with other settings (optimizer, parameters or batches); "
+            "pass resume=False (or another name) to start over"
+        )
+    if row is None:
+        _execute(duck, "BEGIN TRANSACTION")
+        try:
+            for p in plist:
+                init = _init_state(p, opt)
+                if init is not None:
+                    _execute(duck, init)
+            _execute(
+                duck,
+                "INSERT INTO reldl.training_runs (name, fingerprint, config, epoch, step) VALUES (?, ?, ?, 0, 0)",
+                [name, fingerprint, json.dumps(config)],
+            )
+            _execute(duck, "COMMIT")
+        except BaseException:
+            duck.execute("ROLLBACK")
+            raise
+        done_epochs, step = 0, 0
+    else:
+        done_epochs, step = int(row[1]), int(row[2])
+
+    # batches: an order table per epoch, a one-row cursor, and the view the data scans read
+    order_t, cursor_t = _temp(f"{prefix}_order"), _temp(f"{prefix}_cursor")
+    n_batches, keys = 1, None
+    if batches is not None:
+        src = table_ref(batches.source, "batches: source")
+        kcol = exp.column(exp.to_identifier(batches.key, quoted=True))
+        keys_q = select(kcol).from_(src.copy()).distinct().order_by(kcol.copy())
+        keys = [r[0] for r in _execute(duck, keys_q.sql("duckdb")).fetchall()]
+        if not keys:
+            raise TrainingError(f"batches: {src.sql('duckdb')} has no rows")
+        n_batches = -(-len(keys) // batches.size)
+        _execute(duck, "CREATE OR REPLACE TEMP TABLE " + cursor_t.sql("duckdb") + " AS SELECT 0 AS b")
+        empty = select(kcol.copy(), aliased(exp.cast(exp.Literal.number(0), "BIGINT"), "b")).from_(src.copy()).limit(0)
+        _execute(duck, _create(order_t.copy(), empty, temp=True))
+        ok = select(col(batches.key, "o")).from_(table_as(order_t.copy(), "o"))
+        ok = ok.where(exp.EQ(this=col("b", "o"), expression=exp.Subquery(this=select(col("b")).from_(cursor_t.copy()))))
+        view = select(exp.Star()).from_(table_as(src.copy(), "s"))
+        view = view.where(exp.In(this=col(batches.key, "s"), query=exp.Subquery(this=ok)))
+        view_t = exp.Table(this=exp.to_identifier(batches.view))
+        create_view = exp.Create(
+            this=view_t,
+            kind="VIEW",
+            expression=view,
+            replace=True,
+            properties=exp.Properties(expressions=[exp.TemporaryProperty()]),
+        )
+        _execute(duck, create_view.sql("duckdb"))
+
+    bar = _Bar(progress, total=epochs * n_batches, initial=min(done_epochs, epochs) * n_batches, desc=name)
+    start = time.perf_counter()
+    step_losses: list[float] = []
+    resumed_from = done_epochs
+    try:
+        for epoch in range(done_epochs + 1, epochs + 1):
+            if batches is not None:
+                perm = batch_order(len(keys), epoch, batches.seed, batches.shuffle)
+                table = pa.table(
+                    {
+                        batches.key: pa.array([keys[i] for i in perm]),
+                        "b": pa.array(np.arange(len(keys)) // batches.size, pa.int64()),
+                    }
+                )
+                duck.register("__reldl_batch_order", table)
+                try:
+                    q = select(exp.Star()).from_(exp.Table(this=exp.to_identifier("__reldl_batch_order")))
+                    _execute(duck, exp.delete(order_t.copy()).sql("duckdb"))
+                    _execute(duck, exp.insert(q, order_t.copy()).sql("duckdb"))
+                finally:
+                    duck.unregister("__reldl_batch_order")
+            _execute(duck, "BEGIN TRANSACTION")
+            try:
+                for b in range(n_batches):
+                    t0 = time.perf_counter()
+                    if batches is not None:
+                        _execute(duck, "UPDATE " + cursor_t.sql("duckdb") + " SET b = ?", [b])
+                    step += 1
+                    for sql in statements:
+                        _execute(duck, sql)
+                    value = _execute(duck, loss_sql).fetchall()
+                    loss_value = float(value[0][0]) if value and value[0][0] is not None else float("nan")
+                    for p, upd in zip(plist, upd_tables):
+                        g = _temp(f"{prefix}_{p.grad_step}")
+                        _execute(duck, _create(upd.copy(), _updated(p, opt, step, g), temp=True))
+                        for sql in _apply_update(p, opt, upd):
+                            _execute(duck, sql)
+                    _execute(
+                        duck,
+                        "INSERT INTO reldl.training_log (name, epoch, step, loss, seconds) VALUES (?, ?, ?, ?, ?)",
+                        [name, epoch, step, loss_value, time.perf_counter() - t0],
+                    )
+                    step_losses.append(loss_value)
+                    bar.step(epoch, loss_value)
+                    if on_step is not None:
+                        on_step(epoch, step, loss_value)
+                _execute(
+                    duck,
+                    "UPDATE reldl.training_runs SET epoch = ?, step = ?, updated_at = current_timestamp WHERE name = ?",
+                    [epoch, step, name],
+                )
+                _execute(duck, "COMMIT")
+            except BaseException:
+                try:
+                    duck.execute("ROLLBACK")
+                except Exception:  # the connection may already have rolled back
+                    pass
+                raise
+            done_epochs = epoch
+    finally:
+        bar.close()
+        for t in [*[_temp(t) for _, t, _ in prog.statements(prefix)], *upd_tables, order_t, cursor_t]:
+            try:
+                duck.execute(_drop(t))
+            except Exception:  # cleanup is best effort: the temp tables die with the connection anyway
+                pass
+        if batches is not None:
+            try:
+                duck.execute(_drop(exp.Table(this=exp.to_identifier(batches.view)), "VIEW"))
+            except Exception:
+                pass
+    result = TrainResult(
+        name=name,
+        epochs=max(done_epochs, 0),
+        steps=step,
+        losses=epoch_losses(duck, name),
+        step_losses=step_losses,
+        resumed_from=resumed_from,
+        seconds=time.perf_counter() - start,
+    )
+    if plot is not None:
+        plot_loss(duck, name, plot)
+    return result
+
+
+def plot_loss(duck: Any, name: str, path: str | Path) -> Path:
+    """Draw run ``name``'s loss per step (and per-epoch means) from ``reldl.training_log`` to a PNG at ``path``."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise TrainingError("plotting the loss needs matplotlib (pip install matplotlib)") from None
+    _ensure_tables(duck)
+    rows = duck.execute(
+        "SELECT step, epoch, loss FROM reldl.training_log WHERE name = ? ORDER BY step", [name]
+    ).fetchall()
+    if not rows:
+        raise TrainingError(f"training run {name!r} has no logged steps")
+    steps = [r[0] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [r[2] for r in rows], lw=1, label="step loss")
+    ends: dict[int, int] = {}
+    for s, e, _ in rows:
+        ends[e] = s
+    ax.plot(list(ends.values()), epoch_losses(duck, name), "o-", label="epoch mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"training run {name}")
+    ax.legend()
+    path = Path(path)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
