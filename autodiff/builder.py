@@ -17,8 +17,8 @@ from typing import Any
 
 from sqlglot import exp
 
-from reldl.autodiff import grad as _grad
 from reldl.autodiff import ir
+from reldl.autodiff.grad import backward
 from reldl.autodiff.ir import AutodiffError, Node, Scan
 from reldl.autodiff.kernels import Kernel, kernel
 
@@ -91,7 +91,22 @@ def matmul(a: Node, b: Node, contract: Sequence[str] | None = None, name: str = 
     return ir.aggregate(product, [k for k in product.keys if k not in contract], "sum", name)
 
 
-def grad(duck: Any, loss: Node, wrt: Sequence[Scan] | None = None) -> dict[str, str]:
-    """Gradient SQL (DuckDB) for each parameter: one query returning ``(keys..., v)`` per parameter row."""
-    prog = _grad.backward(loss, wrt)
+def grad(duck: Any, loss: Node | str, wrt: Sequence[Scan] | Sequence[str] | None = None) -> dict[str, str]:
+    """Gradient SQL (DuckDB) for each parameter: one query returning ``(keys..., v)`` per parameter row.
+
+    ``loss`` is a graph built with this module, or the SQL text of a SELECT over parameter and data tables (then
+    ``wrt`` names the parameter tables; see :mod:`reldl.autodiff.frontend` for the supported subset).
+    """
+    if isinstance(loss, str):
+        from reldl.autodiff.frontend import gradient_sql
+
+        if not wrt:
+            raise AutodiffError("name the parameter tables: wrt=['w', ...]")
+        return gradient_sql(_raw(duck), loss, [str(w) for w in wrt])
+    prog = backward(loss, wrt)
     return {p.label(): prog.gradient_query(p).sql("duckdb") for p in prog.wrt}
+
+
+def _raw(duck: Any) -> Any:
+    """The DuckDB connection under a reldl connection (or the DuckDB connection itself)."""
+    return getattr(duck, "_duck", duck)

@@ -268,6 +268,8 @@ def backward(loss: Node, wrt: Sequence[Scan] | None = None) -> Program:
                 continue
             gname = f"g{y.id}"
             if isinstance(y, Join):
+                if y.kernel.zero_partial(j):  # e.g. a relation joined only for its rows: nothing flows back
+                    continue
                 if not y.kernel.differentiable(j):
                     raise AutodiffError(f"kernel {y.kernel.name} has no gradient for input {j} ({x.label()})")
                 parts.append(_join_contribution(y, j, gname))

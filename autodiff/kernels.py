@@ -78,6 +78,10 @@ class Kernel:
     def differentiable(self, i: int) -> bool:
         return True
 
+    def zero_partial(self, i: int) -> bool:
+        """True when the output does not depend on input ``i`` at all (no gradient step is needed)."""
+        return False
+
     def __repr__(self) -> str:
         return self.name
 
@@ -117,6 +121,9 @@ class Elementwise(Kernel):
 
     def out_shape(self, shapes: Sequence[Shape]) -> Shape:
         return self._check(shapes)
+
+    def zero_partial(self, i: int) -> bool:
+        return sym.is_const(self.partial(i), 0.0)
 
     def _lifted(self, body: exp.Expression, args: Sequence[exp.Expression], shapes: Sequence[Shape]):
         """``body`` with placeholders bound: scalars directly; tiles element by element (lead tile as ``__x``)."""
