@@ -497,6 +497,32 @@ def _owning_select(node: exp.Expression) -> exp.Expression | None:
     return node.find_ancestor(exp.Select)
 
 
+def _integral(node: exp.Expression) -> bool:
+    """Integer-valued by its form: integer literals and casts, list lengths, list_transform's index, and integer
+    arithmetic over those (types from `_annotate` cover columns)."""
+    t = getattr(node, "type", None)
+    if t is not None and t.this in _INTEGER_TYPES:
+        return True
+    if _int_literal(node) is not None:
+        return True
+    if isinstance(node, exp.Cast):
+        return node.to.this in _INTEGER_TYPES
+    if isinstance(node, (exp.Length, exp.ArraySize)):
+        return True
+    if isinstance(node, (exp.Paren, exp.Neg)):
+        return _integral(node.this)
+    if isinstance(node, (exp.Add, exp.Sub, exp.Mul, exp.Mod, exp.IntDiv)):
+        return _integral(node.this) and _integral(node.expression)
+    if isinstance(node, (exp.Identifier, exp.Column)) and not (isinstance(node, exp.Column) and node.table):
+        lam = node.find_ancestor(exp.Lambda)
+        while lam is not None:
+            params = _lambda_params(lam)
+            if node.name in params:
+                return isinstance(lam.parent, exp.Transform) and params.index(node.name) == 1
+            lam = lam.find_ancestor(exp.Lambda)
+    return False
+
+
 def rule_int_div(node: exp.Expression) -> exp.Expression:
     """DuckDB `a // b` truncates for integer operands and is plain division for DOUBLE/DECIMAL ones."""
     if not isinstance(node, exp.IntDiv):
@@ -504,7 +530,7 @@ def rule_int_div(node: exp.Expression) -> exp.Expression:
     kinds = []
     for operand in (node.this, node.expression):
         t = getattr(operand, "type", None)
-        kinds.append(None if t is None else t.this)
+        kinds.append(exp.DataType.Type.BIGINT if _integral(operand) else None if t is None else t.this)
     if all(k in _INTEGER_TYPES for k in kinds):
         return node
     if any(k in _NON_INTEGER_TYPES for k in kinds):
@@ -519,26 +545,32 @@ def rule_int_div(node: exp.Expression) -> exp.Expression:
 KernelBuilder = Callable[[list[exp.Expression]], exp.Expression]
 
 
-def _shape(name: str, args: list[exp.Expression], count: int, shapes: int) -> list[int]:
+def _kernel(name: str, args: list[exp.Expression], count: int, build: Callable[[list[str]], str]) -> exp.Expression:
+    """Build a kernel from a Spark SQL body over its arguments' SQL (`build` gets one string per argument).
+
+    Positive integer literals (shapes) are inlined. Columns are referenced as they are. Other arguments (tiles that
+    are expressions, shapes such as `size(v) DIV 3`) are bound once through a one-element transform, so the body's
+    lambdas do not re-evaluate them per element."""
     if len(args) != count:
         raise SparkTranslationError(f"cannot translate to Spark SQL: {name}() takes {count} arguments")
-    values = [_int_literal(a) for a in args[count - shapes :]]
-    if any(v is None or v < 1 for v in values):
-        raise SparkTranslationError(f"cannot translate to Spark SQL: {name}() shapes must be positive integer literals")
-    return [int(v) for v in values if v is not None]
-
-
-def _bound(args: list[exp.Expression], build: Callable[[list[str]], str]) -> exp.Expression:
-    """Build a kernel from a Spark SQL body over argument expressions. Arguments other than columns and literals
-    are bound once (a one-element transform) so the body's lambdas do not re-evaluate them per element."""
-    simple = [isinstance(a, (exp.Column, exp.Literal)) or (isinstance(a, exp.Identifier)) for a in args]
-    refs = [f"{{a{i}}}" if simple[i] else f"__kargs.a{i}" for i in range(len(args))]
+    refs: list[str] = []
+    bound: list[int] = []
+    for i, a in enumerate(args):
+        value = _int_literal(a)
+        if value is not None:
+            if value < 1:
+                raise SparkTranslationError(f"cannot translate to Spark SQL: {name}() shape {value} is not positive")
+            refs.append(str(value))
+        elif isinstance(a, exp.Column):
+            refs.append(f"{{a{i}}}")
+        else:
+            refs.append(f"__kargs.a{i}")
+            bound.append(i)
     body = build(refs)
-    bound = [i for i, s in enumerate(simple) if not s]
     if bound:
         fields = ", ".join(f"'a{i}', {{a{i}}}" for i in bound)
         body = f"element_at(transform(array(named_struct({fields})), __kargs -> {body}), 1)"
-    return _spark(body, **{f"a{i}": a for i, a in enumerate(args)})
+    return _spark(body, **{f"a{i}": a for i, a in enumerate(args) if refs[i].startswith(("{", "__kargs"))})
 
 
 def _let(value: str, var: str, body: str) -> str:
@@ -546,64 +578,73 @@ def _let(value: str, var: str, body: str) -> str:
 
 
 def _matmul(
-    a_index: Callable[[int, int, int], str], b_index: Callable[[int, int, int], str], name: str
+    name: str, a_index: Callable[[str, str, str], str], b_index: Callable[[str, str, str], str]
 ) -> KernelBuilder:
-    def build(args: list[exp.Expression]) -> exp.Expression:
-        m, k, n = _shape(name, args, 5, 3)
+    """Output element __e = (row, col) of m x n: the sum over __t < k of a[..] * b[..] (0-based Spark indices)."""
 
+    def build(args: list[exp.Expression]) -> exp.Expression:
         def body(r: list[str]) -> str:
+            a, b, m, k, n = r
             return (
-                f"transform(sequence(0, {m * n - 1}), __e -> aggregate(sequence(0, {k - 1}), CAST(0 AS DOUBLE), "
-                f"(__acc, __t) -> __acc + {r[0]}[{a_index(m, k, n)}] * {r[1]}[{b_index(m, k, n)}]))"
+                f"transform(sequence(0, {m} * {n} - 1), __e -> aggregate(sequence(0, {k} - 1), CAST(0 AS DOUBLE), "
+                f"(__acc, __t) -> __acc + {a}[{a_index(m, k, n)}] * {b}[{b_index(m, k, n)}]))"
             )
 
-        return _bound(args[:2], body)
+        return _kernel(name, args, 5, body)
 
     return build
 
 
-def _tile_sum(args: list[exp.Expression]) -> exp.Expression:
-    if len(args) != 1:
-        raise SparkTranslationError("cannot translate to Spark SQL: reldl_tile_sum() takes 1 argument")
-    return _bound(
-        args,
-        lambda r: (
-            f"aggregate(slice({r[0]}, 2, greatest(size({r[0]}) - 1, 0)), try_element_at({r[0]}, 1), "
-            "(__acc, __t) -> zip_with(__acc, __t, (__x, __y) -> __x + __y))"
-        ),
-    )
+def _tile_reduce(name: str, combine: str) -> KernelBuilder:
+    """Element-wise reduction of a list of equal-length tiles (usually `list(v)` of a GROUP BY)."""
+
+    def build(args: list[exp.Expression]) -> exp.Expression:
+        return _kernel(
+            name,
+            args,
+            1,
+            lambda r: (
+                f"aggregate(slice({r[0]}, 2, greatest(size({r[0]}) - 1, 0)), try_element_at({r[0]}, 1), "
+                f"(__acc, __t) -> zip_with(__acc, __t, (__x, __y) -> {combine}))"
+            ),
+        )
+
+    return build
 
 
 def _row_sum(args: list[exp.Expression]) -> exp.Expression:
-    m, n = _shape("reldl_row_sum", args, 3, 2)
-    return _bound(
-        args[:1],
+    return _kernel(
+        "reldl_row_sum",
+        args,
+        3,
         lambda r: (
-            f"transform(sequence(0, {m - 1}), __i -> "
-            f"aggregate(slice({r[0]}, __i * {n} + 1, {n}), CAST(0 AS DOUBLE), (__acc, __x) -> __acc + __x))"
+            f"transform(sequence(0, {r[1]} - 1), __i -> "
+            f"aggregate(slice({r[0]}, __i * {r[2]} + 1, {r[2]}), CAST(0 AS DOUBLE), (__acc, __x) -> __acc + __x))"
         ),
     )
 
 
 def _col_sum(args: list[exp.Expression]) -> exp.Expression:
-    m, n = _shape("reldl_col_sum", args, 3, 2)
-    return _bound(
-        args[:1],
+    return _kernel(
+        "reldl_col_sum",
+        args,
+        3,
         lambda r: (
-            f"transform(sequence(0, {n - 1}), __j -> aggregate(sequence(0, {m - 1}), CAST(0 AS DOUBLE), "
-            f"(__acc, __i) -> __acc + {r[0]}[__i * {n} + __j]))"
+            f"transform(sequence(0, {r[2]} - 1), __j -> aggregate(sequence(0, {r[1]} - 1), CAST(0 AS DOUBLE), "
+            f"(__acc, __i) -> __acc + {r[0]}[__i * {r[2]} + __j]))"
         ),
     )
 
 
 def _row_broadcast(args: list[exp.Expression]) -> exp.Expression:
-    m, n = _shape("reldl_row_broadcast", args, 3, 2)
     # size(v) must be n; a mismatch is an error, as in the DuckDB kernel, not a tile of the wrong shape.
-    return _bound(
-        args[:1],
+    return _kernel(
+        "reldl_row_broadcast",
+        args,
+        3,
         lambda r: (
-            f"IF(size({r[0]}) = {n}, flatten(array_repeat({r[0]}, {m})), "
-            f"raise_error('reldl_row_broadcast: vector length is not {n}'))"
+            f"IF(size({r[0]}) = {r[2]}, flatten(array_repeat({r[0]}, {r[1]})), "
+            f"raise_error('reldl_row_broadcast: vector length is not the row length'))"
         ),
     )
 
@@ -612,11 +653,10 @@ def _softmax_rows(name: str, per_row: Callable[[str, str, str, str], str], flat:
     """Per row r (max mx, sum of exp(x - mx) s, label y) of an m x n logits tile, with max-subtracted exponentials."""
 
     def build(args: list[exp.Expression]) -> exp.Expression:
-        m, n = _shape(name, args, 4, 2)
-
         def body(r: list[str]) -> str:
+            logits, labels, m, n = r
             row = _let(
-                f"slice({r[0]}, __i * {n} + 1, {n})",
+                f"slice({logits}, __i * {n} + 1, {n})",
                 "__r",
                 _let(
                     "array_max(__r)",
@@ -624,14 +664,14 @@ def _softmax_rows(name: str, per_row: Callable[[str, str, str, str], str], flat:
                     _let(
                         "aggregate(__r, CAST(0 AS DOUBLE), (__acc, __x) -> __acc + exp(__x - __mx))",
                         "__s",
-                        per_row("__r", "__mx", "__s", f"CAST({r[1]}[__i] AS INT)"),
+                        per_row("__r", "__mx", "__s", f"CAST({labels}[__i] AS INT)"),
                     ),
                 ),
             )
-            rows = f"transform(sequence(0, {m - 1}), __i -> {row})"
+            rows = f"transform(sequence(0, {m} - 1), __i -> {row})"
             return f"flatten({rows})" if flat else rows
 
-        return _bound(args[:2], body)
+        return _kernel(name, args, 4, body)
 
     return build
 
@@ -639,20 +679,21 @@ def _softmax_rows(name: str, per_row: Callable[[str, str, str, str], str], flat:
 SPARK_KERNELS: dict[str, KernelBuilder] = {
     # a: m x k, b: k x n -> a @ b
     "reldl_matmul": _matmul(
-        lambda m, k, n: f"(__e div {n}) * {k} + __t", lambda m, k, n: f"__t * {n} + __e % {n}", "reldl_matmul"
+        "reldl_matmul", lambda m, k, n: f"(__e div {n}) * {k} + __t", lambda m, k, n: f"__t * {n} + __e % {n}"
     ),
     # a: m x k, b: n x k -> a @ b^T
     "reldl_matmul_nt": _matmul(
-        lambda m, k, n: f"(__e div {n}) * {k} + __t", lambda m, k, n: f"(__e % {n}) * {k} + __t", "reldl_matmul_nt"
+        "reldl_matmul_nt", lambda m, k, n: f"(__e div {n}) * {k} + __t", lambda m, k, n: f"(__e % {n}) * {k} + __t"
     ),
     # a: k x m, b: k x n -> a^T @ b
     "reldl_matmul_tn": _matmul(
-        lambda m, k, n: f"__t * {m} + __e div {n}", lambda m, k, n: f"__t * {n} + __e % {n}", "reldl_matmul_tn"
+        "reldl_matmul_tn", lambda m, k, n: f"__t * {m} + __e div {n}", lambda m, k, n: f"__t * {n} + __e % {n}"
     ),
-    "reldl_tile_sum": _tile_sum,
-    "reldl_row_sum": _row_sum,
-    "reldl_col_sum": _col_sum,
-    "reldl_row_broadcast": _row_broadcast,
+    "reldl_tile_sum": _tile_reduce("reldl_tile_sum", "__x + __y"),
+    "reldl_tile_max": _tile_reduce("reldl_tile_max", "greatest(__x, __y)"),
+    "reldl_row_sum": _row_sum,  # a: m x n -> m row sums
+    "reldl_col_sum": _col_sum,  # a: m x n -> n column sums
+    "reldl_row_broadcast": _row_broadcast,  # v: n -> m x n
     # per-row cross-entropy: logsumexp - logit of the label
     "reldl_softmax_xent": _softmax_rows(
         "reldl_softmax_xent", lambda r, mx, s, y: f"{mx} + ln({s}) - {r}[{y}]", flat=False
@@ -703,7 +744,10 @@ def to_spark(query: exp.Expression | str, schema: Mapping[str, Mapping[str, str]
     `schema` ({table: {column: DuckDB type}}) lets the translation see operand types where DuckDB's meaning depends
     on them (`//` is integer division only for integers).
     """
-    tree = sqlglot.parse_one(query, read="duckdb") if isinstance(query, str) else query.copy()
+    # An AST is read back from its DuckDB text: hand-built nodes (Anonymous `len` / `list`, brackets with an
+    # explicit offset) become the nodes sqlglot's DuckDB parser makes, which the rules and the allow-list know.
+    text = query if isinstance(query, str) else query.sql(dialect="duckdb")
+    tree = sqlglot.parse_one(text, read="duckdb")
     check_functions(tree)
     _annotate(tree, schema)
     for rule in RULES:
