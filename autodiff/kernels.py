@@ -252,17 +252,23 @@ class BiasAdd(Kernel):
 
 
 class SoftmaxXent(Kernel):
-    """Per-row softmax cross-entropy: logits ``(m, n)`` and class labels ``(m,)`` (0-based, as DOUBLE) -> ``(m,)``."""
+    """Softmax cross-entropy per row: logits ``(m, n)`` and class labels ``(m,)`` (0-based, as DOUBLE) -> ``(m,)``;
+    or one row: logits ``(n,)`` and a scalar label -> a scalar (per-node outputs of a GCN)."""
 
     name = "softmax_xent"
 
     def out_shape(self, shapes):
+        if len(shapes) == 2 and len(shapes[0]) == 1 and shapes[1] == ():
+            return ()
         if len(shapes) != 2 or len(shapes[0]) != 2 or shapes[1] != shapes[0][:1]:
-            raise AutodiffError(f"softmax_xent needs logits (m, n) and labels (m,), got {list(shapes)}")
+            raise AutodiffError(f"softmax_xent needs logits (m, n) and labels (m,), or (n,) and (), got {list(shapes)}")
         return shapes[1]
 
     def forward(self, args, shapes):
-        n = shapes[0][1]
+        n = shapes[0][-1]
+        if len(shapes[0]) == 1:
+            one = sym.func("reldl_softmax_xent", args[0], sym.func("list_value", args[1]), _int(1), _int(n))
+            return at(one, _int(1))
         return sym.func("reldl_softmax_xent", args[0], args[1], rows(args[0], n), _int(n))
 
     def differentiable(self, i):
@@ -271,7 +277,10 @@ class SoftmaxXent(Kernel):
     def vjp(self, i, args, grad, shapes):
         if i != 0:
             raise AutodiffError("softmax_xent has no gradient with respect to the labels")
-        n = shapes[0][1]
+        n = shapes[0][-1]
+        if len(shapes[0]) == 1:
+            probs = sym.func("reldl_softmax_xent_grad", args[0], sym.func("list_value", args[1]), _int(1), _int(n))
+            return transform(probs, sym.mul(_lam_col(_X), grad), with_index=False)
         row = sym.add(exp.IntDiv(this=exp.Paren(this=sym.sub(_lam_col(_I), _int(1))), expression=_int(n)), _int(1))
         probs = sym.func("reldl_softmax_xent_grad", args[0], args[1], rows(args[0], n), _int(n))
         return transform(probs, sym.mul(_lam_col(_X), at(grad, row)))
@@ -325,7 +334,7 @@ def kernel(name: str) -> Kernel:
 
 
 def _lists(a: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets, values) of a list<double> Arrow array, nulls refused."""
+    """(offsets, values) of a list<double> Arrow array (offsets index ``values``), nulls refused."""
     if isinstance(a, pa.ChunkedArray):
         a = a.combine_chunks()
     if a.null_count:
@@ -341,73 +350,84 @@ def _ints(a: Any) -> np.ndarray:
     return np.asarray(a.to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
-def _out(pieces: list[np.ndarray], lengths: np.ndarray) -> pa.Array:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(pieces) if pieces else np.zeros(0)
-    kind = pa.LargeListArray if offsets[-1] >= 2**31 else pa.ListArray
-    offsets = offsets if kind is pa.LargeListArray else offsets.astype(np.int32)
-    return kind.from_arrays(pa.array(offsets), pa.array(values, pa.float64()))
+def _take(offsets: np.ndarray, values: np.ndarray, idx: np.ndarray, length: int) -> np.ndarray:
+    """Rows ``idx`` (all of one ``length``) as an array [len(idx), length], without a Python loop over rows."""
+    starts = offsets[idx]
+    if len(idx) and np.all(np.diff(starts) == length):  # contiguous: a view
+        return values[starts[0] : starts[0] + len(idx) * length].reshape(len(idx), length)
+    return values[starts[:, None] + np.arange(length)]
+
+
+def _by_length(offsets: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    """Row indices grouped by list length: [(rows, length)] (usually one group; two with a short last block)."""
+    lengths = np.diff(offsets)
+    uniq = np.unique(lengths)
+    if len(uniq) == 1:
+        return [(np.arange(len(lengths)), int(uniq[0]))]
+    return [(np.nonzero(lengths == n)[0], int(n)) for n in uniq]
 
 
 def _tiles(a: Any, cols: int, what: str) -> list[tuple[np.ndarray, np.ndarray]]:
     """Rows grouped by tile length: [(row indices, array [rows, len/cols, cols])]."""
     offsets, values = _lists(a)
-    lengths = np.diff(offsets)
-    if cols < 1 or np.any(lengths % cols):
-        raise ValueError(f"{what}: a tile's length is not a multiple of {cols}")
     groups = []
-    for length in np.unique(lengths):
-        idx = np.nonzero(lengths == length)[0]
-        if len(idx) == len(lengths) and offsets[0] == 0:
-            block = values[: offsets[-1]]
-        else:
-            block = np.concatenate([values[offsets[r] : offsets[r + 1]] for r in idx]) if length else np.zeros(0)
-        groups.append((idx, block.reshape(len(idx), length // cols if cols else 0, cols)))
+    for idx, length in _by_length(offsets):
+        if cols < 1 or length % cols:
+            raise ValueError(f"{what}: a tile's length is not a multiple of {cols}")
+        groups.append((idx, _take(offsets, values, idx, length).reshape(len(idx), length // cols, cols)))
     return groups
 
 
 def _gather(n: int, results: list[tuple[np.ndarray, np.ndarray]]) -> pa.Array:
-    """Reassemble per-group results [(row indices, array [rows, ...])] in row order."""
-    pieces: list[np.ndarray] = [np.zeros(0)] * n
+    """Reassemble per-group results [(row indices, array [rows, ...])] in row order, as a list<double> array."""
     lengths = np.zeros(n, dtype=np.int64)
+    flats = []
     for idx, arr in results:
         flat = arr.reshape(len(idx), -1)
-        for j, r in enumerate(idx):
-            pieces[r] = flat[j]
         lengths[idx] = flat.shape[1]
-    return _out(pieces, lengths)
+        flats.append((idx, flat))
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if len(flats) == 1 and len(flats[0][0]) == n:
+        values = np.ascontiguousarray(flats[0][1]).ravel()
+    else:
+        values = np.empty(offsets[-1], dtype=np.float64)
+        for idx, flat in flats:
+            values[offsets[idx][:, None] + np.arange(flat.shape[1])] = flat
+    return _list_array(offsets, values)
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
+    if offsets[-1] >= 2**31:
+        return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float64()))
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.float64()))
 
 
 def _const(a: Any) -> int:
-    v = np.unique(_ints(a))
-    if len(v) != 1:
+    v = _ints(a)
+    if len(v) and np.any(v != v[0]):
         raise ValueError("a tile dimension varies between rows")
-    return int(v[0])
+    return int(v[0]) if len(v) else 0
 
 
 def _matmul(kind: str):
     def run(a, b, m, k, n):
         k_, n_ = (None if kind == "tn" else _const(k)), _const(n)  # tn: k is the rows of a, varying per row
         bo, bv = _lists(b)
-        blen = np.diff(bo)
-        out = []
         a_cols = _const(m) if kind == "tn" else k_  # tn: a is [k, m] per row, m fixed; else a is [m, k]
-        b_len = None if kind == "tn" else k_ * n_
+        out = []
         for idx, a3 in _tiles(a, a_cols, f"reldl_matmul_{kind}"):
-            rows_b = [bv[bo[r] : bo[r + 1]] for r in idx]
-            if b_len is not None and any(len(x) != b_len for x in rows_b):
-                raise ValueError(f"reldl_matmul: the right tile does not have {b_len} elements")
+            b_len = a3.shape[1] * n_ if kind == "tn" else k_ * n_
+            if np.any(np.diff(bo)[idx] != b_len):
+                raise ValueError(f"reldl_matmul_{kind}: the right tile does not have {b_len} elements")
+            b2 = _take(bo, bv, idx, b_len)
             if kind == "nn":
-                b3 = np.stack(rows_b).reshape(len(idx), k_, n_)
-                out.append((idx, a3 @ b3))
+                out.append((idx, a3 @ b2.reshape(len(idx), k_, n_)))
             elif kind == "nt":
-                b3 = np.stack(rows_b).reshape(len(idx), n_, k_)
-                out.append((idx, a3 @ b3.transpose(0, 2, 1)))
+                out.append((idx, a3 @ b2.reshape(len(idx), n_, k_).transpose(0, 2, 1)))
             else:  # a is [k, m] (a3 [rows, k, m]), b is [k, n]
-                b3 = np.stack(rows_b).reshape(len(idx), a3.shape[1], n_)
-                out.append((idx, a3.transpose(0, 2, 1) @ b3))
-        return _gather(len(blen), out)
+                out.append((idx, a3.transpose(0, 2, 1) @ b2.reshape(len(idx), a3.shape[1], n_)))
+        return _gather(len(bo) - 1, out)
 
     return run
 
@@ -426,9 +446,9 @@ def _xent_parts(logits, labels, n):
     groups = _tiles(logits, _const(n), "reldl_softmax_xent")
     lo, lv = _lists(labels)
     for idx, z in groups:
-        y = np.stack([lv[lo[r] : lo[r + 1]] for r in idx]) if len(idx) else np.zeros((0, 0))
-        if y.shape != z.shape[:2]:
+        if np.any(np.diff(lo)[idx] != z.shape[1]):
             raise ValueError("reldl_softmax_xent: labels do not match the logits' rows")
+        y = _take(lo, lv, idx, z.shape[1])
         yi = y.astype(np.int64)
         if np.any(yi != y) or np.any(yi < 0) or np.any(yi >= z.shape[2]):
             raise ValueError(f"reldl_softmax_xent: labels must be class indices in [0, {z.shape[2]})")
@@ -455,25 +475,31 @@ def _softmax_xent_grad(logits, labels, m, n):
     return _gather(len(_ints(m)), out)
 
 
-def _reduce_tiles(fn: Callable[[np.ndarray], np.ndarray]):
+def _reduce_tiles(ufunc: np.ufunc):
+    """An element-wise reduction (np.add, np.maximum) of each row's list of equal-length tiles."""
+
     def run(tiles):
         if isinstance(tiles, pa.ChunkedArray):
             tiles = tiles.combine_chunks()
+        if tiles.null_count:
+            raise ValueError("a group's tile list is NULL")
         outer = np.asarray(tiles.offsets, dtype=np.int64)
         inner_o, inner_v = _lists(tiles.values)
-        pieces, lengths = [], np.zeros(len(outer) - 1, dtype=np.int64)
-        for g in range(len(outer) - 1):
-            lo, hi = outer[g], outer[g + 1]
-            if hi == lo:
-                pieces.append(np.zeros(0))
-                continue
-            sizes = np.diff(inner_o[lo : hi + 1])
-            if np.any(sizes != sizes[0]):
-                raise ValueError("tiles of different lengths in one group")
-            block = inner_v[inner_o[lo] : inner_o[hi]].reshape(hi - lo, sizes[0])
-            pieces.append(fn(block))
-            lengths[g] = sizes[0]
-        return _out(pieces, lengths)
+        n = len(outer) - 1
+        first, last = outer[:-1], outer[1:]
+        sizes = np.diff(inner_o)[outer[0] : outer[-1]]
+        if len(sizes) and np.any(sizes != sizes[0]):
+            raise ValueError("tiles of different lengths in one aggregate")
+        width = int(sizes[0]) if len(sizes) else 0
+        block = inner_v[inner_o[outer[0]] : inner_o[outer[-1]]].reshape(-1, width) if width else None
+        nonempty = last > first
+        lengths = np.where(nonempty, width, 0).astype(np.int64)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        if block is None or not nonempty.any():
+            return _list_array(offsets, np.zeros(0))
+        reduced = ufunc.reduceat(block, (first - outer[0])[nonempty], axis=0)
+        return _list_array(offsets, reduced.ravel())
 
     return run
 
@@ -487,8 +513,8 @@ UDFS: dict[str, tuple[Callable, list[str], str]] = {
     "reldl_row_sum": (_row_sum, [_DOUBLES, _INT, _INT], _DOUBLES),
     "reldl_softmax_xent": (_softmax_xent, [_DOUBLES, _DOUBLES, _INT, _INT], _DOUBLES),
     "reldl_softmax_xent_grad": (_softmax_xent_grad, [_DOUBLES, _DOUBLES, _INT, _INT], _DOUBLES),
-    "reldl_tile_sum": (_reduce_tiles(lambda b: b.sum(axis=0)), ["DOUBLE[][]"], _DOUBLES),
-    "reldl_tile_max": (_reduce_tiles(lambda b: b.max(axis=0)), ["DOUBLE[][]"], _DOUBLES),
+    "reldl_tile_sum": (_reduce_tiles(np.add), ["DOUBLE[][]"], _DOUBLES),
+    "reldl_tile_max": (_reduce_tiles(np.maximum), ["DOUBLE[][]"], _DOUBLES),
 }
 
 

@@ -354,3 +354,17 @@ def test_errors_name_the_problem(con):
     logits = ad.table("w", keys=["i"], shape=(3, 2))
     with pytest.raises(AutodiffError, match="no gradient"):
         backward(ad.sum(ad.apply("tile_sum", ad.apply("softmax_xent", logits, labels))))
+
+
+def test_softmax_xent_per_row_vector_and_scalar_label(con):
+    """Per-node logits (n,) with a scalar label, as a GCN's output layer has them."""
+    rng = np.random.default_rng(17)
+    z, y = rng.normal(size=(5, 4)), rng.integers(0, 4, size=5).astype(np.float64)
+    put_tiles(con, "z", list(z))
+    put_scalars(con, "lab", y, ("b",))
+    loss = ad.sum(ad.apply("softmax_xent", ad.param("z", keys=["b"], shape=(4,)), ad.table("lab", keys=["b"])))
+    value, g = grads(con, loss)
+    yt = torch.tensor(y).long()
+    ref_value, ref = torch_grads(lambda z: torch.nn.functional.cross_entropy(z, yt, reduction="sum"), z=z)
+    close(value, ref_value)
+    close(g["z"], ref["z"])
