@@ -162,7 +162,10 @@ def _create(target: exp.Table, query: exp.Expression, temp: bool = False, replac
     return exp.Create(this=target, kind="TABLE", expression=query, replace=replace, properties=props).sql("duckdb")
 
 
-def _drop(target: exp.Table, kind: str = "TABLE") -> str:
+def drop_sql(target: exp.Table, kind: str = "TABLE") -> str:
+    """``DROP <kind> IF EXISTS target`` (sqlglot moved the target from ``this`` to ``tables``)."""
+    if "tables" in exp.Drop.arg_types:
+        return exp.Drop(tables=[target], kind=kind, exists=True).sql("duckdb")
     return exp.Drop(this=target, kind=kind, exists=True).sql("duckdb")
 
 
@@ -560,12 +563,12 @@ def minimize(
         bar.close()
         for t in [*[_temp(t) for _, t, _ in prog.statements(prefix)], *upd_tables, order_t, cursor_t]:
             try:
-                duck.execute(_drop(t))
+                duck.execute(drop_sql(t))
             except Exception:  # cleanup is best effort: the temp tables die with the connection anyway
                 pass
         if batches is not None:
             try:
-                duck.execute(_drop(exp.Table(this=exp.to_identifier(batches.view)), "VIEW"))
+                duck.execute(drop_sql(exp.Table(this=exp.to_identifier(batches.view)), "VIEW"))
             except Exception:
                 pass
     result = TrainResult(

@@ -21,7 +21,7 @@ import duckdb
 import pyarrow as pa
 
 from reldl import catalog
-from reldl.errors import InterfaceError, NotSupportedError, ProgrammingError, translate
+from reldl.errors import IntegrityError, InterfaceError, NotSupportedError, ProgrammingError, translate
 from reldl.planner.statements import CreateModel, DropModel, Explain, Passthrough, SetOption, ShowModels, parse
 from reldl.udfs import SqlFunctions
 
@@ -159,6 +159,10 @@ class Cursor:
             rec = catalog.delete_model(self._duck, stmt.name, if_exists=stmt.if_exists)
             if rec is not None:
                 _unload(rec.name)
+                if rec.options.get("trained"):  # CREATE MODEL ... AS SELECT: its parameter tables go too
+                    from reldl.autodiff import models
+
+                    models.drop_trained(self._duck, rec.options)
         elif isinstance(stmt, ShowModels):
             sql = f"SELECT {catalog.MODEL_COLUMNS} FROM reldl.models ORDER BY name"
             self._duckdb(sql if catalog.has_catalog(self._duck) else catalog.EMPTY_MODELS_SQL, None)
@@ -248,13 +252,12 @@ class Cursor:
         model_type = opts.get("model_type")
         if model_type is None:
             raise ProgrammingError(f"CREATE MODEL {stmt.name}: OPTIONS must set model_type (e.g. model_type = 'llm')")
+        if stmt.query is not None:
+            self._train_model(stmt)
+            return
         if model_type != "llm" and model_type not in tabular.MODEL_TYPES:
             kinds = ", ".join(repr(t) for t in ("llm", *tabular.MODEL_TYPES))
             raise NotSupportedError(f"CREATE MODEL {stmt.name}: model_type {model_type!r} is not supported ({kinds})")
-        if stmt.query is not None:
-            raise NotSupportedError(
-                f"CREATE MODEL {stmt.name}: training with AS SELECT is not supported yet; register a model with path"
-            )
         if stmt.if_not_exists and catalog.get_model(self._duck, stmt.name) is not None:
             return
         if model_type == "llm":
@@ -267,6 +270,24 @@ class Cursor:
         catalog.put_model(self._duck, stmt.name, model_type, str(path), options, replace=stmt.replace)
         if existing is not None:
             _unload(existing.name)
+
+    def _train_model(self, stmt: CreateModel) -> None:
+        """CREATE MODEL ... AS SELECT: train with relational autodiff (autodiff/models.py), then register the model.
+        Running the statement again after an interruption resumes from the last committed epoch."""
+        from reldl.autodiff import models
+
+        existing = catalog.get_model(self._duck, stmt.name)
+        if existing is not None and stmt.if_not_exists:
+            return
+        if existing is not None and not stmt.replace:
+            raise IntegrityError(f"model {existing.name!r} already exists (use CREATE OR REPLACE MODEL)")
+        models.check_options(stmt.name, stmt.options)  # bad options fail before anything is written
+        path, options, tables = models.create_model(self._duck, stmt.name, stmt.options, stmt.query)
+        catalog.put_model(self._duck, stmt.name, stmt.options["model_type"], path, options, replace=stmt.replace)
+        if existing is not None:
+            _unload(existing.name)
+            if existing.options.get("trained"):
+                models.drop_trained(self._duck, existing.options, keep=tables)
 
     @staticmethod
     def _llm_options(name: str, opts: dict) -> tuple[str, dict]:
