@@ -95,7 +95,7 @@ class Program:
 
     def statements(self, prefix: str, names: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
         """``(step, table, CREATE OR REPLACE TEMP TABLE ... AS ...)`` for the steps (all, or those ``names`` need), in
-        order; tables are named ``<prefix>_<step>``. Build once, execute every training step."""
+        order; tables are named ``<prefix>_<step>`` (scans are TEMP VIEWs). Build once, execute every training step."""
         steps = self.closure(names) if names is not None else self.steps
         tables = {s.name: f"{prefix}_{s.name}" for s in steps}
 
@@ -104,9 +104,11 @@ class Program:
 
         out = []
         for s in steps:
+            # a scan is a view: copying the data (or a batch of it) into a table costs more than reading it twice
+            view = isinstance(s.node, Scan) and not s.gradient
             create = exp.Create(
                 this=exp.Table(this=exp.to_identifier(tables[s.name])),
-                kind="TABLE",
+                kind="VIEW" if view else "TABLE",
                 expression=s.build(ref),
                 replace=True,
                 properties=exp.Properties(expressions=[exp.TemporaryProperty()]),
