@@ -133,11 +133,13 @@ def table_ref(source: Any, what: str) -> exp.Table:
     if isinstance(source, exp.Table):
         return source.copy()
     if isinstance(source, str):
+        import sqlglot
+
         try:
-            t = exp.to_table(source, dialect="duckdb")
-        except Exception:  # sqlglot raises ParseError or ValueError for non-names
+            t = sqlglot.parse_one(source, into=exp.Table, read="duckdb")
+        except (sqlglot.errors.ParseError, sqlglot.errors.TokenError, ValueError):
             t = None
-        if isinstance(t, exp.Table) and t.name and all(isinstance(p, exp.Identifier) for p in t.parts):
+        if isinstance(t, exp.Table) and t.name and not t.alias and all(isinstance(p, exp.Identifier) for p in t.parts):
             return t
     raise TrainingError(f"{what} must be a table name, got {source!r}")
 
@@ -441,6 +443,13 @@ def minimize(
     loss_table = _temp(f"{prefix}_f{prog.loss.id}")
     loss_sql = select(col("v")).from_(loss_table).sql("duckdb")
     upd_tables = [_temp(f"{prefix}_upd{i}") for i in range(len(plist))]
+    rendered = prog.statements(prefix)
+    views = [
+        _temp(t)
+        for _, t, sql in rendered
+        if sql.upper().startswith(("CREATE OR REPLACE TEMPORARY VIEW", "CREATE OR REPLACE TEMP VIEW"))
+    ]
+    step_tables = [_temp(t) for _, t, _ in rendered if _temp(t) not in views] + upd_tables
 
     # start or resume
     row = _run_row(duck, name)
@@ -542,6 +551,8 @@ def minimize(
                         "INSERT INTO reldl.training_log (name, epoch, step, loss, seconds) VALUES (?, ?, ?, ?, ?)",
                         [name, epoch, step, loss_value, time.perf_counter() - t0],
                     )
+                    for t in step_tables:  # freed now, not at the epoch's commit
+                        _execute(duck, drop_sql(t))
                     step_losses.append(loss_value)
                     bar.step(epoch, loss_value)
                     if on_step is not None:
@@ -561,9 +572,9 @@ def minimize(
             done_epochs = epoch
     finally:
         bar.close()
-        for t in [*[_temp(t) for _, t, _ in prog.statements(prefix)], *upd_tables, order_t, cursor_t]:
+        for t, kind in [*[(v, "VIEW") for v in views], *[(t, "TABLE") for t in [*step_tables, order_t, cursor_t]]]:
             try:
-                duck.execute(drop_sql(t))
+                duck.execute(drop_sql(t, kind))
             except Exception:  # cleanup is best effort: the temp tables die with the connection anyway
                 pass
         if batches is not None:

@@ -300,3 +300,38 @@ def test_sql_end_to_end_predict_and_drop(tmp_path):
     con.execute("DROP MODEL clf")
     assert con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE 'm_clf_%'").fetchall()[0][0] == 0
     con.close()
+
+
+@pytest.mark.parametrize(
+    "options,query,error",
+    [
+        ("model_type = 'mlp', label = 'y', hiden_units = [4]", "SELECT * FROM pts", "unknown option(s) hiden_units"),
+        ("model_type = 'mlp', label = 'target'", "SELECT * FROM pts", "label column 'target' is not in"),
+        ("model_type = 'logistic_reg', label = 'y'", "SELECT f0, 'a' AS s, y FROM pts", "feature column 's' has type"),
+        ("model_type = 'svm', label = 'y'", "SELECT * FROM pts", "model_type 'svm' cannot be trained"),
+        ("model_type = 'mlp', label = 'y', optimizer = 'lbfgs'", "SELECT * FROM pts", "optimizer 'lbfgs'"),
+        ("model_type = 'logistic_reg', label = 'f0'", "SELECT f0, f1 FROM pts", "labels must be class indices"),
+        ("model_type = 'mlp', label = 'y', batch_size = 10, tile_rows = 4", "SELECT * FROM pts", "multiple of"),
+        ("model_type = 'gcn', label = 'y'", "SELECT * FROM pts", "needs OPTIONS (edges"),
+    ],
+)
+def test_bad_input_is_one_line_and_changes_nothing(tmp_path, options, query, error):
+    con = reldl.connect(str(tmp_path / "bad.db"))
+    tabular_data(con.duckdb_connection, n=20, d=2)
+    con.execute(
+        "CREATE MODEL keep OPTIONS (model_type = 'linear_reg', label = 'y', epochs = 1, batch_size = 10) "
+        "AS SELECT f0, f1, y FROM pts"
+    )
+
+    def snapshot():
+        tables = con.execute("SELECT schema_name, table_name FROM duckdb_tables() ORDER BY ALL").fetchall()
+        rows = {t: con.execute(f'SELECT * FROM "{t[0]}"."{t[1]}" ORDER BY ALL').fetchall() for t in tables}
+        return tables, rows, con.execute("SELECT name, options FROM reldl.models").fetchall()
+
+    before = snapshot()
+    with pytest.raises(reldl.Error) as info:
+        con.execute(f"CREATE OR REPLACE MODEL keep OPTIONS ({options}) AS {query}")
+    assert error in str(info.value) and "\n" not in str(info.value)
+    assert snapshot() == before
+    assert con.execute("SELECT predict('keep', f0, f1) IS NOT NULL FROM pts LIMIT 1").fetchall() == [(True,)]
+    con.close()
