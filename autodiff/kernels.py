@@ -421,6 +421,11 @@ def _matmul(kind: str):
             if np.any(np.diff(bo)[idx] != b_len):
                 raise ValueError(f"reldl_matmul_{kind}: the right tile does not have {b_len} elements")
             b2 = _take(bo, bv, idx, b_len)
+            if kind != "tn" and len(idx) > 1 and np.array_equal(b2, np.broadcast_to(b2[0], b2.shape)):
+                # one weight tile cross-joined to every row: a single GEMM over the stacked rows (BLAS-sized)
+                w = b2[0].reshape(k_, n_) if kind == "nn" else b2[0].reshape(n_, k_).T
+                out.append((idx, (a3.reshape(-1, k_) @ w).reshape(len(idx), a3.shape[1], n_)))
+                continue
             if kind == "nn":
                 out.append((idx, a3 @ b2.reshape(len(idx), k_, n_)))
             elif kind == "nt":
