@@ -554,3 +554,33 @@ def test_autodiff_gradients_match_on_spark(spark) -> None:
     for query in queries:
         expected = con.execute(query.sql("duckdb")).fetchall()
         assert_same(expected, run_on_spark(spark, query, tables), ordered=False)
+
+
+def test_sql_front_end_gradients_match_on_spark(spark) -> None:
+    """Gradient SQL from `grad(con, loss_sql, wrt)`: scalar tuples, a subquery, a self-join, AVG and a CASE."""
+    from reldl import autodiff as ad
+
+    rng = np.random.default_rng(seed_of("frontend"))
+    x = rng.normal(size=(6, 3))
+    tables = {
+        "x": pa.table(
+            {
+                "i": pa.array(np.repeat(np.arange(6), 3), pa.int32()),
+                "j": pa.array(np.tile(np.arange(3), 6), pa.int32()),
+                "v": pa.array(x.ravel()),
+            }
+        ),
+        "y": pa.table({"i": pa.array(np.arange(6), pa.int32()), "v": pa.array(rng.normal(size=6))}),
+        "w": pa.table({"j": pa.array(np.arange(3), pa.int32()), "v": pa.array(rng.normal(size=3))}),
+    }
+    con = duck(tables, kernels=False)
+    ad.install(con)
+    loss_sql = """
+        SELECT AVG(CASE WHEN s.p > 0 THEN POWER(s.p - y.v, 2) ELSE ABS(s.p - y.v) END) + SUM(EXP(y.v)) / COUNT(*)
+        FROM (SELECT x.i, SUM(x.v * w.v) AS p FROM x JOIN w ON x.j = w.j GROUP BY x.i) AS s JOIN y ON s.i = y.i
+    """
+    ridge = "SELECT SUM(a.v * b.v) FROM w AS a, w AS b WHERE a.j = b.j"
+    for sql in (loss_sql, ridge):
+        query = ad.grad(con, sql, wrt=["w"])["w"]
+        expected = con.execute(query).fetchall()
+        assert_same(expected, run_on_spark(spark, query, tables), ordered=True)
