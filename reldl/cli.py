@@ -20,7 +20,10 @@ from reldl import shell
 
 EXAMPLES = """\
 examples:
-  reldl demo                          extract JSON from 300 reviews with the shipped model, check accuracy
+  reldl demo                          extract JSON from 300 reviews with the shipped model, check accuracy,
+                                      then train a logistic regression in SQL
+  reldl sql my.db -c "CREATE MODEL m OPTIONS (model_type = 'mlp', label = 'y', epochs = 5) AS SELECT * FROM t"
+                                      train a model inside the database (relational autodiff; SGD/momentum/Adam)
   reldl sql my.db -c "SELECT llm_generate(prompt, max_tokens := 32) FROM reviews"
   reldl sql my.db < script.sql        run a script, printing each result
   reldl sql my.db                     interactive shell (.help lists its commands)
@@ -90,7 +93,8 @@ def _database(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reldl",
-        description="In-database deep learning on DuckDB: LLM generation and scoring from SQL.",
+        description="In-database deep learning on DuckDB: LLM generation and scoring from SQL, and training models "
+        "in SQL (CREATE MODEL ... AS SELECT: relational autodiff).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
