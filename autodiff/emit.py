@@ -152,6 +152,18 @@ def aggregate_query(node: Aggregate, ref: Ref) -> exp.Select:
     return q.group_by(*[c.copy() for c in keys]) if keys else q
 
 
+def fused_sum_query(node: Aggregate, join: Join, ref: Ref) -> exp.Select:
+    """SUM over ``join`` grouped by ``node``'s keys, in one SELECT: the product relation is never stored."""
+    q, holder = join_from(join.parts, ref)
+    args = [col("v", f"t{j}") for j in range(len(join.parts))]
+    v = join.kernel.forward(args, [p.shape for p in join.parts])
+    if join.where is not None:
+        q = q.where(_qualify(join.where, holder))
+    keys = [col(k, holder[k]) for k in node.keys]
+    q = q.select(*[aliased(c, k) for c, k in zip(keys, node.keys)], aliased(tile_sum(v, join.shape), "v"))
+    return q.group_by(*[c.copy() for c in keys]) if keys else q
+
+
 def rename_query(node: Rename, ref: Ref) -> exp.Select:
     cols = [aliased(col(k), node.mapping.get(k, k)) for k in node.source.keys]
     return select(*cols, col("v")).from_(table_as(ref(node.source), "t0"))

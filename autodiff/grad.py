@@ -152,21 +152,29 @@ def _group(keys: Sequence[str], q: exp.Select, shape, v: exp.Expression, key_col
     return q.group_by(*[c.copy() for c in key_cols]) if keys else q
 
 
-def _join_contribution(y: Join, j: int, gname: str) -> Callable[[Names], exp.Select]:
+def _join_contribution(y: Join, j: int, gname: str, gkeys: Sequence[str]) -> Callable[[Names], exp.Select]:
+    """Input ``j``'s share of the gradient of join ``y``, whose output gradient is ``gname`` on ``gkeys`` (y's keys,
+    or, when y feeds only a SUM, that aggregate's keys: its gradient broadcast over y's rows)."""
     x = y.parts[j]
 
     def build(ref: Names) -> exp.Select:
         n = len(y.parts)
-        q, holder = emit.join_from(y.parts, lambda p: ref(f"f{p.id}"), extra=[(ref(gname), y.keys)])
+        q, holder = emit.join_from(y.parts, lambda p: ref(f"f{p.id}"), extra=[(ref(gname), gkeys)])
         args = [col("v", f"t{i}") for i in range(n)]
-        v = y.kernel.vjp(j, args, col("v", f"t{n}"), [p.shape for p in y.parts])
+        shapes = [p.shape for p in y.parts]
+        g = col("v", f"t{n}")
         if y.where is not None:
             q = q.where(emit._qualify(y.where, holder))
         # x's own keys come from x's alias, so a key x shares with an earlier input reads the same value
         key_cols = [col(k, holder[k]) for k in x.keys]
         if set(x.keys) == set(y.keys):
+            v = y.kernel.vjp(j, args, g, shapes)
             return q.select(*[aliased(c, k) for c, k in zip(key_cols, x.keys)], aliased(v, "v"))
-        return _group(x.keys, q, x.shape, v, key_cols)
+        summed = y.kernel.vjp_sum(j, args, g, shapes)
+        if summed is None:
+            return _group(x.keys, q, x.shape, y.kernel.vjp(j, args, g, shapes), key_cols)
+        q = q.select(*[aliased(c, k) for c, k in zip(key_cols, x.keys)], aliased(summed, "v"))
+        return q.group_by(*[c.copy() for c in key_cols]) if x.keys else q
 
     return build
 
@@ -253,16 +261,29 @@ def backward(loss: Node, wrt: Sequence[Scan] | None = None) -> Program:
         needs[n.id] = n.id in want or any(needs[i.id] for i in n.inputs)
 
     prog = Program(loss=loss, wrt=wrt)
-    for n in order:
-        prog.add(Step(f"f{n.id}", _forward(n), [f"f{i.id}" for i in n.inputs], n))
     consumers: dict[int, list[tuple[Node, int]]] = {n.id: [] for n in order}
     for y in order:
         for j, x in enumerate(y.inputs):
             consumers[x.id].append((y, j))
+    # a join whose only consumer is a SUM is fused into it: the aggregate runs over the join directly (no product
+    # relation is stored), and the join's inputs take the aggregate's gradient, broadcast by the join on its keys
+    fused: dict[int, Aggregate] = {}
+    for y in order:
+        cons = consumers[y.id]
+        if isinstance(y, Join) and len(cons) == 1 and isinstance(cons[0][0], Aggregate) and cons[0][0].fn == "sum":
+            fused[y.id] = cons[0][0]
+    for n in order:
+        if n.id in fused:
+            continue
+        src = n.inputs[0] if isinstance(n, Aggregate) else None
+        if src is not None and src.id in fused:
+            prog.add(Step(f"f{n.id}", _fused_forward(n, src), [f"f{p.id}" for p in src.parts], n))
+        else:
+            prog.add(Step(f"f{n.id}", _forward(n), [f"f{i.id}" for i in n.inputs], n))
 
     prog.add(Step(f"g{loss.id}", _seed, [], loss, gradient=True))
     for x in reversed(order):
-        if x is loss or not needs[x.id]:
+        if x is loss or not needs[x.id] or x.id in fused:
             continue
         parts, deps = [], []
         for y, j in consumers[x.id]:
@@ -274,7 +295,9 @@ def backward(loss: Node, wrt: Sequence[Scan] | None = None) -> Program:
                     continue
                 if not y.kernel.differentiable(j):
                     raise AutodiffError(f"kernel {y.kernel.name} has no gradient for input {j} ({x.label()})")
-                parts.append(_join_contribution(y, j, gname))
+                z = fused.get(y.id)
+                gname, gkeys = (f"g{z.id}", z.keys) if z is not None else (gname, y.keys)
+                parts.append(_join_contribution(y, j, gname, gkeys))
                 deps += [f"f{p.id}" for p in y.parts] + [gname]
             elif isinstance(y, Aggregate):
                 if y.fn == "count":
@@ -295,6 +318,10 @@ def backward(loss: Node, wrt: Sequence[Scan] | None = None) -> Program:
 
 def _forward(n: Node) -> Callable[[Names], exp.Select]:
     return lambda ref: emit.node_query(n, lambda m: ref(f"f{m.id}"))
+
+
+def _fused_forward(z: Aggregate, y: Join) -> Callable[[Names], exp.Select]:
+    return lambda ref: emit.fused_sum_query(z, y, lambda m: ref(f"f{m.id}"))
 
 
 def _empty(x: Node) -> Callable[[Names], exp.Select]:

@@ -82,6 +82,13 @@ class Kernel:
         """True when the output does not depend on input ``i`` at all (no gradient step is needed)."""
         return False
 
+    def vjp_sum(
+        self, i: int, args: Sequence[exp.Expression], grad: exp.Expression, shapes: Sequence[Shape]
+    ) -> exp.Expression | None:
+        """An aggregate expression summing input ``i``'s gradient over a group of rows in one call, where the kernel
+        has a faster way than summing :meth:`vjp` per row (None: sum the per-row products)."""
+        return None
+
     def __repr__(self) -> str:
         return self.name
 
@@ -144,11 +151,17 @@ class Elementwise(Kernel):
         return body if lead is None else transform(args[lead], body)
 
     def vjp(self, i, args, grad, shapes):
-        self._check(shapes)
-        lead, d = self._lifted(self.partial(i), args, shapes)
-        if lead is None:
-            return sym.mul(d, grad)
-        per_element = transform(args[lead], sym.mul(d, at(grad, _lam_col(_I))))
+        out = self._check(shapes)
+        if out == ():
+            return sym.mul(_substitute(self.partial(i), {self.placeholder(j): a for j, a in enumerate(args)}), grad)
+        # walk the output's gradient tile (``__x``); other tiles are read by index only where the partial uses them
+        d = self.partial(i)
+        subs = {}
+        for j, (a, s) in enumerate(zip(args, shapes)):
+            subs[self.placeholder(j)] = a if s == () else at(a, _lam_col(_I))
+        body = _substitute(d, subs)
+        indexed = any(c.name == _I for c in body.find_all(exp.Column))
+        per_element = transform(grad, sym.mul(body, _lam_col(_X)), with_index=indexed)
         return per_element if shapes[i] != () else sym.func("list_sum", per_element)
 
 
@@ -229,6 +242,13 @@ class Matmul(Kernel):
         if i == 0:  # dA = G @ B^T: (m, n) x (k, n)^T
             return sym.func("reldl_matmul_nt", grad, args[1], rows(grad, n), _int(n), _int(k))
         return sym.func("reldl_matmul_tn", args[0], grad, _int(k), rows(grad, n), _int(n))  # dB = A^T @ G
+
+    def vjp_sum(self, i, args, grad, shapes):
+        if i != 1:
+            return None
+        k, n = shapes[1]  # sum over rows of A_r^T G_r = (A_1; ...; A_R)^T (G_1; ...; G_R): one GEMM
+        lists = [exp.Anonymous(this="list", expressions=[a.copy()]) for a in (args[0], grad)]
+        return sym.func("reldl_matmul_tn_sum", *lists, _int(k), _int(n))
 
 
 class BiasAdd(Kernel):
@@ -509,11 +529,34 @@ def _reduce_tiles(ufunc: np.ufunc):
     return run
 
 
+def _matmul_tn_sum(la, lg, k, n):
+    """Per row: the sum over its list of tile pairs of A_r^T G_r (A_r: m_r x k, G_r: m_r x n), as one GEMM."""
+    k_, n_ = _const(k), _const(n)
+    out_pieces, lengths = [], []
+    for lists, cols in ((la, k_), (lg, n_)):
+        if isinstance(lists, pa.ChunkedArray):
+            lists = lists.combine_chunks()
+        out_pieces.append((np.asarray(lists.offsets, dtype=np.int64), *_lists(lists.values), cols))
+    (ao, aio, aiv, _), (go, gio, giv, _) = out_pieces
+    results = []
+    for r in range(len(ao) - 1):
+        a = aiv[aio[ao[r]] : aio[ao[r + 1]]]
+        g = giv[gio[go[r]] : gio[go[r + 1]]]
+        if a.size % k_ or g.size % n_ or a.size // k_ != g.size // n_:
+            raise ValueError("reldl_matmul_tn_sum: the tiles' rows do not match")
+        results.append((a.reshape(-1, k_).T @ g.reshape(-1, n_)).ravel())
+        lengths.append(k_ * n_)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return _list_array(offsets, np.concatenate(results) if results else np.zeros(0))
+
+
 _DOUBLES, _INT = "DOUBLE[]", "BIGINT"
 UDFS: dict[str, tuple[Callable, list[str], str]] = {
     "reldl_matmul": (_matmul("nn"), [_DOUBLES, _DOUBLES, _INT, _INT, _INT], _DOUBLES),
     "reldl_matmul_nt": (_matmul("nt"), [_DOUBLES, _DOUBLES, _INT, _INT, _INT], _DOUBLES),
     "reldl_matmul_tn": (_matmul("tn"), [_DOUBLES, _DOUBLES, _INT, _INT, _INT], _DOUBLES),
+    "reldl_matmul_tn_sum": (_matmul_tn_sum, ["DOUBLE[][]", "DOUBLE[][]", _INT, _INT], _DOUBLES),
     "reldl_col_sum": (_col_sum, [_DOUBLES, _INT, _INT], _DOUBLES),
     "reldl_row_sum": (_row_sum, [_DOUBLES, _INT, _INT], _DOUBLES),
     "reldl_softmax_xent": (_softmax_xent, [_DOUBLES, _DOUBLES, _INT, _INT], _DOUBLES),
