@@ -747,12 +747,36 @@ def to_spark(query: exp.Expression | str, schema: Mapping[str, Mapping[str, str]
     # An AST is read back from its DuckDB text: hand-built nodes (Anonymous `len` / `list`, brackets with an
     # explicit offset) become the nodes sqlglot's DuckDB parser makes, which the rules and the allow-list know.
     text = query if isinstance(query, str) else query.sql(dialect="duckdb")
-    tree = sqlglot.parse_one(text, read="duckdb")
+    tree = sqlglot.parse_one(text, read="duckdb").transform(_unfuse_kernels)
     check_functions(tree)
     _annotate(tree, schema)
     for rule in RULES:
         tree = _bottom_up(tree, rule)
     return tree.sql(dialect="spark")
+
+
+def _unfuse_kernels(node: exp.Expression) -> exp.Expression:
+    """Aggregate-fused kernels back to per-row kernels under a tile sum, which the kernel rules expand:
+    ``reldl_matmul_tn_sum(list(a), list(g), k, n)`` -> ``reldl_tile_sum(list(reldl_matmul_tn(a, g, k, len(g) // n,
+    n)))``."""
+    if not (isinstance(node, exp.Anonymous) and str(node.this).lower() == "reldl_matmul_tn_sum"):
+        return node
+    args = list(node.expressions)
+
+    def inner(e: exp.Expression) -> exp.Expression | None:
+        if isinstance(e, exp.Anonymous) and str(e.this).lower() == "list" and len(e.expressions) == 1:
+            return e.expressions[0]
+        if isinstance(e, exp.ArrayAgg) and not isinstance(e.this, (exp.Order, exp.Distinct)):
+            return e.this  # DuckDB's list(x), as sqlglot parses it
+        return None
+
+    if len(args) != 4 or inner(args[0]) is None or inner(args[1]) is None:
+        raise SparkTranslationError("cannot translate to Spark SQL: reldl_matmul_tn_sum() needs list(a), list(g), k, n")
+    a, g, k, n = inner(args[0]), inner(args[1]), args[2], args[3]
+    rows = exp.IntDiv(this=exp.Anonymous(this="len", expressions=[g.copy()]), expression=n.copy())
+    per_row = exp.Anonymous(this="reldl_matmul_tn", expressions=[a.copy(), g.copy(), k.copy(), rows, n.copy()])
+    unfused = exp.Anonymous(this="reldl_tile_sum", expressions=[exp.ArrayAgg(this=per_row)])
+    return sqlglot.parse_one(unfused.sql("duckdb"), read="duckdb")  # as parsed text, like the rest of the tree
 
 
 def _annotate(tree: exp.Expression, schema: Mapping[str, Mapping[str, str]] | None) -> None:
