@@ -244,9 +244,13 @@ class Matmul(Kernel):
         return sym.func("reldl_matmul_tn", args[0], grad, _int(k), rows(grad, n), _int(n))  # dB = A^T @ G
 
     def vjp_sum(self, i, args, grad, shapes):
-        if i != 1:
+        k, n = shapes[1]
+        m = shapes[0][0] if len(shapes[0]) == 2 else 1
+        if i != 1 or m * (k + n) > k * n:
+            # row-block tiles: the per-row products (k x n each) are smaller than the stacked inputs a list would
+            # hold (aggregates that build lists cannot spill), and each product is already a BLAS-sized GEMM
             return None
-        k, n = shapes[1]  # sum over rows of A_r^T G_r = (A_1; ...; A_R)^T (G_1; ...; G_R): one GEMM
+        # vector rows: sum over rows of A_r^T G_r = (A_1; ...; A_R)^T (G_1; ...; G_R), one GEMM, lists of small rows
         lists = [exp.Anonymous(this="list", expressions=[a.copy()]) for a in (args[0], grad)]
         return sym.func("reldl_matmul_tn_sum", *lists, _int(k), _int(n))
 

@@ -17,9 +17,13 @@ whose key (e.g. row block ``rb``) is in the current batch, so the program is bui
 cursor. Batch order is a permutation seeded by (seed, epoch) (:func:`batch_order`), so a resumed run sees the same
 batches as an uninterrupted one.
 
-Durability: each epoch's parameter updates, optimizer state, loss log rows and the run's epoch counter
-(``reldl.training_runs``) are committed in one transaction. A process killed mid-epoch leaves the database at the last
-committed epoch; calling ``minimize`` again with the same ``name`` resumes there: no update lost or applied twice.
+Durability: an epoch starts by snapshotting every parameter table and its optimizer state (``<table>__snap``,
+``<table>__opt_snap``) and marking the run's epoch as active, in one transaction. Each step then commits on its own
+(so DuckDB frees the step's replaced tables at once, and an epoch's memory does not grow with its steps: training runs
+under a ``memory_limit`` below the data), and the epoch ends with one transaction that advances the run's epoch
+counter (``reldl.training_runs``) and drops the snapshots. A process killed mid-epoch leaves an active epoch behind;
+calling ``minimize`` again with the same ``name`` restores the snapshots, deletes that epoch's log rows and reruns it:
+the result is the last committed epoch, with no update lost or applied twice.
 The loss of every step is in ``reldl.training_log``; :func:`plot_loss` draws it to a PNG (needs matplotlib).
 """
 
@@ -313,15 +317,36 @@ def _ensure_tables(duck: Any) -> None:
         "config JSON NOT NULL, epoch INTEGER NOT NULL, step BIGINT NOT NULL, updated_at TIMESTAMP NOT NULL "
         "DEFAULT current_timestamp)"
     )
+    # the epoch whose steps are being committed one by one (NULL between epochs): resume restores its snapshots
+    duck.execute("ALTER TABLE reldl.training_runs ADD COLUMN IF NOT EXISTS active_epoch INTEGER")
     duck.execute(
         "CREATE TABLE IF NOT EXISTS reldl.training_log (name VARCHAR NOT NULL, epoch INTEGER NOT NULL, "
         "step BIGINT NOT NULL, loss DOUBLE, seconds DOUBLE, logged_at TIMESTAMP NOT NULL DEFAULT current_timestamp)"
     )
 
 
-def _run_row(duck: Any, name: str) -> tuple[str, int, int] | None:
-    rows = duck.execute("SELECT fingerprint, epoch, step FROM reldl.training_runs WHERE name = ?", [name]).fetchall()
+def _run_row(duck: Any, name: str) -> tuple[str, int, int, int | None] | None:
+    rows = duck.execute(
+        "SELECT fingerprint, epoch, step, active_epoch FROM reldl.training_runs WHERE name = ?", [name]
+    ).fetchall()
     return rows[0] if rows else None
+
+
+def _snapshots(p: _Param, opt: Optimizer) -> list[tuple[exp.Table, exp.Table]]:
+    """(live table, snapshot table) pairs of a parameter: its table and, with a stateful optimizer, its state."""
+    pairs = [(p.table, _sibling(p.table, "__snap"))]
+    if opt.state:
+        pairs.append((p.opt_table, _sibling(p.table, "__opt_snap")))
+    return pairs
+
+
+def _restore(p: _Param, opt: Optimizer) -> list[str]:
+    """Put a parameter (rows replaced in place: its identity and constraints stay) and its state back."""
+    out = []
+    for live, snap in _snapshots(p, opt):
+        out.append(exp.delete(live.copy()).sql("duckdb"))
+        out.append(exp.insert(select(exp.Star()).from_(snap.copy()), live.copy()).sql("duckdb"))
+    return out
 
 
 def epoch_losses(duck: Any, name: str) -> list[float]:
@@ -419,7 +444,7 @@ def minimize(
     ``params``: the parameter scans to train (default: every ``param=True`` scan). ``name`` identifies the run in
     ``reldl.training_runs``: a run with that name is resumed from its last committed epoch (``resume=False`` starts
     its bookkeeping over; the parameter tables are used as they are). ``on_step(epoch, step, loss)`` runs after each
-    update, inside the epoch's transaction. Returns a :class:`TrainResult`.
+    update, inside that step's transaction. Returns a :class:`TrainResult`.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise TrainingError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -480,6 +505,18 @@ def minimize(
         done_epochs, step = 0, 0
     else:
         done_epochs, step = int(row[1]), int(row[2])
+        if row[3] is not None:  # killed inside epoch row[3]: back to the snapshot taken when it started
+            _execute(duck, "BEGIN TRANSACTION")
+            try:
+                for p in plist:
+                    for sql in _restore(p, opt):
+                        _execute(duck, sql)
+                _execute(duck, "DELETE FROM reldl.training_log WHERE name = ? AND epoch = ?", [name, int(row[3])])
+                _execute(duck, "UPDATE reldl.training_runs SET active_epoch = NULL WHERE name = ?", [name])
+                _execute(duck, "COMMIT")
+            except BaseException:
+                duck.execute("ROLLBACK")
+                raise
 
     # batches: an order table per epoch, a one-row cursor, and the view the data scans read
     order_t, cursor_t = _temp(f"{prefix}_order"), _temp(f"{prefix}_cursor")
@@ -532,7 +569,17 @@ def minimize(
                     duck.unregister("__reldl_batch_order")
             _execute(duck, "BEGIN TRANSACTION")
             try:
+                for p in plist:
+                    for live, snap in _snapshots(p, opt):
+                        _execute(duck, _create(snap.copy(), select(exp.Star()).from_(live.copy())))
+                _execute(duck, "UPDATE reldl.training_runs SET active_epoch = ? WHERE name = ?", [epoch, name])
+                _execute(duck, "COMMIT")
+            except BaseException:
+                duck.execute("ROLLBACK")
+                raise
+            try:
                 for b in range(n_batches):
+                    _execute(duck, "BEGIN TRANSACTION")
                     t0 = time.perf_counter()
                     if batches is not None:
                         _execute(duck, "UPDATE " + cursor_t.sql("duckdb") + " SET b = ?", [b])
@@ -553,15 +600,21 @@ def minimize(
                     )
                     for t in step_tables:  # freed now, not at the epoch's commit
                         _execute(duck, drop_sql(t))
-                    step_losses.append(loss_value)
-                    bar.step(epoch, loss_value)
                     if on_step is not None:
                         on_step(epoch, step, loss_value)
+                    _execute(duck, "COMMIT")
+                    step_losses.append(loss_value)
+                    bar.step(epoch, loss_value)
+                _execute(duck, "BEGIN TRANSACTION")
                 _execute(
                     duck,
-                    "UPDATE reldl.training_runs SET epoch = ?, step = ?, updated_at = current_timestamp WHERE name = ?",
+                    "UPDATE reldl.training_runs SET epoch = ?, step = ?, active_epoch = NULL, "
+                    "updated_at = current_timestamp WHERE name = ?",
                     [epoch, step, name],
                 )
+                for p in plist:
+                    for _, snap in _snapshots(p, opt):
+                        _execute(duck, drop_sql(snap.copy()))
                 _execute(duck, "COMMIT")
             except BaseException:
                 try:
