@@ -1,6 +1,6 @@
 """Relational autodiff: tensors as relations of keyed tiles, models as SQL over them, gradients as SQL queries."""
 
-from reldl.autodiff.builder import apply, count, grad, matmul, max, mean, param, rename, sum, table
+from reldl.autodiff.builder import apply, count, grad, linear, matmul, max, mean, param, rename, sum, table
 from reldl.autodiff.grad import Program, backward
 from reldl.autodiff.ir import AutodiffError
 from reldl.autodiff.kernels import KERNELS, install
@@ -14,6 +14,7 @@ __all__ = [
     "count",
     "grad",
     "install",
+    "linear",
     "matmul",
     "max",
     "mean",

@@ -91,6 +91,11 @@ def matmul(a: Node, b: Node, contract: Sequence[str] | None = None, name: str = 
     return ir.aggregate(product, [k for k in product.keys if k not in contract], "sum", name)
 
 
+def linear(x: Node, w: Node, b: Node, name: str = "") -> ir.Join:
+    """A dense layer on row-block tiles: ``x (m, k) @ w (k, n) + b (n,)`` in one kernel (``affine``)."""
+    return ir.join(kernel("affine"), x, w, b, name=name)
+
+
 def grad(duck: Any, loss: Node | str, wrt: Sequence[Scan] | Sequence[str] | None = None) -> dict[str, str]:
     """Gradient SQL (DuckDB) for each parameter: one query returning ``(keys..., v)`` per parameter row.
 

@@ -255,6 +255,30 @@ class Matmul(Kernel):
         return sym.func("reldl_matmul_tn_sum", *lists, _int(k), _int(n))
 
 
+class Affine(Kernel):
+    """``A (m, k) @ W (k, n) + b (n,)`` on every row: a dense layer in one pass over A (matmul, then bias_add)."""
+
+    name = "affine"
+
+    def out_shape(self, shapes):
+        ok = len(shapes) == 3 and len(shapes[0]) == 2 and len(shapes[1]) == 2 and shapes[0][1] == shapes[1][0]
+        if not ok or shapes[2] != shapes[1][1:]:
+            raise AutodiffError(f"affine needs tiles (m, k), (k, n) and a vector (n,), got {list(shapes)}")
+        return (shapes[0][0], shapes[1][1])
+
+    def forward(self, args, shapes):
+        k, n = shapes[1]
+        return sym.func("reldl_affine", args[0], args[1], args[2], rows(args[0], k), _int(k), _int(n))
+
+    def vjp(self, i, args, grad, shapes):
+        if i == 2:
+            return sym.func("reldl_col_sum", grad, rows(grad, shapes[1][1]), _int(shapes[1][1]))
+        return Matmul().vjp(i, args[:2], grad, shapes[:2])
+
+    def vjp_sum(self, i, args, grad, shapes):
+        return Matmul().vjp_sum(i, args[:2], grad, shapes[:2]) if i < 2 else None
+
+
 class BiasAdd(Kernel):
     """``A (m, n) + b (n,)`` on every row."""
 
@@ -344,7 +368,7 @@ class Dot(Kernel):
         return transform(args[1 - i], sym.mul(_lam_col(_X), grad), with_index=False)
 
 
-TILE_KERNELS: dict[str, Kernel] = {k.name: k for k in (Matmul(), BiasAdd(), SoftmaxXent(), TileSum(), Dot())}
+TILE_KERNELS: dict[str, Kernel] = {k.name: k for k in (Matmul(), Affine(), BiasAdd(), SoftmaxXent(), TileSum(), Dot())}
 KERNELS = sorted(set(ELEMENTWISE) | set(TILE_KERNELS))
 
 
@@ -451,14 +475,39 @@ def _matmul(kind: str):
                 out.append((idx, (a3.reshape(-1, k_) @ w).reshape(len(idx), a3.shape[1], n_)))
                 continue
             if kind == "nn":
-                out.append((idx, a3 @ b2.reshape(len(idx), k_, n_)))
+                b3 = b2.reshape(len(idx), k_, n_)
             elif kind == "nt":
-                out.append((idx, a3 @ b2.reshape(len(idx), n_, k_).transpose(0, 2, 1)))
+                b3 = b2.reshape(len(idx), n_, k_).transpose(0, 2, 1)
             else:  # a is [k, m] (a3 [rows, k, m]), b is [k, n]
-                out.append((idx, a3.transpose(0, 2, 1) @ b2.reshape(len(idx), a3.shape[1], n_)))
+                a3, b3 = a3.transpose(0, 2, 1), b2.reshape(len(idx), a3.shape[1], n_)
+            if a3.shape[1] * a3.shape[2] >= 4096:  # big tiles: one BLAS call each (numpy's stacked matmul may not
+                out.append((idx, np.stack([x @ y for x, y in zip(a3, b3)])))  # use BLAS on transposed stacks)
+            else:
+                out.append((idx, a3 @ b3))
         return _gather(len(bo) - 1, out)
 
     return run
+
+
+def _affine(a, w, b, m, k, n):
+    """``a @ w + b`` per row (a: m x k, w: k x n, b: n); one GEMM when every row has the same w and b."""
+    k_, n_ = _const(k), _const(n)
+    wo, wv = _lists(w)
+    bo, bv = _lists(b)
+    out = []
+    for idx, a3 in _tiles(a, k_, "reldl_affine"):
+        if np.any(np.diff(wo)[idx] != k_ * n_) or np.any(np.diff(bo)[idx] != n_):
+            raise ValueError(f"reldl_affine: the weight is not {k_} x {n_} or the bias not {n_} long")
+        w2, b2 = _take(wo, wv, idx, k_ * n_), _take(bo, bv, idx, n_)
+        if np.array_equal(w2, np.broadcast_to(w2[0], w2.shape)) and np.array_equal(
+            b2, np.broadcast_to(b2[0], b2.shape)
+        ):
+            y = a3.reshape(-1, k_) @ w2[0].reshape(k_, n_)
+            y += b2[0]
+            out.append((idx, y.reshape(len(idx), a3.shape[1], n_)))
+        else:
+            out.append((idx, a3 @ w2.reshape(len(idx), k_, n_) + b2[:, None, :]))
+    return _gather(len(wo) - 1, out)
 
 
 def _col_sum(a, m, n):
@@ -560,6 +609,7 @@ UDFS: dict[str, tuple[Callable, list[str], str]] = {
     "reldl_matmul": (_matmul("nn"), [_DOUBLES, _DOUBLES, _INT, _INT, _INT], _DOUBLES),
     "reldl_matmul_nt": (_matmul("nt"), [_DOUBLES, _DOUBLES, _INT, _INT, _INT], _DOUBLES),
     "reldl_matmul_tn": (_matmul("tn"), [_DOUBLES, _DOUBLES, _INT, _INT, _INT], _DOUBLES),
+    "reldl_affine": (_affine, [_DOUBLES, _DOUBLES, _DOUBLES, _INT, _INT, _INT], _DOUBLES),
     "reldl_matmul_tn_sum": (_matmul_tn_sum, ["DOUBLE[][]", "DOUBLE[][]", _INT, _INT], _DOUBLES),
     "reldl_col_sum": (_col_sum, [_DOUBLES, _INT, _INT], _DOUBLES),
     "reldl_row_sum": (_row_sum, [_DOUBLES, _INT, _INT], _DOUBLES),

@@ -689,7 +689,7 @@ def tabular_graph(job: Job, source: exp.Expression | None = None) -> tuple[Node,
     for i, (fi, fo) in enumerate(sizes):
         w, b = _param(job, f"w{i}", (fi, fo)), _param(job, f"b{i}", (fo,))
         params += [w, b]
-        h = ad.apply("bias_add", ad.matmul(h, w), b, name=f"z{i}")
+        h = ad.linear(h, w, b, name=f"z{i}")
         if i < len(sizes) - 1:
             h = ad.apply(job.options.get("activation", "relu"), h, name=f"h{i}")
     if task == "multiclass":

@@ -759,6 +759,14 @@ def _unfuse_kernels(node: exp.Expression) -> exp.Expression:
     """Aggregate-fused kernels back to per-row kernels under a tile sum, which the kernel rules expand:
     ``reldl_matmul_tn_sum(list(a), list(g), k, n)`` -> ``reldl_tile_sum(list(reldl_matmul_tn(a, g, k, len(g) // n,
     n)))``."""
+    if isinstance(node, exp.Anonymous) and str(node.this).lower() == "reldl_affine":
+        if len(node.expressions) != 6:
+            raise SparkTranslationError("cannot translate to Spark SQL: reldl_affine() takes 6 arguments")
+        a, w, b, m, k, n = (e.sql("duckdb") for e in node.expressions)
+        per_row = (
+            f"list_transform(reldl_matmul({a}, {w}, {m}, {k}, {n}), lambda __x, __i: __x + {b}[(__i - 1) % {n} + 1])"
+        )
+        return sqlglot.parse_one(per_row, read="duckdb")
     if not (isinstance(node, exp.Anonymous) and str(node.this).lower() == "reldl_matmul_tn_sum"):
         return node
     args = list(node.expressions)

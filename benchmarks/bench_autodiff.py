@@ -80,8 +80,8 @@ def mlp_reldl(con, x, y, p, args) -> dict:
     n = ad.sum(ad.table(view, keys=["rb"], value=sqlglot.parse_one("len(y)"), name="rows"))
     w1, b1 = ad.param("w1", shape=(feats, hidden)), ad.param("b1", shape=(hidden,))
     w2, b2 = ad.param("w2", shape=(hidden, classes)), ad.param("b2", shape=(classes,))
-    h = ad.apply("relu", ad.apply("bias_add", ad.matmul(xd, w1), b1))
-    logits = ad.apply("bias_add", ad.matmul(h, w2), b2)
+    h = ad.apply("relu", ad.linear(xd, w1, b1))
+    logits = ad.linear(h, w2, b2)
     loss = ad.apply("div", ad.sum(ad.apply("tile_sum", ad.apply("softmax_xent", logits, yd))), n)
     batches = Batches(view=view, source="data", key="rb", size=args.batch_blocks, shuffle=False)
     res = minimize(

@@ -172,7 +172,7 @@ def test_matmul_bias_softmax_xent_on_row_blocks(con, rows):
         put_tiles(con, name, [arr], key=None)
     xs, ys = ad.table("x", keys=["b"], shape=(m, d)), ad.table("y", keys=["b"], shape=(m,))
     p = {n: ad.param(n, shape=s) for n, s in dict(w1=(d, h), b1=(h,), w2=(h, c), b2=(c,)).items()}
-    hidden = ad.apply("tanh", ad.apply("bias_add", ad.matmul(xs, p["w1"]), p["b1"]))
+    hidden = ad.apply("tanh", ad.linear(xs, p["w1"], p["b1"]))  # the fused dense layer
     logits = ad.apply("bias_add", ad.matmul(hidden, p["w2"]), p["b2"])
     loss = ad.sum(ad.apply("tile_sum", ad.apply("softmax_xent", logits, ys)))
     value, g = grads(con, loss)

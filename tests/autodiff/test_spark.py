@@ -547,7 +547,14 @@ def test_autodiff_gradients_match_on_spark(spark) -> None:
     x, y = ad.table("xt", keys=["rb"], shape=(4, 3)), ad.table("yt", keys=["rb"], shape=(4,))
     w, b = ad.param("w1", shape=(3, 5)), ad.param("b1", shape=(5,))
     logits = ad.apply("tanh", ad.apply("bias_add", ad.matmul(x, w), b))
-    loss = ad.sum(ad.apply("tile_sum", ad.apply("softmax_xent", logits, y)))
+    fused = ad.apply("tanh", ad.linear(x, w, b))  # the same layer as one affine kernel
+    loss = ad.sum(
+        ad.apply(
+            "add",
+            ad.apply("tile_sum", ad.apply("softmax_xent", logits, y)),
+            ad.apply("tile_sum", ad.apply("softmax_xent", fused, y)),
+        )
+    )
     program = ad.backward(loss)
     queries = [program.loss_query()] + [program.gradient_query(p) for p in program.wrt]
     assert len(queries) == 3
