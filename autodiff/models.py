@@ -72,6 +72,7 @@ COMMON = {
     "beta2": 0.999,
     "eps": 1e-8,
     "weight_decay": 0.0,
+    "plot": None,  # a PNG path: the loss curve is drawn there after training (needs matplotlib)
 }
 PER_TYPE: dict[str, dict[str, Any]] = {
     "linear_reg": {"tile_rows": None, "path": None},
@@ -123,7 +124,18 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     o = {**allowed, **{k: v for k, v in options.items() if v is not None}}
     if kind == "gcn" and not o["batch_size"] == COMMON["batch_size"] and "batch_size" in options:
         raise bad("a gcn trains on the whole graph: batch_size does not apply")
-    for key in ("label", "user", "item", "node", "edge_source", "edge_target", "edges", "optimizer", "activation"):
+    for key in (
+        "label",
+        "user",
+        "item",
+        "node",
+        "edge_source",
+        "edge_target",
+        "edges",
+        "optimizer",
+        "activation",
+        "plot",
+    ):
         if key in o and o[key] is not None and (not isinstance(o[key], str) or not o[key]):
             raise bad(f"option {key!r} must be a name, got {o[key]!r}")
     for key in ("epochs", "batch_size", "seed", "num_factors", "tile_rows"):
@@ -341,7 +353,8 @@ def make_job(duck: Any, name: str, options: dict[str, Any], query_sql: str) -> J
                 )
         info["features"] = features
     info["label_integral"] = types[opts["label"]].split("(")[0] in _INTEGRAL
-    spec_text = json.dumps({"options": opts, "query": query.sql("duckdb")}, sort_keys=True, default=str)
+    trained = {k: v for k, v in opts.items() if k != "plot"}  # where the curve is drawn does not change the model
+    spec_text = json.dumps({"options": trained, "query": query.sql("duckdb")}, sort_keys=True, default=str)
     spec = hashlib.sha256(spec_text.encode()).hexdigest()[:10]
     safe = "".join(ch if ch.isalnum() else "_" for ch in name.lower())
     return Job(name, opts, query, spec, f"m_{safe}_{spec}", info=info)
@@ -806,6 +819,7 @@ def fit(duck: Any, job: Job, progress: bool | None = None) -> train.TrainResult:
         resume=resumed,
         progress=progress,
         on_step=after_step,
+        plot=o["plot"],
     )
 
 

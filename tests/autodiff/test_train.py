@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+import reldl
 from reldl import autodiff as ad
 from reldl.autodiff import train
 from reldl.autodiff.train import Batches, TrainingError, minimize
@@ -189,6 +190,19 @@ def test_plot(tmp_path):
         return
     out = train.plot_loss(con, "p", tmp_path / "loss.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_create_model_draws_the_loss_curve_on_request(tmp_path):
+    pytest.importorskip("matplotlib")
+    con = reldl.connect()
+    con.execute("CREATE TABLE pts AS SELECT i::DOUBLE AS a, (i % 3)::DOUBLE AS b, (i % 2) AS y FROM range(40) t(i)")
+    png = tmp_path / "curve.png"
+    con.execute(
+        f"CREATE MODEL lr OPTIONS (model_type = 'logistic_reg', label = 'y', epochs = 2, batch_size = 20, "
+        f"plot = '{png}') AS SELECT a, b, y FROM pts"
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    con.close()
 
 
 CREATE_SQL = (
