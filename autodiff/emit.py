@@ -156,11 +156,14 @@ def fused_sum_query(node: Aggregate, join: Join, ref: Ref) -> exp.Select:
     """SUM over ``join`` grouped by ``node``'s keys, in one SELECT: the product relation is never stored."""
     q, holder = join_from(join.parts, ref)
     args = [col("v", f"t{j}") for j in range(len(join.parts))]
-    v = join.kernel.forward(args, [p.shape for p in join.parts])
+    shapes = [p.shape for p in join.parts]
+    summed = join.kernel.forward_sum(args, shapes)
+    if summed is None:
+        summed = tile_sum(join.kernel.forward(args, shapes), join.shape)
     if join.where is not None:
         q = q.where(_qualify(join.where, holder))
     keys = [col(k, holder[k]) for k in node.keys]
-    q = q.select(*[aliased(c, k) for c, k in zip(keys, node.keys)], aliased(tile_sum(v, join.shape), "v"))
+    q = q.select(*[aliased(c, k) for c, k in zip(keys, node.keys)], aliased(summed, "v"))
     return q.group_by(*[c.copy() for c in keys]) if keys else q
 
 

@@ -17,6 +17,7 @@ the last row block of a relation may be short.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from reldl.autodiff import symbolic as sym
 from reldl.autodiff.ir import AutodiffError, Shape
 
 _X, _I = "__x", "__i"  # lambda parameters in lifted kernels (names no table column uses)
+SMALL_TILE = 64  # element-wise sums over groups of tiles up to this size are one SUM per element
 
 
 def _lam_col(name: str) -> exp.Column:
@@ -89,6 +91,10 @@ class Kernel:
         has a faster way than summing :meth:`vjp` per row (None: sum the per-row products)."""
         return None
 
+    def forward_sum(self, args: Sequence[exp.Expression], shapes: Sequence[Shape]) -> exp.Expression | None:
+        """An aggregate expression summing :meth:`forward` over a group of rows, where faster (None: sum per row)."""
+        return None
+
     def __repr__(self) -> str:
         return self.name
 
@@ -131,6 +137,29 @@ class Elementwise(Kernel):
 
     def zero_partial(self, i: int) -> bool:
         return sym.is_const(self.partial(i), 0.0)
+
+    def _element(self, body: exp.Expression, args, shapes, k: int) -> exp.Expression:
+        """``body`` at element ``k`` (1-based) of the tiles: ``tile[k]`` for tiles, scalars as they are."""
+        subs = {self.placeholder(j): (a if s == () else at(a, _int(k))) for j, (a, s) in enumerate(zip(args, shapes))}
+        return _substitute(body, subs)
+
+    def forward_sum(self, args, shapes):
+        out = self._check(shapes)
+        size = math.prod(out) if out else 0
+        if not 0 < size <= SMALL_TILE:  # small tiles: one SUM per element, no per-row lists (DuckDB sums in place)
+            return None
+        return sym.func(
+            "list_value", *[exp.Sum(this=self._element(self.template, args, shapes, k)) for k in range(1, size + 1)]
+        )
+
+    def vjp_sum(self, i, args, grad, shapes):
+        out = self._check(shapes)
+        size = math.prod(out) if out else 0
+        if not 0 < size <= SMALL_TILE or shapes[i] != out:
+            return None
+        d = self.partial(i)
+        sums = [exp.Sum(this=sym.mul(self._element(d, args, shapes, k), at(grad, _int(k)))) for k in range(1, size + 1)]
+        return sym.func("list_value", *sums)
 
     def _lifted(self, body: exp.Expression, args: Sequence[exp.Expression], shapes: Sequence[Shape]):
         """``body`` with placeholders bound: scalars directly; tiles element by element (lead tile as ``__x``)."""

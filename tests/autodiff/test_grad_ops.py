@@ -368,3 +368,25 @@ def test_softmax_xent_per_row_vector_and_scalar_label(con):
     ref_value, ref = torch_grads(lambda z: torch.nn.functional.cross_entropy(z, yt, reduction="sum"), z=z)
     close(value, ref_value)
     close(g["z"], ref["z"])
+
+
+def test_sparse_dense_product_sums_small_tiles_per_element(con):
+    """sum_j A(i, j) * X(j): a join feeding a SUM (fused), on small vector tiles (one SUM per element), with the
+    gradient reaching both the sparse scalars and the tiles."""
+    rng = np.random.default_rng(19)
+    n, d = 6, 3
+    mask = rng.uniform(size=(n, n)) < 0.5
+    a, x, r = rng.normal(size=(n, n)) * mask, rng.normal(size=(n, d)), rng.normal(size=(n, d))
+    rows = [(int(i), int(j), float(a[i, j])) for i, j in zip(*np.nonzero(mask))]
+    con.execute("CREATE TABLE adj (i INTEGER, j INTEGER, v DOUBLE)")
+    con.executemany("INSERT INTO adj VALUES (?, ?, ?)", rows)
+    put_tiles(con, "x", list(x), key="j"), put_tiles(con, "r", list(r), key="i")
+    pa_, px = ad.param("adj", keys=["i", "j"]), ad.param("x", keys=["j"], shape=(d,))
+    ax = ad.sum(ad.apply("mul", pa_, px), by=["i"])
+    loss = ad.sum(ad.apply("tile_sum", ad.apply("mul", ad.apply("tanh", ax), ad.table("r", keys=["i"], shape=(d,)))))
+    value, g = grads(con, loss)
+    mt = torch.tensor(mask, dtype=torch.float64)
+    ref_value, ref = torch_grads(lambda adj, x: (torch.tanh((adj * mt) @ x) * torch.tensor(r)).sum(), adj=a, x=x)
+    close(value, ref_value)
+    close(g["x"], ref["x"])
+    close(g["adj"], ref["adj"][mask])  # gradient rows for the stored (nonzero) entries, in key order

@@ -591,3 +591,36 @@ def test_sql_front_end_gradients_match_on_spark(spark) -> None:
         query = ad.grad(con, sql, wrt=["w"])["w"]
         expected = con.execute(query).fetchall()
         assert_same(expected, run_on_spark(spark, query, tables), ordered=True)
+
+
+def test_sparse_dense_gradients_match_on_spark(spark) -> None:
+    """A join feeding a SUM on small vector tiles (one SUM per element) and a matmul on vector rows (one GEMM for the
+    weight gradient), as a GCN layer has them."""
+    from reldl import autodiff as ad
+
+    rng = np.random.default_rng(seed_of("sparse-dense"))
+    doubles = pa.list_(pa.float64())
+    edges = [(i, j) for i in range(5) for j in range(5) if (i * 7 + j * 3) % 4 == 0]
+    tables = {
+        "adj": pa.table(
+            {
+                "i": pa.array([e[0] for e in edges], pa.int32()),
+                "j": pa.array([e[1] for e in edges], pa.int32()),
+                "v": pa.array(rng.normal(size=len(edges))),
+            }
+        ),
+        "feat": pa.table(
+            {"j": pa.array(range(5), pa.int32()), "v": pa.array([rng.normal(size=3) for _ in range(5)], doubles)}
+        ),
+        "w": pa.table({"v": pa.array([rng.normal(size=6)], doubles)}),
+    }
+    con = duck(tables, kernels=False)
+    ad.install(con)
+    adj, x, w = ad.param("adj", keys=["i", "j"]), ad.param("feat", keys=["j"], shape=(3,)), ad.param("w", shape=(3, 2))
+    h = ad.matmul(ad.sum(ad.apply("mul", adj, x), by=["i"]), w)
+    loss = ad.sum(ad.apply("tile_sum", ad.apply("tanh", h)))
+    program = ad.backward(loss)
+    sqls = [q.sql("duckdb") for q in [program.loss_query()] + [program.gradient_query(p) for p in program.wrt]]
+    assert any("LIST_VALUE(SUM(" in s for s in sqls) and any("RELDL_MATMUL_TN_SUM" in s for s in sqls)
+    for sql in sqls:
+        assert_same(con.execute(sql).fetchall(), run_on_spark(spark, sql, tables), ordered=False)
