@@ -143,6 +143,9 @@ def choose(estimates: list[Estimate]) -> tuple[Estimate, str]:
     """The cheapest feasible plan, and why."""
     feasible = [e for e in estimates if e.feasible]
     if not feasible:
+        spills = [e for e in estimates if e.family == "relation"]
+        if spills:  # its estimate is the least certain, and DuckDB spills what it can
+            return spills[0], "no plan fits the memory limit by the estimates; relation-centric, which can spill"
         best = min(estimates, key=lambda e: e.seconds)
         return best, "no plan fits the memory limit; running the cheapest anyway"
     order = {"udf": 0, "dl": 1, "relation": 2}  # on a tie, the plan that streams and rewrites nothing

@@ -110,10 +110,10 @@ def _workload(cur: Cursor, call: plans.CallSite, rows: float, distinct: float, r
                 layers = [(m, None, a) for m, (_, _, a) in zip(mats, shapes)]
                 tiles = layer_tiles(layers, limit)
                 threads = _threads(cur._duck)
-                serial = threads > 1 and threads * thread_bytes(layers, tiles) > THREAD_SHARE * limit
+                serial = threads > 1 and threads * thread_bytes(layers, tiles, limit) > THREAD_SHARE * limit
                 w.relation_threads = 1.0 if serial else float(min(threads, os.cpu_count() or 1))
                 whole = sum(8 * i * o for (i, o, _), t in zip(shapes, tiles) if t is None)
-                w.relation_bytes = whole + w.relation_threads * thread_bytes(layers, tiles)
+                w.relation_bytes = whole + w.relation_threads * thread_bytes(layers, tiles, limit)
                 w.relation_tiled_values = float(sum(o for (_, o, _), t in zip(shapes, tiles) if t is not None))
     if call.function == "llm_generate":
         mt = call.args[2]
@@ -272,18 +272,21 @@ MAX_BATCH_ROWS = 2048  # DuckDB's vector size
 THREAD_SHARE = 0.5  # per-thread working sets of all DuckDB threads may take this share of memory_limit
 
 
-def thread_bytes(layers, tiles: list[int | None]) -> float:
-    """DuckDB's working set per thread for a whole-row layer: list_transform runs its lambda over a vector of
-    2048 weight rows at a time, about (2048 x width) float64 values (measured: a 1024-wide layer runs on one thread
-    under a 32 MiB memory_limit, not on two)."""
-    widths = [w.shape[1] for (w, _, _), t in zip(layers, tiles) if t is None]
-    return MAX_BATCH_ROWS * max(widths, default=0) * 8
+def thread_bytes(layers, tiles: list[int | None], memory_limit: float) -> float:
+    """DuckDB's working set per thread for the whole-row layers: list_transform runs its lambda over vectors of up
+    to 2048 list elements, here weight rows (a batch's rows x the layer's units), about (elements x width) float64
+    values (measured: a 1024-wide layer runs on one thread under a 32 MiB memory_limit, not on two)."""
+    batch = batch_rows(layers, memory_limit)
+    sizes = [
+        min(MAX_BATCH_ROWS, batch * w.shape[0]) * w.shape[1] * 8 for (w, _, _), t in zip(layers, tiles) if t is None
+    ]
+    return float(max(sizes, default=0))
 
 
 def single_thread(duck: duckdb.DuckDBPyConnection, layers, tiles, memory_limit: float) -> bool:
     """Whether the relation query must run on one DuckDB thread to stay within ``memory_limit``."""
     threads = _threads(duck)
-    return threads > 1 and threads * thread_bytes(layers, tiles) > THREAD_SHARE * memory_limit
+    return threads > 1 and threads * thread_bytes(layers, tiles, memory_limit) > THREAD_SHARE * memory_limit
 
 
 def layer_tiles(layers, memory_limit: float) -> list[int | None]:
