@@ -224,6 +224,15 @@ def _put(duck: Any, target: exp.Table, table: pa.Table) -> None:
         duck.unregister(view)
 
 
+def _index_rb(duck: Any, table: exp.Table) -> None:
+    """An index on the row-block key, so each mini-batch reads only its own rows (see train.Batches)."""
+    rb = exp.Ordered(this=exp.column("rb"), nulls_first=False)
+    index = exp.Index(
+        this=exp.to_identifier(f"{table.name}_rb_idx"), table=table.copy(), params=exp.IndexParameters(columns=[rb])
+    )
+    _run(duck, exp.Create(this=index, kind="INDEX"))
+
+
 def _columns(duck: Any, query: exp.Query) -> list[tuple[str, str]]:
     """(name, DuckDB type) of the SELECT's columns, without running it."""
     q = select(exp.Star()).from_(exp.Subquery(this=query.copy(), alias=exp.TableAlias(this=exp.to_identifier("q"))))
@@ -428,6 +437,7 @@ def _prepare_tabular(duck: Any, job: Job) -> None:
         )
         tiles = tiles.from_(rows.copy()).group_by(rb.copy())
         _run(duck, _ctas(job.add("data"), tiles))
+        _index_rb(duck, job.table("data"))
     finally:
         _run(duck, train.drop_sql(rows))
     sizes = _layer_sizes(job)
@@ -525,6 +535,7 @@ def _prepare_mf(duck: Any, job: Job) -> None:
             ratings.subquery("k")
         )
         _run(duck, _ctas(job.add("ratings"), ratings))
+        _index_rb(duck, job.table("ratings"))
     finally:
         _run(duck, train.drop_sql(raw))
     n_users = _run(duck, select(exp.Count(this=exp.Star())).from_(job.table("user_ids"))).fetchall()[0][0]

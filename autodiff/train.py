@@ -13,9 +13,10 @@ and re-executed every step. After them each parameter table is updated in SQL:
 * Optimizer state lives beside each parameter table, in ``<table>__opt`` (its keys, ``m`` and ``s`` or ``buf``).
 
 Mini-batches: :class:`Batches` names a TEMP view that the graph's data scans read; it shows the rows of a source table
-whose key (e.g. row block ``rb``) is in the current batch, so the program is built once and each step only moves a
-cursor. Batch order is a permutation seeded by (seed, epoch) (:func:`batch_order`), so a resumed run sees the same
-batches as an uninterrupted one.
+whose key (e.g. row block ``rb``) is in the current batch: before each step it is redefined with the batch's keys as
+literals, so the program is built once, and DuckDB reads only the batch's rows when the key is indexed (a PRIMARY KEY
+or CREATE INDEX; without one every step scans the whole source). Batch order is a permutation seeded by (seed, epoch)
+(:func:`batch_order`), so a resumed run sees the same batches as an uninterrupted one.
 
 Durability: an epoch starts by snapshotting every parameter table and its optimizer state (``<table>__snap``,
 ``<table>__opt_snap``) and marking the run's epoch as active, in one transaction. Each step then commits on its own
@@ -40,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from sqlglot import exp
 
 from reldl.autodiff import symbolic as sym
@@ -524,8 +524,9 @@ def minimize(
                 duck.execute("ROLLBACK")
                 raise
 
-    # batches: an order table per epoch, a one-row cursor, and the view the data scans read
-    order_t, cursor_t = _temp(f"{prefix}_order"), _temp(f"{prefix}_cursor")
+    # batches: before each step the view the data scans read is redefined as the source's rows whose key is in the
+    # step's batch, a list of literals: DuckDB pushes that filter into the scan, and with an index on the key (a
+    # PRIMARY KEY or CREATE INDEX) reads only the batch's rows, where a join or IN (subquery) reads the whole table
     n_batches, keys = 1, None
     if batches is not None:
         src = table_ref(batches.source, "batches: source")
@@ -535,22 +536,17 @@ def minimize(
         if not keys:
             raise TrainingError(f"batches: {src.sql('duckdb')} has no rows")
         n_batches = -(-len(keys) // batches.size)
-        _execute(duck, "CREATE OR REPLACE TEMP TABLE " + cursor_t.sql("duckdb") + " AS SELECT 0 AS b")
-        empty = select(kcol.copy(), aliased(exp.cast(exp.Literal.number(0), "BIGINT"), "b")).from_(src.copy()).limit(0)
-        _execute(duck, _create(order_t.copy(), empty, temp=True))
-        ok = select(col(batches.key, "o")).from_(table_as(order_t.copy(), "o"))
-        ok = ok.where(exp.EQ(this=col("b", "o"), expression=exp.Subquery(this=select(col("b")).from_(cursor_t.copy()))))
-        view = select(exp.Star()).from_(table_as(src.copy(), "s"))
-        view = view.where(exp.In(this=col(batches.key, "s"), query=exp.Subquery(this=ok)))
-        view_t = exp.Table(this=exp.to_identifier(batches.view))
-        create_view = exp.Create(
-            this=view_t,
-            kind="VIEW",
-            expression=view,
-            replace=True,
-            properties=exp.Properties(expressions=[exp.TemporaryProperty()]),
-        )
-        _execute(duck, create_view.sql("duckdb"))
+
+        def batch_view(members: list) -> str:
+            view = select(exp.Star()).from_(table_as(src.copy(), "s"))
+            view = view.where(exp.In(this=col(batches.key, "s"), expressions=[exp.convert(k) for k in members]))
+            return exp.Create(
+                this=exp.Table(this=exp.to_identifier(batches.view)),
+                kind="VIEW",
+                expression=view,
+                replace=True,
+                properties=exp.Properties(expressions=[exp.TemporaryProperty()]),
+            ).sql("duckdb")
 
     saved_threads = None
     if threads is not None:
@@ -564,19 +560,7 @@ def minimize(
         for epoch in range(done_epochs + 1, epochs + 1):
             if batches is not None:
                 perm = batch_order(len(keys), epoch, batches.seed, batches.shuffle)
-                table = pa.table(
-                    {
-                        batches.key: pa.array([keys[i] for i in perm]),
-                        "b": pa.array(np.arange(len(keys)) // batches.size, pa.int64()),
-                    }
-                )
-                duck.register("__reldl_batch_order", table)
-                try:
-                    q = select(exp.Star()).from_(exp.Table(this=exp.to_identifier("__reldl_batch_order")))
-                    _execute(duck, exp.delete(order_t.copy()).sql("duckdb"))
-                    _execute(duck, exp.insert(q, order_t.copy()).sql("duckdb"))
-                finally:
-                    duck.unregister("__reldl_batch_order")
+                ordered = [keys[i] for i in perm]
             _execute(duck, "BEGIN TRANSACTION")
             try:
                 for p in plist:
@@ -592,7 +576,7 @@ def minimize(
                     _execute(duck, "BEGIN TRANSACTION")
                     t0 = time.perf_counter()
                     if batches is not None:
-                        _execute(duck, "UPDATE " + cursor_t.sql("duckdb") + " SET b = ?", [b])
+                        _execute(duck, batch_view(ordered[b * batches.size : (b + 1) * batches.size]))
                     step += 1
                     for sql in statements:
                         _execute(duck, sql)
@@ -640,7 +624,7 @@ def minimize(
                 duck.execute(f"SET threads = {int(saved_threads)}")
             except Exception:  # the connection may be unusable after an interrupt; nothing else to restore
                 pass
-        for t, kind in [*[(v, "VIEW") for v in views], *[(t, "TABLE") for t in [*step_tables, order_t, cursor_t]]]:
+        for t, kind in [*[(v, "VIEW") for v in views], *[(t, "TABLE") for t in step_tables]]:
             try:
                 duck.execute(drop_sql(t, kind))
             except Exception:  # cleanup is best effort: the temp tables die with the connection anyway

@@ -71,6 +71,7 @@ def mlp_reldl(con, x, y, p, args) -> dict:
         pa.array((np.minimum(np.arange(nb + 1) * block, len(y))).astype(np.int32)), pa.array(y)
     )
     put(con, "data", {"rb": pa.array(np.arange(nb, dtype=np.int32)), "x": xs, "y": ys})
+    con.execute("CREATE INDEX data_rb ON data (rb)")  # each mini-batch reads only its row blocks
     load_s = time.perf_counter() - t
     for name, arr in p.items():
         put_param(con, name, arr)
