@@ -539,7 +539,18 @@ def minimize(
 
         def batch_view(members: list) -> str:
             view = select(exp.Star()).from_(table_as(src.copy(), "s"))
-            view = view.where(exp.In(this=col(batches.key, "s"), expressions=[exp.convert(k) for k in members]))
+            values = list(members)
+            ints = all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in values)
+            sentinel = None
+            if ints and values and max(values) - min(values) == len(set(values)) - 1:
+                # DuckDB turns an IN list of consecutive integers into a range, which scans the whole table instead
+                # of the index; one more value outside the batch (excluded again below) keeps it a list
+                sentinel = int(max(values)) + 2
+                values.append(sentinel)
+            cond: exp.Expression = exp.In(this=col(batches.key, "s"), expressions=[exp.convert(k) for k in values])
+            if sentinel is not None:
+                cond = exp.and_(cond, exp.NEQ(this=col(batches.key, "s"), expression=exp.convert(sentinel)))
+            view = view.where(cond)
             return exp.Create(
                 this=exp.Table(this=exp.to_identifier(batches.view)),
                 kind="VIEW",
