@@ -41,6 +41,13 @@ def put_param(con, name: str, arr: np.ndarray) -> None:
     put(con, name, {"v": pa.array([arr.ravel().tolist()], pa.list_(pa.float64()))})
 
 
+def limited(con, args) -> None:
+    """The memory limit applies to training, after the data is loaded and checkpointed to disk."""
+    if args.memory_limit:
+        con.execute("CHECKPOINT")
+        con.execute(f"SET memory_limit = '{args.memory_limit}'")
+
+
 def init(rng, *shape) -> np.ndarray:
     return rng.normal(size=shape) / np.sqrt(shape[0])
 
@@ -75,6 +82,7 @@ def mlp_reldl(con, x, y, p, args) -> dict:
     load_s = time.perf_counter() - t
     for name, arr in p.items():
         put_param(con, name, arr)
+    limited(con, args)
     view = "batch"
     xd = ad.table(view, keys=["rb"], shape=(block, feats), value="x")
     yd = ad.table(view, keys=["rb"], shape=(block,), value="y")
@@ -160,6 +168,7 @@ def gcn_reldl(con, g, p, args) -> dict:
     load_s = time.perf_counter() - t
     for name, arr in p.items():
         put_param(con, name, arr)
+    limited(con, args)
     h, c = args.gcn_hidden, args.gcn_classes
     adj = ad.table("adj", keys=["i", "j"])
     xf = ad.table("feat", keys=["j"], shape=(feats,))
@@ -235,8 +244,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         con = duckdb.connect(str(Path(tmp) / "bench.duckdb"))
         con.execute(f"SET temp_directory = '{Path(tmp) / 'spill'}'")
-        if args.memory_limit:
-            con.execute(f"SET memory_limit = '{args.memory_limit}'")
         ad.install(con)
         rng = np.random.default_rng(0)
         if "mlp" not in args.skip:
@@ -248,6 +255,7 @@ def main() -> None:
                 "b2": np.zeros(args.classes),
             }
             r = mlp_reldl(con, x, y, p, args)
+            con.execute("RESET memory_limit")
             t64 = mlp_torch(x, y, p, args, torch.float64)
             t32 = mlp_torch(x, y, p, args, torch.float32)
             data_mb = x.nbytes / 2**20
