@@ -886,6 +886,9 @@ def create_model(
         "train_options": {k: v for k, v in o.items() if k not in ("model_type", "path")},
         **{k: v for k, v in job.info.items() if k != "label_integral"},
     }
+    if kind == "gcn":  # transductive: the trained forward pass's class per node, for predict()
+        _store_gcn_predictions(duck, job)
+        stored["tables"]["pred"] = f"reldl.{job.tables['pred']}"
     path: str | None = None
     if kind in TABULAR:
         from reldl import tabular
@@ -911,23 +914,72 @@ def drop_trained(duck: Any, options: dict[str, Any], keep: Sequence[str] = ()) -
             _run(duck, train.drop_sql(_t("reldl", short + "__opt")))  # optimizer state beside a parameter
 
 
+def _store_gcn_predictions(duck: Any, job: Job) -> None:
+    """``pred(node, class, logits)``: the trained GCN's forward pass over the whole graph, class = argmax."""
+    from reldl.autodiff.grad import backward
+    from reldl.autodiff.ir import topological
+
+    loss, _ = gcn_graph(job)
+    logits = next(n for n in topological([loss]) if n.name == "logits")
+    prog = backward(loss)
+    z = exp.Subquery(this=prog.query(f"f{logits.id}"), alias=exp.TableAlias(this=exp.to_identifier("z")))
+    argmax = exp.Sub(
+        this=sym.func("list_position", _c("v", "z"), sym.func("list_max", _c("v", "z"))),
+        expression=exp.Literal.number(1),
+    )
+    q = select(aliased(_c("node", "nd"), "node"), aliased(argmax, "class"), aliased(_c("v", "z"), "logits"))
+    q = q.from_(z).join(job.table("nodes").as_("nd"), on=exp.EQ(this=_c("n", "nd"), expression=_c("i", "z")))
+    _run(duck, _ctas(job.add("pred"), q))
+
+
+def lookup_sql(model: str, model_type: str, options: dict[str, Any], args: list[exp.Expression]) -> exp.Expression:
+    """What ``predict(model, args...)`` is for a trained matrix factorization (user, item) or GCN (node)."""
+    tables = options.get("tables", {})
+    if model_type == "matrix_factorization":
+        if len(args) != 2:
+            raise ModelError(
+                f"predict: model {model!r} is a matrix factorization: it takes (user, item), got {len(args)} value(s)"
+            )
+        return mf_predict_sql(tables, args[0], args[1])
+    if len(args) != 1:
+        raise ModelError(f"predict: model {model!r} is a GCN: it takes one node id, got {len(args)} value(s)")
+    if "pred" not in tables:
+        raise ModelError(f"predict: GCN {model!r} was trained before predictions were stored; CREATE OR REPLACE it")
+    alias = "__reldl_gcn_p"
+    q = select(_c("__reldl_class", alias)).from_(
+        _renamed(tables["pred"], {"node": "__reldl_node", "class": "__reldl_class"}, alias)
+    )
+    return exp.Subquery(this=q.where(exp.EQ(this=_c("__reldl_node", alias), expression=args[0].copy())))
+
+
+def _renamed(table: str, columns: dict[str, str], alias: str) -> exp.Expression:
+    """``(SELECT c AS __reldl_c, ... FROM table) AS alias``: a lookup's own columns under names the caller's query
+    cannot use, so the caller's arguments (``user``, ``u``, ``a.x``) bind to the caller's tables, never to ours."""
+    schema, name = table.split(".", 1)
+    q = select(*[aliased(_c(c), n) for c, n in columns.items()]).from_(_t(schema, name))
+    return exp.Subquery(this=q, alias=exp.TableAlias(this=exp.to_identifier(alias)))
+
+
 def mf_predict_sql(tables: dict[str, str], user: exp.Expression, item: exp.Expression) -> exp.Expression:
     """A scalar subquery: the trained matrix factorization's prediction ``p_u . q_i`` for a user and item value."""
-
-    def tbl(role: str, alias: str) -> exp.Expression:
-        schema, name = tables[role].split(".", 1)
-        return _t(schema, name).as_(alias)
-
-    q = select(sym.func("list_dot_product", _c("v", "p"), _c("v", "q")))
-    q = q.from_(tbl("user_ids", "a"))
-    for t in (tbl("users", "p"), tbl("item_ids", "b"), tbl("items", "q")):
-        q = q.join(t, join_type="cross")
-    q = q.where(
+    a, p, b, q = (f"__reldl_mf_{k}" for k in "apbq")
+    query = select(sym.func("list_dot_product", _c("__reldl_pv", p), _c("__reldl_qv", q))).from_(
+        _renamed(tables["user_ids"], {"value": "__reldl_uval", "u": "__reldl_u"}, a)
+    )
+    joins = (
+        (_renamed(tables["users"], {"u": "__reldl_pu", "v": "__reldl_pv"}, p), ("__reldl_u", a), ("__reldl_pu", p)),
+        (_renamed(tables["item_ids"], {"value": "__reldl_ival", "i": "__reldl_i"}, b), None, None),
+        (_renamed(tables["items"], {"i": "__reldl_qi", "v": "__reldl_qv"}, q), ("__reldl_i", b), ("__reldl_qi", q)),
+    )
+    for table, left, right in joins:
+        if left is None:
+            query = query.join(table, join_type="cross")
+        else:
+            query = query.join(table, on=exp.EQ(this=_c(*left), expression=_c(*right)))
+    query = query.where(
         exp.and_(
-            exp.EQ(this=_c("value", "a"), expression=user),
-            exp.EQ(this=_c("value", "b"), expression=item),
-            exp.EQ(this=_c("u", "a"), expression=_c("u", "p")),
-            exp.EQ(this=_c("i", "b"), expression=_c("i", "q")),
+            exp.EQ(this=_c("__reldl_uval", a), expression=user.copy()),
+            exp.EQ(this=_c("__reldl_ival", b), expression=item.copy()),
         )
     )
-    return exp.Subquery(this=q)
+    return exp.Subquery(this=query)

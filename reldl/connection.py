@@ -173,6 +173,18 @@ class Cursor:
         """A statement with model calls: plan it (planner/), then run the plan or show it (EXPLAIN)."""
         from reldl import planning
 
+        rewritten = planning.rewrite_trained_lookups(self, sql)
+        if rewritten is not None:  # predict() on trained lookup models (matrix factorization, GCN) became SQL
+            sql = rewritten
+            if not any(isinstance(s, Passthrough) and s.functions for s in parse(sql)):
+                if explain and not analyze:
+                    why = "plan: lookup (predict on models trained in the database reads their tables; no model runs)"
+                    self._show([why] + _sql_lines(None, sql))
+                elif explain:
+                    self._duckdb("EXPLAIN ANALYZE " + sql, parameters)
+                else:
+                    self._duckdb(sql, parameters, returns_rows=returns_rows)
+                return
         plan = planning.make_plan(self, sql, parameters)
         if explain and not analyze:
             self._show(plan.explain() + _sql_lines(plan, sql))

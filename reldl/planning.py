@@ -141,6 +141,31 @@ def _memory_limit(duck: duckdb.DuckDBPyConnection) -> float:
         return float("inf")
 
 
+def rewrite_trained_lookups(cur: Cursor, sql: str) -> str | None:
+    """``sql`` with predict() on in-database-trained matrix factorizations and GCNs replaced by SQL over their tables
+    (planner/trained_calls.py), or None when it has no such call."""
+    from reldl.autodiff import models as trained
+    from reldl.planner import trained_calls
+
+    if "predict" not in sql.lower():
+        return None
+    records = catalog.list_models(cur._duck)
+
+    def resolve(name: str, args: list[exp.Expression]) -> exp.Expression | None:
+        try:
+            rec = catalog.pick_model(records, name)
+        except ProgrammingError:
+            return None  # an unknown model fails later, with the usual message
+        if not rec.options.get("trained") or rec.model_type not in ("matrix_factorization", "gcn"):
+            return None
+        return trained.lookup_sql(rec.name, rec.model_type, rec.options, args)
+
+    try:
+        return trained_calls.rewrite(sql, resolve)
+    except (ParseError, TokenError):
+        return None
+
+
 def make_plan(cur: Cursor, sql: str, parameters) -> plans.Plan:
     """Parse, analyse and cost a statement with model calls; honours `SET reldl_plan`."""
     forced = cur.connection.settings.get("reldl_plan", "auto")

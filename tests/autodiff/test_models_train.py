@@ -335,3 +335,58 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, options, query, err
     assert snapshot() == before
     assert con.execute("SELECT predict('keep', f0, f1) IS NOT NULL FROM pts LIMIT 1").fetchall() == [(True,)]
     con.close()
+
+
+def test_predict_on_matrix_factorization_and_gcn():
+    """predict() on lookup models trained in the database: p_user . q_item, and the class of a node from the trained
+    GCN's forward pass (checked against the same forward pass in torch with the trained weights)."""
+    con = reldl.connect()
+    duck = con.cursor().duckdb_cursor
+    mf_data(duck)
+    con.execute(
+        "CREATE MODEL recs OPTIONS (model_type = 'matrix_factorization', user = 'who', item = 'what', label = 'stars', "
+        "num_factors = 3, epochs = 2, learning_rate = 0.05) AS SELECT who, what, stars FROM ratings"
+    )
+    got = con.execute("SELECT who, what, predict('recs', who, what) FROM ratings ORDER BY who, what").fetchall()
+    t = {r.name: r for r in reldl.catalog.list_models(duck)}["recs"].options["tables"]
+    want = con.execute(
+        f"SELECT a.value, b.value, list_dot_product(p.v, q.v) FROM {t['users']} AS p, {t['items']} AS q, "
+        f"{t['user_ids']} AS a, {t['item_ids']} AS b WHERE a.u = p.u AND b.i = q.i"
+    ).fetchall()
+    lookup = {(a, b): v for a, b, v in want}
+    assert len(got) > 0 and all(abs(v - lookup[(a, b)]) < 1e-12 for a, b, v in got)
+    assert con.execute("SELECT predict('recs', 'nobody', 'i00')").fetchall() == [(None,)]
+    # the caller's columns named like the model's own (value, u, i, v) still bind to the caller's table
+    probe = con.execute(
+        "SELECT value, u, predict('recs', value, u) FROM (SELECT who AS value, what AS u, 0 AS i, 0 AS v FROM ratings) "
+        "AS a ORDER BY value, u"
+    ).fetchall()
+    assert probe == got
+    plan = [r[0] for r in con.execute("EXPLAIN SELECT predict('recs', who, what) FROM ratings").fetchall()]
+    assert plan[0].startswith("plan: lookup")
+    with pytest.raises(reldl.ProgrammingError, match="takes \\(user, item\\)"):
+        con.execute("SELECT predict('recs', who) FROM ratings")
+
+    x, labels, edges = gcn_data(duck, 12)
+    con.execute(
+        "CREATE MODEL topics OPTIONS (model_type = 'gcn', edges = 'edges', hidden_units = [5], epochs = 3, "
+        "learning_rate = 0.1) AS SELECT * FROM nodes"
+    )
+    rec = {r.name: r for r in reldl.catalog.list_models(duck)}["topics"]
+    tables = rec.options["tables"]
+
+    def tile(role):
+        return np.array(duck.execute(f"SELECT v FROM {tables[role]}").fetchall()[0][0])
+
+    n = 12
+    a = np.zeros((n, n))
+    for s, t in edges:
+        a[s, t] = a[t, s] = 1.0
+    a += np.eye(n)
+    dinv = 1 / np.sqrt(a.sum(1))
+    A = dinv[:, None] * a * dinv[None, :]
+    h = np.maximum(A @ (x @ tile("w0").reshape(4, 5)) + tile("b0"), 0)
+    z = A @ (h @ tile("w1").reshape(5, 3)) + tile("b1")
+    got = con.execute("SELECT node, predict('topics', node) FROM nodes ORDER BY node").fetchall()
+    assert [c for _, c in got] == list(np.argmax(z, axis=1))
+    con.close()
