@@ -18,13 +18,12 @@ literals, so the program is built once, and DuckDB reads only the batch's rows w
 or CREATE INDEX; without one every step scans the whole source). Batch order is a permutation seeded by (seed, epoch)
 (:func:`batch_order`), so a resumed run sees the same batches as an uninterrupted one.
 
-Durability: an epoch starts by snapshotting every parameter table and its optimizer state (``<table>__snap``,
-``<table>__opt_snap``) and marking the run's epoch as active, in one transaction. Each step then commits on its own
-(so DuckDB frees the step's replaced tables at once, and an epoch's memory does not grow with its steps: training runs
-under a ``memory_limit`` below the data), and the epoch ends with one transaction that advances the run's epoch
-counter (``reldl.training_runs``) and drops the snapshots. A process killed mid-epoch leaves an active epoch behind;
-calling ``minimize`` again with the same ``name`` restores the snapshots, deletes that epoch's log rows and reruns it:
-the result is the last committed epoch, with no update lost or applied twice.
+Durability and memory: an epoch's steps update TEMP working copies of the parameter tables and optimizer state, and
+each step commits on its own (so DuckDB frees the step's replaced tables at once, and an epoch's memory does not grow
+with its steps: training runs under a ``memory_limit`` below the data). The persistent tables change only at the
+epoch's end, in one transaction with the epoch's loss log rows and the run's epoch counter (``reldl.training_runs``):
+they always hold the parameters of a whole number of epochs. A process killed mid-epoch leaves them at the last
+completed epoch, and calling ``minimize`` again with the same ``name`` resumes there: no update lost or applied twice.
 The loss of every step is in ``reldl.training_log``; :func:`plot_loss` draws it to a PNG (needs matplotlib).
 """
 
@@ -36,11 +35,12 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sqlglot
 from sqlglot import exp
 
 from reldl.autodiff import symbolic as sym
@@ -275,7 +275,7 @@ def _updated(p: _Param, opt: Optimizer, step: int, grad_table: exp.Table) -> exp
     return outer.from_(exp.Subquery(this=inner, alias=exp.TableAlias(this=exp.to_identifier("u"))))
 
 
-def _apply_update(p: _Param, opt: Optimizer, upd: exp.Table) -> list[str]:
+def _apply_update(p: _Param, opt: Optimizer, upd: exp.Table, temp: bool = False) -> list[str]:
     """UPDATE the parameter table (its identity, other columns and constraints stay) and replace the state table."""
     sets = [exp.EQ(this=col(p.value), expression=col("v", "u"))]
     update = exp.Update(this=p.table.copy(), expressions=sets)
@@ -292,8 +292,29 @@ def _apply_update(p: _Param, opt: Optimizer, upd: exp.Table) -> list[str]:
     out = [update.sql("duckdb")]
     if opt.state:
         state = select(*[col(k) for k in p.keys], *[col(c) for c in opt.state]).from_(upd.copy())
-        out.append(_create(p.opt_table.copy(), state))
+        out.append(_create(p.opt_table.copy(), state, temp=temp))
     return out
+
+
+def _table_key(t: exp.Table) -> str:
+    """A table's name for comparisons: catalog.db.name, unquoted, lower case (aliases and quoting ignored)."""
+    return ".".join(p for p in (t.catalog, t.db, t.name) if p).lower()
+
+
+def _swap_tables(sql: str, tables: dict[str, exp.Table]) -> str:
+    """``sql`` reading ``tables``' replacements (keys: table names as DuckDB SQL, lower case); aliases stay."""
+
+    def sub(node: exp.Expression) -> exp.Expression:
+        if isinstance(node, exp.Table) and isinstance(node.this, exp.Identifier):
+            bare = _table_key(node)
+            if bare in tables:
+                new = tables[bare].copy()
+                if node.args.get("alias") is not None:
+                    new.set("alias", node.args["alias"].copy())
+                return new
+        return node
+
+    return sqlglot.parse_one(sql, read="duckdb").transform(sub).sql("duckdb")
 
 
 def _init_state(p: _Param, opt: Optimizer) -> str | None:
@@ -317,36 +338,15 @@ def _ensure_tables(duck: Any) -> None:
         "config JSON NOT NULL, epoch INTEGER NOT NULL, step BIGINT NOT NULL, updated_at TIMESTAMP NOT NULL "
         "DEFAULT current_timestamp)"
     )
-    # the epoch whose steps are being committed one by one (NULL between epochs): resume restores its snapshots
-    duck.execute("ALTER TABLE reldl.training_runs ADD COLUMN IF NOT EXISTS active_epoch INTEGER")
     duck.execute(
         "CREATE TABLE IF NOT EXISTS reldl.training_log (name VARCHAR NOT NULL, epoch INTEGER NOT NULL, "
         "step BIGINT NOT NULL, loss DOUBLE, seconds DOUBLE, logged_at TIMESTAMP NOT NULL DEFAULT current_timestamp)"
     )
 
 
-def _run_row(duck: Any, name: str) -> tuple[str, int, int, int | None] | None:
-    rows = duck.execute(
-        "SELECT fingerprint, epoch, step, active_epoch FROM reldl.training_runs WHERE name = ?", [name]
-    ).fetchall()
+def _run_row(duck: Any, name: str) -> tuple[str, int, int] | None:
+    rows = duck.execute("SELECT fingerprint, epoch, step FROM reldl.training_runs WHERE name = ?", [name]).fetchall()
     return rows[0] if rows else None
-
-
-def _snapshots(p: _Param, opt: Optimizer) -> list[tuple[exp.Table, exp.Table]]:
-    """(live table, snapshot table) pairs of a parameter: its table and, with a stateful optimizer, its state."""
-    pairs = [(p.table, _sibling(p.table, "__snap"))]
-    if opt.state:
-        pairs.append((p.opt_table, _sibling(p.table, "__opt_snap")))
-    return pairs
-
-
-def _restore(p: _Param, opt: Optimizer) -> list[str]:
-    """Put a parameter (rows replaced in place: its identity and constraints stay) and its state back."""
-    out = []
-    for live, snap in _snapshots(p, opt):
-        out.append(exp.delete(live.copy()).sql("duckdb"))
-        out.append(exp.insert(select(exp.Star()).from_(snap.copy()), live.copy()).sql("duckdb"))
-    return out
 
 
 def epoch_losses(duck: Any, name: str) -> list[float]:
@@ -511,18 +511,13 @@ def minimize(
         done_epochs, step = 0, 0
     else:
         done_epochs, step = int(row[1]), int(row[2])
-        if row[3] is not None:  # killed inside epoch row[3]: back to the snapshot taken when it started
-            _execute(duck, "BEGIN TRANSACTION")
-            try:
-                for p in plist:
-                    for sql in _restore(p, opt):
-                        _execute(duck, sql)
-                _execute(duck, "DELETE FROM reldl.training_log WHERE name = ? AND epoch = ?", [name, int(row[3])])
-                _execute(duck, "UPDATE reldl.training_runs SET active_epoch = NULL WHERE name = ?", [name])
-                _execute(duck, "COMMIT")
-            except BaseException:
-                duck.execute("ROLLBACK")
-                raise
+
+    # the epoch's steps run on TEMP working copies of the parameters and their optimizer state
+    work = [
+        replace(p, table=_temp(f"{prefix}_work{i}"), opt_table=_temp(f"{prefix}_workopt{i}"))
+        for i, p in enumerate(plist)
+    ]
+    statements = [_swap_tables(sql, {_table_key(p.table): w.table for p, w in zip(plist, work)}) for sql in statements]
 
     # batches: before each step the view the data scans read is redefined as the source's rows whose key is in the
     # step's batch, a list of literals: DuckDB pushes that filter into the scan, and with an index on the key (a
@@ -572,16 +567,11 @@ def minimize(
             if batches is not None:
                 perm = batch_order(len(keys), epoch, batches.seed, batches.shuffle)
                 ordered = [keys[i] for i in perm]
-            _execute(duck, "BEGIN TRANSACTION")
-            try:
-                for p in plist:
-                    for live, snap in _snapshots(p, opt):
-                        _execute(duck, _create(snap.copy(), select(exp.Star()).from_(live.copy())))
-                _execute(duck, "UPDATE reldl.training_runs SET active_epoch = ? WHERE name = ?", [epoch, name])
-                _execute(duck, "COMMIT")
-            except BaseException:
-                duck.execute("ROLLBACK")
-                raise
+            for p, w in zip(plist, work):
+                _execute(duck, _create(w.table.copy(), select(exp.Star()).from_(p.table.copy()), temp=True))
+                if opt.state:
+                    _execute(duck, _create(w.opt_table.copy(), select(exp.Star()).from_(p.opt_table.copy()), temp=True))
+            log_rows: list[list] = []
             try:
                 for b in range(n_batches):
                     _execute(duck, "BEGIN TRANSACTION")
@@ -593,16 +583,12 @@ def minimize(
                         _execute(duck, sql)
                     value = _execute(duck, loss_sql).fetchall()
                     loss_value = float(value[0][0]) if value and value[0][0] is not None else float("nan")
-                    for p, upd in zip(plist, upd_tables):
-                        g = _temp(f"{prefix}_{p.grad_step}")
-                        _execute(duck, _create(upd.copy(), _updated(p, opt, step, g), temp=True))
-                        for sql in _apply_update(p, opt, upd):
+                    for w, upd in zip(work, upd_tables):
+                        g = _temp(f"{prefix}_{w.grad_step}")
+                        _execute(duck, _create(upd.copy(), _updated(w, opt, step, g), temp=True))
+                        for sql in _apply_update(w, opt, upd, temp=True):
                             _execute(duck, sql)
-                    _execute(
-                        duck,
-                        "INSERT INTO reldl.training_log (name, epoch, step, loss, seconds) VALUES (?, ?, ?, ?, ?)",
-                        [name, epoch, step, loss_value, time.perf_counter() - t0],
-                    )
+                    log_rows.append([name, epoch, step, loss_value, time.perf_counter() - t0])
                     for t in step_tables:  # freed now, not at the epoch's commit
                         _execute(duck, drop_sql(t))
                     if on_step is not None:
@@ -610,16 +596,23 @@ def minimize(
                     _execute(duck, "COMMIT")
                     step_losses.append(loss_value)
                     bar.step(epoch, loss_value)
-                _execute(duck, "BEGIN TRANSACTION")
+                _execute(duck, "BEGIN TRANSACTION")  # the epoch lands in the persistent tables, all or nothing
+                for p, w in zip(plist, work):
+                    _execute(duck, exp.delete(p.table.copy()).sql("duckdb"))
+                    _execute(duck, exp.insert(select(exp.Star()).from_(w.table.copy()), p.table.copy()).sql("duckdb"))
+                    if opt.state:
+                        _execute(duck, _create(p.opt_table.copy(), select(exp.Star()).from_(w.opt_table.copy())))
+                for r in log_rows:
+                    _execute(
+                        duck,
+                        "INSERT INTO reldl.training_log (name, epoch, step, loss, seconds) VALUES (?, ?, ?, ?, ?)",
+                        r,
+                    )
                 _execute(
                     duck,
-                    "UPDATE reldl.training_runs SET epoch = ?, step = ?, active_epoch = NULL, "
-                    "updated_at = current_timestamp WHERE name = ?",
+                    "UPDATE reldl.training_runs SET epoch = ?, step = ?, updated_at = current_timestamp WHERE name = ?",
                     [epoch, step, name],
                 )
-                for p in plist:
-                    for _, snap in _snapshots(p, opt):
-                        _execute(duck, drop_sql(snap.copy()))
                 _execute(duck, "COMMIT")
             except BaseException:
                 try:
@@ -635,7 +628,8 @@ def minimize(
                 duck.execute(f"SET threads = {int(saved_threads)}")
             except Exception:  # the connection may be unusable after an interrupt; nothing else to restore
                 pass
-        for t, kind in [*[(v, "VIEW") for v in views], *[(t, "TABLE") for t in step_tables]]:
+        work_tables = [t for w in work for t in (w.table, w.opt_table)]
+        for t, kind in [*[(v, "VIEW") for v in views], *[(t, "TABLE") for t in [*step_tables, *work_tables]]]:
             try:
                 duck.execute(drop_sql(t, kind))
             except Exception:  # cleanup is best effort: the temp tables die with the connection anyway
