@@ -250,6 +250,26 @@ def _train_here(db: Path) -> None:
         con.execute(CREATE_SQL)
 
 
+def _state(db: Path) -> tuple[dict, list]:
+    """The model's tables (name -> rows) and the training log of a database."""
+    con = duckdb.connect(str(db), read_only=True)
+    tables = sorted(
+        r[0]
+        for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'reldl' AND table_name LIKE 'm_m_%'"
+        ).fetchall()
+    )
+    out = {t: con.execute(f'SELECT * FROM reldl."{t}" ORDER BY ALL').fetchall() for t in tables}
+    log = con.execute("SELECT epoch, step, loss FROM reldl.training_log ORDER BY step").fetchall()
+    con.close()
+    return out, log
+
+
+def _by_role(tables: dict) -> dict:
+    """Parameter and optimizer tables keyed by role (w0, w0__opt, ...), without the spec hash in their names."""
+    return {t.split("__", 1)[1]: rows for t, rows in tables.items() if "__" in t and not t.endswith("__data")}
+
+
 def test_resume_after_kill_gives_identical_parameters(tmp_path):
     """Killed in the middle of epoch 2 (step 5 of 3 x 3), then run again: the same parameters as an uninterrupted
     run, and each step logged once."""
@@ -259,24 +279,18 @@ def test_resume_after_kill_gives_identical_parameters(tmp_path):
     assert con.execute("SELECT epoch, step FROM reldl.training_runs").fetchall() == [(1, 3)]
     assert con.execute("SELECT count(*) FROM reldl.models").fetchall()[0][0] == 0
     con.close()
+    # the killed run's tables hold exactly one whole epoch: the same as a run of 1 epoch (none of step 4's updates)
+    _data(tmp_path / "one.db")
+    with reldl.connect(str(tmp_path / "one.db")) as one:
+        one.execute(CREATE_SQL.replace("epochs = 3", "epochs = 1"))
+    after_kill, _ = _state(tmp_path / "killed.db")
+    one_epoch, _ = _state(tmp_path / "one.db")
+    assert len(_by_role(after_kill)) == 8 and _by_role(after_kill) == _by_role(one_epoch)
     _train_here(tmp_path / "killed.db")  # the statement run again resumes
     _data(tmp_path / "clean.db")
     _train_here(tmp_path / "clean.db")  # uninterrupted
 
-    def state(db):
-        con = duckdb.connect(str(db), read_only=True)
-        tables = sorted(
-            r[0]
-            for r in con.execute(
-                "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'reldl' AND table_name LIKE 'm_m_%'"
-            ).fetchall()
-        )
-        out = {t: con.execute(f'SELECT * FROM reldl."{t}" ORDER BY ALL').fetchall() for t in tables}
-        log = con.execute("SELECT epoch, step, loss FROM reldl.training_log ORDER BY step").fetchall()
-        con.close()
-        return out, log
-
-    (p1, log1), (p2, log2) = state(tmp_path / "killed.db"), state(tmp_path / "clean.db")
+    (p1, log1), (p2, log2) = _state(tmp_path / "killed.db"), _state(tmp_path / "clean.db")
     assert list(p1) == list(p2) and len(p1) == 9  # data, 4 parameters, 4 optimizer states
     assert p1 == p2  # bit-identical parameters and optimizer state
     assert [r[1] for r in log1] == list(range(1, 10)) and log1 == log2
