@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from reldl.planner import relational as R
+from reldl.spill import SpillWatcher
 
 
 def parse_size(text: str) -> int:
@@ -82,31 +82,6 @@ def work(layers, rows: int, tile: int | None) -> tuple[float, float]:
         if tile is not None and tile < n_in:
             pairs += rows * n_out * math.ceil(n_in / tile)
     return macs, pairs
-
-
-class SpillWatcher:
-    """Largest total size of DuckDB's spill files (``*.tmp`` in the temp directory) while it is entered."""
-
-    def __init__(self, path: Path):
-        self.path, self.peak, self._stop = path, 0, threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self):
-        while not self._stop.is_set():
-            try:
-                size = sum(e.stat().st_size for e in os.scandir(self.path) if e.name.endswith(".tmp"))
-            except OSError:
-                size = 0
-            self.peak = max(self.peak, size)
-            time.sleep(0.01)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def best_of(fn, repeat: int) -> float:
@@ -161,7 +136,7 @@ def run_case(rows, width, tile, args, spill_dir) -> dict:
         timer.start()
         try:
             result = []
-            with SpillWatcher(spill_dir) as spill:
+            with SpillWatcher(spill_dir, interval=0.01) as spill:
                 rec["duck_s"] = best_of(lambda: result.append(con.execute(sql).fetchone()), args.repeat)
             rec["spill_peak_bytes"] = spill.peak
             n, total = result[-1]

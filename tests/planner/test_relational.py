@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import threading
-import time
 
 import duckdb
 import numpy as np
@@ -17,6 +14,7 @@ import torch.nn.functional as F
 from sqlglot import exp
 
 from reldl.planner import relational as R
+from reldl.spill import SpillWatcher
 
 TORCH_ACT = {
     "identity": lambda v: v,
@@ -283,31 +281,6 @@ def test_generated_sql_is_one_select_of_ctes(con):
 # spilling
 
 
-class TempWatcher:
-    """Largest total size of DuckDB's spill files in a directory, polled while a query runs."""
-
-    def __init__(self, path):
-        self.path, self.peak, self._stop = path, 0, threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self):
-        while not self._stop.is_set():
-            try:
-                size = sum(e.stat().st_size for e in os.scandir(self.path) if e.name.endswith(".tmp"))
-            except OSError:
-                size = 0
-            self.peak = max(self.peak, size)
-            time.sleep(0.005)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
 def torch_working_set(layers, n_rows: int) -> int:
     """Bytes torch holds for a float64 forward: weights, the input and every layer's output."""
     params = sum(w.numel() + b.numel() for w, b, _ in layers)
@@ -338,7 +311,7 @@ def test_under_memory_limit(tmp_path, dims, rows, tile, limit_mib, torch_over, m
         x = np.random.default_rng(11).standard_normal((rows, dims[0]))
         inputs(con, "inp", x)
         query = R.forward_query("reldl.w_big", "inp", layers, tile).sql("duckdb")
-        with TempWatcher(spill) as watch:
+        with SpillWatcher(spill) as watch:
             out = dict(con.execute(f"SELECT rid, y[1] FROM ({query})").fetchall())
     finally:
         con.close()
