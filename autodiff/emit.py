@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import sqlglot
 from sqlglot import exp
 
 from reldl.autodiff import symbolic as sym
 from reldl.autodiff.ir import Aggregate, AutodiffError, Join, Node, Rename, Scan, Shape
+from reldl.planner.relational import source_tree
 
 Ref = Callable[[Node], exp.Expression]  # a node -> the table expression its rows are read from
 
@@ -37,21 +37,12 @@ def table_as(ref: exp.Expression, alias: str) -> exp.Expression:
     return t
 
 
-def source_tree(source) -> exp.Expression:
-    """A FROM-able tree from a table name, SQL text of a query or a sqlglot tree."""
-    if isinstance(source, exp.Query):
-        return exp.Subquery(this=source.copy())
-    if isinstance(source, (exp.Table, exp.Subquery)):
-        return source.copy()
-    if isinstance(source, str):
-        try:
-            parsed = sqlglot.parse_one(source, read="duckdb")
-        except sqlglot.errors.ParseError:
-            parsed = None
-        if isinstance(parsed, exp.Query):
-            return exp.Subquery(this=parsed)
-        return exp.to_table(source, dialect="duckdb")
-    raise AutodiffError(f"a scan's source must be a table name, a query or a sqlglot tree, not {type(source).__name__}")
+def _source_tree(source) -> exp.Expression:
+    """The planner's reading of a source (table name, query text or tree), as a FROM-able tree."""
+    try:
+        return source_tree(source)
+    except TypeError as e:
+        raise AutodiffError(f"a scan's {e}") from None
 
 
 def tile_sum(v: exp.Expression, shape: Shape) -> exp.Expression:
@@ -74,7 +65,7 @@ def select(*columns: exp.Expression) -> exp.Select:
 
 
 def scan_query(node: Scan) -> exp.Select:
-    src = table_as(source_tree(node.source), "s")
+    src = table_as(_source_tree(node.source), "s")
     cols = [aliased(col(node.columns.get(k, k), "s"), k) for k in node.keys]
     value = node.value if isinstance(node.value, exp.Expression) else col(node.value, "s")
     cast = exp.DataType.build("DOUBLE" if node.shape == () else "DOUBLE[]")

@@ -93,6 +93,12 @@ class Program:
         ctes = [(s.name, s.build(_cte_ref)) for s in steps]
         return emit.with_query(ctes, _dense(param, _cte_ref(f"f{param.id}"), _cte_ref(g)))
 
+    def is_view(self, name: str) -> bool:
+        """Whether step ``name`` renders as a view: a scan, whose data (or a batch of it) costs more to copy into a
+        table than to read twice."""
+        step = self._by_name[name]
+        return isinstance(step.node, Scan) and not step.gradient
+
     def statements(self, prefix: str, names: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
         """``(step, table, CREATE OR REPLACE TEMP TABLE ... AS ...)`` for the steps (all, or those ``names`` need), in
         order; tables are named ``<prefix>_<step>`` (scans are TEMP VIEWs). Build once, execute every training step."""
@@ -104,11 +110,9 @@ class Program:
 
         out = []
         for s in steps:
-            # a scan is a view: copying the data (or a batch of it) into a table costs more than reading it twice
-            view = isinstance(s.node, Scan) and not s.gradient
             create = exp.Create(
                 this=exp.Table(this=exp.to_identifier(tables[s.name])),
-                kind="VIEW" if view else "TABLE",
+                kind="VIEW" if self.is_view(s.name) else "TABLE",
                 expression=s.build(ref),
                 replace=True,
                 properties=exp.Properties(expressions=[exp.TemporaryProperty()]),

@@ -461,7 +461,7 @@ def minimize(
     plist = [_param(s, prog.grads[s.id]) for s in prog.wrt]
     seen: set[str] = set()
     for p in plist:
-        key = p.table.sql("duckdb").lower()
+        key = _table_key(p.table)
         if key in seen:
             raise TrainingError(f"parameter table {p.table.sql('duckdb')} is read by two parameter scans")
         seen.add(key)
@@ -470,17 +470,13 @@ def minimize(
     fingerprint, config = _fingerprint(plist, opt, batches)
     tag = hashlib.sha256(name.encode()).hexdigest()[:10]
     prefix = f"__reldl_train_{tag}"
-    statements = [sql for _, _, sql in prog.statements(prefix)]
+    rendered = prog.statements(prefix)
+    statements = [sql for _, _, sql in rendered]
     loss_table = _temp(f"{prefix}_f{prog.loss.id}")
     loss_sql = select(col("v")).from_(loss_table).sql("duckdb")
     upd_tables = [_temp(f"{prefix}_upd{i}") for i in range(len(plist))]
-    rendered = prog.statements(prefix)
-    views = [
-        _temp(t)
-        for _, t, sql in rendered
-        if sql.upper().startswith(("CREATE OR REPLACE TEMPORARY VIEW", "CREATE OR REPLACE TEMP VIEW"))
-    ]
-    step_tables = [_temp(t) for _, t, _ in rendered if _temp(t) not in views] + upd_tables
+    views = [_temp(t) for step, t, _ in rendered if prog.is_view(step)]
+    step_tables = [_temp(t) for step, t, _ in rendered if not prog.is_view(step)] + upd_tables
 
     # start or resume
     row = _run_row(duck, name)

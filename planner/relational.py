@@ -299,7 +299,7 @@ def _col(name: str, table: str | None = None) -> exp.Column:
     return exp.column(exp.to_identifier(name), table=exp.to_identifier(table) if table else None)
 
 
-def _source(source: str | exp.Expression) -> exp.Expression:
+def source_tree(source: str | exp.Expression) -> exp.Expression:
     """A FROM-able tree: a table/view name (``schema.table``), SQL text of a query, or a sqlglot tree."""
     if isinstance(source, exp.Query):
         return exp.Subquery(this=source.copy())
@@ -531,7 +531,7 @@ def forward_query(
     tiles = _layer_tiles(tile, len(shapes))
     weights = exp.to_table(weights_table, dialect="duckdb")
     mats = exp.to_table(matrices, dialect="duckdb") if matrices is not None else None
-    src = _source(source)
+    src = source_tree(source)
     n_features = shapes[0][0]
     inputs = dict(__src=src, __rid=_col(rid), __x=_col(x))
     bad_length = f"reldl: the model takes {n_features} features, an input vector has another length"
