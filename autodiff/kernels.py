@@ -284,6 +284,12 @@ class Matmul(Kernel):
         return sym.func("reldl_matmul_tn_sum", *lists, _int(k), _int(n))
 
 
+def _plus_bias(tile: exp.Expression, bias: exp.Expression, n: exp.Expression) -> exp.Expression:
+    """``tile (m, n) + bias (n,)`` on every row, as a list lambda: element i adds ``bias[(i - 1) % n + 1]``."""
+    col = sym.add(exp.Mod(this=exp.Paren(this=sym.sub(_lam_col(_I), _int(1))), expression=n.copy()), _int(1))
+    return transform(tile, sym.add(_lam_col(_X), at(bias, col)))
+
+
 class Affine(Kernel):
     """``A (m, k) @ W (k, n) + b (n,)`` on every row: a dense layer in one pass over A (matmul, then bias_add)."""
 
@@ -319,9 +325,7 @@ class BiasAdd(Kernel):
         return shapes[0]
 
     def forward(self, args, shapes):
-        n = shapes[0][1]
-        col = sym.add(exp.Mod(this=exp.Paren(this=sym.sub(_lam_col(_I), _int(1))), expression=_int(n)), _int(1))
-        return transform(args[0], sym.add(_lam_col(_X), at(args[1], col)))
+        return _plus_bias(args[0], args[1], _int(shapes[0][1]))
 
     def vjp(self, i, args, grad, shapes):
         n = shapes[0][1]
@@ -631,6 +635,41 @@ def _matmul_tn_sum(la, lg, k, n):
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     return _list_array(offsets, np.concatenate(results) if results else np.zeros(0))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the fused functions as per-row kernels and list lambdas: the same results from functions other engines translate
+
+
+def _list_arg(e: exp.Expression) -> exp.Expression | None:
+    """x of DuckDB's ``list(x)`` aggregate (an Anonymous call, or sqlglot's ArrayAgg when parsed), else None."""
+    if isinstance(e, exp.Anonymous) and str(e.this).lower() == "list" and len(e.expressions) == 1:
+        return e.expressions[0]
+    if isinstance(e, exp.ArrayAgg) and not isinstance(e.this, (exp.Order, exp.Distinct)):
+        return e.this
+    return None
+
+
+def _affine_unfused(args: list[exp.Expression]) -> exp.Expression:
+    if len(args) != 6:
+        raise AutodiffError("reldl_affine() takes 6 arguments")
+    a, w, b, m, k, n = args
+    return _plus_bias(sym.func("reldl_matmul", a, w, m, k, n), b, n)
+
+
+def _matmul_tn_sum_unfused(args: list[exp.Expression]) -> exp.Expression:
+    a, g = (_list_arg(x) for x in args[:2]) if len(args) == 4 else (None, None)
+    if a is None or g is None:
+        raise AutodiffError("reldl_matmul_tn_sum() needs list(a), list(g), k, n")
+    k, n = args[2], args[3]
+    per_row = sym.func("reldl_matmul_tn", a, g, k, exp.IntDiv(this=length(g), expression=n.copy()), n)
+    return sym.func("reldl_tile_sum", exp.Anonymous(this="list", expressions=[per_row]))
+
+
+UNFUSED: dict[str, Callable[[list[exp.Expression]], exp.Expression]] = {
+    "reldl_affine": _affine_unfused,  # reldl_matmul, then the bias added per row
+    "reldl_matmul_tn_sum": _matmul_tn_sum_unfused,  # per-row reldl_matmul_tn under reldl_tile_sum(list(...))
+}
 
 
 _DOUBLES, _INT = "DOUBLE[]", "BIGINT"

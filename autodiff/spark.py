@@ -756,34 +756,18 @@ def to_spark(query: exp.Expression | str, schema: Mapping[str, Mapping[str, str]
 
 
 def _unfuse_kernels(node: exp.Expression) -> exp.Expression:
-    """Aggregate-fused kernels back to per-row kernels under a tile sum, which the kernel rules expand:
-    ``reldl_matmul_tn_sum(list(a), list(g), k, n)`` -> ``reldl_tile_sum(list(reldl_matmul_tn(a, g, k, len(g) // n,
-    n)))``."""
-    if isinstance(node, exp.Anonymous) and str(node.this).lower() == "reldl_affine":
-        if len(node.expressions) != 6:
-            raise SparkTranslationError("cannot translate to Spark SQL: reldl_affine() takes 6 arguments")
-        a, w, b, m, k, n = (e.sql("duckdb") for e in node.expressions)
-        per_row = (
-            f"list_transform(reldl_matmul({a}, {w}, {m}, {k}, {n}), lambda __x, __i: __x + {b}[(__i - 1) % {n} + 1])"
-        )
-        return sqlglot.parse_one(per_row, read="duckdb")
-    if not (isinstance(node, exp.Anonymous) and str(node.this).lower() == "reldl_matmul_tn_sum"):
+    """reldl's fused functions (``reldl_affine``, ``reldl_matmul_tn_sum``) as the per-row kernels and list lambdas
+    they equal (``kernels.UNFUSED``), which the rules below translate."""
+    from reldl.autodiff.ir import AutodiffError
+    from reldl.autodiff.kernels import UNFUSED
+
+    build = UNFUSED.get(str(node.this).lower()) if isinstance(node, exp.Anonymous) else None
+    if build is None:
         return node
-    args = list(node.expressions)
-
-    def inner(e: exp.Expression) -> exp.Expression | None:
-        if isinstance(e, exp.Anonymous) and str(e.this).lower() == "list" and len(e.expressions) == 1:
-            return e.expressions[0]
-        if isinstance(e, exp.ArrayAgg) and not isinstance(e.this, (exp.Order, exp.Distinct)):
-            return e.this  # DuckDB's list(x), as sqlglot parses it
-        return None
-
-    if len(args) != 4 or inner(args[0]) is None or inner(args[1]) is None:
-        raise SparkTranslationError("cannot translate to Spark SQL: reldl_matmul_tn_sum() needs list(a), list(g), k, n")
-    a, g, k, n = inner(args[0]), inner(args[1]), args[2], args[3]
-    rows = exp.IntDiv(this=exp.Anonymous(this="len", expressions=[g.copy()]), expression=n.copy())
-    per_row = exp.Anonymous(this="reldl_matmul_tn", expressions=[a.copy(), g.copy(), k.copy(), rows, n.copy()])
-    unfused = exp.Anonymous(this="reldl_tile_sum", expressions=[exp.ArrayAgg(this=per_row)])
+    try:
+        unfused = build(list(node.expressions))
+    except AutodiffError as e:
+        raise SparkTranslationError(f"cannot translate to Spark SQL: {e}") from None
     return sqlglot.parse_one(unfused.sql("duckdb"), read="duckdb")  # as parsed text, like the rest of the tree
 
 
