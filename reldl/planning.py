@@ -150,15 +150,13 @@ def rewrite_trained_lookups(cur: Cursor, sql: str) -> str | None:
     if "predict" not in sql.lower():
         return None
     records = catalog.list_models(cur._duck)
+    lookups = [r for r in records if r.options.get("trained") and r.model_type in ("matrix_factorization", "gcn")]
+    if not lookups:  # the common case: no parse
+        return None
 
     def resolve(name: str, args: list[exp.Expression]) -> exp.Expression | None:
-        try:
-            rec = catalog.pick_model(records, name)
-        except ProgrammingError:
-            return None  # an unknown model fails later, with the usual message
-        if not rec.options.get("trained") or rec.model_type not in ("matrix_factorization", "gcn"):
-            return None
-        return trained.lookup_sql(rec.name, rec.model_type, rec.options, args)
+        rec = catalog.pick_model(lookups, name)  # None: another kind of model, or an unknown one (fails later)
+        return None if rec is None else trained.lookup_sql(rec.name, rec.model_type, rec.options, args)
 
     try:
         return trained_calls.rewrite(sql, resolve)
