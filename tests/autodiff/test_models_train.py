@@ -365,7 +365,7 @@ def test_predict_on_matrix_factorization_and_gcn():
     plan = [r[0] for r in con.execute("EXPLAIN SELECT predict('recs', who, what) FROM ratings").fetchall()]
     assert plan[0].startswith("plan: lookup")
     with pytest.raises(reldl.ProgrammingError, match="model 'nosuch' does not exist"):  # beside a trained lookup
-        con.execute("SELECT predict('nosuch', who, what) FROM ratings")
+        con.execute("SELECT predict('nosuch', 1.0, 2.0)")
     with pytest.raises(reldl.ProgrammingError, match="takes \\(user, item\\)"):
         con.execute("SELECT predict('recs', who) FROM ratings")
 
