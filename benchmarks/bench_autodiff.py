@@ -48,6 +48,22 @@ def limited(con, args) -> None:
         con.execute(f"SET memory_limit = '{args.memory_limit}'")
 
 
+def train(con, loss, args, name: str, load_s: float, batches: Batches | None = None) -> dict:
+    """SGD over the graph for the benchmark's epochs (a fresh run each time), as reldl's record for the table."""
+    res = minimize(
+        con,
+        loss,
+        optimizer="sgd",
+        learning_rate=args.lr,
+        epochs=args.epochs,
+        batches=batches,
+        name=name,
+        resume=False,
+        progress=False,
+    )
+    return {"load_s": load_s, "seconds_per_epoch": res.seconds_per_epoch, "epoch_losses": res.losses}
+
+
 def init(rng, *shape) -> np.ndarray:
     return rng.normal(size=shape) / np.sqrt(shape[0])
 
@@ -93,18 +109,7 @@ def mlp_reldl(con, x, y, p, args) -> dict:
     logits = ad.linear(h, w2, b2)
     loss = ad.apply("div", ad.sum(ad.apply("tile_sum", ad.apply("softmax_xent", logits, yd))), n)
     batches = Batches(view=view, source="data", key="rb", size=args.batch_blocks, shuffle=False)
-    res = minimize(
-        con,
-        loss,
-        optimizer="sgd",
-        learning_rate=args.lr,
-        epochs=args.epochs,
-        batches=batches,
-        name="bench_mlp",
-        resume=False,
-        progress=False,
-    )
-    return {"load_s": load_s, "seconds_per_epoch": res.seconds_per_epoch, "epoch_losses": res.losses}
+    return train(con, loss, args, "bench_mlp", load_s, batches)
 
 
 def mlp_torch(x, y, p, args, dtype) -> dict:
@@ -180,17 +185,7 @@ def gcn_reldl(con, g, p, args) -> dict:
     ah = ad.sum(ad.apply("mul", adj, ad.rename(h1, {"i": "j"})), by=["i"])
     logits = ad.apply("add", ad.matmul(ah, w2), b2)
     loss = ad.mean(ad.apply("softmax_xent", logits, labels))
-    res = minimize(
-        con,
-        loss,
-        optimizer="sgd",
-        learning_rate=args.lr,
-        epochs=args.epochs,
-        name="bench_gcn",
-        resume=False,
-        progress=False,
-    )
-    return {"load_s": load_s, "seconds_per_epoch": res.seconds_per_epoch, "epoch_losses": res.losses}
+    return train(con, loss, args, "bench_gcn", load_s)
 
 
 def gcn_torch(g, p, args, dtype) -> dict:
