@@ -9,6 +9,8 @@ still imports: `triton_available(device)` is then False and callers use the `*_r
 - `paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, window=None,
   num_splits=None) -> out`: flash-decoding over the paged cache, GQA groups packed, automatic split-K.
 - `silu_and_mul(x) -> out`: silu(gate) * up.
+- `tree_attention_reference(q, k_cache, v_cache, layout, scale) -> out`: attention of queries over a token tree
+  whose KV is laid out once (`TreeLayout`, from `layout_from_block_tables` or `layout_from_tree`).
 """
 
 from reldl.kernels._triton import HAS_TRITON, triton_available
@@ -20,6 +22,12 @@ from reldl.kernels.paged_attention import (
 )
 from reldl.kernels.rmsnorm import rmsnorm, rmsnorm_reference
 from reldl.kernels.rope_cache import rope_and_cache, rope_and_cache_reference
+from reldl.kernels.tree_attention import (
+    TreeLayout,
+    layout_from_block_tables,
+    layout_from_tree,
+    tree_attention_reference,
+)
 
 __all__ = [
     "HAS_TRITON",
@@ -33,4 +41,8 @@ __all__ = [
     "choose_num_splits",
     "silu_and_mul",
     "silu_and_mul_reference",
+    "TreeLayout",
+    "layout_from_block_tables",
+    "layout_from_tree",
+    "tree_attention_reference",
 ]
