@@ -9,6 +9,10 @@ still imports: `triton_available(device)` is then False and callers use the `*_r
 - `paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, window=None,
   num_splits=None) -> out`: flash-decoding over the paged cache, GQA groups packed, automatic split-K.
 - `silu_and_mul(x) -> out`: silu(gate) * up.
+- Contextual sparsity in the MLP (`sparse_mlp.py`, issue 7): `sparse_mlp(x, w1, b1, w2t, b2, idx, act)` (DejaVu-style
+  ReLU/GELU MLP reading only the selected neurons' rows; halves `sparse_up`, `sparse_down`), `teal_linear`,
+  `teal_gate_up`, `sparse_swiglu_mlp(x, w_gate_t, w_up_t, w_down_t, threshold_in, threshold_mid)` (TEAL input
+  sparsity, reading only the rows of the transposed weights whose input survives), `select_neurons`.
 - `tree_attention_reference(q, k_cache, v_cache, layout, scale) -> out`: attention of queries over a token tree
   whose KV is laid out once (`TreeLayout`, from `layout_from_block_tables` or `layout_from_tree`).
 """
@@ -22,6 +26,22 @@ from reldl.kernels.paged_attention import (
 )
 from reldl.kernels.rmsnorm import rmsnorm, rmsnorm_reference
 from reldl.kernels.rope_cache import rope_and_cache, rope_and_cache_reference
+from reldl.kernels.sparse_mlp import (
+    dense_mlp_reference,
+    select_neurons,
+    sparse_down,
+    sparse_down_reference,
+    sparse_mlp,
+    sparse_mlp_reference,
+    sparse_swiglu_mlp,
+    sparse_swiglu_mlp_reference,
+    sparse_up,
+    sparse_up_reference,
+    teal_gate_up,
+    teal_gate_up_reference,
+    teal_linear,
+    teal_linear_reference,
+)
 from reldl.kernels.tree_attention import (
     TreeLayout,
     layout_from_block_tables,
@@ -45,4 +65,18 @@ __all__ = [
     "layout_from_block_tables",
     "layout_from_tree",
     "tree_attention_reference",
+    "sparse_mlp",
+    "sparse_mlp_reference",
+    "sparse_up",
+    "sparse_up_reference",
+    "sparse_down",
+    "sparse_down_reference",
+    "dense_mlp_reference",
+    "teal_linear",
+    "teal_linear_reference",
+    "teal_gate_up",
+    "teal_gate_up_reference",
+    "sparse_swiglu_mlp",
+    "sparse_swiglu_mlp_reference",
+    "select_neurons",
 ]

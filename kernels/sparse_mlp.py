@@ -1,0 +1,859 @@
+"""Contextual sparsity in the MLP (issue 7): read only the weight rows that matter for this step.
+
+Two kinds of sparsity, one pair of kernels:
+
+- DejaVu (ReLU MLPs, OPT / GPT-2 style, y = W2 act(W1 x + b1) + b2): a predictor picks the neurons likely to be
+  active; only those rows of W1 [n, d] (nn.Linear layout) and of W2t [n, d] (= W2 transposed, contiguous, so a
+  neuron's output weights are one contiguous row) are read. `idx` is the union of the selected neurons over the
+  batch (int32 or int64, any order, no duplicates, length k); rows not in `idx` are never addressed.
+- TEAL (SwiGLU MLPs, Llama style, y = W_down (silu(W_gate x) * (W_up x))): entries of each layer's *input* with
+  |value| <= threshold are zeroed, so only the weight columns of the surviving input dimensions are needed. The
+  weights are stored transposed (W_gate_t / W_up_t [d, n], W_down_t [n, d]) so those columns are contiguous rows.
+  Either an index of the surviving dimensions is given (row gather), or none is and the kernel looks at the input
+  itself and skips the rows whose input is zero for the whole batch (masked loads: no index, no host sync).
+
+Kernels:
+
+1. `_rows_dot_kernel` (gather-GEMV / GEMM, the "up" half of the ReLU MLP): out[b, j] = x[b] . W[idx[j]]. Grid
+   (cdiv(k, BLOCK_N), SPLIT_D): a program takes BLOCK_N selected rows and one chunk of d. With one chunk it applies
+   bias and activation and writes h; otherwise it writes float32 partials [SPLIT_D, B, k] that the next kernel sums
+   in a fixed order.
+2. `_gather_matmul_kernel` (the "down" half, and TEAL's projections): out[b, :] = sum_j a[b, j] * W[row_j, :].
+   Grid (S, cdiv(N, BLOCK_N)): program (s, c) takes a contiguous share of the selected rows (split-K over the
+   neurons) and a block of output columns; a[b, j] is read compactly (h[b, j]), gathered (x[b, idx[j]]), summed
+   from kernel 1's partials (+ bias, activation), or taken densely with the TEAL threshold. With S == 1 it writes
+   the result (+ bias); otherwise float32 partials [S, B, N].
+3. `_reduce_kernel`: sums partials over splits in a fixed order (deterministic, no atomics), then bias (optionally
+   gathered through idx), activation, or silu(gate) * up for the fused gate/up projection.
+
+Batch 1 takes a GEMV path (float32 fused multiply-adds, no tl.dot); batches 2..64 use tl.dot with the batch padded to
+16 rows (every tl.dot dimension >= 16); larger batches are cut into chunks of 64. Accumulation is float32; weights in
+float16 / bfloat16 / float32; offsets into the weights are int64 (a 49152 x 12288 matrix has 6e8 elements).
+
+Every launcher takes its grid from shapes only (k = idx.numel()) and makes no host sync, so it can be captured in a
+CUDA graph. `select_neurons` with `density` is sync-free too; with `threshold` it calls torch.nonzero (a host sync:
+the number of selected neurons becomes a shape). TEAL without an index needs no selection at all.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from reldl.kernels._triton import cdiv, next_pow2, require_triton, tl, triton
+from reldl.kernels.paged_attention import num_sms
+
+ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+PROGRAMS_PER_SM = 4  # launch about this many programs per SM (memory-level parallelism for a bandwidth-bound read)
+PARTIAL_FRACTION = 8  # split-K partials may cost at most 1/PARTIAL_FRACTION of the weight bytes read
+MAX_DOT_BATCH = 64  # larger batches are processed in chunks of this many rows
+MODE_COMPACT, MODE_GATHER, MODE_PARTIALS, MODE_DENSE = 0, 1, 2, 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# references
+
+
+def _act_reference(h: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "none":
+        return h
+    if act == "relu":
+        return F.relu(h)
+    if act == "gelu":
+        return F.gelu(h)
+    if act == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    if act == "silu":
+        return F.silu(h)
+    raise ValueError(f"unknown activation {act!r}: one of {sorted(ACTIVATIONS)}")
+
+
+def _teal_sparsify(x: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    return x if threshold is None else torch.where(x.abs() > threshold, x, torch.zeros_like(x))
+
+
+def sparse_up_reference(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, idx: torch.Tensor, act: str = "relu"
+) -> torch.Tensor:
+    """h [B, k] = act(x @ W1[idx].T + b1[idx]) in float32. x [B, d]; w1 [n, d]; b1 [n] or None; idx [k]."""
+    rows = idx.long()
+    h = x.float() @ w1[rows].float().T
+    if b1 is not None:
+        h = h + b1[rows].float()
+    return _act_reference(h, act)
+
+
+def sparse_down_reference(
+    h: torch.Tensor, w2t: torch.Tensor, b2: torch.Tensor | None, idx: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """y [B, d] = h @ W2t[idx] + b2, computed in float32, returned in out_dtype (default w2t.dtype).
+    h [B, k] (the activations of the selected neurons, in idx order); w2t [n, d]; b2 [d] or None."""
+    y = h.float() @ w2t[idx.long()].float()
+    if b2 is not None:
+        y = y + b2.float()
+    return y.to(out_dtype or w2t.dtype)
+
+
+def sparse_mlp_reference(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2t: torch.Tensor,
+    b2: torch.Tensor | None,
+    idx: torch.Tensor,
+    act: str = "relu",
+) -> torch.Tensor:
+    """The ReLU (or GELU) MLP restricted to the neurons in idx: W2t[idx].T act(W1[idx] x + b1[idx]) + b2, computed in
+    float32, returned in x.dtype. Equals the dense MLP when idx holds every neuron whose activation is nonzero."""
+    h = sparse_up_reference(x, w1, b1, idx, act)
+    return sparse_down_reference(h, w2t, b2, idx, x.dtype)
+
+
+def dense_mlp_reference(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2t: torch.Tensor, b2: torch.Tensor | None, act="relu"
+) -> torch.Tensor:
+    """The dense MLP with the same weight layout, in float32, returned in x.dtype."""
+    h = _act_reference(F.linear(x.float(), w1.float(), None if b1 is None else b1.float()), act)
+    y = h @ w2t.float()
+    if b2 is not None:
+        y = y + b2.float()
+    return y.to(x.dtype)
+
+
+def teal_linear_reference(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    threshold: float | None = None,
+    idx: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y [B, N] = s(x) @ w_t (+ bias), s zeroing entries with |x| <= threshold (none when threshold is None), and, when
+    idx is given, every input dimension not in idx. x [B, d]; w_t [d, N]. float32 inside, x.dtype out."""
+    xs = _teal_sparsify(x.float(), threshold)
+    if idx is not None:
+        keep = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+        keep[idx.long()] = True
+        xs = xs * keep
+    y = xs @ w_t.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def teal_gate_up_reference(
+    x: torch.Tensor,
+    w_gate_t: torch.Tensor,
+    w_up_t: torch.Tensor,
+    threshold: float | None = None,
+    idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """h [B, n] = silu(s(x) @ w_gate_t) * (s(x) @ w_up_t), s as in `teal_linear_reference`; x.dtype out."""
+    g = teal_linear_reference(x.float(), w_gate_t, threshold, idx)
+    u = teal_linear_reference(x.float(), w_up_t, threshold, idx)
+    return (F.silu(g) * u).to(x.dtype)
+
+
+def sparse_swiglu_mlp_reference(
+    x: torch.Tensor,
+    w_gate_t: torch.Tensor,
+    w_up_t: torch.Tensor,
+    w_down_t: torch.Tensor,
+    threshold_in: float | None,
+    threshold_mid: float | None,
+    use_index: bool = False,
+) -> torch.Tensor:
+    """TEAL SwiGLU: h = silu(s_in(x) W_gate_t) * (s_in(x) W_up_t) rounded to x.dtype, y = s_mid(h) W_down_t.
+    `use_index` is accepted for signature parity (the result does not depend on it)."""
+    del use_index
+    h = teal_gate_up_reference(x, w_gate_t, w_up_t, threshold_in)
+    return teal_linear_reference(h, w_down_t, threshold_mid)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# selection
+
+
+def num_selected(n: int, density: float) -> int:
+    """How many of n neurons a density keeps: round(density * n), clamped to [0, n]."""
+    return max(0, min(n, int(round(float(density) * n))))
+
+
+def select_neurons(
+    scores: torch.Tensor, density: float | None = None, threshold: float | None = None, absolute: bool = False
+) -> torch.Tensor:
+    """Union over the batch of the neurons to compute -> int32 index [k] (unsorted).
+
+    scores [B, n] or [n] (a predictor's scores, or the activations themselves; `absolute` uses |scores|, as TEAL
+    does). Exactly one of:
+    - density: the k = round(density * n) neurons with the largest max-over-the-batch score (for B = 1, the row's
+      top-k). k depends only on shapes: no host sync, CUDA-graph safe.
+    - threshold: every neuron whose score exceeds `threshold` in at least one row. The count depends on the
+      values, so this calls torch.nonzero, which SYNCS with the host (not capturable in a CUDA graph). For TEAL
+      prefer `teal_linear` / `sparse_swiglu_mlp` without an index: they threshold inside the kernel, sync-free.
+    """
+    if (density is None) == (threshold is None):
+        raise ValueError("select_neurons: give exactly one of density and threshold")
+    s = scores.abs() if absolute else scores
+    if s.dim() == 1:
+        s = s.unsqueeze(0)
+    if s.dim() != 2:
+        raise ValueError(f"select_neurons: scores must be [B, n] or [n], got {tuple(scores.shape)}")
+    n = s.shape[1]
+    if density is not None:
+        k = num_selected(n, density)
+        if k == 0 or s.shape[0] == 0:
+            return torch.empty(0, dtype=torch.int32, device=s.device)
+        best = s.amax(dim=0)
+        return torch.topk(best, k, sorted=False).indices.to(torch.int32)
+    keep = (s > threshold).any(dim=0)
+    return torch.nonzero(keep).view(-1).to(torch.int32)  # host sync
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _apply_act(h, ACT: tl.constexpr):
+    if ACT == 1:
+        h = tl.maximum(h, 0.0)
+    elif ACT == 2:
+        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    elif ACT == 3:
+        z = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        h = 0.5 * h * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0))
+    elif ACT == 4:
+        h = h / (1.0 + tl.exp(-h))
+    return h
+
+
+@triton.jit
+def _rows_dot_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    idx_ptr,
+    out_ptr,
+    B,
+    k,
+    d,
+    d_per_split,
+    stride_xb,
+    stride_w,
+    stride_os,
+    stride_ob,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    FINAL: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    jm = j < k
+    rows = tl.load(idx_ptr + j, mask=jm, other=0).to(tl.int64)
+    w_rows = w_ptr + rows[:, None] * stride_w
+    d_lo = pid_s * d_per_split
+    d_hi = tl.minimum(d_lo + d_per_split, d)
+    cols0 = tl.arange(0, BLOCK_D)
+    bb = tl.arange(0, BLOCK_B)
+    bm = bb < B
+    if BLOCK_B == 1:
+        acc2 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for d0 in range(d_lo, d_hi, BLOCK_D):
+            cols = d0 + cols0
+            cm = cols < d
+            w = tl.load(w_rows + cols[None, :], mask=jm[:, None] & cm[None, :], other=0.0)
+            xv = tl.load(x_ptr + cols, mask=cm, other=0.0)
+            acc2 += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+        acc = tl.sum(acc2, axis=1)[None, :]  # [1, BLOCK_N]
+    else:
+        acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+        x_rows = x_ptr + bb[:, None].to(tl.int64) * stride_xb
+        for d0 in range(d_lo, d_hi, BLOCK_D):
+            cols = d0 + cols0
+            cm = cols < d
+            w = tl.load(w_rows + cols[None, :], mask=jm[:, None] & cm[None, :], other=0.0)
+            xv = tl.load(x_rows + cols[None, :], mask=bm[:, None] & cm[None, :], other=0.0)
+            acc = tl.dot(xv.to(w.dtype), tl.trans(w), acc, input_precision=DOT_PREC)
+    om = bm[:, None] & jm[None, :]
+    if FINAL:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rows, mask=jm, other=0.0).to(tl.float32)[None, :]
+        acc = _apply_act(acc, ACT)
+        tl.store(out_ptr + bb[:, None] * stride_ob + j[None, :], acc.to(out_ptr.dtype.element_ty), mask=om)
+    else:
+        tl.store(out_ptr + pid_s * stride_os + bb[:, None] * stride_ob + j[None, :], acc, mask=om)
+
+
+@triton.jit
+def _gather_matmul_kernel(
+    a_ptr,
+    idx_ptr,
+    a_bias_ptr,
+    w_ptr,
+    w2_ptr,
+    bias_ptr,
+    out_ptr,
+    B,
+    k,
+    N,
+    blocks_per_split,
+    threshold,
+    stride_ab,
+    stride_as,
+    stride_w,
+    stride_w2,
+    stride_os,
+    stride_ob,
+    A_MODE: tl.constexpr,
+    A_SPLITS: tl.constexpr,
+    A_ACT: tl.constexpr,
+    HAS_A_BIAS: tl.constexpr,
+    THRESH: tl.constexpr,
+    SKIP_ZERO_ROWS: tl.constexpr,
+    DUAL: tl.constexpr,
+    DIRECT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    cm = cols < N
+    bb = tl.arange(0, BLOCK_B)
+    bm = bb < B
+    a_rows = a_ptr + bb[:, None].to(tl.int64) * stride_ab
+    kk = tl.arange(0, BLOCK_K)
+    nblk = tl.cdiv(k, BLOCK_K)
+    blk_lo = pid_s * blocks_per_split
+    blk_hi = tl.minimum(blk_lo + blocks_per_split, nblk)
+    if BLOCK_B == 1:
+        acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        if DUAL:
+            acc2u = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+        if DUAL:
+            accu = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    for blk in range(blk_lo, blk_hi):
+        j = blk * BLOCK_K + kk
+        jm = j < k
+        if A_MODE == 3:
+            rows = j.to(tl.int64)
+        else:
+            rows = tl.load(idx_ptr + j, mask=jm, other=0).to(tl.int64)
+        am = bm[:, None] & jm[None, :]
+        if A_MODE == 0:
+            a = tl.load(a_rows + j[None, :], mask=am, other=0.0).to(tl.float32)
+        elif A_MODE == 2:
+            a = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)
+            for s in tl.static_range(A_SPLITS):
+                a += tl.load(a_rows + s * stride_as + j[None, :], mask=am, other=0.0)
+            if HAS_A_BIAS:
+                a += tl.load(a_bias_ptr + rows, mask=jm, other=0.0).to(tl.float32)[None, :]
+            a = _apply_act(a, A_ACT)
+            a = tl.where(am, a, 0.0)
+        else:
+            a = tl.load(a_rows + rows[None, :], mask=am, other=0.0).to(tl.float32)
+        if THRESH:
+            a = tl.where(tl.abs(a) > threshold, a, 0.0)
+        if SKIP_ZERO_ROWS:
+            row_on = jm & (tl.max(tl.abs(a), axis=0) > 0.0)
+        else:
+            row_on = jm
+        wm = row_on[:, None] & cm[None, :]
+        w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=wm, other=0.0)
+        if DUAL:
+            w2 = tl.load(w2_ptr + rows[:, None] * stride_w2 + cols[None, :], mask=wm, other=0.0)
+        if BLOCK_B == 1:
+            a1 = tl.sum(a, axis=0)[:, None]  # [BLOCK_K, 1]
+            acc2 += a1 * w.to(tl.float32)
+            if DUAL:
+                acc2u += a1 * w2.to(tl.float32)
+        else:
+            acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PREC)
+            if DUAL:
+                accu = tl.dot(a.to(w2.dtype), w2, accu, input_precision=DOT_PREC)
+    if BLOCK_B == 1:
+        acc = tl.sum(acc2, axis=0)[None, :]
+        if DUAL:
+            accu = tl.sum(acc2u, axis=0)[None, :]
+    om = bm[:, None] & cm[None, :]
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + bb[:, None] * stride_ob + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=om)
+    else:
+        dst = out_ptr + pid_s * stride_os + bb[:, None] * stride_ob + cols[None, :]
+        tl.store(dst, acc, mask=om)
+        if DUAL:
+            tl.store(dst + N, accu, mask=om)
+
+
+@triton.jit
+def _reduce_kernel(
+    part_ptr,
+    bias_ptr,
+    idx_ptr,
+    out_ptr,
+    N,
+    stride_ps,
+    stride_pb,
+    stride_ob,
+    SPLITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BIAS_GATHER: tl.constexpr,
+    ACT: tl.constexpr,
+    GLU: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = c < N
+    src = part_ptr + b * stride_pb + c
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(SPLITS):
+        acc += tl.load(src + s * stride_ps, mask=m, other=0.0)
+    if GLU:
+        up = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in range(SPLITS):
+            up += tl.load(src + s * stride_ps + N, mask=m, other=0.0)
+        acc = acc / (1.0 + tl.exp(-acc)) * up
+    if HAS_BIAS:
+        if BIAS_GATHER:
+            r = tl.load(idx_ptr + c, mask=m, other=0).to(tl.int64)
+            acc += tl.load(bias_ptr + r, mask=m, other=0.0).to(tl.float32)
+        else:
+            acc += tl.load(bias_ptr + c, mask=m, other=0.0).to(tl.float32)
+    acc = _apply_act(acc, ACT)
+    tl.store(out_ptr + b * stride_ob + c, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launch configuration (from shapes only; module-level so benchmarks and tests can swap them)
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_b(batch: int) -> int:
+    return 1 if batch == 1 else max(16, next_pow2(batch))
+
+
+# tile choices per path ("gemv": batch 1, float32 FMAs; "dot": batch 2..64 padded to >= 16 rows for tl.dot, so
+# every tl.dot dimension must stay >= 16)
+UP_TILES = {
+    "gemv": {"BLOCK_N": 8, "BLOCK_D": 512, "num_warps": 4, "num_stages": 3},
+    "dot": {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3},
+}
+DOWN_TILES = {
+    "gemv": {"BLOCK_K": 32, "BLOCK_N": 256, "num_warps": 4, "num_stages": 3},
+    "dot": {"BLOCK_K": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+}
+
+
+def up_config(batch: int, k: int, d: int, dtype: torch.dtype, sms: int) -> dict:
+    """Kernel 1 (x . W1[idx]): tiles, and SPLIT_D / D_PER_SPLIT so that about PROGRAMS_PER_SM * sms programs run."""
+    bb = _block_b(batch)
+    cfg = dict(UP_TILES["gemv" if bb == 1 else "dot"], BLOCK_B=bb)
+    cfg["BLOCK_D"] = min(cfg["BLOCK_D"], max(16, next_pow2(d)))
+    blocks_n = cdiv(k, cfg["BLOCK_N"])
+    chunks = cdiv(d, cfg["BLOCK_D"])
+    split = min(chunks, max(1, cdiv(PROGRAMS_PER_SM * sms, max(1, blocks_n))))
+    per = cdiv(chunks, split) * cfg["BLOCK_D"]
+    cfg["D_PER_SPLIT"] = per
+    cfg["SPLIT_D"] = cdiv(d, per)
+    return cfg
+
+
+def down_config(batch: int, k: int, n_out: int, dtype: torch.dtype, sms: int, dual: bool = False) -> dict:
+    """Kernel 2 (a @ W[rows]): tiles, and the split-K over the k rows: SPLITS programs per column block, each
+    taking BLOCKS_PER_SPLIT blocks of BLOCK_K rows, bounded so that the float32 partials (SPLITS * B * N * 4 bytes)
+    stay under 1/PARTIAL_FRACTION of the weight bytes read (k * N * itemsize)."""
+    bb = _block_b(batch)
+    cfg = dict(DOWN_TILES["gemv" if bb == 1 else "dot"], BLOCK_B=bb)
+    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, next_pow2(n_out)))
+    col_blocks = cdiv(n_out, cfg["BLOCK_N"])
+    nblk = max(1, cdiv(k, cfg["BLOCK_K"]))
+    by_bytes = max(1, int(k * dtype.itemsize / (4 * max(1, batch) * PARTIAL_FRACTION)))
+    splits = max(1, min(nblk, cdiv(PROGRAMS_PER_SM * sms, col_blocks), by_bytes))
+    per = cdiv(nblk, splits)
+    cfg["BLOCKS_PER_SPLIT"] = per
+    cfg["SPLITS"] = cdiv(nblk, per)
+    return cfg
+
+
+_LAUNCH_KEYS = ("num_warps", "num_stages")
+
+
+def _launch_opts(cfg: dict, *keys: str) -> dict:
+    return {k: cfg[k] for k in keys + _LAUNCH_KEYS if k in cfg}
+
+
+def _act_code(act: str) -> int:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}: one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[act]
+
+
+def _rowmajor(t: torch.Tensor, name: str, fn: str) -> None:
+    if t.dim() != 2 or (t.stride(1) != 1 and t.shape[1] > 1):
+        raise ValueError(f"{fn}: {name} must be a 2-D tensor with contiguous rows, got shape {tuple(t.shape)}")
+
+
+def _as_2d(x: torch.Tensor, fn: str) -> torch.Tensor:
+    if x.dim() != 2:
+        raise ValueError(f"{fn}: input must be [B, d], got {tuple(x.shape)}")
+    return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
+
+
+def _index(idx: torch.Tensor, fn: str) -> torch.Tensor:
+    if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{fn}: idx must be a 1-D int32/int64 tensor")
+    return idx if idx.stride(0) == 1 else idx.contiguous()
+
+
+def _reduce(part, out, n_cols, splits, bias=None, idx=None, act=0, glu=False) -> None:
+    """out[b, c] = act(sum_s part[s, b, c] (+ bias[c] or bias[idx[c]])), or silu(gate) * up with GLU."""
+    rows = out.shape[0]
+    if rows == 0 or n_cols == 0:
+        return
+    block = min(1024, max(16, next_pow2(n_cols)))
+    _reduce_kernel[(rows, cdiv(n_cols, block))](
+        part,
+        bias if bias is not None else part,
+        idx if idx is not None else part,
+        out,
+        n_cols,
+        part.stride(0),
+        part.stride(1),
+        out.stride(0),
+        SPLITS=splits,
+        HAS_BIAS=bias is not None,
+        BIAS_GATHER=idx is not None,
+        ACT=act,
+        GLU=glu,
+        BLOCK=block,
+        num_warps=4,
+    )
+
+
+def _gather_matmul(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    mode: int,
+    k: int,
+    idx: torch.Tensor | None = None,
+    w2: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    threshold: float | None = None,
+    a_splits: int = 1,
+    a_bias: torch.Tensor | None = None,
+    a_act: int = 0,
+    skip_zero_rows: bool = False,
+    batch: int | None = None,
+) -> None:
+    """out [B, N] (or [B, N] = silu(gate) * up with w2) = a-rows . W[rows] (+ bias); see `_gather_matmul_kernel`."""
+    n_out = w.shape[1]
+    batch = out.shape[0] if batch is None else batch
+    dual = w2 is not None
+    cfg = down_config(batch, k, n_out, w.dtype, num_sms(w.device), dual)
+    splits = cfg["SPLITS"]
+    direct = splits == 1 and not dual
+    if batch == 0 or n_out == 0:
+        return
+    if k == 0:  # nothing selected: the bias alone (or zero)
+        if dual:
+            out.zero_()
+        elif bias is not None:
+            out.copy_(bias.to(out.dtype).expand_as(out))
+        else:
+            out.zero_()
+        return
+    if direct:
+        part = out
+        stride_os = 0
+    else:
+        part = torch.empty((splits, batch, (2 if dual else 1) * n_out), dtype=torch.float32, device=w.device)
+        stride_os = part.stride(0)
+    stride_as = a.stride(0) if mode == MODE_PARTIALS else 0
+    stride_ab = a.stride(1) if mode == MODE_PARTIALS else a.stride(0)
+    grid = (splits, cdiv(n_out, cfg["BLOCK_N"]))
+    _gather_matmul_kernel[grid](
+        a,
+        idx if idx is not None else a,
+        a_bias if a_bias is not None else a,
+        w,
+        w2 if dual else w,
+        bias if bias is not None else w,
+        part,
+        batch,
+        k,
+        n_out,
+        cfg["BLOCKS_PER_SPLIT"],
+        float(threshold) if threshold is not None else 0.0,
+        stride_ab,
+        stride_as,
+        w.stride(0),
+        w2.stride(0) if dual else w.stride(0),
+        stride_os,
+        part.stride(-2),
+        A_MODE=mode,
+        A_SPLITS=a_splits,
+        A_ACT=a_act,
+        HAS_A_BIAS=a_bias is not None,
+        THRESH=threshold is not None,
+        SKIP_ZERO_ROWS=skip_zero_rows,
+        DUAL=dual,
+        DIRECT=direct,
+        HAS_BIAS=bias is not None,
+        DOT_PREC=_dot_prec(w.dtype),
+        **_launch_opts(cfg, "BLOCK_B", "BLOCK_K", "BLOCK_N"),
+    )
+    if not direct:
+        _reduce(part, out, n_out, splits, bias=bias, glu=dual)
+
+
+def _chunks(batch: int):
+    for lo in range(0, batch, MAX_DOT_BATCH):
+        yield lo, min(batch, lo + MAX_DOT_BATCH)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ReLU / GELU MLP (DejaVu)
+
+
+def _check_mlp(x, w1, b1, idx, fn):
+    x = _as_2d(x, fn)
+    _rowmajor(w1, "w1", fn)
+    if w1.shape[1] != x.shape[1]:
+        raise ValueError(f"{fn}: w1 is {tuple(w1.shape)}, x has {x.shape[1]} features")
+    if b1 is not None and b1.shape != (w1.shape[0],):
+        raise ValueError(f"{fn}: b1 must be [{w1.shape[0]}]")
+    return x, _index(idx, fn)
+
+
+def _up_partials(x, w1, b1, idx, act_code, out_h=None):
+    """Kernel 1 on one batch chunk (<= MAX_DOT_BATCH rows). Returns (tensor, splits): h [B, k] float32 (out_h) when
+    one split covers d, else float32 partials [SPLIT_D, B, k] (bias and activation not applied yet)."""
+    batch, d = x.shape
+    k = idx.numel()
+    cfg = up_config(batch, k, d, w1.dtype, num_sms(w1.device))
+    split = cfg["SPLIT_D"]
+    final = split == 1
+    if final:
+        out = out_h if out_h is not None else torch.empty((batch, k), dtype=torch.float32, device=x.device)
+        stride_os = 0
+    else:
+        out = torch.empty((split, batch, k), dtype=torch.float32, device=x.device)
+        stride_os = out.stride(0)
+    _rows_dot_kernel[(cdiv(k, cfg["BLOCK_N"]), split)](
+        x,
+        w1,
+        b1 if b1 is not None else w1,
+        idx,
+        out,
+        batch,
+        k,
+        d,
+        cfg["D_PER_SPLIT"],
+        x.stride(0),
+        w1.stride(0),
+        stride_os,
+        out.stride(-2),
+        HAS_BIAS=b1 is not None,
+        ACT=act_code,
+        FINAL=final,
+        DOT_PREC=_dot_prec(w1.dtype),
+        **_launch_opts(cfg, "BLOCK_B", "BLOCK_N", "BLOCK_D"),
+    )
+    return out, split
+
+
+def sparse_up(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, idx: torch.Tensor, act: str = "relu"
+) -> torch.Tensor:
+    """Triton version of `sparse_up_reference`: h [B, k] float32 = act(x @ W1[idx].T + b1[idx]), reading only rows idx
+    of w1 [n, d]. Kernel 1 (+ a reduce over the d splits when d is cut); no host sync."""
+    require_triton()
+    fn = "sparse_up"
+    x, idx = _check_mlp(x, w1, b1, idx, fn)
+    act_code = _act_code(act)
+    batch, k = x.shape[0], idx.numel()
+    h = torch.empty((batch, k), dtype=torch.float32, device=x.device)
+    if batch == 0 or k == 0:
+        return h
+    for lo, hi in _chunks(batch):
+        part, split = _up_partials(x[lo:hi], w1, b1, idx, act_code, out_h=h[lo:hi])
+        if split > 1:
+            _reduce(part, h[lo:hi], k, split, bias=b1, idx=idx, act=act_code)
+    return h
+
+
+def sparse_down(
+    h: torch.Tensor,
+    w2t: torch.Tensor,
+    b2: torch.Tensor | None,
+    idx: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Triton version of `sparse_down_reference`: y [B, d] = h @ W2t[idx] + b2, reading only rows idx of w2t [n, d].
+    Split-K over the selected rows with a deterministic reduce; no host sync."""
+    require_triton()
+    fn = "sparse_down"
+    h = _as_2d(h, fn)
+    _rowmajor(w2t, "w2t", fn)
+    idx = _index(idx, fn)
+    if h.shape[1] != idx.numel():
+        raise ValueError(f"{fn}: h has {h.shape[1]} columns for {idx.numel()} selected neurons")
+    y = torch.empty((h.shape[0], w2t.shape[1]), dtype=out_dtype or w2t.dtype, device=h.device)
+    for lo, hi in _chunks(h.shape[0]):
+        _gather_matmul(h[lo:hi], w2t, y[lo:hi], mode=MODE_COMPACT, k=idx.numel(), idx=idx, bias=b2)
+    return y
+
+
+def sparse_mlp(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2t: torch.Tensor,
+    b2: torch.Tensor | None,
+    idx: torch.Tensor,
+    act: str = "relu",
+) -> torch.Tensor:
+    """Triton version of `sparse_mlp_reference`: y [B, d] in x.dtype = W2t[idx].T act(W1[idx] x + b1[idx]) + b2.
+
+    x [B, d]; w1 [n, d] (nn.Linear layout); b1 [n] or None; w2t [n, d] (W2 transposed, contiguous rows); b2 [d] or
+    None; idx [k] int32/int64, the selected neurons (any order, no duplicates). Only rows idx of w1 and w2t are read.
+    Two or three launches (kernel 1, its d-split reduce when B > 1 and d is split, kernel 2, kernel 2's reduce when
+    the neurons are split); at batch 1 kernel 1's partials are summed, biased and activated inside kernel 2. No host
+    sync; grids from shapes only.
+    """
+    require_triton()
+    fn = "sparse_mlp"
+    x, idx = _check_mlp(x, w1, b1, idx, fn)
+    _rowmajor(w2t, "w2t", fn)
+    if w2t.shape[0] != w1.shape[0]:
+        raise ValueError(f"{fn}: w2t has {w2t.shape[0]} rows, w1 has {w1.shape[0]} neurons")
+    if b2 is not None and b2.shape != (w2t.shape[1],):
+        raise ValueError(f"{fn}: b2 must be [{w2t.shape[1]}]")
+    act_code = _act_code(act)
+    batch, k = x.shape[0], idx.numel()
+    y = torch.empty((batch, w2t.shape[1]), dtype=x.dtype, device=x.device)
+    for lo, hi in _chunks(batch):
+        xc, yc = x[lo:hi], y[lo:hi]
+        if k == 0:
+            _gather_matmul(xc, w2t, yc, mode=MODE_COMPACT, k=0, idx=idx, bias=b2)
+            continue
+        part, split = _up_partials(xc, w1, b1, idx, act_code)
+        if split == 1:  # h is final
+            _gather_matmul(part, w2t, yc, mode=MODE_COMPACT, k=k, idx=idx, bias=b2)
+        elif hi - lo == 1:  # GEMV: kernel 2 sums the few partials itself
+            _gather_matmul(
+                part, w2t, yc, mode=MODE_PARTIALS, k=k, idx=idx, bias=b2, a_splits=split, a_bias=b1, a_act=act_code
+            )
+        else:
+            h = torch.empty((hi - lo, k), dtype=torch.float32, device=x.device)
+            _reduce(part, h, k, split, bias=b1, idx=idx, act=act_code)
+            _gather_matmul(h, w2t, yc, mode=MODE_COMPACT, k=k, idx=idx, bias=b2)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SwiGLU with TEAL input sparsity
+
+
+def _check_teal(x, w_t, idx, fn):
+    x = _as_2d(x, fn)
+    _rowmajor(w_t, "w_t", fn)
+    if w_t.shape[0] != x.shape[1]:
+        raise ValueError(f"{fn}: the transposed weight is {tuple(w_t.shape)}, x has {x.shape[1]} features")
+    return x, (None if idx is None else _index(idx, fn))
+
+
+def teal_linear(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    threshold: float | None = None,
+    idx: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton version of `teal_linear_reference`: y [B, N] = s(x) @ w_t (+ bias) in x.dtype, w_t [d, N] (a weight
+    stored transposed: row i holds input dimension i's outputs).
+
+    With idx (the surviving input dimensions, e.g. from `select_neurons(x, threshold=t, absolute=True)`), only rows
+    idx of w_t are addressed. Without it, every row is visited and the rows whose thresholded input is zero for the
+    whole batch are skipped by masked loads (no index, no host sync). No host sync either way."""
+    require_triton()
+    fn = "teal_linear"
+    x, idx = _check_teal(x, w_t, idx, fn)
+    y = torch.empty((x.shape[0], w_t.shape[1]), dtype=x.dtype, device=x.device)
+    mode, k = (MODE_DENSE, x.shape[1]) if idx is None else (MODE_GATHER, idx.numel())
+    for lo, hi in _chunks(x.shape[0]):
+        _gather_matmul(
+            x[lo:hi], w_t, y[lo:hi], mode=mode, k=k, idx=idx, bias=bias, threshold=threshold, skip_zero_rows=True
+        )
+    return y
+
+
+def teal_gate_up(
+    x: torch.Tensor,
+    w_gate_t: torch.Tensor,
+    w_up_t: torch.Tensor,
+    threshold: float | None = None,
+    idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton version of `teal_gate_up_reference`: h [B, n] = silu(s(x) @ w_gate_t) * (s(x) @ w_up_t) in x.dtype;
+    both weights [d, n] read in the same program (same rows), gate and up combined in the split reduce."""
+    require_triton()
+    fn = "teal_gate_up"
+    x, idx = _check_teal(x, w_gate_t, idx, fn)
+    _rowmajor(w_up_t, "w_up_t", fn)
+    if w_up_t.shape != w_gate_t.shape:
+        raise ValueError(f"{fn}: w_up_t {tuple(w_up_t.shape)} and w_gate_t {tuple(w_gate_t.shape)} differ")
+    h = torch.empty((x.shape[0], w_gate_t.shape[1]), dtype=x.dtype, device=x.device)
+    mode, k = (MODE_DENSE, x.shape[1]) if idx is None else (MODE_GATHER, idx.numel())
+    for lo, hi in _chunks(x.shape[0]):
+        _gather_matmul(
+            x[lo:hi], w_gate_t, h[lo:hi], mode=mode, k=k, idx=idx, w2=w_up_t, threshold=threshold, skip_zero_rows=True
+        )
+    return h
+
+
+def sparse_swiglu_mlp(
+    x: torch.Tensor,
+    w_gate_t: torch.Tensor,
+    w_up_t: torch.Tensor,
+    w_down_t: torch.Tensor,
+    threshold_in: float | None,
+    threshold_mid: float | None,
+    use_index: bool = False,
+) -> torch.Tensor:
+    """Triton version of `sparse_swiglu_mlp_reference`: the whole TEAL SwiGLU MLP, y [B, d] in x.dtype.
+
+    x [B, d]; w_gate_t, w_up_t [d, n]; w_down_t [n, d] (all transposed from nn.Linear, contiguous); thresholds per
+    layer (entries with |value| <= threshold are dropped; None keeps everything). By default no index is built: the
+    kernels threshold their input and skip zero rows themselves (no host sync, CUDA-graph safe, 2 + 2 launches).
+    `use_index=True` first selects the surviving dimensions with `select_neurons(..., threshold=...)` (a host sync
+    per projection) and gathers only those rows."""
+    require_triton()
+    if w_down_t.shape != (w_gate_t.shape[1], w_gate_t.shape[0]):
+        raise ValueError("sparse_swiglu_mlp: w_down_t must be [n, d] for w_gate_t [d, n]")
+    idx_in = None
+    if use_index:
+        idx_in = select_neurons(x, threshold=threshold_in if threshold_in is not None else -1.0, absolute=True)
+    h = teal_gate_up(x, w_gate_t, w_up_t, threshold_in, idx_in)
+    idx_mid = None
+    if use_index:
+        idx_mid = select_neurons(h, threshold=threshold_mid if threshold_mid is not None else -1.0, absolute=True)
+    return teal_linear(h, w_down_t, threshold_mid, idx_mid)
