@@ -15,6 +15,8 @@ still imports: `triton_available(device)` is then False and callers use the `*_r
   sparsity, reading only the rows of the transposed weights whose input survives), `select_neurons`.
 - `tree_attention_reference(q, k_cache, v_cache, layout, scale) -> out`: attention of queries over a token tree
   whose KV is laid out once (`TreeLayout`, from `layout_from_block_tables` or `layout_from_tree`).
+- `quantize_4bit(w) -> Quantized4`, `dequantize_4bit(q)`, `matmul_4bit(x, q, bias=None)`: group-wise (64) 4-bit
+  weights, dequantized inside the GEMM tiles; `quantize_kv_4bit` / `dequantize_kv_4bit` for K/V rows.
 """
 
 from reldl.kernels._triton import HAS_TRITON, triton_available
@@ -23,6 +25,17 @@ from reldl.kernels.paged_attention import (
     choose_num_splits,
     paged_decode_attention,
     paged_decode_attention_reference,
+)
+from reldl.kernels.quant4 import (
+    Quantized4,
+    dequantize_4bit,
+    dequantize_kv_4bit,
+    matmul_4bit,
+    matmul_4bit_reference,
+    quantize_4bit,
+    quantize_4bit_reference,
+    quantize_kv_4bit,
+    quantize_kv_4bit_reference,
 )
 from reldl.kernels.rmsnorm import rmsnorm, rmsnorm_reference
 from reldl.kernels.rope_cache import rope_and_cache, rope_and_cache_reference
@@ -79,4 +92,13 @@ __all__ = [
     "sparse_swiglu_mlp",
     "sparse_swiglu_mlp_reference",
     "select_neurons",
+    "Quantized4",
+    "quantize_4bit",
+    "quantize_4bit_reference",
+    "dequantize_4bit",
+    "matmul_4bit",
+    "matmul_4bit_reference",
+    "quantize_kv_4bit",
+    "quantize_kv_4bit_reference",
+    "dequantize_kv_4bit",
 ]

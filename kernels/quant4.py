@@ -1,0 +1,349 @@
+"""Group-wise asymmetric 4-bit quantization (FlexGen's format) and a GEMM that dequantizes inside its tiles.
+
+Format (`Quantized4`), for a tensor [..., K] quantized along its last dimension in groups of GROUP = 64:
+
+- `scale` [..., G] and `minv` [..., G], G = ceil(K / 64): per group, minv = min, scale = (max - min) / 15, stored in
+  the input's dtype (or `scale_dtype`). Codes are computed against the *stored* (rounded) minv and scale, so
+  dequantization is exactly `code * scale + minv` with the stored values.
+- `packed` [..., G * 32] uint8: byte j of group g holds element g*64 + j in its low nibble and element g*64 + 32 + j
+  in its high nibble (the two halves of a group, not neighbouring elements, share a byte: a kernel loads each half
+  as one contiguous [*, 32] tile).
+- code = clamp(floor((w - minv) / scale + 0.5), 0, 15), and 0 where scale == 0 (a constant group dequantizes to its
+  value exactly). Round-trip error |w - dequant| <= scale / 2 per element (plus the rounding of the stored minv and
+  scale where they are kept in 16 bits; exact bound in float32).
+- K not a multiple of 64: the last group is padded. Its min/max cover the real elements only and the padding gets
+  code 0; `dequantize_4bit` drops it and `matmul_4bit` masks it out (x has no columns there).
+
+Non-finite input (NaN, inf) is rejected with a ValueError: it would poison a whole group's scale.
+
+`matmul_4bit(x [..., K], q, bias=None) -> [..., N]` = x @ dequantize_4bit(q).T + bias, with q quantized from a weight
+[N, K]. One program per (BLOCK_M, BLOCK_N) output tile walks K one group at a time: it loads the two [BLOCK_N, 32]
+nibble halves and their scale/minv, and accumulates in float32
+    acc += scale * (x_lo @ code_lo^T + x_hi @ code_hi^T) + minv * rowsum(x_group)
+which is x @ (code * scale + minv)^T for that group: full-precision weights never exist, not even as a tile. Codes
+(0..15) are exact in fp16/bf16, so the tensor-core dots run in x's dtype. Tile shapes are picked from M (decode
+1..16, small batches up to 64, prefill above).
+
+`quantize_kv_4bit(x [T, H, D])` / `dequantize_kv_4bit`: the same format for K/V cache rows, groups of 64 along
+head_dim (the attention-kernel fusion is not here yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from reldl.kernels._triton import cdiv, interpreting, require_triton, tl, triton, triton_available
+
+GROUP = 64
+HALF = GROUP // 2
+LEVELS = 15  # 4 bits: codes 0..15
+
+
+@dataclass(frozen=True)
+class Quantized4:
+    """A tensor [..., k] quantized along its last dimension (see the module docstring for the layout)."""
+
+    packed: torch.Tensor  # [..., G * 32] uint8
+    scale: torch.Tensor  # [..., G]
+    minv: torch.Tensor  # [..., G]
+    k: int  # the original last dimension (<= G * 64)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.packed.shape[:-1], self.k)
+
+    @property
+    def groups(self) -> int:
+        return self.scale.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.minv))
+
+    def to(self, device) -> Quantized4:
+        return Quantized4(self.packed.to(device), self.scale.to(device), self.minv.to(device), self.k)
+
+
+def _check_input(w: torch.Tensor, name: str, check_finite: bool) -> None:
+    if not w.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {w.dtype}")
+    if w.dim() < 1 or w.shape[-1] == 0:
+        raise ValueError(f"{name}: expected a tensor [..., K] with K >= 1, got {tuple(w.shape)}")
+    if check_finite and not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name}: the input holds NaN or inf values, which cannot be quantized (a group's scale)")
+
+
+def _storage_dtype(w: torch.Tensor, scale_dtype: torch.dtype | None) -> torch.dtype:
+    return scale_dtype if scale_dtype is not None else w.dtype
+
+
+def quantize_4bit_reference(
+    w: torch.Tensor, scale_dtype: torch.dtype | None = None, check_finite: bool = True
+) -> Quantized4:
+    """PyTorch version of `quantize_4bit` (same codes, bit for bit, in float32 arithmetic)."""
+    _check_input(w, "quantize_4bit", check_finite)
+    sdt = _storage_dtype(w, scale_dtype)
+    lead, k = tuple(w.shape[:-1]), w.shape[-1]
+    g = cdiv(k, GROUP)
+    wf = w.reshape(-1, k).float()
+    pad = g * GROUP - k
+    lo_fill = torch.nn.functional.pad(wf, (0, pad), value=float("inf")).view(-1, g, GROUP)
+    hi_fill = torch.nn.functional.pad(wf, (0, pad), value=float("-inf")).view(-1, g, GROUP)
+    mn = lo_fill.amin(dim=2).to(sdt).float()
+    mx = hi_fill.amax(dim=2)
+    scale = ((mx - mn) / LEVELS).to(sdt).float()
+    wg = torch.nn.functional.pad(wf, (0, pad)).view(-1, g, GROUP)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.floor((wg - mn[..., None]) / safe[..., None] + 0.5).clamp_(0, LEVELS)
+    codes = torch.where(scale[..., None] > 0, codes, torch.zeros_like(codes))
+    if pad:
+        codes.view(-1, g * GROUP)[:, k:] = 0
+    codes = codes.to(torch.uint8)
+    packed = codes[..., :HALF] | (codes[..., HALF:] << 4)
+    return Quantized4(
+        packed.reshape(*lead, g * HALF).to(w.device),
+        scale.to(sdt).reshape(*lead, g),
+        mn.to(sdt).reshape(*lead, g),
+        k,
+    )
+
+
+def dequantize_4bit(q: Quantized4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[..., k] in `dtype`: code * scale + minv (computed in float32), the padding of the last group dropped."""
+    lead = tuple(q.packed.shape[:-1])
+    g = q.groups
+    p = q.packed.reshape(-1, g, HALF)
+    codes = torch.cat([p & 0xF, p >> 4], dim=2).float()  # [rows, g, 64]
+    w = codes * q.scale.reshape(-1, g, 1).float() + q.minv.reshape(-1, g, 1).float()
+    return w.reshape(-1, g * GROUP)[:, : q.k].reshape(*lead, q.k).to(dtype)
+
+
+dequantize_4bit_reference = dequantize_4bit
+
+
+@triton.jit
+def _quantize_kernel(
+    w_ptr,
+    packed_ptr,
+    scale_ptr,
+    minv_ptr,
+    rows,
+    K,
+    stride_w,
+    stride_p,
+    stride_s,
+    BLOCK_R: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    g = tl.program_id(1)
+    r = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    rm = r < rows
+    j = tl.arange(0, 32)
+    c_lo = g * 64 + j
+    c_hi = c_lo + 32
+    m_lo = rm[:, None] & (c_lo < K)[None, :]
+    m_hi = rm[:, None] & (c_hi < K)[None, :]
+    base = w_ptr + r[:, None] * stride_w
+    w_lo = tl.load(base + c_lo[None, :], mask=m_lo, other=0.0).to(tl.float32)
+    w_hi = tl.load(base + c_hi[None, :], mask=m_hi, other=0.0).to(tl.float32)
+    mn = tl.minimum(
+        tl.min(tl.where(m_lo, w_lo, float("inf")), axis=1), tl.min(tl.where(m_hi, w_hi, float("inf")), axis=1)
+    )
+    mx = tl.maximum(
+        tl.max(tl.where(m_lo, w_lo, float("-inf")), axis=1), tl.max(tl.where(m_hi, w_hi, float("-inf")), axis=1)
+    )
+    sdt = scale_ptr.dtype.element_ty
+    mn = tl.where(rm, mn, 0.0).to(sdt).to(tl.float32)
+    mx = tl.where(rm, mx, 0.0)
+    scale = tl.math.div_rn(mx - mn, 15.0).to(sdt).to(tl.float32)
+    pos = scale > 0
+    safe = tl.where(pos, scale, 1.0)
+    q_lo = tl.floor(tl.math.div_rn(w_lo - mn[:, None], safe[:, None]) + 0.5)
+    q_hi = tl.floor(tl.math.div_rn(w_hi - mn[:, None], safe[:, None]) + 0.5)
+    q_lo = tl.where(m_lo & pos[:, None], tl.minimum(tl.maximum(q_lo, 0.0), 15.0), 0.0)
+    q_hi = tl.where(m_hi & pos[:, None], tl.minimum(tl.maximum(q_hi, 0.0), 15.0), 0.0)
+    byte = q_lo.to(tl.int32) | (q_hi.to(tl.int32) << 4)
+    tl.store(packed_ptr + r[:, None] * stride_p + (g * 32 + j)[None, :], byte.to(tl.uint8), mask=rm[:, None])
+    tl.store(scale_ptr + r * stride_s + g, scale.to(sdt), mask=rm)
+    tl.store(minv_ptr + r * stride_s + g, mn.to(sdt), mask=rm)
+
+
+def quantize_4bit(w: torch.Tensor, scale_dtype: torch.dtype | None = None, check_finite: bool = True) -> Quantized4:
+    """Quantize w [..., K] (a weight [N, K]: along the input dimension) in groups of 64 -> `Quantized4`.
+
+    Triton on CUDA / in the interpreter, else `quantize_4bit_reference` (same codes). `scale_dtype`: dtype of the
+    stored scale/minv (default: w's). `check_finite=False` skips the NaN/inf check (a host sync).
+    """
+    if not triton_available(w):
+        return quantize_4bit_reference(w, scale_dtype, check_finite)
+    _check_input(w, "quantize_4bit", check_finite)
+    sdt = _storage_dtype(w, scale_dtype)
+    lead, k = tuple(w.shape[:-1]), w.shape[-1]
+    g = cdiv(k, GROUP)
+    w2 = w.reshape(-1, k)
+    if w2.stride(1) != 1:
+        w2 = w2.contiguous()
+    rows = w2.shape[0]
+    packed = torch.empty((rows, g * HALF), dtype=torch.uint8, device=w.device)
+    scale = torch.empty((rows, g), dtype=sdt, device=w.device)
+    minv = torch.empty((rows, g), dtype=sdt, device=w.device)
+    if rows:
+        block_r = 64 if interpreting() else 32
+        _quantize_kernel[(cdiv(rows, block_r), g)](
+            w2, packed, scale, minv, rows, k, w2.stride(0), packed.stride(0), scale.stride(0), BLOCK_R=block_r
+        )
+    return Quantized4(packed.view(*lead, g * HALF), scale.view(*lead, g), minv.view(*lead, g), k)
+
+
+def quantize_kv_4bit(x: torch.Tensor, scale_dtype: torch.dtype | None = None, check_finite: bool = True) -> Quantized4:
+    """K or V rows [tokens, heads, head_dim] -> `Quantized4` with packed [T, H, G*32], scale/minv [T, H, G]:
+    groups of 64 along head_dim (head_dim 80 or 96: one padded group after the first)."""
+    if x.dim() != 3:
+        raise ValueError(f"quantize_kv_4bit: expected [tokens, heads, head_dim], got {tuple(x.shape)}")
+    return quantize_4bit(x, scale_dtype, check_finite)
+
+
+def quantize_kv_4bit_reference(
+    x: torch.Tensor, scale_dtype: torch.dtype | None = None, check_finite: bool = True
+) -> Quantized4:
+    if x.dim() != 3:
+        raise ValueError(f"quantize_kv_4bit: expected [tokens, heads, head_dim], got {tuple(x.shape)}")
+    return quantize_4bit_reference(x, scale_dtype, check_finite)
+
+
+def dequantize_kv_4bit(q: Quantized4, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[tokens, heads, head_dim] in `dtype`."""
+    if q.packed.dim() != 3:
+        raise ValueError(f"dequantize_kv_4bit: expected packed [tokens, heads, G*32], got {tuple(q.packed.shape)}")
+    return dequantize_4bit(q, dtype)
+
+
+def matmul_4bit_reference(x: torch.Tensor, q: Quantized4, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ dequantize_4bit(q).T (+ bias) -> [..., N] in x.dtype (computed in float32)."""
+    _check_matmul(x, q, bias)
+    out = x.float() @ dequantize_4bit(q).T
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def _check_matmul(x: torch.Tensor, q: Quantized4, bias: torch.Tensor | None) -> None:
+    if q.packed.dim() != 2:
+        raise ValueError(f"matmul_4bit: q must be a quantized weight [N, K], got packed {tuple(q.packed.shape)}")
+    if x.shape[-1] != q.k:
+        raise ValueError(f"matmul_4bit: x has {x.shape[-1]} input features, the weight {q.k}")
+    n = q.packed.shape[0]
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"matmul_4bit: bias must be [{n}], got {tuple(bias.shape)}")
+
+
+@triton.jit
+def _matmul_4bit_kernel(
+    x_ptr,
+    packed_ptr,
+    scale_ptr,
+    minv_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_pn,
+    stride_sn,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mm = m < M
+    nm = n < N
+    j = tl.arange(0, 32)
+    x_rows = x_ptr + m[:, None] * stride_xm
+    p_rows = packed_ptr + n[:, None] * stride_pn
+    s_rows = scale_ptr + n * stride_sn
+    v_rows = minv_ptr + n * stride_sn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    num_groups = tl.cdiv(K, 64)
+    for g in range(0, num_groups):
+        c_lo = g * 64 + j
+        c_hi = c_lo + 32
+        x_lo = tl.load(x_rows + c_lo[None, :], mask=mm[:, None] & (c_lo < K)[None, :], other=0.0)
+        x_hi = tl.load(x_rows + c_hi[None, :], mask=mm[:, None] & (c_hi < K)[None, :], other=0.0)
+        p = tl.load(p_rows + (g * 32 + j)[None, :], mask=nm[:, None], other=0).to(tl.int32)  # [BLOCK_N, 32]
+        w_lo = (p & 15).to(x_lo.dtype)
+        w_hi = (p >> 4).to(x_lo.dtype)
+        part = tl.dot(x_lo, tl.trans(w_lo), input_precision=DOT_PREC)
+        part = tl.dot(x_hi, tl.trans(w_hi), part, input_precision=DOT_PREC)
+        xsum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
+        s = tl.load(s_rows + g, mask=nm, other=0.0).to(tl.float32)
+        v = tl.load(v_rows + g, mask=nm, other=0.0).to(tl.float32)
+        acc += part * s[None, :] + xsum[:, None] * v[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :]
+    )
+
+
+def matmul_4bit_config(m: int, dtype: torch.dtype) -> dict:
+    """Tile shapes from the number of rows (every tl.dot dimension >= 16)."""
+    prec = "ieee" if dtype == torch.float32 else "tf32"
+    if m <= 16:  # decode: weight-read bound, many narrow N tiles
+        return dict(BLOCK_M=16, BLOCK_N=64, DOT_PREC=prec, num_warps=4, num_stages=4)
+    if m <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, DOT_PREC=prec, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, DOT_PREC=prec, num_warps=8, num_stages=3)
+
+
+def matmul_4bit(x: torch.Tensor, q: Quantized4, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ dequantize_4bit(q).T + bias -> [..., N] in x.dtype, dequantizing inside the GEMM tiles.
+
+    x in float16/bfloat16 on the GPU (float32 works too, slower), float32 in the interpreter; float32 accumulate.
+    Falls back to `matmul_4bit_reference` where Triton cannot run on x's device. Grid (cdiv(M, BLOCK_M),
+    cdiv(N, BLOCK_N)), no host syncs.
+    """
+    if not triton_available(x):
+        return matmul_4bit_reference(x, q, bias)
+    require_triton()
+    _check_matmul(x, q, bias)
+    lead, k = tuple(x.shape[:-1]), x.shape[-1]
+    n = q.packed.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    packed, scale, minv = q.packed, q.scale, q.minv
+    if packed.stride(1) != 1:
+        packed = packed.contiguous()
+    if scale.stride(1) != 1 or minv.stride() != scale.stride():
+        scale, minv = scale.contiguous(), minv.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m and n:
+        cfg = matmul_4bit_config(m, x.dtype)
+        grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]))
+        _matmul_4bit_kernel[grid](
+            x2,
+            packed,
+            scale,
+            minv,
+            bias if bias is not None else out,
+            out,
+            m,
+            n,
+            k,
+            x2.stride(0),
+            packed.stride(0),
+            scale.stride(0),
+            out.stride(0),
+            HAS_BIAS=bias is not None,
+            **cfg,
+        )
+    return out.view(*lead, n)
