@@ -29,7 +29,7 @@ from reldl.autodiff import emit
 from reldl.autodiff import symbolic as sym
 from reldl.autodiff.emit import aliased, col, select, table_as, tile_sum
 from reldl.autodiff.ir import Aggregate, AutodiffError, Join, Node, Rename, Scan, topological
-from reldl.autodiff.kernels import at, transform
+from reldl.autodiff.kernels import Activated, at, transform
 
 Names = Callable[[str], exp.Expression]  # step name -> table expression to read it from
 
@@ -260,6 +260,8 @@ def backward(loss: Node, wrt: Sequence[Scan] | None = None) -> Program:
     if not wrt:
         raise AutodiffError("no parameters to differentiate: mark scans with param=True or pass wrt")
     want = {p.id for p in wrt}
+    order = _inline_activations(order, loss)
+    by_id = {n.id: n for n in order}
     needs: dict[int, bool] = {}
     for n in order:
         needs[n.id] = n.id in want or any(needs[i.id] for i in n.inputs)
@@ -279,7 +281,7 @@ def backward(loss: Node, wrt: Sequence[Scan] | None = None) -> Program:
     for n in order:
         if n.id in fused:
             continue
-        src = n.inputs[0] if isinstance(n, Aggregate) else None
+        src = by_id[n.inputs[0].id] if isinstance(n, Aggregate) else None  # a stand-in where one replaced it
         if src is not None and src.id in fused:
             prog.add(Step(f"f{n.id}", _fused_forward(n, src), [f"f{p.id}" for p in src.parts], n))
         else:
@@ -318,6 +320,41 @@ def backward(loss: Node, wrt: Sequence[Scan] | None = None) -> Program:
     prog.grads = {p.id: f"g{p.id}" for p in wrt}
     prog.steps = _order(prog)
     return prog
+
+
+def _inline_activations(order: list[Node], loss: Node) -> list[Node]:
+    """``order`` with each unary element-wise join whose only consumer is a matmul or dense layer (as its first input,
+    on row-block tiles) folded into that consumer: the consumer becomes a stand-in node (same id, keys and shape)
+    whose :class:`~reldl.autodiff.kernels.Activated` kernel applies the element-wise function inside its UDF, and
+    the element-wise join gets no step (its output, e.g. ``relu(z)``, is never stored; its gradient is computed with
+    the consumer's input gradient, in one call)."""
+    uses: dict[int, int] = {}
+    for y in order:
+        for x in y.inputs:
+            uses[x.id] = uses.get(x.id, 0) + 1
+    inlined: set[int] = set()
+    stand_in: dict[int, Join] = {}
+    for y in order:
+        if not isinstance(y, Join) or not y.parts:
+            continue
+        e = y.parts[0]
+        if not isinstance(e, Join) or e is loss or uses.get(e.id) != 1 or len(e.parts) != 1 or e.where is not None:
+            continue
+        shapes = [e.parts[0].shape, *[p.shape for p in y.parts[1:]]]
+        if not Activated.fusable(y.kernel, e.kernel, shapes):
+            continue
+        node = Join(
+            y.keys,
+            y.shape,
+            parts=(e.parts[0], *y.parts[1:]),
+            kernel=Activated(y.kernel, e.kernel),
+            where=y.where,
+            name=y.name,
+        )
+        node.id = y.id  # stands in for y: its steps keep y's names
+        stand_in[y.id] = node
+        inlined.add(e.id)
+    return [stand_in.get(n.id, n) for n in order if n.id not in inlined]
 
 
 def _forward(n: Node) -> Callable[[Names], exp.Select]:

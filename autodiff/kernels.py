@@ -249,6 +249,163 @@ ELEMENTWISE: dict[str, tuple[int, Callable[..., exp.Expression]]] = {
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# element-wise expressions as numpy: what a fused tile kernel applies to its input inside its UDF
+
+_NP_BINARY: dict[type, Callable[[Any, Any], Any]] = {
+    exp.Add: np.add,
+    exp.Sub: np.subtract,
+    exp.Mul: np.multiply,
+    exp.Div: np.divide,
+    exp.Pow: np.power,
+    exp.GT: np.greater,
+    exp.GTE: np.greater_equal,
+    exp.LT: np.less,
+    exp.LTE: np.less_equal,
+    exp.EQ: np.equal,
+    exp.NEQ: np.not_equal,
+    exp.And: np.logical_and,
+    exp.Or: np.logical_or,
+}
+_NP_UNARY: dict[type, Callable[[Any], Any]] = {
+    exp.Neg: np.negative,
+    exp.Exp: np.exp,
+    exp.Ln: np.log,
+    exp.Sqrt: np.sqrt,
+    exp.Abs: np.abs,
+    exp.Not: np.logical_not,
+}
+_NP_NAMED: dict[str, Callable[..., Any]] = {
+    "tanh": np.tanh,
+    "exp": np.exp,
+    "ln": np.log,
+    "sqrt": np.sqrt,
+    "abs": np.abs,
+    "power": np.power,
+    "pow": np.power,
+    "greatest": np.maximum,
+    "least": np.minimum,
+}
+
+
+def numpy_function(template: exp.Expression, arity: int = 1) -> Callable[..., np.ndarray] | None:
+    """A numpy function of ``arity`` float64 arrays computing the scalar SQL ``template`` (over ``__a0 ..``) element by
+    element, with DuckDB's DOUBLE semantics (IEEE: x / 0 is inf, ln(0) -inf); None when the template uses anything
+    outside the supported subset (arithmetic, comparisons, AND/OR/NOT, CASE with an ELSE, exp, ln, sqrt, abs, tanh,
+    power, greatest, least)."""
+    names = {Elementwise.placeholder(i): i for i in range(arity)}
+
+    def build(e: exp.Expression) -> Callable[[Sequence[np.ndarray]], Any] | None:
+        if isinstance(e, exp.Paren):
+            return build(e.this)
+        if isinstance(e, exp.Column) and not e.table and e.name in names:
+            i = names[e.name]
+            return lambda a: a[i]
+        if isinstance(e, exp.Literal) and not e.is_string:
+            value = float(e.this)
+            return lambda a: value
+        if isinstance(e, exp.Boolean):
+            flag = bool(e.this)
+            return lambda a: flag
+        if type(e) in _NP_BINARY:
+            f, left, right = _NP_BINARY[type(e)], build(e.this), build(e.expression)
+            if left is None or right is None:
+                return None
+            return lambda a: f(left(a), right(a))
+        if type(e) in _NP_UNARY:
+            f, inner = _NP_UNARY[type(e)], build(e.this)
+            return None if inner is None else (lambda a: f(inner(a)))
+        if isinstance(e, exp.Tanh):
+            inner = build(e.this)
+            return None if inner is None else (lambda a: np.tanh(inner(a)))
+        if isinstance(e, exp.Anonymous) and str(e.this).lower() in _NP_NAMED:
+            f, args = _NP_NAMED[str(e.this).lower()], [build(x) for x in e.expressions]
+            if any(x is None for x in args) or not args:
+                return None
+            return lambda a: f(*[x(a) for x in args])
+        if isinstance(e, exp.Case) and e.this is None and e.args.get("default") is not None:
+            branches = [(build(i.this), build(i.args["true"])) for i in e.args.get("ifs") or []]
+            default = build(e.args["default"])
+            if default is None or any(c is None or v is None for c, v in branches):
+                return None
+
+            def case(a):
+                out = default(a)
+                for cond, value in reversed(branches):  # the first true WHEN wins
+                    out = np.where(cond(a), value(a), out)
+                return out
+
+            return case
+        return None
+
+    body = build(template)
+    if body is None:
+        return None
+
+    def run(*arrays: np.ndarray) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            out = np.asarray(body(arrays), dtype=np.float64)
+        shape = np.broadcast_shapes(*[np.shape(x) for x in arrays]) if arrays else ()
+        return np.broadcast_to(out, shape) if out.shape != shape else out
+
+    return run
+
+
+@functools.cache
+def _compiled(code: str) -> Callable[..., np.ndarray]:
+    """The numpy function of an element-wise kernel's SQL text over ``__a0`` (as fused kernels pass it to UDFs)."""
+    import sqlglot
+
+    fn = numpy_function(sqlglot.parse_one(code, read="duckdb"))
+    if fn is None:
+        raise ValueError(f"element-wise expression not supported in numpy: {code}")
+    return fn
+
+
+class Activated(Kernel):
+    """A tile kernel (``matmul`` or ``affine``) whose first input passes through a unary element-wise kernel first:
+    ``inner(act(a), w[, b])`` in one UDF call, so ``act(a)`` is never stored; the gradient for ``a`` is
+    ``act'(a) * (G @ W^T)``, also one call (:func:`reldl.autodiff.grad.backward` fuses an element-wise join into the
+    matmul or dense layer that is its only consumer, on row-block tiles)."""
+
+    def __init__(self, inner: Kernel, act: Elementwise):
+        self.inner, self.act = inner, act
+        self.name = f"{inner.name}({act.name})"
+        self.code = act.template.sql("duckdb")
+        self.dcode = act.partial(0).sql("duckdb")
+
+    @staticmethod
+    def fusable(inner: Kernel, act: Kernel, shapes: Sequence[Shape]) -> bool:
+        """Whether ``inner(act(a), ...)`` can run as one :class:`Activated` kernel: a unary element-wise ``act`` that
+        numpy can compute (with its derivative), and ``inner`` a matmul or dense layer on row-block tiles (whose
+        weight gradient is summed per row, see :meth:`Matmul.vjp_sum`)."""
+        if not isinstance(inner, (Matmul, Affine)) or not isinstance(act, Elementwise) or act.arity != 1:
+            return False
+        if len(shapes[0]) != 2 or Matmul().vjp_sum(1, [exp.null()] * 2, exp.null(), shapes[:2]) is not None:
+            return False
+        return numpy_function(act.template) is not None and numpy_function(act.partial(0)) is not None
+
+    def out_shape(self, shapes):
+        return self.inner.out_shape(shapes)
+
+    def forward(self, args, shapes):
+        k, n = shapes[1]
+        code = exp.Literal.string(self.code)
+        if isinstance(self.inner, Affine):
+            return sym.func("reldl_affine_act", code, args[0], args[1], args[2], rows(args[0], k), _int(k), _int(n))
+        return sym.func("reldl_matmul_act", code, args[0], args[1], rows(args[0], k), _int(k), _int(n))
+
+    def vjp(self, i, args, grad, shapes):
+        k, n = shapes[1]
+        if i == 0:  # act'(a) * (G @ W^T)
+            code = exp.Literal.string(self.dcode)
+            return sym.func("reldl_matmul_nt_act", code, grad, args[1], args[0], rows(grad, n), _int(n), _int(k))
+        if i == 1:  # act(a)^T @ G
+            code = exp.Literal.string(self.code)
+            return sym.func("reldl_matmul_tn_act", code, args[0], grad, _int(k), rows(grad, n), _int(n))
+        return self.inner.vjp(i, args, grad, shapes)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # tile kernels
 
 
@@ -637,6 +794,44 @@ def _matmul_tn_sum(la, lg, k, n):
     return _list_array(offsets, np.concatenate(results) if results else np.zeros(0))
 
 
+def _code(a: Any) -> str:
+    """The one SQL text of a column of element-wise expressions (a constant argument)."""
+    if isinstance(a, pa.ChunkedArray):
+        a = a.combine_chunks()
+    values = set(a.to_pylist())
+    if len(values) != 1 or None in values:
+        raise ValueError("an element-wise expression argument must be one constant text")
+    return values.pop()
+
+
+def _activated(a: Any, code: Any) -> pa.Array:
+    """``act(a)`` element by element, as a list<double> array of the same shape as ``a``."""
+    offsets, values = _lists(a)
+    return _list_array(offsets, _compiled(_code(code))(values))
+
+
+def _affine_act(code, a, w, b, m, k, n):
+    return _affine(_activated(a, code), w, b, m, k, n)
+
+
+def _matmul_act(code, a, w, m, k, n):
+    return _matmul("nn")(_activated(a, code), w, m, k, n)
+
+
+def _matmul_tn_act(code, a, g, k, m, n):
+    return _matmul("tn")(_activated(a, code), g, k, m, n)
+
+
+def _matmul_nt_act(code, g, w, z, m, n, k):
+    """``d(z) * (g @ w^T)`` per row, ``d`` the element-wise derivative in ``code``."""
+    prod = _matmul("nt")(g, w, m, n, k)
+    po, pv = _lists(prod)
+    zo, zv = _lists(z)
+    if not np.array_equal(po, zo):
+        raise ValueError("reldl_matmul_nt_act: the tiles' shapes do not match")
+    return _list_array(po, _compiled(_code(code))(zv) * pv)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # the fused functions as per-row kernels and list lambdas: the same results from functions other engines translate
 
@@ -666,9 +861,54 @@ def _matmul_tn_sum_unfused(args: list[exp.Expression]) -> exp.Expression:
     return sym.func("reldl_tile_sum", exp.Anonymous(this="list", expressions=[per_row]))
 
 
+def _act_code(arg: exp.Expression, fn: str) -> exp.Expression:
+    import sqlglot
+
+    if not isinstance(arg, exp.Literal) or not arg.is_string:
+        raise AutodiffError(f"{fn}() needs the element-wise expression as a text literal")
+    return sqlglot.parse_one(arg.this, read="duckdb")
+
+
+def _act_lambda(code: exp.Expression, tile: exp.Expression) -> exp.Expression:
+    """``list_transform(tile, lambda __x, __i: code(__x))``."""
+    return transform(tile, _substitute(code, {Elementwise.placeholder(0): _lam_col(_X)}))
+
+
+def _affine_act_unfused(args: list[exp.Expression]) -> exp.Expression:
+    if len(args) != 7:
+        raise AutodiffError("reldl_affine_act() takes 7 arguments")
+    return _affine_unfused([_act_lambda(_act_code(args[0], "reldl_affine_act"), args[1]), *args[2:]])
+
+
+def _matmul_act_unfused(args: list[exp.Expression]) -> exp.Expression:
+    if len(args) != 6:
+        raise AutodiffError("reldl_matmul_act() takes 6 arguments")
+    return sym.func("reldl_matmul", _act_lambda(_act_code(args[0], "reldl_matmul_act"), args[1]), *args[2:])
+
+
+def _matmul_tn_act_unfused(args: list[exp.Expression]) -> exp.Expression:
+    if len(args) != 6:
+        raise AutodiffError("reldl_matmul_tn_act() takes 6 arguments")
+    return sym.func("reldl_matmul_tn", _act_lambda(_act_code(args[0], "reldl_matmul_tn_act"), args[1]), *args[2:])
+
+
+def _matmul_nt_act_unfused(args: list[exp.Expression]) -> exp.Expression:
+    if len(args) != 7:
+        raise AutodiffError("reldl_matmul_nt_act() takes 7 arguments")
+    d = _act_code(args[0], "reldl_matmul_nt_act")
+    g, w, z, m, n, k = args[1:]
+    body = sym.mul(_substitute(d, {Elementwise.placeholder(0): at(z, _lam_col(_I))}), _lam_col(_X))
+    return transform(sym.func("reldl_matmul_nt", g, w, m, n, k), body)
+
+
 UNFUSED: dict[str, Callable[[list[exp.Expression]], exp.Expression]] = {
     "reldl_affine": _affine_unfused,  # reldl_matmul, then the bias added per row
     "reldl_matmul_tn_sum": _matmul_tn_sum_unfused,  # per-row reldl_matmul_tn under reldl_tile_sum(list(...))
+    # an element-wise kernel applied to the first input inside the call: a list lambda around it
+    "reldl_affine_act": _affine_act_unfused,
+    "reldl_matmul_act": _matmul_act_unfused,
+    "reldl_matmul_tn_act": _matmul_tn_act_unfused,
+    "reldl_matmul_nt_act": _matmul_nt_act_unfused,
 }
 
 
@@ -679,6 +919,10 @@ UDFS: dict[str, tuple[Callable, list[str], str]] = {
     "reldl_matmul_tn": (_matmul("tn"), [_DOUBLES, _DOUBLES, _INT, _INT, _INT], _DOUBLES),
     "reldl_affine": (_affine, [_DOUBLES, _DOUBLES, _DOUBLES, _INT, _INT, _INT], _DOUBLES),
     "reldl_matmul_tn_sum": (_matmul_tn_sum, ["DOUBLE[][]", "DOUBLE[][]", _INT, _INT], _DOUBLES),
+    "reldl_affine_act": (_affine_act, ["VARCHAR", _DOUBLES, _DOUBLES, _DOUBLES, _INT, _INT, _INT], _DOUBLES),
+    "reldl_matmul_act": (_matmul_act, ["VARCHAR", _DOUBLES, _DOUBLES, _INT, _INT, _INT], _DOUBLES),
+    "reldl_matmul_tn_act": (_matmul_tn_act, ["VARCHAR", _DOUBLES, _DOUBLES, _INT, _INT, _INT], _DOUBLES),
+    "reldl_matmul_nt_act": (_matmul_nt_act, ["VARCHAR", _DOUBLES, _DOUBLES, _DOUBLES, _INT, _INT, _INT], _DOUBLES),
     "reldl_col_sum": (_col_sum, [_DOUBLES, _INT, _INT], _DOUBLES),
     "reldl_row_sum": (_row_sum, [_DOUBLES, _INT, _INT], _DOUBLES),
     "reldl_softmax_xent": (_softmax_xent, [_DOUBLES, _DOUBLES, _INT, _INT], _DOUBLES),

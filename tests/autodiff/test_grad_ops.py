@@ -390,3 +390,83 @@ def test_sparse_dense_product_sums_small_tiles_per_element(con):
     close(value, ref_value)
     close(g["x"], ref["x"])
     close(g["adj"], ref["adj"][mask])  # gradient rows for the stored (nonzero) entries, in key order
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# an element-wise join folded into the matmul / dense layer that consumes it (kernels.Activated)
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh", "sigmoid", "square", "exp"])
+@pytest.mark.parametrize("rows", [16, 21])
+def test_activation_folded_into_the_next_layer(con, act, rows):
+    """``linear(act(linear(x)))`` and ``matmul(act(...))``: the activation runs inside the next layer's UDF (forward,
+    weight gradient, and the input gradient ``act'(z) * (G @ W^T)``); gradients match torch's at every layer."""
+    rng = np.random.default_rng(rows)
+    m, d, h, c = 8, 6, 5, 3
+    x, y = rng.normal(size=(rows, d)), rng.integers(0, c, size=rows).astype(np.float64)
+    w1, b1, w2, b2, w3 = (
+        0.3 * rng.normal(size=s) for s in ((d, h), (h,), (h, h), (h,), (h, c))
+    )  # exp(exp) stays finite
+    blocks = range(-(-rows // m))
+    put_tiles(con, "x", [x[i * m : (i + 1) * m] for i in blocks])
+    put_tiles(con, "y", [y[i * m : (i + 1) * m] for i in blocks])
+    shapes = dict(w1=(d, h), b1=(h,), w2=(h, h), b2=(h,), w3=(h, c))
+    for name, arr in dict(w1=w1, b1=b1, w2=w2, b2=b2, w3=w3).items():
+        put_tiles(con, name, [arr], key=None)
+    xs, ys = ad.table("x", keys=["b"], shape=(m, d)), ad.table("y", keys=["b"], shape=(m,))
+    p = {n: ad.param(n, shape=s) for n, s in shapes.items()}
+    h1 = ad.apply(act, ad.linear(xs, p["w1"], p["b1"]))
+    h2 = ad.apply(act, ad.linear(h1, p["w2"], p["b2"]))  # folded into linear: reldl_affine_act
+    logits = ad.matmul(h2, p["w3"])  # folded into matmul: reldl_matmul_act
+    loss = ad.sum(ad.apply("tile_sum", ad.apply("softmax_xent", logits, ys)))
+    sql = " ".join(s for _, _, s in backward(loss).statements("t"))
+    for fn in ("reldl_affine_act", "reldl_matmul_act", "reldl_matmul_tn_act", "reldl_matmul_nt_act"):
+        assert fn in sql.lower()
+    value, g = grads(con, loss)
+    f = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "square": torch.square, "exp": torch.exp}
+
+    def fn(w1, b1, w2, b2, w3):
+        z = f[act](f[act](torch.tensor(x) @ w1 + b1) @ w2 + b2) @ w3
+        return torch.nn.functional.cross_entropy(z, torch.tensor(y).long(), reduction="sum")
+
+    ref_value, ref = torch_grads(fn, w1=w1, b1=b1, w2=w2, b2=b2, w3=w3)
+    close(value, ref_value)
+    for n in p:
+        close(g[n].reshape(ref[n].shape), ref[n])
+
+
+def test_activation_used_twice_is_not_folded(con):
+    """An element-wise join read by two consumers stays a relation of its own (its value is stored once)."""
+    m, d = 4, 3
+    xs = ad.table("x", keys=["b"], shape=(m, d))
+    w = ad.param("w", shape=(d, d))
+    h = ad.apply("relu", ad.matmul(xs, w))
+    loss = ad.sum(ad.apply("tile_sum", ad.apply("add", ad.matmul(h, w), h)))
+    sql = " ".join(s for _, _, s in backward(loss).statements("t")).lower()
+    assert "_act(" not in sql
+
+
+@pytest.mark.parametrize("name", sorted(["identity", "neg", "square", "exp", "log", "tanh", "sigmoid", "relu"]))
+def test_numpy_elementwise_matches_duckdb(con, name):
+    """The numpy form of each unary element-wise kernel and of its derivative equals DuckDB's value of the SQL."""
+    from reldl.autodiff.kernels import elementwise, numpy_function
+
+    k = elementwise(name)
+    v = np.array([-2.5, -1.0, -1e-3, 0.0, 1e-3, 0.5, 1.0, 3.0])
+    if name == "log":
+        v = np.abs(v) + 0.25
+    con.register("vals", pa.table({"__a0": v}))
+    for tree in (k.template, k.partial(0)):
+        fn = numpy_function(tree)
+        assert fn is not None
+        expected = [r[0] for r in con.execute(f"SELECT {tree.sql('duckdb')} FROM vals").fetchall()]
+        np.testing.assert_allclose(fn(v), expected, rtol=1e-15, atol=0)
+
+
+def test_numpy_elementwise_refuses_what_it_cannot_compute():
+    import sqlglot
+
+    from reldl.autodiff.kernels import numpy_function
+
+    for sql in ("CASE WHEN __a0 > 0 THEN __a0 END", "random() * __a0", "other + __a0", "'a' || __a0"):
+        assert numpy_function(sqlglot.parse_one(sql, read="duckdb")) is None

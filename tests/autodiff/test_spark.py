@@ -563,6 +563,34 @@ def test_autodiff_gradients_match_on_spark(spark) -> None:
         assert_same(expected, run_on_spark(spark, query, tables), ordered=False)
 
 
+def test_folded_activations_match_on_spark(spark) -> None:
+    """Activations folded into the next layer's call (reldl_affine_act, reldl_matmul_act and their gradients) run on
+    Spark as the list lambdas and kernels they equal."""
+    from reldl import autodiff as ad
+
+    rng = np.random.default_rng(seed_of("folded"))
+    doubles = pa.list_(pa.float64())
+    tables = {
+        "xt": pa.table(
+            {"rb": pa.array([0, 1], pa.int32()), "v": pa.array([rng.normal(size=12), rng.normal(size=6)], doubles)}
+        ),
+        "yt": pa.table({"rb": pa.array([0, 1], pa.int32()), "v": pa.array([[0.0, 2, 1, 1], [2.0, 0]], doubles)}),
+        **{n: pa.table({"v": pa.array([rng.normal(size=k)], doubles)}) for n, k in dict(w1=9, b1=3, w2=9).items()},
+    }
+    con = duck(tables, kernels=False)
+    ad.install(con)
+    x, y = ad.table("xt", keys=["rb"], shape=(4, 3)), ad.table("yt", keys=["rb"], shape=(4,))
+    w1, b1, w2 = ad.param("w1", shape=(3, 3)), ad.param("b1", shape=(3,)), ad.param("w2", shape=(3, 3))
+    h = ad.apply("relu", ad.linear(ad.apply("tanh", ad.linear(x, w1, b1)), w1, b1))
+    loss = ad.sum(ad.apply("tile_sum", ad.apply("softmax_xent", ad.matmul(h, w2), y)))
+    program = ad.backward(loss)
+    queries = [program.loss_query()] + [program.gradient_query(p) for p in program.wrt]
+    assert any("reldl_affine_act" in q.sql("duckdb").lower() for q in queries)
+    for query in queries:
+        expected = con.execute(query.sql("duckdb")).fetchall()
+        assert_same(expected, run_on_spark(spark, query, tables), ordered=False)
+
+
 def test_sql_front_end_gradients_match_on_spark(spark) -> None:
     """Gradient SQL from `grad(con, loss_sql, wrt)`: scalar tuples, a subquery, a self-join, AVG and a CASE."""
     from reldl import autodiff as ad
