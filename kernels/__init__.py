@@ -15,6 +15,10 @@ still imports: `triton_available(device)` is then False and callers use the `*_r
   sparsity, reading only the rows of the transposed weights whose input survives), `select_neurons`.
 - `tree_attention_reference(q, k_cache, v_cache, layout, scale) -> out`: attention of queries over a token tree
   whose KV is laid out once (`TreeLayout`, from `layout_from_block_tables` or `layout_from_tree`).
+- `tree_attention(q, k_cache, v_cache, layout, scale, plan=None) -> out`: the Triton version (DeFT KV-guided
+  grouping: each chunk of the layout read once for all the queries that see it, deterministic merge);
+  `plan_tree_attention(layout, num_heads, num_kv_heads, head_dim, dtype=float16, sms=None, chunk_tokens=None)`
+  computes its work decomposition once per tree (`TreeAttentionPlan`; reuse it for CUDA-graph replays).
 - `quantize_4bit(w) -> Quantized4`, `dequantize_4bit(q)`, `matmul_4bit(x, q, bias=None)`: group-wise (64) 4-bit
   weights, dequantized inside the GEMM tiles; `quantize_kv_4bit` / `dequantize_kv_4bit` for K/V rows.
 """
@@ -56,9 +60,12 @@ from reldl.kernels.sparse_mlp import (
     teal_linear_reference,
 )
 from reldl.kernels.tree_attention import (
+    TreeAttentionPlan,
     TreeLayout,
     layout_from_block_tables,
     layout_from_tree,
+    plan_tree_attention,
+    tree_attention,
     tree_attention_reference,
 )
 
@@ -78,6 +85,9 @@ __all__ = [
     "layout_from_block_tables",
     "layout_from_tree",
     "tree_attention_reference",
+    "tree_attention",
+    "plan_tree_attention",
+    "TreeAttentionPlan",
     "sparse_mlp",
     "sparse_mlp_reference",
     "sparse_up",

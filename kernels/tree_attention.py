@@ -14,25 +14,31 @@ work (a few hundred nodes at most) runs in Python.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from reldl.kernels._triton import next_pow2, require_triton, tl, triton
 
-@dataclass
+
 class TreeLayout:
     """The KV of a token tree, once each, in pre-order; and the queries, in layout order.
 
     slots [L] int64: the paged-cache slot holding layout token t's K/V.
     end [L] int32: the last layout index of token t's subtree (t visible to query x iff t <= q_index[x] <= end[t]).
     q_index [Q] int32: the layout index of each query's own token, non-decreasing.
+
+    (A plain class rather than a dataclass: kernels/ imports nothing but torch and triton.)
     """
 
-    slots: torch.Tensor
-    end: torch.Tensor
-    q_index: torch.Tensor
+    __slots__ = ("slots", "end", "q_index")
+
+    def __init__(self, slots: torch.Tensor, end: torch.Tensor, q_index: torch.Tensor):
+        self.slots = slots
+        self.end = end
+        self.q_index = q_index
+
+    def __repr__(self) -> str:
+        return f"TreeLayout(num_tokens={self.num_tokens}, num_queries={self.num_queries}, device={self.slots.device})"
 
     @property
     def num_tokens(self) -> int:
@@ -86,10 +92,10 @@ def layout_from_block_tables(block_tables: torch.Tensor, context_lens: torch.Ten
 
 
 def layout_from_tree(
-    parents: Sequence[int],
-    node_lens: Sequence[int],
+    parents: list[int] | tuple[int, ...],
+    node_lens: list[int] | tuple[int, ...],
     slots: torch.Tensor,
-    queries: Sequence[tuple[int, int]],
+    queries: list[tuple[int, int]] | tuple[tuple[int, int], ...],
 ) -> TreeLayout:
     """A tree of nodes given in pre-order (parents[i] < i, -1 for a root; a node's subtree follows it).
 
@@ -145,3 +151,459 @@ def tree_attention_reference(
     mask = layout.visible().repeat_interleave(H // kvh, dim=0)  # [Q*G, L]
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return out.view(kvh, Q, H // kvh, D).permute(1, 0, 2, 3).reshape(Q, H, D).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Triton kernel: KV-guided grouping (DeFT). The layout is cut into chunks of consecutive tokens; one program per
+# (work item = chunk x query tile, KV head) reads the chunk's K/V once for all the queries that see any of its tokens
+# and all the query heads of the KV head's GQA group, and writes one partial (log-sum-exp in fp32, normalized output
+# in the output dtype) per (chunk, query, head); a second kernel merges each query's partials in chunk order
+# (deterministic, no atomics).
+# ---------------------------------------------------------------------------------------------------------------------
+
+LOG2E = 1.4426950408889634
+DEFAULT_SMS = 132  # H100 SXM; used where the device cannot be asked (the interpreter)
+_W_ONE = 1 << 24  # fixed-point unit of the chunking weights (integer cumsum: exact and deterministic)
+
+# chunking knobs (see plan_tree_attention)
+PARTIAL_FACTOR = 4  # a chunk seen by n queries of group g is at least PARTIAL_FACTOR * n * g tokens long ...
+MIN_CHUNK = 128  # ... and at least this long, unless shortened to fill the GPU (never below BLOCK_N) ...
+MAX_CHUNK = 1024  # ... and at most this long
+PROGRAMS_PER_SM = 2  # shorten chunks until about this many programs per SM are launched
+
+
+def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype) -> dict:
+    """Tile sizes of the main kernel. Rows of a tile = query tile x (group padded to a power of two); two tile
+    heights: BLOCK_M_NARROW for chunks seen by few queries (decode branches: one query, one GQA group), BLOCK_M_WIDE
+    for chunks seen by many (shared prefixes, speculative trees). Every tl.dot dimension is >= 16."""
+    block_d = max(16, next_pow2(head_dim))
+    block_g = next_pow2(group)
+    narrow = max(16, block_g)
+    return {
+        "BLOCK_G": block_g,
+        "BLOCK_D": block_d,
+        "BLOCK_N": 64 if (block_d <= 128 and dtype != torch.float32) or block_d <= 64 else 32,
+        "BLOCK_M_NARROW": narrow,
+        "BLOCK_M_WIDE": max(narrow, 64),
+        "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32",
+        "num_warps": 4,
+        "num_stages": 2,
+    }
+
+
+class TreeAttentionPlan:
+    """Work decomposition of one layout for given head counts and head dim (see `plan_tree_attention`).
+
+    Device tensors (on the layout's device):
+      chunk_start, chunk_end [C] int32: chunk c holds layout tokens [chunk_start[c], chunk_end[c]).
+      chunk_qlo, chunk_qhi [C] int32: the queries seeing any token of chunk c are [chunk_qlo[c], chunk_qhi[c]).
+      chunk_pbase [C] int64: partial row of (chunk c, query x) = chunk_pbase[c] + x - chunk_qlo[c].
+      item_chunk, item_q0 [I] int32, item_wide [I] int8: phase-1 work items (a chunk and a tile of its queries
+        starting at item_q0, BLOCK_M_WIDE rows if item_wide else BLOCK_M_NARROW), longest chunks first.
+      merge_ptr [Q + 1] int64, merge_rows [P] int64: query x merges partial rows merge_rows[merge_ptr[x]:
+        merge_ptr[x + 1]], in chunk order.
+    Python ints: num_chunks, num_items, num_partials (launch grids and workspace sizes come from these, so a plan
+    reused while the tree is unchanged lets `tree_attention` run without host syncs, inside a CUDA graph).
+    """
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def __repr__(self) -> str:
+        return (
+            f"TreeAttentionPlan(tokens={self.num_tokens}, queries={self.num_queries}, chunks={self.num_chunks}, "
+            f"items={self.num_items}, partials={self.num_partials}, heads={self.num_heads}/{self.num_kv_heads})"
+        )
+
+    def matches(self, layout: TreeLayout, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+        return (
+            self.num_tokens == layout.num_tokens
+            and self.num_queries == layout.num_queries
+            and (self.num_heads, self.num_kv_heads, self.head_dim) == (num_heads, num_kv_heads, head_dim)
+        )
+
+
+def _num_sms(device: torch.device) -> int:
+    from reldl.kernels.paged_attention import num_sms
+
+    return num_sms(device)
+
+
+def plan_tree_attention(
+    layout: TreeLayout,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype = torch.float16,
+    sms: int | None = None,
+    chunk_tokens: int | None = None,
+    partial_factor: float = PARTIAL_FACTOR,
+    min_chunk: int = MIN_CHUNK,
+    max_chunk: int = MAX_CHUNK,
+    programs_per_sm: float = PROGRAMS_PER_SM,
+) -> TreeAttentionPlan:
+    """Cut the layout into chunks of consecutive tokens and lay out the partials and the merge, with torch ops on
+    the layout's device (no Python loops over tokens or queries).
+
+    Chunking: token t is seen by the queries [lo_t, hi_t) (lo_t = searchsorted(q_index, t), hi_t =
+    searchsorted(q_index, end[t], right)), n_t = hi_t - lo_t of them. It asks for a chunk of
+    T_t = clamp(PARTIAL_FACTOR * n_t * group, MIN_CHUNK, MAX_CHUNK) tokens (long where many queries share the
+    tokens, so that the partials, n_t * heads * (head_dim + 2) floats per chunk, stay small next to the chunk's KV;
+    short where few do). If the resulting programs (chunks x query tiles x KV heads) number fewer than
+    PROGRAMS_PER_SM per SM, every T_t is divided by the shortfall (not below BLOCK_N). Chunks are then the runs
+    where floor(cumsum of 1/T_t) is constant (fixed-point integers: exact, deterministic): neighbouring runs of
+    1-token nodes merge into one chunk whose query range is the union, masked per (token, query) in the kernel.
+    `chunk_tokens` forces T_t = chunk_tokens for every token (tests, tuning); the other keywords override the
+    module's defaults (tuning). The partial of a (chunk, query) pair costs about `group` tokens' worth of K/V bytes
+    (written and read back, in the output dtype), hence the factor: partials add ~1/PARTIAL_FACTOR to the IO.
+
+    Host syncs: three small device-to-host reads (the programs estimate, the chunk count, the item and partial
+    counts); compute the plan once per tree and reuse it while the tree is unchanged.
+    """
+    if num_heads % num_kv_heads:
+        raise ValueError(f"plan_tree_attention: {num_heads} query heads is not a multiple of {num_kv_heads} KV heads")
+    dev = layout.slots.device
+    L, Q = layout.num_tokens, layout.num_queries
+    group = num_heads // num_kv_heads
+    cfg = tree_attention_config(head_dim, group, dtype)
+    bg, bm_n, bm_w, bn = cfg["BLOCK_G"], cfg["BLOCK_M_NARROW"], cfg["BLOCK_M_WIDE"], cfg["BLOCK_N"]
+    bq_n, bq_w = bm_n // bg, bm_w // bg
+    i32, i64 = torch.int32, torch.int64
+    qidx = layout.q_index.to(i64)
+    end = layout.end.to(i64)
+    tok = torch.arange(L, device=dev, dtype=i64)
+    lo_t = torch.searchsorted(qidx, tok)
+    hi_t = torch.searchsorted(qidx, end, right=True)
+    n_t = (hi_t - lo_t).clamp(min=0)
+
+    def tiles(n):
+        return torch.where(n * bg > bm_n, (n + bq_w - 1) // bq_w, (n + bq_n - 1) // bq_n)
+
+    if chunk_tokens is not None:
+        want = torch.full_like(n_t, max(1, int(chunk_tokens)))
+    else:
+        want = (partial_factor * group * n_t).to(i64).clamp(min=min_chunk, max=max(min_chunk, max_chunk))
+        sms = sms if sms is not None else _num_sms(dev)
+        target = programs_per_sm * sms
+        # programs ~ sum_t tiles_t / T_t * KVH (a chunk of T tokens seen by n queries: tiles(n) items)
+        est = float((tiles(n_t).double() / want.double()).sum()) * num_kv_heads if L else 0.0
+        if 0 < est < target:
+            want = (want.double() * (est / target)).floor().to(i64).clamp(min=min(bn, min_chunk))
+    w = _W_ONE // want  # 1/T_t in fixed point; <= _W_ONE, so chunk ids step by at most 1
+    cid = (torch.cumsum(w, 0) - w) // _W_ONE  # [L] non-decreasing, dense 0..C-1
+    C = int(cid[-1]) + 1 if L else 0
+    counts = torch.bincount(cid, minlength=C)
+    start = torch.cumsum(counts, 0) - counts
+    qlo = lo_t[start] if C else torch.zeros(0, dtype=i64, device=dev)
+    qhi = torch.zeros(C, dtype=i64, device=dev).scatter_reduce(0, cid, hi_t, reduce="amax", include_self=True)
+    nq = (qhi - qlo).clamp(min=0)
+    wide = nq * bg > bm_n
+    nt = tiles(nq)
+    pbase = torch.cumsum(nq, 0) - nq
+    sizes = torch.stack([nt.sum(), nq.sum()]).tolist() if C else [0, 0]
+    num_items, P = int(sizes[0]), int(sizes[1])
+    # work items, longest chunks first (stable: deterministic); the order only affects scheduling
+    item_chunk = torch.repeat_interleave(torch.arange(C, device=dev, dtype=i64), nt, output_size=num_items)
+    tile_base = torch.cumsum(nt, 0) - nt
+    bq = torch.where(wide, bq_w, bq_n)
+    item_q0 = qlo[item_chunk] + (torch.arange(num_items, device=dev) - tile_base[item_chunk]) * bq[item_chunk]
+    order = torch.argsort(-counts[item_chunk], stable=True)
+    item_chunk, item_q0 = item_chunk[order], item_q0[order]
+    # merge lists: pair p = (chunk, query) is partial row p; each query's rows in chunk order
+    pair_chunk = torch.repeat_interleave(torch.arange(C, device=dev, dtype=i64), nq, output_size=P)
+    pair_q = torch.arange(P, device=dev) - pbase[pair_chunk] + qlo[pair_chunk]
+    merge_rows = torch.argsort(pair_q, stable=True)
+    merge_ptr = torch.zeros(Q + 1, dtype=i64, device=dev)
+    merge_ptr[1:] = torch.cumsum(torch.bincount(pair_q, minlength=Q), 0)
+    return TreeAttentionPlan(
+        num_tokens=L,
+        num_queries=Q,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        num_chunks=C,
+        num_items=num_items,
+        num_partials=P,
+        config=cfg,
+        chunk_start=start.to(i32),
+        chunk_end=(start + counts).to(i32),
+        chunk_qlo=qlo.to(i32),
+        chunk_qhi=qhi.to(i32),
+        chunk_pbase=pbase,
+        item_chunk=item_chunk.to(i32),
+        item_q0=item_q0.to(i32),
+        item_wide=wide[item_chunk].to(torch.int8),
+        merge_ptr=merge_ptr,
+        merge_rows=merge_rows,
+    )
+
+
+@triton.jit
+def _tree_tile(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    slots_ptr,
+    end_ptr,
+    qidx_ptr,
+    lse_ptr,
+    o_ptr,
+    kvh,
+    t0,
+    t1,
+    q0,
+    qhi,
+    prow0,
+    qk_scale,
+    stride_qq,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Rows = BLOCK_M // BLOCK_G queries (q0 ...) x BLOCK_G heads of KV head kvh, over chunk tokens [t0, t1)."""
+    r = tl.arange(0, BLOCK_M)
+    qrow = q0 + r // BLOCK_G
+    g = r % BLOCK_G
+    row_ok = (qrow < qhi) & (g < GROUP)
+    head = kvh * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    dm = d < HEAD_DIM
+    qrow64 = qrow.to(tl.int64)
+    qpos = tl.load(qidx_ptr + qrow64, mask=row_ok, other=-1)
+    q = tl.load(
+        q_ptr + qrow64[:, None] * stride_qq + head[:, None] * stride_qh + d[None, :],
+        mask=row_ok[:, None] & dm[None, :],
+        other=0.0,
+    )
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    k_head = k_ptr + kvh * stride_kh
+    v_head = v_ptr + kvh * stride_vh
+    for first in range(t0, t1, BLOCK_N):
+        toks = first + n
+        tv = toks < t1
+        slot = tl.load(slots_ptr + toks, mask=tv, other=0).to(tl.int64)
+        tend = tl.load(end_ptr + toks, mask=tv, other=-1)
+        kv_mask = tv[:, None] & dm[None, :]
+        k = tl.load(k_head + slot[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        vis = (toks[None, :] <= qpos[:, None]) & (qpos[:, None] <= tend[None, :])
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_head + slot[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    # partial = (log2-sum-exp, normalized output in the output dtype): half the bytes of (max, sum, fp32 acc)
+    part = (prow0 + qrow64) * NUM_HEADS + head  # [BLOCK_M] int64: (partial row, head)
+    seen = l_i > 0
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    tl.store(lse_ptr + part, lse, mask=row_ok)
+    tl.store(
+        o_ptr + part[:, None] * HEAD_DIM + d[None, :], o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dm[None, :]
+    )
+
+
+@triton.jit
+def _tree_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    slots_ptr,
+    end_ptr,
+    qidx_ptr,
+    chunk_start_ptr,
+    chunk_end_ptr,
+    chunk_qlo_ptr,
+    chunk_qhi_ptr,
+    chunk_pbase_ptr,
+    item_chunk_ptr,
+    item_q0_ptr,
+    item_wide_ptr,
+    lse_ptr,
+    o_ptr,
+    qk_scale,
+    stride_qq,
+    stride_qh,
+    stride_ks,
+    stride_kh,
+    stride_vs,
+    stride_vh,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M_NARROW: tl.constexpr,
+    BLOCK_M_WIDE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    item = tl.program_id(0)
+    kvh = tl.program_id(1)
+    c = tl.load(item_chunk_ptr + item)
+    q0 = tl.load(item_q0_ptr + item)
+    wide = tl.load(item_wide_ptr + item)
+    t0 = tl.load(chunk_start_ptr + c)
+    t1 = tl.load(chunk_end_ptr + c)
+    qhi = tl.load(chunk_qhi_ptr + c)
+    prow0 = tl.load(chunk_pbase_ptr + c) - tl.load(chunk_qlo_ptr + c).to(tl.int64)  # partial row = prow0 + query
+    if wide != 0:
+        _tree_tile(
+            q_ptr, k_ptr, v_ptr, slots_ptr, end_ptr, qidx_ptr, lse_ptr, o_ptr,
+            kvh, t0, t1, q0, qhi, prow0, qk_scale,
+            stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+            NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_WIDE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC,
+        )  # fmt: skip
+    else:
+        _tree_tile(
+            q_ptr, k_ptr, v_ptr, slots_ptr, end_ptr, qidx_ptr, lse_ptr, o_ptr,
+            kvh, t0, t1, q0, qhi, prow0, qk_scale,
+            stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+            NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_NARROW, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC,
+        )  # fmt: skip
+
+
+@triton.jit
+def _tree_merge_kernel(
+    lse_ptr,
+    o_ptr,
+    ptr_ptr,
+    rows_ptr,
+    out_ptr,
+    stride_oq,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    x = tl.program_id(0).to(tl.int64)
+    p0 = tl.load(ptr_ptr + x)
+    p1 = tl.load(ptr_ptr + x + 1)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    hm = h < NUM_HEADS
+    tile = hm[:, None] & (d < HEAD_DIM)[None, :]
+    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for i in range(p0, p1):
+        row = tl.load(rows_ptr + i)
+        part = row * NUM_HEADS + h
+        li = tl.load(lse_ptr + part, mask=hm, other=float("-inf"))
+        oi = tl.load(o_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=tile, other=0.0).to(tl.float32)
+        m_new = tl.maximum(m, li)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a = tl.exp2(m - m_safe)
+        b = tl.exp2(li - m_safe)  # 0 for a partial that saw nothing
+        l = l * a + b
+        acc = acc * a[:, None] + oi * b[:, None]
+        m = m_new
+    o = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(out_ptr + x * stride_oq + h[:, None] * stride_oh + d[None, :], o.to(out_ptr.dtype.element_ty), mask=tile)
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: TreeLayout,
+    scale: float,
+    plan: TreeAttentionPlan | None = None,
+) -> torch.Tensor:
+    """Triton version of `tree_attention_reference` -> [Q, H, D] in q.dtype.
+
+    q [Q, H, D] (query x's token sits at layout index layout.q_index[x]); k_cache/v_cache [slots, KVH, D] in q.dtype
+    (any slot count; the layout's slots index them); `plan`: from `plan_tree_attention(layout, H, KVH, D, q.dtype)`,
+    computed here when None (with a few host syncs). With a plan the call has no host syncs: grids
+    (plan.num_items, KVH) and (Q,) come from the plan, so it can be captured in a CUDA graph and replayed while the
+    tree (the layout) is unchanged. Queries that see no token (impossible for layouts from the builders) get zeros.
+    """
+    require_triton()
+    Q, H, D = q.shape
+    kvh = k_cache.shape[1]
+    if H % kvh:
+        raise ValueError(f"tree_attention: {H} query heads is not a multiple of {kvh} KV heads")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.dim() != 3 or c.shape[1:] != (kvh, D) or c.stride(2) != 1:
+            raise ValueError(f"tree_attention: {name} must be [slots, {kvh}, {D}] with a unit last stride")
+        if c.dtype != q.dtype:
+            raise ValueError(f"tree_attention: {name} is {c.dtype}, q is {q.dtype}")
+    if layout.num_queries != Q:
+        raise ValueError(f"tree_attention: {Q} queries but the layout has {layout.num_queries}")
+    if plan is None:
+        plan = plan_tree_attention(layout, H, kvh, D, q.dtype)
+    elif not plan.matches(layout, H, kvh, D):
+        raise ValueError(f"tree_attention: {plan} was made for another layout or head configuration")
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    if Q == 0 or plan.num_items == 0:
+        return torch.zeros((Q, H, D), dtype=q.dtype, device=q.device)
+    out = torch.empty((Q, H, D), dtype=q.dtype, device=q.device)  # the merge writes every query
+    # tile heights (hence the plan's items) do not depend on the dtype; BLOCK_N and the dot precision do
+    cfg = tree_attention_config(D, H // kvh, q.dtype)
+    lse = torch.empty((plan.num_partials, H), dtype=torch.float32, device=q.device)
+    part_o = torch.empty((plan.num_partials, H, D), dtype=q.dtype, device=q.device)
+    _tree_attention_kernel[(plan.num_items, kvh)](
+        q,
+        k_cache,
+        v_cache,
+        layout.slots,
+        layout.end,
+        layout.q_index,
+        plan.chunk_start,
+        plan.chunk_end,
+        plan.chunk_qlo,
+        plan.chunk_qhi,
+        plan.chunk_pbase,
+        plan.item_chunk,
+        plan.item_q0,
+        plan.item_wide,
+        lse,
+        part_o,
+        float(scale) * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        NUM_HEADS=H,
+        GROUP=H // kvh,
+        HEAD_DIM=D,
+        **cfg,
+    )
+    _tree_merge_kernel[(Q,)](
+        lse,
+        part_o,
+        plan.merge_ptr,
+        plan.merge_rows,
+        out,
+        out.stride(0),
+        out.stride(1),
+        NUM_HEADS=H,
+        HEAD_DIM=D,
+        BLOCK_H=next_pow2(H),
+        BLOCK_D=max(16, next_pow2(D)),
+        num_warps=4,
+    )
+    return out
