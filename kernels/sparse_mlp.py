@@ -480,6 +480,8 @@ def down_config(batch: int, k: int, n_out: int, dtype: torch.dtype, sms: int, du
     stay under 1/PARTIAL_FRACTION of the weight bytes read (k * N * itemsize)."""
     bb = _block_b(batch)
     cfg = dict(DOWN_TILES["gemv" if bb == 1 else "dot"], BLOCK_B=bb)
+    if dual:  # two weight tiles and two accumulators per program: halve the columns to keep registers in check
+        cfg["BLOCK_N"] = max(16, cfg["BLOCK_N"] // 2)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, next_pow2(n_out)))
     col_blocks = cdiv(n_out, cfg["BLOCK_N"])
     nblk = max(1, cdiv(k, cfg["BLOCK_K"]))
