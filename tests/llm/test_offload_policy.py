@@ -1,0 +1,286 @@
+"""FlexGen placement policy and cost model (reldl.llm.offload.policy): validation, hand-computed cases, feasibility
+and monotonicity of the search over random hardware."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reldl.llm.offload import COMPRESSED_BYTES, Hardware, ModelShape, Policy, estimate, memory, search_policy
+from reldl.llm.offload.policy import GiB, measure_attention, measure_disk
+
+INF = math.inf
+# coarse grid: a search takes a few tens of milliseconds
+GRID = dict(
+    gpu_batch_sizes=(1, 4, 16, 64),
+    num_gpu_batches=(1, 2, 8),
+    weight_step=0.25,
+    cache_step=0.25,
+    activation_step=0.5,
+    cpu_attention=None,
+)
+
+
+def _hw(**kw) -> Hardware:
+    base = dict(
+        gpu_mem=INF,
+        cpu_mem=INF,
+        disk_mem=INF,
+        ctog_bw=10e9,
+        gtoc_bw=10e9,
+        dtoc_bw=2e9,
+        ctod_bw=1e9,
+        gpu_flops=INF,
+        gpu_mem_bw=INF,
+        gpu_attn_flops=INF,
+        cpu_attn_flops=INF,
+    )
+    base.update(kw)
+    return Hardware(**base)
+
+
+def test_policy_validation_and_describe():
+    with pytest.raises(ValueError, match="sum"):
+        Policy(4, weights=(0.5, 0.4, 0.0))
+    with pytest.raises(ValueError, match="fractions"):
+        Policy(4, cache=(1.2, -0.2, 0.0))
+    with pytest.raises(ValueError, match="gpu_batch_size"):
+        Policy(0)
+    with pytest.raises(ValueError, match="num_gpu_batches"):
+        Policy(4, num_gpu_batches=1.5)
+    p = Policy(32, 8, weights=(0.2, 0.8, 0), cache=(0, 1, 0), compress_weight=True, cpu_attention=True)
+    assert p.block_size == 256 and p.weights == (0.2, 0.8, 0.0)
+    d = p.describe()
+    assert "\n" not in d and "block 256 = 8 x GPU batch 32" in d and "weights 20/80/0 (4-bit)" in d
+    assert "KV cache 0/100/0," in d and "CPU attention" in d
+
+
+def test_hardware_validation_and_calibration_round_trip():
+    with pytest.raises(ValueError, match="ctog_bw"):
+        _hw(ctog_bw=0)
+    with pytest.raises(ValueError, match="gpu_mem"):
+        _hw(gpu_mem=-1)
+    hw = Hardware.preset("t4")
+    assert Hardware.from_calibration(hw.to_calibration()) == hw
+    assert Hardware.from_calibration({"offload_gpu_mem": 1.0}, hw) == hw.with_memory(gpu=1.0)
+    with pytest.raises(ValueError, match="unknown"):
+        Hardware.preset("nope")
+
+
+def test_model_shapes():
+    for size, params in [("6.7b", 6.7e9), ("30b", 30e9), ("66b", 66e9), ("175b", 175e9)]:
+        m = ModelShape.opt(size)
+        assert abs(m.params / params - 1) < 0.03, (size, m.params)
+    assert ModelShape.opt("OPT-30B") == ModelShape.opt("30b")
+    with pytest.raises(ValueError):
+        ModelShape.opt("7b")
+    from reldl.llm.config import ModelConfig
+
+    cfg = ModelConfig(
+        family="llama",
+        model_type="llama",
+        vocab_size=32000,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        intermediate_size=11008,
+        max_positions=4096,
+        tie_word_embeddings=False,
+    )
+    m = ModelShape.from_config(cfg)
+    assert (m.num_layers, m.hidden, m.ffn, m.heads, m.kv_heads, m.vocab) == (32, 4096, 11008, 32, 8, 32000)
+    assert m.gated_mlp and not m.tied_embeddings and m.max_positions == 0 and m.kv_dim == 1024
+    assert abs(m.params / 5.93e9 - 1) < 0.01  # Llama-2-7B (6.74e9) less 3/4 of k/v: GQA 8
+    ns = SimpleNamespace(
+        num_layers=2, hidden_size=64, intermediate_size=256, num_heads=4, num_kv_heads=4, vocab_size=100
+    )
+    assert ModelShape.from_config(ns).layer_params > 0
+
+
+def test_pure_transfer_bound_is_bytes_over_bandwidth():
+    """Infinite compute, weights streamed, cache and activations on the GPU: a step is weight bytes / bandwidth."""
+    m = ModelShape.opt("6.7b")
+    hw = _hw()
+    w_bytes = m.params * 2
+    e = estimate(Policy(8, weights=(0, 1, 0)), m, hw, prompt_len=128, gen_len=16)
+    assert e.decode_step_s == pytest.approx(w_bytes / hw.ctog_bw, rel=1e-12)
+    assert e.prefill_s == pytest.approx(w_bytes / hw.ctog_bw, rel=1e-12)  # loaded once per layer for the block
+    assert e.total_s == pytest.approx(16 * w_bytes / hw.ctog_bw, rel=1e-12)
+    assert e.throughput == pytest.approx(8 * 16 / e.total_s, rel=1e-8)
+    # on disk: disk -> CPU (2 GB/s) is the bottleneck with overlap, the sum of both channels without
+    e = estimate(Policy(8, weights=(0, 0, 1)), m, hw, 128, 16)
+    assert e.decode_step_s == pytest.approx(w_bytes / hw.dtoc_bw, rel=1e-12)
+    e = estimate(Policy(8, weights=(0, 0, 1), overlap=False), m, hw, 128, 16)
+    assert e.decode_step_s == pytest.approx(w_bytes / hw.dtoc_bw + w_bytes / hw.ctog_bw, rel=1e-12)
+    # the block schedule amortises the weight load over all GPU batches of the block
+    e1 = estimate(Policy(8, 1, weights=(0, 1, 0)), m, hw, 128, 16)
+    e4 = estimate(Policy(8, 4, weights=(0, 1, 0)), m, hw, 128, 16)
+    assert e4.decode_step_s == e1.decode_step_s and e4.throughput == pytest.approx(4 * e1.throughput, rel=1e-8)
+
+
+def test_cache_offload_transfer_and_cpu_attention():
+    m = ModelShape.opt("6.7b")
+    hw = _hw()
+    s, n, bls = 256, 33, 16
+    kv_tok = 2 * m.hidden * 2  # K and V, fp16, per layer
+    e = estimate(Policy(bls, cache=(0, 1, 0)), m, hw, s, n)
+    # decode: the whole cache in (avg context s + n/2) over ctog; the new token's K/V out over gtoc (smaller)
+    assert e.terms["decode_ctog"] == pytest.approx(bls * (s + n / 2) * kv_tok / hw.ctog_bw)
+    assert e.decode_step_s == pytest.approx(m.num_layers * bls * (s + n / 2) * kv_tok / hw.ctog_bw)
+    # CPU attention: only activations cross PCIe
+    e = estimate(Policy(bls, cache=(0, 1, 0), cpu_attention=True), m, hw, s, n)
+    assert e.terms["decode_ctog"] == pytest.approx(bls * m.hidden * 2 / hw.ctog_bw)
+    assert e.terms["decode_gtoc"] == pytest.approx(bls * (kv_tok + m.hidden * 2) / hw.gtoc_bw)
+    # prefill: the prompt's K/V go out once
+    assert e.terms["prefill_gtoc"] == pytest.approx(bls * s * kv_tok / hw.gtoc_bw)
+    mem = memory(Policy(bls, cache=(0, 1, 0), cpu_attention=True), m, s, n)
+    assert mem["cpu"] >= m.num_layers * bls * (s + n) * kv_tok
+
+
+def test_compression():
+    m = ModelShape.opt("30b")
+    hw = _hw()
+    assert COMPRESSED_BYTES == 0.5625  # 4 bits + an fp16 scale and min per 64
+    plain = estimate(Policy(4, weights=(0, 0, 1)), m, hw, 64, 8)
+    comp = estimate(Policy(4, weights=(0, 0, 1), compress_weight=True), m, hw, 64, 8)
+    assert plain.disk_bytes == pytest.approx(m.params * 2)
+    assert comp.disk_bytes == pytest.approx(m.params * COMPRESSED_BYTES)
+    assert comp.disk_bytes < 0.3 * plain.disk_bytes
+    assert comp.decode_step_s == pytest.approx(plain.decode_step_s * COMPRESSED_BYTES / 2)
+    plain = memory(Policy(64, cache=(0, 0, 1)), m, 512, 32)
+    comp = memory(Policy(64, cache=(0, 0, 1), compress_cache=True), m, 512, 32)
+    cache = m.num_layers * 64 * (512 + 32) * 2 * m.hidden
+    assert plain["disk"] == pytest.approx(cache * 2) and comp["disk"] == pytest.approx(cache * COMPRESSED_BYTES)
+    # allowed to compress, a tight machine runs a bigger block
+    hw = Hardware.preset("t4")
+    p0, e0 = search_policy(m, hw, 512, 32, **GRID)
+    p1, e1 = search_policy(m, hw, 512, 32, **{**GRID, "compress_weight": None, "compress_cache": None})
+    assert e1.throughput >= e0.throughput and (p1.compress_weight or p1.compress_cache)
+
+
+def test_model_that_fits_gets_all_gpu():
+    m = ModelShape.opt("6.7b")
+    for hw in (Hardware.preset("h100"), Hardware.preset("h100").with_memory(gpu=1000 * GiB)):
+        p, e = search_policy(m, hw, 128, 32, **GRID)
+        assert p.weights == p.cache == p.activations == (1.0, 0.0, 0.0), p.describe()
+        assert e.cpu_bytes == 0 and e.disk_bytes == 0 and e.fits(hw)
+    # nothing off the GPU: more batches only cost memory
+    assert p.num_gpu_batches == 1
+
+
+def test_overlap_never_slower_and_search_estimate_consistent():
+    m = ModelShape.opt("30b")
+    hw = Hardware.preset("t4")
+    p, e = search_policy(m, hw, 512, 32, **GRID)
+    assert estimate(p, m, hw, 512, 32) == e
+    assert e.fits(hw) and not p.compress_weight and not p.compress_cache
+    no = estimate(Policy(**{**p.__dict__, "overlap": False}), m, hw, 512, 32)
+    assert no.total_s >= e.total_s and no.gpu_bytes == e.gpu_bytes
+
+
+def test_nothing_fits():
+    with pytest.raises(ValueError, match="no policy"):
+        search_policy(ModelShape.opt("175b"), Hardware.preset("t4").with_memory(cpu=0, disk=0), 512, 32, **GRID)
+
+
+# ------------------------------------------------------------------------------------------ random hardware
+
+
+def _log(lo, hi):
+    return st.floats(math.log(lo), math.log(hi)).map(math.exp)
+
+
+hardware = st.builds(
+    Hardware,
+    gpu_mem=_log(2 * GiB, 200 * GiB),
+    cpu_mem=st.one_of(st.just(0.0), _log(1 * GiB, 2000 * GiB)),
+    disk_mem=st.one_of(st.just(0.0), _log(10 * GiB, 5000 * GiB)),
+    ctog_bw=_log(1e9, 100e9),
+    gtoc_bw=_log(1e9, 100e9),
+    dtoc_bw=_log(0.1e9, 10e9),
+    ctod_bw=_log(0.1e9, 10e9),
+    gpu_flops=_log(1e12, 1e15),
+    gpu_mem_bw=_log(100e9, 5e12),
+    gpu_attn_flops=_log(1e10, 1e13),
+    cpu_attn_flops=_log(1e9, 1e12),
+)
+workload = st.tuples(
+    st.sampled_from(["1.3b", "6.7b", "30b"]), st.sampled_from([32, 256, 1024]), st.sampled_from([8, 64])
+)
+SETTINGS = settings(max_examples=30, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _search(m, hw, s, n):
+    try:
+        return search_policy(m, hw, s, n, **GRID)
+    except ValueError:
+        return None
+
+
+@SETTINGS
+@given(hw=hardware, wl=workload)
+def test_search_is_feasible(hw, wl):
+    size, s, n = wl
+    m = ModelShape.opt(size)
+    found = _search(m, hw, s, n)
+    if found is None:
+        return
+    p, e = found
+    assert e.fits(hw)
+    mem = memory(p, m, s, n)
+    assert (mem["gpu"], mem["cpu"], mem["disk"]) == (e.gpu_bytes, e.cpu_bytes, e.disk_bytes)
+    assert e.gpu_bytes <= hw.gpu_mem and e.cpu_bytes <= hw.cpu_mem and e.disk_bytes <= hw.disk_mem
+    assert e.throughput > 0 and e.total_s > 0
+
+
+@SETTINGS
+@given(
+    hw=hardware,
+    wl=workload,
+    tier=st.sampled_from(["gpu", "cpu", "disk"]),
+    factor=st.floats(1.0, 16.0),
+    extra=st.floats(0.0, 64 * GiB),
+)
+def test_more_memory_never_predicts_lower_throughput(hw, wl, tier, factor, extra):
+    size, s, n = wl
+    m = ModelShape.opt(size)
+    bigger = hw.with_memory(**{tier: hw.capacity(tier) * factor + extra})
+    small, big = _search(m, hw, s, n), _search(m, bigger, s, n)
+    if small is None:
+        return
+    assert big is not None
+    assert big[1].throughput >= small[1].throughput
+
+
+@SETTINGS
+@given(hw=hardware, wl=workload, field=st.sampled_from(["ctog_bw", "dtoc_bw", "gpu_flops", "cpu_attn_flops"]))
+def test_faster_hardware_never_predicts_lower_throughput(hw, wl, field):
+    size, s, n = wl
+    m = ModelShape.opt(size)
+    small = _search(m, hw, s, n)
+    if small is None:
+        return
+    faster = Hardware(**{**hw.__dict__, field: getattr(hw, field) * 2})
+    assert _search(m, faster, s, n)[1].throughput >= small[1].throughput
+
+
+# ------------------------------------------------------------------------------------------ measuring hooks
+
+
+def test_import_needs_no_torch():
+    code = "import sys, reldl.llm.offload; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_measure_hooks_on_cpu(tmp_path):
+    read, write = measure_disk(str(tmp_path), nbytes=4 << 20)
+    assert read > 0 and write > 0 and not list(tmp_path.iterdir())
+    assert measure_attention("cpu", batch=1, heads=2, ctx=64, head_dim=16) > 0
