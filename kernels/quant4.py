@@ -30,8 +30,6 @@ head_dim (the attention-kernel fusion is not here yet).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from reldl.kernels._triton import cdiv, interpreting, require_triton, tl, triton, triton_available
@@ -41,14 +39,22 @@ HALF = GROUP // 2
 LEVELS = 15  # 4 bits: codes 0..15
 
 
-@dataclass(frozen=True)
 class Quantized4:
-    """A tensor [..., k] quantized along its last dimension (see the module docstring for the layout)."""
+    """A tensor [..., k] quantized along its last dimension (see the module docstring for the layout).
 
-    packed: torch.Tensor  # [..., G * 32] uint8
-    scale: torch.Tensor  # [..., G]
-    minv: torch.Tensor  # [..., G]
-    k: int  # the original last dimension (<= G * 64)
+    (A plain class rather than a dataclass: kernels/ imports nothing but torch and triton.)
+    """
+
+    __slots__ = ("packed", "scale", "minv", "k")
+
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor, k: int):
+        self.packed = packed  # [..., G * 32] uint8
+        self.scale = scale  # [..., G]
+        self.minv = minv  # [..., G]
+        self.k = int(k)  # the original last dimension (<= G * 64)
+
+    def __repr__(self) -> str:
+        return f"Quantized4(shape={self.shape}, groups={self.groups}, scale_dtype={self.scale.dtype})"
 
     @property
     def shape(self) -> tuple[int, ...]:

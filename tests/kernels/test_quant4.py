@@ -176,3 +176,14 @@ def test_kv_quantization(head_dim, dtype, device):
     # rows are independent: quantizing one token alone gives the same bytes
     one = quantize_kv_4bit(x[7:8])
     assert torch.equal(one.packed.cpu(), q.packed[7:8].cpu())
+
+
+def test_reference_signatures_match():
+    import inspect
+
+    for kernel, ref in [
+        (quantize_4bit, quantize_4bit_reference),
+        (quantize_kv_4bit, quantize_kv_4bit_reference),
+        (matmul_4bit, matmul_4bit_reference),
+    ]:
+        assert list(inspect.signature(kernel).parameters) == list(inspect.signature(ref).parameters)
