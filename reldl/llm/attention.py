@@ -4,6 +4,10 @@ Every forward pass (prefill or decode) is described by a `Step`: for each of B s
 positions and the cache slots they are written to, plus each sequence's block table. Attention writes the new K/V
 into the pool, gathers each sequence's context through its block table and attends with a causal mask built from
 positions, so prompts of different lengths, padding and continuous batching need no special cases.
+
+A decode step whose sequences share cache blocks (samples or beams forked from one prompt, prompts with a common
+prefix) may carry a `TreeLayout` (kernels/tree_attention.py): the shared blocks are then read once for all the
+queries that see them (DeFT tree attention) instead of once per sequence.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from reldl.kernels.tree_attention import TreeLayout, tree_attention_reference
+
 
 @dataclass
 class Step:
@@ -20,6 +26,7 @@ class Step:
     slots: torch.Tensor  # [B, T] int64, flat cache slot each new token's K/V goes to (padding -> trash slot)
     block_tables: torch.Tensor  # [B, NB] int64, cache blocks of each sequence in order
     block_size: int
+    tree: TreeLayout | None = None  # decode steps (T == 1) only: rows in tree order, their KV laid out once
 
 
 @dataclass
@@ -28,8 +35,11 @@ class LayerKV:
     v: torch.Tensor
 
 
-def build_mask(step: Step, group: int, sliding_window: int | None = None) -> torch.Tensor:
-    """Boolean mask [B, 1, T*group, S]: key j is visible to a query at position p iff j <= p (and within window)."""
+def build_mask(step: Step, group: int, sliding_window: int | None = None) -> torch.Tensor | None:
+    """Boolean mask [B, 1, T*group, S]: key j is visible to a query at position p iff j <= p (and within window).
+    None for a tree step (the layout says what each query sees)."""
+    if step.tree is not None:
+        return None
     B, NB = step.block_tables.shape
     S = NB * step.block_size
     keys = torch.arange(S, device=step.positions.device)
@@ -56,7 +66,22 @@ def paged_attention(
     flat = step.slots.reshape(-1)
     kv.k.index_copy_(0, flat, k.reshape(-1, KVH, D).to(kv.k.dtype))
     kv.v.index_copy_(0, flat, v.reshape(-1, KVH, D).to(kv.v.dtype))
+    if step.tree is not None:
+        B, T, H, _ = q.shape
+        return tree_attend(q.reshape(B * T, H, D), kv, step.tree, scale).reshape(B, T, H * D)
     return attend_cached(q, kv, step, mask, scale)
+
+
+def tree_attend(q: torch.Tensor, kv: LayerKV, layout: TreeLayout, scale: float) -> torch.Tensor:
+    """q [Q, H, D] (one query per row, rows in tree order) over the tree's KV -> [Q, H, D]: reldl's Triton kernel
+    on CUDA when it is there, the PyTorch reference elsewhere."""
+    from reldl.llm import fused
+
+    k_ = fused.on(q)
+    kernel = getattr(k_, "tree_attention", None) if k_ is not None else None
+    if kernel is not None:
+        return kernel(q, kv.k, kv.v, layout, scale)
+    return tree_attention_reference(q, kv.k, kv.v, layout, scale)
 
 
 def attend_cached(q: torch.Tensor, kv: LayerKV, step: Step, mask: torch.Tensor, scale: float) -> torch.Tensor:

@@ -63,6 +63,19 @@ class PagedKVCache:
     def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
         return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
 
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Copy whole blocks src[i] -> dst[i] in every layer (copy-on-write of a forked sequence's partial block)."""
+        if not src:
+            return
+        dev = self.layers[0].k.device
+        s = torch.tensor(src, dtype=torch.long, device=dev)
+        d = torch.tensor(dst, dtype=torch.long, device=dev)
+        bs = self.block_size
+        for layer in self.layers:
+            for t in (layer.k, layer.v):
+                view = t.view(self.num_blocks, bs, *t.shape[1:])
+                view.index_copy_(0, d, view.index_select(0, s))
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

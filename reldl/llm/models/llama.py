@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from reldl.llm import fused
-from reldl.llm.attention import LayerKV, Step, attend_cached, build_mask, paged_attention
+from reldl.llm.attention import LayerKV, Step, attend_cached, build_mask, paged_attention, tree_attend
 from reldl.llm.config import ModelConfig
 from reldl.llm.models.common import Getter, RMSNorm, activation, assign
 from reldl.llm.rope import Rotary
@@ -29,6 +29,9 @@ class Attention(nn.Module):
             qkv = self.wqkv(x).view(B * T, -1)
             pos, slots = step.positions.reshape(-1), step.slots.reshape(-1)
             q = k_.rope_and_cache(qkv, pos, rope.cos, rope.sin, kv.k, kv.v, slots, self.h, self.kvh, self.d)
+            if step.tree is not None:  # rows share cache blocks: each shared block read once (DeFT)
+                out = tree_attend(q.view(B, self.h, self.d), kv, step.tree, self.scale)
+                return self.wo(out.reshape(B, 1, self.h * self.d))
             if T == 1:
                 lens = step.positions[:, 0] + 1
                 out = k_.paged_decode_attention(
