@@ -48,12 +48,16 @@ def parse_args():
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/out/sparse_mlp[-cpu].json)")
     ap.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--shapes", nargs="*", default=None, help="subset of the shape names")
-    ap.add_argument("--batches", nargs="*", type=int, default=[1, 4, 16])
-    ap.add_argument("--densities", nargs="*", type=float, default=[0.05, 0.1, 0.2, 0.5])
+    ap.add_argument("--batches", nargs="*", type=int, default=None, help="default 1 4 16 (cpu: 1 4)")
+    ap.add_argument("--densities", nargs="*", type=float, default=None, help="default 0.05 0.1 0.2 0.5 (cpu: 0.1 0.5)")
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager timings")
     ap.add_argument("--peak-gbps", type=float, default=None, help="HBM bandwidth for the %%-of-peak column")
-    return ap.parse_args()
+    args = ap.parse_args()
+    cpu = args.preset == "cpu"
+    args.batches = args.batches or ([1, 4] if cpu else [1, 4, 16])
+    args.densities = args.densities or ([0.1, 0.5] if cpu else [0.05, 0.1, 0.2, 0.5])
+    return args
 
 
 ARGS = parse_args()
