@@ -38,6 +38,9 @@ SIGNATURES: dict[str, list[tuple[str, str, str | None]]] = {
     "predict": [("model", "VARCHAR", None), ("features", "DOUBLE[]", None)],
     "predict_proba": [("model", "VARCHAR", None), ("features", "DOUBLE[]", None)],
 }
+# llm_generate(..., n := k) / beam_width := k, after statements.list_generate_sql: a LIST(VARCHAR) per row
+SIGNATURES["llm_generate_list"] = SIGNATURES["llm_generate"] + [("n", "BIGINT", "1"), ("beam_width", "BIGINT", "NULL")]
+GENERATE = ("llm_generate", "llm_generate_list")
 FAMILIES = ("udf", "dl", "relation")
 _names = itertools.count()
 
@@ -60,6 +63,7 @@ class Plan:
     reason: str = ""
     forced: bool = False
     inputs: str = ""  # the row and distinct-count estimates the costs come from
+    notes: list[str] = field(default_factory=list)  # why a plan family was not considered
 
     def explain(self) -> list[str]:
         names = {"udf": "UDF-centric", "dl": "DL-centric", "relation": "relation-centric"}
@@ -73,6 +77,7 @@ class Plan:
             ws = e.details.get("working_set_bytes")
             memory = f", working set {ws / 2**20:.3g} MiB" if ws is not None and e.feasible else ""
             lines.append(f"  {mark} {names[e.family]:<17} estimated {state}{memory}")
+        lines += [f"    {n}" for n in self.notes]
         for c in self.calls:
             lines.append(f"  model call: {c.node.sql(dialect='duckdb', normalize_functions=False)}")
         return lines
@@ -140,7 +145,7 @@ def inputs_query(select: exp.Select, calls: list[CallSite]) -> exp.Select:
     for i, c in enumerate(calls):
         for j, ((_, typ, _), arg) in enumerate(zip(SIGNATURES[c.function], c.args)):
             value = arg.copy()
-            if c.function == "llm_generate" and j == 7:  # stop
+            if c.function in GENERATE and j == 7:  # stop
                 value = exp.func("to_json", value)
             cols.append(exp.alias_(exp.cast(value, typ, dialect="duckdb"), f"a{i}_{j}"))
     q = exp.select(*cols).distinct()
@@ -165,7 +170,7 @@ def _key_conditions(calls: list[CallSite], ref) -> list[exp.Expression]:
         for j, ((_, typ, _), a) in enumerate(zip(SIGNATURES[c.function], c.args)):
             if not a.find(exp.Column):
                 continue
-            value = exp.func("to_json", a.copy()) if c.function == "llm_generate" and j == 7 else a.copy()
+            value = exp.func("to_json", a.copy()) if c.function in GENERATE and j == 7 else a.copy()
             conds.append(exp.NullSafeEQ(this=ref(i, j), expression=exp.cast(value, typ, dialect="duckdb")))
     return conds
 
@@ -224,12 +229,13 @@ def _subquery_rewrite(tree: exp.Expression, calls: list[CallSite], nodes, table:
 
 def deterministic(call: CallSite) -> bool:
     """Whether identical arguments give identical results (else a DL plan's deduplication would change results)."""
-    if call.function != "llm_generate":
+    if call.function not in GENERATE:
         return True
     temperature, seed = call.args[3], call.args[6]
     greedy = isinstance(temperature, exp.Literal) and not temperature.is_string and float(temperature.this) == 0
     seeded = not isinstance(seed, exp.Null)
-    return greedy or seeded
+    beams = call.function == "llm_generate_list" and not isinstance(call.args[10], exp.Null)  # beam search
+    return greedy or seeded or beams
 
 
 def new_table_name() -> str:

@@ -115,9 +115,12 @@ def _workload(cur: Cursor, call: plans.CallSite, rows: float, distinct: float, r
                 whole = sum(8 * i * o for (i, o, _), t in zip(shapes, tiles) if t is None)
                 w.relation_bytes = whole + w.relation_threads * thread_bytes(layers, tiles, limit)
                 w.relation_tiled_values = float(sum(o for (_, o, _), t in zip(shapes, tiles) if t is not None))
-    if call.function == "llm_generate":
+    if call.function in plans.GENERATE:
         mt = call.args[2]
         w.max_tokens = int(mt.this) if isinstance(mt, exp.Literal) and not mt.is_string else 64
+        if call.function == "llm_generate_list":  # n samples / beam_width beams: that many rows of decoding
+            widths = [a for a in call.args[9:] if isinstance(a, exp.Literal) and not a.is_string]
+            w.max_tokens *= max([int(float(a.this)) for a in widths] + [1])
     return w
 
 
@@ -210,6 +213,8 @@ def make_plan(cur: Cursor, sql: str, parameters) -> plans.Plan:
                     acc.details[k] = max(acc.details.get(k, 0.0), v)
     if not all(w.relation_ok for w in work):
         per_family.pop("relation", None)
+        if any(c.function.startswith("llm") for c in calls):
+            plan.notes.append("relation-centric: not for LLM calls (it runs tabular models as SQL over weight tables)")
     plan.estimates = list(per_family.values())
     best, reason = cost.choose(plan.estimates)
     plan.family, plan.reason = best.family, reason

@@ -43,6 +43,7 @@ class SqlFunctions:
         """The Python function behind a SQL function, for plans that call it on whole Arrow columns."""
         return {
             "llm_generate": self.llm.generate,
+            "llm_generate_list": self.llm.generate_list,
             "llm_score": self.llm.score,
             "predict": self.predict.predict,
             "predict_proba": self.predict.predict_proba,

@@ -41,7 +41,7 @@ def _stop(value: str | None) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _params(max_tokens, temperature, top_p, top_k, seed, stop) -> SamplingParams:
+def _params(max_tokens, temperature, top_p, top_k, seed, stop, n=1, beam_width=None, fn="llm_generate"):
     if max_tokens is None or max_tokens < 0:
         raise ProgrammingError(f"llm_generate: max_tokens must be >= 0, got {max_tokens}")
     temperature = 0.0 if temperature is None else float(temperature)
@@ -53,7 +53,12 @@ def _params(max_tokens, temperature, top_p, top_k, seed, stop) -> SamplingParams
     top_k = 0 if top_k is None else int(top_k)
     if top_k < 0:
         raise ProgrammingError(f"llm_generate: top_k must be >= 0, got {top_k}")
-    return SamplingParams(int(max_tokens), temperature, top_p, top_k, seed, _stop(stop))
+    n = 1 if n is None else int(n)
+    beam_width = None if beam_width is None else int(beam_width)
+    try:
+        return SamplingParams(int(max_tokens), temperature, top_p, top_k, seed, _stop(stop), n, beam_width)
+    except ValueError as e:  # n / beam_width out of range or combined badly
+        raise ProgrammingError(f"{fn}: {e}") from None
 
 
 class LLMFunctions:
@@ -71,7 +76,11 @@ class LLMFunctions:
         # DuckDB keeps Python UDFs in the database instance's catalog, shared by every connection to it, while
         # the macros are TEMP (per connection). Unique UDF names let each connection own (and drop) its own.
         n = next(self._ids)
-        self.names = {"generate": f"reldl_llm_generate_{n}", "score": f"reldl_llm_score_{n}"}
+        self.names = {
+            "generate": f"reldl_llm_generate_{n}",
+            "generate_list": f"reldl_llm_generate_list_{n}",
+            "score": f"reldl_llm_score_{n}",
+        }
 
     def register(self, duck: duckdb.DuckDBPyConnection) -> None:
         """Create this connection's UDFs on `duck` (its own handle) and the named-argument macros."""
@@ -80,6 +89,15 @@ class LLMFunctions:
             self.generate,
             [VARCHAR, VARCHAR, BIGINT, DOUBLE, DOUBLE, BIGINT, BIGINT, VARCHAR, VARCHAR],
             VARCHAR,
+            type="arrow",
+            null_handling="special",
+            side_effects=True,
+        )
+        duck.create_function(
+            self.names["generate_list"],
+            self.generate_list,
+            [VARCHAR, VARCHAR, BIGINT, DOUBLE, DOUBLE, BIGINT, BIGINT, VARCHAR, VARCHAR, BIGINT, BIGINT],
+            duckdb.list_type(VARCHAR),
             type="arrow",
             null_handling="special",
             side_effects=True,
@@ -149,21 +167,35 @@ class LLMFunctions:
             self.cache.popitem(last=False)
 
     def generate(self, prompt, model, max_tokens, temperature, top_p, top_k, seed, stop, truncate) -> pa.Array:
-        cols = [c.to_pylist() for c in (prompt, model, max_tokens, temperature, top_p, top_k, seed, stop, truncate)]
+        args = (prompt, model, max_tokens, temperature, top_p, top_k, seed, stop, truncate)
+        return pa.array(self._generate([c.to_pylist() for c in args], False), pa.string())
+
+    def generate_list(
+        self, prompt, model, max_tokens, temperature, top_p, top_k, seed, stop, truncate, n, beam_width
+    ) -> pa.Array:
+        """`llm_generate(..., n := k)` / `beam_width := k` (the planner rewrites those calls to llm_generate_list):
+        a LIST of the n samples, or of the beams best first."""
+        args = (prompt, model, max_tokens, temperature, top_p, top_k, seed, stop, truncate, n, beam_width)
+        return pa.array(self._generate([c.to_pylist() for c in args], True), pa.list_(pa.string()))
+
+    def _generate(self, cols: list[list], listy: bool) -> list:
+        fn = "llm_generate"  # (llm_generate_list is what the planner calls llm_generate(..., n := k) for)
         rows = list(zip(*cols))
-        out: list[str | None] = [None] * len(rows)
+        out: list = [None] * len(rows)
         todo: dict[tuple, list[int]] = {}  # cache key -> rows waiting for it
         engines: dict[str | None, tuple[EngineKey, Engine]] = {}  # model argument -> (identity, engine)
-        for i, (p, m, mt, t, tp, tk, sd, st, tr) in enumerate(rows):
+        for i, row in enumerate(rows):
+            p, m, mt, t, tp, tk, sd, st, tr = row[:9]
             if p is None:
                 continue
             if tr not in (None, "left"):
-                raise ProgrammingError(f"llm_generate: truncate must be 'left' or NULL, got {tr!r}")
-            sp = _params(mt, t, tp, tk, sd, st)
+                raise ProgrammingError(f"{fn}: truncate must be 'left' or NULL, got {tr!r}")
+            sp = _params(mt, t, tp, tk, sd, st, *row[9:], fn=fn)
             if m not in engines:
                 engines[m] = self._engine(m)
             name = engines[m][0]
-            key = (name, p, sp, tr) if sp.deterministic else (name, p, sp, tr, i)
+            # the cache key holds the parameters (n and beam_width included) and which function returns what
+            key = (name, p, sp, tr, fn) if sp.deterministic else (name, p, sp, tr, fn, i)
             with self.lock:
                 hit = self.cache.get(key) if sp.deterministic else None
             if hit is not None:
@@ -186,12 +218,13 @@ class LLMFunctions:
                 ids += eng.prepare_many([k[1] for k in part], [k[2] for k in part], tr)
             results = eng.generate_ids(ids, [k[2] for k in keys], on_progress=progress.update)
             for k, r in zip(keys, results):
+                value = r.texts if listy else r.text
                 for i in todo[k]:
-                    out[i] = r.text
+                    out[i] = value
                 if k[2].deterministic:
                     with self.lock:
-                        self._remember(k, r.text)
-        return pa.array(out, pa.string())
+                        self._remember(k, value)
+        return out
 
     def score(self, prompt, continuation, model) -> pa.Array:
         rows = list(zip(prompt.to_pylist(), continuation.to_pylist(), model.to_pylist()))
