@@ -187,7 +187,7 @@ class Cursor:
                 return
         plan = planning.make_plan(self, sql, parameters)
         if explain and not analyze:
-            self._show(plan.explain() + _sql_lines(plan, sql))
+            self._show(plan.explain() + self._sparse_lines(plan) + _sql_lines(plan, sql))
             return
         timings = planning.Timings() if analyze else None
         if self._functions is not None:
@@ -213,9 +213,17 @@ class Cursor:
         if analyze:
             self._duck.fetchall()  # finish the statement's own result
             lines = plan.explain() + [f"  {name}: {secs * 1e3:.1f} ms" for name, secs in timings.stages]
+            lines += self._sparse_lines(plan)
             self._show(lines + _sql_lines(plan, run_sql))
             return
         self._finish(returns_rows)
+
+    def _sparse_lines(self, plan) -> list[str]:
+        """EXPLAIN: the per-layer sparsity of the sparse models the statement calls (reldl/llm/sparse)."""
+        from reldl.llm.sparse.sql import explain_lines
+
+        calls = [c for c in plan.calls if c.function.startswith("llm")]
+        return explain_lines(catalog.list_models(self._duck), [c.model for c in calls]) if calls else []
 
     def _functions_for(self, function: str):
         """The Python function behind a model call, for plans that evaluate calls outside DuckDB's pipeline."""
@@ -264,6 +272,9 @@ class Cursor:
         model_type = opts.get("model_type")
         if model_type is None:
             raise ProgrammingError(f"CREATE MODEL {stmt.name}: OPTIONS must set model_type (e.g. model_type = 'llm')")
+        if model_type == "llm" and "base" in opts:  # a sparse variant of a registered LLM (reldl/llm/sparse)
+            self._create_sparse_model(stmt)
+            return
         if stmt.query is not None:
             self._train_model(stmt)
             return
@@ -300,6 +311,21 @@ class Cursor:
             _unload(existing.name)
             if existing.options.get("trained"):
                 models.drop_trained(self._duck, existing.options, keep=tables)
+
+    def _create_sparse_model(self, stmt: CreateModel) -> None:
+        """CREATE MODEL ... OPTIONS (model_type = 'llm', base = ..., sparsity = ...) AS SELECT text ...: calibrate
+        (reldl/llm/sparse/sql.py), then register; a failure leaves no catalog row."""
+        from reldl.llm.sparse import sql as sparse_sql
+
+        existing = catalog.get_model(self._duck, stmt.name)
+        if existing is not None and stmt.if_not_exists:
+            return
+        if existing is not None and not stmt.replace:
+            raise IntegrityError(f"model {existing.name!r} already exists (use CREATE OR REPLACE MODEL)")
+        path, options = sparse_sql.create(self._duck, stmt.name, stmt.options, stmt.query)
+        catalog.put_model(self._duck, stmt.name, "llm", path, options, replace=stmt.replace)
+        if existing is not None:
+            _unload(existing.name)
 
     @staticmethod
     def _llm_options(name: str, opts: dict) -> tuple[str, dict]:

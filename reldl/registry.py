@@ -65,6 +65,8 @@ _lock = threading.Lock()
 
 
 def engine_key(path: str, dtype: str = "auto", device: str = "auto") -> EngineKey:
+    """A checkpoint's identity. A sparse variant (a directory with sparse.json, reldl/llm/sparse) is keyed by its own
+    directory, so the dense and the sparse engines of one checkpoint are different entries and coexist."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     p = Path(path).expanduser().resolve()
@@ -72,6 +74,30 @@ def engine_key(path: str, dtype: str = "auto", device: str = "auto") -> EngineKe
     mtime = max((f.stat().st_mtime_ns for f in p.glob("*.safetensors")), default=0)
     mtime = max(mtime, cfg.stat().st_mtime_ns if cfg.exists() else 0)
     return EngineKey(str(p), mtime, str(dt).removeprefix("torch."), str(dev))
+
+
+def _sparse_model(key: EngineKey):
+    """The model and tokenizer of a sparse variant: its MLPs swapped over the base checkpoint's model, which is
+    shared with the dense engine when that is loaded (else loaded for the variant alone)."""
+    from reldl.llm.sparse import variant
+
+    spec = variant.read_spec(key.path)
+    base_path = spec["base_path"]
+    if variant.base_mtime_ns(base_path) != spec["base_mtime_ns"]:
+        raise ProgrammingError(
+            f"sparse model at {key.path}: its base checkpoint {base_path} changed since calibration "
+            "(run its CREATE OR REPLACE MODEL ... AS SELECT again)"
+        )
+    base_key = engine_key(base_path, key.dtype, key.device)
+    loaded_base = _engines.get(base_key)
+    if loaded_base:
+        eng = next(iter(loaded_base.values()))
+        model, tokenizer = eng.model, eng.tokenizer
+    else:
+        ckpt = inspect_checkpoint(base_path)
+        model = build(ckpt, torch.device(key.device), getattr(torch, key.dtype))
+        tokenizer = load_tokenizer(ckpt)
+    return variant.build_variant(model, key.path, spec), tokenizer
 
 
 def get_engine(name: str, path: str, dtype: str = "auto", device: str = "auto", **engine_options) -> Engine:
@@ -86,6 +112,12 @@ def get_engine(name: str, path: str, dtype: str = "auto", device: str = "auto", 
             if engines:
                 base = next(iter(engines.values()))
                 model, tokenizer = base.model, base.tokenizer
+            elif (Path(key.path) / "sparse.json").is_file():
+                try:
+                    model, tokenizer = _sparse_model(key)
+                except BaseException:
+                    del _engines[key]
+                    raise
             else:
                 ckpt = inspect_checkpoint(key.path)
                 model = build(ckpt, torch.device(key.device), getattr(torch, key.dtype))
