@@ -41,6 +41,14 @@ GROUP BY ALL ORDER BY true_sentiment, predicted""",
        round(avg(coalesce(p.product = r.product AND p.rating = r.rating AND p.sentiment = r.sentiment
                           AND p.issue = r.issue, false)::INT), 3) AS all_fields
 FROM reviews r JOIN predicted p USING (id)""",
+    # tree decoding: n samples or beam_width beams of one prompt share its KV cache (a LIST per row)
+    "samples": """SELECT unnest(llm_generate('Review: ' || review || chr(10) || 'JSON:', max_tokens := 48,
+                           stop := chr(10), temperature := 1.5, seed := 1, n := 3)) AS sample
+FROM reviews WHERE id = (SELECT min(id) FROM reviews)""",
+    "beams": """SELECT unnest(list_transform(
+           llm_generate('Review: ' || review || chr(10) || 'JSON:', max_tokens := 48, beam_width := 3),
+           lambda b: split_part(b, chr(10), 1))) AS beam
+FROM reviews WHERE id = (SELECT min(id) FROM reviews)""",
 }
 
 
@@ -136,6 +144,8 @@ def run(
             out,
         )
         acc = _step(con, "accuracy against ground truth", STEPS["accuracy"], out)[0]
+        _step(con, "three samples of one review's JSON (n := 3, sharing the prompt's KV)", STEPS["samples"], out, 100)
+        _step(con, "beam search (beam_width := 3: the beams, best first)", STEPS["beams"], out, 100)
     exact = acc[-1] or 0.0
     train_model(directory / "train.db", out)
     out.write(
