@@ -161,11 +161,24 @@ def _join_contribution(y: Join, j: int, gname: str, gkeys: Sequence[str]) -> Cal
     or, when y feeds only a SUM, that aggregate's keys: its gradient broadcast over y's rows)."""
     x = y.parts[j]
 
+    shapes = [p.shape for p in y.parts]
+    keep = list(range(len(y.parts)))
+    if set(gkeys) == set(y.keys):
+        # the gradient's rows are y's rows, each from one row of every input (keys are unique per row): inputs whose
+        # values the vector-Jacobian product does not read (a bias for a weight's gradient, the weight for a bias's)
+        # need not be joined again
+        probe = [col("v", f"t{i}") for i in range(len(y.parts))]
+        g = col("v", f"t{len(y.parts)}")
+        forms = [y.kernel.vjp(j, probe, g, shapes), y.kernel.vjp_sum(j, probe, g, shapes)]
+        used = {c.table for f in forms if f is not None for c in f.find_all(exp.Column) if c.name == "v"}
+        keep = [i for i in keep if f"t{i}" in used]
+
     def build(ref: Names) -> exp.Select:
-        n = len(y.parts)
-        q, holder = emit.join_from(y.parts, lambda p: ref(f"f{p.id}"), extra=[(ref(gname), gkeys)])
-        args = [col("v", f"t{i}") for i in range(n)]
-        shapes = [p.shape for p in y.parts]
+        parts = [y.parts[i] for i in keep]
+        n = len(parts)
+        q, holder = emit.join_from(parts, lambda p: ref(f"f{p.id}"), extra=[(ref(gname), gkeys)])
+        pos = {i: p for p, i in enumerate(keep)}
+        args = [col("v", f"t{pos[i]}") if i in pos else exp.null() for i in range(len(y.parts))]
         g = col("v", f"t{n}")
         if y.where is not None:
             q = q.where(emit._qualify(y.where, holder))

@@ -332,3 +332,19 @@ def test_training_under_memory_limit(tmp_path):
         xb, yb = xs[b * 2048 * m : (b + 1) * 2048 * m], ys[b * 2048 * m : (b + 1) * 2048 * m]
         w_ref -= 1e-5 * xb.T @ (1 / (1 + np.exp(-(xb @ w_ref))) - yb)
     assert np.max(np.abs(read(con, "w").ravel() - w_ref)) < 1e-9 * max(1.0, np.abs(w_ref).max())
+
+
+def test_keep_freed_memory_while_training_restores_the_allocator():
+    """glibc keeps freed memory while training (fewer page faults per step) and gets its defaults back after."""
+    import platform
+
+    from reldl.autodiff.train import keep_freed_memory_while_training
+
+    restore = keep_freed_memory_while_training()
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        assert restore is None
+        return
+    assert callable(restore)
+    buf = np.ones(8 << 20)  # 64 MB allocated and freed under the setting
+    del buf
+    restore()
