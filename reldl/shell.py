@@ -43,7 +43,8 @@ reldl adds to DuckDB's SQL:
   CREATE [OR REPLACE] MODEL name OPTIONS (model_type = 'llm', path = '/dir/of/checkpoint')
   DROP MODEL [IF EXISTS] name
   SHOW MODELS
-  llm_generate(prompt, model := 'name', max_tokens := 64), llm_score(prompt, continuation)"""
+  llm_generate(prompt, model := 'name', max_tokens := 64), llm_score(prompt, continuation)
+  llm_generate(prompt, n := 4) / llm_generate(prompt, beam_width := 3): a list of samples / beams"""
 
 
 # -- formatting
