@@ -267,3 +267,66 @@ def calibrate_dejavu(
             }
         )
     return preds, k, report
+
+
+def make_variant(
+    engine,
+    texts: Sequence[str],
+    target,
+    *,
+    method: str,
+    sparsity: float,
+    base_name: str,
+    base_path: str,
+    rank: int = DEFAULT_RANK,
+    epochs: int = DEFAULT_EPOCHS,
+    max_tokens: int = DEFAULT_TOKENS,
+    seed: int = 0,
+) -> dict:
+    """Calibrate `engine`'s (dense) model on `texts` and write the variant directory `target`; returns its spec."""
+    import time
+    from pathlib import Path
+
+    from reldl.llm.sparse import variant
+
+    start = time.perf_counter()
+    cfg = engine.model.config
+    rec = record_mlp_inputs(engine, texts, max_tokens)
+    tensors: dict[str, torch.Tensor] = {}
+    if method == "teal":
+        thresholds, report = calibrate_teal(engine.model, rec, sparsity, seed=seed)
+        tensors["thresholds"] = torch.tensor(thresholds, dtype=torch.float32).reshape(-1, 2)
+    elif method == "dejavu":
+        preds, _, report = calibrate_dejavu(
+            engine.model, rec, sparsity, rank=rank, epochs=epochs, seed=seed, device=engine.device
+        )
+        for i, (a, b, c) in enumerate(preds):
+            tensors[f"layers.{i}.a"], tensors[f"layers.{i}.b"], tensors[f"layers.{i}.c"] = a, b, c
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    base_path = str(Path(base_path).resolve())
+    spec = {
+        "method": method,
+        "sparsity": sparsity,
+        "base": base_name,
+        "base_path": base_path,
+        "base_mtime_ns": variant.base_mtime_ns(base_path),
+        "architecture": cfg.model_type,
+        "activation": cfg.activation,
+        "num_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "calibration": {
+            "rows": len(texts),
+            "sequences": rec.sequences,
+            "tokens": int(rec.inputs[0].shape[0]),
+            "held_out_tokens": int(rec.inputs[0].shape[0] - rec.n_train),
+            "seconds": round(time.perf_counter() - start, 2),
+        },
+        "layers": report,
+    }
+    if method == "dejavu":
+        spec["predictor_rank"] = report[0]["rank"]
+        spec["epochs"] = epochs
+    variant.save_variant(Path(target), spec, tensors)
+    return spec

@@ -160,66 +160,37 @@ def create(duck, name: str, options: dict[str, Any], query: str) -> tuple[str, d
 
 
 def _calibrate_and_save(name, base, cfg, method, o, texts, dtype, device, target, owned):
-    import time
-
-    import torch
-
     from reldl import registry
-    from reldl.llm.sparse import calibrate, variant
+    from reldl.llm.sparse import calibrate
 
-    start = time.perf_counter()
     eng = registry.get_engine(base.name, base.path, dtype, device)
-    rec = calibrate.record_mlp_inputs(eng, texts, o["tokens"])
-    tensors: dict[str, torch.Tensor] = {}
-    if method == "teal":
-        thresholds, report = calibrate.calibrate_teal(eng.model, rec, o["sparsity"])
-        tensors["thresholds"] = torch.tensor(thresholds, dtype=torch.float32).reshape(-1, 2)
-    else:
-        preds, _, report = calibrate.calibrate_dejavu(
-            eng.model, rec, o["sparsity"], rank=o["rank"], epochs=o["epochs"], device=eng.device
-        )
-        for i, (a, b, c) in enumerate(preds):
-            tensors[f"layers.{i}.a"], tensors[f"layers.{i}.b"], tensors[f"layers.{i}.c"] = a, b, c
-    base_path = str(Path(base.path).resolve())
-    spec = {
-        "method": method,
-        "sparsity": o["sparsity"],
-        "base": base.name,
-        "base_path": base_path,
-        "base_mtime_ns": variant.base_mtime_ns(base_path),
-        "architecture": cfg.model_type,
-        "activation": cfg.activation,
-        "num_layers": cfg.num_layers,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "calibration": {
-            "rows": len(texts),
-            "sequences": rec.sequences,
-            "tokens": int(rec.inputs[0].shape[0]),
-            "held_out_tokens": int(rec.inputs[0].shape[0] - rec.n_train),
-            "seconds": round(time.perf_counter() - start, 2),
-        },
-        "layers": report,
-    }
-    if method == "dejavu":
-        spec["predictor_rank"] = report[0]["rank"]
-        spec["epochs"] = o["epochs"]
     if target.exists():
         target.rmdir()  # empty (checked): save_variant renames a complete directory into its place
-    variant.save_variant(target, spec, tensors)
+    spec = calibrate.make_variant(
+        eng,
+        texts,
+        target,
+        method=method,
+        sparsity=o["sparsity"],
+        base_name=base.name,
+        base_path=base.path,
+        rank=o["rank"],
+        epochs=o["epochs"],
+        max_tokens=o["tokens"],
+    )
     options = {
         "dtype": dtype,
         "device": device,
         "architecture": cfg.model_type,
         "sparse": True,
         "base": base.name,
-        "base_path": base_path,
+        "base_path": spec["base_path"],
         "sparsity": o["sparsity"],
         "method": method,
         "sparse_dir": str(target),
         "sparse_dir_owned": owned,
         "calibration": spec["calibration"],
-        "layers": report,
+        "layers": spec["layers"],
     }
     return str(target), options
 
