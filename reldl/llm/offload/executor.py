@@ -1,0 +1,619 @@
+"""The offloaded generation engine (issue 8, FlexGen's execution half): runs a `Policy` (policy.py).
+
+`OffloadEngine(path, policy, device, dtype).generate(prompts, max_tokens)` decodes greedily, one *block* of
+`policy.block_size` = num_gpu_batches x gpu_batch_size sequences at a time, with FlexGen's block schedule
+(Algorithm 1 of Sheng et al., 2023): for every step (the prefill, then each decode step), for every unit (the
+embedding, each decoder layer, the head), the unit's weights are loaded once and every GPU batch of the block runs
+through them. With `policy.overlap`, while a unit computes, the next unit's weights, the next GPU batch's KV cache
+and hidden states are being loaded (Mover's load stream and thread), and each batch's new K/V and hidden states are
+stored (store stream and thread); see tiers.py for the stream / event ordering. Without overlap every transfer
+happens right before its use.
+
+Placement (fractions on gpu / cpu / disk, as the policy gives them):
+- Weights: per unit, tensor by tensor in order; a tensor goes to the tier whose share of the unit's bytes holds
+  its midpoint (FlexGen's rule). "disk" tensors are the checkpoint's own memory-mapped bytes when the dtypes match
+  (zero copies until the transfer's staging copy), else a file written once into the offload directory. With
+  `compress_weight` every matrix (linears and embedding tables; not norms or biases) is quantized once at load
+  (kernels.quant4, groups of 64) and only the `Quantized4` parts are placed, moved and read: linears run the fused
+  dequantizing GEMM, embeddings dequantize the gathered rows.
+- KV cache: dense per (layer, GPU batch), laid out [slots, batch, kv_heads, head_dim] so a prefix is contiguous;
+  split along the KV heads by the fractions (each head's attention is independent, so per-segment outputs are just
+  concatenated). "disk" is a memory-mapped file in the offload directory: reads and writes go through the page
+  cache (enough to run and test the schedule; a real O_DIRECT disk tier is not built). With `compress_cache` the
+  cache holds 4-bit K/V (quantize_kv_4bit, groups of 64 along head_dim); attention dequantizes the loaded prefix on
+  the device and uses the exact K/V of the current step's tokens (as FlexGen does).
+- `cpu_attention`: decode attention over the cpu / disk heads runs on the CPU against the host copy (q and the new
+  K/V go to the host, the output comes back); the prefill always attends on the device.
+- Activations (the hidden states between units, per GPU batch): split along the batch rows.
+
+Prompts of a block are left-padded to the longest (the padding masked out, positions counted from each
+prompt's first real token), as FlexGen does; a short last block is filled with copies of its last prompt. Output
+stops at EOS (excluded, as reldl's Engine does) or max_tokens; every sequence of a block still runs max_tokens
+steps (FlexGen's fixed gen_len).
+
+`profile=True` serialises everything (no overlap) and accumulates transfer seconds (`Mover.transfer_s`) and
+compute seconds separately, for the "step time vs max(transfer, compute)" check of benchmarks/bench_offload.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from reldl.kernels.quant4 import (
+    GROUP,
+    Quantized4,
+    dequantize_kv_4bit,
+    quantize_4bit,
+    quantize_4bit_reference,
+    quantize_kv_4bit,
+    quantize_kv_4bit_reference,
+)
+from reldl.llm.offload import layers
+from reldl.llm.offload.policy import Policy
+from reldl.llm.offload.tiers import TIERS, Arena, CheckpointSource, DiskPool, MemorySource, Mover, nbytes
+from reldl.llm.rope import Rotary
+
+
+def _tier_of(midpoint: float, fractions: Sequence[float]) -> str:
+    acc = 0.0
+    for tier, f in zip(TIERS, fractions):
+        acc += f
+        if midpoint < acc - 1e-12:
+            return tier
+    return next(t for t, f in zip(reversed(TIERS), reversed(fractions)) if f > 0)
+
+
+def split_counts(n: int, fractions: Sequence[float]) -> list[tuple[str, int, int]]:
+    """[0, n) split into (tier, start, end) by cumulative fractions (rounded), empty ranges dropped."""
+    out, acc, start = [], 0.0, 0
+    for tier, f in zip(TIERS, fractions):
+        acc += f
+        end = n if tier == "disk" else min(n, round(acc * n))
+        if end > start:
+            out.append((tier, start, end))
+        start = max(start, end)
+    return out
+
+
+def _qbytes(t: torch.Tensor, dtype: torch.dtype) -> int:
+    rows = t.numel() // t.shape[-1]
+    g = -(-t.shape[-1] // GROUP)
+    return rows * (g * GROUP // 2 + 2 * g * torch.empty((), dtype=dtype).element_size())
+
+
+def _rows(q, a: int, b: int):
+    if isinstance(q, Quantized4):
+        return Quantized4(q.packed[a:b], q.scale[a:b], q.minv[a:b], q.k)
+    return q[a:b]
+
+
+def _parts(q) -> list[torch.Tensor]:
+    return [q.packed, q.scale, q.minv] if isinstance(q, Quantized4) else [q]
+
+
+def _empty_like_on(q, device: torch.device):
+    if isinstance(q, Quantized4):
+        return Quantized4(*(torch.empty(p.shape, dtype=p.dtype, device=device) for p in _parts(q)), q.k)
+    return torch.empty(q.shape, dtype=q.dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------------------- weights
+
+
+class WeightStore:
+    """Every unit's tensors placed on their tiers (see the module docstring); `fetch(u)` starts moving a unit's
+    offloaded tensors to the device and returns (weights dict, load ticket)."""
+
+    def __init__(self, source, policy: Policy, device: torch.device, dtype: torch.dtype, arena: Arena, mover: Mover):
+        self.device, self.dtype, self.arena, self.mover = device, dtype, arena, mover
+        self.units = layers.units(source.config)
+        self.placed: list[dict[str, tuple[str, object]]] = []
+        self.bytes = {t: 0 for t in TIERS}
+        self.checkpoint_mapped = 0  # disk-tier bytes read straight from the checkpoint's files
+        self.unit_bytes: list[dict[str, int]] = []
+        shared: dict[tuple[str, str, bool], object] = {}
+        for _, entries in self.units:
+            tensors = [(key, name, source.get(name)) for key, name in entries]
+            compress = [policy.compress_weight and t.dim() == 2 for _, _, t in tensors]
+            sizes = [_qbytes(t, dtype) if c else t.numel() * _esize(dtype) for (_, _, t), c in zip(tensors, compress)]
+            total = max(sum(sizes), 1)
+            acc, unit, ub = 0, {}, {t: 0 for t in TIERS}
+            for (key, name, t), c, size in zip(tensors, compress, sizes):
+                tier = _tier_of((acc + size / 2) / total, policy.weights)
+                acc += size
+                sk = (name, tier, c)
+                if sk not in shared:
+                    shared[sk] = self._place(tier, t, c, source.mapped(name))
+                    self.bytes[tier] += size
+                unit[key] = (tier, shared[sk])
+                ub[tier] += size
+            self.placed.append(unit)
+            self.unit_bytes.append(ub)
+            del tensors
+
+    def _place(self, tier: str, t: torch.Tensor, compress: bool, mapped: bool):
+        dev, dt = self.device, self.dtype
+        if compress:
+            w = t.to(dev, dt)
+            q = quantize_4bit(w, check_finite=False) if dev.type == "cuda" else quantize_4bit_reference(w)
+            del w
+            if tier == "gpu":
+                return q
+            return Quantized4(*(self.arena.put(tier, p.cpu() if tier == "disk" else p) for p in _parts(q)), q.k)
+        if tier == "gpu":
+            out = torch.empty(t.shape, dtype=dt, device=dev)
+            out.copy_(t)
+            return out
+        if tier == "disk" and mapped and t.dtype == dt and t.device.type == "cpu":
+            self.checkpoint_mapped += nbytes(t)
+            return t
+        if tier == "disk":
+            return self.arena.put("disk", t.to("cpu", dt))
+        return self.arena.put("cpu", t.to(dt) if t.device.type == "cpu" else t.to("cpu", dt))
+
+    def fetch(self, u: int):
+        out, pairs = {}, []
+        for key, (tier, val) in self.placed[u].items():
+            if tier == "gpu":
+                out[key] = val
+                continue
+            dst = _empty_like_on(val, self.device)
+            pairs += [(d, s, tier == "disk") for d, s in zip(_parts(dst), _parts(val))]
+            out[key] = dst
+        return out, (self.mover.load(pairs) if pairs else None)
+
+
+def _esize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# --------------------------------------------------------------------------------------------------- KV cache
+
+
+@dataclass
+class _Segment:
+    tier: str
+    h0: int
+    h1: int
+    k: object  # [S, B, h, D] tensor or Quantized4 (packed [S, B*h, G*32], scale / minv [S, B*h, G])
+    v: object
+
+
+class KVCache:
+    """The block's KV cache: per (layer, GPU batch) a list of head segments placed per `policy.cache`."""
+
+    def __init__(self, eng: OffloadEngine, slots: int):
+        cfg, p = eng.config, eng.policy
+        B, D, KVH = p.gpu_batch_size, cfg.head_dim, cfg.num_kv_heads
+        self.compress = p.compress_cache
+        self.split = split_counts(KVH, p.cache)
+        self.segs: dict[tuple[int, int], list[_Segment]] = {}
+        specs: dict[str, list] = {t: [] for t in TIERS}
+        G = -(-D // GROUP)
+        for _ in range(cfg.num_layers * p.num_gpu_batches):
+            for tier, h0, h1 in self.split:
+                h = h1 - h0
+                if self.compress:
+                    one = [((slots, B * h, G * GROUP // 2), torch.uint8)] + [((slots, B * h, G), eng.dtype)] * 2
+                else:
+                    one = [((slots, B, h, D), eng.dtype)]
+                specs[tier] += one * 2
+        tensors = {t: iter(eng.arena.alloc(t, specs[t], "kv")) for t in TIERS}
+        for j in range(cfg.num_layers):
+            for k in range(p.num_gpu_batches):
+                segs = []
+                for tier, h0, h1 in self.split:
+                    it = tensors[tier]
+                    if self.compress:
+                        kq = Quantized4(next(it), next(it), next(it), D)
+                        vq = Quantized4(next(it), next(it), next(it), D)
+                        segs.append(_Segment(tier, h0, h1, kq, vq))
+                    else:
+                        segs.append(_Segment(tier, h0, h1, next(it), next(it)))
+                self.segs[(j, k)] = segs
+        self.stores: dict[tuple[int, int], object] = {}  # last store future of (layer, batch)
+
+
+# --------------------------------------------------------------------------------------------------- activations
+
+
+class ActStore:
+    """Hidden states of each GPU batch between units, rows split over tiers per `policy.activations`."""
+
+    def __init__(self, eng: OffloadEngine, max_tokens: int):
+        p = eng.policy
+        self.eng = eng
+        self.B = p.gpu_batch_size
+        self.split = split_counts(self.B, p.activations)
+        hid = eng.config.hidden_size
+        self.host: list[dict[str, torch.Tensor]] = []
+        for _ in range(p.num_gpu_batches):
+            bufs = {}
+            for tier, r0, r1 in self.split:
+                if tier != "gpu":
+                    (bufs[tier],) = eng.arena.alloc(tier, [(((r1 - r0) * max_tokens * hid,), eng.dtype)], "act")
+            self.host.append(bufs)
+        self.dev: list[torch.Tensor | None] = [None] * p.num_gpu_batches
+        self.futs: list[object] = [None] * p.num_gpu_batches
+        self.shape: list[tuple[int, ...] | None] = [None] * p.num_gpu_batches
+
+    def _view(self, k: int, tier: str, rows: int, T: int, hid: int) -> torch.Tensor:
+        return self.host[k][tier][: rows * T * hid].view(rows, T, hid)
+
+    def put(self, k: int, x: torch.Tensor) -> None:
+        self.shape[k] = tuple(x.shape)
+        _, T, hid = x.shape
+        pairs = []
+        self.dev[k] = None
+        for tier, r0, r1 in self.split:
+            if tier == "gpu":
+                self.dev[k] = x if (r0, r1) == (0, self.B) else x[r0:r1]
+            else:
+                pairs.append((self._view(k, tier, r1 - r0, T, hid), x[r0:r1], tier == "disk"))
+        self.futs[k] = self.eng.mover.store(pairs) if pairs else None
+
+    def load(self, k: int):
+        if self.futs[k] is None:
+            return self.dev[k], None
+        _, T, hid = self.shape[k]
+        dst = torch.empty(self.shape[k], dtype=self.eng.dtype, device=self.eng.device)
+        pairs = []
+        for tier, r0, r1 in self.split:
+            if tier == "gpu":
+                dst[r0:r1].copy_(self.dev[k])
+            else:
+                pairs.append((dst[r0:r1], self._view(k, tier, r1 - r0, T, hid), tier == "disk"))
+        return dst, self.eng.mover.load(pairs, after=[self.futs[k]])
+
+
+# --------------------------------------------------------------------------------------------------- engine
+
+
+@dataclass
+class StepStats:
+    seconds: float
+    bytes: dict[str, int]
+    transfer_s: float = 0.0  # profile mode only
+    compute_s: float = 0.0  # profile mode only
+
+
+@dataclass
+class RunStats:
+    steps: list[StepStats] = field(default_factory=list)  # one per step per block: prefill first, then decode
+    blocks: int = 0
+
+
+class OffloadEngine:
+    """Greedy generation for OPT and Llama-family checkpoints under an offloading `Policy`.
+
+    `source`: a checkpoint directory (or a `CheckpointSource` / `MemorySource`). `device`: "cuda[:i]" or "cpu"
+    (the CPU then stands in for the GPU: same schedule, plain copies). `dtype`: default float16 on CUDA, float32 on
+    CPU. `offload_dir`: where disk-tier files go (default: a temporary directory removed by `close`).
+    `threads`: worker threads for the transfers (default: on CUDA only). `profile`: see the module docstring.
+    """
+
+    def __init__(
+        self,
+        source,
+        policy: Policy,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        *,
+        offload_dir: str | Path | None = None,
+        threads: bool | None = None,
+        profile: bool = False,
+        drop_page_cache: bool = False,
+    ):
+        if not isinstance(source, (CheckpointSource, MemorySource)):
+            source = CheckpointSource(source)
+        self.source, self.policy = source, policy
+        self.config = cfg = source.config
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.tokenizer = source.tokenizer
+        self.profile = profile
+        self.disk = DiskPool(offload_dir, drop_page_cache)
+        self.arena = Arena(self.device, self.disk)
+        self.mover = Mover(self.device, threads, profile)
+        self.eos = set(cfg.eos_token_ids)
+        self.scale = cfg.head_dim**-0.5
+        self.rope = None
+        if cfg.family == "llama":
+            self.rope = Rotary(
+                cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_positions, self.device, torch.float32
+            )
+        with torch.inference_mode():
+            self.weights = WeightStore(source, policy, self.device, self.dtype, self.arena, self.mover)
+        self.num_units = len(self.weights.units)
+        self.stats = RunStats()
+        self.block_bytes = {t: 0 for t in TIERS}
+        self.logits: list[list[torch.Tensor]] | None = None
+
+    # ------------------------------------------------------------------ public
+    def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids")
+        out = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+        bos = self.config.bos_token_id
+        return [ids if ids or bos is None else [bos] for ids in out]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def generate(
+        self, prompts: Sequence[str] | Sequence[Sequence[int]], max_tokens: int, *, keep_logits: bool = False
+    ) -> list[list[int]]:
+        """Greedy continuations (token ids; EOS ends one and is not included) of prompts given as texts or ids."""
+        ids = self.encode_many(prompts) if prompts and isinstance(prompts[0], str) else [list(p) for p in prompts]
+        if max_tokens < 1:
+            return [[] for _ in ids]
+        for p in ids:
+            if not p:
+                raise ValueError("empty prompt")
+        self.stats = RunStats()
+        self.logits = [] if keep_logits else None
+        bs = self.policy.block_size
+        out: list[list[int]] = []
+        with torch.inference_mode():
+            for b0 in range(0, len(ids), bs):
+                block = ids[b0 : b0 + bs]
+                n = len(block)
+                block = block + [block[-1]] * (bs - n)
+                out += self._run_block(block, max_tokens)[:n]
+                self.stats.blocks += 1
+        return out
+
+    def generate_text(self, prompts: Sequence[str], max_tokens: int) -> list[str]:
+        return [self.decode(t) for t in self.generate(prompts, max_tokens)]
+
+    def memory(self) -> dict[str, dict[str, int]]:
+        """Bytes placed per tier: "weights" (the checkpoint's own memory-mapped bytes count as disk) and "block"
+        (the last block's KV cache and activation buffers); transient device buffers (streamed weights, loaded
+        cache) are not counted: see torch.cuda.max_memory_allocated for the peak."""
+        return {"weights": dict(self.weights.bytes), "block": dict(self.block_bytes)}
+
+    def close(self) -> None:
+        self.mover.close()
+        self.disk.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------ block schedule
+    def _run_block(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        p, cfg, dev = self.policy, self.config, self.device
+        nb, B = p.num_gpu_batches, p.gpu_batch_size
+        P = max(len(x) for x in prompts)
+        slots = P + max_tokens - 1  # the last generated token is never fed back
+        if slots > cfg.max_positions:
+            raise ValueError(f"prompt {P} + max_tokens {max_tokens} exceed the context ({cfg.max_positions})")
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        batches = [prompts[k * B : (k + 1) * B] for k in range(nb)]
+        pads = [torch.tensor([P - len(x) for x in bt], device=dev) for bt in batches]
+        ids = [torch.tensor([[pad_id] * (P - len(x)) + x for x in bt], device=dev) for bt in batches]
+        before = dict(self.arena.bytes)
+        self._kv = KVCache(self, max(slots, 1))
+        self._act = ActStore(self, P)
+        self.block_bytes = {t: self.arena.bytes[t] - before[t] for t in TIERS}
+        outs = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        pending = None
+        for i in range(max_tokens):
+            s, T = (0, P) if i == 0 else (P + i - 1, 1)
+            keys = torch.arange(s + T, device=dev)
+            qpos = torch.arange(s, s + T, device=dev)
+            ctx = []
+            for k in range(nb):
+                pos = (qpos[None, :] - pads[k][:, None]).clamp(min=0)
+                mask = (keys[None, None, :] >= pads[k][:, None, None]) & (keys[None, None, :] <= qpos[None, :, None])
+                ctx.append((ids[k], pos, mask))
+            t0 = time.perf_counter()
+            b0 = dict(self.mover.bytes)
+            tr0 = self.mover.transfer_s
+            self._compute_s = 0.0
+            tokens, pending = self._step(ctx, s, T, pending, last=i == max_tokens - 1)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            host = torch.cat(tokens).tolist()
+            self.stats.steps.append(
+                StepStats(
+                    time.perf_counter() - t0,
+                    {key: self.mover.bytes[key] - b0[key] for key in b0},
+                    self.mover.transfer_s - tr0,
+                    self._compute_s,
+                )
+            )
+            ids = [t[:, None] for t in tokens]
+            for r, t in enumerate(host):
+                if done[r]:
+                    continue
+                if t in self.eos:
+                    done[r] = True
+                else:
+                    outs[r].append(t)
+        for f in self._kv.stores.values():  # let the last stores land before the buffers go
+            self.mover.sync_host(f)
+        for f in self._act.futs:
+            self.mover.sync_host(f)
+        self._kv = self._act = None
+        return outs
+
+    def _step(self, ctx, s: int, T: int, pending, last: bool):
+        """One step (prefill or decode) of the block over every unit; returns (next tokens per batch, the next
+        step's prefetched first unit)."""
+        nb, U, overlap = self.policy.num_gpu_batches, self.num_units, self.policy.overlap
+        w_cur = pending if pending is not None else self.weights.fetch(0)
+        tokens: list[torch.Tensor] = [None] * nb  # type: ignore[list-item]
+        pre_a: dict[tuple[int, int], tuple] = {}
+        pre_c: dict[tuple[int, int], tuple] = {}
+        nxt = None
+        for u in range(U):
+            w, wt = w_cur
+            if overlap:  # the next unit's weights (the next step's embedding after the head) move during this unit
+                nxt = self.weights.fetch(u + 1) if u + 1 < U else (None if last else self.weights.fetch(0))
+            self.mover.wait(wt)
+            for k in range(nb):
+                if overlap:  # the next batch's (or the next unit's first batch's) cache and hidden states
+                    nu, nk = (u, k + 1) if k + 1 < nb else (u + 1, 0)
+                    if nu < U:
+                        if (nu, nk) not in pre_c:
+                            pre_c[(nu, nk)] = self._prefetch_cache(nu, nk, s, T)
+                        if (nu, nk) not in pre_a and (nu == u or k > 0):  # its producer (nu - 1, nk) has run
+                            pre_a[(nu, nk)] = self._prefetch_act(nu, nk)
+                act = pre_a.pop((u, k), None) or self._prefetch_act(u, k)
+                cache = pre_c.pop((u, k), None) or self._prefetch_cache(u, k, s, T)
+                data = (act, cache)
+                if self.profile:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    t0 = time.perf_counter()
+                self._compute(u, k, w, data, ctx[k], s, T, tokens)
+                if self.profile:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    self._compute_s += time.perf_counter() - t0
+            del w
+            if not overlap:
+                nxt = self.weights.fetch(u + 1) if u + 1 < U else None
+            w_cur = nxt
+        return tokens, (nxt if overlap else None)
+
+    def _prefetch_act(self, u: int, k: int):
+        """Start loading the hidden states (unit u, batch k) reads (the output of unit u - 1 for batch k)."""
+        return self._act.load(k) if u > 0 else (None, None)
+
+    def _prefetch_cache(self, u: int, k: int, s: int, T: int):
+        """Start loading the offloaded prefix [0, s) of the cache of (unit u, batch k) (decoder layers only)."""
+        cache = []
+        if 0 < u < self.num_units - 1 and s > 0:
+            j = u - 1
+            pairs = []
+            for seg in self._kv.segs[(j, k)]:
+                if seg.tier == "gpu" or (self.policy.cpu_attention and T == 1):
+                    cache.append(None)
+                    continue
+                disk = seg.tier == "disk"
+                if self._kv.compress:
+                    srcs = (_rows(seg.k, 0, s), _rows(seg.v, 0, s))
+                    bufs = tuple(_empty_like_on(x, self.device) for x in srcs)
+                    for d, src in zip(bufs, srcs):
+                        pairs += [(a, b, disk) for a, b in zip(_parts(d), _parts(src))]
+                else:
+                    shp = (s + T, *seg.k.shape[1:])
+                    bufs = tuple(torch.empty(shp, dtype=self.dtype, device=self.device) for _ in range(2))
+                    pairs += [(bufs[0][:s], seg.k[:s], disk), (bufs[1][:s], seg.v[:s], disk)]
+                cache.append(bufs)
+            ticket = self.mover.load(pairs, after=[self._kv.stores.get((j, k))]) if pairs else None
+            return cache, ticket
+        return [None] * len(self._kv.split), None
+
+    def _compute(self, u: int, k: int, w, data, ctx, s: int, T: int, tokens) -> None:
+        cfg = self.config
+        ids, pos, mask = ctx
+        (x, at), (cache, ct) = data
+        if u == 0:
+            self._act.put(k, layers.embed(cfg, w, ids, pos, self.dtype))
+            return
+        self.mover.wait(at)
+        if u == self.num_units - 1:
+            logits = layers.head(cfg, w, x[:, -1])
+            tokens[k] = logits.argmax(-1)
+            if self.logits is not None:
+                self.logits.append(logits.cpu())
+            return
+        self.mover.wait(ct)
+        j = u - 1
+        attend = self._attend_fn(j, k, cache, mask, s, T)
+        self._act.put(k, layers.layer(cfg, w, x, attend, pos, self.rope))
+
+    def _attend_fn(self, j: int, k: int, cache, mask, s: int, T: int):
+        kv, segs = self._kv, self._kv.segs[(j, k)]
+        g = self.config.num_heads // self.config.num_kv_heads
+
+        def attend(q, k_new, v_new):
+            outs, pairs = [], []
+            B = q.shape[0]
+            for seg, loaded in zip(segs, cache):
+                h = seg.h1 - seg.h0
+                kn = k_new[:, :, seg.h0 : seg.h1].transpose(0, 1)  # [T, B, h, D]
+                vn = v_new[:, :, seg.h0 : seg.h1].transpose(0, 1)
+                qs = q[:, :, seg.h0 * g : seg.h1 * g]
+                if seg.tier != "gpu" and self.policy.cpu_attention and T == 1:
+                    outs.append(self._cpu_attend(j, k, seg, qs, kn, vn, mask, s))
+                    continue
+                full = []
+                for store, new, buf in ((seg.k, kn, loaded and loaded[0]), (seg.v, vn, loaded and loaded[1])):
+                    if kv.compress:
+                        qn = self._quantize_kv(new.reshape(T, B * h, new.shape[-1]))
+                        if seg.tier == "gpu":
+                            for dst, src in zip(_parts(_rows(store, s, s + T)), _parts(qn)):
+                                dst.copy_(src)
+                            prefix = _rows(store, 0, s)
+                        else:
+                            prefix = buf
+                            pairs += [
+                                (d, src, seg.tier == "disk")
+                                for d, src in zip(_parts(_rows(store, s, s + T)), _parts(qn))
+                            ]
+                        t = torch.empty((s + T, *new.shape[1:]), dtype=self.dtype, device=self.device)
+                        if s:
+                            t[:s] = dequantize_kv_4bit(prefix, self.dtype).view(s, *new.shape[1:])
+                        t[s:] = new
+                    elif seg.tier == "gpu":
+                        store[s : s + T] = new
+                        t = store[: s + T]
+                    else:
+                        if buf is None:
+                            t = torch.empty((s + T, *new.shape[1:]), dtype=self.dtype, device=self.device)
+                        else:
+                            t = buf
+                        t[s:] = new
+                        pairs.append((store[s : s + T], t[s:], seg.tier == "disk"))
+                    full.append(t)
+                outs.append(layers.attention(qs, full[0], full[1], mask, self.scale))
+            if pairs:
+                kv.stores[(j, k)] = self.mover.store(pairs)
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+        return attend
+
+    def _quantize_kv(self, x: torch.Tensor) -> Quantized4:
+        if x.is_cuda:
+            return quantize_kv_4bit(x, check_finite=False)
+        return quantize_kv_4bit_reference(x, check_finite=False)
+
+    def _cpu_attend(self, j: int, k: int, seg: _Segment, q, kn, vn, mask, s: int) -> torch.Tensor:
+        """Decode attention of one offloaded head segment on the CPU, against its host copy (FlexGen's CPU
+        delegation): q and the new K/V go to the host, the output comes back."""
+        self.mover.sync_host(self._kv.stores.pop((j, k), None))  # the prefill's stores must have landed
+        cpu = torch.device("cpu")
+        qh, knh, vnh = q.to(cpu), kn.to(cpu), vn.to(cpu)
+        T, B, h, D = knh.shape
+        full = []
+        for store, new in ((seg.k, knh), (seg.v, vnh)):
+            if self._kv.compress:
+                qn = quantize_kv_4bit_reference(new.reshape(T, B * h, D), check_finite=False)
+                for dst, src in zip(_parts(_rows(store, s, s + T)), _parts(qn)):
+                    dst.copy_(src)
+                t = torch.empty((s + T, B, h, D), dtype=torch.float32)
+                if s:
+                    t[:s] = dequantize_kv_4bit(_rows(store, 0, s), torch.float32).view(s, B, h, D)
+                t[s:] = new
+            else:
+                store[s : s + T] = new
+                t = store[: s + T].float()
+            full.append(t)
+            cnt = "disk_write" if seg.tier == "disk" else "d2h"
+            self.mover._count(cnt, nbytes(new))
+        out = layers.attention(qh.float(), full[0], full[1], mask.to(cpu), self.scale)
+        return out.to(self.device, self.dtype)

@@ -1,0 +1,193 @@
+"""Functional decoder pieces for the offloaded executor: each takes one unit's weights explicitly.
+
+The family files (reldl/llm/models) own their weights as nn.Modules; the executor instead streams a layer's
+weights in and out, so it needs the same math as functions of (weights, input). The code mirrors
+models/opt.py and models/llama.py (the PyTorch path) line for line, with two differences:
+
+- every linear is `linear(x, w, b)`, which runs `kernels.matmul_4bit` (CUDA) / `matmul_4bit_reference` (CPU) when
+  the weight is a `Quantized4`, so the full-precision weights of a compressed layer never exist on the device;
+  an embedding table may be a `Quantized4` too (its rows are gathered and dequantized, nothing more);
+- attention is a callback `attend(q [B,T,H,D], k [B,T,KVH,D], v) -> [B,T,H*D]` supplied by the executor, which
+  owns the layer's KV cache (placed over tiers, maybe compressed) and the padding mask.
+
+A "unit" is what the block schedule loads at once: the embedding ("embed"), each decoder layer, the head
+("head": final norm, output projection, LM head). `units(cfg)` lists each unit's (key, Hugging Face name) pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from reldl.kernels.quant4 import Quantized4, dequantize_4bit, matmul_4bit, matmul_4bit_reference
+from reldl.llm.config import ModelConfig
+from reldl.llm.models.common import activation
+
+Weights = dict[str, "torch.Tensor | Quantized4"]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+OPT_POSITION_OFFSET = 2
+
+
+def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(w, Quantized4):
+        return (matmul_4bit if x.is_cuda else matmul_4bit_reference)(x, w, b)
+    return F.linear(x, w, b)
+
+
+def embedding(ids: torch.Tensor, w, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(w, Quantized4):
+        return dequantize_4bit(Quantized4(w.packed[ids], w.scale[ids], w.minv[ids], w.k), dtype)
+    return F.embedding(ids, w)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------- units
+
+
+def units(cfg: ModelConfig) -> list[tuple[str, list[tuple[str, str]]]]:
+    """[(unit name, [(key, HF tensor name), ...]), ...]: embed, layer 0..L-1, head."""
+    if cfg.family == "opt":
+        return _opt_units(cfg)
+    if cfg.family == "llama":
+        return _llama_units(cfg)
+    raise NotImplementedError(f"offloaded inference supports the opt and llama families, not {cfg.family!r}")
+
+
+def _opt_units(cfg: ModelConfig):
+    d = "model.decoder."
+    proj = cfg.word_embed_proj_dim or cfg.hidden_size
+    embed = [("tok", d + "embed_tokens.weight"), ("pos", d + "embed_positions.weight")]
+    head = []
+    if proj != cfg.hidden_size:
+        embed.append(("proj_in", d + "project_in.weight"))
+        head.append(("proj_out", d + "project_out.weight"))
+    if cfg.norm_before and not cfg.raw.get("_remove_final_layer_norm", False):
+        head = [("norm", d + "final_layer_norm.weight"), ("norm.b", d + "final_layer_norm.bias")] + head
+    head.append(("lm_head", d + "embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"))
+    out = [("embed", embed)]
+    for i in range(cfg.num_layers):
+        p = f"{d}layers.{i}."
+        w = []
+        for key, name in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "out_proj")):
+            w.append((key, f"{p}self_attn.{name}.weight"))
+            if cfg.attention_bias:
+                w.append((key + ".b", f"{p}self_attn.{name}.bias"))
+        for key in ("fc1", "fc2"):
+            w.append((key, f"{p}{key}.weight"))
+            if cfg.mlp_bias:
+                w.append((key + ".b", f"{p}{key}.bias"))
+        w += [("ln1", p + "self_attn_layer_norm.weight"), ("ln1.b", p + "self_attn_layer_norm.bias")]
+        w += [("ln2", p + "final_layer_norm.weight"), ("ln2.b", p + "final_layer_norm.bias")]
+        out.append((f"layer{i}", w))
+    out.append(("head", head))
+    return out
+
+
+def _llama_units(cfg: ModelConfig):
+    windows = cfg.layer_windows or [cfg.sliding_window] * cfg.num_layers
+    if any(w is not None and w < cfg.max_positions for w in windows):
+        raise NotImplementedError("offloaded inference: sliding-window attention is not supported")
+    out = [("embed", [("tok", "model.embed_tokens.weight")])]
+    o_bias = cfg.attention_bias and cfg.model_type != "qwen2"
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        w = []
+        for key in ("q", "k", "v", "o"):
+            w.append((key, f"{p}self_attn.{key}_proj.weight"))
+            if (cfg.attention_bias and key != "o") or (key == "o" and o_bias):
+                w.append((key + ".b", f"{p}self_attn.{key}_proj.bias"))
+        for key in ("gate", "up", "down"):
+            w.append((key, f"{p}mlp.{key}_proj.weight"))
+            if cfg.mlp_bias:
+                w.append((key + ".b", f"{p}mlp.{key}_proj.bias"))
+        w += [("ln1", p + "input_layernorm.weight"), ("ln2", p + "post_attention_layernorm.weight")]
+        out.append((f"layer{i}", w))
+    head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    out.append(("head", [("norm", "model.norm.weight"), ("lm_head", head)]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- forward
+
+
+def embed(cfg: ModelConfig, w: Weights, ids: torch.Tensor, positions: torch.Tensor, dtype) -> torch.Tensor:
+    """ids, positions [B, T] -> hidden [B, T, hidden]."""
+    x = embedding(ids, w["tok"], dtype)
+    if cfg.family == "opt":
+        if "proj_in" in w:
+            x = linear(x, w["proj_in"])
+        x = x + embedding(positions + OPT_POSITION_OFFSET, w["pos"], dtype)
+    return x
+
+
+def layer(
+    cfg: ModelConfig, w: Weights, x: torch.Tensor, attend: Attend, positions: torch.Tensor, rope=None
+) -> torch.Tensor:
+    """One decoder layer: x [B, T, hidden] -> [B, T, hidden]."""
+    B, T, hid = x.shape
+    H, KVH, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    g = w.get
+    if cfg.family == "opt":
+        act = activation(cfg.activation)
+
+        def attn(h):
+            q = linear(h, w["q"], g("q.b")).view(B, T, H, D)
+            k = linear(h, w["k"], g("k.b")).view(B, T, H, D)
+            v = linear(h, w["v"], g("v.b")).view(B, T, H, D)
+            return linear(attend(q, k, v), w["o"], g("o.b"))
+
+        def mlp(h):
+            return linear(act(linear(h, w["fc1"], g("fc1.b"))), w["fc2"], g("fc2.b"))
+
+        def ln(h, key):
+            return F.layer_norm(h, (hid,), w[key], w[key + ".b"], cfg.norm_eps)
+
+        if cfg.norm_before:
+            x = x + attn(ln(x, "ln1"))
+            return x + mlp(ln(x, "ln2"))
+        x = ln(x + attn(x), "ln1")
+        return ln(x + mlp(x), "ln2")
+    # llama family
+    h = rms_norm(x, w["ln1"], cfg.norm_eps)
+    q = rope(linear(h, w["q"], g("q.b")).view(B, T, H, D), positions)
+    k = rope(linear(h, w["k"], g("k.b")).view(B, T, KVH, D), positions)
+    v = linear(h, w["v"], g("v.b")).view(B, T, KVH, D)
+    x = x + linear(attend(q, k, v), w["o"], g("o.b"))
+    h = rms_norm(x, w["ln2"], cfg.norm_eps)
+    act = activation(cfg.activation)
+    return x + linear(act(linear(h, w["gate"], g("gate.b"))) * linear(h, w["up"], g("up.b")), w["down"], g("down.b"))
+
+
+def head(cfg: ModelConfig, w: Weights, x: torch.Tensor) -> torch.Tensor:
+    """Last hidden state per sequence [B, hidden] -> float32 logits [B, vocab]."""
+    if cfg.family == "opt":
+        if "norm" in w:
+            x = F.layer_norm(x, (x.shape[-1],), w["norm"], w["norm.b"], 1e-5)
+        if "proj_out" in w:
+            x = linear(x, w["proj_out"])
+    else:
+        x = rms_norm(x, w["norm"], cfg.norm_eps)
+    return linear(x, w["lm_head"]).float()
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, T, h*g, D] against k / v [S, B, h, D] (the cache layout), mask [B, T, S] -> [B, T, h*g*D].
+
+    The g query heads of a KV head are folded into the query length (as attention.attend_cached does)."""
+    B, T, Hq, D = q.shape
+    h = k.shape[2]
+    gq = Hq // h
+    qg = q.view(B, T, h, gq, D).permute(0, 2, 1, 3, 4).reshape(B, h, T * gq, D)
+    kk = k.permute(1, 2, 0, 3)
+    vv = v.permute(1, 2, 0, 3)
+    m = mask.repeat_interleave(gq, dim=1).unsqueeze(1) if gq > 1 else mask.unsqueeze(1)
+    out = F.scaled_dot_product_attention(qg, kk.to(qg.dtype), vv.to(qg.dtype), attn_mask=m, scale=scale)
+    return out.view(B, h, T, gq, D).permute(0, 2, 1, 3, 4).reshape(B, T, Hq * D)

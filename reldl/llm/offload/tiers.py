@@ -1,0 +1,375 @@
+"""Memory tiers and the transfers between them, for the offloaded executor (issue 8).
+
+Tiers: "gpu" (tensors on the compute device), "cpu" (host tensors, pinned when the device is CUDA) and "disk"
+(memory-mapped files). On a CPU-only machine the same code runs with the "device" being the CPU: "gpu" tensors are
+ordinary CPU tensors and every copy is a plain synchronous copy, so each tier stands in for the others.
+
+- `CheckpointSource`: a safetensors checkpoint whose tensors are returned as views of read-only (copy-on-write)
+  memory maps of the files: reading a disk-tier weight costs the page faults of the copy that moves it, nothing
+  else. `MemorySource`: tensors built in memory (the benchmark's random weights).
+- `Arena`: allocations on a tier; "cpu" and "disk" carve many tensors out of one pinned buffer / one file.
+- `Mover`: asynchronous host<->device copies. On CUDA, loads (host -> device) run on their own stream from a
+  worker thread, stores (device -> host) on another stream from a second worker thread; pageable or memory-mapped
+  sources go through a pinned staging buffer (torch's caching host allocator keeps it alive until its copy is
+  done). Ordering: a load's destination is allocated on the compute stream by the caller, and the load stream
+  waits for an event recorded at that moment, so memory the allocator recycled is never written while earlier
+  compute still reads it; the compute stream waits for the load's event before using the data (`Mover.wait`); a
+  store waits for an event recorded on the compute stream after the producing kernels, and marks its source with
+  `record_stream` so the allocator does not recycle it before the copy ends; a load that reads what a store wrote
+  waits for the store's future (host side) and event (device side).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from reldl.errors import CheckpointError
+from reldl.llm.config import ModelConfig, parse_config
+from reldl.llm.loader import _weight_files, resolve
+
+TIERS = ("gpu", "cpu", "disk")
+ALIGN = 64  # byte alignment of tensors carved out of one buffer / file
+
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _carve(flat: torch.Tensor, specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[torch.Tensor]:
+    out, off = [], 0
+    for shape, dtype in specs:
+        n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        out.append(flat[off : off + n].view(dtype).view(shape))
+        off += -(-n // ALIGN) * ALIGN
+    return out
+
+
+def _total(specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> int:
+    tot = 0
+    for shape, dtype in specs:
+        n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        tot += -(-n // ALIGN) * ALIGN
+    return max(tot, ALIGN)
+
+
+# --------------------------------------------------------------------------------------------------- sources
+
+
+class CheckpointSource:
+    """A safetensors checkpoint directory: config, tokenizer (if any), tensors as memory-mapped views.
+
+    `get(name)` returns a CPU tensor viewing the file's bytes (np.memmap in copy-on-write mode: nothing is read
+    until the tensor is, and nothing is ever written back). Names are Hugging Face names (`loader.resolve` maps
+    checkpoints that omit the `model.` prefix)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        self.config: ModelConfig = parse_config(self.path)
+        tok = self.path / "tokenizer.json"
+        self.tokenizer = Tokenizer.from_file(str(tok)) if tok.is_file() else None
+        self.entries: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
+        for f in _weight_files(self.path):
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                if meta["dtype"] not in _ST_DTYPES:
+                    raise CheckpointError(f"{f}: tensor {name!r} has unsupported dtype {meta['dtype']}")
+                start, end = meta["data_offsets"]
+                self.entries[name] = (f, _ST_DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + start, 8 + n + end)
+        self._maps: dict[Path, np.memmap] = {}
+
+    def has(self, name: str) -> bool:
+        return resolve(self.entries, name) in self.entries
+
+    def mapped(self, name: str) -> bool:
+        return True
+
+    def get(self, name: str) -> torch.Tensor:
+        key = resolve(self.entries, name)
+        if key not in self.entries:
+            raise CheckpointError(f"{self.path}: weight {name!r} missing from the safetensors files")
+        f, dtype, shape, a, b = self.entries[key]
+        mm = self._maps.get(f)
+        if mm is None:
+            mm = self._maps[f] = np.memmap(f, dtype=np.uint8, mode="c")
+        raw = torch.from_numpy(mm[a:b])
+        if b - a == 0:
+            return torch.empty(shape, dtype=dtype)
+        if (a % torch.empty((), dtype=dtype).element_size()) != 0:  # misaligned (never in files safetensors writes)
+            raw = raw.clone()
+        return raw.view(dtype).view(shape)
+
+
+class MemorySource:
+    """Tensors given by a function (name -> tensor, on any device), for random-weight benchmarks."""
+
+    def __init__(self, config: ModelConfig, make: Callable[[str], torch.Tensor], names: Sequence[str], tokenizer=None):
+        self.config, self._make, self.names, self.tokenizer = config, make, set(names), tokenizer
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+    def mapped(self, name: str) -> bool:
+        return False
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._make(name)
+
+
+# --------------------------------------------------------------------------------------------------- arenas
+
+
+class DiskPool:
+    """Files under one directory (a temporary one by default, removed by `close`). `drop_cache=True` asks the
+    kernel to drop a file's pages after writing it (posix_fadvise DONTNEED), so later reads come from the disk
+    rather than the page cache (reads themselves refill it; see `Mover(drop_cache=...)`)."""
+
+    def __init__(self, directory: str | Path | None = None, drop_cache: bool = False):
+        self.owned = directory is None
+        self.dir = Path(tempfile.mkdtemp(prefix="reldl-offload-") if directory is None else directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.drop_cache = drop_cache
+        self._n = 0
+        self._lock = threading.Lock()
+        self.files: list[Path] = []
+        self.bytes = 0
+
+    def alloc_many(self, specs: Sequence[tuple[tuple[int, ...], torch.dtype]], tag: str = "t") -> list[torch.Tensor]:
+        with self._lock:
+            self._n += 1
+            path = self.dir / f"{tag}-{self._n:06d}.bin"
+        size = _total(specs)
+        mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(size,))
+        self.files.append(path)
+        self.bytes += size
+        return _carve(torch.from_numpy(mm), specs)
+
+    def put(self, t: torch.Tensor, tag: str = "w") -> torch.Tensor:
+        """A disk copy of `t` (any device), memory-mapped back."""
+        (out,) = self.alloc_many([(tuple(t.shape), t.dtype)], tag)
+        out.copy_(t)
+        if self.drop_cache:
+            path = self.files[-1]
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.fsync(fd)
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        return out
+
+    def close(self) -> None:
+        if self.owned:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Arena:
+    """Allocation on a tier: "gpu" -> device tensors; "cpu" -> views of one host buffer (pinned when the device is
+    CUDA); "disk" -> views of one memory-mapped file of `disk`."""
+
+    def __init__(self, device: torch.device, disk: DiskPool):
+        self.device, self.disk = device, disk
+        self.pin = device.type == "cuda"
+        self.bytes = {t: 0 for t in TIERS}
+
+    def alloc(self, tier: str, specs: Sequence[tuple[tuple[int, ...], torch.dtype]], tag: str = "t"):
+        if not specs:
+            return []
+        if tier == "gpu":
+            out = [torch.empty(s, dtype=d, device=self.device) for s, d in specs]
+            self.bytes["gpu"] += sum(nbytes(t) for t in out)
+            return out
+        if tier == "cpu":
+            size = _total(specs)
+            self.bytes["cpu"] += size
+            return _carve(torch.empty(size, dtype=torch.uint8, pin_memory=self.pin), specs)
+        if tier == "disk":
+            self.bytes["disk"] += _total(specs)
+            return self.disk.alloc_many(specs, tag)
+        raise ValueError(f"unknown tier {tier!r}")
+
+    def put(self, tier: str, t: torch.Tensor, tag: str = "w") -> torch.Tensor:
+        """A copy of `t` on `tier` (always a copy, even where `t` already lives there)."""
+        if tier == "disk":
+            self.bytes["disk"] += nbytes(t)
+            return self.disk.put(t, tag)
+        (out,) = self.alloc(tier, [(tuple(t.shape), t.dtype)], tag)
+        out.copy_(t)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------- mover
+
+
+class _Done:
+    """A finished future (the CPU path runs every job inline)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value=None):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class Mover:
+    """Host <-> device copies; see the module docstring for the stream and event ordering.
+
+    `threads`: run jobs on worker threads (default: on CUDA). On the CPU every job runs inline unless threads=True
+    (tests use that to exercise the threaded path). `profile=True`: run every job inline and synchronise the device
+    after it, accumulating the seconds in `transfer_s` (no overlap: for the transfer / compute breakdown).
+    Byte counters: `bytes["h2d"]`, `bytes["d2h"]`, `bytes["disk_read"]`, `bytes["disk_write"]` (a copy from or to a
+    non-pinned host tensor on CUDA, or from / to a disk-tier tensor on CPU, counts as disk traffic)."""
+
+    def __init__(self, device: torch.device, threads: bool | None = None, profile: bool = False):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.profile = profile
+        threads = self.cuda if threads is None else threads
+        self.threads = threads and not profile
+        self.h2d = torch.cuda.Stream(device) if self.cuda else None
+        self.d2h = torch.cuda.Stream(device) if self.cuda else None
+        self._loads = ThreadPoolExecutor(1, thread_name_prefix="reldl-load") if self.threads else None
+        self._stores = ThreadPoolExecutor(1, thread_name_prefix="reldl-store") if self.threads else None
+        self.bytes = {"h2d": 0, "d2h": 0, "disk_read": 0, "disk_write": 0}
+        self.transfer_s = 0.0
+        self._lock = threading.Lock()
+
+    def _count(self, key: str, n: int) -> None:
+        with self._lock:
+            self.bytes[key] += n
+
+    def _event(self):
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    def _run(self, pool, job):
+        if self.profile:
+            t = time.perf_counter()
+            out = job()
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+            self.transfer_s += time.perf_counter() - t
+            return _Done(out)
+        if pool is None:
+            return _Done(job())
+        return pool.submit(job)
+
+    def load(self, pairs: list[tuple[torch.Tensor, torch.Tensor, bool]], after: Sequence = ()) -> Future | _Done:
+        """Copy each (device dst, host src, src_on_disk) pair; `after`: store futures this load must follow."""
+        ready = self._event()
+        after = [a for a in after if a is not None]
+
+        def job():
+            for a in after:
+                ev = a.result()
+                if ev is not None:
+                    self.h2d.wait_event(ev)
+            if not self.cuda:
+                for dst, src, disk in pairs:
+                    dst.copy_(src)
+                    self._count("disk_read" if disk else "h2d", nbytes(src))
+                return None
+            with torch.cuda.stream(self.h2d):
+                self.h2d.wait_event(ready)
+                for dst, src, _disk in pairs:
+                    if not src.is_pinned():
+                        staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+                        staged.copy_(src)  # disk (or pageable memory) -> pinned: the only host-side copy
+                        self._count("disk_read", nbytes(src))
+                        src = staged
+                    dst.copy_(src, non_blocking=True)
+                    self._count("h2d", nbytes(src))
+                done = torch.cuda.Event()
+                done.record(self.h2d)
+            return done
+
+        return self._run(self._loads, job)
+
+    def store(self, pairs: list[tuple[torch.Tensor, torch.Tensor, bool]]) -> Future | _Done:
+        """Copy each (host dst, device src, dst_on_disk) pair once the compute stream has produced src."""
+        ready = self._event()
+
+        def job():
+            if not self.cuda:
+                for dst, src, disk in pairs:
+                    dst.copy_(src)
+                    self._count("disk_write" if disk else "d2h", nbytes(src))
+                return None
+            later = []
+            with torch.cuda.stream(self.d2h):
+                self.d2h.wait_event(ready)
+                for dst, src, _disk in pairs:
+                    if dst.is_pinned():
+                        dst.copy_(src, non_blocking=True)
+                    else:
+                        staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+                        staged.copy_(src, non_blocking=True)
+                        later.append((dst, staged))
+                    src.record_stream(self.d2h)
+                    self._count("d2h", nbytes(src))
+                done = torch.cuda.Event()
+                done.record(self.d2h)
+            if later:
+                done.synchronize()
+                for dst, staged in later:
+                    dst.copy_(staged)
+                    self._count("disk_write", nbytes(staged))
+            return done
+
+        return self._run(self._stores, job)
+
+    def wait(self, ticket) -> None:
+        """Make the compute stream wait for a load (or store)."""
+        if ticket is None:
+            return
+        ev = ticket.result()
+        if ev is not None:
+            torch.cuda.current_stream(self.device).wait_event(ev)
+
+    def sync_host(self, ticket) -> None:
+        """Block the host until a load / store is complete (for host-side readers of stored data)."""
+        if ticket is None:
+            return
+        ev = ticket.result()
+        if ev is not None:
+            ev.synchronize()
+
+    def close(self) -> None:
+        for p in (self._loads, self._stores):
+            if p is not None:
+                p.shutdown(wait=True)
