@@ -287,7 +287,12 @@ class Mover:
             return _Done(out)
         if pool is None:
             return _Done(job())
-        return pool.submit(job)
+
+        def threaded():  # inference mode is thread-local: the caller's tensors are inference tensors
+            with torch.inference_mode():
+                return job()
+
+        return pool.submit(threaded)
 
     def load(self, pairs: list[tuple[torch.Tensor, torch.Tensor, bool]], after: Sequence = ()) -> Future | _Done:
         """Copy each (device dst, host src, src_on_disk) pair; `after`: store futures this load must follow."""

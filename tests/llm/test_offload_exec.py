@@ -1,0 +1,218 @@
+"""The offloaded executor (reldl/llm/offload/executor.py) over FlexGen's test matrix, on the CPU.
+
+On a CPU-only machine the "GPU" is the CPU: "gpu" tensors are ordinary CPU tensors, "cpu" ones separate host
+copies, "disk" ones memory-mapped files, and every transfer is a copy between them; the schedule, placement and
+4-bit code paths are the same as on CUDA. Every placement must give exactly the tokens of the all-on-device run,
+which must equal reldl's Engine and transformers' greedy decoding; compressed variants must equal the all-on-device
+compressed run, and that run must equal a dense run of the dequantized weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import checkpoints as ck  # noqa: E402
+
+from reldl.kernels.quant4 import dequantize_4bit, quantize_4bit_reference  # noqa: E402
+from reldl.llm import SamplingParams  # noqa: E402
+from reldl.llm.offload.executor import OffloadEngine, split_counts  # noqa: E402
+from reldl.llm.offload.policy import Policy  # noqa: E402
+from reldl.registry import get_engine  # noqa: E402
+
+NEW = 6
+LENGTHS = (5, 9, 3, 12, 7, 4)  # mixed lengths (left padding); 6 prompts: blocks of 4 leave a short last block
+
+
+def _prompts(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, ck.VOCAB_SIZE, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def _run(path, policy, prompts, n=NEW, **kw):
+    with OffloadEngine(path, policy, **kw) as eng:
+        out = eng.generate(prompts, n, keep_logits=True)
+        return out, eng.logits, eng
+
+
+class Model:
+    def __init__(self, family, path):
+        self.path = path
+        self.prompts = _prompts()
+        engine = get_engine(f"test_offload_{family}", str(path), dtype="float32", device="cpu")
+        self.engine = [r.token_ids for r in engine.generate_ids(self.prompts, [SamplingParams(max_tokens=NEW)] * 6)]
+        ref = ck.load_reference(path)
+        pad = ck.special_token_ids(family)["pad"]
+        self.hf = []
+        with torch.no_grad():
+            for p in self.prompts:
+                x = torch.tensor([p])
+                out = ref.generate(
+                    x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False, pad_token_id=pad
+                )
+                self.hf.append(out[0, len(p) :].tolist())
+        self.base, self.base_logits, _ = _run(path, Policy(2, 2), self.prompts)
+
+
+@pytest.fixture(scope="module")
+def opt(tiny_checkpoints):
+    return Model("opt", tiny_checkpoints("opt"))
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_checkpoints):
+    return Model("llama", tiny_checkpoints("llama"))
+
+
+def test_all_on_device_matches_engine_and_transformers(opt, llama):
+    for m in (opt, llama):
+        assert m.base == m.engine
+        assert m.base == m.hf
+
+
+ALL_GPU = (1, 0, 0)
+CPU, DISK, HALF_CPU, HALF_DISK, THIRDS = (0, 1, 0), (0, 0, 1), (0.5, 0.5, 0), (0.5, 0, 0.5), (0.3, 0.3, 0.4)
+
+MATRIX = {
+    "weights_cpu": Policy(2, 2, weights=CPU),
+    "weights_disk": Policy(2, 2, weights=DISK),
+    "weights_50_cpu": Policy(2, 2, weights=HALF_CPU),
+    "weights_50_disk": Policy(2, 2, weights=HALF_DISK),
+    "cache_cpu": Policy(2, 2, cache=CPU),
+    "cache_disk": Policy(2, 2, cache=DISK),
+    "cache_50_cpu": Policy(2, 2, cache=HALF_CPU),
+    "cache_50_disk": Policy(2, 2, cache=HALF_DISK),
+    "both_cpu": Policy(2, 2, weights=CPU, cache=CPU),
+    "both_disk": Policy(2, 2, weights=DISK, cache=DISK),
+    "both_thirds": Policy(2, 2, weights=THIRDS, cache=THIRDS),
+    "activations_cpu_disk": Policy(2, 2, weights=HALF_CPU, activations=(0, 0.5, 0.5)),
+    "one_big_batch": Policy(4, 1, weights=HALF_DISK, cache=HALF_CPU),
+    "many_gpu_batches": Policy(1, 6, weights=THIRDS, cache=THIRDS, activations=(0.5, 0.5, 0)),
+    "no_overlap": Policy(2, 3, weights=HALF_DISK, cache=HALF_DISK, overlap=False),
+    "cpu_attention": Policy(3, 2, weights=HALF_CPU, cache=(0, 0.5, 0.5), cpu_attention=True),
+}
+
+
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_placements_match_all_on_device_opt(opt, name):
+    out, _, _ = _run(opt.path, MATRIX[name], opt.prompts)
+    assert out == opt.base
+
+
+@pytest.mark.parametrize("name", ["both_thirds", "many_gpu_batches", "cpu_attention"])
+def test_placements_match_all_on_device_llama(llama, name):
+    out, _, _ = _run(llama.path, MATRIX[name], llama.prompts)
+    assert out == llama.base
+
+
+def test_threaded_transfers_on_cpu(opt):
+    """The worker-thread path of the Mover (the CUDA default) with CPU tensors."""
+    out, _, _ = _run(
+        opt.path, Policy(2, 3, weights=THIRDS, cache=THIRDS, activations=THIRDS), opt.prompts, threads=True
+    )
+    assert out == opt.base
+
+
+def test_disk_weights_are_the_checkpoints_memory_maps(opt):
+    with OffloadEngine(opt.path, Policy(2, 2, weights=DISK)) as eng:
+        w = eng.weights
+        assert w.checkpoint_mapped == w.bytes["disk"] > 0
+        assert not list(eng.disk.dir.iterdir())  # nothing copied into the offload directory
+        out = eng.generate(opt.prompts, NEW)
+        assert eng.mover.bytes["disk_read"] > 0
+    assert out == opt.base
+
+
+def test_profile_mode_breaks_down_transfer_and_compute(opt):
+    out, _, eng = _run(opt.path, Policy(2, 2, weights=HALF_DISK, cache=HALF_CPU), opt.prompts, profile=True)
+    assert out == opt.base
+    steps = eng.stats.steps
+    assert len(steps) == 2 * NEW  # two blocks
+    assert all(s.compute_s > 0 and s.transfer_s > 0 for s in steps)
+    assert all(s.bytes["h2d"] > 0 and s.bytes["disk_read"] > 0 for s in steps[1:NEW])  # decode reads the cache
+    assert all(s.bytes["d2h"] > 0 for s in steps[:NEW])  # and writes its new K/V
+
+
+def _dequantized_checkpoint(src, dst):
+    """A copy of `src` whose matrices are dequantize(quantize(w)): what 4-bit weights compute, densely."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        state = load_file(str(f))
+        state = {k: dequantize_4bit(quantize_4bit_reference(v)) if v.dim() == 2 else v for k, v in state.items()}
+        save_file(state, str(f), metadata={"format": "pt"})
+    return dst
+
+
+COMPRESSED = {
+    "weights_cpu_disk": Policy(2, 2, weights=(0, 0.5, 0.5)),
+    "weights_thirds_cache_thirds": Policy(1, 4, weights=THIRDS, cache=THIRDS),
+    "cache_disk_cpu_attention": Policy(3, 2, weights=HALF_CPU, cache=(0, 0.5, 0.5), cpu_attention=True),
+}
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_compressed_weights_and_cache(request, tmp_path, family):
+    m = request.getfixturevalue(family)
+    both = dict(compress_weight=True, compress_cache=True)
+    ref, ref_logits, _ = _run(m.path, Policy(2, 2, **both), m.prompts)
+    policies = COMPRESSED if family == "opt" else {"thirds": COMPRESSED["weights_thirds_cache_thirds"]}
+    for name, pol in policies.items():
+        pol = Policy(**{**pol.__dict__, **both})
+        out, _, _ = _run(m.path, pol, m.prompts)
+        assert out == ref, name
+    # 4-bit weights compute what the dequantized weights compute densely (cache uncompressed on both sides)
+    deq = _dequantized_checkpoint(m.path, tmp_path / "deq")
+    w4, w4_logits, _ = _run(m.path, Policy(2, 2, compress_weight=True, weights=HALF_DISK), m.prompts)
+    dense, dense_logits, _ = _run(deq, Policy(2, 2), m.prompts)
+    assert w4 == dense
+    torch.testing.assert_close(torch.cat(w4_logits), torch.cat(dense_logits), rtol=1e-4, atol=1e-4)
+    # and stay close to the original model (random tiny weights of std 0.2: 4-bit costs some accuracy)
+    cos = torch.nn.functional.cosine_similarity(w4_logits[0], m.base_logits[0], dim=-1)
+    assert cos.min() > 0.75, cos
+    # 4-bit cache: the prefill is exact (it attends to the fresh K/V), decode steps stay close
+    c4, c4_logits, _ = _run(m.path, Policy(2, 2, compress_cache=True, cache=HALF_CPU), m.prompts)
+    torch.testing.assert_close(c4_logits[0], m.base_logits[0])
+    cos = torch.nn.functional.cosine_similarity(c4_logits[2], m.base_logits[2], dim=-1)
+    assert cos.min() > 0.95, cos
+
+
+def test_variants_opt_project_and_sharded(tiny_checkpoints):
+    """OPT-350m style (post-norm, projected embeddings) and a sharded checkpoint, against the Engine."""
+    for path in (tiny_checkpoints("opt_project"), tiny_checkpoints("opt", sharded=True, seed=3)):
+        prompts = _prompts(1)[:4]
+        engine = get_engine(f"test_offload_{path.name}", str(path), dtype="float32", device="cpu")
+        want = [r.token_ids for r in engine.generate_ids(prompts, [SamplingParams(max_tokens=NEW)] * 4)]
+        out, _, _ = _run(path, Policy(2, 2, weights=THIRDS, cache=THIRDS, activations=HALF_DISK), prompts)
+        assert out == want
+
+
+def test_text_prompts_and_eos(opt):
+    with OffloadEngine(opt.path, Policy(2, 1, cache=HALF_DISK)) as eng:
+        texts = ["The phone is", "Rating: 5/5 -"]
+        ids = eng.encode_many(texts)
+        assert eng.generate(texts, 4) == eng.generate(ids, 4)
+        assert isinstance(eng.generate_text(texts, 3)[0], str)
+        with pytest.raises(ValueError, match="context"):
+            eng.generate([[5] * 250], 10)
+
+
+def test_split_counts():
+    assert split_counts(4, (0.5, 0.5, 0)) == [("gpu", 0, 2), ("cpu", 2, 4)]
+    assert split_counts(4, (0, 0, 1)) == [("disk", 0, 4)]
+    assert split_counts(10, (0.3, 0.3, 0.4)) == [("gpu", 0, 3), ("cpu", 3, 6), ("disk", 6, 10)]
+    assert split_counts(1, (0.3, 0.3, 0.4)) == [("cpu", 0, 1)]
+
+
+def test_json_roundtrip_of_policy_describe(opt):
+    """The policy given is the policy run (nothing in the executor mutates it)."""
+    p = MATRIX["both_thirds"]
+    before = json.dumps(p.__dict__, default=list)
+    _run(opt.path, p, opt.prompts[:2], n=2)
+    assert json.dumps(p.__dict__, default=list) == before
