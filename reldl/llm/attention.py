@@ -80,7 +80,7 @@ def tree_attend(q: torch.Tensor, kv: LayerKV, layout: TreeLayout, scale: float) 
     k_ = fused.on(q)
     kernel = getattr(k_, "tree_attention", None) if k_ is not None else None
     if kernel is not None:
-        return kernel(q, kv.k, kv.v, layout, scale)
+        return kernel(q.contiguous(), kv.k, kv.v, layout, scale)
     return tree_attention_reference(q, kv.k, kv.v, layout, scale)
 
 
