@@ -154,7 +154,7 @@ class WeightStore:
             return t
         if tier == "disk":
             return self.arena.put("disk", t.to("cpu", dt))
-        return self.arena.put("cpu", t.to(dt) if t.device.type == "cpu" else t.to("cpu", dt))
+        return self.arena.put("cpu", t.to(dt))  # from the map or the device straight into the (pinned) buffer
 
     def fetch(self, u: int):
         out, pairs = {}, []
@@ -379,8 +379,16 @@ class OffloadEngine:
         cache) are not counted: see torch.cuda.max_memory_allocated for the peak."""
         return {"weights": dict(self.weights.bytes), "block": dict(self.block_bytes)}
 
+    def set_profile(self, on: bool) -> None:
+        """Switch the serialised, timed mode (see the module docstring) on or off for the next runs."""
+        self.profile = self.mover.profile = bool(on)
+
     def close(self) -> None:
         self.mover.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.weights = self._kv = self._act = None
+        self.arena.close()
         self.disk.close()
 
     def __enter__(self):

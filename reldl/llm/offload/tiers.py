@@ -201,6 +201,7 @@ class Arena:
         self.device, self.disk = device, disk
         self.pin = device.type == "cuda"
         self.bytes = {t: 0 for t in TIERS}
+        self._registered: list[torch.Tensor] = []
 
     def alloc(self, tier: str, specs: Sequence[tuple[tuple[int, ...], torch.dtype]], tag: str = "t"):
         if not specs:
@@ -212,11 +213,29 @@ class Arena:
         if tier == "cpu":
             size = _total(specs)
             self.bytes["cpu"] += size
-            return _carve(torch.empty(size, dtype=torch.uint8, pin_memory=self.pin), specs)
+            return _carve(self._host(size), specs)
         if tier == "disk":
             self.bytes["disk"] += _total(specs)
             return self.disk.alloc_many(specs, tag)
         raise ValueError(f"unknown tier {tier!r}")
+
+    def _host(self, size: int) -> torch.Tensor:
+        """A host buffer, pinned on CUDA. Large ones are registered with cudaHostRegister rather than taken from
+        torch's caching host allocator, which rounds every request up to a power of two (40 GiB -> 64 GiB)."""
+        if not self.pin:
+            return torch.empty(size, dtype=torch.uint8)
+        if size >= (256 << 20):
+            buf = torch.empty(size, dtype=torch.uint8)
+            err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 0)
+            if int(err) == 0:
+                self._registered.append(buf)
+                return buf
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+
+    def close(self) -> None:
+        for buf in self._registered:
+            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+        self._registered = []
 
     def put(self, tier: str, t: torch.Tensor, tag: str = "w") -> torch.Tensor:
         """A copy of `t` on `tier` (always a copy, even where `t` already lives there)."""
@@ -257,7 +276,7 @@ class Mover:
         self.cuda = device.type == "cuda"
         self.profile = profile
         threads = self.cuda if threads is None else threads
-        self.threads = threads and not profile
+        self.threads = threads
         self.h2d = torch.cuda.Stream(device) if self.cuda else None
         self.d2h = torch.cuda.Stream(device) if self.cuda else None
         self._loads = ThreadPoolExecutor(1, thread_name_prefix="reldl-load") if self.threads else None

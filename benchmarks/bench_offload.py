@@ -1,0 +1,298 @@
+"""Offloaded generation (reldl/llm/offload, issue 8) of an OPT-30B-shaped model under a GPU memory cap.
+
+    python benchmarks/bench_offload.py                         # GPU: OPT-30B, caps 16 and 40 GB
+    python benchmarks/bench_offload.py --layers 12 --caps 16   # fewer layers (see "scaled" below)
+    python benchmarks/bench_offload.py --preset cpu            # tiny smoke run on the CPU
+
+Per GPU memory cap: `Hardware.measure()` on this box (PCIe, disk, matmul / attention rates) with gpu_mem = the cap,
+cpu_mem = --cpu-mem-gb (default 85% of MemAvailable), disk_mem = 90% of the offload directory's free space;
+`search_policy` for the full OPT-30B shape (prompt 512, 32 tokens); then the model with random fp16 weights
+(generated on the GPU tensor by tensor and placed by the executor: "cpu" tensors in pinned memory, "disk" ones
+written once to files under --offload-dir, so no 60 GB checkpoint is needed) runs one block of that policy:
+prompt 512, 32 generated tokens, every step timed (prefill, then each decode step; no extrapolation), with the GPU
+capped by torch.cuda.set_per_process_memory_fraction(cap) on top of the policy's own memory accounting.
+
+Reported: predicted (cost model: `estimate` for the model actually run, with the measured hardware) vs measured
+prefill, decode step and throughput; then a profile run (`OffloadEngine.set_profile`: every transfer and every
+compute serialised and timed separately, 3 decode steps) giving transfer seconds and compute seconds per decode
+step, and the check "overlapped decode step <= 1.2 x max(transfer, compute)"; peak GPU memory against the cap.
+
+--layers N < 48 runs an N-layer model with the full model's policy: measured numbers are for that N-layer model
+(the JSON says so); `scaled_48_layers` multiplies the per-layer part of the decode step by 48 / N (labelled as an
+extrapolation, never mixed with measurements). The flexgen / accelerate comparisons are not here.
+JSON (card, date, command, rows) to --out (default benchmarks/out/offload.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+GiB = 1 << 30
+OPT_30B = dict(hidden_size=7168, num_attention_heads=56, ffn_dim=28672, num_hidden_layers=48, vocab_size=50272)
+TINY = dict(hidden_size=64, num_attention_heads=4, ffn_dim=256, num_hidden_layers=4, vocab_size=512)
+TINY_POSITIONS = 128
+
+
+def opt_config(dims: dict, layers: int | None, directory: Path):
+    from reldl.llm.config import parse_config
+
+    cfg = {
+        "model_type": "opt",
+        "architectures": ["OPTForCausalLM"],
+        "max_position_embeddings": TINY_POSITIONS if dims is TINY else 2048,
+        "word_embed_proj_dim": dims["hidden_size"],
+        "do_layer_norm_before": True,
+        "enable_bias": True,
+        "activation_function": "relu",
+        "tie_word_embeddings": True,
+        "bos_token_id": 2,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+        **dims,
+    }
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    return parse_config(directory)
+
+
+def random_source(cfg, device):
+    """Random fp16 weights made on `device` when asked for (deterministic per tensor name)."""
+    import torch
+
+    from reldl.llm.offload.layers import units
+    from reldl.llm.offload.tiers import MemorySource
+
+    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    shapes = {"tok": (v, h), "pos": (cfg.max_positions + 2, h), "q": (h, h), "k": (h, h), "v": (h, h), "o": (h, h)}
+    shapes.update({"fc1": (f, h), "fc2": (h, f), "lm_head": (v, h), "fc1.b": (f,)})
+    names = {}
+    for _, entries in units(cfg):
+        for key, name in entries:
+            names[name] = shapes.get(key, (h,))
+
+    def make(name):
+        shape = names[name]
+        if len(shape) == 1:
+            fill = 1.0 if name.endswith("norm.weight") else 0.0
+            return torch.full(shape, fill, dtype=torch.float16, device=device)
+        g = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
+        return (torch.randn(shape, generator=g, device=device, dtype=torch.float32) * 0.02).half()
+
+    return MemorySource(cfg, make, list(names))
+
+
+def mem_available() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return float(line.split()[1]) * 1024
+    return 0.0
+
+
+def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
+    import torch
+
+    from reldl.llm.offload import ModelShape, estimate, memory, search_policy
+    from reldl.llm.offload.executor import OffloadEngine
+
+    cpu = args.preset == "cpu"
+    dev = torch.device("cpu" if cpu else "cuda")
+    dims = TINY if cpu else OPT_30B
+    tmp = Path(tempfile.mkdtemp(prefix="bench-offload-cfg-"))
+    full_cfg = opt_config(dims, None, tmp / "full")
+    run_cfg = opt_config(dims, args.layers, tmp / "run")
+    full = ModelShape.from_config(full_cfg)
+    shape = ModelShape.from_config(run_cfg)
+    hw = hw_base.with_memory(gpu=cap_gb * GiB)
+    comp = None if args.compress else False
+    t = time.perf_counter()
+    policy, est_full = search_policy(
+        full,
+        hw,
+        args.prompt,
+        args.gen,
+        compress_weight=comp,
+        compress_cache=comp,
+        **(dict(gpu_batch_sizes=(1, 2, 4), num_gpu_batches=(1, 2, 3)) if cpu else {}),
+    )
+    search_s = time.perf_counter() - t
+    est = estimate(policy, shape, hw, args.prompt, args.gen)
+    row = dict(
+        cap_gb=cap_gb,
+        model=f"opt-30b shape, {shape.num_layers} of {full.num_layers} layers" if not cpu else "tiny opt",
+        layers_run=shape.num_layers,
+        policy=policy.describe(),
+        policy_fields={k: (list(v) if isinstance(v, tuple) else v) for k, v in policy.__dict__.items()},
+        search_s=search_s,
+        predicted_full_model=dict(
+            prefill_s=est_full.prefill_s, decode_step_s=est_full.decode_step_s, throughput=est_full.throughput
+        ),
+        predicted=dict(prefill_s=est.prefill_s, decode_step_s=est.decode_step_s, throughput=est.throughput),
+        predicted_memory_gib={k: v / GiB for k, v in memory(policy, shape, args.prompt, args.gen).items()},
+    )
+    print(f"\n== cap {cap_gb} GB: {policy.describe()}")
+    print(f"   predicted (model run): {est.describe()}")
+    if not cpu:
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(dev).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * GiB / total), dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    t = time.perf_counter()
+    src = random_source(run_cfg, dev)
+    eng = OffloadEngine(
+        src,
+        policy,
+        dev,
+        torch.float16 if not cpu else torch.float32,
+        offload_dir=args.offload_dir,
+        drop_page_cache=args.drop_page_cache,
+    )
+    row["build_s"] = time.perf_counter() - t
+    try:
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(4, run_cfg.vocab_size, (policy.block_size, args.prompt), generator=g).tolist()
+        if args.warmup:  # first-use costs (cuBLAS / Triton compiles, page faults of fresh buffers) not timed
+            eng.generate(prompts, 2)
+        eng.generate(prompts, args.gen)
+        steps = eng.stats.steps
+        total_s = sum(s.seconds for s in steps)
+        dec = [s.seconds for s in steps[1:]]
+        row["measured"] = dict(
+            prefill_s=steps[0].seconds,
+            decode_steps_s=dec,
+            decode_step_mean_s=sum(dec) / max(len(dec), 1),
+            total_s=total_s,
+            throughput=policy.block_size * args.gen / total_s,
+            bytes_per_decode_step={k: sum(s.bytes[k] for s in steps[1:]) / max(len(dec), 1) for k in steps[0].bytes},
+        )
+        row["memory_placed_gib"] = {part: {k: v / GiB for k, v in d.items()} for part, d in eng.memory().items()}
+        if not cpu:
+            row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(dev) / GiB
+        m = row["measured"]
+        print(
+            f"   measured: prefill {m['prefill_s']:.3g} s, decode step {m['decode_step_mean_s']:.3g} s "
+            f"(min {min(dec):.3g}, max {max(dec):.3g}), {m['throughput']:.3g} tok/s "
+            f"(predicted {est.throughput:.3g}, ratio {m['throughput'] / est.throughput:.2f})"
+        )
+        # transfer vs compute, serialised (profile mode), a few decode steps
+        eng.set_profile(True)
+        eng.generate(prompts, 4)
+        eng.set_profile(False)
+        prof = eng.stats.steps[1:]
+        tr = sum(s.transfer_s for s in prof) / len(prof)
+        co = sum(s.compute_s for s in prof) / len(prof)
+        ser = sum(s.seconds for s in prof) / len(prof)
+        ratio = m["decode_step_mean_s"] / max(tr, co)
+        row["breakdown"] = dict(
+            transfer_s=tr,
+            compute_s=co,
+            serialised_step_s=ser,
+            overlapped_step_s=m["decode_step_mean_s"],
+            ratio_to_max=ratio,
+            within_1_2x=ratio <= 1.2,
+            predicted_terms={k: v for k, v in est.terms.items() if k.startswith("decode_")},
+        )
+        print(
+            f"   decode step: transfer {tr:.3g} s, compute {co:.3g} s (serialised {ser:.3g} s); overlapped "
+            f"{m['decode_step_mean_s']:.3g} s = {ratio:.2f} x max -> {'OK' if ratio <= 1.2 else 'over 1.2x'}"
+        )
+        if shape.num_layers != full.num_layers:
+            per_layer = (m["decode_step_mean_s"]) / (shape.num_layers + 2)
+            row["scaled_48_layers"] = dict(
+                note="extrapolated, not measured: decode step / (layers + 2 units) x (48 + 2)",
+                decode_step_s=per_layer * (full.num_layers + 2),
+                throughput=policy.block_size
+                * args.gen
+                / (
+                    m["prefill_s"] * (full.num_layers + 2) / (shape.num_layers + 2)
+                    + (args.gen - 1) * per_layer * (full.num_layers + 2)
+                ),
+            )
+    finally:
+        eng.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not cpu:
+            torch.cuda.set_per_process_memory_fraction(1.0, dev)
+    out_rows.append(row)
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", choices=["gpu", "cpu"], default="gpu")
+    ap.add_argument("--caps", default="16,40", help="GPU memory caps in GB (GiB)")
+    ap.add_argument("--layers", type=int, default=None, help="run fewer layers than 48 (policy of the full model)")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--compress", action="store_true", help="let the search choose 4-bit weights / cache")
+    ap.add_argument("--cpu-mem-gb", type=float, default=None)
+    ap.add_argument("--offload-dir", default=None)
+    ap.add_argument("--drop-page-cache", action="store_true", help="drop disk files from the page cache after writing")
+    ap.add_argument("--quick-measure", action="store_true")
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed 2-token run")
+    ap.add_argument("--out", default="benchmarks/out/offload.json")
+    args = ap.parse_args()
+
+    import torch
+
+    from reldl.llm.offload import Hardware
+
+    cpu = args.preset == "cpu"
+    if not cpu and not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --preset cpu)", file=sys.stderr)
+        return 2
+    if cpu:
+        args.prompt, args.gen = min(args.prompt, 32), min(args.gen, 6)
+        hw = Hardware.preset("t4").with_memory(cpu=64 << 20, disk=1 << 30)
+        if args.caps == "16,40":  # 50% and 80% of the tiny model's all-on-GPU footprint: forces offloading
+            from reldl.llm.offload import ModelShape, Policy, memory
+
+            tiny = ModelShape.from_config(opt_config(TINY, None, Path(tempfile.mkdtemp(prefix="bench-offload-"))))
+            need = memory(Policy(1), tiny, args.prompt, args.gen)["gpu"] / GiB
+            args.caps = f"{0.5 * need:.6g},{0.8 * need:.6g}"
+        card = platform.processor() or "cpu"
+    else:
+        odir = args.offload_dir or tempfile.gettempdir()
+        cpu_mem = args.cpu_mem_gb * GiB if args.cpu_mem_gb else 0.85 * mem_available()
+        hw = Hardware.measure(
+            "cuda",
+            disk_path=odir,
+            quick=args.quick_measure,
+            cpu_mem=cpu_mem,
+            disk_mem=0.9 * shutil.disk_usage(odir).free,
+        )
+        card = torch.cuda.get_device_name()
+    print(f"hardware: {json.dumps({k: f'{v:.4g}' for k, v in hw.__dict__.items()})}")
+    rows: list[dict] = []
+    status = 0
+    out = dict(
+        card=card,
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        command=" ".join(sys.argv),
+        hardware=hw.__dict__,
+        rows=rows,
+    )
+    for cap in (float(c) for c in args.caps.split(",")):
+        try:
+            run_cap(args, cap, hw, rows)
+        except Exception as e:  # report and go on with the next cap
+            print(f"   cap {cap} GB failed: {type(e).__name__}: {e}", file=sys.stderr)
+            rows.append(dict(cap_gb=cap, error=f"{type(e).__name__}: {e}"))
+            status = 1
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2, default=str) + "\n")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
