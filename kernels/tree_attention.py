@@ -188,6 +188,11 @@ def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype) -> dict
         "DOT_PREC": "ieee" if dtype == torch.float32 else "tf32",
         "num_warps": 4,
         "num_stages": 2,
+        "EARLY_V": False,  # issue the V load before the softmax (more bytes in flight, more registers)
+        # the merge kernel: partials loaded MERGE_BLOCK_P at a time, MERGE_HEADS heads per program
+        "MERGE_BLOCK_P": 16,
+        "MERGE_HEADS": 4,
+        "merge_warps": 4,
     }
 
 
@@ -202,8 +207,10 @@ class TreeAttentionPlan:
         starting at item_q0, BLOCK_M_WIDE rows if item_wide else BLOCK_M_NARROW), longest chunks first.
       merge_ptr [Q + 1] int64, merge_rows [P] int64: query x merges partial rows merge_rows[merge_ptr[x]:
         merge_ptr[x + 1]], in chunk order.
-    Python ints: num_chunks, num_items, num_partials (launch grids and workspace sizes come from these, so a plan
-    reused while the tree is unchanged lets `tree_attention` run without host syncs, inside a CUDA graph).
+    Python ints: num_chunks, num_items, num_partials, max_partials (most partials of one query) (launch grids and
+    workspace sizes come from these, so a plan reused while the tree is unchanged lets `tree_attention` run without
+    host syncs, inside a CUDA graph). direct: every query has exactly one partial (written straight to the output,
+    no merge). dtype, config: the dtype planned for and the kernels' config (tiles, warps, stages, merge tiles).
     """
 
     def __init__(self, **kw):
@@ -241,6 +248,7 @@ def plan_tree_attention(
     min_chunk: int = MIN_CHUNK,
     max_chunk: int = MAX_CHUNK,
     programs_per_sm: float = PROGRAMS_PER_SM,
+    config: dict | None = None,
 ) -> TreeAttentionPlan:
     """Cut the layout into chunks of consecutive tokens and lay out the partials and the merge, with torch ops on
     the layout's device (no Python loops over tokens or queries).
@@ -254,18 +262,21 @@ def plan_tree_attention(
     where floor(cumsum of 1/T_t) is constant (fixed-point integers: exact, deterministic): neighbouring runs of
     1-token nodes merge into one chunk whose query range is the union, masked per (token, query) in the kernel.
     `chunk_tokens` forces T_t = chunk_tokens for every token (tests, tuning); the other keywords override the
-    module's defaults (tuning). The partial of a (chunk, query) pair costs about `group` tokens' worth of K/V bytes
-    (written and read back, in the output dtype), hence the factor: partials add ~1/PARTIAL_FACTOR to the IO.
+    module's defaults (tuning); `config` overrides entries of `tree_attention_config` (tuning; the plan keeps
+    the config and the kernels use it). The partial of a (chunk, query) pair costs about `group` tokens' worth of
+    K/V bytes (written and read back, in the output dtype), hence the factor: partials add ~1/PARTIAL_FACTOR to the
+    IO.
 
-    Host syncs: three small device-to-host reads (the programs estimate, the chunk count, the item and partial
-    counts); compute the plan once per tree and reuse it while the tree is unchanged.
+    Host syncs: four small device-to-host reads (the programs estimate, the chunk count, the item and partial
+    counts, the fewest and most partials of a query); compute the plan once per tree and reuse it while the tree
+    is unchanged.
     """
     if num_heads % num_kv_heads:
         raise ValueError(f"plan_tree_attention: {num_heads} query heads is not a multiple of {num_kv_heads} KV heads")
     dev = layout.slots.device
     L, Q = layout.num_tokens, layout.num_queries
     group = num_heads // num_kv_heads
-    cfg = tree_attention_config(head_dim, group, dtype)
+    cfg = dict(tree_attention_config(head_dim, group, dtype), **(config or {}))
     bg, bm_n, bm_w, bn = cfg["BLOCK_G"], cfg["BLOCK_M_NARROW"], cfg["BLOCK_M_WIDE"], cfg["BLOCK_N"]
     bq_n, bq_w = bm_n // bg, bm_w // bg
     i32, i64 = torch.int32, torch.int64
@@ -313,8 +324,10 @@ def plan_tree_attention(
     pair_chunk = torch.repeat_interleave(torch.arange(C, device=dev, dtype=i64), nq, output_size=P)
     pair_q = torch.arange(P, device=dev) - pbase[pair_chunk] + qlo[pair_chunk]
     merge_rows = torch.argsort(pair_q, stable=True)
+    per_q = torch.bincount(pair_q, minlength=Q)  # partials per query
     merge_ptr = torch.zeros(Q + 1, dtype=i64, device=dev)
-    merge_ptr[1:] = torch.cumsum(torch.bincount(pair_q, minlength=Q), 0)
+    merge_ptr[1:] = torch.cumsum(per_q, 0)
+    lo_hi = torch.stack([per_q.min(), per_q.max()]).tolist() if Q else [0, 0]
     return TreeAttentionPlan(
         num_tokens=L,
         num_queries=Q,
@@ -324,6 +337,10 @@ def plan_tree_attention(
         num_chunks=C,
         num_items=num_items,
         num_partials=P,
+        max_partials=int(lo_hi[1]),
+        # every query seen by exactly one chunk: partial row = query, phase 1 writes the output (no merge)
+        direct=lo_hi[0] == 1 and lo_hi[1] == 1,
+        dtype=dtype,
         config=cfg,
         chunk_start=start.to(i32),
         chunk_end=(start + counts).to(i32),
@@ -369,6 +386,8 @@ def _tree_tile(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+    EARLY_V: tl.constexpr,
 ):
     """Rows = BLOCK_M // BLOCK_G queries (q0 ...) x BLOCK_G heads of KV head kvh, over chunk tokens [t0, t1)."""
     r = tl.arange(0, BLOCK_M)
@@ -402,12 +421,15 @@ def _tree_tile(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         vis = (toks[None, :] <= qpos[:, None]) & (qpos[:, None] <= tend[None, :])
         s = tl.where(vis, s, float("-inf"))
+        if EARLY_V:
+            v = tl.load(v_head + slot[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_head + slot[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
+        if not EARLY_V:
+            v = tl.load(v_head + slot[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
@@ -416,7 +438,8 @@ def _tree_tile(
     seen = l_i > 0
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    tl.store(lse_ptr + part, lse, mask=row_ok)
+    if WRITE_LSE:
+        tl.store(lse_ptr + part, lse, mask=row_ok)
     tl.store(
         o_ptr + part[:, None] * HEAD_DIM + d[None, :], o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dm[None, :]
     )
@@ -456,6 +479,8 @@ def _tree_attention_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+    EARLY_V: tl.constexpr,
 ):
     item = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -471,14 +496,14 @@ def _tree_attention_kernel(
             q_ptr, k_ptr, v_ptr, slots_ptr, end_ptr, qidx_ptr, lse_ptr, o_ptr,
             kvh, t0, t1, q0, qhi, prow0, qk_scale,
             stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
-            NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_WIDE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC,
+            NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_WIDE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
         )  # fmt: skip
     else:
         _tree_tile(
             q_ptr, k_ptr, v_ptr, slots_ptr, end_ptr, qidx_ptr, lse_ptr, o_ptr,
             kvh, t0, t1, q0, qhi, prow0, qk_scale,
             stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
-            NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_NARROW, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC,
+            NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_NARROW, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
         )  # fmt: skip
 
 
@@ -493,33 +518,45 @@ def _tree_merge_kernel(
     stride_oh,
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_HM: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """One program per (query, block of BLOCK_HM heads): the query's partials are loaded BLOCK_P at a time (all at
+    once for the usual handful), so the merge costs a couple of memory latencies rather than one per partial."""
     x = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_HM + tl.arange(0, BLOCK_HM)
     p0 = tl.load(ptr_ptr + x)
     p1 = tl.load(ptr_ptr + x + 1)
-    h = tl.arange(0, BLOCK_H)
+    i = tl.arange(0, BLOCK_P)
     d = tl.arange(0, BLOCK_D)
     hm = h < NUM_HEADS
-    tile = hm[:, None] & (d < HEAD_DIM)[None, :]
-    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for i in range(p0, p1):
-        row = tl.load(rows_ptr + i)
-        part = row * NUM_HEADS + h
-        li = tl.load(lse_ptr + part, mask=hm, other=float("-inf"))
-        oi = tl.load(o_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=tile, other=0.0).to(tl.float32)
-        m_new = tl.maximum(m, li)
+    dm = d < HEAD_DIM
+    m = tl.full([BLOCK_HM], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_HM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_HM, BLOCK_D], dtype=tl.float32)
+    for b in range(p0, p1, BLOCK_P):
+        pm = b + i < p1
+        rows = tl.load(rows_ptr + b + i, mask=pm, other=0)
+        part = rows[:, None] * NUM_HEADS + h[None, :]  # [BLOCK_P, BLOCK_HM]
+        ok = pm[:, None] & hm[None, :]
+        li = tl.load(lse_ptr + part, mask=ok, other=float("-inf"))
+        oi = tl.load(
+            o_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None] & dm[None, None, :], other=0.0
+        ).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(li, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         a = tl.exp2(m - m_safe)
-        b = tl.exp2(li - m_safe)  # 0 for a partial that saw nothing
-        l = l * a + b
-        acc = acc * a[:, None] + oi * b[:, None]
+        w = tl.exp2(li - m_safe[None, :])  # [BLOCK_P, BLOCK_HM]; 0 for padding and partials that saw nothing
+        l = l * a + tl.sum(w, axis=0)
+        acc = acc * a[:, None] + tl.sum(oi * w[:, :, None], axis=0)
         m = m_new
     o = acc / tl.where(l > 0, l, 1.0)[:, None]
-    tl.store(out_ptr + x * stride_oq + h[:, None] * stride_oh + d[None, :], o.to(out_ptr.dtype.element_ty), mask=tile)
+    tl.store(
+        out_ptr + x * stride_oq + h[:, None] * stride_oh + d[None, :],
+        o.to(out_ptr.dtype.element_ty),
+        mask=hm[:, None] & dm[None, :],
+    )
 
 
 def tree_attention(
@@ -535,8 +572,10 @@ def tree_attention(
     q [Q, H, D] (query x's token sits at layout index layout.q_index[x]); k_cache/v_cache [slots, KVH, D] in q.dtype
     (any slot count; the layout's slots index them); `plan`: from `plan_tree_attention(layout, H, KVH, D, q.dtype)`,
     computed here when None (with a few host syncs). With a plan the call has no host syncs: grids
-    (plan.num_items, KVH) and (Q,) come from the plan, so it can be captured in a CUDA graph and replayed while the
-    tree (the layout) is unchanged. Queries that see no token (impossible for layouts from the builders) get zeros.
+    (plan.num_items, KVH) and (Q, heads / MERGE_HEADS) come from the plan, so it can be captured in a CUDA graph and
+    replayed while the tree (the layout) is unchanged. Queries that see no token (impossible for layouts from the
+    builders) get zeros. When every query sees exactly one chunk (plan.direct) the first kernel writes the output
+    itself and there is no merge.
     """
     require_triton()
     Q, H, D = q.shape
@@ -558,11 +597,30 @@ def tree_attention(
         q = q.contiguous()
     if Q == 0 or plan.num_items == 0:
         return torch.zeros((Q, H, D), dtype=q.dtype, device=q.device)
-    out = torch.empty((Q, H, D), dtype=q.dtype, device=q.device)  # the merge writes every query
-    # tile heights (hence the plan's items) do not depend on the dtype; BLOCK_N and the dot precision do
-    cfg = tree_attention_config(D, H // kvh, q.dtype)
+    out = torch.empty((Q, H, D), dtype=q.dtype, device=q.device)  # the merge (or phase 1, direct) writes every query
+    if plan.direct:
+        _launch_phase1(q, k_cache, v_cache, layout, scale, plan, out, out)  # partial row = query: the output itself
+        return out
     lse = torch.empty((plan.num_partials, H), dtype=torch.float32, device=q.device)
     part_o = torch.empty((plan.num_partials, H, D), dtype=q.dtype, device=q.device)
+    _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o)
+    _launch_merge(plan, lse, part_o, out)
+    return out
+
+
+def _kernel_config(plan: TreeAttentionPlan, dtype: torch.dtype) -> dict:
+    """The plan's config; BLOCK_N and the dot precision follow the dtype (tile heights, hence items, do not)."""
+    cfg = dict(plan.config)
+    if dtype != plan.dtype:
+        base = tree_attention_config(plan.head_dim, plan.num_heads // plan.num_kv_heads, dtype)
+        cfg["BLOCK_N"], cfg["DOT_PREC"] = base["BLOCK_N"], base["DOT_PREC"]
+    return cfg
+
+
+def _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o):
+    Q, H, D = q.shape
+    kvh = k_cache.shape[1]
+    cfg = _kernel_config(plan, q.dtype)
     _tree_attention_kernel[(plan.num_items, kvh)](
         q,
         k_cache,
@@ -590,9 +648,24 @@ def tree_attention(
         NUM_HEADS=H,
         GROUP=H // kvh,
         HEAD_DIM=D,
-        **cfg,
+        BLOCK_M_NARROW=cfg["BLOCK_M_NARROW"],
+        BLOCK_M_WIDE=cfg["BLOCK_M_WIDE"],
+        BLOCK_G=cfg["BLOCK_G"],
+        BLOCK_D=cfg["BLOCK_D"],
+        BLOCK_N=cfg["BLOCK_N"],
+        DOT_PREC=cfg["DOT_PREC"],
+        WRITE_LSE=not plan.direct,
+        EARLY_V=cfg["EARLY_V"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
-    _tree_merge_kernel[(Q,)](
+
+
+def _launch_merge(plan, lse, part_o, out):
+    Q, H, D = out.shape
+    cfg = plan.config
+    hm = min(cfg["MERGE_HEADS"], next_pow2(H))
+    _tree_merge_kernel[(Q, triton.cdiv(H, hm))](
         lse,
         part_o,
         plan.merge_ptr,
@@ -602,8 +675,8 @@ def tree_attention(
         out.stride(1),
         NUM_HEADS=H,
         HEAD_DIM=D,
-        BLOCK_H=next_pow2(H),
+        BLOCK_P=min(cfg["MERGE_BLOCK_P"], max(2, next_pow2(plan.max_partials))),
+        BLOCK_HM=hm,
         BLOCK_D=max(16, next_pow2(D)),
-        num_warps=4,
+        num_warps=cfg["merge_warps"],
     )
-    return out
