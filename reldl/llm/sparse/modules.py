@@ -25,6 +25,8 @@ trained on exactly these inputs (calibrate.py), so CPU and GPU compute the same 
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -86,21 +88,38 @@ class LookAhead:
 
     def __init__(self, predictors: list[Predictor | None]):
         self.predictors = predictors
-        self.pending: dict[int, torch.Tensor] = {}
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._forked: torch.cuda.Stream | None = None
+        self._local = threading.local()  # engines with other options share the model and may run in other threads
+        self.overlap = True  # False: on CUDA too, the predictor runs inline on the current stream (for comparisons)
+
+    @property
+    def pending(self) -> dict[int, torch.Tensor]:
+        p = getattr(self._local, "pending", None)
+        if p is None:
+            p = self._local.pending = {}
+        return p
+
+    @property
+    def _forked(self) -> torch.cuda.Stream | None:
+        return getattr(self._local, "forked", None)
+
+    @_forked.setter
+    def _forked(self, stream: torch.cuda.Stream | None) -> None:
+        self._local.forked = stream
 
     def _side(self, device: torch.device) -> torch.cuda.Stream:
-        s = self._streams.get(device)
+        streams = getattr(self._local, "streams", None)
+        if streams is None:
+            streams = self._local.streams = {}
+        s = streams.get(device)
         if s is None:
-            s = self._streams[device] = torch.cuda.Stream(device)
+            s = streams[device] = torch.cuda.Stream(device)
         return s
 
     def launch(self, layer: int, x: torch.Tensor) -> None:
         if layer >= len(self.predictors) or self.predictors[layer] is None:
             return
         pred = self.predictors[layer]
-        if not x.is_cuda:
+        if not x.is_cuda or not self.overlap:
             self.pending[layer] = pred(x)
             return
         side = self._side(x.device)
