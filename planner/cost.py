@@ -48,6 +48,10 @@ class Workload:
     relation_bytes: float = 0.0  # its working set in DuckDB: whole-row matrices held + per-thread vectors
     relation_tiled_values: float = 0.0  # per row: (row, unit) partial sums of its tiled layers
     distinct_source: str = ""  # how `distinct` was estimated (EXPLAIN shows it)
+    # offloaded LLMs (reldl/llm/offload): seconds per prompt at a full block, and of the smallest engine call (the
+    # weights stream through every step however few prompts run): replace the llm_step_seconds model
+    row_seconds: float | None = None
+    call_seconds: float | None = None
 
 
 @dataclass
@@ -60,6 +64,8 @@ class Estimate:
 
 
 def _per_row(w: Workload, c: dict[str, float]) -> float:
+    if w.row_seconds is not None:
+        return w.row_seconds
     if w.function.startswith("llm"):
         step = c["llm_step_seconds_cuda" if w.device.startswith("cuda") else "llm_step_seconds_cpu"]
         return max(w.max_tokens, 1) * step / 64.0
@@ -72,6 +78,8 @@ def _drain(w: Workload, c: dict[str, float]) -> float:
     (about half the steps of one generation). A UDF plan pays it once per chunk, a DL plan once."""
     if not w.function.startswith("llm"):
         return 0.0
+    if w.call_seconds is not None:
+        return w.call_seconds
     step = c["llm_step_seconds_cuda" if w.device.startswith("cuda") else "llm_step_seconds_cpu"]
     return 0.5 * max(w.max_tokens, 1) * step
 

@@ -64,6 +64,8 @@ class Plan:
     forced: bool = False
     inputs: str = ""  # the row and distinct-count estimates the costs come from
     notes: list[str] = field(default_factory=list)  # why a plan family was not considered
+    batch_rows: float | None = None  # distinct inputs estimate: the batch a DL-centric plan hands a model
+    extra: list[str] = field(default_factory=list)  # printed last (offloaded models' policy and throughput)
 
     def explain(self) -> list[str]:
         names = {"udf": "UDF-centric", "dl": "DL-centric", "relation": "relation-centric"}
@@ -80,7 +82,7 @@ class Plan:
         lines += [f"    {n}" for n in self.notes]
         for c in self.calls:
             lines.append(f"  model call: {c.node.sql(dialect='duckdb', normalize_functions=False)}")
-        return lines
+        return lines + [f"  {line}" for line in self.extra]
 
 
 def model_calls(tree: exp.Expression) -> list[exp.Expression]:

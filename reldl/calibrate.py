@@ -107,12 +107,14 @@ def _rounds(fn: Callable[[], float], rounds: int = ROUNDS) -> tuple[float, float
     return values[len(values) // 2], values[-1] / values[0]
 
 
-def calibrate(duck: duckdb.DuckDBPyConnection, out: Callable[[str], None] = print) -> dict[str, float]:
+def calibrate(
+    duck: duckdb.DuckDBPyConnection, out: Callable[[str], None] = print, offload: bool = True
+) -> dict[str, float]:
     """Measure the constants that can be measured in isolation (each the median of three rounds), store (one row
     per constant) the ones whose rounds agree within MAX_SPREAD, and return those. A noisy measurement (a busy
     machine) leaves the stored value, or the default, in place. The other constants (UDF per-row and per-call
     costs, plan set-up times, the relation plan's per-row cost, LLM step times) keep the values fitted by
-    benchmarks/bench_planner.py."""
+    benchmarks/bench_planner.py. `offload`: also measure the offload hardware (`calibrate_offload`)."""
     import torch
 
     probes: dict[str, Callable[[], float]] = {
@@ -135,4 +137,56 @@ def calibrate(duck: duckdb.DuckDBPyConnection, out: Callable[[str], None] = prin
         measured[key] = value
         duck.execute("INSERT OR REPLACE INTO reldl.calibration (key, value) VALUES (?, ?)", [key, value])
         out(f"{key:<22} {value:12.4g}   (default {DEFAULTS[key]:.4g}; rounds within x{spread:.2f})")
+    if offload:
+        measured.update(calibrate_offload(duck, out))
     return measured
+
+
+# the offload hardware (reldl/llm/offload/policy.py Hardware) needs a CUDA device for these fields
+OFFLOAD_GPU_FIELDS = ("gpu_mem", "ctog_bw", "gtoc_bw", "gpu_flops", "gpu_mem_bw", "gpu_attn_flops")
+
+
+def measure_offload(quick: bool = True, disk_path: str | None = None) -> tuple[dict[str, float], list[str]]:
+    """The offload search's Hardware fields measurable here (quick: 32 MiB transfers, small matmuls) as
+    `Hardware.to_calibration` keys, and the fields skipped. Without CUDA: capacities of RAM and disk, disk
+    bandwidths, CPU attention rate; the GPU side is skipped."""
+    import os
+    import shutil
+    import tempfile
+
+    import torch
+
+    from reldl.llm.offload import policy
+
+    if torch.cuda.is_available():
+        return policy.Hardware.measure("cuda", disk_path, quick).to_calibration(), []
+    size = (32 << 20) if quick else (256 << 20)
+    dtoc, ctod = policy.measure_disk(disk_path, size)
+    fields = {
+        "cpu_mem": float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+        "disk_mem": float(shutil.disk_usage(disk_path or tempfile.gettempdir()).free),
+        "dtoc_bw": dtoc,
+        "ctod_bw": ctod,
+        "cpu_attn_flops": policy.measure_attention("cpu", batch=2 if quick else 8, ctx=512 if quick else 1024),
+    }
+    return {f"offload_{k}": v for k, v in fields.items()}, list(OFFLOAD_GPU_FIELDS)
+
+
+def calibrate_offload(
+    duck: duckdb.DuckDBPyConnection,
+    out: Callable[[str], None] = print,
+    quick: bool = True,
+    disk_path: str | None = None,
+    measure: Callable[..., tuple[dict[str, float], list[str]]] | None = None,
+) -> dict[str, float]:
+    """Measure the offload hardware (`measure_offload`, one quick round: transfers and disk vary more than the
+    planner's constants, and the policy search only ranks policies by them) and store it under `offload_*` keys,
+    which CREATE MODEL ... offload = 'auto' and EXPLAIN read. Returns what was stored."""
+    duck.execute(SCHEMA)
+    values, skipped = (measure or measure_offload)(quick=quick, disk_path=disk_path)
+    for key, value in values.items():
+        duck.execute("INSERT OR REPLACE INTO reldl.calibration (key, value) VALUES (?, ?)", [key, float(value)])
+        out(f"{key:<22} {value:12.4g}   (offload hardware)")
+    if skipped:
+        out(f"offload: skipped {', '.join(skipped)} (no CUDA GPU: offloaded models plan with defaults for them)")
+    return values

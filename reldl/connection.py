@@ -26,6 +26,8 @@ from reldl.planner.statements import CreateModel, DropModel, Explain, Passthroug
 from reldl.udfs import SqlFunctions
 
 LLM_OPTIONS = {"model_type", "path", "dtype", "device"}
+# offloaded inference (reldl/llm/offload/sql.py): offload = 'auto' | '<policy>', capacities, disk tier, workload
+OFFLOAD_OPTIONS = {"offload", "gpu_memory", "cpu_memory", "disk_memory", "offload_dir", "prompt_len", "gen_len"}
 
 
 _serial: dict[object, list] = {}  # DuckDB instance -> [statements with model calls running, saved `threads`]
@@ -284,7 +286,7 @@ class Cursor:
         if stmt.if_not_exists and catalog.get_model(self._duck, stmt.name) is not None:
             return
         if model_type == "llm":
-            path, options = self._llm_options(stmt.name, opts)
+            path, options = self._llm_options(stmt.name, opts, self._duck)
         else:
             path, options = tabular.validate_create_options(stmt.name, opts)
             spec = tabular.inspect_tabular(path)
@@ -328,12 +330,12 @@ class Cursor:
             _unload(existing.name)
 
     @staticmethod
-    def _llm_options(name: str, opts: dict) -> tuple[str, dict]:
-        unknown = set(opts) - LLM_OPTIONS
+    def _llm_options(name: str, opts: dict, duck: duckdb.DuckDBPyConnection | None = None) -> tuple[str, dict]:
+        unknown = set(opts) - LLM_OPTIONS - OFFLOAD_OPTIONS
         if unknown:
             raise ProgrammingError(
                 f"CREATE MODEL {name}: unknown option(s) {', '.join(sorted(unknown))} for model_type 'llm' "
-                f"(options: {', '.join(sorted(LLM_OPTIONS))})"
+                f"(options: {', '.join(sorted(LLM_OPTIONS | OFFLOAD_OPTIONS))})"
             )
         path = opts.get("path")
         if not isinstance(path, str) or not path:
@@ -342,10 +344,15 @@ class Cursor:
 
         registry = _registry()
         dev = registry.resolve_device(str(opts.get("device", "auto")))
-        registry.resolve_dtype(str(opts.get("dtype", "auto")), dev)
+        dt = registry.resolve_dtype(str(opts.get("dtype", "auto")), dev)
         ckpt = inspect_checkpoint(path)
         options = {"dtype": str(opts.get("dtype", "auto")), "device": str(opts.get("device", "auto"))}
         options["architecture"] = ckpt.config.model_type
+        if OFFLOAD_OPTIONS & set(opts):  # policy searched or checked here; the catalog keeps it (offload/sql.py)
+            from reldl.llm.offload import sql as offload_sql
+
+            size = dt.itemsize
+            options["offload"] = offload_sql.create_options(duck, name, opts, ckpt.config, str(dev), size)
         return str(ckpt.path.resolve()), options
 
     def executemany(self, operation: str, seq_of_parameters: Sequence[Sequence[Any]]) -> Cursor:

@@ -116,8 +116,11 @@ def _workload(cur: Cursor, call: plans.CallSite, rows: float, distinct: float, r
                 w.relation_bytes = whole + w.relation_threads * thread_bytes(layers, tiles, limit)
                 w.relation_tiled_values = float(sum(o for (_, o, _), t in zip(shapes, tiles) if t is not None))
     if call.function in plans.GENERATE:
-        mt = call.args[2]
-        w.max_tokens = int(mt.this) if isinstance(mt, exp.Literal) and not mt.is_string else 64
+        w.max_tokens = _max_tokens(call)
+        if rec is not None and rec.options.get("offload"):  # the offload cost model's times (llm/offload/sql.py)
+            from reldl.llm.offload import sql as offload_sql
+
+            w.row_seconds, w.call_seconds = offload_sql.workload_seconds(cur._duck, rec, w.max_tokens)
         if call.function == "llm_generate_list":  # n samples / beam_width beams: that many rows of decoding
             widths = [a for a in call.args[9:] if isinstance(a, exp.Literal) and not a.is_string]
             w.max_tokens *= max([int(float(a.this)) for a in widths] + [1])
@@ -168,7 +171,27 @@ def rewrite_trained_lookups(cur: Cursor, sql: str) -> str | None:
 
 
 def make_plan(cur: Cursor, sql: str, parameters) -> plans.Plan:
-    """Parse, analyse and cost a statement with model calls; honours `SET reldl_plan`."""
+    """Parse, analyse and cost a statement with model calls; honours `SET reldl_plan`. EXPLAIN's extra lines:
+    the offload policy and predicted throughput of offloaded models the statement calls."""
+    plan = _make_plan(cur, sql, parameters)
+    calls = [c for c in plan.calls if c.function in plans.GENERATE]
+    if calls:
+        models = catalog.list_models(cur._duck)
+        if any(m.options.get("offload") for m in models):
+            from reldl.llm.offload import sql as offload_sql
+
+            wanted = [(c.model, _max_tokens(c)) for c in calls]
+            plan.extra += offload_sql.explain_lines(cur._duck, models, wanted, plan.family, plan.batch_rows)
+    return plan
+
+
+def _max_tokens(call: plans.CallSite) -> int:
+    """The literal max_tokens of an llm_generate call (64, its default, when not a literal)."""
+    mt = call.args[2]
+    return int(mt.this) if isinstance(mt, exp.Literal) and not mt.is_string else 64
+
+
+def _make_plan(cur: Cursor, sql: str, parameters) -> plans.Plan:
     forced = cur.connection.settings.get("reldl_plan", "auto")
     try:
         tree = predict_calls.parse_one(sql)
@@ -198,6 +221,7 @@ def make_plan(cur: Cursor, sql: str, parameters) -> plans.Plan:
     for w in work:
         w.scanned = scanned
     plan.inputs = f"~{rows:.0f} rows (DuckDB's estimate), ~{min(rows, distinct):.0f} distinct inputs ({how})"
+    plan.batch_rows = min(rows, distinct)
     per_family: dict[str, cost.Estimate] = {}
     for w in work:
         for e in cost.estimate(w, cur.connection.cost_constants()):

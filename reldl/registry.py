@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,19 @@ class EngineKey:
     device: str
 
 
+@dataclass(frozen=True)
+class OffloadKey:
+    """An offloaded model's identity: the checkpoint, its policy and offload directory (4-bit policies give other
+    text, so the SQL functions' result cache must not share results with the dense model)."""
+
+    engine: EngineKey
+    policy: str  # the policy's fields as sorted JSON
+    offload_dir: str | None
+
+
 _engines: dict[EngineKey, dict[tuple, Engine]] = {}  # loaded checkpoint -> engines by their options
-_names: dict[str, set[EngineKey]] = {}
+_offloaded: dict[OffloadKey, object] = {}  # offloaded models (reldl/llm/offload/adapter.py OffloadedLLM)
+_names: dict[str, set] = {}  # model name -> EngineKeys and OffloadKeys loaded under it
 _lock = threading.Lock()
 
 
@@ -132,15 +144,47 @@ def get_engine(name: str, path: str, dtype: str = "auto", device: str = "auto", 
         return eng
 
 
+def model_engine(rec) -> tuple[EngineKey | OffloadKey, object]:
+    """(identity for result caches, engine) of a catalog record (reldl.catalog.ModelRecord): an `OffloadedLLM` when
+    its options hold "offload" (CREATE MODEL ... offload = ...), else `get_engine`'s Engine."""
+    spec = rec.options.get("offload")
+    if not spec:
+        return engine_key(rec.path, rec.dtype, rec.device), get_engine(rec.name, rec.path, rec.dtype, rec.device)
+    from reldl.llm.offload.adapter import OffloadedLLM
+    from reldl.llm.offload.sql import policy_of
+
+    key = OffloadKey(
+        engine_key(rec.path, rec.dtype, rec.device), json.dumps(spec["policy"], sort_keys=True), spec.get("offload_dir")
+    )
+    with _lock:
+        eng = _offloaded.get(key)
+        if eng is None:
+            dev = torch.device(key.engine.device)
+            eng = _offloaded[key] = OffloadedLLM(
+                rec.name,
+                key.engine.path,
+                policy_of(spec),
+                dev,
+                getattr(torch, key.engine.dtype),
+                spec.get("offload_dir"),
+            )
+        _names.setdefault(rec.name, set()).add(key)
+    return key, eng
+
+
 def unload(name: str | None = None) -> int:
     """Free the memory of a model loaded under `name` (all models when None). Returns how many were unloaded."""
     with _lock:
         if name is None:
-            keys = set(_engines)
+            keys = set(_engines) | set(_offloaded)
             _names.clear()
         else:
             keys = _names.pop(name, set())
-        count = sum(_engines.pop(k, None) is not None for k in keys)
+        count = sum(_engines.pop(k, None) is not None for k in keys if isinstance(k, EngineKey))
+        closing = [e for e in (_offloaded.pop(k, None) for k in keys if isinstance(k, OffloadKey)) if e is not None]
+    for eng in closing:
+        eng.close()
+    count += len(closing)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -158,8 +158,7 @@ class LLMFunctions:
             raise ProgrammingError(f"model {rec.name!r} is a {rec.model_type!r} model, not an LLM")
         from reldl import registry  # loads torch: only once a model is actually used
 
-        ident = registry.engine_key(rec.path, rec.dtype, rec.device)
-        return ident, registry.get_engine(rec.name, rec.path, rec.dtype, rec.device)
+        return registry.model_engine(rec)  # an Engine, or an offloaded model's adapter (reldl/llm/offload)
 
     def _remember(self, key: tuple, value) -> None:
         self.cache[key] = value
