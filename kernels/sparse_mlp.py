@@ -205,7 +205,10 @@ def select_neurons(
             return torch.empty(0, dtype=torch.int32, device=s.device)
         best = s.amax(dim=0)
         return torch.topk(best, k, sorted=False).indices.to(torch.int32)
-    keep = (s > threshold).any(dim=0)
+    # compare in float32, as the kernels' THRESH does (`|a| > threshold`, a float32 threshold): a float16 tensor
+    # compared with a Python float rounds the threshold to float16, and where it rounds up, the entries equal to the
+    # rounded value were dropped from the index while the kernels and the references keep them
+    keep = (s.float() > threshold).any(dim=0)
     return torch.nonzero(keep).view(-1).to(torch.int32)  # host sync
 
 

@@ -226,6 +226,26 @@ def test_swiglu_float16(device, batch):
     torch.testing.assert_close(y, want, atol=1e-2, rtol=1e-2)
 
 
+def test_swiglu_index_keeps_entries_at_a_float16_rounded_threshold(device):
+    """The GPU benchmark's `index=True` failure (llama-2-7b, B=1, 50%: scaled error 5e-2): TEAL thresholds are
+    calibrated quantiles, generally not float16 values. `select_neurons` compared float16 scores with the Python
+    threshold, which torch rounds to float16; where it rounds *up* to a value v, inputs with |x| == v > threshold were
+    missing from the index while the kernels (float32 threshold) and the reference keep them."""
+    d, n = 48, 40
+    wg, wu, wd = swiglu_weights(n, d, seed=111, dtype=torch.float16, device=device)
+    x = randn(1, d, seed=112, dtype=torch.float16, device=device)
+    x[0, ::3] = 0.5  # a third of the inputs sit exactly at 0.5
+    x[0, 1::3] = -0.5
+    t_in = 0.5 - 2.0**-14  # not a float16 value; float16(t_in) == 0.5
+    assert torch.tensor(t_in, dtype=torch.float16).item() == 0.5
+    kept = torch.nonzero(x[0].float().abs() > t_in).view(-1)
+    assert set(K.select_neurons(x, threshold=t_in, absolute=True).tolist()) == set(kept.tolist())
+    want = K.sparse_swiglu_mlp_reference(x, wg, wu, wd, t_in, None)
+    for use_index in (False, True):
+        y = K.sparse_swiglu_mlp(x, wg, wu, wd, t_in, None, use_index)
+        torch.testing.assert_close(y, want, atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_teal_skips_rows_of_dropped_inputs(device, tiles, batch):
     """Rows of w_t whose input is below the threshold for every batch row are NaN: the kernels must not read them,
