@@ -274,6 +274,9 @@ class Cursor:
         model_type = opts.get("model_type")
         if model_type is None:
             raise ProgrammingError(f"CREATE MODEL {stmt.name}: OPTIONS must set model_type (e.g. model_type = 'llm')")
+        if model_type == "llm" and "finetune" in opts:  # fine-tuned from a table (reldl/llm/finetune)
+            self._create_finetuned_model(stmt)
+            return
         if model_type == "llm" and "base" in opts:  # a sparse variant of a registered LLM (reldl/llm/sparse)
             self._create_sparse_model(stmt)
             return
@@ -326,6 +329,23 @@ class Cursor:
             raise IntegrityError(f"model {existing.name!r} already exists (use CREATE OR REPLACE MODEL)")
         path, options = sparse_sql.create(self._duck, stmt.name, stmt.options, stmt.query)
         catalog.put_model(self._duck, stmt.name, "llm", path, options, replace=stmt.replace)
+        if existing is not None:
+            _unload(existing.name)
+
+    def _create_finetuned_model(self, stmt: CreateModel) -> None:
+        """CREATE MODEL ... OPTIONS (model_type = 'llm', base = ..., finetune = 'full' | 'lora') AS SELECT prompt,
+        completion ...: train (reldl/llm/finetune/sql.py; resumes after a kill), then register; a failure leaves no
+        catalog row."""
+        from reldl.llm.finetune import sql as finetune_sql
+
+        existing = catalog.get_model(self._duck, stmt.name)
+        if existing is not None and stmt.if_not_exists:
+            return
+        if existing is not None and not stmt.replace:
+            raise IntegrityError(f"model {existing.name!r} already exists (use CREATE OR REPLACE MODEL)")
+        path, options, log = finetune_sql.create(self._duck, stmt.name, stmt.options, stmt.query)
+        catalog.put_model(self._duck, stmt.name, "llm", path, options, replace=stmt.replace)
+        finetune_sql.write_log(self._duck, stmt.name, log)
         if existing is not None:
             _unload(existing.name)
 
