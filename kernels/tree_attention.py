@@ -189,10 +189,12 @@ def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype) -> dict
         "num_warps": 4,
         "num_stages": 2,
         "EARLY_V": False,  # issue the V load before the softmax (more bytes in flight, more registers)
+        "PREFETCH": False,  # load the next tile's slots during this tile (software pipelining by hand)
+        "KV_FAST": True,  # program order: the KV heads of one item next to each other (else items first)
         # the merge kernel: partials loaded MERGE_BLOCK_P at a time, MERGE_HEADS heads per program
         "MERGE_BLOCK_P": 16,
-        "MERGE_HEADS": 4,
-        "merge_warps": 4,
+        "MERGE_HEADS": 2,
+        "merge_warps": 1,
     }
 
 
@@ -205,6 +207,8 @@ class TreeAttentionPlan:
       chunk_pbase [C] int64: partial row of (chunk c, query x) = chunk_pbase[c] + x - chunk_qlo[c].
       item_chunk, item_q0 [I] int32, item_wide [I] int8: phase-1 work items (a chunk and a tile of its queries
         starting at item_q0, BLOCK_M_WIDE rows if item_wide else BLOCK_M_NARROW), longest chunks first.
+      item_meta [I, 8] int32: what the kernel reads of item i (chunk start and end, q0, the chunk's qhi, partial
+        row base = chunk_pbase - chunk_qlo, wide), one row: one memory latency before the first K/V load.
       merge_ptr [Q + 1] int64, merge_rows [P] int64: query x merges partial rows merge_rows[merge_ptr[x]:
         merge_ptr[x + 1]], in chunk order.
     Python ints: num_chunks, num_items, num_partials, max_partials (most partials of one query) (launch grids and
@@ -320,6 +324,20 @@ def plan_tree_attention(
     item_q0 = qlo[item_chunk] + (torch.arange(num_items, device=dev) - tile_base[item_chunk]) * bq[item_chunk]
     order = torch.argsort(-counts[item_chunk], stable=True)
     item_chunk, item_q0 = item_chunk[order], item_q0[order]
+    # the kernel's per-item metadata, one row of 8 int32: t0, t1, q0, qhi, partial row base (pbase - qlo), wide
+    item_meta = torch.zeros((num_items, 8), dtype=i32, device=dev)
+    if num_items:
+        item_meta[:, :6] = torch.stack(
+            [
+                start[item_chunk],
+                (start + counts)[item_chunk],
+                item_q0,
+                qhi[item_chunk],
+                (pbase - qlo)[item_chunk],
+                wide[item_chunk].to(i64),
+            ],
+            1,
+        ).to(i32)
     # merge lists: pair p = (chunk, query) is partial row p; each query's rows in chunk order
     pair_chunk = torch.repeat_interleave(torch.arange(C, device=dev, dtype=i64), nq, output_size=P)
     pair_q = torch.arange(P, device=dev) - pbase[pair_chunk] + qlo[pair_chunk]
@@ -350,6 +368,7 @@ def plan_tree_attention(
         item_chunk=item_chunk.to(i32),
         item_q0=item_q0.to(i32),
         item_wide=wide[item_chunk].to(torch.int8),
+        item_meta=item_meta,
         merge_ptr=merge_ptr,
         merge_rows=merge_rows,
     )
@@ -388,6 +407,7 @@ def _tree_tile(
     DOT_PREC: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     EARLY_V: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Rows = BLOCK_M // BLOCK_G queries (q0 ...) x BLOCK_G heads of KV head kvh, over chunk tokens [t0, t1)."""
     r = tl.arange(0, BLOCK_M)
@@ -411,11 +431,21 @@ def _tree_tile(
     n = tl.arange(0, BLOCK_N)
     k_head = k_ptr + kvh * stride_kh
     v_head = v_ptr + kvh * stride_vh
+    if PREFETCH:  # the first tile's slots and subtree ends; each iteration loads the next tile's
+        slot_nx = tl.load(slots_ptr + t0 + n, mask=t0 + n < t1, other=0).to(tl.int64)
+        tend_nx = tl.load(end_ptr + t0 + n, mask=t0 + n < t1, other=-1)
     for first in range(t0, t1, BLOCK_N):
         toks = first + n
         tv = toks < t1
-        slot = tl.load(slots_ptr + toks, mask=tv, other=0).to(tl.int64)
-        tend = tl.load(end_ptr + toks, mask=tv, other=-1)
+        if PREFETCH:
+            slot = slot_nx
+            tend = tend_nx
+            nx = toks + BLOCK_N
+            slot_nx = tl.load(slots_ptr + nx, mask=nx < t1, other=0).to(tl.int64)
+            tend_nx = tl.load(end_ptr + nx, mask=nx < t1, other=-1)
+        else:
+            slot = tl.load(slots_ptr + toks, mask=tv, other=0).to(tl.int64)
+            tend = tl.load(end_ptr + toks, mask=tv, other=-1)
         kv_mask = tv[:, None] & dm[None, :]
         k = tl.load(k_head + slot[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
@@ -453,14 +483,7 @@ def _tree_attention_kernel(
     slots_ptr,
     end_ptr,
     qidx_ptr,
-    chunk_start_ptr,
-    chunk_end_ptr,
-    chunk_qlo_ptr,
-    chunk_qhi_ptr,
-    chunk_pbase_ptr,
-    item_chunk_ptr,
-    item_q0_ptr,
-    item_wide_ptr,
+    meta_ptr,
     lse_ptr,
     o_ptr,
     qk_scale,
@@ -470,6 +493,7 @@ def _tree_attention_kernel(
     stride_kh,
     stride_vs,
     stride_vh,
+    NUM_KV_HEADS: tl.constexpr,
     NUM_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -481,22 +505,34 @@ def _tree_attention_kernel(
     DOT_PREC: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     EARLY_V: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    KV_FAST: tl.constexpr,
 ):
-    item = tl.program_id(0)
-    kvh = tl.program_id(1)
-    c = tl.load(item_chunk_ptr + item)
-    q0 = tl.load(item_q0_ptr + item)
-    wide = tl.load(item_wide_ptr + item)
-    t0 = tl.load(chunk_start_ptr + c)
-    t1 = tl.load(chunk_end_ptr + c)
-    qhi = tl.load(chunk_qhi_ptr + c)
-    prow0 = tl.load(chunk_pbase_ptr + c) - tl.load(chunk_qlo_ptr + c).to(tl.int64)  # partial row = prow0 + query
+    # 1-D grid over (item, KV head); KV_FAST: the KV heads of one item are neighbouring programs (they run together
+    # and read the same cache rows, [slots, KVH, D], at the same time)
+    pid = tl.program_id(0)
+    if KV_FAST:
+        item = pid // NUM_KV_HEADS
+        kvh = pid % NUM_KV_HEADS
+    else:
+        num_items = tl.num_programs(0) // NUM_KV_HEADS
+        item = pid % num_items
+        kvh = pid // num_items
+    # the item's metadata, one row of 8 int32 (independent loads: one memory latency)
+    meta = meta_ptr + item.to(tl.int64) * 8
+    t0 = tl.load(meta)
+    t1 = tl.load(meta + 1)
+    q0 = tl.load(meta + 2)
+    qhi = tl.load(meta + 3)
+    prow0 = tl.load(meta + 4).to(tl.int64)  # partial row of query x = prow0 + x
+    wide = tl.load(meta + 5)
     if wide != 0:
         _tree_tile(
             q_ptr, k_ptr, v_ptr, slots_ptr, end_ptr, qidx_ptr, lse_ptr, o_ptr,
             kvh, t0, t1, q0, qhi, prow0, qk_scale,
             stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
             NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_WIDE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
+            PREFETCH,
         )  # fmt: skip
     else:
         _tree_tile(
@@ -504,6 +540,7 @@ def _tree_attention_kernel(
             kvh, t0, t1, q0, qhi, prow0, qk_scale,
             stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
             NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_NARROW, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
+            PREFETCH,
         )  # fmt: skip
 
 
@@ -621,21 +658,14 @@ def _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o):
     Q, H, D = q.shape
     kvh = k_cache.shape[1]
     cfg = _kernel_config(plan, q.dtype)
-    _tree_attention_kernel[(plan.num_items, kvh)](
+    _tree_attention_kernel[(plan.num_items * kvh,)](
         q,
         k_cache,
         v_cache,
         layout.slots,
         layout.end,
         layout.q_index,
-        plan.chunk_start,
-        plan.chunk_end,
-        plan.chunk_qlo,
-        plan.chunk_qhi,
-        plan.chunk_pbase,
-        plan.item_chunk,
-        plan.item_q0,
-        plan.item_wide,
+        plan.item_meta,
         lse,
         part_o,
         float(scale) * LOG2E,
@@ -645,6 +675,7 @@ def _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o):
         k_cache.stride(1),
         v_cache.stride(0),
         v_cache.stride(1),
+        NUM_KV_HEADS=kvh,
         NUM_HEADS=H,
         GROUP=H // kvh,
         HEAD_DIM=D,
@@ -656,6 +687,8 @@ def _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o):
         DOT_PREC=cfg["DOT_PREC"],
         WRITE_LSE=not plan.direct,
         EARLY_V=cfg["EARLY_V"],
+        PREFETCH=cfg["PREFETCH"],
+        KV_FAST=cfg["KV_FAST"],
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -435,3 +435,42 @@ def test_cuda_graph_capture_and_replay():
         torch.cuda.synchronize()
         want = tree_attention_reference(q.float(), k.float(), v.float(), layout, d**-0.5)
         torch.testing.assert_close(out.float(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(PREFETCH=True),
+        dict(KV_FAST=False, EARLY_V=True),
+        dict(MERGE_BLOCK_P=2, MERGE_HEADS=8, merge_warps=2),
+        dict(BLOCK_M_WIDE=128, BLOCK_N=32, num_stages=3, PREFETCH=True),
+    ],
+)
+def test_kernel_config_variants(device, config):
+    """The kernel's optional paths (hand-pipelined slot loads, program orders, early V loads, merge tiles that
+    need several blocks of partials per query) compute the same attention."""
+    rng = random.Random(31)
+    parents, lens = random_tree(rng, 3, (1, 3), lambda r, lvl: r.choice([1, 2, r.randint(1, 70)]), roots=2)
+    layout, slots = tree_case(parents, lens, random_queries(rng, parents, lens, 24), seed=31)
+    layout = _to(layout, device)
+    plan = plan_tree_attention(layout, 8, 2, 64, torch.float32, chunk_tokens=11, config=config)
+    assert plan.config["MERGE_HEADS"] == config.get("MERGE_HEADS", plan.config["MERGE_HEADS"])
+    assert not plan.direct and plan.max_partials > 2
+    _run(layout, len(slots) + 7, 8, 2, 64, torch.float32, device, seed=31, plan=plan)
+
+
+def test_kernel_direct_single_chunk(device):
+    """Every query seeing exactly one chunk (a forest of short unrelated rows, one chunk each): the first kernel
+    writes the output itself, no merge."""
+    parents = [-1, 0, -1, -1]
+    lens = [16, 16, 32, 32]
+    layout, slots = tree_case(parents, lens, [(1, 15), (2, 31), (3, 31)], seed=4)
+    layout = _to(layout, device)
+    plan = plan_tree_attention(layout, 8, 2, 64, torch.float32, chunk_tokens=32)
+    assert plan.direct and plan.num_partials == layout.num_queries
+    _run(layout, len(slots) + 7, 8, 2, 64, torch.float32, device, seed=4, plan=plan)
+    _run(layout, len(slots) + 7, 8, 2, 64, torch.float16, device, seed=5, plan=plan)
+    # and the same tree planned with smaller chunks goes through the merge, to the same result
+    plan2 = plan_tree_attention(layout, 8, 2, 64, torch.float32, chunk_tokens=8)
+    assert not plan2.direct
+    _run(layout, len(slots) + 7, 8, 2, 64, torch.float32, device, seed=4, plan=plan2)
