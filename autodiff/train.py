@@ -587,6 +587,25 @@ def minimize(
                 properties=exp.Properties(expressions=[exp.TemporaryProperty()]),
             ).sql("duckdb")
 
+    # the SQL run every step, rendered once (Adam's update carries the step number for its bias correction)
+    view_statements = [sql for (stepname, _, _), sql in zip(rendered, statements) if prog.is_view(stepname)]
+    table_statements = [sql for (stepname, _, _), sql in zip(rendered, statements) if not prog.is_view(stepname)]
+    drops = [drop_sql(t) for t in step_tables]
+    views_made = False
+
+    def render_updates(step: int) -> list[str]:
+        out = []
+        for w, upd in zip(work, upd_tables):
+            g = _temp(f"{prefix}_{w.grad_step}")
+            out.append(_create(upd.copy(), _updated(w, opt, step, g), temp=True))
+            out += _apply_update(w, opt, upd, temp=True)
+        return out
+
+    constant_updates = render_updates(1) if opt.kind != "adam" else None
+
+    def update_sql(step: int) -> list[str]:
+        return constant_updates if constant_updates is not None else render_updates(step)
+
     saved_threads = None
     restore_malloc = keep_freed_memory_while_training() if keep_freed_memory else None
     if threads is not None:
@@ -613,18 +632,19 @@ def minimize(
                     if batches is not None:
                         _execute(duck, batch_view(ordered[b * batches.size : (b + 1) * batches.size]))
                     step += 1
-                    for sql in statements:
+                    if not views_made:  # views read the batch view and working tables by name: made once
+                        for sql in view_statements:
+                            _execute(duck, sql)
+                        views_made = True
+                    for sql in table_statements:
                         _execute(duck, sql)
                     value = _execute(duck, loss_sql).fetchall()
                     loss_value = float(value[0][0]) if value and value[0][0] is not None else float("nan")
-                    for w, upd in zip(work, upd_tables):
-                        g = _temp(f"{prefix}_{w.grad_step}")
-                        _execute(duck, _create(upd.copy(), _updated(w, opt, step, g), temp=True))
-                        for sql in _apply_update(w, opt, upd, temp=True):
-                            _execute(duck, sql)
+                    for sql in update_sql(step):
+                        _execute(duck, sql)
                     log_rows.append([name, epoch, step, loss_value, time.perf_counter() - t0])
-                    for t in step_tables:  # freed now, not at the epoch's commit
-                        _execute(duck, drop_sql(t))
+                    for sql in drops:  # freed now, not at the epoch's commit
+                        _execute(duck, sql)
                     if on_step is not None:
                         on_step(epoch, step, loss_value)
                     _execute(duck, "COMMIT")
