@@ -14,7 +14,7 @@ def test_calibrate_stores_constants_that_the_planner_uses(tmp_path):
     db = str(tmp_path / "cal.db")
     lines: list[str] = []
     with reldl.connect(db) as con:
-        measured = cal.calibrate(con.duckdb_connection, out=lines.append)
+        measured = cal.calibrate(con.duckdb_connection, out=lines.append, offload=False)  # offload: sql tests
         assert set(measured) <= PROBED | {"torch_cuda_flops"}
         # (a busy machine may leave noisy ones out: test_noisy_measurement_keeps_the_stored_value)
         assert all(v > 0 for v in measured.values())
@@ -34,7 +34,7 @@ def test_noisy_measurement_keeps_the_stored_value(tmp_path, monkeypatch):
         spreads = iter([1.0, 2.0, 1.0, 1.0, 1.0, 1.0])  # the second probe (sql_flops) is noisy
         monkeypatch.setattr(cal, "_rounds", lambda fn, rounds=3: (fn(), next(spreads)))
         lines: list[str] = []
-        measured = cal.calibrate(duck, out=lines.append)
+        measured = cal.calibrate(duck, out=lines.append, offload=False)
         assert "sql_flops" not in measured and "torch_cpu_flops" in measured
         assert any("sql_flops" in line and "noisy" in line and "kept 123" in line for line in lines)
         assert con.cost_constants()["sql_flops"] == 123.0
