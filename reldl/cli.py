@@ -28,7 +28,8 @@ examples:
   reldl sql my.db < script.sql        run a script, printing each result
   reldl sql my.db                     interactive shell (.help lists its commands)
   reldl models my.db
-  reldl calibrate my.db               measure the planner's cost constants here; EXPLAIN then uses them
+  reldl calibrate my.db               measure the planner's cost constants and the offload hardware (PCIe,
+                                      disk, GPU/CPU rates) here; EXPLAIN and offload = 'auto' then use them
 """
 
 
@@ -55,7 +56,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    """Measure the planner's cost constants on this machine and store them in the database."""
+    """Measure the planner's cost constants and the offload hardware on this machine; store them in the database."""
     from reldl.calibrate import calibrate
 
     with contextlib.closing(reldl.connect(args.database)) as conn:

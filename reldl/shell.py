@@ -41,6 +41,7 @@ HELP = """\
 SQL statements may span lines and run once they end with ';'. Ctrl-C discards the statement being typed.
 reldl adds to DuckDB's SQL:
   CREATE [OR REPLACE] MODEL name OPTIONS (model_type = 'llm', path = '/dir/of/checkpoint')
+    [, offload = 'auto' | 'weights = 0/50/50, cache = 0/100/0, gpu_batch_size = 32', gpu_memory = '16GB']
   DROP MODEL [IF EXISTS] name
   SHOW MODELS
   llm_generate(prompt, model := 'name', max_tokens := 64), llm_score(prompt, continuation)

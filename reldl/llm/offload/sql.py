@@ -179,6 +179,8 @@ def _free_disk(path: str, default: float) -> float:
 
 def calibrated_values(duck) -> dict[str, float]:
     """The `offload_*` keys `reldl calibrate` stored (empty when uncalibrated)."""
+    if duck is None:
+        return {}
     cur = duck.cursor()
     try:
         rows = cur.execute("SELECT key, value FROM reldl.calibration WHERE key LIKE 'offload_%'").fetchall()
@@ -193,6 +195,8 @@ def cpu_flops(duck) -> float:
     """The CPU's matmul rate the planner uses (calibrated `torch_cpu_flops`, or its default)."""
     from reldl.planner.cost import DEFAULTS
 
+    if duck is None:
+        return DEFAULTS["torch_cpu_flops"]
     cur = duck.cursor()
     try:
         row = cur.execute("SELECT value FROM reldl.calibration WHERE key = 'torch_cpu_flops'").fetchall()
