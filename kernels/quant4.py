@@ -246,6 +246,78 @@ def _check_matmul(x: torch.Tensor, q: Quantized4, bias: torch.Tensor | None) -> 
 
 
 @triton.jit
+def _gemv_4bit_kernel(
+    x_ptr,
+    packed_ptr,
+    scale_ptr,
+    minv_ptr,
+    bias_ptr,
+    out_ptr,
+    N,
+    K,
+    G,
+    groups_per_split,
+    stride_pn,
+    stride_sn,
+    stride_os,
+    HAS_BIAS: tl.constexpr,
+    DIRECT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NG: tl.constexpr,
+):
+    """M = 1: out[n] = sum_k x[k] * (code[n, k] * scale + minv), a [BLOCK_N, NG groups, 32] tile of bytes per step
+    (NG * 32 bytes of every weight row), float32 fused multiply-adds into a 3-D accumulator reduced once at the end.
+    Program (c, s) takes rows block c and groups [s * groups_per_split, ...): with several splits it writes float32
+    partials [splits, N] that `_splitk_reduce_kernel` sums in a fixed order."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    nm = n < N
+    gi = tl.arange(0, NG)
+    j = tl.arange(0, 32)
+    p_rows = packed_ptr + n[:, None, None] * stride_pn
+    s_rows = scale_ptr + n[:, None] * stride_sn
+    v_rows = minv_ptr + n[:, None] * stride_sn
+    g_lo = pid_s * groups_per_split
+    g_hi = tl.minimum(g_lo + groups_per_split, G)
+    acc = tl.zeros([BLOCK_N, NG, 32], dtype=tl.float32)
+    for g0 in range(g_lo, g_hi, NG):
+        g = g0 + gi
+        gm = g < g_hi
+        c_lo = g[:, None] * 64 + j[None, :]  # [NG, 32]
+        x_lo = tl.load(x_ptr + c_lo, mask=gm[:, None] & (c_lo < K), other=0.0).to(tl.float32)
+        x_hi = tl.load(x_ptr + c_lo + 32, mask=gm[:, None] & (c_lo + 32 < K), other=0.0).to(tl.float32)
+        pm = nm[:, None, None] & gm[None, :, None]
+        p = tl.load(p_rows + (g[:, None] * 32 + j[None, :])[None, :, :], mask=pm, other=0).to(tl.int32)
+        sm = nm[:, None] & gm[None, :]
+        s = tl.load(s_rows + g[None, :], mask=sm, other=0.0).to(tl.float32)[:, :, None]
+        v = tl.load(v_rows + g[None, :], mask=sm, other=0.0).to(tl.float32)[:, :, None]
+        acc += ((p & 15).to(tl.float32) * s + v) * x_lo[None, :, :]
+        acc += ((p >> 4).to(tl.float32) * s + v) * x_hi[None, :, :]
+    res = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if DIRECT:
+        if HAS_BIAS:
+            res += tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n, res.to(out_ptr.dtype.element_ty), mask=nm)
+    else:
+        tl.store(out_ptr + pid_s * stride_os + n, res, mask=nm)
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    part_ptr, bias_ptr, out_ptr, N, stride_ps, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+):
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = c < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(SPLITS):
+        acc += tl.load(part_ptr + s * stride_ps + c, mask=m, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + c, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + c, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _matmul_4bit_kernel(
     x_ptr,
     packed_ptr,
@@ -263,35 +335,50 @@ def _matmul_4bit_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    GROUP_M: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    """M >= 2: per step, BLOCK_KH bytes of each of BLOCK_N weight rows (2 * BLOCK_KH columns, BLOCK_KH / 32 groups)
+    are dequantized once into two [BLOCK_N, BLOCK_KH] tiles in x's dtype (low and high nibbles) and multiplied with
+    the matching x columns (x loaded in the packed order: byte c of a step <-> columns 64 * (c // 32) + c % 32 and
+    that + 32) by two full-size tl.dot calls. Programs are ordered in GROUP_M bands of row tiles (L2 reuse of the
+    weight tiles)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_band = GROUP_M * num_n
+    band = pid // per_band
+    first_m = band * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_band) % size_m
+    pid_n = (pid % per_band) // size_m
     m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     mm = m < M
     nm = n < N
-    j = tl.arange(0, 32)
+    c = tl.arange(0, BLOCK_KH)
+    col = (c // 32) * 64 + c % 32
     x_rows = x_ptr + m[:, None] * stride_xm
     p_rows = packed_ptr + n[:, None] * stride_pn
-    s_rows = scale_ptr + n * stride_sn
-    v_rows = minv_ptr + n * stride_sn
+    s_rows = scale_ptr + n[:, None] * stride_sn
+    v_rows = minv_ptr + n[:, None] * stride_sn
+    kb_total = tl.cdiv(K, 64) * 32  # bytes per weight row
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    num_groups = tl.cdiv(K, 64)
-    for g in range(0, num_groups):
-        c_lo = g * 64 + j
-        c_hi = c_lo + 32
-        x_lo = tl.load(x_rows + c_lo[None, :], mask=mm[:, None] & (c_lo < K)[None, :], other=0.0)
-        x_hi = tl.load(x_rows + c_hi[None, :], mask=mm[:, None] & (c_hi < K)[None, :], other=0.0)
-        p = tl.load(p_rows + (g * 32 + j)[None, :], mask=nm[:, None], other=0).to(tl.int32)  # [BLOCK_N, 32]
-        w_lo = (p & 15).to(x_lo.dtype)
-        w_hi = (p >> 4).to(x_lo.dtype)
-        part = tl.dot(x_lo, tl.trans(w_lo), input_precision=DOT_PREC)
-        part = tl.dot(x_hi, tl.trans(w_hi), part, input_precision=DOT_PREC)
-        xsum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
-        s = tl.load(s_rows + g, mask=nm, other=0.0).to(tl.float32)
-        v = tl.load(v_rows + g, mask=nm, other=0.0).to(tl.float32)
-        acc += part * s[None, :] + xsum[:, None] * v[None, :]
+    for b0 in range(0, kb_total, BLOCK_KH):
+        k_lo = 2 * b0 + col
+        x_lo = tl.load(x_rows + k_lo[None, :], mask=mm[:, None] & (k_lo < K)[None, :], other=0.0)
+        x_hi = tl.load(x_rows + (k_lo + 32)[None, :], mask=mm[:, None] & (k_lo + 32 < K)[None, :], other=0.0)
+        pb = b0 + c
+        pm = nm[:, None] & (pb < kb_total)[None, :]
+        p = tl.load(p_rows + pb[None, :], mask=pm, other=0).to(tl.int32)
+        g = (pb // 32)[None, :]
+        s = tl.load(s_rows + g, mask=pm, other=0.0).to(tl.float32)
+        v = tl.load(v_rows + g, mask=pm, other=0.0).to(tl.float32)
+        w_lo = ((p & 15).to(tl.float32) * s + v).to(x_lo.dtype)
+        w_hi = ((p >> 4).to(tl.float32) * s + v).to(x_lo.dtype)
+        acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision=DOT_PREC)
+        acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision=DOT_PREC)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)[None, :]
     tl.store(
@@ -299,14 +386,151 @@ def _matmul_4bit_kernel(
     )
 
 
+@triton.jit
+def _dequant_kernel(
+    packed_ptr,
+    scale_ptr,
+    minv_ptr,
+    out_ptr,
+    N,
+    K,
+    stride_pn,
+    stride_sn,
+    stride_on,
+    BLOCK_N: tl.constexpr,
+    NG: tl.constexpr,
+):
+    """Dequantize rows into out [N, K] (x's dtype): NG groups of BLOCK_N rows per program."""
+    n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    g = tl.program_id(1) * NG + tl.arange(0, NG)
+    j = tl.arange(0, 32)
+    nm = n < N
+    G = tl.cdiv(K, 64)
+    gm = g < G
+    pm = nm[:, None, None] & gm[None, :, None]
+    p = tl.load(packed_ptr + n[:, None, None] * stride_pn + (g[:, None] * 32 + j[None, :])[None], mask=pm, other=0)
+    p = p.to(tl.int32)
+    sm = nm[:, None] & gm[None, :]
+    s = tl.load(scale_ptr + n[:, None] * stride_sn + g[None, :], mask=sm, other=0.0).to(tl.float32)[:, :, None]
+    v = tl.load(minv_ptr + n[:, None] * stride_sn + g[None, :], mask=sm, other=0.0).to(tl.float32)[:, :, None]
+    c_lo = (g[:, None] * 64 + j[None, :])[None]
+    dst = out_ptr + n[:, None, None] * stride_on
+    ty = out_ptr.dtype.element_ty
+    tl.store(dst + c_lo, ((p & 15).to(tl.float32) * s + v).to(ty), mask=pm & (c_lo < K))
+    tl.store(dst + c_lo + 32, ((p >> 4).to(tl.float32) * s + v).to(ty), mask=pm & (c_lo + 32 < K))
+
+
+# launch configurations (module-level so benchmarks and tests can swap them)
+# H200 sweep (fp16, CUDA graphs): 8 rows x 8 groups, split K to ~2 programs per SM: qkv 7168^2 19 us (dense 27),
+# fc1 28672x7168 69 us (dense 95), fc2 7168x28672 79 us (dense 101)
+GEMV_CONFIG = {"BLOCK_N": 8, "NG": 8, "num_warps": 4, "num_stages": 3}
+GEMV_PROGRAMS_PER_SM = 2  # split K until about this many programs per SM run (memory-level parallelism)
+GEMV_PARTIAL_FRACTION = 8  # split-K partials (4 bytes per split and row) at most 1/this of the weight bytes
+GEMM_CONFIGS = {  # by M: (max M, config)
+    16: {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_KH": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    64: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_KH": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
+    None: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_KH": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+}
+# From this many rows on (CUDA only), dequantize chunks of weight rows into x's dtype (one Triton launch each) and
+# use torch.matmul. On the H200 this beat the fused tile kernel by 2-9x (M=256 qkv: 83 us vs 439 us, fc2: 338 us vs
+# 3573 us; the dequantized tile reaches tl.dot from registers), so the fused kernel runs only in the interpreter
+# (and where this is set to None).
+DEQUANT_GEMM_MIN_M = None if interpreting() else 2
+DEQUANT_CHUNK_BYTES = 256 << 20  # the dequantized chunk of weight rows stays under this
+
+
+def _sms(device) -> int:
+    if device.type == "cuda" and not interpreting():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def gemv_4bit_config(n: int, k: int, sms: int) -> dict:
+    """M = 1: row tile, groups per step, and the split over K (grid from shapes only)."""
+    cfg = dict(GEMV_CONFIG)
+    g = cdiv(k, GROUP)
+    blocks_n = cdiv(n, cfg["BLOCK_N"])
+    steps = cdiv(g, cfg["NG"])
+    by_bytes = max(1, (g * HALF) // (4 * GEMV_PARTIAL_FRACTION))
+    split = max(1, min(steps, cdiv(GEMV_PROGRAMS_PER_SM * sms, blocks_n), by_bytes))
+    per = cdiv(steps, split) * cfg["NG"]
+    cfg["GROUPS_PER_SPLIT"] = per
+    cfg["SPLITS"] = cdiv(g, per)
+    return cfg
+
+
 def matmul_4bit_config(m: int, dtype: torch.dtype) -> dict:
-    """Tile shapes from the number of rows (every tl.dot dimension >= 16)."""
+    """Tile shapes of the tl.dot kernel from the number of rows (every tl.dot dimension >= 16)."""
     prec = "ieee" if dtype == torch.float32 else "tf32"
-    if m <= 16:  # decode: weight-read bound, many narrow N tiles
-        return dict(BLOCK_M=16, BLOCK_N=64, DOT_PREC=prec, num_warps=4, num_stages=4)
-    if m <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, DOT_PREC=prec, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, DOT_PREC=prec, num_warps=8, num_stages=3)
+    for top, cfg in GEMM_CONFIGS.items():
+        if top is None or m <= top:
+            return dict(cfg, DOT_PREC=prec)
+    raise AssertionError
+
+
+def dequantize_4bit_triton(q: Quantized4, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
+    """A quantized weight [N, K] (or rows of it) -> [n, K] in dtype, one Triton launch."""
+    packed, scale, minv = q.packed, q.scale, q.minv
+    if rows is not None:
+        packed, scale, minv = packed[rows], scale[rows], minv[rows]
+    n, k = packed.shape[0], q.k
+    out = torch.empty((n, k), dtype=dtype, device=packed.device)
+    if n and k:
+        bn, ng = 16, 8
+        _dequant_kernel[(cdiv(n, bn), cdiv(q.groups, ng))](
+            packed,
+            scale,
+            minv,
+            out,
+            n,
+            k,
+            packed.stride(0),
+            scale.stride(0),
+            out.stride(0),
+            BLOCK_N=bn,
+            NG=ng,
+            num_warps=4,
+        )
+    return out
+
+
+def _gemv_4bit(x2, packed, scale, minv, bias, out, n, k) -> None:
+    cfg = gemv_4bit_config(n, k, _sms(x2.device))
+    splits = cfg.pop("SPLITS")
+    per = cfg.pop("GROUPS_PER_SPLIT")
+    direct = splits == 1
+    part = out if direct else torch.empty((splits, n), dtype=torch.float32, device=x2.device)
+    _gemv_4bit_kernel[(cdiv(n, cfg["BLOCK_N"]), splits)](
+        x2,
+        packed,
+        scale,
+        minv,
+        bias if bias is not None else out,
+        part,
+        n,
+        k,
+        scale.shape[1],
+        per,
+        packed.stride(0),
+        scale.stride(0),
+        0 if direct else part.stride(0),
+        HAS_BIAS=bias is not None,
+        DIRECT=direct,
+        **cfg,
+    )
+    if not direct:
+        block = 1024
+        _splitk_reduce_kernel[(cdiv(n, block),)](
+            part,
+            bias if bias is not None else out,
+            out,
+            n,
+            part.stride(0),
+            SPLITS=splits,
+            HAS_BIAS=bias is not None,
+            BLOCK=block,
+            num_warps=4,
+        )
 
 
 def matmul_4bit(x: torch.Tensor, q: Quantized4, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -332,9 +556,21 @@ def matmul_4bit(x: torch.Tensor, q: Quantized4, bias: torch.Tensor | None = None
         scale, minv = scale.contiguous(), minv.contiguous()
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m and n:
+    if m == 0 or n == 0:
+        return out.view(*lead, n)
+    if m == 1:
+        _gemv_4bit(x2, packed, scale, minv, bias, out, n, k)
+    elif DEQUANT_GEMM_MIN_M is not None and m >= DEQUANT_GEMM_MIN_M:
+        step = max(64, (DEQUANT_CHUNK_BYTES // max(1, k * x.element_size())) // 64 * 64)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            w = dequantize_4bit_triton(Quantized4(packed, scale, minv, k), x.dtype, slice(lo, hi))
+            torch.matmul(x2, w.T, out=out[:, lo:hi]) if hi - lo == n else out[:, lo:hi].copy_(x2 @ w.T)
+        if bias is not None:
+            out += bias.to(out.dtype)
+    else:
         cfg = matmul_4bit_config(m, x.dtype)
-        grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]))
+        grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
         _matmul_4bit_kernel[grid](
             x2,
             packed,

@@ -458,7 +458,9 @@ UP_TILES = {
     "dot": {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3},
 }
 DOWN_TILES = {
-    "gemv": {"BLOCK_K": 32, "BLOCK_N": 256, "num_warps": 4, "num_stages": 3},
+    # gemv: 64 rows x 256 bytes per step (H200 sweep: OPT-13B 5% 14.6 us vs 17.2 us with 32 x 512 bytes; TEAL 50%
+    # 64 us vs 74 us)
+    "gemv": {"BLOCK_K": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
     "dot": {"BLOCK_K": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
 }
 
