@@ -57,6 +57,7 @@ class Program:
 
     def __post_init__(self) -> None:
         self._by_name: dict[str, Step] = {}
+        self._views: dict[str, bool] = {}
 
     def add(self, step: Step) -> None:
         self.steps.append(step)
@@ -95,9 +96,14 @@ class Program:
 
     def is_view(self, name: str) -> bool:
         """Whether step ``name`` renders as a view: a scan, whose data (or a batch of it) costs more to copy into a
-        table than to read twice."""
+        table than to read twice, or a step that only renames or passes on another's columns (a Rename, the
+        gradient of an addition's input), which a table would merely copy."""
         step = self._by_name[name]
-        return isinstance(step.node, Scan) and not step.gradient
+        if isinstance(step.node, Scan) and not step.gradient:
+            return True
+        if name not in self._views:
+            self._views[name] = _is_projection(step.build(_cte_ref))
+        return self._views[name]
 
     def statements(self, prefix: str, names: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
         """``(step, table, CREATE OR REPLACE TEMP TABLE ... AS ...)`` for the steps (all, or those ``names`` need), in
@@ -127,6 +133,17 @@ class Program:
             duck.execute(sql)
             tables[step] = table
         return tables
+
+
+def _is_projection(q: exp.Expression) -> bool:
+    """A SELECT of plain columns (renamed or not) from one table: no joins, filters, grouping or expressions."""
+    if not isinstance(q, exp.Select) or not isinstance(q.args.get("from_", q.args.get("from")), exp.From):
+        return False
+    if any(q.args.get(k) for k in ("joins", "where", "group", "having", "order", "limit", "distinct", "qualify")):
+        return False
+    if not isinstance(q.args.get("from_", q.args.get("from")).this, exp.Table):
+        return False
+    return all(isinstance(e.unalias() if isinstance(e, exp.Alias) else e, exp.Column) for e in q.expressions)
 
 
 def _cte_ref(name: str) -> exp.Expression:

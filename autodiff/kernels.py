@@ -190,7 +190,10 @@ class Elementwise(Kernel):
             subs[self.placeholder(j)] = a if s == () else at(a, _lam_col(_I))
         body = _substitute(d, subs)
         indexed = any(c.name == _I for c in body.find_all(exp.Column))
-        per_element = transform(grad, sym.mul(body, _lam_col(_X)), with_index=indexed)
+        scaled = sym.mul(body, _lam_col(_X))
+        if shapes[i] != () and isinstance(scaled, exp.Column) and scaled.name == _X and not scaled.table:
+            return grad.copy()  # a partial of 1 (add, identity): the output's gradient as it is
+        per_element = transform(grad, scaled, with_index=indexed)
         return per_element if shapes[i] != () else sym.func("list_sum", per_element)
 
 

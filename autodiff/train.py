@@ -588,7 +588,6 @@ def minimize(
             ).sql("duckdb")
 
     # the SQL run every step, rendered once (Adam's update carries the step number for its bias correction)
-    view_statements = [sql for (stepname, _, _), sql in zip(rendered, statements) if prog.is_view(stepname)]
     table_statements = [sql for (stepname, _, _), sql in zip(rendered, statements) if not prog.is_view(stepname)]
     drops = [drop_sql(t) for t in step_tables]
     views_made = False
@@ -632,12 +631,10 @@ def minimize(
                     if batches is not None:
                         _execute(duck, batch_view(ordered[b * batches.size : (b + 1) * batches.size]))
                     step += 1
-                    if not views_made:  # views read the batch view and working tables by name: made once
-                        for sql in view_statements:
-                            _execute(duck, sql)
-                        views_made = True
-                    for sql in table_statements:
+                    # views read the batch view and the step's tables by name: made once, in order with the tables
+                    for sql in table_statements if views_made else statements:
                         _execute(duck, sql)
+                    views_made = True
                     value = _execute(duck, loss_sql).fetchall()
                     loss_value = float(value[0][0]) if value and value[0][0] is not None else float("nan")
                     for sql in update_sql(step):

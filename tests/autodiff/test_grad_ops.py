@@ -470,3 +470,18 @@ def test_numpy_elementwise_refuses_what_it_cannot_compute():
 
     for sql in ("CASE WHEN __a0 > 0 THEN __a0 END", "random() * __a0", "other + __a0", "'a' || __a0"):
         assert numpy_function(sqlglot.parse_one(sql, read="duckdb")) is None
+
+
+def test_renames_and_pass_through_gradients_are_views():
+    """Steps that only rename or pass on another step's columns (a Rename; the gradient of an addition's input) are
+    views, not copies; steps that compute are tables."""
+    adj = ad.table("adj", keys=["i", "j"])
+    h = ad.apply("add", ad.table("h", keys=["i"], shape=(3,)), ad.param("b", shape=(3,)))
+    loss = ad.sum(ad.apply("tile_sum", ad.sum(ad.apply("mul", adj, ad.rename(h, {"i": "j"})), by=["i"])))
+    prog = backward(loss)
+    kinds = {name: ("VIEW" in sql) for name, _, sql in prog.statements("t")}
+    r = next(n for n in ad.ir.topological([loss]) if isinstance(n, ad.ir.Rename))
+    assert kinds[f"f{r.id}"]  # forward rename: a view
+    assert kinds[f"g{h.id}"]  # h's gradient is r's, renamed back: a view
+    assert not kinds[f"f{h.id}"]  # the addition computes: a table
+    assert not kinds[prog.grads[prog.wrt[0].id]]  # b's gradient sums over rows: a table
