@@ -30,6 +30,8 @@ head_dim (the attention-kernel fusion is not here yet).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from reldl.kernels._triton import cdiv, interpreting, require_triton, tl, triton, triton_available
@@ -441,8 +443,13 @@ DEQUANT_CHUNK_BYTES = 256 << 20  # the dequantized chunk of weight rows stays un
 
 def _sms(device) -> int:
     if device.type == "cuda" and not interpreting():
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def gemv_4bit_config(n: int, k: int, sms: int) -> dict:
