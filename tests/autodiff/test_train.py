@@ -146,7 +146,10 @@ def test_sparse_gradients_decay_state_like_dense_torch(optimizer):
 def test_full_batch_and_finished_run_is_not_retrained():
     con = duckdb.connect()
     mlp_setup(con)
+    con.execute("SET disabled_optimizers = 'expression_rewriter'")
     r1 = minimize(con, mlp_loss("data"), optimizer="sgd", learning_rate=0.1, epochs=2, name="fb")
+    # the settings training changes come back: threads, and the optimizer it turns off (build_side_probe_side)
+    assert con.execute("SELECT current_setting('disabled_optimizers')").fetchall()[0][0] == "expression_rewriter"
     before = read(con, "w1")
     r2 = minimize(con, mlp_loss("data"), optimizer="sgd", learning_rate=0.1, epochs=2, name="fb")
     assert r1.steps == r2.steps == 2 and r2.step_losses == [] and r2.losses == r1.losses
