@@ -12,23 +12,30 @@ uses torch.sparse.mm. Prints a table and writes JSON (default benchmarks/out/aut
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import tempfile
-import time
-import warnings
-from pathlib import Path
 
-import duckdb
-import numpy as np
-import pyarrow as pa
-import sqlglot
-import torch
+# DuckDB's bundled jemalloc (read once, when duckdb loads): freed pages stay for reuse for 10 s, and large allocations
+# use the ordinary arenas rather than the one that hands them back at once. Every training step scans a 32 MB batch of
+# tiles and hashes it for a join; without this, each step faulted ~10k fresh pages in (MLP: ~200 -> ~170 ms a step on
+# the 2-core machine). Set DUCKDB_JE_MALLOC_CONF yourself (empty: jemalloc's defaults) to override.
+os.environ.setdefault("DUCKDB_JE_MALLOC_CONF", "oversize_threshold:1073741824,dirty_decay_ms:10000,muzzy_decay_ms:0")
 
-from reldl import autodiff as ad
-from reldl.autodiff.train import Batches, minimize
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import duckdb  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import sqlglot  # noqa: E402
+import torch  # noqa: E402
+
+from reldl import autodiff as ad  # noqa: E402
+from reldl.autodiff.train import Batches, minimize  # noqa: E402
 
 
 def put(con, name: str, cols: dict) -> None:
@@ -234,7 +241,12 @@ def main() -> None:
     nodes = args.nodes or (100_000 if args.quick else 1_000_000)
     torch.set_num_threads(os.cpu_count() or 1)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    result: dict = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "args": config}
+    result: dict = {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "args": config,
+        "duckdb_je_malloc_conf": os.environ.get("DUCKDB_JE_MALLOC_CONF"),
+    }
     table = []
     with tempfile.TemporaryDirectory() as tmp:
         con = duckdb.connect(str(Path(tmp) / "bench.duckdb"))
