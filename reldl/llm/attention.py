@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from reldl.kernels.tree_attention import TreeLayout, tree_attention_reference
+from reldl.kernels.tree_attention import TreeAttentionPlan, TreeLayout, tree_attention_reference
 
 
 @dataclass
@@ -27,6 +27,9 @@ class Step:
     block_tables: torch.Tensor  # [B, NB] int64, cache blocks of each sequence in order
     block_size: int
     tree: TreeLayout | None = None  # decode steps (T == 1) only: rows in tree order, their KV laid out once
+    # the kernel's work plan for `tree` (plan_tree_attention), made once per step and shared by every layer; None:
+    # the PyTorch reference (CPU), which needs none
+    tree_plan: TreeAttentionPlan | None = None
 
 
 @dataclass
@@ -68,19 +71,21 @@ def paged_attention(
     kv.v.index_copy_(0, flat, v.reshape(-1, KVH, D).to(kv.v.dtype))
     if step.tree is not None:
         B, T, H, _ = q.shape
-        return tree_attend(q.reshape(B * T, H, D), kv, step.tree, scale).reshape(B, T, H * D)
+        return tree_attend(q.reshape(B * T, H, D), kv, step.tree, scale, step.tree_plan).reshape(B, T, H * D)
     return attend_cached(q, kv, step, mask, scale)
 
 
-def tree_attend(q: torch.Tensor, kv: LayerKV, layout: TreeLayout, scale: float) -> torch.Tensor:
+def tree_attend(
+    q: torch.Tensor, kv: LayerKV, layout: TreeLayout, scale: float, plan: TreeAttentionPlan | None = None
+) -> torch.Tensor:
     """q [Q, H, D] (one query per row, rows in tree order) over the tree's KV -> [Q, H, D]: reldl's Triton kernel
-    on CUDA when it is there, the PyTorch reference elsewhere."""
+    on CUDA when it is there (with `plan`, the step's plan, no host syncs), the PyTorch reference elsewhere."""
     from reldl.llm import fused
 
     k_ = fused.on(q)
     kernel = getattr(k_, "tree_attention", None) if k_ is not None else None
     if kernel is not None:
-        return kernel(q.contiguous(), kv.k, kv.v, layout, scale)
+        return kernel(q.contiguous(), kv.k, kv.v, layout, scale, plan=plan)
     return tree_attention_reference(q, kv.k, kv.v, layout, scale)
 
 

@@ -22,7 +22,13 @@ import torch
 from tokenizers import Tokenizer
 
 from reldl.errors import DataError
-from reldl.kernels.tree_attention import layout_from_block_tables
+from reldl.kernels.tree_attention import (
+    TreeAttentionPlan,
+    TreeLayout,
+    layout_from_block_tables,
+    plan_tree_attention,
+)
+from reldl.llm import fused
 from reldl.llm.attention import Step
 from reldl.llm.config import ModelConfig
 from reldl.llm.kv_cache import TRASH_BLOCK, PagedKVCache
@@ -190,8 +196,17 @@ class Engine:
         )
         if tree:  # a decode step over rows in tree order: each row's query is its newest token
             step.tree = layout_from_block_tables(step.block_tables, step.positions[:, 0] + 1, step.block_size)
+            step.tree_plan = self._tree_plan(step.tree)  # once per step, shared by every layer
         toks = torch.tensor(tokens, dtype=torch.long, device=dev)
         return self.model(toks, step, self.cache.layers)
+
+    def _tree_plan(self, layout: TreeLayout, sms: int | None = None) -> TreeAttentionPlan | None:
+        """The tree kernel's plan for a step's layout (None where the PyTorch reference runs: it needs none)."""
+        k_ = fused.on(torch.empty(0, device=self.device))
+        if k_ is None or getattr(k_, "tree_attention", None) is None:
+            return None
+        c = self.config
+        return plan_tree_attention(layout, c.num_heads, c.num_kv_heads, c.head_dim, self.dtype, sms=sms)
 
     def _inputs(self, seqs: list[_Seq], starts: list[int], width: int):
         """Token/position/slot rows for `width` new tokens per sequence from `starts` (right-padded)."""

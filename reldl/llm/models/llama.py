@@ -30,7 +30,7 @@ class Attention(nn.Module):
             pos, slots = step.positions.reshape(-1), step.slots.reshape(-1)
             q = k_.rope_and_cache(qkv, pos, rope.cos, rope.sin, kv.k, kv.v, slots, self.h, self.kvh, self.d)
             if step.tree is not None:  # rows share cache blocks: each shared block read once (DeFT)
-                out = tree_attend(q.view(B, self.h, self.d), kv, step.tree, self.scale)
+                out = tree_attend(q.view(B, self.h, self.d), kv, step.tree, self.scale, step.tree_plan)
                 return self.wo(out.reshape(B, 1, self.h * self.d))
             if T == 1:
                 lens = step.positions[:, 0] + 1
