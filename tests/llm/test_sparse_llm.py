@@ -175,3 +175,32 @@ def test_changed_base_checkpoint_is_refused(tiny_checkpoints, texts, tmp_path):
     os.utime(cfg, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     with pytest.raises(Exception, match="changed since calibration"):
         registry.get_engine("changed-variant", str(target), "float32", "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_lookahead_matches_inline(ckpts, texts, tmp_path):
+    """On CUDA the look-ahead (predictor + selection on a side stream, joined at the next layer's MLP) decodes the
+    same tokens as the inline predictor, with and without CUDA graphs, at one row and at a batch (union)."""
+    from reldl.llm.engine import Engine
+
+    eng = _dense(ckpts["opt"])
+    target, _ = _variant(tmp_path, eng, ckpts["opt"], texts, "dejavu", 0.75)
+    gpu = registry.get_engine("sparse-test-dense-cuda", str(ckpts["opt"]), "float32", "cuda")
+    sparse = variant.build_variant(gpu.model, target)
+    la = sparse.sparse_lookahead
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
+    outs = {}
+    for graphs in (True, False):
+        for overlap in (True, False):
+            la.overlap = overlap
+            e = Engine(sparse, gpu.tokenizer, device=torch.device("cuda"), dtype=torch.float32, use_cuda_graphs=graphs)
+            for rows in (1, 3):
+                res = e.generate_ids(prompts[:rows], [SamplingParams(max_tokens=12)] * rows)
+                outs[(graphs, overlap, rows)] = [r.token_ids for r in res]
+            assert la._forked is None and not la.pending
+    la.overlap = True
+    for rows in (1, 3):
+        ref = outs[(False, False, rows)]
+        for key, got in outs.items():
+            if key[2] == rows:
+                assert got == ref, key

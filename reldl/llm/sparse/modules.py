@@ -17,9 +17,10 @@ When a module runs sparse (`mode`):
 Decode with a batch of rows computes the union of the rows' neuron sets (DejaVu) or reads the union of the rows'
 surviving input dimensions (TEAL: the kernel skips a weight row only when its input is zero in every row).
 
-Look-ahead (DejaVu): the predictor of layer i+1 runs from layer i's MLP input while layer i's sparse MLP runs: on
-CUDA on a side stream (forked from and joined back into the current stream inside layer i, so it also works inside
-the engine's CUDA-graph capture), on the CPU inline. Layer 0's predictor runs on its own input. The predictors are
+Look-ahead (DejaVu): the predictor of layer i+1 and its top-k selection run from layer i's MLP input while layer i's
+sparse MLP and layer i+1's attention run: on CUDA on a side stream (forked at layer i's MLP, joined at layer i+1's
+MLP, inside one forward, so it also works inside the engine's CUDA-graph capture), on the CPU inline. Layer 0's
+predictor runs on its own input. The predictors are
 trained on exactly these inputs (calibrate.py), so CPU and GPU compute the same selection.
 """
 
@@ -80,31 +81,37 @@ class Predictor(nn.Module):
 
 
 class LookAhead:
-    """Scores of the next layer's neurons, computed while the current layer's MLP runs.
+    """The next layer's neuron selection, computed while the current layer's MLP and the next layer's attention run.
 
-    `launch(i, x)` starts predictor i on x (a side stream on CUDA; inline on the CPU); `join()` makes the current
-    stream wait for it (called at the end of the layer that launched it, so the fork/join stays inside one layer and
-    tensors read by the side stream are still alive); `take(i)` returns the scores once."""
+    `launch(i, x, union)` starts predictor i on x and, with `union`, the decode selection `select_union(scores, k_i)`
+    (a side stream on CUDA; inline on the CPU or with `overlap` off); `take(i)` makes the current stream wait for the
+    side stream and returns (scores, idx) once. Layer i launches layer i + 1's work at the start of its MLP and layer
+    i + 1 takes it at the start of its own MLP, so the side stream (predictor GEMVs and the top-k selection, a chain
+    of small latency-bound kernels) overlaps layer i's sparse MLP and all of layer i + 1's attention. At most one
+    fork is outstanding, and every fork is joined inside the same forward pass (the last layer launches nothing), so
+    a CUDA-graph capture of a decode step sees the fork and its join. The launching tensor x is kept referenced until
+    the join, so the caching allocator cannot hand its memory to the main stream while the side stream reads it."""
 
     def __init__(self, predictors: list[Predictor | None]):
         self.predictors = predictors
+        self.ks: dict[int, int] = {}  # layer -> neurons kept per row (DejaVuMLP registers its own)
         self._local = threading.local()  # engines with other options share the model and may run in other threads
         self.overlap = True  # False: on CUDA too, the predictor runs inline on the current stream (for comparisons)
 
     @property
-    def pending(self) -> dict[int, torch.Tensor]:
+    def pending(self) -> dict[int, tuple]:
         p = getattr(self._local, "pending", None)
         if p is None:
             p = self._local.pending = {}
         return p
 
     @property
-    def _forked(self) -> torch.cuda.Stream | None:
+    def _forked(self) -> tuple[torch.cuda.Stream, torch.device] | None:
         return getattr(self._local, "forked", None)
 
     @_forked.setter
-    def _forked(self, stream: torch.cuda.Stream | None) -> None:
-        self._local.forked = stream
+    def _forked(self, value: tuple[torch.cuda.Stream, torch.device] | None) -> None:
+        self._local.forked = value
 
     def _side(self, device: torch.device) -> torch.cuda.Stream:
         streams = getattr(self._local, "streams", None)
@@ -115,28 +122,42 @@ class LookAhead:
             s = streams[device] = torch.cuda.Stream(device)
         return s
 
-    def launch(self, layer: int, x: torch.Tensor) -> None:
+    def _work(self, layer: int, x: torch.Tensor, union: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        scores = self.predictors[layer](x)
+        k = self.ks.get(layer) if union else None
+        return scores, (select_union(scores, k) if k is not None else None)
+
+    def launch(self, layer: int, x: torch.Tensor, union: bool = False) -> None:
         if layer >= len(self.predictors) or self.predictors[layer] is None:
             return
-        pred = self.predictors[layer]
         if not x.is_cuda or not self.overlap:
-            self.pending[layer] = pred(x)
+            self.pending[layer] = (*self._work(layer, x, union), None)
             return
+        self.join()  # at most one fork outstanding
         side = self._side(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))  # x (and earlier uses of old scores) are ordered first
+        side.wait_stream(torch.cuda.current_stream(x.device))  # x (and earlier uses of old results) ordered first
         with torch.cuda.stream(side):
-            self.pending[layer] = pred(x)
-        self._forked = side
+            scores, idx = self._work(layer, x, union)
+        self.pending[layer] = (scores, idx, x)  # x stays alive until the join
+        self._forked = (side, x.device)
 
-    def join(self, device: torch.device) -> None:
-        if self._forked is not None:
-            torch.cuda.current_stream(device).wait_stream(self._forked)
+    def join(self) -> None:
+        forked = self._forked
+        if forked is not None:
+            side, device = forked
+            torch.cuda.current_stream(device).wait_stream(side)
             self._forked = None
 
-    def take(self, layer: int) -> torch.Tensor | None:
-        return self.pending.pop(layer, None)
+    def take(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(scores, idx or None) launched for `layer`, or (None, None); joins the side stream first."""
+        entry = self.pending.pop(layer, None)
+        self.join()
+        if entry is None:
+            return None, None
+        return entry[0], entry[1]
 
     def clear(self) -> None:
+        self.join()
         self.pending.clear()
 
 
@@ -178,6 +199,7 @@ class DejaVuMLP(nn.Module):
         self.register_buffer("w2t", fc2.weight.detach().t().contiguous())
         self.b2 = fc2.bias
         self.layer, self.lookahead, self.k = layer, lookahead, int(k)
+        lookahead.ks[layer] = self.k
         self.activation = activation
         self.kact = kernel_act(activation)
         self.act = act_fn(activation)
@@ -193,14 +215,15 @@ class DejaVuMLP(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         la = self.lookahead
+        scores, idx = la.take(self.layer)  # always taken (and joined), also when this call runs dense
         if not _rows_per_token_sparse(x, self.mode):
-            la.take(self.layer)
             return self._dense(x2).view(shape)
-        scores = la.take(self.layer)
+        union = self.mode != "sparse" and not self.oracle  # the decode path: a fixed-size union of the rows' top-k
         if scores is None or scores.shape[0] != x2.shape[0]:  # layer 0 (or a layer after a dense one): inline
             pred = la.predictors[self.layer]
             scores = pred(x2) if pred is not None and not self.oracle else None
-        la.launch(self.layer + 1, x2)
+            idx = None
+        la.launch(self.layer + 1, x2, union)
         if self.mode == "sparse" or self.oracle:  # each token with its own neuron set (or the exact set)
             pre = F.linear(x2, self.w1, self.b1)
             if self.oracle:
@@ -216,9 +239,9 @@ class DejaVuMLP(nn.Module):
                 y = h @ self.w2t
                 y = y if self.b2 is None else y + self.b2
         else:
-            y = self._gather(x2, select_union(scores, self.k))
-        if x.is_cuda:
-            la.join(x.device)
+            if idx is None or idx.numel() != min(scores.shape[1], scores.shape[0] * self.k):
+                idx = select_union(scores, self.k)
+            y = self._gather(x2, idx)
         return y.view(shape)
 
     def _gather(self, x2: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
