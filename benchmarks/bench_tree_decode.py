@@ -158,6 +158,24 @@ def run(eng: Engine, mode: str, prompts, n: int, p: dict, greedy: bool) -> dict:
     }
 
 
+def agreement(tree: list[list[int]], base: list[list[int]], first: int = 16) -> dict:
+    """How far tree and separate tokens agree, branch by branch: the first position where they differ (the whole
+    length where they never do), its median and minimum, and the share of equal tokens among the first `first`."""
+    div = []
+    same = total = 0
+    for a, b in zip(tree, base):
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        div.append(k)
+        same += sum(x == y for x, y in zip(a[:first], b[:first]))
+        total += min(first, max(len(a), len(b)))
+    div.sort()
+    return {
+        "first_divergence_median": div[len(div) // 2] if div else 0,
+        "first_divergence_min": div[0] if div else 0,
+        f"agree_first_{first}": same / total if total else 1.0,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
@@ -200,11 +218,14 @@ def main() -> None:
                 case[f"speedup_{kind}"] = tree[kind]["tokens_per_s"] / base[kind]["tokens_per_s"]
                 same = sum(a == b for a, b in zip(tree[kind]["tokens"], base[kind]["tokens"]))
                 case[f"identical_{kind}"] = same / len(base[kind]["tokens"])
+                case[f"agreement_{kind}"] = agreement(tree[kind]["tokens"], base[kind]["tokens"])
             cases.append(case)
             print(
                 f"prompt {length:>5}  n {n:>3}: tree {tree['sampled']['tokens_per_s']:9.1f} tok/s, separate "
                 f"{base['sampled']['tokens_per_s']:9.1f} tok/s, speedup {case['speedup_sampled']:.2f}x "
-                f"(greedy {case['speedup_greedy']:.2f}x), identical greedy {case['identical_greedy']:.0%}",
+                f"(greedy {case['speedup_greedy']:.2f}x), identical greedy {case['identical_greedy']:.0%}, greedy "
+                f"first divergence median {case['agreement_greedy']['first_divergence_median']}, first 16 agree "
+                f"{case['agreement_greedy']['agree_first_16']:.0%}",
                 flush=True,
             )
     for c in cases:  # token lists only for the identity numbers, not in the JSON
@@ -228,11 +249,14 @@ def main() -> None:
         f"max_tokens={p['max_tokens']} requests={p['requests']} tree attention: {result['tree_attention']}"
     )
     head = f"{'prompt':>7}{'n':>5}{'mode':>15}{'sampled tok/s':>15}{'greedy tok/s':>14}{'tree steps':>12}"
-    print(head + f"{'speedup':>9}{'same greedy':>13}{'same sampled':>14}")
+    print(head + f"{'speedup':>9}{'same greedy':>13}{'same sampled':>14}{'div@ (greedy)':>15}{'agree16 g/s':>13}")
     for c in cases:
         for mode, r in c["runs"].items():
+            ag, asm = c["agreement_greedy"], c["agreement_sampled"]
             extra = (
                 f"{c['speedup_sampled']:>8.2f}x{c['identical_greedy']:>13.0%}{c['identical_sampled']:>14.0%}"
+                f"{ag['first_divergence_median']:>9} (min {ag['first_divergence_min']:>3})"
+                f"{ag['agree_first_16']:>7.0%}/{asm['agree_first_16']:.0%}"
                 if mode == "tree"
                 else ""
             )

@@ -390,6 +390,88 @@ def plan_tree_attention(
     )
 
 
+class TreePlanBuffers:
+    """A layout and a plan at fixed sizes in fixed device buffers, for CUDA graphs: `tree_attention(q, k, v,
+    bufs.layout, scale, bufs.plan)` is captured once and replayed for every tree whose plan `fits`, after `load`
+    copies that tree's layout and plan in (a few host-to-device copies; no host syncs, nothing reallocated).
+
+    Sizes: num_queries rows of q (the graph's batch), num_items work items (the phase-1 grid), num_partials partial
+    rows (the workspace), and the token buffers `slots` [N] int64 / `end` [N] int32, which may be shared by several
+    TreePlanBuffers (N bounds the layout's tokens: every layout token is a distinct cache slot). Padding reads and
+    writes nothing: tokens past the layout's are covered by no item (their stale values are never read); queries past
+    the layout's get q_index = N (no token visible), no partials, zero output; items past the plan's have t0 = t1 = 0
+    and qhi = 0 (no K/V loads, every store masked); partial rows past the plan's are never written or read. The
+    merge always runs (also for direct plans), BLOCK_P = MERGE_BLOCK_P, so the kernels' constants stay fixed.
+    `template`: a plan of the head configuration and config (tile sizes) the buffers are for.
+    """
+
+    def __init__(
+        self,
+        template: TreeAttentionPlan,
+        num_queries: int,
+        num_items: int,
+        num_partials: int,
+        slots: torch.Tensor,
+        end: torch.Tensor,
+    ):
+        dev = slots.device
+        Q, I, P = num_queries, num_items, num_partials
+        self.small32 = torch.zeros(Q + 8 * I, dtype=torch.int32, device=dev)  # q_index | item_meta
+        self.small64 = torch.zeros(Q + 1 + P, dtype=torch.int64, device=dev)  # merge_ptr | merge_rows
+        q_index = self.small32[:Q]
+        self.layout = TreeLayout(slots=slots, end=end, q_index=q_index)
+        fields = dict(template.__dict__)
+        for name in ("chunk_start", "chunk_end", "chunk_qlo", "chunk_qhi", "chunk_pbase", "item_chunk", "item_q0"):
+            fields[name] = None  # host-side bookkeeping of the source plan; the kernels never read it
+        fields.update(
+            num_tokens=slots.shape[0],
+            num_queries=Q,
+            num_items=I,
+            num_partials=P,
+            num_chunks=None,
+            max_partials=template.config["MERGE_BLOCK_P"],
+            direct=False,
+            item_wide=None,
+            item_meta=self.small32[Q:].view(I, 8),
+            merge_ptr=self.small64[: Q + 1],
+            merge_rows=self.small64[Q + 1 :],
+        )
+        self.plan = TreeAttentionPlan(**fields)
+
+    def fits(self, layout: TreeLayout, plan: TreeAttentionPlan) -> bool:
+        b = self.plan
+        return (
+            layout.num_tokens <= b.num_tokens
+            and plan.num_queries <= b.num_queries
+            and plan.num_items <= b.num_items
+            and plan.num_partials <= b.num_partials
+            and (plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.dtype)
+            == (b.num_heads, b.num_kv_heads, b.head_dim, b.dtype)
+            and plan.config == b.config
+        )
+
+    def load(self, layout: TreeLayout, plan: TreeAttentionPlan) -> None:
+        """Copy a layout and its plan in (they may live on the host: planning there needs no device syncs)."""
+        if not self.fits(layout, plan):
+            raise ValueError(f"TreePlanBuffers.load: {plan} does not fit {self.plan}")
+        b = self.plan
+        L, Q, I, P = layout.num_tokens, plan.num_queries, plan.num_items, plan.num_partials
+        Qb, Ib = b.num_queries, b.num_items
+        src = layout.slots.device
+        s32 = torch.zeros(Qb + 8 * Ib, dtype=torch.int32, device=src)
+        s32[:Q] = layout.q_index
+        s32[Q:Qb] = b.num_tokens  # padding queries see nothing
+        s32[Qb : Qb + 8 * I] = plan.item_meta.reshape(-1)
+        s64 = torch.empty(Qb + 1 + P, dtype=torch.int64, device=src)
+        s64[: Q + 1] = plan.merge_ptr
+        s64[Q + 1 : Qb + 1] = P  # padding queries: no partials
+        s64[Qb + 1 :] = plan.merge_rows
+        self.small32.copy_(s32, non_blocking=True)
+        self.small64[: Qb + 1 + P].copy_(s64, non_blocking=True)
+        self.layout.slots[:L].copy_(layout.slots, non_blocking=True)
+        self.layout.end[:L].copy_(layout.end, non_blocking=True)
+
+
 @triton.jit
 def _tree_tile(
     q_ptr,

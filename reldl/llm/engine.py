@@ -231,9 +231,10 @@ class Engine:
 
     def _decode(self, seqs: list[_Seq], tree: bool = False) -> torch.Tensor:
         """One token per sequence. `tree`: the rows are in tree order (`_tree_order`) and attend through a tree
-        layout; such steps run eagerly (the layout's size changes every step, so it is not CUDA-graph captured)."""
-        if self.graphs is not None and not tree:
-            out = self.graphs.decode(seqs)
+        layout. On CUDA both replay captured graphs (tree steps: the layout and plan built on the host and copied
+        into the graph's fixed-size buffers, see runner.py); eagerly where no graph fits."""
+        if self.graphs is not None:
+            out = self.graphs.decode_tree(seqs) if tree else self.graphs.decode(seqs)
             if out is not None:
                 return out
         hidden = self._forward(*self._inputs(seqs, [s.length - 1 for s in seqs], 1), tree)

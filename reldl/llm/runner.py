@@ -3,6 +3,11 @@
 A decode step is one token per sequence, so its shapes are fixed once the batch and the block-table width are
 rounded up to powers of two. Padding rows write to the cache's trash block and are dropped. Replaying a captured
 graph removes the per-kernel launch cost that otherwise dominates small-batch decoding on a GPU.
+
+Tree steps (rows sharing cache blocks, attending through a `TreeLayout`) replay graphs too, one per (batch bucket,
+work-item bucket, partial bucket, kernel config): each step's layout and plan are built on the host (no device
+syncs; the block tables are host lists anyway) and copied into the graph's fixed-size buffers
+(`TreePlanBuffers`: padding reads and writes nothing). The layout's token buffers are shared by all tree graphs.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from reldl.kernels.tree_attention import TreePlanBuffers, layout_from_block_tables
 from reldl.llm.attention import Step
 from reldl.llm.kv_cache import TRASH_BLOCK
 
@@ -23,7 +29,7 @@ def _bucket(n: int) -> int:
 
 
 class _Captured:
-    def __init__(self, engine: Engine, batch: int, blocks: int, pool):
+    def __init__(self, engine: Engine, batch: int, blocks: int, pool, tree: TreePlanBuffers | None = None):
         dev = engine.device
         # tokens, positions, slots: one buffer (one copy per step), each row contiguous (kernels index densely)
         self.inputs = torch.zeros((3, batch, 1), dtype=torch.long, device=dev)
@@ -31,6 +37,9 @@ class _Captured:
         self.tables = torch.full((batch, blocks), TRASH_BLOCK, dtype=torch.long, device=dev)
         self.members: list[_Seq] = []
         step = Step(self.positions, self.slots, self.tables, engine.cache.block_size)
+        self.tree = tree
+        if tree is not None:  # attention reads the layout, not the block tables
+            step.tree, step.tree_plan = tree.layout, tree.plan
         model, layers = engine.model, engine.cache.layers
 
         def run() -> torch.Tensor:
@@ -49,7 +58,9 @@ class _Captured:
     def replay(self, seqs: list[_Seq], block_size: int) -> torch.Tensor:
         batch, nb = self.tables.shape
         same = len(seqs) == len(self.members) and all(a is b for a, b in zip(seqs, self.members))
-        if not same:  # block tables change only when the batch does (a sequence's blocks are reserved up front)
+        # block tables change only when the batch does (a sequence's blocks are reserved up front); tree graphs read
+        # the layout instead
+        if self.tree is None and not same:
             rows = [s.blocks + [TRASH_BLOCK] * (nb - len(s.blocks)) for s in seqs]
             rows += [[TRASH_BLOCK] * nb] * (batch - len(rows))
             self.tables.copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
@@ -72,6 +83,50 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], _Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.max_blocks = engine.cache.blocks_for(engine.context_length)
+        self.tree_graphs: dict[tuple, _Captured] = {}
+        self._tree_tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # layout slots/end, shared
+        self._tree_tables: tuple[list[_Seq], torch.Tensor] | None = None  # host block tables of the last batch
+        self.sms: int | None = None
+
+    def decode_tree(self, seqs: list[_Seq]) -> torch.Tensor | None:
+        """A tree step (rows in tree order) through a captured graph; None when it cannot (no tree kernel)."""
+        eng = self.engine
+        batch = _bucket(len(seqs))
+        if batch > _bucket(eng.max_batch):
+            return None
+        dev, bs = eng.device, eng.cache.block_size
+        if self.sms is None:
+            from reldl.kernels.paged_attention import num_sms
+
+            self.sms = num_sms(dev)
+        cached = self._tree_tables
+        if cached is None or len(cached[0]) != len(seqs) or any(a is not b for a, b in zip(seqs, cached[0])):
+            nb = max(len(s.blocks) for s in seqs)  # block tables change only when the batch does
+            rows = [s.blocks + [TRASH_BLOCK] * (nb - len(s.blocks)) for s in seqs]
+            cached = self._tree_tables = (list(seqs), torch.tensor(rows, dtype=torch.long))
+        lens = torch.tensor([s.length for s in seqs], dtype=torch.long)
+        layout = layout_from_block_tables(cached[1], lens, bs)  # on the host: no device syncs
+        plan = eng._tree_plan(layout, sms=self.sms)
+        if plan is None:
+            return None
+        key = (
+            batch,
+            _bucket(max(plan.num_items, 32)),
+            _bucket(max(plan.num_partials, 64)),
+            tuple(sorted(plan.config.items())),
+        )
+        g = self.tree_graphs.get(key)
+        if g is None:
+            if self._tree_tokens is None:
+                n = eng.cache.num_blocks * bs  # every layout token is a distinct cache slot
+                self._tree_tokens = (
+                    torch.zeros(n, dtype=torch.long, device=dev),
+                    torch.full((n,), -1, dtype=torch.int32, device=dev),
+                )
+            bufs = TreePlanBuffers(plan, batch, key[1], key[2], *self._tree_tokens)
+            g = self.tree_graphs[key] = _Captured(eng, batch, 1, self.pool, tree=bufs)
+        g.tree.load(layout, plan)
+        return g.replay(seqs, bs)
 
     def decode(self, seqs: list[_Seq]) -> torch.Tensor | None:
         eng = self.engine

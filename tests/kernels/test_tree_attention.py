@@ -22,6 +22,7 @@ from reldl.kernels import (
     tree_attention,
     tree_attention_reference,
 )
+from reldl.kernels.tree_attention import TreePlanBuffers
 
 # --------------------------------------------------------------------------------------------------- random trees
 
@@ -367,6 +368,41 @@ def test_kernel_block_table_forest(device):
     tables, ctx, num_blocks = random_block_tables(rng, 8, roots=3)
     layout = _to(layout_from_block_tables(tables.to(device), ctx.to(device), 8), device)
     _run(layout, num_blocks * 8, 16, 4, 64, torch.float32, device, seed=9)
+
+
+def test_plan_buffers_padded(device):
+    """Layouts and plans planned on the host, copied into fixed-size buffers (what CUDA-graph tree steps replay):
+    padding queries, items, partials and tokens change nothing; a smaller tree loaded after a larger one (stale token
+    tails) too; a direct plan goes through the merge."""
+    rng = random.Random(13)
+    h, kvh, d = 16, 4, 64
+    cases = []
+    for roots in (3, 1):
+        tables, ctx, num_blocks = random_block_tables(rng, 8, roots=roots)
+        layout = layout_from_block_tables(tables, ctx, 8)
+        cases.append((layout, plan_tree_attention(layout, h, kvh, d, torch.float32, chunk_tokens=16), num_blocks))
+    ql, qp = cases[0][0], plan_tree_attention(cases[0][0], h, kvh, d, torch.float32, chunk_tokens=10**6)
+    cases.append((ql, qp, cases[0][2]))
+    num_slots = max(c[2] for c in cases) * 8
+    big = max(cases, key=lambda c: c[1].num_items)[1]
+    Q = max(c[0].num_queries for c in cases) + 3
+    slots = torch.zeros(num_slots, dtype=torch.long, device=device)
+    end = torch.full((num_slots,), -1, dtype=torch.int32, device=device)
+    bufs = TreePlanBuffers(
+        big, Q, max(c[1].num_items for c in cases) + 5, max(c[1].num_partials for c in cases) + 9, slots, end
+    )
+    for i, (layout, plan, _) in enumerate(cases):
+        assert bufs.fits(layout, plan)
+        bufs.load(layout, plan)
+        q = randn(Q, h, d, seed=i, dtype=torch.float32, device=device)
+        k = randn(num_slots, kvh, d, seed=i + 1, dtype=torch.float32, device=device)
+        v = randn(num_slots, kvh, d, seed=i + 2, dtype=torch.float32, device=device)
+        out = tree_attention(q, k, v, bufs.layout, d**-0.5, bufs.plan)
+        n = layout.num_queries
+        want = tree_attention_reference(q[:n], k, v, _to(layout, device), d**-0.5)
+        torch.testing.assert_close(out[:n], want, **TOL[torch.float32])
+        assert bool((out[n:] == 0).all())
+    assert not bufs.fits(cases[0][0], plan_tree_attention(cases[0][0], h, kvh, d, torch.float16, chunk_tokens=16))
 
 
 def test_kernel_long_nodes(device):

@@ -232,3 +232,39 @@ def test_small_cache_makes_trees_wait(llama_path):
 def test_bad_params(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ("llama", "opt"))
+def test_cuda_tree_steps_replay_graphs(tiny_checkpoints, family):
+    """On CUDA, tree steps replay CUDA graphs (layout and plan made on the host, copied into padded buffers):
+    float32 tokens equal the eager tree steps' and the separate sequences', for samples, beams and a forest of
+    trees whose batch shrinks (several batch buckets); every block comes back."""
+    from reldl.llm.loader import inspect_checkpoint, load_tokenizer
+    from reldl.llm.models import build
+
+    path = tiny_checkpoints(family)
+    ckpt = inspect_checkpoint(path)
+    dev = torch.device("cuda")
+    model, tok = build(ckpt, dev, torch.float32), load_tokenizer(ckpt)
+
+    def engine(cls=Engine, **kw):
+        eng = cls(model, tok, device=dev, dtype=torch.float32, max_batch=16, **kw)
+        eng.tree_min_saving = 0.0
+        return eng
+
+    prompts = _prompts((5, 40, 23, 70), seed=8)
+    params = [
+        SamplingParams(max_tokens=12, n=4, temperature=0.8, seed=1),
+        SamplingParams(max_tokens=20, n=3),
+        SamplingParams(max_tokens=9, beam_width=3),
+        SamplingParams(max_tokens=15, n=5, temperature=1.0, top_k=20, seed=2),
+    ]
+    graphed = engine(_Spy)
+    got = graphed.generate_ids(prompts, params)
+    assert graphed.tree_steps > 0 and len(graphed.graphs.tree_graphs) > 1
+    eager = engine(use_cuda_graphs=False).generate_ids(prompts, params)
+    separate = engine(tree_attention=False).generate_ids(prompts, params)
+    for g, e, s in zip(got, eager, separate):
+        assert g.texts == e.texts == s.texts
+    assert _all_blocks_back(graphed)
