@@ -9,8 +9,9 @@ fp16, built directly from a ModelConfig (no checkpoint). The sparse variant: the
 by `DejaVuMLP` (reldl/llm/sparse) with a random low-rank predictor (rank 128 by default) and a fixed density (5%, 10%,
 20% of the neurons: k = density * 20480 per layer), exactly as a calibrated variant runs, so the predictor's cost
 (d -> r -> n GEMVs and the top-k) is included; with random weights the *choice* of neurons is meaningless, the cost
-is the same. Look-ahead on: layer i+1's predictor runs on a side stream while layer i's MLP runs; `inline` rows run
-it on the main stream instead.
+is the same. Look-ahead on: layer i+1's predictor and its top-k selection run on a side stream while layer i's MLP
+and layer i+1's attention run (joined at layer i+1's MLP); `inline` rows run them on the main stream instead.
+Per-component costs of one layer: benchmarks/bench_sparse_components.py.
 
 Timing: the reldl Engine as served (continuous batching, CUDA-graph decode steps, greedy sampling). A request of
 P prompt tokens is generated twice, with 1 and with 1 + N new tokens; per-token latency = (t(1 + N) - t(1)) / N, the
