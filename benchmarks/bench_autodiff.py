@@ -55,8 +55,16 @@ def limited(con, args) -> None:
         con.execute(f"SET memory_limit = '{args.memory_limit}'")
 
 
+def median_step(stamps: list[float], start: float) -> float:
+    """The median time between consecutive step ends (the first step from ``start``): per-step time that a burst of
+    other load on the machine during a few steps does not move, unlike the epoch's mean."""
+    return float(np.median(np.diff([start, *stamps]))) if stamps else 0.0
+
+
 def train(con, loss, args, name: str, load_s: float, batches: Batches | None = None) -> dict:
     """SGD over the graph for the benchmark's epochs (a fresh run each time), as reldl's record for the table."""
+    stamps: list[float] = []
+    start = time.perf_counter()
     res = minimize(
         con,
         loss,
@@ -67,8 +75,15 @@ def train(con, loss, args, name: str, load_s: float, batches: Batches | None = N
         name=name,
         resume=False,
         progress=False,
+        on_step=lambda epoch, step, loss: stamps.append(time.perf_counter()),  # before the step's commit
     )
-    return {"load_s": load_s, "seconds_per_epoch": res.seconds_per_epoch, "epoch_losses": res.losses}
+    return {
+        "load_s": load_s,
+        "seconds_per_epoch": res.seconds_per_epoch,
+        "epoch_losses": res.losses,
+        "steps": len(stamps),
+        "median_step_s": median_step(stamps, start),
+    }
 
 
 def init(rng, *shape) -> np.ndarray:
@@ -125,7 +140,8 @@ def mlp_torch(x, y, p, args, dtype) -> dict:
     ps = {k: torch.tensor(v, dtype=dtype, requires_grad=True) for k, v in p.items()}
     opt = torch.optim.SGD(list(ps.values()), lr=args.lr)
     rows = args.block * args.batch_blocks
-    losses, times = [], []
+    losses, times, stamps = [], [], []
+    start = time.perf_counter()
     for _ in range(args.epochs):
         t = time.perf_counter()
         total, steps = 0.0, 0
@@ -137,9 +153,15 @@ def mlp_torch(x, y, p, args, dtype) -> dict:
             loss.backward()
             opt.step()
             total, steps = total + loss.item(), steps + 1
+            stamps.append(time.perf_counter())
         times.append(time.perf_counter() - t)
         losses.append(total / steps)
-    return {"seconds_per_epoch": sum(times) / len(times), "epoch_losses": losses}
+    return {
+        "seconds_per_epoch": sum(times) / len(times),
+        "epoch_losses": losses,
+        "steps": len(stamps),
+        "median_step_s": median_step(stamps, start),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -292,6 +314,11 @@ def main() -> None:
             f"{name:40} {r['seconds_per_epoch']:14.2f} {t64['seconds_per_epoch']:10.2f} {ratio:6.1f}x "
             f"{t32['seconds_per_epoch']:10.2f} {r['epoch_losses'][-1]:11.5f} {t64['epoch_losses'][-1]:11.5f}"
         )
+        if r.get("steps", 0) > 1 and t64.get("median_step_s"):
+            print(
+                f"{'  median step (ms)':40} {r['median_step_s'] * 1e3:14.1f} {t64['median_step_s'] * 1e3:10.1f} "
+                f"{r['median_step_s'] / t64['median_step_s']:6.1f}x {t32['median_step_s'] * 1e3:10.1f}"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
