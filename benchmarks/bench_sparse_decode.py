@@ -104,7 +104,7 @@ def build_model(shape: dict, layers: int, device, dtype):
     return model.eval().requires_grad_(False)
 
 
-def sparse_variant(model, density: float, rank: int, tmp: Path):
+def sparse_variant(model, density: float, rank: int, tmp: Path, tag: str = ""):
     """The model with DejaVu MLPs at a fixed density and random predictors, through the real variant path."""
     import torch
 
@@ -126,7 +126,7 @@ def sparse_variant(model, density: float, rank: int, tmp: Path):
         "hidden_size": d,
         "layers": [{"layer": i, "selected": k, "neurons": n} for i in range(cfg.num_layers)],
     }
-    target = tmp / f"d{density}"
+    target = tmp / f"{tag}d{density}"  # one directory per (batch, density): save_variant refuses a non-empty one
     variant.save_variant(target, spec, tensors)
     return variant.build_variant(model, target, dict(spec, format=variant.FORMAT))
 
@@ -184,7 +184,7 @@ def main() -> None:
             rows.append({"batch": batch, "variant": "dense", "density": 1.0, "ms_per_token": dense_s * 1e3})
             print(f"{batch:>5} {'dense':<28} {dense_s * 1e3:>9.3f} {1.0:>8.2f}", flush=True)
             for density in args.densities:
-                sparse = sparse_variant(model, density, rank, Path(d))
+                sparse = sparse_variant(model, density, rank, Path(d), f"b{batch}-")
                 modes = [True] if args.no_inline else [True, False]
                 for overlap in modes:
                     sparse.sparse_lookahead.overlap = overlap
