@@ -25,6 +25,15 @@ examples:
   reldl sql my.db -c "CREATE MODEL m OPTIONS (model_type = 'mlp', label = 'y', epochs = 5) AS SELECT * FROM t"
                                       train a model inside the database (relational autodiff; SGD/momentum/Adam)
   reldl sql my.db -c "SELECT llm_generate(prompt, max_tokens := 32) FROM reviews"
+  reldl sql my.db -c "SELECT llm_generate(prompt, n := 4, temperature := 0.8, seed := 1) FROM reviews"
+                                      4 samples per row (a LIST), decoded as one tree sharing the prompt's KV;
+                                      beam_width := 3 gives beams best first
+  reldl sql my.db -c "CREATE MODEL fast OPTIONS (model_type='llm', base='m', sparsity=0.9) AS SELECT text FROM docs"
+                                      a contextual-sparsity variant of an LLM, calibrated on the rows (DejaVu / TEAL)
+  reldl sql my.db -c "CREATE MODEL big OPTIONS (model_type = 'llm', path = '/ckpt', offload = 'auto')"
+                                      weights / KV cache across GPU, CPU and disk by a FlexGen-style policy
+  reldl sql my.db -c "CREATE MODEL t OPTIONS (model_type='llm', base='m', finetune='lora') AS SELECT * FROM ex"
+                                      fine-tune on prompt, completion columns (Adam on the CPU; resumes after a kill)
   reldl sql my.db < script.sql        run a script, printing each result
   reldl sql my.db                     interactive shell (.help lists its commands)
   reldl models my.db

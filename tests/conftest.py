@@ -15,6 +15,21 @@ import pytest
 # OMP_NUM_THREADS still wins.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
+def _interpret_triton_without_gpu() -> None:
+    """Triton decides when it is imported whether @jit functions (its own standard library's too) run compiled or
+    in the interpreter. The engine imports reldl.kernels, and so triton, while test modules are collected, before
+    tests/kernels' conftest can set TRITON_INTERPRET; without a GPU, Triton can only run interpreted anyway."""
+    if os.environ.get("RELDL_KERNEL_TESTS_GPU") == "1" or "TRITON_INTERPRET" in os.environ:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_interpret_triton_without_gpu()
+
 _TESTS = Path(__file__).resolve().parent
 if str(_TESTS) not in sys.path:  # `import checkpoints` from any test file, at any depth
     sys.path.insert(0, str(_TESTS))
