@@ -128,6 +128,8 @@ class Engine:
         # tree attention needs full attention in every layer (the layout has no sliding window)
         windows = cfg.layer_windows or [cfg.sliding_window] * cfg.num_layers
         self.tree_attention = tree_attention and all(w is None for w in windows)
+        self._order_cache: tuple[list, list] | None = None  # _tree_order's last batch and its tree order
+        self._sample_cache: tuple[list, tuple] | None = None  # _sample's last batch and its parameter tensors
 
     # a decode step attends through a tree layout when its rows' used cache blocks are at least this many times
     # the distinct blocks among them (the tree reads each once); below that, per-row attention (and CUDA graphs)
@@ -252,10 +254,21 @@ class Engine:
             return None
         bs = self.cache.block_size
         used = [-(-s.length // bs) for s in seqs]
-        distinct = len({b for s, u in zip(seqs, used) for b in s.blocks[:u]})
-        if sum(used) < self.tree_min_saving * distinct:
+        seen: set[int] = set()
+        for s, u in zip(seqs, used):
+            seen.update(s.blocks[:u])
+        if sum(used) < self.tree_min_saving * len(seen):
             return None
-        return sorted(seqs, key=lambda s: s.blocks)
+        # the order depends only on the rows and their block tables (new lists whenever they change): reused while
+        # both are unchanged (references kept, so ids are not reused)
+        key = [(s, s.blocks) for s in seqs]
+        cached = self._order_cache
+        if cached is not None and len(cached[0]) == len(key):
+            if all(a is c and b is d for (a, b), (c, d) in zip(key, cached[0])):
+                return cached[1]
+        order = sorted(seqs, key=lambda s: s.blocks)
+        self._order_cache = (key, order)
+        return order
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -546,14 +559,22 @@ class Engine:
 
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
         dev = logits.device
-        return sample(
-            logits,
-            torch.tensor([s.params.temperature for s in seqs], device=dev, dtype=torch.float32),
-            torch.tensor([s.params.top_k for s in seqs], device=dev, dtype=torch.long),
-            torch.tensor([s.params.top_p for s in seqs], device=dev, dtype=torch.float32),
-            torch.tensor([s.seed for s in seqs], device=dev, dtype=torch.long),
-            torch.tensor([len(s.out) for s in seqs], device=dev, dtype=torch.long),
-        ).tolist()
+        cached = self._sample_cache  # the rows' parameters, on the device, reused while the batch is the same
+        if cached is None or len(cached[0]) != len(seqs) or any(a is not b for a, b in zip(seqs, cached[0])):
+            ps = [s.params for s in seqs]
+            args = (
+                torch.tensor([p.temperature for p in ps], dtype=torch.float32).to(dev, non_blocking=True),
+                torch.tensor([p.top_k for p in ps], dtype=torch.long).to(dev, non_blocking=True),
+                torch.tensor([p.top_p for p in ps], dtype=torch.float32).to(dev, non_blocking=True),
+                torch.tensor([s.seed for s in seqs], dtype=torch.long).to(dev, non_blocking=True),
+                # host hints (see `sample`): every row samples; no row filters (top_k <= 0 and top_p >= 1)
+                all(p.temperature > 0 for p in ps),
+                all(p.top_k <= 0 and p.top_p >= 1 for p in ps),
+            )
+            cached = self._sample_cache = (list(seqs), args)
+        temp, top_k, top_p, seeds, all_hot, unfiltered = cached[1]
+        steps = torch.tensor([len(s.out) for s in seqs], dtype=torch.long).to(dev, non_blocking=True)
+        return sample(logits, temp, top_k, top_p, seeds, steps, all_hot=all_hot, unfiltered=unfiltered).tolist()
 
     def _append(self, seqs: list[_Seq], tokens: list[int]) -> None:
         for s, t in zip(seqs, tokens):

@@ -87,6 +87,7 @@ class DecodeGraphs:
         self._tree_tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # layout slots/end, shared
         self._tree_tables: tuple[list[_Seq], torch.Tensor] | None = None  # host block tables of the last batch
         self.sms: int | None = None
+        self._tree_ahead: tuple | None = None  # (host tables entry, lengths, layout, plan) planned a step ahead
 
     def decode_tree(self, seqs: list[_Seq]) -> torch.Tensor | None:
         """A tree step (rows in tree order) through a captured graph; None when it cannot (no tree kernel)."""
@@ -104,9 +105,13 @@ class DecodeGraphs:
             nb = max(len(s.blocks) for s in seqs)  # block tables change only when the batch does
             rows = [s.blocks + [TRASH_BLOCK] * (nb - len(s.blocks)) for s in seqs]
             cached = self._tree_tables = (list(seqs), torch.tensor(rows, dtype=torch.long))
-        lens = torch.tensor([s.length for s in seqs], dtype=torch.long)
-        layout = layout_from_block_tables(cached[1], lens, bs)  # on the host: no device syncs
-        plan = eng._tree_plan(layout, sms=self.sms)
+        lengths = [s.length for s in seqs]
+        ahead = self._tree_ahead
+        self._tree_ahead = None
+        if ahead is not None and ahead[0] is cached and ahead[1] == lengths:
+            layout, plan = ahead[2], ahead[3]  # planned during the previous step's GPU work
+        else:
+            layout, plan = self._tree_layout_plan(cached[1], lengths)
         if plan is None:
             return None
         key = (
@@ -126,7 +131,18 @@ class DecodeGraphs:
             bufs = TreePlanBuffers(plan, batch, key[1], key[2], *self._tree_tokens)
             g = self.tree_graphs[key] = _Captured(eng, batch, 1, self.pool, tree=bufs)
         g.tree.load(layout, plan)
-        return g.replay(seqs, bs)
+        logits = g.replay(seqs, bs)
+        # while the GPU runs this step, plan the next one on the host for the same rows one token longer (an n-sample
+        # tree's usual next step; used only if the next step's rows and lengths are exactly these)
+        nxt = [n + 1 for n in lengths]
+        if all(n <= len(s.blocks) * bs for s, n in zip(seqs, nxt)):
+            self._tree_ahead = (cached, nxt, *self._tree_layout_plan(cached[1], nxt))
+        return logits
+
+    def _tree_layout_plan(self, tables: torch.Tensor, lengths: list[int]):
+        """The layout and the kernel's plan of a tree step, built on the host (no device syncs)."""
+        layout = layout_from_block_tables(tables, torch.tensor(lengths, dtype=torch.long), self.engine.cache.block_size)
+        return layout, self.engine._tree_plan(layout, sms=self.sms)
 
     def decode(self, seqs: list[_Seq]) -> torch.Tensor | None:
         eng = self.engine

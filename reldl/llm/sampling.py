@@ -24,11 +24,23 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+_TOKEN_HASH: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _token_hash(vocab: int, device: torch.device) -> torch.Tensor:
+    """The per-token-id half of the noise hash, [vocab] int64: the same every step, so computed once per device."""
+    key = (vocab, device)
+    t = _TOKEN_HASH.get(key)
+    if t is None:
+        t = _TOKEN_HASH[key] = _mix(torch.arange(vocab, device=device, dtype=torch.int64) + 0x7F4A7C15)
+    return t
+
+
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """[B, vocab] uniforms in (0, 1), a pure function of (seed, step, token id)."""
     base = _mix(_mix(seeds & _MASK32) ^ _mix((seeds >> 32) + 0x9E3779B9))
     base = _mix(base ^ _mix(steps + 0x632BE5AB))
-    tok = _mix(torch.arange(vocab, device=seeds.device, dtype=torch.int64) + 0x7F4A7C15)
+    tok = _token_hash(vocab, seeds.device)
     bits = _mix(base.unsqueeze(1) ^ tok.unsqueeze(0))
     return (bits.double() + 0.5) / 4294967296.0
 
@@ -54,14 +66,28 @@ def sample(
     top_p: torch.Tensor,
     seeds: torch.Tensor,
     steps: torch.Tensor,
+    *,
+    all_hot: bool = False,
+    unfiltered: bool = False,
 ) -> torch.Tensor:
-    """logits [B, V] float32 -> token ids [B]. Rows with temperature 0 are greedy."""
+    """logits [B, V] float32 -> token ids [B]. Rows with temperature 0 are greedy.
+
+    Hints from a caller that knows the parameters on the host (each saves device work or a host sync; the result
+    is the same): `all_hot`, every row has temperature > 0; `unfiltered`, no row filters (top_k <= 0 and
+    top_p >= 1, which `filter_logits` documents as disabled), so the sort over the vocabulary is skipped."""
+    if all_hot:
+        lg = logits / temperature.unsqueeze(1)
+        if not unfiltered:
+            lg = filter_logits(lg, top_k, top_p)
+        u = uniform_noise(seeds, steps, lg.shape[-1])
+        return (lg.double() - torch.log(-torch.log(u))).argmax(-1)
     tokens = logits.argmax(-1)
     hot = temperature > 0
     if bool(hot.any()):
         idx = hot.nonzero().squeeze(1)
         lg = logits[idx] / temperature[idx].unsqueeze(1)
-        lg = filter_logits(lg, top_k[idx], top_p[idx])
+        if not unfiltered:
+            lg = filter_logits(lg, top_k[idx], top_p[idx])
         u = uniform_noise(seeds[idx], steps[idx], lg.shape[-1])
         gumbel = -torch.log(-torch.log(u))
         tokens[idx] = (lg.double() + gumbel).argmax(-1)

@@ -244,3 +244,20 @@ def test_generation_stops_at_the_context_limit(engine):
     r = engine.generate_ids([ids], [SamplingParams(max_tokens=50)])[0]
     assert r.finish_reason == "context"
     assert len(ids) + len(r.token_ids) == engine.context_length
+
+
+def test_sample_host_hints_give_the_same_tokens():
+    """`all_hot` / `unfiltered` (parameters known on the host) skip work, not change tokens."""
+    from reldl.llm.sampling import sample
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 300, generator=g) * 3
+    temp = torch.full((6,), 0.7)
+    seeds = torch.arange(6, dtype=torch.long) * 977 + 5
+    steps = torch.arange(6, dtype=torch.long)
+    for top_k, top_p in ((0, 1.0), (20, 0.9)):
+        k = torch.full((6,), top_k, dtype=torch.long)
+        p = torch.full((6,), top_p)
+        want = sample(logits, temp, k, p, seeds, steps)
+        got = sample(logits, temp, k, p, seeds, steps, all_hot=True, unfiltered=(top_k, top_p) == (0, 1.0))
+        assert torch.equal(want, got)
