@@ -214,7 +214,7 @@ def main():
     if not cpu:
         total = torch.cuda.get_device_properties(device).total_memory
         cap = args.gpu_mem_gb * 2**30
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), torch.cuda.current_device())
     label = f"{args.family} {'tiny' if cpu else '6.7B'}-shaped, {nl} of {full_layers} layers" + (
         "" if nl == full_layers else " (fewer layers than the full model: NOT the full model)"
     )

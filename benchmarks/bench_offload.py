@@ -145,7 +145,7 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
     if not cpu:
         torch.cuda.empty_cache()
         total = torch.cuda.get_device_properties(dev).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * GiB / total), dev)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * GiB / total), torch.cuda.current_device())
         torch.cuda.reset_peak_memory_stats(dev)
     t = time.perf_counter()
     src = random_source(run_cfg, dev)
@@ -222,7 +222,7 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
         eng.close()
         shutil.rmtree(tmp, ignore_errors=True)
         if not cpu:
-            torch.cuda.set_per_process_memory_fraction(1.0, dev)
+            torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
     out_rows.append(row)
     return row
 

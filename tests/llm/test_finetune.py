@@ -187,3 +187,19 @@ def test_resume_after_kill_is_bit_identical(model, tmp_path, kill_after, method,
     assert rep.resumed_from_step == resumed  # the last checkpoint before the kill
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert [r[2] for r in rep.log] == [r[2] for r in rep_full.log]
+
+
+def test_overlapped_adam_worker_error_is_raised_not_hung():
+    """A failure on the CPU Adam thread reaches wait() as the exception, and wait() returns (no hung queue)."""
+    from reldl.llm.finetune.adam import OffloadedAdam
+
+    opt = OffloadedAdam({"w": torch.zeros(4)}, {}, lr=0.1, overlap=True)
+    try:
+        opt.submit("w", torch.ones(5))  # wrong shape: Adam's update fails on the worker
+        with pytest.raises(RuntimeError):
+            opt.wait()
+        opt.submit("w", torch.ones(4))  # the worker keeps serving after an error
+        opt.wait()
+        assert opt.updates == 1
+    finally:
+        opt.close()

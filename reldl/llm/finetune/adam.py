@@ -79,13 +79,21 @@ class OffloadedAdam:
             self._apply(name, grad, ready)
             return
         if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="reldl-cpu-adam", daemon=True)
+            cuda = self.device is not None and self.device.type == "cuda"
+            # the worker's CUDA device, resolved here: torch.cuda.set_device needs an index ("cuda" alone fails)
+            index = (
+                (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None
+            )
+            self._thread = threading.Thread(target=self._work, args=(index,), name="reldl-cpu-adam", daemon=True)
             self._thread.start()
         self._queue.put((name, grad, ready))
 
-    def _work(self) -> None:
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+    def _work(self, cuda_index: int | None) -> None:
+        try:
+            if cuda_index is not None:
+                torch.cuda.set_device(cuda_index)
+        except BaseException as e:  # reported by wait(); the loop below still drains the queue, so wait() returns
+            self._error = e
         while True:
             item = self._queue.get()
             try:
