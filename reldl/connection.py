@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -72,6 +74,120 @@ def _unload(name: str) -> None:
 
     _registry().unload(name)
     tabular.unload(name)
+
+
+# -- directories reldl created for a model (catalog option `owned_dirs`): removed once DROP MODEL / OR REPLACE is
+# committed, never a directory a user named (a checkpoint `path`), never one another catalog row still refers to.
+_TRANSACTION_END = ("commit", "end", "rollback", "abort")
+
+
+def owned_dirs(options: dict | None) -> list[str]:
+    return [str(d) for d in (options or {}).get("owned_dirs", []) if isinstance(d, str) and d]
+
+
+def _strings(value) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def _referenced(records) -> set[str]:
+    """Every absolute path a catalog row mentions (its `path`, `sparse_dir`, a variant's `base_path`, ...)."""
+    out: set[str] = set()
+    for rec in records:
+        for s in _strings([rec.path, rec.options]):
+            if s.startswith(os.sep) or s.startswith("~"):
+                out.add(os.path.realpath(os.path.expanduser(s)))
+    return out
+
+
+def _carry_ownership(existing, path: str | None, options: dict) -> None:
+    """OR REPLACE: a directory the replaced model owned and the new one still uses stays owned (by the new one)."""
+    if existing is None:
+        return
+    refs = _referenced([catalog.ModelRecord("", "", path, options)])  # path: None when the user named it
+    kept = [d for d in owned_dirs(existing.options) if os.path.realpath(d) in refs]
+    if kept:
+        options["owned_dirs"] = list(dict.fromkeys(owned_dirs(options) + kept))
+
+
+def _in_transaction(duck: duckdb.DuckDBPyConnection) -> bool:
+    """Whether `duck` is inside an explicit transaction (BEGIN ...) rather than autocommit: two statements in one
+    transaction see one transaction id. (Not `duck.begin()`: its error aborts the open transaction, which a later
+    COMMIT then silently rolls back.) Raises duckdb.ConnectionException when `duck` is closed."""
+    try:
+        first = duck.execute("SELECT txid_current()").fetchall()
+        return first == duck.execute("SELECT txid_current()").fetchall()
+    except duckdb.ConnectionException:
+        raise
+    except duckdb.Error:  # an aborted transaction answers nothing until it ends
+        return True
+
+
+class _DirJanitor:
+    """Directories of dropped or replaced models, removed once their catalog change is committed: at once in
+    autocommit, otherwise at the COMMIT that ends the transaction (Connection.commit() or SQL COMMIT). After a
+    ROLLBACK the row is back and refers to the directory again, so nothing is removed."""
+
+    def __init__(self, duck: duckdb.DuckDBPyConnection | None):
+        self._duck = duck  # the database handle that reads the committed catalog (None: the caller's own handle)
+        self._pending: list[tuple[duckdb.DuckDBPyConnection, str]] = []
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return bool(self._pending)
+
+    def discard(self, duck: duckdb.DuckDBPyConnection, rec: catalog.ModelRecord | None) -> None:
+        """`rec`'s catalog row was just deleted or replaced on `duck` (in its transaction, if one is open); the
+        caller has unloaded its engine, so no memory map holds the files."""
+        dirs = owned_dirs(rec.options) if rec is not None else []
+        if not dirs:
+            return
+        with self._lock:
+            self._pending += [(duck, d) for d in dirs]
+        self.ended(duck)
+
+    def ended(self, duck: duckdb.DuckDBPyConnection) -> None:
+        """`duck` ran its DROP / OR REPLACE in autocommit, or just ran COMMIT / ROLLBACK (checked, not assumed:
+        the check runs a statement on `duck`, harmless right after those statements)."""
+        try:
+            if _in_transaction(duck):
+                return
+        except duckdb.ConnectionException:
+            pass  # closed: its transaction was rolled back, which the catalog check below sees
+        self.sweep({id(duck)})
+
+    def sweep(self, handles: set[int] | None = None) -> None:
+        """Remove the pending directories of `handles` (ids; None: all, after Connection.commit() / rollback(),
+        when every transaction has ended) that no committed catalog row refers to: a rolled-back DROP's row is
+        back, so its directory stays."""
+        with self._lock:
+            ready = [e for e in self._pending if handles is None or id(e[0]) in handles]
+            self._pending = [e for e in self._pending if e not in ready]
+        if not ready:
+            return
+        try:
+            reader = (self._duck or ready[0][0]).cursor()
+            try:
+                refs = _referenced(catalog.list_models(reader))
+            finally:
+                reader.close()
+        except duckdb.Error as e:
+            warnings.warn(f"reldl: model directories not removed (cannot read the catalog: {e})", stacklevel=3)
+            return
+        for _, d in ready:
+            real = os.path.realpath(d)
+            if any(r == real or r.startswith(real + os.sep) for r in refs) or not os.path.isdir(real):
+                continue  # rolled back, still used by another model, or already gone
+            try:
+                shutil.rmtree(real)
+            except OSError as e:
+                warnings.warn(f"reldl: could not remove model directory {real}: {e}", stacklevel=3)
 
 
 def _registry():
@@ -153,6 +269,9 @@ class Cursor:
             self._model_statement(stmt.statement, parameters, True, explain=True, analyze=stmt.analyze)
         elif isinstance(stmt, Passthrough):
             self._duckdb(stmt.sql, parameters, returns_rows=stmt.returns_rows)
+            janitor = self._janitor()
+            if janitor and stmt.sql.lstrip().lower().startswith(_TRANSACTION_END):  # SQL COMMIT / ROLLBACK
+                janitor.ended(self._duck)
         elif isinstance(stmt, SetOption):
             self.connection.set_option(stmt.name, stmt.value)
         elif isinstance(stmt, CreateModel):
@@ -165,9 +284,15 @@ class Cursor:
                     from reldl.autodiff import models
 
                     models.drop_trained(self._duck, rec.options)
+                self._janitor().discard(self._duck, rec)
         elif isinstance(stmt, ShowModels):
             sql = f"SELECT {catalog.MODEL_COLUMNS} FROM reldl.models ORDER BY name"
             self._duckdb(sql if catalog.has_catalog(self._duck) else catalog.EMPTY_MODELS_SQL, None)
+
+    def _janitor(self) -> _DirJanitor:
+        """The connection's pending directory removals (a one-off for a cursor over a plain DuckDB connection)."""
+        janitor = getattr(self.connection, "_dirs", None)
+        return janitor if janitor is not None else _DirJanitor(None)
 
     def _model_statement(
         self, sql: str, parameters, returns_rows: bool, explain: bool = False, analyze: bool = False
@@ -295,9 +420,11 @@ class Cursor:
             spec = tabular.inspect_tabular(path)
             options["activation_bytes_per_row"] = 8 * (spec.n_features + sum(out for _, out, _ in spec.layers))
         existing = catalog.get_model(self._duck, stmt.name)
+        _carry_ownership(existing, None, options)  # `path` is the user's: never owned
         catalog.put_model(self._duck, stmt.name, model_type, str(path), options, replace=stmt.replace)
         if existing is not None:
             _unload(existing.name)
+            self._janitor().discard(self._duck, existing)
 
     def _train_model(self, stmt: CreateModel) -> None:
         """CREATE MODEL ... AS SELECT: train with relational autodiff (autodiff/models.py), then register the model.
@@ -311,11 +438,15 @@ class Cursor:
             raise IntegrityError(f"model {existing.name!r} already exists (use CREATE OR REPLACE MODEL)")
         models.check_options(stmt.name, stmt.options)  # bad options fail before anything is written
         path, options, tables = models.create_model(self._duck, stmt.name, stmt.options, stmt.query)
+        if path is not None and not stmt.options.get("path"):  # <db>.models/<name> or a temporary directory
+            options["owned_dirs"] = [path]
+        _carry_ownership(existing, path if "owned_dirs" in options else None, options)
         catalog.put_model(self._duck, stmt.name, stmt.options["model_type"], path, options, replace=stmt.replace)
         if existing is not None:
             _unload(existing.name)
             if existing.options.get("trained"):
                 models.drop_trained(self._duck, existing.options, keep=tables)
+            self._janitor().discard(self._duck, existing)
 
     def _create_sparse_model(self, stmt: CreateModel) -> None:
         """CREATE MODEL ... OPTIONS (model_type = 'llm', base = ..., sparsity = ...) AS SELECT text ...: calibrate
@@ -328,9 +459,11 @@ class Cursor:
         if existing is not None and not stmt.replace:
             raise IntegrityError(f"model {existing.name!r} already exists (use CREATE OR REPLACE MODEL)")
         path, options = sparse_sql.create(self._duck, stmt.name, stmt.options, stmt.query)
+        _carry_ownership(existing, path if options.get("owned_dirs") else None, options)
         catalog.put_model(self._duck, stmt.name, "llm", path, options, replace=stmt.replace)
         if existing is not None:
             _unload(existing.name)
+            self._janitor().discard(self._duck, existing)
 
     def _create_finetuned_model(self, stmt: CreateModel) -> None:
         """CREATE MODEL ... OPTIONS (model_type = 'llm', base = ..., finetune = 'full' | 'lora') AS SELECT prompt,
@@ -344,10 +477,14 @@ class Cursor:
         if existing is not None and not stmt.replace:
             raise IntegrityError(f"model {existing.name!r} already exists (use CREATE OR REPLACE MODEL)")
         path, options, log = finetune_sql.create(self._duck, stmt.name, stmt.options, stmt.query)
+        if not stmt.options.get("path"):  # reldl chose the checkpoint's place (<db>.models/<name> or a temp dir)
+            options["owned_dirs"] = [path]
+        _carry_ownership(existing, path if "owned_dirs" in options else None, options)
         catalog.put_model(self._duck, stmt.name, "llm", path, options, replace=stmt.replace)
         finetune_sql.write_log(self._duck, stmt.name, log)
         if existing is not None:
             _unload(existing.name)
+            self._janitor().discard(self._duck, existing)
 
     @staticmethod
     def _llm_options(name: str, opts: dict, duck: duckdb.DuckDBPyConnection | None = None) -> tuple[str, dict]:
@@ -373,6 +510,9 @@ class Cursor:
 
             size = dt.itemsize
             options["offload"] = offload_sql.create_options(duck, name, opts, ckpt.config, str(dev), size)
+            odir = (options["offload"] or {}).get("offload_dir")
+            if odir and not os.path.exists(odir):  # reldl creates it when the model loads: reldl's to remove
+                options["owned_dirs"] = [odir]
         return str(ckpt.path.resolve()), options
 
     def executemany(self, operation: str, seq_of_parameters: Sequence[Sequence[Any]]) -> Cursor:
@@ -456,6 +596,7 @@ class Connection:
         self._lock = threading.Lock()
         self._default: Cursor | None = None
         self.settings: dict[str, str] = {}  # reldl session options (SET reldl_plan = ...)
+        self._dirs = _DirJanitor(self._duck)  # owned directories of dropped / replaced models, removed on commit
 
     def set_option(self, name: str, value: str | None) -> None:
         from reldl.planning import SETTINGS
@@ -517,10 +658,12 @@ class Connection:
     def commit(self) -> None:
         self._check()
         self._each_transaction("commit")
+        self._dirs.sweep()  # DROP MODEL / OR REPLACE committed: their owned directories go
 
     def rollback(self) -> None:
         self._check()
         self._each_transaction("rollback")
+        self._dirs.sweep()  # the rows are back and refer to their directories: nothing is removed
 
     def _each_transaction(self, how: str) -> None:
         """DuckDB autocommits unless BEGIN was issued; end any open transaction on this connection's cursors."""

@@ -189,6 +189,7 @@ def _calibrate_and_save(name, base, cfg, method, o, texts, dtype, device, target
         "method": method,
         "sparse_dir": str(target),
         "sparse_dir_owned": owned,
+        **({"owned_dirs": [str(target)]} if owned else {}),  # reldl chose the place: DROP MODEL removes it
         "calibration": spec["calibration"],
         "layers": spec["layers"],
     }
