@@ -108,6 +108,10 @@ def test_resume_after_kill(tmp_path, llama_ckpt):
         (_create("t", "full", ", colour = 'red'"), "unknown option"),
         (_create("t", "lora", ", lora_targets = 'fc9'"), "lora_targets"),
         (_create("t", "full", ", optimizer_placement = 'gpu'"), "optimizer_placement"),
+        (_create("t", "full", ", gpu_memory = '16XB'"), "gpu_memory must be a size such as '16GB'"),
+        (_create("t", "full", ", gpu_memory = '-1GB'"), "gpu_memory must be a size"),
+        (_create("t", "full", ", gpu_memory_gb = 'lots'"), "'gpu_memory_gb' must be a number"),
+        (_create("t", "full", ", gpu_memory = '1GB', gpu_memory_gb = 1"), "not both"),
         (_create("base", "full"), "already exists"),
     ],
 )
@@ -121,3 +125,20 @@ def test_errors_leave_catalog_unchanged(conn, llama_ckpt, tmp_path, stmt, msg):
         conn.execute(stmt)
     assert msg in one_line(e.value)
     assert _rows(conn) == before
+
+
+@pytest.mark.parametrize(
+    "opts,budget",
+    [
+        ({"gpu_memory": "16GB"}, 16e9),  # DuckDB's sizes, as offloading's gpu_memory: GB = 1000^3
+        ({"gpu_memory": "512 MiB"}, 512 * 2**20),
+        ({"gpu_memory": 2**30}, 2**30),  # a number: bytes
+        ({"gpu_memory_gb": 2}, 2 * 2**30),  # the older alias: GiB
+        ({}, None),
+    ],
+)
+def test_gpu_memory_option(opts, budget):
+    from reldl.llm.finetune.sql import check_options
+
+    s, _ = check_options("t", {"model_type": "llm", "base": "b", "finetune": "full", **opts}, True)
+    assert s.gpu_memory == budget

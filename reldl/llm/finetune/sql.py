@@ -39,6 +39,7 @@ OPTIONS = {
     "optimizer_placement",
     "weight_placement",
     "activation_placement",
+    "gpu_memory",
     "gpu_memory_gb",
     "checkpoint_steps",
     "overlap",
@@ -94,8 +95,14 @@ def check_options(name: str, opts: dict[str, Any], has_query: bool):
         targets = tuple(t.lower() for t in targets)
     else:
         raise ProgrammingError(f"CREATE MODEL {name}: lora_targets must be a list like 'q,v', got {targets!r}")
-    gpu = opts.get("gpu_memory_gb")
-    if gpu is not None:
+    gpu = None  # the GPU budget: gpu_memory = '16GB' as for offloading (DuckDB sizes), or gpu_memory_gb = 16 (alias)
+    if "gpu_memory" in opts and "gpu_memory_gb" in opts:
+        raise ProgrammingError(f"CREATE MODEL {name}: give gpu_memory or gpu_memory_gb (its alias), not both")
+    if "gpu_memory" in opts:
+        from reldl.llm.offload.sql import parse_bytes
+
+        gpu = parse_bytes(opts["gpu_memory"], name, "gpu_memory")
+    elif "gpu_memory_gb" in opts:
         gpu = float(_num(name, opts, "gpu_memory_gb", None, 0.001)) * (1 << 30)
     overlap = opts.get("overlap", True)
     if not isinstance(overlap, bool):
