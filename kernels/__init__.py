@@ -21,6 +21,9 @@ still imports: `triton_available(device)` is then False and callers use the `*_r
   computes its work decomposition once per tree (`TreeAttentionPlan`; reuse it for CUDA-graph replays).
 - `quantize_4bit(w) -> Quantized4`, `dequantize_4bit(q)`, `matmul_4bit(x, q, bias=None)`: group-wise (64) 4-bit
   weights, dequantized inside the GEMM tiles; `quantize_kv_4bit` / `dequantize_kv_4bit` for K/V rows.
+- `quant4_decode_attention(q, k_cache, v_cache, scale, k_new=None, v_new=None, mask=None, num_splits=None)`:
+  decode attention over a 4-bit K/V cache (the offloaded executor's [S, B*h, ...] layout), K/V dequantized in
+  registers, GQA packed, split-K; `quantize_kv_4bit_into(x, cache, start)` quantizes new rows into the cache.
 """
 
 from reldl.kernels._triton import HAS_TRITON, triton_available
@@ -40,6 +43,12 @@ from reldl.kernels.quant4 import (
     quantize_4bit_reference,
     quantize_kv_4bit,
     quantize_kv_4bit_reference,
+)
+from reldl.kernels.quant4_attention import (
+    quant4_decode_attention,
+    quant4_decode_attention_reference,
+    quantize_kv_4bit_into,
+    quantize_kv_4bit_into_reference,
 )
 from reldl.kernels.rmsnorm import rmsnorm, rmsnorm_reference
 from reldl.kernels.rope_cache import rope_and_cache, rope_and_cache_reference
@@ -111,4 +120,8 @@ __all__ = [
     "quantize_kv_4bit",
     "quantize_kv_4bit_reference",
     "dequantize_kv_4bit",
+    "quant4_decode_attention",
+    "quant4_decode_attention_reference",
+    "quantize_kv_4bit_into",
+    "quantize_kv_4bit_into_reference",
 ]

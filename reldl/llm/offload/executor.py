@@ -20,8 +20,9 @@ Placement (fractions on gpu / cpu / disk, as the policy gives them):
   split along the KV heads by the fractions (each head's attention is independent, so per-segment outputs are just
   concatenated). "disk" is a memory-mapped file in the offload directory: reads and writes go through the page
   cache (enough to run and test the schedule; a real O_DIRECT disk tier is not built). With `compress_cache` the
-  cache holds 4-bit K/V (quantize_kv_4bit, groups of 64 along head_dim); attention dequantizes the loaded prefix on
-  the device and uses the exact K/V of the current step's tokens (as FlexGen does).
+  cache holds 4-bit K/V (quantize_kv_4bit, groups of 64 along head_dim); on CUDA, decode attention runs
+  kernels.quant4_decode_attention (the loaded prefix dequantized in registers), on the CPU it dequantizes the prefix;
+  both use the exact K/V of the current step's tokens (as FlexGen does).
 - `cpu_attention`: decode attention over the cpu / disk heads runs on the CPU against the host copy (q and the new
   K/V go to the host, the output comes back); the prefill always attends on the device.
 - Activations (the hidden states between units, per GPU batch): split along the batch rows.
@@ -53,6 +54,7 @@ from reldl.kernels.quant4 import (
     quantize_kv_4bit,
     quantize_kv_4bit_reference,
 )
+from reldl.kernels.quant4_attention import quant4_decode_attention
 from reldl.llm.offload import layers
 from reldl.llm.offload.policy import Policy
 from reldl.llm.offload.tiers import TIERS, Arena, CheckpointSource, DiskPool, MemorySource, Mover, nbytes
@@ -560,6 +562,7 @@ class OffloadEngine:
                     outs.append(self._cpu_attend(j, k, seg, qs, kn, vn, mask, s))
                     continue
                 full = []
+                fused = kv.compress and s > 0 and q.is_cuda  # 4-bit prefix dequantized inside the kernel
                 for store, new, buf in ((seg.k, kn, loaded and loaded[0]), (seg.v, vn, loaded and loaded[1])):
                     if kv.compress:
                         qn = self._quantize_kv(new.reshape(T, B * h, new.shape[-1]))
@@ -573,6 +576,9 @@ class OffloadEngine:
                                 (d, src, seg.tier == "disk")
                                 for d, src in zip(_parts(_rows(store, s, s + T)), _parts(qn))
                             ]
+                        if fused:
+                            full.append(prefix)
+                            continue
                         t = torch.empty((s + T, *new.shape[1:]), dtype=self.dtype, device=self.device)
                         if s:
                             t[:s] = dequantize_kv_4bit(prefix, self.dtype).view(s, *new.shape[1:])
@@ -588,7 +594,11 @@ class OffloadEngine:
                         t[s:] = new
                         pairs.append((store[s : s + T], t[s:], seg.tier == "disk"))
                     full.append(t)
-                outs.append(layers.attention(qs, full[0], full[1], mask, self.scale))
+                if fused:
+                    o = quant4_decode_attention(qs, full[0], full[1], self.scale, kn, vn, mask)
+                    outs.append(o.reshape(B, T, -1))
+                else:
+                    outs.append(layers.attention(qs, full[0], full[1], mask, self.scale))
             if pairs:
                 kv.stores[(j, k)] = self.mover.store(pairs)
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
