@@ -25,7 +25,7 @@ which is x @ (code * scale + minv)^T for that group: full-precision weights neve
 1..16, small batches up to 64, prefill above).
 
 `quantize_kv_4bit(x [T, H, D])` / `dequantize_kv_4bit`: the same format for K/V cache rows, groups of 64 along
-head_dim (the attention-kernel fusion is not here yet).
+head_dim (decode attention over this format with the dequantization fused: `quant4_attention.py`).
 """
 
 from __future__ import annotations
