@@ -132,7 +132,12 @@ def _in_transaction(duck: duckdb.DuckDBPyConnection) -> bool:
 class _DirJanitor:
     """Directories of dropped or replaced models, removed once their catalog change is committed: at once in
     autocommit, otherwise at the COMMIT that ends the transaction (Connection.commit() or SQL COMMIT). After a
-    ROLLBACK the row is back and refers to the directory again, so nothing is removed."""
+    ROLLBACK the row is back and refers to the directory again, so nothing is removed.
+
+    The same check cleans up after a CREATE MODEL inside a transaction that does not commit (ROLLBACK, or a COMMIT
+    that DuckDB turned into a rollback after a failed statement): the directories the new row owns are pending too,
+    and once the transaction ends they are removed unless a committed row (the new one, after COMMIT) refers to
+    them."""
 
     def __init__(self, duck: duckdb.DuckDBPyConnection | None):
         self._duck = duck  # the database handle that reads the committed catalog (None: the caller's own handle)
@@ -151,6 +156,20 @@ class _DirJanitor:
         with self._lock:
             self._pending += [(duck, d) for d in dirs]
         self.ended(duck)
+
+    def created(self, duck: duckdb.DuckDBPyConnection, options: dict) -> None:
+        """A CREATE MODEL on `duck` just wrote a catalog row owning `options`' `owned_dirs`. In autocommit the row
+        is committed already; inside a transaction its directories go if the transaction does not commit."""
+        dirs = owned_dirs(options)
+        if not dirs:
+            return
+        try:
+            if not _in_transaction(duck):
+                return
+        except duckdb.ConnectionException:
+            return
+        with self._lock:
+            self._pending += [(duck, d) for d in dirs]
 
     def ended(self, duck: duckdb.DuckDBPyConnection) -> None:
         """`duck` ran its DROP / OR REPLACE in autocommit, or just ran COMMIT / ROLLBACK (checked, not assumed:
@@ -268,10 +287,12 @@ class Cursor:
         elif isinstance(stmt, Explain):
             self._model_statement(stmt.statement, parameters, True, explain=True, analyze=stmt.analyze)
         elif isinstance(stmt, Passthrough):
-            self._duckdb(stmt.sql, parameters, returns_rows=stmt.returns_rows)
-            janitor = self._janitor()
-            if janitor and stmt.sql.lstrip().lower().startswith(_TRANSACTION_END):  # SQL COMMIT / ROLLBACK
-                janitor.ended(self._duck)
+            try:
+                self._duckdb(stmt.sql, parameters, returns_rows=stmt.returns_rows)
+            finally:
+                janitor = self._janitor()
+                if janitor and stmt.sql.lstrip().lower().startswith(_TRANSACTION_END):  # SQL COMMIT / ROLLBACK
+                    janitor.ended(self._duck)  # (a COMMIT of an aborted transaction rolls back: checked there)
         elif isinstance(stmt, SetOption):
             self.connection.set_option(stmt.name, stmt.value)
         elif isinstance(stmt, CreateModel):
@@ -422,6 +443,7 @@ class Cursor:
         existing = catalog.get_model(self._duck, stmt.name)
         _carry_ownership(existing, None, options)  # `path` is the user's: never owned
         catalog.put_model(self._duck, stmt.name, model_type, str(path), options, replace=stmt.replace)
+        self._janitor().created(self._duck, options)  # an offload_dir reldl will create
         if existing is not None:
             _unload(existing.name)
             self._janitor().discard(self._duck, existing)
@@ -442,6 +464,7 @@ class Cursor:
             options["owned_dirs"] = [path]
         _carry_ownership(existing, path if "owned_dirs" in options else None, options)
         catalog.put_model(self._duck, stmt.name, stmt.options["model_type"], path, options, replace=stmt.replace)
+        self._janitor().created(self._duck, options)
         if existing is not None:
             _unload(existing.name)
             if existing.options.get("trained"):
@@ -461,6 +484,7 @@ class Cursor:
         path, options = sparse_sql.create(self._duck, stmt.name, stmt.options, stmt.query)
         _carry_ownership(existing, path if options.get("owned_dirs") else None, options)
         catalog.put_model(self._duck, stmt.name, "llm", path, options, replace=stmt.replace)
+        self._janitor().created(self._duck, options)
         if existing is not None:
             _unload(existing.name)
             self._janitor().discard(self._duck, existing)
@@ -481,6 +505,7 @@ class Cursor:
             options["owned_dirs"] = [path]
         _carry_ownership(existing, path if "owned_dirs" in options else None, options)
         catalog.put_model(self._duck, stmt.name, "llm", path, options, replace=stmt.replace)
+        self._janitor().created(self._duck, options)
         finetune_sql.write_log(self._duck, stmt.name, log)
         if existing is not None:
             _unload(existing.name)
@@ -683,6 +708,10 @@ class Connection:
             c.close()
         if self._default is not None:
             self._default.close()
+        if self._dirs:  # a CREATE MODEL in a transaction never committed: closing rolls it back
+            with contextlib.suppress(duckdb.Error):
+                self._duck.rollback()
+            self._dirs.sweep()
         self._functions.unregister()
         self._duck.close()
         self.closed = True
