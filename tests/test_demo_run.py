@@ -21,7 +21,13 @@ def test_demo_runs_and_is_accurate(tmp_path):
             "AND p.issue = r.issue, false)::INT) FROM reviews r JOIN predicted p USING (id)"
         ).fetchall()
         assert exact >= 0.95
-        assert [m[0] for m in con.execute("SHOW MODELS").fetchall()] == ["demo"]
+        assert [m[0] for m in con.execute("SHOW MODELS").fetchall()] == ["demo", "demo_fast"]
+        # the sparse variant's step: 12 rows extracted with model := 'demo_fast', as accurate as the dense model
+        ((n, same),) = con.execute(
+            "SELECT count(*), avg((f.answer = e.answer)::INT) FROM extracted_fast f JOIN extracted e USING (id)"
+        ).fetchall()
+        assert n == 12 and same >= 0.9
+    assert "EXPLAIN's per-layer sparsity" in text and "layer 0: input" in text and "sparse variant step:" in text
 
 
 def test_demo_fails_when_accuracy_is_below_the_bar(tmp_path):
