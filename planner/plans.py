@@ -39,8 +39,21 @@ SIGNATURES: dict[str, list[tuple[str, str, str | None]]] = {
     "predict_proba": [("model", "VARCHAR", None), ("features", "DOUBLE[]", None)],
 }
 # llm_generate(..., n := k) / beam_width := k, after statements.list_generate_sql: a LIST(VARCHAR) per row
-SIGNATURES["llm_generate_list"] = SIGNATURES["llm_generate"] + [("n", "BIGINT", "1"), ("beam_width", "BIGINT", "NULL")]
+# (n and beam_width as to_json(...) of them, as the macro passes them; beam_width's default is the macro's marker)
+SIGNATURES["llm_generate_list"] = SIGNATURES["llm_generate"] + [
+    ("n", "VARCHAR", "1"),
+    ("beam_width", "VARCHAR", "{'reldl_default': true}"),
+]
 GENERATE = ("llm_generate", "llm_generate_list")
+_JSON_ARGS = {"llm_generate": (7,), "llm_generate_list": (7, 9, 10)}  # arguments the macros wrap in to_json
+
+
+def _as_passed(function: str, j: int, arg: exp.Expression) -> exp.Expression:
+    """Argument `j` of a call as the macro hands it to the UDF."""
+    value = arg.copy()
+    return exp.func("to_json", value) if j in _JSON_ARGS.get(function, ()) else value
+
+
 FAMILIES = ("udf", "dl", "relation")
 _names = itertools.count()
 
@@ -146,9 +159,7 @@ def inputs_query(select: exp.Select, calls: list[CallSite]) -> exp.Select:
     cols = []
     for i, c in enumerate(calls):
         for j, ((_, typ, _), arg) in enumerate(zip(SIGNATURES[c.function], c.args)):
-            value = arg.copy()
-            if c.function in GENERATE and j == 7:  # stop
-                value = exp.func("to_json", value)
+            value = _as_passed(c.function, j, arg)
             cols.append(exp.alias_(exp.cast(value, typ, dialect="duckdb"), f"a{i}_{j}"))
     q = exp.select(*cols).distinct()
     src = select.args.get("from_") or select.args.get("from")
@@ -172,7 +183,7 @@ def _key_conditions(calls: list[CallSite], ref) -> list[exp.Expression]:
         for j, ((_, typ, _), a) in enumerate(zip(SIGNATURES[c.function], c.args)):
             if not a.find(exp.Column):
                 continue
-            value = exp.func("to_json", a.copy()) if c.function in GENERATE and j == 7 else a.copy()
+            value = _as_passed(c.function, j, a)
             conds.append(exp.NullSafeEQ(this=ref(i, j), expression=exp.cast(value, typ, dialect="duckdb")))
     return conds
 
@@ -236,7 +247,7 @@ def deterministic(call: CallSite) -> bool:
     temperature, seed = call.args[3], call.args[6]
     greedy = isinstance(temperature, exp.Literal) and not temperature.is_string and float(temperature.this) == 0
     seeded = not isinstance(seed, exp.Null)
-    beams = call.function == "llm_generate_list" and not isinstance(call.args[10], exp.Null)  # beam search
+    beams = call.function == "llm_generate_list" and not isinstance(call.args[10], (exp.Null, exp.Struct))  # beams
     return greedy or seeded or beams
 
 

@@ -41,7 +41,33 @@ def _stop(value: str | None) -> tuple[str, ...]:
     return tuple(items)
 
 
-def _params(max_tokens, temperature, top_p, top_k, seed, stop, n=1, beam_width=None, fn="llm_generate"):
+BRANCHES_DEFAULT = {"reldl_default": True}  # the macro's beam_width default (to_json of it): no beam search
+UNSET = json.dumps(BRANCHES_DEFAULT)
+
+
+def _branches(value: str | None, name: str, fn: str) -> int | None:
+    """`n` / `beam_width` arrive as JSON (the macro wraps them in to_json, as `stop`), so that any SQL type reaches
+    this check: an integer from 1 to MAX_BRANCHES, or (beam_width only) the macro's default, no beam search."""
+    from reldl.llm.params import MAX_BRANCHES
+
+    parsed = json.loads(value) if value is not None else None
+    if name == "beam_width" and parsed == BRANCHES_DEFAULT:
+        return None
+    ok = isinstance(parsed, (int, float)) and not isinstance(parsed, bool) and float(parsed).is_integer()
+    if ok and 1 <= parsed <= MAX_BRANCHES:
+        return int(parsed)
+    if parsed is None:
+        shown = "NULL"
+    elif isinstance(parsed, bool):
+        shown = str(parsed).lower()
+    elif isinstance(parsed, str):
+        shown = repr(parsed)
+    else:
+        shown = value
+    raise ProgrammingError(f"{fn}: {name} must be an integer from 1 to {MAX_BRANCHES}, got {shown}")
+
+
+def _params(max_tokens, temperature, top_p, top_k, seed, stop, n="1", beam_width=UNSET, fn="llm_generate"):
     if max_tokens is None or max_tokens < 0:
         raise ProgrammingError(f"llm_generate: max_tokens must be >= 0, got {max_tokens}")
     temperature = 0.0 if temperature is None else float(temperature)
@@ -53,8 +79,8 @@ def _params(max_tokens, temperature, top_p, top_k, seed, stop, n=1, beam_width=N
     top_k = 0 if top_k is None else int(top_k)
     if top_k < 0:
         raise ProgrammingError(f"llm_generate: top_k must be >= 0, got {top_k}")
-    n = 1 if n is None else int(n)
-    beam_width = None if beam_width is None else int(beam_width)
+    n = _branches(n, "n", fn)
+    beam_width = _branches(beam_width, "beam_width", fn)
     try:
         return SamplingParams(int(max_tokens), temperature, top_p, top_k, seed, _stop(stop), n, beam_width)
     except ValueError as e:  # n / beam_width out of range or combined badly
@@ -96,7 +122,7 @@ class LLMFunctions:
         duck.create_function(
             self.names["generate_list"],
             self.generate_list,
-            [VARCHAR, VARCHAR, BIGINT, DOUBLE, DOUBLE, BIGINT, BIGINT, VARCHAR, VARCHAR, BIGINT, BIGINT],
+            [VARCHAR, VARCHAR, BIGINT, DOUBLE, DOUBLE, BIGINT, BIGINT, VARCHAR, VARCHAR, VARCHAR, VARCHAR],
             duckdb.list_type(VARCHAR),
             type="arrow",
             null_handling="special",
@@ -167,7 +193,8 @@ class LLMFunctions:
 
     def generate(self, prompt, model, max_tokens, temperature, top_p, top_k, seed, stop, truncate) -> pa.Array:
         args = (prompt, model, max_tokens, temperature, top_p, top_k, seed, stop, truncate)
-        return pa.array(self._generate([c.to_pylist() for c in args], False), pa.string())
+        n = ["1"] * len(prompt)  # (JSON, as llm_generate_list's n arrives)
+        return pa.array(self._generate([c.to_pylist() for c in args] + [n], False), pa.string())
 
     def generate_list(
         self, prompt, model, max_tokens, temperature, top_p, top_k, seed, stop, truncate, n, beam_width

@@ -81,9 +81,9 @@ def test_explain_shows_the_list_call(reviews):
 
 
 BAD = [
-    ("n := 0", "n must be >= 1"),
-    ("n := 65", "at most 64"),
-    ("beam_width := 0", "beam_width must be >= 1"),
+    ("n := 0", "n must be an integer from 1 to 64, got 0"),
+    ("n := 65", "n must be an integer from 1 to 64, got 65"),
+    ("beam_width := 0", "beam_width must be an integer from 1 to 64, got 0"),
     ("beam_width := 2, temperature := 0.5", "temperature 0"),
     ("beam_width := 2, n := 2", "cannot be combined"),
     ("beam_width := 2, stop := 'x'", "stop"),

@@ -93,3 +93,56 @@ def test_committed_create_in_a_transaction_keeps_its_dir(db, tmp_path):
     db.commit()
     assert _model_dirs(tmp_path) == ["ftx"]
     assert [n for n, _, _ in _models(db)] == [BASE, "ftx"]
+
+
+# -- 2, 3. n / beam_width of any bad value or type: one line naming the argument, for every plan
+BAD_BRANCHES = [
+    ("n := NULL", "n must be an integer from 1 to 64, got NULL"),
+    ("beam_width := NULL", "beam_width must be an integer from 1 to 64, got NULL"),
+    ("n := 2.5", "n must be an integer from 1 to 64, got 2.5"),
+    ("n := true", "n must be an integer from 1 to 64, got true"),
+    ("beam_width := 2.5", "beam_width must be an integer from 1 to 64, got 2.5"),
+    ("n := 'abc'", "n must be an integer from 1 to 64, got 'abc'"),
+    ("n := '2'", "n must be an integer from 1 to 64, got '2'"),
+    ("n := CAST(NULL AS INTEGER)", "n must be an integer from 1 to 64, got NULL"),
+]
+
+
+@pytest.mark.parametrize("plan", ["udf", "dl"])
+@pytest.mark.parametrize("args, words", BAD_BRANCHES)
+def test_bad_n_and_beam_width(llm, plan, args, words):
+    llm.execute("CREATE TABLE r AS SELECT 'the cat' AS p")
+    llm.execute(f"SET reldl_plan = '{plan}'")
+    before = _models(llm)
+    msg = _err(llm, f"SELECT llm_generate(p, max_tokens := 2, {args}) FROM r")
+    assert msg == f"llm_generate: {words}"
+    assert "reldl_llm_generate" not in msg and "Binder" not in msg
+    assert _models(llm) == before and llm.execute("SELECT p FROM r").fetchall() == [("the cat",)]
+
+
+def test_n_and_beam_width_still_work(llm):
+    ((two,),) = llm.execute("SELECT llm_generate('the cat', max_tokens := 2, n := 2, seed := 1)").fetchall()
+    ((beams,),) = llm.execute("SELECT llm_generate('the cat', max_tokens := 2, beam_width := 2)").fetchall()
+    assert len(two) == 2 and len(beams) == 2
+    ((one,),) = llm.execute("SELECT llm_generate('the cat', max_tokens := 2, n := 2.0, seed := 1)").fetchall()
+    assert one == two  # an integral number is an integer
+
+
+def test_null_n_in_a_column_row(llm):
+    llm.execute("CREATE TABLE r AS SELECT * FROM (VALUES ('a', 2), ('b', NULL)) t(p, k)")
+    assert _err(llm, "SELECT llm_generate(p, max_tokens := 2, n := k) FROM r").endswith("got NULL")
+
+
+def test_plain_duckdb_llm_generate_list(llama_ckpt):
+    import duckdb
+
+    with duckdb.connect() as duck:
+        reldl.install(duck)
+        reldl.register_model(duck, "plain", str(llama_ckpt), dtype="float32", device="cpu")
+        q = "SELECT llm_generate_list('the cat', max_tokens := 2, {})"
+        assert len(duck.execute(q.format("beam_width := 3")).fetchall()[0][0]) == 3
+        assert len(duck.execute(q.format("n := 2, seed := 1")).fetchall()[0][0]) == 2
+        assert len(duck.execute(q.format("seed := 1")).fetchall()[0][0]) == 1
+        with pytest.raises(duckdb.Error, match="n must be an integer from 1 to 64, got 2.5"):
+            duck.execute(q.format("n := 2.5")).fetchall()
+    registry.unload()
