@@ -277,8 +277,11 @@ class Cursor:
         self._description = None
         self.rowcount = -1
         self._drop_temp_views()
-        for stmt in statements:
-            self._run(stmt, parameters)
+        try:
+            for stmt in statements:
+                self._run(stmt, parameters)
+        except duckdb.Error as e:  # a catalog read or planning query (most paths translate their own)
+            raise translate(e) from None
         return self
 
     def _run(self, stmt, parameters) -> None:

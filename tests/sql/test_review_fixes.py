@@ -146,3 +146,16 @@ def test_plain_duckdb_llm_generate_list(llama_ckpt):
         with pytest.raises(duckdb.Error, match="n must be an integer from 1 to 64, got 2.5"):
             duck.execute(q.format("n := 2.5")).fetchall()
     registry.unload()
+
+
+# -- 4. a model call in an aborted transaction: reldl's OperationalError, one line
+def test_model_call_in_an_aborted_transaction(llm):
+    llm.execute("CREATE TABLE t AS SELECT 1 AS a")
+    before = _models(llm)
+    with pytest.raises(reldl.ProgrammingError, match="nosuch"):
+        llm.execute("BEGIN; INSERT INTO nosuch VALUES (1); SELECT llm_generate('hi', n := 0); COMMIT;")
+    with pytest.raises(reldl.OperationalError) as info:
+        llm.execute("SELECT llm_generate('hi', n := 0)")
+    assert "transaction is aborted" in str(info.value) and "\n" not in str(info.value)
+    llm.execute("ROLLBACK")
+    assert _models(llm) == before and llm.execute("SELECT a FROM t").fetchall() == [(1,)]
