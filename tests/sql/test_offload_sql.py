@@ -135,7 +135,7 @@ def test_unsupported_decoding_is_one_line(table, opt_ckpt):
 
 BAD = [
     ("offload = 'weights = 50/50'", "gpu/cpu/disk shares"),
-    ("offload = 'weights = 50/20/20'", "summing to 1"),
+    ("offload = 'weights = 50/20/20'", "weights shares must sum to 100 (gpu/cpu/disk %), got 50/20/20 = 90"),
     ("offload = 'gpu_batch = 4'", "unknown offload policy field"),
     ("offload = 'gpu_batch_size = 0'", "gpu_batch_size must be an integer >= 1"),
     ("offload = '{\"gpu_batch_size\": 2,'", "not valid JSON"),

@@ -159,3 +159,50 @@ def test_model_call_in_an_aborted_transaction(llm):
     assert "transaction is aborted" in str(info.value) and "\n" not in str(info.value)
     llm.execute("ROLLBACK")
     assert _models(llm) == before and llm.execute("SELECT a FROM t").fetchall() == [(1,)]
+
+
+# -- 5, 6, 7. offload options: messages in the user's units, NULL said as NULL, offload_dir's parent checked
+@pytest.fixture(scope="module")
+def opt_ckpt(tmp_path_factory):
+    import checkpoints
+
+    return checkpoints.make_checkpoint(tmp_path_factory.mktemp("opt") / "opt", "opt")
+
+
+BAD_OFFLOAD = [
+    ("offload = 'num_gpu_batches = 2.5'", "offload policy: num_gpu_batches must be an integer >= 1, got 2.5"),
+    ("offload = 'gpu_batch_size = abc'", "offload policy: gpu_batch_size must be an integer >= 1, got abc"),
+    (
+        "offload = 'weights = 0/50/40'",
+        "offload policy: weights shares must sum to 100 (gpu/cpu/disk %), got 0/50/40 = 90",
+    ),
+    ("offload = 'weights = -10/60/50'", "offload policy: weights shares must be >= 0 (gpu/cpu/disk %), got -10/60/50"),
+    (
+        "offload = '{\"cache\": [0.2, 0.3, 0.4]}'",
+        "offload policy: cache shares must sum to 1 (gpu/cpu/disk fractions), got 0.2/0.3/0.4 = 0.9",
+    ),
+    ("offload = NULL", "offload must be 'auto' or a policy (text or JSON), got NULL"),
+    ("offload = 'auto', gen_len = NULL", "gen_len must be an integer >= 1, got NULL"),
+    ("offload = 'auto', gpu_memory = NULL", "gpu_memory must be a size such as '16GB' or '512MiB', got NULL"),
+    ("offload = 'auto', offload_dir = NULL", "offload_dir must be a directory path, got NULL"),
+    ("offload = 'auto', offload_dir = '/nonexistent/x'", "offload_dir's parent directory /nonexistent does not exist"),
+]
+
+
+@pytest.mark.parametrize("options, words", BAD_OFFLOAD)
+def test_bad_offload_options(conn, opt_ckpt, options, words):
+    conn.execute(f"CREATE MODEL keep OPTIONS (model_type = 'llm', path = '{opt_ckpt}', device = 'cpu')")
+    before = _models(conn)
+    sql = f"CREATE MODEL big OPTIONS (model_type = 'llm', path = '{opt_ckpt}', device = 'cpu', {options})"
+    assert _err(conn, sql) == f"CREATE MODEL big: {words}"
+    assert _models(conn) == before
+
+
+def test_offload_dir_reldl_creates_is_owned(conn, opt_ckpt, tmp_path):
+    odir = tmp_path / "spill"
+    conn.execute(
+        f"CREATE MODEL big OPTIONS (model_type = 'llm', path = '{opt_ckpt}', device = 'cpu', offload = 'auto', "
+        f"offload_dir = '{odir}')"
+    )
+    ((opts,),) = conn.execute("SELECT options FROM reldl.models WHERE name = 'big'").fetchall()
+    assert json.loads(opts)["owned_dirs"] == [str(odir)]

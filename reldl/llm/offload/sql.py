@@ -47,6 +47,12 @@ CPU_STANDIN = {"ctog_bw": 10e9, "gtoc_bw": 10e9, "gpu_mem_bw": 20e9}  # memcpy-s
 
 # --------------------------------------------------------------------------------------------------- parsing
 
+
+def shown(value: Any) -> str:
+    """An option's value as the SQL user wrote it, for messages: NULL, not Python's None."""
+    return "NULL" if value is None else repr(value)
+
+
 _UNITS = {
     "": 1,
     "b": 1,
@@ -69,12 +75,12 @@ def parse_bytes(value: Any, name: str, option: str) -> float:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(value).lower())
         if m is None or m.group(2) not in _UNITS:
             raise ProgrammingError(
-                f"CREATE MODEL {name}: {option} must be a size such as '16GB' or '512MiB', got {value!r}"
+                f"CREATE MODEL {name}: {option} must be a size such as '16GB' or '512MiB', got {shown(value)}"
             )
         number, unit = float(m.group(1)), m.group(2)
     out = number * _UNITS[unit]
     if not math.isfinite(out) or out <= 0:
-        raise ProgrammingError(f"CREATE MODEL {name}: {option} must be a positive size, got {value!r}")
+        raise ProgrammingError(f"CREATE MODEL {name}: {option} must be a positive size, got {shown(value)}")
     return out
 
 
@@ -84,21 +90,44 @@ _FLAGS = ("compress_weight", "compress_cache", "overlap", "cpu_attention")
 
 
 def _placement(value: Any, key: str, name: str) -> tuple[float, float, float]:
+    """gpu/cpu/disk shares as percentages (summing to 100) or fractions (summing to 1); messages in the user's
+    units, never the scaled fractions."""
     if isinstance(value, str):
         value = [v for v in re.split(r"[/:\s]+", value.strip()) if v]
     try:
         vals = [float(v) for v in value]
     except (TypeError, ValueError):
         vals = []
-    if len(vals) != 3:
+    if len(vals) != 3 or not all(math.isfinite(v) for v in vals):
         raise ProgrammingError(
-            f"CREATE MODEL {name}: offload policy {key} must be gpu/cpu/disk shares like 50/0/50 or [0.5, 0, 0.5], "
-            f"got {value!r}"
+            f"CREATE MODEL {name}: offload policy: {key} must be gpu/cpu/disk shares like 50/0/50 or [0.5, 0, 0.5], "
+            f"got {shown(value)}"
         )
     total = sum(vals)
-    if abs(total - 100) < 1e-6 and any(v > 1 for v in vals):  # percentages
-        vals = [v / 100 for v in vals]
-    return tuple(vals)  # type: ignore[return-value]
+    percent = any(abs(v) > 1 for v in vals)
+    whole, unit = (100, "gpu/cpu/disk %") if percent else (1, "gpu/cpu/disk fractions")
+    text = "/".join(f"{v:g}" for v in vals)
+    if any(v < 0 for v in vals):
+        raise ProgrammingError(f"CREATE MODEL {name}: offload policy: {key} shares must be >= 0 ({unit}), got {text}")
+    if abs(total - whole) > 1e-6 * whole:
+        raise ProgrammingError(
+            f"CREATE MODEL {name}: offload policy: {key} shares must sum to {whole} ({unit}), got {text} = {total:g}"
+        )
+    return tuple(v / whole for v in vals)  # type: ignore[return-value]
+
+
+_INTEGERS = ("gpu_batch_size", "num_gpu_batches")
+
+
+def _integer(value: Any, key: str, name: str) -> int:
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number != int(number) or number < 1:
+        text = value if isinstance(value, str) and value.strip() else shown(value)
+        raise ProgrammingError(f"CREATE MODEL {name}: offload policy: {key} must be an integer >= 1, got {text}")
+    return int(number)
 
 
 def _flag(value: Any, key: str, name: str) -> bool:
@@ -109,7 +138,7 @@ def _flag(value: Any, key: str, name: str) -> bool:
         return True
     if text in ("false", "0", "no", "off"):
         return False
-    raise ProgrammingError(f"CREATE MODEL {name}: offload policy {key} must be true or false, got {value!r}")
+    raise ProgrammingError(f"CREATE MODEL {name}: offload policy {key} must be true or false, got {shown(value)}")
 
 
 def parse_policy(text: str, name: str) -> Policy:
@@ -145,11 +174,10 @@ def parse_policy(text: str, name: str) -> Policy:
             kw[key] = _placement(value, key, name)
         elif key in _FLAGS:
             kw[key] = _flag(value, key, name)
+        elif key in _INTEGERS:
+            kw[key] = _integer(value, key, name)
         else:
-            try:
-                kw[key] = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else value
-            except (TypeError, ValueError):
-                kw[key] = value
+            kw[key] = value
     try:
         return Policy(**kw)
     except (TypeError, ValueError) as e:
@@ -239,12 +267,14 @@ def create_options(duck, name: str, opts: dict, config, device: str, dtype_bytes
     `device`: the resolved device ('cpu', 'cuda:0'); `dtype_bytes`: bytes per element of the dtype it runs in."""
     given = [k for k in OFFLOAD_OPTIONS if k in opts and k != "offload"]
     mode = opts.get("offload")
-    if mode is None:
+    if "offload" not in opts:
         if given:
             raise ProgrammingError(f"CREATE MODEL {name}: {', '.join(given)} need(s) offload = 'auto' or a policy")
         return None
     if not isinstance(mode, str) or not mode.strip():
-        raise ProgrammingError(f"CREATE MODEL {name}: offload must be 'auto' or a policy (text or JSON)")
+        raise ProgrammingError(
+            f"CREATE MODEL {name}: offload must be 'auto' or a policy (text or JSON), got {shown(mode)}"
+        )
     if config.family not in ("opt", "llama") or any(config.layer_windows or []) or config.sliding_window:
         raise ProgrammingError(
             f"CREATE MODEL {name}: offload runs OPT and Llama-family models without sliding windows, "
@@ -256,12 +286,17 @@ def create_options(duck, name: str, opts: dict, config, device: str, dtype_bytes
         if f"{t}_memory" in opts
     }
     offload_dir = opts.get("offload_dir")
-    if offload_dir is not None:
+    if "offload_dir" in opts:
         if not isinstance(offload_dir, str) or not offload_dir:
-            raise ProgrammingError(f"CREATE MODEL {name}: offload_dir must be a directory path")
+            raise ProgrammingError(
+                f"CREATE MODEL {name}: offload_dir must be a directory path, got {shown(offload_dir)}"
+            )
         offload_dir = os.path.abspath(os.path.expanduser(offload_dir))
         if os.path.exists(offload_dir) and not os.path.isdir(offload_dir):
             raise ProgrammingError(f"CREATE MODEL {name}: offload_dir {offload_dir} is not a directory")
+        parent = os.path.dirname(offload_dir)
+        if not os.path.exists(offload_dir) and not os.path.isdir(parent):  # reldl creates the last level only
+            raise ProgrammingError(f"CREATE MODEL {name}: offload_dir's parent directory {parent} does not exist")
     ctx = int(config.max_positions)
     gen_len = _length(opts, "gen_len", min(DEFAULT_GEN_LEN, max(1, ctx // 2)), name)
     prompt_len = _length(opts, "prompt_len", max(1, min(DEFAULT_PROMPT_LEN, ctx - gen_len)), name)
@@ -312,7 +347,7 @@ def create_options(duck, name: str, opts: dict, config, device: str, dtype_bytes
 def _length(opts: dict, key: str, default: int, name: str) -> int:
     v = opts.get(key, default)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 1:
-        raise ProgrammingError(f"CREATE MODEL {name}: {key} must be an integer >= 1, got {v!r}")
+        raise ProgrammingError(f"CREATE MODEL {name}: {key} must be an integer >= 1, got {shown(v)}")
     return int(v)
 
 
