@@ -23,7 +23,7 @@ import duckdb
 import pyarrow as pa
 
 from reldl import catalog
-from reldl.errors import IntegrityError, InterfaceError, NotSupportedError, ProgrammingError, translate
+from reldl.errors import IntegrityError, InterfaceError, NotSupportedError, ProgrammingError, shown, translate
 from reldl.planner.statements import CreateModel, DropModel, Explain, Passthrough, SetOption, ShowModels, parse
 from reldl.udfs import SqlFunctions
 
@@ -525,6 +525,11 @@ class Cursor:
         path = opts.get("path")
         if not isinstance(path, str) or not path:
             raise ProgrammingError(f"CREATE MODEL {name}: OPTIONS must set path = '/dir/of/checkpoint'")
+        for key in ("dtype", "device"):
+            if key in opts and (not isinstance(opts[key], str) or not opts[key]):
+                raise ProgrammingError(
+                    f"CREATE MODEL {name}: option {key!r} must be text such as 'auto', got {shown(opts[key])}"
+                )
         from reldl.llm.loader import inspect_checkpoint
 
         registry = _registry()

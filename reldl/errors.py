@@ -84,6 +84,11 @@ _BY_NAME = {
 }
 
 
+def shown(value) -> str:
+    """A value as the SQL user wrote it, for messages: NULL, not Python's None."""
+    return "NULL" if value is None else repr(value)
+
+
 def first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
 

@@ -206,3 +206,34 @@ def test_offload_dir_reldl_creates_is_owned(conn, opt_ckpt, tmp_path):
     )
     ((opts,),) = conn.execute("SELECT options FROM reldl.models WHERE name = 'big'").fetchall()
     assert json.loads(opts)["owned_dirs"] == [str(odir)]
+
+
+# -- 6, 8. fine-tuning: NULL options say NULL; lora_* options with finetune = 'full' are refused
+FT = f"model_type = 'llm', base = '{BASE}'"
+BAD_FINETUNE = [
+    ("finetune = 'full', lora_rank = 8", "lora_rank applies only to finetune = 'lora'"),
+    ("finetune = 'full', lora_alpha = 4", "lora_alpha applies only to finetune = 'lora'"),
+    ("finetune = 'full', lora_targets = 'q', lora_rank = 2", "lora_rank, lora_targets apply only to finetune = 'lora'"),
+    ("finetune = NULL", "option 'finetune' must be one of full, lora, got NULL"),
+    ("finetune = 'lora', epochs = NULL", "option 'epochs' must be an integer >= 1, got NULL"),
+    ("finetune = 'lora', lora_targets = NULL", "lora_targets must be a list like 'q,v', got NULL"),
+    ("finetune = 'lora', path = NULL", "option 'path' must be a directory name, got NULL"),
+    ("finetune = 'lora', device = NULL", "option 'device' must be text such as 'auto', got NULL"),
+]
+
+
+@pytest.mark.parametrize("options, words", BAD_FINETUNE)
+def test_bad_finetune_options(db, tmp_path, options, words):
+    before = _models(db)
+    sql = f"CREATE MODEL ftx OPTIONS ({FT}, {options}) AS SELECT prompt, completion FROM pairs"
+    assert _err(db, sql) == f"CREATE MODEL ftx: {words}"
+    assert _models(db) == before and _model_dirs(tmp_path) == []
+    assert db.execute("SELECT count(*) FROM pairs").fetchall() == [(4,)]
+
+
+def test_null_llm_options(db, llama_ckpt):
+    before = _models(db)
+    for key in ("dtype", "device"):
+        sql = f"CREATE MODEL m OPTIONS (model_type = 'llm', path = '{llama_ckpt}', {key} = NULL)"
+        assert _err(db, sql) == f"CREATE MODEL m: option '{key}' must be text such as 'auto', got NULL"
+    assert _models(db) == before

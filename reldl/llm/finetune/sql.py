@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from reldl import catalog
-from reldl.errors import ProgrammingError
+from reldl.errors import ProgrammingError, shown
 
 OPTIONS = {
     "model_type",
@@ -55,7 +55,7 @@ def _num(name, opts, key, default, lo, integer=False, hi=None):
     if not ok or v < lo or (hi is not None and v > hi):
         kind = "an integer" if integer else "a number"
         rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise ProgrammingError(f"CREATE MODEL {name}: option {key!r} must be {kind} {rng}, got {v!r}")
+        raise ProgrammingError(f"CREATE MODEL {name}: option {key!r} must be {kind} {rng}, got {shown(v)}")
     return v
 
 
@@ -63,7 +63,7 @@ def _choice(name, opts, key, default, choices):
     v = str(opts.get(key, default)).lower()
     if v not in choices:
         raise ProgrammingError(
-            f"CREATE MODEL {name}: option {key!r} must be one of {', '.join(choices)}, got {opts.get(key)!r}"
+            f"CREATE MODEL {name}: option {key!r} must be one of {', '.join(choices)}, got {shown(opts.get(key))}"
         )
     return v
 
@@ -84,17 +84,21 @@ def check_options(name: str, opts: dict[str, Any], has_query: bool):
         )
     base = opts.get("base")
     if not isinstance(base, str) or not base:
-        raise ProgrammingError(f"CREATE MODEL {name}: option 'base' must name a registered LLM")
+        raise ProgrammingError(f"CREATE MODEL {name}: option 'base' must name a registered LLM, got {shown(base)}")
     if "sparsity" in opts:
         raise ProgrammingError(f"CREATE MODEL {name}: finetune and sparsity cannot be combined in one model")
     method = _choice(name, opts, "finetune", "full", ("full", "lora"))
+    lora_only = sorted(k for k in opts if k.startswith("lora_"))
+    if method != "lora" and lora_only:
+        verb = "applies" if len(lora_only) == 1 else "apply"
+        raise ProgrammingError(f"CREATE MODEL {name}: {', '.join(lora_only)} {verb} only to finetune = 'lora'")
     targets = opts.get("lora_targets", "q,v")
     if isinstance(targets, str):
         targets = tuple(t.strip().lower() for t in targets.split(",") if t.strip())
     elif isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets):
         targets = tuple(t.lower() for t in targets)
     else:
-        raise ProgrammingError(f"CREATE MODEL {name}: lora_targets must be a list like 'q,v', got {targets!r}")
+        raise ProgrammingError(f"CREATE MODEL {name}: lora_targets must be a list like 'q,v', got {shown(targets)}")
     gpu = None  # the GPU budget: gpu_memory = '16GB' as for offloading (DuckDB sizes), or gpu_memory_gb = 16 (alias)
     if "gpu_memory" in opts and "gpu_memory_gb" in opts:
         raise ProgrammingError(f"CREATE MODEL {name}: give gpu_memory or gpu_memory_gb (its alias), not both")
@@ -106,10 +110,15 @@ def check_options(name: str, opts: dict[str, Any], has_query: bool):
         gpu = float(_num(name, opts, "gpu_memory_gb", None, 0.001)) * (1 << 30)
     overlap = opts.get("overlap", True)
     if not isinstance(overlap, bool):
-        raise ProgrammingError(f"CREATE MODEL {name}: option 'overlap' must be true or false, got {overlap!r}")
+        raise ProgrammingError(f"CREATE MODEL {name}: option 'overlap' must be true or false, got {shown(overlap)}")
+    for key in ("dtype", "device"):
+        if key in opts and (not isinstance(opts[key], str) or not opts[key]):
+            raise ProgrammingError(
+                f"CREATE MODEL {name}: option {key!r} must be text such as 'auto', got {shown(opts[key])}"
+            )
     path = opts.get("path")
-    if path is not None and (not isinstance(path, str) or not path):
-        raise ProgrammingError(f"CREATE MODEL {name}: option 'path' must be a directory name")
+    if "path" in opts and (not isinstance(path, str) or not path):
+        raise ProgrammingError(f"CREATE MODEL {name}: option 'path' must be a directory name, got {shown(path)}")
     default_lr = 1e-4 if method == "full" else 1e-3
     s = Settings(
         method=method,

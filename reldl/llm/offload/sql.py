@@ -31,7 +31,7 @@ import tempfile
 from dataclasses import asdict, fields, replace
 from typing import Any
 
-from reldl.errors import ProgrammingError
+from reldl.errors import ProgrammingError, shown
 from reldl.llm.offload.policy import Estimate, Hardware, ModelShape, Policy, estimate, memory, search_policy
 
 OFFLOAD_OPTIONS = ("offload", "gpu_memory", "cpu_memory", "disk_memory", "offload_dir", "prompt_len", "gen_len")
@@ -46,11 +46,6 @@ CPU_STANDIN = {"ctog_bw": 10e9, "gtoc_bw": 10e9, "gpu_mem_bw": 20e9}  # memcpy-s
 
 
 # --------------------------------------------------------------------------------------------------- parsing
-
-
-def shown(value: Any) -> str:
-    """An option's value as the SQL user wrote it, for messages: NULL, not Python's None."""
-    return "NULL" if value is None else repr(value)
 
 
 _UNITS = {
