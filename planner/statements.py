@@ -122,6 +122,8 @@ def classify(text: str, tokens: list[Token]) -> Statement:
     }
     if w[:1] == ["EXPLAIN"] and len(tokens) == 2:  # sqlglot keeps what follows EXPLAIN as one string token
         return _explain(text, tokens[1].text)
+    if w[:1] == ["PREPARE"] and len(tokens) == 2:  # likewise PREPARE name AS <statement>
+        return _prepare(text, tokens)
     if calls & {"predict", "predict_proba"}:
         text = listify_predict_sql(text)
     if "llm_generate" in calls:
@@ -160,6 +162,23 @@ def list_generate_sql(sql: str) -> str:
     for start, end in reversed(spans):
         sql = sql[:start] + "llm_generate_list" + sql[end:]
     return sql
+
+
+def _prepare(text: str, tokens: list[Token]) -> Statement:
+    """PREPARE name AS <statement>: DuckDB prepares it as written, except that llm_generate(..., n / beam_width)
+    becomes llm_generate_list as in any other statement (EXECUTE then runs the macro in DuckDB)."""
+    body = tokens[1].text
+    at = text.find(body)
+    try:
+        inner = sqlglot.tokenize(body, read="duckdb")
+    except (TokenError, ParseError, ValueError):
+        inner = []
+    if at < 0 or not any(t.text.lower() in FUNCTIONS for t in inner):
+        return Passthrough(text, set(), False)
+    as_ = next((t for t in inner if t.token_type == TokenType.ALIAS or t.text.upper() == "AS"), None)
+    if as_ is not None:
+        check_calls(list_generate_sql(body[as_.end + 1 :]))
+    return Passthrough(text[:at] + list_generate_sql(body) + text[at + len(body) :], set(), False)
 
 
 def _explain(text: str, body: str) -> Statement:

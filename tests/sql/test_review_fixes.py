@@ -237,3 +237,16 @@ def test_null_llm_options(db, llama_ckpt):
         sql = f"CREATE MODEL m OPTIONS (model_type = 'llm', path = '{llama_ckpt}', {key} = NULL)"
         assert _err(db, sql) == f"CREATE MODEL m: option '{key}' must be text such as 'auto', got NULL"
     assert _models(db) == before
+
+
+# -- 9. PREPARE: llm_generate(..., n / beam_width) is rewritten inside it too
+def test_prepare_with_n_and_beam_width(llm):
+    llm.execute("PREPARE s1 AS SELECT llm_generate(?, max_tokens := 2, n := 2, seed := 3)")
+    llm.execute("PREPARE s2 AS SELECT llm_generate(?, max_tokens := 2, beam_width := 2)")
+    ((two,),) = llm.execute("EXECUTE s1('the cat')").fetchall()
+    ((beams,),) = llm.execute("EXECUTE s2('the cat')").fetchall()
+    want = llm.execute("SELECT llm_generate('the cat', max_tokens := 2, n := 2, seed := 3)").fetchall()[0][0]
+    assert two == want and len(beams) == 2
+    assert _err(llm, "PREPARE s3 AS SELECT llm_generate(?, nn := 2)").startswith("llm_generate: unknown argument 'nn'")
+    llm.execute("PREPARE s4 AS SELECT llm_generate(?, n := 2.5)")
+    assert _err(llm, "EXECUTE s4('x')") == "llm_generate: n must be an integer from 1 to 64, got 2.5"
