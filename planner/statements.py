@@ -6,6 +6,7 @@ and a full sqlglot parse only for statements that involve reldl.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,7 +109,7 @@ def classify(text: str, tokens: list[Token]) -> Statement:
     """One statement's text and tokens -> a reldl statement, or a Passthrough for DuckDB."""
     w = _words(tokens, 6)
     if w[:2] == ["CREATE", "MODEL"] or w[:4] == ["CREATE", "OR", "REPLACE", "MODEL"]:
-        return _create_model(text)
+        return _create_model(text, tokens)
     if w[:2] == ["DROP", "MODEL"]:
         return _drop_model(tokens)
     if w[:2] == ["SHOW", "MODELS"] and len(tokens) == 2:
@@ -266,12 +267,43 @@ def _ident(tok: Token) -> str:
     return tok.text
 
 
-def _create_model(text: str) -> CreateModel:
+_QUERY_START = {"SELECT", "WITH"}
+_WRITES = (exp.Insert, exp.Update, exp.Delete, exp.Create, exp.Drop, exp.Alter, exp.Command, exp.Merge)
+
+
+def _check_query(tokens: list[Token]) -> None:
+    """CREATE MODEL ... AS <query>: the query must be one SELECT (it only reads; a statement after it is a separate
+    statement of the script, split off before this)."""
+    words = [t.text.upper() for t in tokens]
+    at = words.index("MODEL") + 1
+    if words[at : at + 3] == ["IF", "NOT", "EXISTS"]:
+        at += 3
+    name = tokens[at].text if at < len(tokens) else "?"
+    depth = 0
+    for i, tok in enumerate(tokens[at:], at):
+        if tok.token_type == TokenType.L_PAREN:
+            depth += 1
+        elif tok.token_type == TokenType.R_PAREN:
+            depth -= 1
+        elif depth == 0 and tok.text.upper() == "AS":
+            rest = [t for t in tokens[i + 1 :] if t.token_type != TokenType.L_PAREN]  # (SELECT ...)
+            if not rest or rest[0].text.upper() not in _QUERY_START:
+                raise ProgrammingError(f"CREATE MODEL {name}: AS must be followed by a SELECT query")
+            return
+
+
+def _create_model(text: str, tokens: list[Token] | None = None) -> CreateModel:
+    if tokens:
+        _check_query(tokens)
+    quiet = logging.getLogger("sqlglot")
+    level, quiet.level = quiet.level, logging.ERROR  # no "falling back to parsing as a Command" on stderr
     try:
         tree = sqlglot.parse_one(text, read="bigquery")
     except (ParseError, TokenError) as e:
         msg = str(e).splitlines()[0]
         raise ProgrammingError(f"CREATE MODEL: cannot parse statement ({msg})") from None
+    finally:
+        quiet.level = level
     if not isinstance(tree, exp.Create) or str(tree.args.get("kind", "")).upper() != "MODEL":
         raise ProgrammingError("syntax: CREATE [OR REPLACE] MODEL name OPTIONS (key = value, ...) [AS SELECT ...]")
     target = tree.this
@@ -287,6 +319,8 @@ def _create_model(text: str) -> CreateModel:
             raise ProgrammingError(f"CREATE MODEL {name}: option {key!r} given twice")
         options[key] = _value(prop.args.get("value"), name, key)
     query = tree.expression
+    if query is not None and (not isinstance(query, exp.Query) or query.find(*_WRITES)):
+        raise ProgrammingError(f"CREATE MODEL {name}: AS must be followed by a SELECT query")
     return CreateModel(
         name=name,
         options=options,

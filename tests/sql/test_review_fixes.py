@@ -250,3 +250,31 @@ def test_prepare_with_n_and_beam_width(llm):
     assert _err(llm, "PREPARE s3 AS SELECT llm_generate(?, nn := 2)").startswith("llm_generate: unknown argument 'nn'")
     llm.execute("PREPARE s4 AS SELECT llm_generate(?, n := 2.5)")
     assert _err(llm, "EXECUTE s4('x')") == "llm_generate: n must be an integer from 1 to 64, got 2.5"
+
+
+# -- 10. CREATE MODEL ... AS takes one SELECT, nothing that writes
+@pytest.mark.parametrize(
+    "query",
+    [
+        "DELETE FROM corpus RETURNING txt",
+        "(DELETE FROM corpus RETURNING txt)",
+        "INSERT INTO corpus VALUES ('x') RETURNING txt",
+        "UPDATE corpus SET txt = 'y' RETURNING txt",
+        "DROP TABLE corpus",
+    ],
+)
+def test_create_model_as_not_a_select(db, tmp_path, capfd, query):
+    before = _models(db)
+    capfd.readouterr()
+    assert _err(db, f"CREATE MODEL f {SPARSE} AS {query}") == "CREATE MODEL f: AS must be followed by a SELECT query"
+    assert capfd.readouterr().err == ""  # no sqlglot warning on stderr
+    assert _models(db) == before and _model_dirs(tmp_path) == []
+    assert db.execute("SELECT count(*) FROM corpus").fetchall() == [(8,)]
+
+
+def test_create_model_query_is_one_select():
+    from reldl.planner.statements import CreateModel, Passthrough, parse
+
+    stmts = parse(f"CREATE MODEL f {SPARSE} AS SELECT txt FROM corpus; DROP TABLE corpus")
+    assert isinstance(stmts[0], CreateModel) and stmts[0].query == "SELECT txt FROM corpus"
+    assert isinstance(stmts[1], Passthrough) and stmts[1].sql == "DROP TABLE corpus"
