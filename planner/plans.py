@@ -79,11 +79,16 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # why a plan family was not considered
     batch_rows: float | None = None  # distinct inputs estimate: the batch a DL-centric plan hands a model
     extra: list[str] = field(default_factory=list)  # printed last (offloaded models' policy and throughput)
+    top_n: list[TopN] = field(default_factory=list)  # SELECTs whose ORDER BY ... LIMIT now runs before the calls
+    rewritten_sql: str | None = None  # the statement a UDF-centric plan runs, when a rewrite changed it
 
     def explain(self) -> list[str]:
         names = {"udf": "UDF-centric", "dl": "DL-centric", "relation": "relation-centric"}
         lines = [f"reldl plan: {names[self.family]}" + (" (forced by SET reldl_plan)" if self.forced else "")]
         lines.append(f"  why: {self.reason}")
+        for t in self.top_n:
+            n = f"{t.rows} rows" if t.rows is not None else "the LIMIT's rows"
+            lines.append(f"  {TOP_N_NOTE}: ORDER BY ... LIMIT over {t.source} first; the calls see at most {n}")
         if self.inputs:
             lines.append(f"  inputs: {self.inputs}")
         for e in self.estimates:
@@ -275,3 +280,158 @@ def limit_of(select: exp.Select) -> int | None:
     if isinstance(value, exp.Literal) and not value.is_string:
         return int(value.this)
     return None
+
+
+# ---------------------------------------------------------------------------------------- top-N before model calls
+
+TOP_N_NOTE = "top-N before model calls"
+_TOP_N_ARGS = {"expressions", "from_", "where", "order", "limit", "offset", "with_"}  # nothing else may be set
+_PARAMS = (exp.Placeholder, exp.Parameter)  # copied into two ORDER BYs, a key's parameter would count twice
+_VOLATILE = {"random", "rand", "uuid", "gen_random_uuid", "nextval", "setseed", "currval"}
+
+
+@dataclass
+class TopN:
+    """One SELECT whose ORDER BY ... LIMIT now runs before its model calls."""
+
+    rows: int | None  # LIMIT as a literal (None: a parameter)
+    source: str  # the FROM item's name, which the subquery keeps
+    select: exp.Select = field(repr=False, default=None)  # the rewritten SELECT (its calls' rows: at most `rows`)
+
+
+def _name_is_scalar(node: exp.Expression, scalar) -> bool:
+    return not isinstance(node, exp.Anonymous) or str(node.this).lower() in SIGNATURES or scalar(str(node.this))
+
+
+def _count(value: exp.Expression | None) -> bool:
+    """A LIMIT / OFFSET count the rewrite keeps as it is: an integer literal or a parameter."""
+    if isinstance(value, exp.Literal):
+        return not value.is_string and value.this.isdigit()
+    return isinstance(value, _PARAMS)
+
+
+def _top_n_keys(select: exp.Select, scalar) -> list[exp.Ordered] | None:
+    """The ORDER BY keys with ordinals and select-list aliases replaced by their expressions (as DuckDB binds
+    them: an alias before a column of the same name), or None when a key needs the model calls' results or the
+    rewrite is not certain to keep DuckDB's semantics."""
+    items = select.expressions
+    aliases: dict[str, exp.Expression] = {}
+    for e in items:
+        if isinstance(e, exp.Alias):
+            name = e.alias.lower()
+            if name in aliases:
+                return None  # ambiguous
+            aliases[name] = e.this
+
+    def lateral(expr: exp.Expression, before: int | None = None) -> bool:
+        """An unqualified name in `expr` that may be a select-list alias (for select item `before`: the aliases of
+        the items before it, which DuckDB's lateral aliases may refer to)."""
+        names = aliases if before is None else {e.alias.lower() for e in items[:before] if isinstance(e, exp.Alias)}
+        return any(not c.table and c.name.lower() in names for c in expr.find_all(exp.Column))
+
+    keys = []
+    for o in select.args["order"].expressions:
+        key = o.this
+        if isinstance(key, exp.Literal) and not key.is_string and key.this.isdigit():
+            k = int(key.this)
+            if not 1 <= k <= len(items) or any(e.find(exp.Star) for e in items[:k]):
+                return None  # ordinals count the expanded columns of * / t.*
+            key = items[k - 1].this if isinstance(items[k - 1], exp.Alias) else items[k - 1]
+            if lateral(key, k - 1):
+                return None
+        elif isinstance(key, exp.Column) and not key.table and key.name.lower() in aliases:
+            k = next(i for i, e in enumerate(items) if isinstance(e, exp.Alias) and e.alias.lower() == key.name.lower())
+            key = aliases[key.name.lower()]
+            if lateral(key, k):
+                return None
+        elif isinstance(key, (exp.Literal, exp.Var)) or lateral(key):
+            return None  # ORDER BY ALL, constants, an alias inside an expression
+        if model_calls(key) or key.find(exp.Subquery, exp.Select, exp.AggFunc, exp.Window, exp.Star, *_PARAMS):
+            return None
+        if any(str(f.this).lower() in _VOLATILE for f in key.find_all(exp.Anonymous)) or key.find(exp.Rand):
+            return None
+        if not all(_name_is_scalar(f, scalar) for f in key.find_all(exp.Anonymous)):
+            return None
+        ordered = o.copy()
+        ordered.set("this", key.copy())
+        keys.append(ordered)
+    return keys
+
+
+def _top_n_one(select: exp.Select, scalar) -> TopN | None:
+    """Rewrite `select` in place when its top-N can run before its model calls (see push_top_n)."""
+    args = {k for k, v in select.args.items() if v}
+    if not {"order", "limit", "from_"} <= args or not args <= _TOP_N_ARGS:
+        return None  # joins, GROUP BY, HAVING, QUALIFY, DISTINCT, WINDOW, ... : left alone
+    if isinstance(select.parent, exp.SetOperation):
+        return None
+    limit, offset = select.args["limit"], select.args.get("offset")
+    if not isinstance(limit, exp.Limit) or set(k for k, v in limit.args.items() if v) != {"expression"}:
+        return None  # LIMIT n% / WITH TIES / LIMIT a, b
+    if not _count(limit.expression) or (offset is not None and not _count(offset.expression)):
+        return None
+    items = select.expressions
+    if not any(model_calls(e) for e in items):
+        return None
+    for part in ("from_", "where", "order", "limit", "offset"):
+        if model_calls(select.args[part]) if select.args.get(part) else False:
+            return None  # a call that filters or orders rows runs on every row anyway
+    for e in items:
+        if e.find(exp.AggFunc, exp.Window, exp.Subquery, exp.Select):
+            return None
+        if not all(_name_is_scalar(f, scalar) for f in e.find_all(exp.Anonymous)):
+            return None  # an unknown function may be an aggregate
+    outer_columns = [c for e in items for c in e.find_all(exp.Column)]
+    outer_columns += [c for c in select.args["order"].find_all(exp.Column)]
+    if any(c.args.get("db") or c.args.get("catalog") or c.name.lower() == "rowid" for c in outer_columns):
+        return None  # schema.table.column, and the pseudo-column SELECT * does not carry
+    names = {e.alias.lower() for e in items if isinstance(e, exp.Alias)}
+    if select.args.get("where") is not None and any(
+        not c.table and c.name.lower() in names for c in select.args["where"].find_all(exp.Column)
+    ):
+        return None  # DuckDB lets WHERE use a select-list alias, which the subquery would not see
+    source = select.args["from_"].this
+    alias = source.args.get("alias")
+    if alias is not None and alias.this is not None:
+        name = alias.this
+    elif isinstance(source, exp.Table) and isinstance(source.this, exp.Identifier):
+        name = source.this
+    else:
+        return None  # an unnamed FROM item: outer references could not find it again
+    keys = _top_n_keys(select, scalar)
+    if keys is None:
+        return None
+    inner = exp.Select(expressions=[exp.Star()])
+    n = limit.expression
+    name = name.copy()
+    for part in ("from_", "where", "limit", "offset"):  # moved, not copied: nested rewrites stay in place
+        node = select.args.get(part)
+        select.set(part, None)
+        if node is not None:
+            inner.set(part, node)
+    inner.set("order", exp.Order(expressions=keys))
+    select.set("from_", exp.From(this=exp.Subquery(this=inner, alias=exp.TableAlias(this=name))))
+    rows = int(n.this) if isinstance(n, exp.Literal) else None
+    return TopN(rows, name.name, select)
+
+
+def push_top_n(tree: exp.Expression, scalar=lambda name: False) -> tuple[exp.Expression, list[TopN]]:
+    """Each SELECT with model calls in its select list and ORDER BY ... LIMIT [OFFSET] over one FROM item, with
+    no aggregation, DISTINCT, window or set operation at its level, and ORDER BY keys that do not need the calls'
+    results, becomes ``SELECT <list> FROM (SELECT * FROM <from> WHERE <where> ORDER BY <keys> LIMIT n OFFSET m) AS
+    <the FROM item's name> ORDER BY <the original keys>``: DuckDB evaluates a select list before its top-N (the
+    model UDFs have side effects, so it cannot defer them), so otherwise every row would reach the model. The
+    subquery keeps the FROM item's name and all its columns, so the select list and ORDER BY bind as before;
+    ordinals and aliases in the inner ORDER BY are replaced by their expressions. `scalar(name)` says whether a
+    function sqlglot does not know is a scalar function (anything else might be an aggregate: left alone).
+    Returns a rewritten copy (or `tree` itself when nothing applies) and what was rewritten."""
+    candidates = [s for s in tree.find_all(exp.Select) if s.args.get("order") and s.args.get("limit")]
+    if not candidates or not model_calls(tree):
+        return tree, []
+    tree = tree.copy()
+    done = []
+    for select in reversed([s for s in tree.find_all(exp.Select) if s.args.get("order") and s.args.get("limit")]):
+        top = _top_n_one(select, scalar)
+        if top is not None:
+            done.append(top)
+    return tree, done

@@ -338,7 +338,7 @@ class Cursor:
                 return
         plan = planning.make_plan(self, sql, parameters)
         if explain and not analyze:
-            self._show(plan.explain() + self._sparse_lines(plan) + _sql_lines(plan, sql))
+            self._show(plan.explain() + self._sparse_lines(plan) + _sql_lines(plan, plan.rewritten_sql or sql))
             return
         timings = planning.Timings() if analyze else None
         if self._functions is not None:
@@ -347,9 +347,9 @@ class Cursor:
         try:
             start = time.perf_counter()
             if plan.family == "udf":
-                run_sql = sql
+                run_sql = plan.rewritten_sql or sql  # the top-N rewrite (planner/plans.py), if any
                 with _calling_thread(self._duck, self.connection.instance_key):
-                    self._execute(sql, parameters)
+                    self._execute(run_sql, parameters)
             else:
                 run_sql, table = planning.run_plan(self, plan, sql, parameters, timings)
                 start = time.perf_counter()

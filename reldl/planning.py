@@ -191,14 +191,35 @@ def _max_tokens(call: plans.CallSite) -> int:
     return int(mt.this) if isinstance(mt, exp.Literal) and not mt.is_string else 64
 
 
+def _scalar_functions(duck: duckdb.DuckDBPyConnection) -> set[str]:
+    """Lower-case names of the scalar functions DuckDB knows (aggregates, table functions and macros excluded)."""
+    try:
+        rows = duck.execute(
+            "SELECT DISTINCT lower(function_name) FROM duckdb_functions() WHERE function_type = 'scalar'"
+        )
+        return {r[0] for r in rows.fetchall()}
+    except duckdb.Error:
+        return set()
+
+
 def _make_plan(cur: Cursor, sql: str, parameters) -> plans.Plan:
     forced = cur.connection.settings.get("reldl_plan", "auto")
     try:
         tree = predict_calls.parse_one(sql)
     except (ParseError, TokenError):
         return plans.Plan("udf", exp.Anonymous(this="raw"), reason="statement not parsed by sqlglot; runs as written")
+    known: list[set[str]] = []
+
+    def scalar(name: str) -> bool:  # DuckDB's function list, read only for a statement that needs it
+        if not known:
+            known.append(_scalar_functions(cur._duck))
+        return name.lower() in known[0]
+
+    tree, top_n = plans.push_top_n(tree, scalar)
     calls, select, why = plans.analyse(tree)
-    plan = plans.Plan("udf", tree, calls, select)
+    plan = plans.Plan("udf", tree, calls, select, top_n=top_n)
+    if top_n:
+        plan.rewritten_sql = tree.sql(dialect="duckdb")
     if select is None:
         plan.reason = f"SQL shape not understood ({why}): runs UDF-centric, as written"
         return plan
@@ -217,6 +238,9 @@ def _make_plan(cur: Cursor, sql: str, parameters) -> plans.Plan:
         scanned = max(rows, _estimated_rows(cur._duck, unfiltered))
     distinct, how = estimate_distinct(cur._duck, inputs, rows)
     limit = plans.limit_of(select)
+    bound = next((t.rows for t in top_n if t.select is select), None)
+    if bound is not None:  # the calls see the top-N's rows only
+        rows, scanned, distinct = min(rows, bound), min(scanned, bound), min(distinct, bound)
     work = [_workload(cur, c, rows, distinct, limit) for c in calls]
     for w in work:
         w.scanned = scanned
