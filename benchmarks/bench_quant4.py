@@ -12,13 +12,10 @@ Per shape (N out features, K in features) and M rows: checks the kernel against 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
-import time
-from pathlib import Path
+
+from _common import timer, write_report
 
 MODELS = {"opt-30b": (7168, 28672), "opt-175b": (12288, 49152)}  # hidden, ffn
 TOL = {"float16": 5e-3, "bfloat16": 3e-2, "float32": 1e-4}
@@ -57,20 +54,7 @@ def main() -> int:
     else:
         cases = [(m, *s) for m in args.models.split(",") for s in linear_shapes(*MODELS[m])]
 
-    if cpu:
-
-        def bench(fn) -> float:
-            fn()
-            t = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t) * 1e3
-
-    else:
-        import triton.testing
-
-        def bench(fn) -> float:
-            return float(triton.testing.do_bench(fn, warmup=25, rep=100))
-
+    bench = timer(cpu)
     rows, bad = [], 0
     torch.manual_seed(0)
     for model, name, n, k in cases:
@@ -113,20 +97,7 @@ def main() -> int:
                 f"x{r['speedup']:.2f}  err {err:.1e}{'' if ok else '  OVER TOLERANCE'}",
                 flush=True,
             )
-    card = torch.cuda.get_device_name() if not cpu else f"cpu ({platform.processor() or platform.machine()})"
-    out = dict(
-        benchmark="quant4",
-        card=card,
-        dtype=str(dtype),
-        preset=args.preset,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join([Path(sys.executable).name, *sys.argv]),
-        torch=torch.__version__,
-        rows=rows,
-    )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, "quant4", rows, preset=args.preset, dtype=dtype, cpu=cpu)
     return 1 if bad else 0
 
 

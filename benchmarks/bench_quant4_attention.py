@@ -13,13 +13,10 @@ Writes JSON (card, date, command, rows) to --out (default benchmarks/out/quant4_
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
-import time
-from pathlib import Path
+
+from _common import timer, write_report
 
 MODELS = {"opt-30b": (56, 1, 128), "llama-70b": (8, 8, 128)}  # kv heads, group, head_dim
 TOL = {"float16": 1e-2, "bfloat16": 3e-2, "float32": 1e-4}
@@ -57,20 +54,7 @@ def main() -> int:
             for s in (int(v) for v in args.ctx.split(","))
         ]
 
-    if cpu:
-
-        def bench(fn) -> float:
-            fn()
-            t = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t) * 1e3
-
-    else:
-        import triton.testing
-
-        def bench(fn) -> float:
-            return float(triton.testing.do_bench(fn, warmup=25, rep=100))
-
+    bench = timer(cpu)
     rows, bad = [], 0
     torch.manual_seed(0)
     for model, h, g, d, b, s in cases:
@@ -137,20 +121,7 @@ def main() -> int:
             f"err {err:.1e}{'' if ok else '  OVER TOLERANCE'}",
             flush=True,
         )
-    card = torch.cuda.get_device_name() if not cpu else f"cpu ({platform.processor() or platform.machine()})"
-    out = dict(
-        benchmark="quant4_attention",
-        card=card,
-        dtype=str(dtype),
-        preset=args.preset,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join([Path(sys.executable).name, *sys.argv]),
-        torch=torch.__version__,
-        rows=rows,
-    )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, "quant4_attention", rows, preset=args.preset, dtype=dtype, cpu=cpu)
     return 1 if bad else 0
 
 

@@ -1,0 +1,47 @@
+"""Pieces the kernel micro-benchmarks share: a timer and the JSON report (card, date, command, rows)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def timer(cpu: bool) -> Callable[[Callable[[], object]], float]:
+    """Milliseconds per call: triton.testing.do_bench's median on the GPU; one warm call, wall clock, on the CPU
+    (the Triton interpreter: a smoke run, not a measurement)."""
+    if cpu:
+
+        def bench(fn) -> float:
+            fn()
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * 1e3
+
+        return bench
+    import triton.testing
+
+    return lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=100))
+
+
+def write_report(out: str, benchmark: str, rows: list[dict], *, preset: str, dtype, cpu: bool) -> None:
+    import torch
+
+    card = torch.cuda.get_device_name() if not cpu else f"cpu ({platform.processor() or platform.machine()})"
+    report = dict(
+        benchmark=benchmark,
+        card=card,
+        dtype=str(dtype),
+        preset=preset,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join([Path(sys.executable).name, *sys.argv]),
+        torch=torch.__version__,
+        rows=rows,
+    )
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
