@@ -227,6 +227,18 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
     return row
 
 
+def measure_gpu_box(args):
+    """The GPU machine's tiers as the policy search sees them: measured bandwidths and rates, 85% of available RAM
+    (or --cpu-mem-gb), 90% of the offload directory's free disk."""
+    from reldl.llm.offload import Hardware
+
+    odir = args.offload_dir or tempfile.gettempdir()
+    cpu_mem = args.cpu_mem_gb * GiB if args.cpu_mem_gb else 0.85 * mem_available()
+    return Hardware.measure(
+        "cuda", disk_path=odir, quick=args.quick_measure, cpu_mem=cpu_mem, disk_mem=0.9 * shutil.disk_usage(odir).free
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=["gpu", "cpu"], default="gpu")
@@ -262,15 +274,7 @@ def main() -> int:
             args.caps = f"{0.5 * need:.6g},{0.8 * need:.6g}"
         card = platform.processor() or "cpu"
     else:
-        odir = args.offload_dir or tempfile.gettempdir()
-        cpu_mem = args.cpu_mem_gb * GiB if args.cpu_mem_gb else 0.85 * mem_available()
-        hw = Hardware.measure(
-            "cuda",
-            disk_path=odir,
-            quick=args.quick_measure,
-            cpu_mem=cpu_mem,
-            disk_mem=0.9 * shutil.disk_usage(odir).free,
-        )
+        hw = measure_gpu_box(args)
         card = torch.cuda.get_device_name()
     print(f"hardware: {json.dumps({k: f'{v:.4g}' for k, v in hw.__dict__.items()})}")
     rows: list[dict] = []

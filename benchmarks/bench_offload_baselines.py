@@ -597,15 +597,7 @@ def main() -> int:
             args.caps = f"{0.5 * need:.6g},{0.8 * need:.6g}"
         card = platform.processor() or "cpu"
     else:
-        odir = args.offload_dir or tempfile.gettempdir()
-        cpu_mem = args.cpu_mem_gb * GiB if args.cpu_mem_gb else 0.85 * bo.mem_available()
-        hw = Hardware.measure(
-            "cuda",
-            disk_path=odir,
-            quick=args.quick_measure,
-            cpu_mem=cpu_mem,
-            disk_mem=0.9 * shutil.disk_usage(odir).free,
-        )
+        hw = bo.measure_gpu_box(args)
         card = torch.cuda.get_device_name()
         torch.cuda.empty_cache()
     print(f"hardware: {json.dumps({k: f'{v:.4g}' for k, v in hw.__dict__.items()})}")
