@@ -96,6 +96,33 @@ def _pad(rows: Sequence[Sequence[int]], width: int, value: int) -> list[list[int
     return [list(r) + [value] * (width - len(r)) for r in rows]
 
 
+def encode_texts(tokenizer: Tokenizer, bos: int | None, texts: Sequence[str]) -> list[list[int]]:
+    """Tokenize in one call: `tokenizers` works through the batch without returning to Python per text. A text
+    that tokenizes to nothing becomes [bos] where the model has one."""
+    out = [e.ids for e in tokenizer.encode_batch(list(texts))]
+    return [ids if ids or bos is None else [bos] for ids in out]
+
+
+def fit_prompts(
+    encoded: Sequence[list[int]], params: Sequence[SamplingParams], limit: int, truncate: str | None = None
+) -> list[list[int]]:
+    """Check each tokenized prompt fits a context of `limit` tokens (or cut it from the left when asked)."""
+    out = []
+    for ids, sp in zip(encoded, params):
+        if not ids:
+            raise DataError("llm_generate: empty prompt and the model has no BOS token to start from")
+        if len(ids) >= limit:
+            if truncate != "left":
+                raise DataError(
+                    f"llm_generate: prompt is {len(ids)} tokens but the model's context is {limit} tokens "
+                    "(pass truncate := 'left' to keep the end of the prompt)"
+                )
+            keep = max(1, limit - max(1, min(sp.max_tokens, limit // 2)))
+            ids = ids[-keep:]
+        out.append(ids)
+    return out
+
+
 class Engine:
     def __init__(
         self,
@@ -156,10 +183,7 @@ class Engine:
         return self.encode_many([text])[0]
 
     def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
-        """Tokenize in one call: `tokenizers` works through the batch without returning to Python per text."""
-        out = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
-        bos = self.config.bos_token_id
-        return [ids if ids or bos is None else [bos] for ids in out]
+        return encode_texts(self.tokenizer, self.config.bos_token_id, texts)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -171,21 +195,7 @@ class Engine:
     def prepare_many(
         self, texts: Sequence[str], params: Sequence[SamplingParams], truncate: str | None = None
     ) -> list[list[int]]:
-        limit = self.context_length
-        out = []
-        for ids, sp in zip(self.encode_many(texts), params):
-            if not ids:
-                raise DataError("llm_generate: empty prompt and the model has no BOS token to start from")
-            if len(ids) >= limit:
-                if truncate != "left":
-                    raise DataError(
-                        f"llm_generate: prompt is {len(ids)} tokens but the model's context is {limit} tokens "
-                        "(pass truncate := 'left' to keep the end of the prompt)"
-                    )
-                keep = max(1, limit - max(1, min(sp.max_tokens, limit // 2)))
-                ids = ids[-keep:]
-            out.append(ids)
-        return out
+        return fit_prompts(self.encode_many(texts), params, self.context_length, truncate)
 
     # ------------------------------------------------------------------ forward
     def _forward(self, tokens, positions, slots, tables, tree: bool = False) -> torch.Tensor:

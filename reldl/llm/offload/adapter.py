@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from reldl.errors import DataError, NotSupportedError
-from reldl.llm.engine import Result
+from reldl.llm.engine import Result, fit_prompts
 from reldl.llm.offload.executor import OffloadEngine
 from reldl.llm.offload.policy import Policy
 from reldl.llm.offload.sql import fit_block
@@ -77,20 +77,7 @@ class OffloadedLLM:
         """Tokenize, check each prompt fits the context (or cut it from the left), as Engine.prepare_many."""
         for sp in params:
             self.check(sp)
-        limit = self.context_length
-        out = []
-        for ids, sp in zip(self.encode_many(texts), params):
-            if not ids:
-                raise DataError("llm_generate: empty prompt and the model has no BOS token to start from")
-            if len(ids) >= limit:
-                if truncate != "left":
-                    raise DataError(
-                        f"llm_generate: prompt is {len(ids)} tokens but the model's context is {limit} tokens "
-                        "(pass truncate := 'left' to keep the end of the prompt)"
-                    )
-                ids = ids[-max(1, limit - max(1, min(sp.max_tokens, limit // 2))) :]
-            out.append(ids)
-        return out
+        return fit_prompts(self.encode_many(texts), params, self.context_length, truncate)
 
     # ------------------------------------------------------------------ generation
     def generate(

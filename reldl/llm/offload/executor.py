@@ -55,6 +55,7 @@ from reldl.kernels.quant4 import (
     quantize_kv_4bit_reference,
 )
 from reldl.kernels.quant4_attention import quant4_decode_attention
+from reldl.llm.engine import encode_texts
 from reldl.llm.offload import layers
 from reldl.llm.offload.policy import Policy
 from reldl.llm.offload.tiers import TIERS, Arena, CheckpointSource, DiskPool, MemorySource, Mover, nbytes
@@ -342,9 +343,7 @@ class OffloadEngine:
     def encode_many(self, texts: Sequence[str]) -> list[list[int]]:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass token ids")
-        out = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
-        bos = self.config.bos_token_id
-        return [ids if ids or bos is None else [bos] for ids in out]
+        return encode_texts(self.tokenizer, self.config.bos_token_id, texts)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
