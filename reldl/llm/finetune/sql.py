@@ -16,12 +16,11 @@ import hashlib
 import json
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
-from reldl import catalog
 from reldl.errors import ProgrammingError, shown
+from reldl.llm.derived import base_llm, db_file, model_dir, run_query
 
 OPTIONS = {
     "model_type",
@@ -142,20 +141,8 @@ def check_options(name: str, opts: dict[str, Any], has_query: bool):
 
 
 def _pairs(duck, name: str, query: str) -> list[tuple[str, str]]:
-    import duckdb
-
-    from reldl.errors import translate
-
-    cur = duck.cursor()
-    try:
-        try:
-            cur.execute(query)
-            cols = [d[0].lower() for d in (cur.description or [])]
-            rows = cur.fetchall()
-        except duckdb.Error as e:
-            raise translate(e) from None
-    finally:
-        cur.close()
+    cols, rows = run_query(duck, query)
+    cols = [c.lower() for c in cols]
     missing = [c for c in ("prompt", "completion") if c not in cols]
     if missing:
         raise ProgrammingError(
@@ -174,11 +161,6 @@ def _pairs(duck, name: str, query: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def _db_file(duck) -> str | None:
-    row = duck.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
-    return row[0][0] if row and row[0][0] else None
-
-
 def create(duck, name: str, options: dict[str, Any], query: str, progress: bool | None = None):
     """Fine-tune, write the checkpoint; returns (path, catalog options, loss log rows). Writes no catalog row."""
     from reldl import registry
@@ -188,13 +170,7 @@ def create(duck, name: str, options: dict[str, Any], query: str, progress: bool 
     from reldl.llm.sparse.variant import base_mtime_ns
 
     s, o = check_options(name, options, query is not None)
-    base = catalog.get_model(duck, o["base"])
-    if base is None:
-        raise ProgrammingError(f"CREATE MODEL {name}: base model {o['base']!r} does not exist")
-    if base.model_type != "llm":
-        raise ProgrammingError(
-            f"CREATE MODEL {name}: base model {base.name!r} is a {base.model_type!r} model, not an LLM"
-        )
+    base = base_llm(duck, name, o["base"])
     if base.options.get("sparse"):
         raise ProgrammingError(f"CREATE MODEL {name}: base model {base.name!r} is a sparse variant; fine-tune its base")
     ckpt = inspect_checkpoint(base.path)
@@ -231,17 +207,8 @@ def create(duck, name: str, options: dict[str, Any], query: str, progress: bool 
             sort_keys=True,
         ).encode()
     ).hexdigest()
-    db = _db_file(duck)
-    if o["path"] is not None:
-        target = Path(o["path"]).expanduser().resolve()
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise ProgrammingError(f"CREATE MODEL {name}: path {str(target)!r} exists and is not an empty directory")
-    else:
-        safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name.lower())
-        root = Path(str(db) + ".models") if db else Path(tempfile.gettempdir())
-        target = root / (safe if db else f"reldl-{safe}-{uuid.uuid4().hex[:8]}")
-        if target.exists() and any(target.iterdir()):
-            target = target.with_name(f"{target.name}-{uuid.uuid4().hex[:8]}")
+    target, _ = model_dir(duck, name, o["path"])
+    db = db_file(duck)
     # training state: found again by the run's fingerprint (beside the database file, else in the temp directory)
     state_root = Path(str(db) + ".models") if db else Path(tempfile.gettempdir())
     state_dir = state_root / f".reldl-finetune-{fp[:20]}"

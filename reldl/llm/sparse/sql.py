@@ -7,11 +7,11 @@ Torch is imported only when a variant is created (EXPLAIN reads the catalog's JS
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Any
 
 from reldl import catalog
 from reldl.errors import ProgrammingError
+from reldl.llm.derived import base_llm, model_dir, run_query
 
 OPTIONS = {
     "model_type",
@@ -78,20 +78,7 @@ def check_options(name: str, opts: dict[str, Any], has_query: bool) -> dict[str,
 
 
 def _texts(duck, name: str, query: str) -> list[str]:
-    import duckdb
-
-    from reldl.errors import translate
-
-    cur = duck.cursor()
-    try:
-        try:
-            cur.execute(query)
-            desc = cur.description or []
-            rows = cur.fetchall()
-        except duckdb.Error as e:
-            raise translate(e) from None
-    finally:
-        cur.close()
+    desc, rows = run_query(duck, query)
     if len(desc) != 1:
         raise ProgrammingError(
             f"CREATE MODEL {name}: the calibration query must return one text column, got {len(desc)} columns"
@@ -105,34 +92,11 @@ def _texts(duck, name: str, query: str) -> list[str]:
     return texts
 
 
-def _target(duck, name: str, path: str | None) -> tuple[Path, bool]:
-    """Where the variant's files go, and whether reldl chose the place."""
-    if path is not None:
-        p = Path(path).expanduser().resolve()
-        if p.exists() and (not p.is_dir() or any(p.iterdir())):
-            raise ProgrammingError(f"CREATE MODEL {name}: path {str(p)!r} exists and is not an empty directory")
-        return p, False
-    from reldl.autodiff.models import default_path
-
-    p = default_path(duck, name)
-    if p.exists() and any(p.iterdir()):  # a file database's <db>.models/<name> from an earlier variant: a new one
-        import uuid
-
-        p = p.with_name(f"{p.name}-{uuid.uuid4().hex[:8]}")
-    return p, True
-
-
 def create(duck, name: str, options: dict[str, Any], query: str) -> tuple[str, dict[str, Any]]:
     """Calibrate a sparse variant of the base LLM on the query's text and write it; returns (path, catalog options).
     Nothing is written to the catalog here (the caller inserts the row); on failure nothing is left on disk."""
     o = check_options(name, options, query is not None)
-    base = catalog.get_model(duck, o["base"])
-    if base is None:
-        raise ProgrammingError(f"CREATE MODEL {name}: base model {o['base']!r} does not exist")
-    if base.model_type != "llm":
-        raise ProgrammingError(
-            f"CREATE MODEL {name}: base model {base.name!r} is a {base.model_type!r} model, not an LLM"
-        )
+    base = base_llm(duck, name, o["base"])
     if base.options.get("sparse"):
         raise ProgrammingError(f"CREATE MODEL {name}: base model {base.name!r} is itself a sparse variant")
     from reldl.llm.loader import inspect_checkpoint
@@ -150,7 +114,7 @@ def create(duck, name: str, options: dict[str, Any], query: str) -> tuple[str, d
     dtype = str(options.get("dtype", base.dtype))
     device = str(options.get("device", base.device))
     texts = _texts(duck, name, query)
-    target, owned = _target(duck, name, o["path"])
+    target, owned = model_dir(duck, name, o["path"])
     try:
         return _calibrate_and_save(name, base, cfg, method, o, texts, dtype, device, target, owned)
     except BaseException:
