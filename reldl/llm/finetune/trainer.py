@@ -347,16 +347,21 @@ class Trainer:
         if not self.cuda:
             self.adam.submit(name, g)
             return
+        self.adam.submit(name, *self._to_host(g))
+
+    def _to_host(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Copy `x` into a new pinned host buffer on the d2h stream once the compute stream's work so far is done;
+        returns the buffer and an event recorded after the copy."""
         ready = torch.cuda.Event()
         ready.record(self.compute)
-        buf = torch.empty(g.shape, dtype=g.dtype, pin_memory=True)
+        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         with torch.cuda.stream(self.d2h_stream):
             self.d2h_stream.wait_event(ready)
-            buf.copy_(g, non_blocking=True)
-            g.record_stream(self.d2h_stream)
+            buf.copy_(x, non_blocking=True)
+            x.record_stream(self.d2h_stream)
             done = torch.cuda.Event()
             done.record(self.d2h_stream)
-        self.adam.submit(name, buf, done)
+        return buf, done
 
     def _updated(self, name: str, master: torch.Tensor) -> None:
         """After Adam updated `name` (worker thread): refresh its host copy and, if resident, its GPU copy. The
@@ -370,14 +375,7 @@ class Trainer:
     def _stash(self, x: torch.Tensor):
         if not (self.cuda and self.act_cpu):
             return x
-        ev = torch.cuda.Event()
-        ev.record(self.compute)
-        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-        with torch.cuda.stream(self.d2h_stream):
-            self.d2h_stream.wait_event(ev)
-            buf.copy_(x, non_blocking=True)
-            x.record_stream(self.d2h_stream)
-        return buf
+        return self._to_host(x)[0]
 
     def _unstash(self, s) -> torch.Tensor:
         if not (self.cuda and self.act_cpu):
