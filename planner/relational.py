@@ -98,6 +98,16 @@ def _layer_tiles(tile: Tiles, n_layers: int) -> list[int | None]:
     return [_check_tile(tile)] * n_layers
 
 
+def _checked_layer(i: int, weight: Any, bias: Any, act: str) -> tuple[np.ndarray, np.ndarray]:
+    """Layer ``i``'s weight [out, in] and bias [out] as float64 arrays, its activation checked."""
+    _check_activation(act, i)
+    w = _as_f64(weight, f"layers.{i}.weight")
+    b = _as_f64(bias, f"layers.{i}.bias")
+    if w.ndim != 2 or b.shape != (w.shape[0],):
+        raise ValueError(f"layer {i}: weight must be [out, in] and bias [out], got {w.shape} and {b.shape}")
+    return w, b
+
+
 def store_weights(
     duck: Any, table: str, layers: Sequence[WeightLayer], tile: Tiles = 64, only: Sequence[int] | None = None
 ) -> None:
@@ -116,11 +126,7 @@ def store_weights(
     lengths: list[np.ndarray] = []
     prev_out = None
     for i, (weight, bias, act) in enumerate(layers):
-        _check_activation(act, i)
-        w = _as_f64(weight, f"layers.{i}.weight")
-        b = _as_f64(bias, f"layers.{i}.bias")
-        if w.ndim != 2 or b.shape != (w.shape[0],):
-            raise ValueError(f"layer {i}: weight must be [out, in] and bias [out], got {w.shape} and {b.shape}")
+        w, b = _checked_layer(i, weight, bias, act)
         out_dim, in_dim = w.shape
         if prev_out is not None and in_dim != prev_out:
             raise ValueError(f"layer {i} takes {in_dim} inputs but layer {i - 1} gives {prev_out}")
@@ -169,11 +175,7 @@ def store_matrices(duck: Any, table: str, layers: Sequence[WeightLayer], only: S
         raise ValueError("a model needs at least one layer")
     ids, rows, biases = [], [], []
     for i, (weight, bias, act) in enumerate(layers):
-        _check_activation(act, i)
-        w = _as_f64(weight, f"layers.{i}.weight")
-        b = _as_f64(bias, f"layers.{i}.bias")
-        if w.ndim != 2 or b.shape != (w.shape[0],):
-            raise ValueError(f"layer {i}: weight must be [out, in] and bias [out], got {w.shape} and {b.shape}")
+        w, b = _checked_layer(i, weight, bias, act)
         if only is None or i in only:
             ids.append(i)
             rows.append(w)
