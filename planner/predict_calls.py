@@ -17,6 +17,8 @@ arguments (`:=`, `=>`) are left for DuckDB to report.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterator
+
 import sqlglot
 from sqlglot import exp
 from sqlglot.dialects.duckdb import DuckDB
@@ -111,23 +113,28 @@ def _wraps_tokens(arg: list[Token]) -> bool:
     return len(arg) >= 3 and kinds[0] == TokenType.STAR and arg[1].text.upper() == "COLUMNS"
 
 
-def listify_predict_sql(sql: str) -> str:
-    """SQL text (a statement or a script) with every variadic predict / predict_proba call in the list form;
-    the text is otherwise unchanged (SQL sqlglot cannot tokenize is returned as is)."""
+def function_calls(sql: str, names: Collection[str]) -> Iterator[tuple[Token, list[list[Token]], bool]]:
+    """``(name token, argument token lists, whether any argument is named)`` of each unqualified call of a function
+    in ``names`` (lower case) whose parentheses close; nothing for SQL sqlglot cannot tokenize."""
     try:
         tokens = sqlglot.tokenize(sql, read="duckdb")
     except (TokenError, ParseError, ValueError):
-        return sql
-    inserts: list[tuple[int, str]] = []
+        return
     for i, tok in enumerate(tokens[:-1]):
-        if tok.text.lower() not in PREDICT_FUNCTIONS or tokens[i + 1].token_type != TokenType.L_PAREN:
+        if tok.text.lower() not in names or tokens[i + 1].token_type != TokenType.L_PAREN:
             continue
         if i > 0 and tokens[i - 1].token_type == TokenType.DOT:
             continue  # qualified: someone else's function
         found = _call_args(tokens, i + 1)
-        if found is None:
-            continue
-        args, named = found
+        if found is not None:
+            yield tok, *found
+
+
+def listify_predict_sql(sql: str) -> str:
+    """SQL text (a statement or a script) with every variadic predict / predict_proba call in the list form;
+    the text is otherwise unchanged (SQL sqlglot cannot tokenize is returned as is)."""
+    inserts: list[tuple[int, str]] = []
+    for _, args, named in function_calls(sql, PREDICT_FUNCTIONS):
         if named or any(not a for a in args):
             continue
         if len(args) >= 3 or (len(args) == 2 and _wraps_tokens(args[1])):

@@ -16,7 +16,7 @@ from sqlglot.errors import ParseError, TokenError
 from sqlglot.tokens import Token, TokenType
 
 from reldl.errors import ProgrammingError
-from reldl.planner.predict_calls import _NAMED, _call_args, listify_predict_sql, parse_one
+from reldl.planner.predict_calls import _NAMED, function_calls, listify_predict_sql, parse_one
 
 # reldl SQL functions and their named arguments (after the positional ones)
 FUNCTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -144,20 +144,9 @@ def list_generate_sql(sql: str) -> str:
     """`llm_generate(...)` calls that name `n` or `beam_width` -> `llm_generate_list(...)`, which returns a
     LIST(VARCHAR) (n samples, or the beams best first): a DuckDB macro cannot change its return type with an argument.
     Only the function names change; the rest of the text reaches DuckDB as written."""
-    try:
-        tokens = sqlglot.tokenize(sql, read="duckdb")
-    except (TokenError, ParseError, ValueError):
-        return sql
     spans = []
-    for i, tok in enumerate(tokens[:-1]):
-        if tok.text.lower() != "llm_generate" or tokens[i + 1].token_type != TokenType.L_PAREN:
-            continue
-        if i > 0 and tokens[i - 1].token_type == TokenType.DOT:
-            continue  # qualified: someone else's function
-        found = _call_args(tokens, i + 1)
-        if found is None:
-            continue
-        names = {a[0].text.lower() for a in found[0] if len(a) >= 2 and a[1].token_type in _NAMED}
+    for tok, args, _ in function_calls(sql, ("llm_generate",)):
+        names = {a[0].text.lower() for a in args if len(a) >= 2 and a[1].token_type in _NAMED}
         if names.intersection(LIST_ARGUMENTS):
             spans.append((tok.start, tok.end + 1))
     for start, end in reversed(spans):
