@@ -341,7 +341,7 @@ def _top_n_keys(select: exp.Select, scalar) -> list[exp.Ordered] | None:
                 return None
         elif isinstance(key, exp.Column) and not key.table and key.name.lower() in aliases:
             k = next(i for i, e in enumerate(items) if isinstance(e, exp.Alias) and e.alias.lower() == key.name.lower())
-            key = aliases[key.name.lower()]
+            key = items[k].this
             if lateral(key, k):
                 return None
         elif isinstance(key, (exp.Literal, exp.Var)) or lateral(key):
@@ -373,9 +373,8 @@ def _top_n_one(select: exp.Select, scalar) -> TopN | None:
     items = select.expressions
     if not any(model_calls(e) for e in items):
         return None
-    for part in ("from_", "where", "order", "limit", "offset"):
-        if model_calls(select.args[part]) if select.args.get(part) else False:
-            return None  # a call that filters or orders rows runs on every row anyway
+    if any(model_calls(select.args[part]) for part in ("from_", "where", "order") if select.args.get(part)):
+        return None  # a call that filters or orders rows runs on every row anyway (LIMIT / OFFSET: counts, above)
     for e in items:
         if e.find(exp.AggFunc, exp.Window, exp.Subquery, exp.Select):
             return None
@@ -425,13 +424,12 @@ def push_top_n(tree: exp.Expression, scalar=lambda name: False) -> tuple[exp.Exp
     ordinals and aliases in the inner ORDER BY are replaced by their expressions. `scalar(name)` says whether a
     function sqlglot does not know is a scalar function (anything else might be an aggregate: left alone).
     Returns a rewritten copy (or `tree` itself when nothing applies) and what was rewritten."""
-    candidates = [s for s in tree.find_all(exp.Select) if s.args.get("order") and s.args.get("limit")]
-    if not candidates or not model_calls(tree):
+
+    def candidates(t: exp.Expression) -> list[exp.Select]:
+        return [s for s in t.find_all(exp.Select) if s.args.get("order") and s.args.get("limit")]
+
+    if not candidates(tree) or not model_calls(tree):
         return tree, []
     tree = tree.copy()
-    done = []
-    for select in reversed([s for s in tree.find_all(exp.Select) if s.args.get("order") and s.args.get("limit")]):
-        top = _top_n_one(select, scalar)
-        if top is not None:
-            done.append(top)
-    return tree, done
+    done = [_top_n_one(select, scalar) for select in reversed(candidates(tree))]
+    return tree, [top for top in done if top is not None]
