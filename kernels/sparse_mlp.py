@@ -580,9 +580,7 @@ def _gather_matmul(
     if batch == 0 or n_out == 0:
         return
     if k == 0:  # nothing selected: the bias alone (or zero)
-        if dual:
-            out.zero_()
-        elif bias is not None:
+        if bias is not None and not dual:
             out.copy_(bias.to(out.dtype).expand_as(out))
         else:
             out.zero_()
@@ -788,6 +786,16 @@ def _check_teal(x, w_t, idx, fn):
     return x, (None if idx is None else _index(idx, fn))
 
 
+def _teal_matmul(x, w_t, out, threshold, idx, **kw) -> None:
+    """out = s(x) @ w_t (kernel 2 on the thresholded input, batch chunk by chunk): rows idx of w_t when given, else
+    every row with the zero-input rows skipped. `kw`: bias, or w2 for the fused gate/up."""
+    mode, k = (MODE_DENSE, x.shape[1]) if idx is None else (MODE_GATHER, idx.numel())
+    for lo, hi in _chunks(x.shape[0]):
+        _gather_matmul(
+            x[lo:hi], w_t, out[lo:hi], mode=mode, k=k, idx=idx, threshold=threshold, skip_zero_rows=True, **kw
+        )
+
+
 def teal_linear(
     x: torch.Tensor,
     w_t: torch.Tensor,
@@ -805,11 +813,7 @@ def teal_linear(
     fn = "teal_linear"
     x, idx = _check_teal(x, w_t, idx, fn)
     y = torch.empty((x.shape[0], w_t.shape[1]), dtype=x.dtype, device=x.device)
-    mode, k = (MODE_DENSE, x.shape[1]) if idx is None else (MODE_GATHER, idx.numel())
-    for lo, hi in _chunks(x.shape[0]):
-        _gather_matmul(
-            x[lo:hi], w_t, y[lo:hi], mode=mode, k=k, idx=idx, bias=bias, threshold=threshold, skip_zero_rows=True
-        )
+    _teal_matmul(x, w_t, y, threshold, idx, bias=bias)
     return y
 
 
@@ -829,11 +833,7 @@ def teal_gate_up(
     if w_up_t.shape != w_gate_t.shape:
         raise ValueError(f"{fn}: w_up_t {tuple(w_up_t.shape)} and w_gate_t {tuple(w_gate_t.shape)} differ")
     h = torch.empty((x.shape[0], w_gate_t.shape[1]), dtype=x.dtype, device=x.device)
-    mode, k = (MODE_DENSE, x.shape[1]) if idx is None else (MODE_GATHER, idx.numel())
-    for lo, hi in _chunks(x.shape[0]):
-        _gather_matmul(
-            x[lo:hi], w_gate_t, h[lo:hi], mode=mode, k=k, idx=idx, w2=w_up_t, threshold=threshold, skip_zero_rows=True
-        )
+    _teal_matmul(x, w_gate_t, h, threshold, idx, w2=w_up_t)
     return h
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reldl.kernels._triton import next_pow2, require_triton, tl, triton
+from reldl.kernels._triton import cdiv, next_pow2, require_triton, tl, triton
+from reldl.kernels.paged_attention import LOG2E, num_sms
 
 
 class TreeLayout:
@@ -161,8 +162,6 @@ def tree_attention_reference(
 # (deterministic, no atomics).
 # ---------------------------------------------------------------------------------------------------------------------
 
-LOG2E = 1.4426950408889634
-DEFAULT_SMS = 132  # H100 SXM; used where the device cannot be asked (the interpreter)
 _W_ONE = 1 << 24  # fixed-point unit of the chunking weights (integer cumsum: exact and deterministic)
 
 # chunking knobs (see plan_tree_attention)
@@ -243,12 +242,6 @@ class TreeAttentionPlan:
         )
 
 
-def _num_sms(device: torch.device) -> int:
-    from reldl.kernels.paged_attention import num_sms
-
-    return num_sms(device)
-
-
 def plan_tree_attention(
     layout: TreeLayout,
     num_heads: int,
@@ -289,15 +282,6 @@ def plan_tree_attention(
     dev = layout.slots.device
     L, Q = layout.num_tokens, layout.num_queries
     group = num_heads // num_kv_heads
-    qidx = layout.q_index.to(torch.int64)
-    n_tok = (
-        torch.searchsorted(qidx, layout.end.to(torch.int64), right=True)
-        - torch.searchsorted(qidx, torch.arange(L, device=dev))
-    ).clamp(min=0)
-    intensity = float(n_tok.double().mean()) * group if L else 0.0  # (a host sync)
-    cfg = dict(tree_attention_config(head_dim, group, dtype, intensity), **(config or {}))
-    bg, bm_n, bm_w, bn = cfg["BLOCK_G"], cfg["BLOCK_M_NARROW"], cfg["BLOCK_M_WIDE"], cfg["BLOCK_N"]
-    bq_n, bq_w = bm_n // bg, bm_w // bg
     i32, i64 = torch.int32, torch.int64
     qidx = layout.q_index.to(i64)
     end = layout.end.to(i64)
@@ -305,6 +289,10 @@ def plan_tree_attention(
     lo_t = torch.searchsorted(qidx, tok)
     hi_t = torch.searchsorted(qidx, end, right=True)
     n_t = (hi_t - lo_t).clamp(min=0)
+    intensity = float(n_t.double().mean()) * group if L else 0.0  # (a host sync)
+    cfg = dict(tree_attention_config(head_dim, group, dtype, intensity), **(config or {}))
+    bg, bm_n, bm_w, bn = cfg["BLOCK_G"], cfg["BLOCK_M_NARROW"], cfg["BLOCK_M_WIDE"], cfg["BLOCK_N"]
+    bq_n, bq_w = bm_n // bg, bm_w // bg
 
     def tiles(n):
         return torch.where(n * bg > bm_n, (n + bq_w - 1) // bq_w, (n + bq_n - 1) // bq_n)
@@ -313,7 +301,7 @@ def plan_tree_attention(
         want = torch.full_like(n_t, max(1, int(chunk_tokens)))
     else:
         want = (partial_factor * group * n_t).to(i64).clamp(min=min_chunk, max=max(min_chunk, max_chunk))
-        sms = sms if sms is not None else _num_sms(dev)
+        sms = sms if sms is not None else num_sms(dev)
         target = programs_per_sm * sms
         # programs ~ sum_t tiles_t / T_t * KVH (a chunk of T tokens seen by n queries: tiles(n) items)
         est = float((tiles(n_t).double() / want.double()).sum()) * num_kv_heads if L else 0.0
@@ -796,7 +784,7 @@ def _launch_merge(plan, lse, part_o, out):
     Q, H, D = out.shape
     cfg = plan.config
     hm = min(cfg["MERGE_HEADS"], next_pow2(H))
-    _tree_merge_kernel[(Q, triton.cdiv(H, hm))](
+    _tree_merge_kernel[(Q, cdiv(H, hm))](
         lse,
         part_o,
         plan.merge_ptr,
