@@ -197,10 +197,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device, default: int = DEFAULT_SMS) -> int:
+    """The device's SM count (cached per device); `default` where it cannot be asked (CPU, the interpreter)."""
     if device.type == "cuda" and not interpreting():
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return DEFAULT_SMS
+    return default
 
 
 def paged_attention_config(head_dim: int, group: int, dtype: torch.dtype) -> dict:
@@ -308,18 +309,26 @@ def paged_decode_attention(
         **cfg,
     )
     if num_splits > 1:
-        _merge_splits_kernel[(b, h)](
-            m,
-            l,
-            acc,
-            out,
-            out.stride(0),
-            out.stride(1),
-            NUM_HEADS=h,
-            HEAD_DIM=d,
-            NUM_SPLITS=num_splits,
-            BLOCK_S=next_pow2(num_splits),
-            BLOCK_D=max(16, next_pow2(d)),
-            num_warps=2,
-        )
+        merge_splits(m, l, acc, out)
     return out
+
+
+def merge_splits(m: torch.Tensor, l: torch.Tensor, acc: torch.Tensor, out: torch.Tensor) -> None:
+    """Combine split-K partials m / l [R, H, splits] and acc [R, H, splits, D] (float32, contiguous) into out
+    [R, H, D] (last stride 1) in a fixed order: `_merge_splits_kernel`, grid (R, H)."""
+    r, h, d = out.shape
+    num_splits = m.shape[-1]
+    _merge_splits_kernel[(r, h)](
+        m,
+        l,
+        acc,
+        out,
+        out.stride(0),
+        out.stride(1),
+        NUM_HEADS=h,
+        HEAD_DIM=d,
+        NUM_SPLITS=num_splits,
+        BLOCK_S=next_pow2(num_splits),
+        BLOCK_D=max(16, next_pow2(d)),
+        num_warps=2,
+    )

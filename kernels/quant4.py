@@ -30,11 +30,10 @@ head_dim (decode attention over this format with the dequantization fused: `quan
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from reldl.kernels._triton import cdiv, interpreting, require_triton, tl, triton, triton_available
+from reldl.kernels._triton import cdiv, interpreting, tl, triton, triton_available
+from reldl.kernels.paged_attention import num_sms
 
 GROUP = 64
 HALF = GROUP // 2
@@ -198,11 +197,18 @@ def quantize_4bit(w: torch.Tensor, scale_dtype: torch.dtype | None = None, check
     scale = torch.empty((rows, g), dtype=sdt, device=w.device)
     minv = torch.empty((rows, g), dtype=sdt, device=w.device)
     if rows:
-        block_r = 64 if interpreting() else 32
-        _quantize_kernel[(cdiv(rows, block_r), g)](
-            w2, packed, scale, minv, rows, k, w2.stride(0), packed.stride(0), scale.stride(0), BLOCK_R=block_r
-        )
+        _quantize_rows(w2, packed, scale, minv, packed.stride(0), scale.stride(0))
     return Quantized4(packed.view(*lead, g * HALF), scale.view(*lead, g), minv.view(*lead, g), k)
+
+
+def _quantize_rows(w2, packed, scale, minv, stride_p: int, stride_s: int) -> None:
+    """`_quantize_kernel` over the rows of w2 [rows, K] (unit last stride): row r's bytes at packed + r * stride_p,
+    its scale / minv at scale / minv + r * stride_s (the group count is scale's last dimension)."""
+    rows, k = w2.shape
+    block_r = 64 if interpreting() else 32
+    _quantize_kernel[(cdiv(rows, block_r), scale.shape[-1])](
+        w2, packed, scale, minv, rows, k, w2.stride(0), stride_p, stride_s, BLOCK_R=block_r
+    )
 
 
 def quantize_kv_4bit(x: torch.Tensor, scale_dtype: torch.dtype | None = None, check_finite: bool = True) -> Quantized4:
@@ -442,14 +448,7 @@ DEQUANT_CHUNK_BYTES = 256 << 20  # the dequantized chunk of weight rows stays un
 
 
 def _sms(device) -> int:
-    if device.type == "cuda" and not interpreting():
-        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
-
-
-@functools.cache
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return num_sms(device, default=4)
 
 
 def gemv_4bit_config(n: int, k: int, sms: int) -> dict:
@@ -549,7 +548,6 @@ def matmul_4bit(x: torch.Tensor, q: Quantized4, bias: torch.Tensor | None = None
     """
     if not triton_available(x):
         return matmul_4bit_reference(x, q, bias)
-    require_triton()
     _check_matmul(x, q, bias)
     lead, k = tuple(x.shape[:-1]), x.shape[-1]
     n = q.packed.shape[0]

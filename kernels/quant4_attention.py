@@ -32,13 +32,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reldl.kernels._triton import cdiv, interpreting, next_pow2, require_triton, tl, triton, triton_available
-from reldl.kernels.paged_attention import LOG2E, _merge_splits_kernel, choose_num_splits, num_sms
+from reldl.kernels._triton import cdiv, next_pow2, tl, triton, triton_available
+from reldl.kernels.paged_attention import LOG2E, choose_num_splits, merge_splits, num_sms
 from reldl.kernels.quant4 import (
     GROUP,
     HALF,
     Quantized4,
-    _quantize_kernel,
+    _quantize_rows,
     dequantize_4bit,
     quantize_kv_4bit_reference,
 )
@@ -323,7 +323,6 @@ def quant4_decode_attention(
     """
     if not triton_available(q):
         return quant4_decode_attention_reference(q, k_cache, v_cache, scale, k_new, v_new, mask, num_splits)
-    require_triton()
     kc, vc, s, h, tn = _check(q, k_cache, v_cache, k_new, v_new, mask)
     b, t, hq, d = q.shape
     g = hq // h
@@ -403,21 +402,7 @@ def quant4_decode_attention(
         **cfg,
     )
     if num_splits > 1:
-        o3 = out.view(b * t, hq, d)
-        _merge_splits_kernel[(b * t, hq)](
-            m,
-            lsum,
-            acc,
-            o3,
-            o3.stride(0),
-            o3.stride(1),
-            NUM_HEADS=hq,
-            HEAD_DIM=d,
-            NUM_SPLITS=num_splits,
-            BLOCK_S=next_pow2(num_splits),
-            BLOCK_D=max(16, next_pow2(d)),
-            num_warps=2,
-        )
+        merge_splits(m.view(b * t, hq, num_splits), lsum.view(b * t, hq, num_splits), acc, out.view(b * t, hq, d))
     return out
 
 
@@ -464,8 +449,5 @@ def quantize_kv_4bit_into(x: torch.Tensor, cache: Quantized4, start: int) -> Non
     x2 = x.reshape(t * r, d)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    block_r = 64 if interpreting() else 32
-    _quantize_kernel[(cdiv(t * r, block_r), scale.shape[2])](
-        x2, packed, scale, minv, t * r, d, x2.stride(0), packed.stride(1), scale.stride(1), BLOCK_R=block_r
-    )
+    _quantize_rows(x2, packed, scale, minv, packed.stride(1), scale.stride(1))
     return None
