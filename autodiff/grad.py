@@ -74,13 +74,13 @@ class Program:
                 stack.extend(self._by_name[n].deps)
         return [s for s in self.steps if s.name in need]
 
-    def query(self, name: str, final: Callable[[Names], exp.Select] | None = None) -> exp.Select:
-        """One WITH query computing step ``name`` (or ``final`` over it) from the sources."""
-        steps = self.closure([name])
-        ref = _cte_ref
-        ctes = [(s.name, s.build(ref)) for s in steps]
-        last = final(ref) if final is not None else select(exp.Star()).from_(ref(name))
-        return emit.with_query(ctes, last)
+    def _with(self, names: Sequence[str], last: exp.Select) -> exp.Select:
+        """``last`` under a WITH of the steps ``names`` need."""
+        return emit.with_query([(s.name, s.build(_cte_ref)) for s in self.closure(names)], last)
+
+    def query(self, name: str) -> exp.Select:
+        """One WITH query computing step ``name`` from the sources."""
+        return self._with([name], select(exp.Star()).from_(_cte_ref(name)))
 
     def loss_query(self) -> exp.Select:
         return self.query(f"f{self.loss.id}")
@@ -90,9 +90,7 @@ class Program:
         if param.id not in self.grads:
             raise AutodiffError(f"{param.label()} is not among the parameters differentiated")
         g = self.grads[param.id]
-        steps = self.closure([g, f"f{param.id}"])
-        ctes = [(s.name, s.build(_cte_ref)) for s in steps]
-        return emit.with_query(ctes, _dense(param, _cte_ref(f"f{param.id}"), _cte_ref(g)))
+        return self._with([g, f"f{param.id}"], _dense(param, _cte_ref(f"f{param.id}"), _cte_ref(g)))
 
     def is_view(self, name: str) -> bool:
         """Whether step ``name`` renders as a view: a scan, whose data (or a batch of it) costs more to copy into a
