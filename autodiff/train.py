@@ -420,6 +420,14 @@ def _execute(duck: Any, sql: str, *args) -> Any:
         raise TrainingError(f"training: {first_line(str(e))}") from None
 
 
+def _best_effort(duck: Any, sql: str) -> None:
+    """Run cleanup SQL, ignoring errors: the connection may be unusable after an interrupt."""
+    try:
+        duck.execute(sql)
+    except Exception:
+        pass
+
+
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc mallopt parameters
 # restored after training: glibc's thresholds once its dynamic adjustment has grown them (mmap 32 MiB, trim twice
 # that), as any process freeing a large block soon has them; mallopt turns the adjustment off for good, and fixing the
@@ -690,26 +698,14 @@ def minimize(
         bar.close()
         if restore_malloc is not None:
             restore_malloc()
-        try:
-            duck.execute(f"SET disabled_optimizers = {exp.Literal.string(saved_optimizers).sql('duckdb')}")
-        except Exception:  # the connection may be unusable after an interrupt
-            pass
+        _best_effort(duck, f"SET disabled_optimizers = {exp.Literal.string(saved_optimizers).sql('duckdb')}")
         if saved_threads is not None:
-            try:
-                duck.execute(f"SET threads = {int(saved_threads)}")
-            except Exception:  # the connection may be unusable after an interrupt; nothing else to restore
-                pass
+            _best_effort(duck, f"SET threads = {int(saved_threads)}")
         work_tables = [t for w in work for t in (w.table, w.opt_table)]
         for t, kind in [*[(v, "VIEW") for v in views], *[(t, "TABLE") for t in [*step_tables, *work_tables]]]:
-            try:
-                duck.execute(drop_sql(t, kind))
-            except Exception:  # cleanup is best effort: the temp tables die with the connection anyway
-                pass
+            _best_effort(duck, drop_sql(t, kind))  # the temp tables die with the connection anyway
         if batches is not None:
-            try:
-                duck.execute(drop_sql(exp.Table(this=exp.to_identifier(batches.view)), "VIEW"))
-            except Exception:
-                pass
+            _best_effort(duck, drop_sql(exp.Table(this=exp.to_identifier(batches.view)), "VIEW"))
     result = TrainResult(
         name=name,
         epochs=max(done_epochs, 0),
