@@ -197,7 +197,13 @@ def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype, intensi
         "num_stages": 3,
         "EARLY_V": False,  # issue the V load before the softmax (more bytes in flight, more registers)
         "PREFETCH": True,  # load the next tile's slots during this tile (software pipelining by hand)
+        "DENSE": True,  # items whose chunk every query of the tile sees in full skip the visibility mask
         "KV_FAST": True,  # program order: the KV heads of one item next to each other (else items first)
+        # the planner's chunking (see plan_tree_attention)
+        "PARTIAL_FACTOR": PARTIAL_FACTOR,
+        "MIN_CHUNK": MIN_CHUNK,
+        "MAX_CHUNK": MAX_CHUNK,
+        "PROGRAMS_PER_SM": PROGRAMS_PER_SM,
         # the merge kernel: partials loaded MERGE_BLOCK_P at a time, MERGE_HEADS heads per program
         "MERGE_BLOCK_P": 16,
         "MERGE_HEADS": 2,
@@ -214,8 +220,9 @@ class TreeAttentionPlan:
       chunk_pbase [C] int64: partial row of (chunk c, query x) = chunk_pbase[c] + x - chunk_qlo[c].
       item_chunk, item_q0 [I] int32, item_wide [I] int8: phase-1 work items (a chunk and a tile of its queries
         starting at item_q0, BLOCK_M_WIDE rows if item_wide else BLOCK_M_NARROW), longest chunks first.
+      item_dense [I] int8: every token of the item's chunk is visible to every query of its tile (no mask).
       item_meta [I, 8] int32: what the kernel reads of item i (chunk start and end, q0, the chunk's qhi, partial
-        row base = chunk_pbase - chunk_qlo, wide), one row: one memory latency before the first K/V load.
+        row base = chunk_pbase - chunk_qlo, wide, dense), one row: one memory latency before the first K/V load.
       merge_ptr [Q + 1] int64, merge_rows [P] int64: query x merges partial rows merge_rows[merge_ptr[x]:
         merge_ptr[x + 1]], in chunk order.
     Python ints: num_chunks, num_items, num_partials, max_partials (most partials of one query) (launch grids and
@@ -250,10 +257,10 @@ def plan_tree_attention(
     dtype: torch.dtype = torch.float16,
     sms: int | None = None,
     chunk_tokens: int | None = None,
-    partial_factor: float = PARTIAL_FACTOR,
-    min_chunk: int = MIN_CHUNK,
-    max_chunk: int = MAX_CHUNK,
-    programs_per_sm: float = PROGRAMS_PER_SM,
+    partial_factor: float | None = None,
+    min_chunk: int | None = None,
+    max_chunk: int | None = None,
+    programs_per_sm: float | None = None,
     config: dict | None = None,
 ) -> TreeAttentionPlan:
     """Cut the layout into chunks of consecutive tokens and lay out the partials and the merge, with torch ops on
@@ -268,8 +275,9 @@ def plan_tree_attention(
     where floor(cumsum of 1/T_t) is constant (fixed-point integers: exact, deterministic): neighbouring runs of
     1-token nodes merge into one chunk whose query range is the union, masked per (token, query) in the kernel.
     `chunk_tokens` forces T_t = chunk_tokens for every token (tests, tuning); the other keywords override the
-    module's defaults (tuning); `config` overrides entries of `tree_attention_config` (tuning; the plan keeps
-    the config and the kernels use it). The partial of a (chunk, query) pair costs about `group` tokens' worth of
+    config's chunking entries (PARTIAL_FACTOR, MIN_CHUNK, MAX_CHUNK, PROGRAMS_PER_SM; tuning); `config` overrides
+    entries of `tree_attention_config` (tuning; the plan keeps the config and the kernels use it). The partial of
+    a (chunk, query) pair costs about `group` tokens' worth of
     K/V bytes (written and read back, in the output dtype), hence the factor: partials add ~1/PARTIAL_FACTOR to the
     IO.
 
@@ -291,6 +299,16 @@ def plan_tree_attention(
     n_t = (hi_t - lo_t).clamp(min=0)
     intensity = float(n_t.double().mean()) * group if L else 0.0  # (a host sync)
     cfg = dict(tree_attention_config(head_dim, group, dtype, intensity), **(config or {}))
+    for key, val in (
+        ("PARTIAL_FACTOR", partial_factor),
+        ("MIN_CHUNK", min_chunk),
+        ("MAX_CHUNK", max_chunk),
+        ("PROGRAMS_PER_SM", programs_per_sm),
+    ):
+        if val is not None:
+            cfg[key] = val
+    partial_factor, min_chunk, max_chunk = cfg["PARTIAL_FACTOR"], cfg["MIN_CHUNK"], cfg["MAX_CHUNK"]
+    programs_per_sm = cfg["PROGRAMS_PER_SM"]
     bg, bm_n, bm_w, bn = cfg["BLOCK_G"], cfg["BLOCK_M_NARROW"], cfg["BLOCK_M_WIDE"], cfg["BLOCK_N"]
     bq_n, bq_w = bm_n // bg, bm_w // bg
 
@@ -327,10 +345,18 @@ def plan_tree_attention(
     item_q0 = qlo[item_chunk] + (torch.arange(num_items, device=dev) - tile_base[item_chunk]) * bq[item_chunk]
     order = torch.argsort(-counts[item_chunk], stable=True)
     item_chunk, item_q0 = item_chunk[order], item_q0[order]
-    # the kernel's per-item metadata, one row of 8 int32: t0, t1, q0, qhi, partial row base (pbase - qlo), wide
+    # dense items: every token of the chunk visible to every query of the tile (queries are sorted, so: the chunk's
+    # last token <= the tile's first query, and the tile's last query <= the chunk's smallest subtree end)
+    cmin_end = torch.full((C,), L, dtype=i64, device=dev).scatter_reduce(0, cid, end, reduce="amin")
+    item_qlast = torch.minimum(item_q0 + bq[item_chunk], qhi[item_chunk]) - 1
+    dense = ((start + counts)[item_chunk] - 1 <= qidx[item_q0]) & (cmin_end[item_chunk] >= qidx[item_qlast])
+    if not cfg["DENSE"]:
+        dense = torch.zeros_like(dense)
+    # the kernel's per-item metadata, one row of 8 int32: t0, t1, q0, qhi, partial row base (pbase - qlo), wide,
+    # dense
     item_meta = torch.zeros((num_items, 8), dtype=i32, device=dev)
     if num_items:
-        item_meta[:, :6] = torch.stack(
+        item_meta[:, :7] = torch.stack(
             [
                 start[item_chunk],
                 (start + counts)[item_chunk],
@@ -338,6 +364,7 @@ def plan_tree_attention(
                 qhi[item_chunk],
                 (pbase - qlo)[item_chunk],
                 wide[item_chunk].to(i64),
+                dense.to(i64),
             ],
             1,
         ).to(i32)
@@ -372,6 +399,7 @@ def plan_tree_attention(
         item_chunk=item_chunk.to(i32),
         item_q0=item_q0.to(i32),
         item_wide=wide[item_chunk].to(torch.int8),
+        item_dense=dense.to(torch.int8),
         item_meta=item_meta,
         merge_ptr=merge_ptr,
         merge_rows=merge_rows,
@@ -411,6 +439,7 @@ class TreePlanBuffers:
         fields = dict(template.__dict__)
         for name in ("chunk_start", "chunk_end", "chunk_qlo", "chunk_qhi", "chunk_pbase", "item_chunk", "item_q0"):
             fields[name] = None  # host-side bookkeeping of the source plan; the kernels never read it
+        fields["item_dense"] = None
         fields.update(
             num_tokens=slots.shape[0],
             num_queries=Q,
@@ -494,8 +523,12 @@ def _tree_tile(
     WRITE_LSE: tl.constexpr,
     EARLY_V: tl.constexpr,
     PREFETCH: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
-    """Rows = BLOCK_M // BLOCK_G queries (q0 ...) x BLOCK_G heads of KV head kvh, over chunk tokens [t0, t1)."""
+    """Rows = BLOCK_M // BLOCK_G queries (q0 ...) x BLOCK_G heads of KV head kvh, over chunk tokens [t0, t1).
+    MASKED=False: the plan found every token of the chunk visible to every query of the tile (a dense item: shared
+    prefixes, a branch's own chunk), so the subtree ends are neither loaded nor compared; only the chunk's tail is
+    masked."""
     r = tl.arange(0, BLOCK_M)
     qrow = q0 + r // BLOCK_G
     g = r % BLOCK_G
@@ -519,24 +552,30 @@ def _tree_tile(
     v_head = v_ptr + kvh * stride_vh
     if PREFETCH:  # the first tile's slots and subtree ends; each iteration loads the next tile's
         slot_nx = tl.load(slots_ptr + t0 + n, mask=t0 + n < t1, other=0).to(tl.int64)
-        tend_nx = tl.load(end_ptr + t0 + n, mask=t0 + n < t1, other=-1)
+        if MASKED:
+            tend_nx = tl.load(end_ptr + t0 + n, mask=t0 + n < t1, other=-1)
     for first in range(t0, t1, BLOCK_N):
         toks = first + n
         tv = toks < t1
         if PREFETCH:
             slot = slot_nx
-            tend = tend_nx
             nx = toks + BLOCK_N
             slot_nx = tl.load(slots_ptr + nx, mask=nx < t1, other=0).to(tl.int64)
-            tend_nx = tl.load(end_ptr + nx, mask=nx < t1, other=-1)
+            if MASKED:
+                tend = tend_nx
+                tend_nx = tl.load(end_ptr + nx, mask=nx < t1, other=-1)
         else:
             slot = tl.load(slots_ptr + toks, mask=tv, other=0).to(tl.int64)
-            tend = tl.load(end_ptr + toks, mask=tv, other=-1)
+            if MASKED:
+                tend = tl.load(end_ptr + toks, mask=tv, other=-1)
         kv_mask = tv[:, None] & dm[None, :]
         k = tl.load(k_head + slot[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        vis = (toks[None, :] <= qpos[:, None]) & (qpos[:, None] <= tend[None, :])
-        s = tl.where(vis, s, float("-inf"))
+        if MASKED:
+            vis = (toks[None, :] <= qpos[:, None]) & (qpos[:, None] <= tend[None, :])
+            s = tl.where(vis, s, float("-inf"))
+        else:
+            s = tl.where(tv[None, :], s, float("-inf"))  # the chunk's tail only
         if EARLY_V:
             v = tl.load(v_head + slot[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -612,22 +651,41 @@ def _tree_attention_kernel(
     qhi = tl.load(meta + 3)
     prow0 = tl.load(meta + 4).to(tl.int64)  # partial row of query x = prow0 + x
     wide = tl.load(meta + 5)
+    dense = tl.load(meta + 6)  # every token of the chunk visible to every query of the tile: no visibility mask
     if wide != 0:
-        _tree_tile(
-            q_ptr, k_ptr, v_ptr, slots_ptr, end_ptr, qidx_ptr, lse_ptr, o_ptr,
-            kvh, t0, t1, q0, qhi, prow0, qk_scale,
-            stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
-            NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_WIDE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
-            PREFETCH,
-        )  # fmt: skip
+        if dense != 0:
+            _tree_tile(
+                q_ptr, k_ptr, v_ptr, slots_ptr, end_ptr, qidx_ptr, lse_ptr, o_ptr,
+                kvh, t0, t1, q0, qhi, prow0, qk_scale,
+                stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+                NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_WIDE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
+                PREFETCH, False,
+            )  # fmt: skip
+        else:
+            _tree_tile(
+                q_ptr, k_ptr, v_ptr, slots_ptr, end_ptr, qidx_ptr, lse_ptr, o_ptr,
+                kvh, t0, t1, q0, qhi, prow0, qk_scale,
+                stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+                NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_WIDE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
+                PREFETCH, True,
+            )  # fmt: skip
     else:
-        _tree_tile(
-            q_ptr, k_ptr, v_ptr, slots_ptr, end_ptr, qidx_ptr, lse_ptr, o_ptr,
-            kvh, t0, t1, q0, qhi, prow0, qk_scale,
-            stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
-            NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_NARROW, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
-            PREFETCH,
-        )  # fmt: skip
+        if dense != 0:
+            _tree_tile(
+                q_ptr, k_ptr, v_ptr, slots_ptr, end_ptr, qidx_ptr, lse_ptr, o_ptr,
+                kvh, t0, t1, q0, qhi, prow0, qk_scale,
+                stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+                NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_NARROW, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
+                PREFETCH, False,
+            )  # fmt: skip
+        else:
+            _tree_tile(
+                q_ptr, k_ptr, v_ptr, slots_ptr, end_ptr, qidx_ptr, lse_ptr, o_ptr,
+                kvh, t0, t1, q0, qhi, prow0, qk_scale,
+                stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+                NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_NARROW, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
+                PREFETCH, True,
+            )  # fmt: skip
 
 
 @triton.jit

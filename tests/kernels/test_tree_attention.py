@@ -206,6 +206,13 @@ def _check_plan(layout: TreeLayout, plan, group: int):
     assert set(covered) == {(c, x) for c in range(plan.num_chunks) for x in range(int(qlo[c]), int(qhi[c]))}
     lens = (ce - cs)[plan.item_chunk.long().cpu()]
     assert bool((lens[1:] <= lens[:-1]).all())  # longest chunks first
+    # dense items: exactly those whose tile's queries see every token of the chunk
+    meta = plan.item_meta.cpu()
+    for i in range(plan.num_items):
+        c, q0 = int(plan.item_chunk[i]), int(plan.item_q0[i])
+        bq = (cfg["BLOCK_M_WIDE"] if int(plan.item_wide[i]) else cfg["BLOCK_M_NARROW"]) // cfg["BLOCK_G"]
+        full = bool(vis[q0 : min(q0 + bq, int(qhi[c])), cs[c] : ce[c]].all())
+        assert int(plan.item_dense[i]) == int(meta[i, 6]) == int(full and cfg["DENSE"])
     # merge lists: each query's partial rows, in chunk order
     ptr, rows = plan.merge_ptr.cpu(), plan.merge_rows.cpu()
     assert ptr[0] == 0 and ptr[-1] == plan.num_partials
@@ -510,3 +517,24 @@ def test_kernel_direct_single_chunk(device):
     plan2 = plan_tree_attention(layout, 8, 2, 64, torch.float32, chunk_tokens=8)
     assert not plan2.direct
     _run(layout, len(slots) + 7, 8, 2, 64, torch.float32, device, seed=4, plan=plan2)
+
+
+@pytest.mark.parametrize("wide_rows", [64, 128])
+def test_kernel_dense_items(device, wide_rows):
+    """A shared prefix with branches: prefix chunks (wide tiles) and the branches' own chunks (narrow tiles) are
+    dense items (no visibility mask), chunks straddling branches are not; with DENSE off every item is masked. Both
+    plans compute the reference attention, and the dense plan has both kinds of item in both tile heights."""
+    parents = [-1] + [0] * 12
+    lens = [70] + [9, 23, 1, 40, 5, 17, 33, 2, 11, 29, 3, 19]
+    layout, slots = tree_case(parents, lens, leaf_queries(parents, lens), seed=41)
+    layout = _to(layout, device)
+    cfg = dict(BLOCK_M_WIDE=wide_rows)
+    plan = plan_tree_attention(layout, 8, 2, 64, torch.float32, chunk_tokens=16, config=cfg)
+    _check_plan(_to(layout, "cpu"), plan, 4)
+    kinds = set(zip(plan.item_wide.tolist(), plan.item_dense.tolist()))
+    assert kinds >= {(0, 0), (0, 1), (1, 1)}, kinds  # (1, 0): the chunk holding the prefix end and a branch
+    out = _run(layout, len(slots) + 7, 8, 2, 64, torch.float32, device, seed=41, plan=plan)
+    masked = plan_tree_attention(layout, 8, 2, 64, torch.float32, chunk_tokens=16, config=dict(cfg, DENSE=False))
+    assert int(masked.item_dense.sum()) == 0
+    out2 = _run(layout, len(slots) + 7, 8, 2, 64, torch.float32, device, seed=41, plan=masked)
+    torch.testing.assert_close(out, out2, atol=1e-5, rtol=1e-5)
