@@ -17,12 +17,14 @@ Format (`Quantized4`), for a tensor [..., K] quantized along its last dimension 
 Non-finite input (NaN, inf) is rejected with a ValueError: it would poison a whole group's scale.
 
 `matmul_4bit(x [..., K], q, bias=None) -> [..., N]` = x @ dequantize_4bit(q).T + bias, with q quantized from a weight
-[N, K]. One program per (BLOCK_M, BLOCK_N) output tile walks K one group at a time: it loads the two [BLOCK_N, 32]
-nibble halves and their scale/minv, and accumulates in float32
-    acc += scale * (x_lo @ code_lo^T + x_hi @ code_hi^T) + minv * rowsum(x_group)
-which is x @ (code * scale + minv)^T for that group: full-precision weights never exist, not even as a tile. Codes
-(0..15) are exact in fp16/bf16, so the tensor-core dots run in x's dtype. Tile shapes are picked from M (decode
-1..16, small batches up to 64, prefill above).
+[N, K]. Full-precision weights never exist in memory, for any M: each kernel loads packed bytes and the group
+scales/mins and dequantizes in registers.
+- M = 1 (`_gemv_4bit_kernel`): [BLOCK_N rows, NG groups, 32 bytes] per step, float32 FMAs, K split over programs
+  until the GPU is full (float32 partials summed in a fixed order by a second launch).
+- M >= 2 (`_matmul_4bit_kernel`): the output tile is computed transposed (W_tile @ x_tile^T, "swap AB"), so the
+  dequantized weight tile is the tl.dot's first operand and a small M is its (>= 16) second dimension; float32
+  accumulation, tensor-core dots in x's dtype (codes 0..15 are exact in fp16/bf16). Tiles by M (decode 2..16, small
+  batches up to 64, prefill above); K split over programs as for M = 1 where the output tiles would not fill the GPU.
 
 `quantize_kv_4bit(x [T, H, D])` / `dequantize_kv_4bit`: the same format for K/V cache rows, groups of 64 along
 head_dim (decode attention over this format with the dequantization fused: `quant4_attention.py`).
@@ -313,16 +315,50 @@ def _gemv_4bit_kernel(
 
 @triton.jit
 def _splitk_reduce_kernel(
-    part_ptr, bias_ptr, out_ptr, N, stride_ps, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+    part_ptr,
+    bias_ptr,
+    out_ptr,
+    total,
+    N,
+    stride_ps,
+    SPLITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
+    """out.flat[c] = sum over s of part[s].flat[c] (fixed order) + bias[c % N], for c < total (= rows * N)."""
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = c < N
+    m = c < total
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(SPLITS):
         acc += tl.load(part_ptr + s * stride_ps + c, mask=m, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + c, mask=m, other=0.0).to(tl.float32)
+        acc += tl.load(bias_ptr + c % N, mask=m, other=0.0).to(tl.float32)
     tl.store(out_ptr + c, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _dequant_tile(p, s, v, ty: tl.constexpr, DEQ: tl.constexpr):
+    """codes p (int32 [BN, NG, 32], 0..15) * s + v (s, v: [BN, NG] as loaded) -> [BN, NG * 32] in `ty`.
+
+    DEQ 0: int -> float32 conversion, float32 fma. DEQ 1: the same value through the float32 exponent trick
+    (bits 0x4B000000 | code are 2^23 + code: a logic op and a subtraction instead of a quarter-rate int->float
+    conversion). DEQ 2 (16-bit x, scales stored in x's dtype): the trick in x's dtype (0x6400 | code = 1024 + code in
+    fp16, 0x4300 | code = 128 + code in bf16, both exact) and code * s + v in x's dtype."""
+    BN: tl.constexpr = p.shape[0]
+    NG: tl.constexpr = p.shape[1]
+    if DEQ == 2:
+        if ty == tl.float16:
+            c = ((p | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)
+        else:
+            c = ((p | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 128.0).to(tl.bfloat16)
+        w = c * s.to(ty)[:, :, None] + v.to(ty)[:, :, None]
+    else:
+        if DEQ == 1:
+            c = (p | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        else:
+            c = p.to(tl.float32)
+        w = c * s.to(tl.float32)[:, :, None] + v.to(tl.float32)[:, :, None]
+    return tl.reshape(w.to(ty), [BN, NG * 32])
 
 
 @triton.jit
@@ -336,96 +372,81 @@ def _matmul_4bit_kernel(
     M,
     N,
     K,
+    G,
+    groups_per_split,
     stride_xm,
     stride_pn,
     stride_sn,
     stride_om,
+    stride_os,
     HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    DIRECT: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_KH: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    NG: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    DEQ: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """M >= 2: per step, BLOCK_KH bytes of each of BLOCK_N weight rows (2 * BLOCK_KH columns, BLOCK_KH / 32 groups)
-    are dequantized once into two [BLOCK_N, BLOCK_KH] tiles in x's dtype (low and high nibbles) and multiplied with
-    the matching x columns (x loaded in the packed order: byte c of a step <-> columns 64 * (c // 32) + c % 32 and
-    that + 32) by two full-size tl.dot calls. Programs are ordered in GROUP_M bands of row tiles (L2 reuse of the
-    weight tiles)."""
+    """M >= 2, "swap AB": the output tile is computed transposed, acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T, so the
+    dequantized weights are the dot's first operand (which the tensor-core dot may take from registers) and a small
+    M is the dot's second dimension (>= 16). Per step, NG groups of each of BLOCK_N weight rows: the packed bytes
+    [BLOCK_N, NG, 32] and scale/min [BLOCK_N, NG] are loaded, the low and high nibbles dequantized in registers into
+    two [BLOCK_N, NG * 32] tiles in x's dtype (`_dequant_tile`) and multiplied with the matching x columns (low nibble
+    of byte j of group g <-> column 64 g + j, high <-> 64 g + 32 + j) by two tl.dot calls with float32 accumulation.
+    No dequantized weight is ever written to memory.
+
+    Program (t, s): output tile t (ordered in bands of GROUP_N weight-row tiles: the x tiles and weight tiles of a
+    band stay in L2) over groups [s * groups_per_split, ...). DIRECT: one split, bias added, x's dtype stored; else
+    float32 partials [splits, M, N] that `_splitk_reduce_kernel` sums in a fixed order (deterministic)."""
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
+    pid_s = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
-    per_band = GROUP_M * num_n
+    num_m = tl.cdiv(M, BLOCK_M)
+    per_band = GROUP_N * num_m
     band = pid // per_band
-    first_m = band * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_band) % size_m
-    pid_n = (pid % per_band) // size_m
-    m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    first_n = band * GROUP_N
+    size_n = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_band) % size_n
+    pid_m = (pid % per_band) // size_n
     n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    mm = m < M
+    m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     nm = n < N
-    c = tl.arange(0, BLOCK_KH)
-    col = (c // 32) * 64 + c % 32
-    x_rows = x_ptr + m[:, None] * stride_xm
-    p_rows = packed_ptr + n[:, None] * stride_pn
+    mm = m < M
+    gi = tl.arange(0, NG)
+    j = tl.arange(0, 32)
+    p_rows = packed_ptr + n[:, None, None] * stride_pn
     s_rows = scale_ptr + n[:, None] * stride_sn
     v_rows = minv_ptr + n[:, None] * stride_sn
-    kb_total = tl.cdiv(K, 64) * 32  # bytes per weight row
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for b0 in range(0, kb_total, BLOCK_KH):
-        k_lo = 2 * b0 + col
-        x_lo = tl.load(x_rows + k_lo[None, :], mask=mm[:, None] & (k_lo < K)[None, :], other=0.0)
-        x_hi = tl.load(x_rows + (k_lo + 32)[None, :], mask=mm[:, None] & (k_lo + 32 < K)[None, :], other=0.0)
-        pb = b0 + c
-        pm = nm[:, None] & (pb < kb_total)[None, :]
-        p = tl.load(p_rows + pb[None, :], mask=pm, other=0).to(tl.int32)
-        g = (pb // 32)[None, :]
-        s = tl.load(s_rows + g, mask=pm, other=0.0).to(tl.float32)
-        v = tl.load(v_rows + g, mask=pm, other=0.0).to(tl.float32)
-        w_lo = ((p & 15).to(tl.float32) * s + v).to(x_lo.dtype)
-        w_hi = ((p >> 4).to(tl.float32) * s + v).to(x_lo.dtype)
-        acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision=DOT_PREC)
-        acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision=DOT_PREC)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        out_ptr + m[:, None] * stride_om + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :]
-    )
-
-
-@triton.jit
-def _dequant_kernel(
-    packed_ptr,
-    scale_ptr,
-    minv_ptr,
-    out_ptr,
-    N,
-    K,
-    stride_pn,
-    stride_sn,
-    stride_on,
-    BLOCK_N: tl.constexpr,
-    NG: tl.constexpr,
-):
-    """Dequantize rows into out [N, K] (x's dtype): NG groups of BLOCK_N rows per program."""
-    n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    g = tl.program_id(1) * NG + tl.arange(0, NG)
-    j = tl.arange(0, 32)
-    nm = n < N
-    G = tl.cdiv(K, 64)
-    gm = g < G
-    pm = nm[:, None, None] & gm[None, :, None]
-    p = tl.load(packed_ptr + n[:, None, None] * stride_pn + (g[:, None] * 32 + j[None, :])[None], mask=pm, other=0)
-    p = p.to(tl.int32)
-    sm = nm[:, None] & gm[None, :]
-    s = tl.load(scale_ptr + n[:, None] * stride_sn + g[None, :], mask=sm, other=0.0).to(tl.float32)[:, :, None]
-    v = tl.load(minv_ptr + n[:, None] * stride_sn + g[None, :], mask=sm, other=0.0).to(tl.float32)[:, :, None]
-    c_lo = (g[:, None] * 64 + j[None, :])[None]
-    dst = out_ptr + n[:, None, None] * stride_on
-    ty = out_ptr.dtype.element_ty
-    tl.store(dst + c_lo, ((p & 15).to(tl.float32) * s + v).to(ty), mask=pm & (c_lo < K))
-    tl.store(dst + c_lo + 32, ((p >> 4).to(tl.float32) * s + v).to(ty), mask=pm & (c_lo + 32 < K))
+    x_cols = x_ptr + m[None, :] * stride_xm
+    ty = x_ptr.dtype.element_ty
+    g_lo = pid_s * groups_per_split
+    g_hi = tl.minimum(g_lo + groups_per_split, G)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for g0 in range(g_lo, g_hi, NG):
+        g = g0 + gi
+        gm = g < g_hi
+        p = tl.load(
+            p_rows + (g[:, None] * 32 + j[None, :])[None, :, :], mask=nm[:, None, None] & gm[None, :, None], other=0
+        ).to(tl.int32)
+        sm = nm[:, None] & gm[None, :]
+        s = tl.load(s_rows + g[None, :], mask=sm, other=0.0)
+        v = tl.load(v_rows + g[None, :], mask=sm, other=0.0)
+        w_lo = _dequant_tile(p & 15, s, v, ty, DEQ)
+        w_hi = _dequant_tile(p >> 4, s, v, ty, DEQ)
+        kc = tl.reshape(g[:, None] * 64 + j[None, :], [NG * 32])  # the low-nibble columns of these bytes
+        km = tl.reshape(gm[:, None] & (j[None, :] >= 0), [NG * 32])
+        x_lo = tl.load(x_cols + kc[:, None], mask=(km & (kc < K))[:, None] & mm[None, :], other=0.0)
+        x_hi = tl.load(x_cols + (kc + 32)[:, None], mask=(km & (kc + 32 < K))[:, None] & mm[None, :], other=0.0)
+        acc = tl.dot(w_lo, x_lo, acc, input_precision=DOT_PREC)
+        acc = tl.dot(w_hi, x_hi, acc, input_precision=DOT_PREC)
+    om = nm[:, None] & mm[None, :]
+    if DIRECT:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + m[None, :] * stride_om + n[:, None], acc.to(out_ptr.dtype.element_ty), mask=om)
+    else:
+        tl.store(out_ptr + pid_s * stride_os + m[None, :] * N + n[:, None], acc, mask=om)
 
 
 # launch configurations (module-level so benchmarks and tests can swap them)
@@ -434,17 +455,15 @@ def _dequant_kernel(
 GEMV_CONFIG = {"BLOCK_N": 8, "NG": 8, "num_warps": 4, "num_stages": 3}
 GEMV_PROGRAMS_PER_SM = 2  # split K until about this many programs per SM run (memory-level parallelism)
 GEMV_PARTIAL_FRACTION = 8  # split-K partials (4 bytes per split and row) at most 1/this of the weight bytes
-GEMM_CONFIGS = {  # by M: (max M, config)
-    16: {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_KH": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
-    64: {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_KH": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4},
-    None: {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_KH": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 4},
+# M >= 2 (the tl.dot kernel), by M: (max M, config). PROGRAMS_PER_SM: split K until about this many programs run
+# per SM (small M is bound by the 4-bit weight bytes: enough loads in flight); 0: never split.
+GEMM_CONFIGS = {
+    16: dict(BLOCK_N=64, BLOCK_M=16, NG=4, GROUP_N=8, DEQ=1, PROGRAMS_PER_SM=4, num_warps=4, num_stages=3),
+    64: dict(BLOCK_N=128, BLOCK_M=64, NG=2, GROUP_N=8, DEQ=1, PROGRAMS_PER_SM=2, num_warps=4, num_stages=3),
+    None: dict(BLOCK_N=128, BLOCK_M=128, NG=2, GROUP_N=8, DEQ=1, PROGRAMS_PER_SM=1, num_warps=8, num_stages=3),
 }
-# From this many rows on (CUDA only), dequantize chunks of weight rows into x's dtype (one Triton launch each) and
-# use torch.matmul. On the H200 this beat the fused tile kernel by 2-9x (M=256 qkv: 83 us vs 439 us, fc2: 338 us vs
-# 3573 us; the dequantized tile reaches tl.dot from registers), so the fused kernel runs only in the interpreter
-# (and where this is set to None).
-DEQUANT_GEMM_MIN_M = None if interpreting() else 2
-DEQUANT_CHUNK_BYTES = 256 << 20  # the dequantized chunk of weight rows stays under this
+GEMM_PARTIAL_FRACTION = 4  # split-K partials (4 bytes per split, row and output) at most 1/this of the weight bytes
+INTERPRETER_CONFIG = dict(BLOCK_N=16, BLOCK_M=16, NG=1, GROUP_N=2, DEQ=1, PROGRAMS_PER_SM=0, num_warps=4)
 
 
 def _sms(device) -> int:
@@ -465,39 +484,52 @@ def gemv_4bit_config(n: int, k: int, sms: int) -> dict:
     return cfg
 
 
-def matmul_4bit_config(m: int, dtype: torch.dtype) -> dict:
-    """Tile shapes of the tl.dot kernel from the number of rows (every tl.dot dimension >= 16)."""
-    prec = "ieee" if dtype == torch.float32 else "tf32"
-    for top, cfg in GEMM_CONFIGS.items():
-        if top is None or m <= top:
-            return dict(cfg, DOT_PREC=prec)
-    raise AssertionError
+def matmul_4bit_config(
+    m: int, n: int, k: int, dtype: torch.dtype, sms: int, scale_dtype=None, base: dict | None = None
+) -> dict:
+    """Tiles, dequantization variant and K split of the tl.dot kernel for M = m rows (every tl.dot dimension >= 16),
+    from `base` (a GEMM_CONFIGS entry; default: the one for m). Returns the kernel's constexprs and launch options
+    plus GROUPS_PER_SPLIT and SPLITS."""
+    if base is not None:
+        cfg = dict(base)
+    elif interpreting():
+        cfg = dict(INTERPRETER_CONFIG)
+    else:
+        cfg = next(dict(c) for top, c in GEMM_CONFIGS.items() if top is None or m <= top)
+    if dtype == torch.float32:  # float32 tiles take twice the shared memory, and ieee dots run on FMA units
+        cfg["DEQ"] = min(cfg["DEQ"], 1)
+        if not interpreting():
+            cfg.update(BLOCK_N=min(cfg["BLOCK_N"], 64), BLOCK_M=min(cfg["BLOCK_M"], 64), NG=1, num_stages=2)
+    if cfg["DEQ"] == 2 and scale_dtype is not None and scale_dtype != dtype:
+        cfg["DEQ"] = 1  # DEQ 2 computes in x's dtype: only where the scales are stored in it
+    cfg["DOT_PREC"] = "ieee" if dtype == torch.float32 else "tf32"
+    g = cdiv(k, GROUP)
+    steps = cdiv(g, cfg["NG"])
+    tiles = cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"])
+    target = cfg.pop("PROGRAMS_PER_SM") * sms
+    by_bytes = max(1, (n * g * HALF) // (4 * m * n * GEMM_PARTIAL_FRACTION))
+    split = max(1, min(steps, cdiv(target, tiles) if target else 1, by_bytes))
+    per = cdiv(steps, split) * cfg["NG"]
+    cfg["GROUPS_PER_SPLIT"] = per
+    cfg["SPLITS"] = cdiv(g, per)
+    return cfg
 
 
-def dequantize_4bit_triton(q: Quantized4, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
-    """A quantized weight [N, K] (or rows of it) -> [n, K] in dtype, one Triton launch."""
-    packed, scale, minv = q.packed, q.scale, q.minv
-    if rows is not None:
-        packed, scale, minv = packed[rows], scale[rows], minv[rows]
-    n, k = packed.shape[0], q.k
-    out = torch.empty((n, k), dtype=dtype, device=packed.device)
-    if n and k:
-        bn, ng = 16, 8
-        _dequant_kernel[(cdiv(n, bn), cdiv(q.groups, ng))](
-            packed,
-            scale,
-            minv,
-            out,
-            n,
-            k,
-            packed.stride(0),
-            scale.stride(0),
-            out.stride(0),
-            BLOCK_N=bn,
-            NG=ng,
-            num_warps=4,
-        )
-    return out
+def _reduce_splits(part, bias, out, n: int) -> None:
+    total = out.numel()
+    block = 1024
+    _splitk_reduce_kernel[(cdiv(total, block),)](
+        part,
+        bias if bias is not None else out,
+        out,
+        total,
+        n,
+        part.stride(0),
+        SPLITS=part.shape[0],
+        HAS_BIAS=bias is not None,
+        BLOCK=block,
+        num_warps=4,
+    )
 
 
 def _gemv_4bit(x2, packed, scale, minv, bias, out, n, k) -> None:
@@ -525,26 +557,50 @@ def _gemv_4bit(x2, packed, scale, minv, bias, out, n, k) -> None:
         **cfg,
     )
     if not direct:
-        block = 1024
-        _splitk_reduce_kernel[(cdiv(n, block),)](
-            part,
-            bias if bias is not None else out,
-            out,
-            n,
-            part.stride(0),
-            SPLITS=splits,
-            HAS_BIAS=bias is not None,
-            BLOCK=block,
-            num_warps=4,
-        )
+        _reduce_splits(part, bias, out, n)
+
+
+def _gemm_4bit(x2, packed, scale, minv, bias, out, n, k, cfg: dict | None = None) -> None:
+    m = x2.shape[0]
+    cfg = dict(cfg or matmul_4bit_config(m, n, k, x2.dtype, _sms(x2.device), scale.dtype))
+    splits = cfg.pop("SPLITS")
+    per = cfg.pop("GROUPS_PER_SPLIT")
+    direct = splits == 1
+    part = out if direct else torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
+    tiles = cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"])
+    _matmul_4bit_kernel[(tiles, splits)](
+        x2,
+        packed,
+        scale,
+        minv,
+        bias if bias is not None else out,
+        part,
+        m,
+        n,
+        k,
+        scale.shape[1],
+        per,
+        x2.stride(0),
+        packed.stride(0),
+        scale.stride(0),
+        out.stride(0),
+        0 if direct else part.stride(0),
+        HAS_BIAS=bias is not None,
+        DIRECT=direct,
+        **cfg,
+    )
+    if not direct:
+        _reduce_splits(part, bias, out, n)
 
 
 def matmul_4bit(x: torch.Tensor, q: Quantized4, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ dequantize_4bit(q).T + bias -> [..., N] in x.dtype, dequantizing inside the GEMM tiles.
 
     x in float16/bfloat16 on the GPU (float32 works too, slower), float32 in the interpreter; float32 accumulate.
-    Falls back to `matmul_4bit_reference` where Triton cannot run on x's device. Grid (cdiv(M, BLOCK_M),
-    cdiv(N, BLOCK_N)), no host syncs.
+    M = 1: `_gemv_4bit_kernel` (float32 FMAs); M >= 2: `_matmul_4bit_kernel` (tl.dot). Either splits K over several
+    programs when the output tiles alone would not fill the GPU (then a second launch sums the float32 partials in a
+    fixed order). No dequantized weight is materialized in memory, for any shape. Falls back to
+    `matmul_4bit_reference` where Triton cannot run on x's device. No host syncs.
     """
     if not triton_available(x):
         return matmul_4bit_reference(x, q, bias)
@@ -565,32 +621,6 @@ def matmul_4bit(x: torch.Tensor, q: Quantized4, bias: torch.Tensor | None = None
         return out.view(*lead, n)
     if m == 1:
         _gemv_4bit(x2, packed, scale, minv, bias, out, n, k)
-    elif DEQUANT_GEMM_MIN_M is not None and m >= DEQUANT_GEMM_MIN_M:
-        step = max(64, (DEQUANT_CHUNK_BYTES // max(1, k * x.element_size())) // 64 * 64)
-        for lo in range(0, n, step):
-            hi = min(n, lo + step)
-            w = dequantize_4bit_triton(Quantized4(packed, scale, minv, k), x.dtype, slice(lo, hi))
-            torch.matmul(x2, w.T, out=out[:, lo:hi]) if hi - lo == n else out[:, lo:hi].copy_(x2 @ w.T)
-        if bias is not None:
-            out += bias.to(out.dtype)
     else:
-        cfg = matmul_4bit_config(m, x.dtype)
-        grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"]),)
-        _matmul_4bit_kernel[grid](
-            x2,
-            packed,
-            scale,
-            minv,
-            bias if bias is not None else out,
-            out,
-            m,
-            n,
-            k,
-            x2.stride(0),
-            packed.stride(0),
-            scale.stride(0),
-            out.stride(0),
-            HAS_BIAS=bias is not None,
-            **cfg,
-        )
+        _gemm_4bit(x2, packed, scale, minv, bias, out, n, k)
     return out.view(*lead, n)
