@@ -3,12 +3,15 @@
     python benchmarks/bench_offload.py                         # GPU: OPT-30B, caps 16 and 40 GB
     python benchmarks/bench_offload.py --layers 12 --caps 16   # fewer layers (see "scaled" below)
     python benchmarks/bench_offload.py --preset cpu            # tiny smoke run on the CPU
+    python benchmarks/bench_offload.py --model opt-66b --caps 64 --no-disk               # fp16, GPU + CPU
+    python benchmarks/bench_offload.py --model opt-175b --caps 64 --no-disk --weights-4bit
 
 Per GPU memory cap: `Hardware.measure()` on this box (PCIe, disk, matmul / attention rates) with gpu_mem = the cap,
 cpu_mem = --cpu-mem-gb (default 85% of MemAvailable), disk_mem = 90% of the offload directory's free space;
-`search_policy` for the full OPT-30B shape (prompt 512, 32 tokens); then the model with random fp16 weights
-(generated on the GPU tensor by tensor and placed by the executor: "cpu" tensors in pinned memory, "disk" ones
-written once to files under --offload-dir, so no 60 GB checkpoint is needed) runs one block of that policy:
+`search_policy` for the full model shape (--model: OPT-30B, 66B or 175B; prompt 512, 32 tokens); then the model with
+random fp16 weights (generated on the GPU tensor by tensor and placed by the executor: "cpu" tensors in pinned
+memory, "disk" ones written once to files under --offload-dir, so no 60 GB checkpoint is needed; with
+--weights-4bit quantized on the GPU first) runs one block of that policy, after `reserve` (its KV cache buffers):
 prompt 512, 32 generated tokens, every step timed (prefill, then each decode step; no extrapolation), with the GPU
 capped by torch.cuda.set_per_process_memory_fraction(cap) on top of the policy's own memory accounting.
 
@@ -38,6 +41,9 @@ from pathlib import Path
 
 GiB = 1 << 30
 OPT_30B = dict(hidden_size=7168, num_attention_heads=56, ffn_dim=28672, num_hidden_layers=48, vocab_size=50272)
+OPT_66B = dict(hidden_size=9216, num_attention_heads=72, ffn_dim=36864, num_hidden_layers=64, vocab_size=50272)
+OPT_175B = dict(hidden_size=12288, num_attention_heads=96, ffn_dim=49152, num_hidden_layers=96, vocab_size=50272)
+MODELS = {"opt-30b": OPT_30B, "opt-66b": OPT_66B, "opt-175b": OPT_175B}
 TINY = dict(hidden_size=64, num_attention_heads=4, ffn_dim=256, num_hidden_layers=4, vocab_size=512)
 TINY_POSITIONS = 128
 
@@ -107,13 +113,13 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
 
     cpu = args.preset == "cpu"
     dev = torch.device("cpu" if cpu else "cuda")
-    dims = TINY if cpu else OPT_30B
+    dims = TINY if cpu else MODELS[args.model]
     tmp = Path(tempfile.mkdtemp(prefix="bench-offload-cfg-"))
     full_cfg = opt_config(dims, None, tmp / "full")
     run_cfg = opt_config(dims, args.layers, tmp / "run")
     full = ModelShape.from_config(full_cfg)
     shape = ModelShape.from_config(run_cfg)
-    hw = hw_base.with_memory(gpu=cap_gb * GiB)
+    hw = hw_base.with_memory(gpu=cap_gb * GiB, disk=0.0 if args.no_disk else None)
     comp = None if args.compress else False
     t = time.perf_counter()
     policy, est_full = search_policy(
@@ -121,7 +127,7 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
         hw,
         args.prompt,
         args.gen,
-        compress_weight=comp,
+        compress_weight=True if args.weights_4bit else comp,
         compress_cache=comp,
         **(dict(gpu_batch_sizes=(1, 2, 4), num_gpu_batches=(1, 2, 3)) if cpu else {}),
     )
@@ -129,7 +135,7 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
     est = estimate(policy, shape, hw, args.prompt, args.gen)
     row = dict(
         cap_gb=cap_gb,
-        model=f"opt-30b shape, {shape.num_layers} of {full.num_layers} layers" if not cpu else "tiny opt",
+        model=f"{args.model} shape, {shape.num_layers} of {full.num_layers} layers" if not cpu else "tiny opt",
         layers_run=shape.num_layers,
         policy=policy.describe(),
         policy_fields={k: (list(v) if isinstance(v, tuple) else v) for k, v in policy.__dict__.items()},
@@ -159,11 +165,16 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
     )
     row["build_s"] = time.perf_counter() - t
     try:
+        row["reserve_s"] = eng.reserve(args.prompt, args.gen)  # the block's KV cache / activation buffers
+        row["pin_s"] = eng.arena.pin_s
+        print(f"   built in {row['build_s']:.1f} s (pinning {row['pin_s']:.1f} s), reserve {row['reserve_s']:.2f} s")
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(4, run_cfg.vocab_size, (policy.block_size, args.prompt), generator=g).tolist()
         if args.warmup:  # first-use costs (cuBLAS / Triton compiles, page faults of fresh buffers) not timed
             eng.generate(prompts, 2)
+        t = time.perf_counter()
         eng.generate(prompts, args.gen)
+        row["wall_s"] = time.perf_counter() - t
         steps = eng.stats.steps
         total_s = sum(s.seconds for s in steps)
         dec = [s.seconds for s in steps[1:]]
@@ -247,6 +258,9 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--compress", action="store_true", help="let the search choose 4-bit weights / cache")
+    ap.add_argument("--model", choices=list(MODELS), default="opt-30b", help="shape of the random-weight model")
+    ap.add_argument("--weights-4bit", action="store_true", help="4-bit weights (the cache as --compress says)")
+    ap.add_argument("--no-disk", action="store_true", help="GPU and CPU only: the search gets no disk")
     ap.add_argument("--cpu-mem-gb", type=float, default=None)
     ap.add_argument("--offload-dir", default=None)
     ap.add_argument("--drop-page-cache", action="store_true", help="drop disk files from the page cache after writing")

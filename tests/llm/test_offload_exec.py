@@ -216,3 +216,23 @@ def test_json_roundtrip_of_policy_describe(opt):
     before = json.dumps(p.__dict__, default=list)
     _run(opt.path, p, opt.prompts[:2], n=2)
     assert json.dumps(p.__dict__, default=list) == before
+
+
+def test_block_buffers_are_reused_across_blocks_and_calls(opt):
+    """KV cache and activation buffers (Arena.slab) are made once (or by reserve) and carved again by later blocks
+    and generate calls that fit; a longer request replaces them; results do not depend on what was there."""
+    pol = Policy(2, 2, weights=HALF_CPU, cache=THIRDS, activations=(0, 0.5, 0.5))
+    with OffloadEngine(opt.path, pol) as eng:
+        assert eng.reserve(max(LENGTHS), NEW) >= 0
+        slabs = {k: v.data_ptr() for k, v in eng.arena._slabs.items()}
+        assert {t for t, _ in slabs} == {"gpu", "cpu", "disk"}
+        made = dict(eng.arena.bytes)
+        assert eng.generate(opt.prompts, NEW) == opt.base  # two blocks, over the reserved buffers
+        assert eng.generate(opt.prompts[:3], 2) == [o[:2] for o in opt.base[:3]]
+        assert {k: v.data_ptr() for k, v in eng.arena._slabs.items()} == slabs
+        assert eng.arena.bytes == made  # nothing allocated since reserve
+        kv = sum(eng.memory()["block"].values())
+        out = eng.generate(opt.prompts, NEW + 3)  # more slots: the KV slabs grow
+        assert [o[:NEW] for o in out] == opt.base
+        assert sum(eng.arena.bytes.values()) > sum(made.values())
+        assert sum(eng.memory()["block"].values()) > kv

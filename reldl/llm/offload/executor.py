@@ -58,7 +58,7 @@ from reldl.kernels.quant4_attention import quant4_decode_attention
 from reldl.llm.engine import encode_texts
 from reldl.llm.offload import layers
 from reldl.llm.offload.policy import Policy
-from reldl.llm.offload.tiers import TIERS, Arena, CheckpointSource, DiskPool, MemorySource, Mover, nbytes
+from reldl.llm.offload.tiers import TIERS, Arena, CheckpointSource, DiskPool, MemorySource, Mover, _total, nbytes
 from reldl.llm.rope import Rotary
 
 
@@ -206,7 +206,9 @@ class KVCache:
                 else:
                     one = [((slots, B, h, D), eng.dtype)]
                 specs[tier] += one * 2
-        tensors = {t: iter(eng.arena.alloc(t, specs[t], "kv")) for t in TIERS}
+        # one reusable buffer per tier (Arena.slab): a later block or generate call of no more slots carves it again
+        tensors = {t: iter(eng.arena.slab(t, specs[t], "kv")) for t in TIERS}
+        self.bytes = {t: _total(specs[t]) if specs[t] else 0 for t in TIERS}
         for j in range(cfg.num_layers):
             for k in range(p.num_gpu_batches):
                 segs = []
@@ -234,13 +236,14 @@ class ActStore:
         self.B = p.gpu_batch_size
         self.split = split_counts(self.B, p.activations)
         hid = eng.config.hidden_size
-        self.host: list[dict[str, torch.Tensor]] = []
-        for _ in range(p.num_gpu_batches):
-            bufs = {}
-            for tier, r0, r1 in self.split:
-                if tier != "gpu":
-                    (bufs[tier],) = eng.arena.alloc(tier, [(((r1 - r0) * max_tokens * hid,), eng.dtype)], "act")
-            self.host.append(bufs)
+        self.host: list[dict[str, torch.Tensor]] = [{} for _ in range(p.num_gpu_batches)]
+        self.bytes = {t: 0 for t in TIERS}
+        for tier, r0, r1 in self.split:
+            if tier != "gpu":
+                specs = [(((r1 - r0) * max_tokens * hid,), eng.dtype)] * p.num_gpu_batches
+                for k, buf in enumerate(eng.arena.slab(tier, specs, "act")):
+                    self.host[k][tier] = buf
+                self.bytes[tier] += _total(specs)
         self.dev: list[torch.Tensor | None] = [None] * p.num_gpu_batches
         self.futs: list[object] = [None] * p.num_gpu_batches
         self.shape: list[tuple[int, ...] | None] = [None] * p.num_gpu_batches
@@ -371,6 +374,18 @@ class OffloadEngine:
                 self.stats.blocks += 1
         return out
 
+    def reserve(self, prompt_len: int, max_tokens: int) -> float:
+        """Make the block buffers (KV cache, offloaded activations) for prompts of up to `prompt_len` tokens and
+        `max_tokens` new ones now, rather than in the first generate call (generate reuses them while they are large
+        enough; pinning fresh host memory costs about a second per few GB). Returns the seconds it took."""
+        t = time.perf_counter()
+        slots = prompt_len + max_tokens - 1
+        if slots > self.config.max_positions:
+            raise ValueError(f"prompt {prompt_len} + max_tokens {max_tokens} exceed the context")
+        KVCache(self, max(slots, 1))
+        ActStore(self, prompt_len)
+        return time.perf_counter() - t
+
     def generate_text(self, prompts: Sequence[str], max_tokens: int) -> list[str]:
         return [self.decode(t) for t in self.generate(prompts, max_tokens)]
 
@@ -410,10 +425,9 @@ class OffloadEngine:
         batches = [prompts[k * B : (k + 1) * B] for k in range(nb)]
         pads = [torch.tensor([P - len(x) for x in bt], device=dev) for bt in batches]
         ids = [torch.tensor([[pad_id] * (P - len(x)) + x for x in bt], device=dev) for bt in batches]
-        before = dict(self.arena.bytes)
         self._kv = KVCache(self, max(slots, 1))
         self._act = ActStore(self, P)
-        self.block_bytes = {t: self.arena.bytes[t] - before[t] for t in TIERS}
+        self.block_bytes = {t: self._kv.bytes[t] + self._act.bytes[t] for t in TIERS}
         outs = [[] for _ in prompts]
         done = [False] * len(prompts)
         pending = None

@@ -8,6 +8,10 @@ ordinary CPU tensors and every copy is a plain synchronous copy, so each tier st
   memory maps of the files: reading a disk-tier weight costs the page faults of the copy that moves it, nothing
   else. `MemorySource`: tensors built in memory (the benchmark's random weights).
 - `Arena`: allocations on a tier; "cpu" and "disk" carve many tensors out of one pinned buffer / one file.
+  `Arena.slab` keeps one such buffer per key and carves it again for every request that fits (the executor's KV
+  cache and activation buffers, reused across blocks and generate calls: pinning 8 GB of fresh host memory costs
+  seconds). Large pinned buffers are faulted in by all CPU threads (and asked for transparent huge pages) before
+  cudaHostRegister, which would otherwise fault them in one page at a time on one thread.
 - `Mover`: asynchronous host<->device copies. On CUDA, loads (host -> device) run on their own stream from a
   worker thread, stores (device -> host) on another stream from a second worker thread; pageable or memory-mapped
   sources go through a pinned staging buffer (torch's caching host allocator keeps it alive until its copy is
@@ -76,6 +80,35 @@ def _total(specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> int:
         n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
         tot += -(-n // ALIGN) * ALIGN
     return max(tot, ALIGN)
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+_MADV_HUGEPAGE = 14  # Linux
+
+
+def prefault(buf: torch.Tensor) -> None:
+    """Fault in a fresh host buffer's pages with every CPU thread (torch's parallel fill), after asking for
+    transparent huge pages on it (Linux; ignored where unsupported). cudaHostRegister of resident pages is then
+    a pinning walk, not a single-threaded page-fault loop."""
+    lib = _libc()
+    if lib is not None and hasattr(lib, "madvise"):
+        import ctypes
+
+        page = 1 << 21
+        start = -(-buf.data_ptr() // page) * page
+        end = (buf.data_ptr() + buf.numel() * buf.element_size()) // page * page
+        if end > start:
+            lib.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+    buf.view(torch.uint8).zero_()
 
 
 # --------------------------------------------------------------------------------------------------- sources
@@ -195,13 +228,48 @@ class DiskPool:
 
 class Arena:
     """Allocation on a tier: "gpu" -> device tensors; "cpu" -> views of one host buffer (pinned when the device is
-    CUDA); "disk" -> views of one memory-mapped file of `disk`."""
+    CUDA); "disk" -> views of one memory-mapped file of `disk`. `slab`: reusable buffers (module docstring)."""
 
     def __init__(self, device: torch.device, disk: DiskPool):
         self.device, self.disk = device, disk
         self.pin = device.type == "cuda"
         self.bytes = {t: 0 for t in TIERS}
         self._registered: list[torch.Tensor] = []
+        self._slabs: dict[tuple[str, str], torch.Tensor] = {}
+        self.pin_s = 0.0  # seconds spent making pinned host buffers
+
+    def slab(self, tier: str, specs: Sequence[tuple[tuple[int, ...], torch.dtype]], key: str) -> list[torch.Tensor]:
+        """Tensors of `specs` on `tier`, carved out of the buffer kept under (tier, key): it is reused when large
+        enough, else replaced by a larger one (the old one released once no carved tensor refers to it). The caller
+        must be done with the tensors of the previous request of the same key (the executor: the block is over)."""
+        if not specs:
+            return []
+        size = _total(specs)
+        buf = self._slabs.get((tier, key))
+        if buf is None or buf.numel() < size:
+            if buf is not None:
+                self._release(buf)
+                del self._slabs[(tier, key)]
+                buf = None
+            self.bytes[tier] += size
+            if tier == "gpu":
+                buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+            elif tier == "cpu":
+                buf = self._host(size)
+            elif tier == "disk":
+                (buf,) = self.disk.alloc_many([((size,), torch.uint8)], key)
+            else:
+                raise ValueError(f"unknown tier {tier!r}")
+            self._slabs[(tier, key)] = buf
+        return _carve(buf, specs)
+
+    def _release(self, buf: torch.Tensor) -> None:
+        for i, r in enumerate(self._registered):
+            if r is buf:
+                torch.cuda.synchronize(self.device)  # no copy may still read or write it
+                torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+                del self._registered[i]
+                return
 
     def alloc(self, tier: str, specs: Sequence[tuple[tuple[int, ...], torch.dtype]], tag: str = "t"):
         if not specs:
@@ -224,18 +292,24 @@ class Arena:
         torch's caching host allocator, which rounds every request up to a power of two (40 GiB -> 64 GiB)."""
         if not self.pin:
             return torch.empty(size, dtype=torch.uint8)
-        if size >= (256 << 20):
-            buf = torch.empty(size, dtype=torch.uint8)
-            err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 0)
-            if int(err) == 0:
-                self._registered.append(buf)
-                return buf
-        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        t = time.perf_counter()
+        try:
+            if size >= (256 << 20):
+                buf = torch.empty(size, dtype=torch.uint8)
+                prefault(buf)
+                err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 0)
+                if int(err) == 0:
+                    self._registered.append(buf)
+                    return buf
+            return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        finally:
+            self.pin_s += time.perf_counter() - t
 
     def close(self) -> None:
         for buf in self._registered:
             torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
         self._registered = []
+        self._slabs = {}
 
     def put(self, tier: str, t: torch.Tensor, tag: str = "w") -> torch.Tensor:
         """A copy of `t` on `tier` (always a copy, even where `t` already lives there)."""
