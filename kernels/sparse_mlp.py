@@ -37,6 +37,8 @@ the number of selected neurons becomes a shape). TEAL without an index needs no 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -301,6 +303,7 @@ def _gather_matmul_kernel(
     w2_ptr,
     bias_ptr,
     out_ptr,
+    k_ptr,
     B,
     k,
     N,
@@ -321,6 +324,7 @@ def _gather_matmul_kernel(
     DUAL: tl.constexpr,
     DIRECT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    K_PTR: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -328,6 +332,9 @@ def _gather_matmul_kernel(
 ):
     pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
+    if K_PTR:  # k counted on the device (`_compact_kernel`): the splits share its blocks evenly
+        k = tl.load(k_ptr)
+        blocks_per_split = tl.cdiv(tl.cdiv(k, BLOCK_K), tl.num_programs(0))
     cols = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < N
     bb = tl.arange(0, BLOCK_B)
@@ -398,6 +405,147 @@ def _gather_matmul_kernel(
         tl.store(dst, acc, mask=om)
         if DUAL:
             tl.store(dst + N, accu, mask=om)
+
+
+@triton.jit
+def _fused_mlp_kernel(
+    x_ptr,
+    w1_ptr,
+    b1_ptr,
+    idx_ptr,
+    w2_ptr,
+    b2_ptr,
+    part_ptr,
+    out_ptr,
+    cnt_ptr,
+    k,
+    d,
+    rows_per_prog,
+    n_red,
+    stride_w1,
+    stride_w2,
+    stride_p,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    ACT: tl.constexpr,
+    REDUCE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    RED_P: tl.constexpr,
+    RED_C: tl.constexpr,
+):
+    """Batch-1 ReLU MLP, one program per `rows_per_prog` selected neurons: h = act(W1[rows] . x + b1[rows]) (the whole
+    of d), then its share of the output, part[p, :] = h . W2t[rows] (float32). With REDUCE the same launch sums the
+    partials: each program counts its arrival on cnt[0]; the last n_red to arrive wait for all P, and reducer s sums
+    column slice s over p = 0..P-1 in order (deterministic), adds b2 and writes out; the last reducer to finish zeroes
+    the counters for the next launch. Only reducers wait, and only for programs that have already been counted or
+    still run, so this cannot deadlock while n_red programs fit on the GPU at once (n_red <= the SM count)."""
+    p = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    r = tl.arange(0, BLOCK_R)
+    j = p * rows_per_prog + r
+    jm = (r < rows_per_prog) & (j < k)
+    rows = tl.load(idx_ptr + j, mask=jm, other=0).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK_D)
+    acc2 = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        cols = d0 + cols0
+        cm = cols < d
+        w = tl.load(w1_ptr + rows[:, None] * stride_w1 + cols[None, :], mask=jm[:, None] & cm[None, :], other=0.0)
+        xv = tl.load(x_ptr + cols, mask=cm, other=0.0)
+        acc2 += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+    h = tl.sum(acc2, axis=1)
+    if HAS_B1:
+        h += tl.load(b1_ptr + rows, mask=jm, other=0.0).to(tl.float32)
+    h = tl.where(jm, _apply_act(h, ACT), 0.0)
+    dst = part_ptr + p.to(tl.int64) * stride_p
+    for d0 in range(0, d, BLOCK_D):
+        cols = d0 + cols0
+        cm = cols < d
+        w = tl.load(w2_ptr + rows[:, None] * stride_w2 + cols[None, :], mask=jm[:, None] & cm[None, :], other=0.0)
+        tl.store(dst + cols, tl.sum(h[:, None] * w.to(tl.float32), axis=0), mask=cm)
+    if REDUCE:
+        tl.debug_barrier()  # every thread's partial stores before the (releasing) arrival
+        old = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+        slot = old - (n_prog - n_red)
+        if slot >= 0:
+            seen = old + 1
+            while seen < n_prog:
+                seen = tl.atomic_add(cnt_ptr, 0, sem="acq_rel", scope="gpu")
+            per = tl.cdiv(tl.cdiv(d, n_red), RED_C) * RED_C
+            c_lo = slot * per
+            c_hi = tl.minimum(c_lo + per, d)
+            ss0 = tl.arange(0, RED_P)
+            for c0 in range(c_lo, c_hi, RED_C):
+                cols = c0 + tl.arange(0, RED_C)
+                cm = cols < c_hi
+                acc = tl.zeros([RED_C], dtype=tl.float32)
+                for s0 in range(0, n_prog, RED_P):
+                    ss = s0 + ss0
+                    src = part_ptr + ss[:, None].to(tl.int64) * stride_p + cols[None, :]
+                    t = tl.load(src, mask=(ss < n_prog)[:, None] & cm[None, :], other=0.0, cache_modifier=".cg")
+                    acc += tl.sum(t, axis=0)
+                if HAS_B2:
+                    acc += tl.load(b2_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+                tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cm)
+            tl.debug_barrier()
+            done = tl.atomic_add(cnt_ptr + 1, 1, sem="acq_rel", scope="gpu")
+            if done == n_red - 1:  # every reducer is past its wait: reset for the next launch
+                tl.atomic_xchg(cnt_ptr + 1, 0, sem="acq_rel", scope="gpu")
+                tl.atomic_xchg(cnt_ptr, 0, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
+def _compact_kernel(
+    a_ptr,
+    out_ptr,
+    idx_ptr,
+    cnt_ptr,
+    B,
+    n,
+    threshold,
+    stride_ab,
+    stride_ob,
+    BLOCK: tl.constexpr,
+):
+    """TEAL's input, compacted on the device: the dimensions i with |a[b, i]| > threshold for some row b, in order:
+    idx[0:count] = i, out[b, 0:count] = s(a[b, i]) (entries at or under the threshold zeroed), cnt[0] = count. One
+    program over the whole input (n <= BLOCK); no host sync."""
+    i = tl.arange(0, BLOCK)
+    m = i < n
+    keep = tl.zeros([BLOCK], dtype=tl.int32)
+    for b in range(B):
+        v = tl.load(a_ptr + b * stride_ab + i, mask=m, other=0.0).to(tl.float32)
+        keep = tl.where(tl.abs(v) > threshold, 1, keep)
+    keep = tl.where(m, keep, 0)
+    pos = tl.cumsum(keep, axis=0) - 1
+    on = keep > 0
+    tl.store(idx_ptr + pos, i, mask=on)
+    for b in range(B):
+        v = tl.load(a_ptr + b * stride_ab + i, mask=m, other=0.0)
+        v = tl.where(tl.abs(v.to(tl.float32)) > threshold, v, 0.0)
+        tl.store(out_ptr + b * stride_ob + pos, v, mask=on)
+    tl.store(cnt_ptr, tl.sum(keep, axis=0))
+
+
+@triton.jit
+def _threshold_kernel(a_ptr, out_ptr, n, threshold, BLOCK: tl.constexpr):
+    """out = a where |a| > threshold, else 0 (contiguous, n elements)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    v = tl.load(a_ptr + i, mask=m, other=0.0)
+    tl.store(out_ptr + i, tl.where(tl.abs(v.to(tl.float32)) > threshold, v, 0.0), mask=m)
+
+
+@triton.jit
+def _glu_threshold_kernel(g_ptr, u_ptr, out_ptr, n, threshold, BLOCK: tl.constexpr):
+    """out = s(silu(g) * u): rounded to out's dtype, then entries with |value| <= threshold zeroed (contiguous)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    g = tl.load(g_ptr + i, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + i, mask=m, other=0.0).to(tl.float32)
+    h = (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + i, tl.where(tl.abs(h.to(tl.float32)) > threshold, h, 0.0), mask=m)
 
 
 @triton.jit
@@ -498,6 +646,49 @@ def down_config(batch: int, k: int, n_out: int, dtype: torch.dtype, sms: int, du
     return cfg
 
 
+# the fused batch-1 ReLU MLP (`_fused_mlp_kernel`): about PROGRAMS_PER_SM programs per SM, each taking at most
+# MAX_ROWS selected neurons through both matrices; REDUCERS programs (at most half the SMs) sum the float32 partials in
+# the same launch (IN_KERNEL; else a second launch does); used at batch 1 for selections of at most MAX_BYTES of weights
+FUSED = {
+    "PROGRAMS_PER_SM": 2,
+    "MAX_ROWS": 16,
+    "BLOCK_D": 512,
+    "num_warps": 4,
+    "REDUCERS": 64,
+    "RED_P": 32,
+    "RED_C": 64,
+    "IN_KERNEL": True,
+    "MAX_BYTES": None,
+}
+
+
+def fused_config(k: int, d: int, sms: int, interpreted: bool = False) -> dict:
+    """The fused batch-1 kernel's launch: ROWS neurons per program, PROGRAMS = cdiv(k, ROWS), N_RED reducers (1 in
+    the interpreter, whose programs run one after another: only the last one may reduce)."""
+    cfg = dict(FUSED)
+    rows = max(1, min(cfg["MAX_ROWS"], cdiv(k, max(1, int(cfg["PROGRAMS_PER_SM"] * sms)))))
+    cfg["ROWS"] = rows
+    cfg["BLOCK_R"] = next_pow2(rows)
+    cfg["PROGRAMS"] = cdiv(k, rows)
+    cfg["BLOCK_D"] = min(cfg["BLOCK_D"], max(16, next_pow2(d)))
+    cfg["N_RED"] = 1 if interpreted else max(1, min(cfg["PROGRAMS"], cfg["REDUCERS"], sms // 2))
+    return cfg
+
+
+def use_fused(batch: int, k: int, d: int, dtype: torch.dtype) -> bool:
+    """The fused kernel serves batch 1 when the selected rows of both matrices total at most FUSED["MAX_BYTES"]."""
+    limit = FUSED["MAX_BYTES"]
+    return batch == 1 and k > 0 and (limit is None or 2 * k * d * dtype.itemsize <= limit)
+
+
+# TEAL without an index: the input is compacted on the device (`_compact_kernel`, inputs of at most
+# TEAL_COMPACT_MAX dimensions; TEAL_COMPACT False: the older kernel walking every row with masked loads).
+# `sparse_swiglu_mlp` runs the thresholded dense MLP (cuBLAS) for batches over TEAL_MAX_SPARSE_BATCH rows: there the
+# union of the rows' kept inputs is most of them, and gathering them is slower than reading everything
+TEAL_COMPACT = True
+TEAL_COMPACT_MAX = 1 << 16
+TEAL_MAX_SPARSE_BATCH = 1
+
 _LAUNCH_KEYS = ("num_warps", "num_stages")
 
 
@@ -528,12 +719,12 @@ def _index(idx: torch.Tensor, fn: str) -> torch.Tensor:
     return idx if idx.stride(0) == 1 else idx.contiguous()
 
 
-def _reduce(part, out, n_cols, splits, bias=None, idx=None, act=0, glu=False) -> None:
+def _reduce(part, out, n_cols, splits, bias=None, idx=None, act=0, glu=False, block=1024) -> None:
     """out[b, c] = act(sum_s part[s, b, c] (+ bias[c] or bias[idx[c]])), or silu(gate) * up with GLU."""
     rows = out.shape[0]
     if rows == 0 or n_cols == 0:
         return
-    block = min(1024, max(16, next_pow2(n_cols)))
+    block = min(block, max(16, next_pow2(n_cols)))
     _reduce_kernel[(rows, cdiv(n_cols, block))](
         part,
         bias if bias is not None else part,
@@ -569,8 +760,10 @@ def _gather_matmul(
     a_act: int = 0,
     skip_zero_rows: bool = False,
     batch: int | None = None,
+    k_ptr: torch.Tensor | None = None,
 ) -> None:
-    """out [B, N] (or [B, N] = silu(gate) * up with w2) = a-rows . W[rows] (+ bias); see `_gather_matmul_kernel`."""
+    """out [B, N] (or [B, N] = silu(gate) * up with w2) = a-rows . W[rows] (+ bias); see `_gather_matmul_kernel`.
+    With k_ptr (a device int32 [1]) the kernel reads the number of rows from it; k is then its upper bound."""
     n_out = w.shape[1]
     batch = out.shape[0] if batch is None else batch
     dual = w2 is not None
@@ -602,6 +795,7 @@ def _gather_matmul(
         w2 if dual else w,
         bias if bias is not None else w,
         part,
+        k_ptr if k_ptr is not None else a,
         batch,
         k,
         n_out,
@@ -622,6 +816,7 @@ def _gather_matmul(
         DUAL=dual,
         DIRECT=direct,
         HAS_BIAS=bias is not None,
+        K_PTR=k_ptr is not None,
         DOT_PREC=_dot_prec(w.dtype),
         **_launch_opts(cfg, "BLOCK_B", "BLOCK_K", "BLOCK_N"),
     )
@@ -683,6 +878,58 @@ def _up_partials(x, w1, b1, idx, act_code, out_h=None):
         **_launch_opts(cfg, "BLOCK_B", "BLOCK_N", "BLOCK_D"),
     )
     return out, split
+
+
+_COUNTER_SLOTS = 1024
+_counter_buffers: dict = {}
+_counter_next = itertools.count()
+
+
+def _arrival_counters(device: torch.device) -> torch.Tensor | None:
+    """Two int32 counters (arrivals, finished reducers) for one launch of the fused kernel, zero between launches
+    (the kernel resets them). Slots rotate through a per-device buffer, so launches on different streams or in
+    different CUDA graphs do not share them. None while a CUDA graph is being captured and the device has no buffer
+    yet (allocating in a capture would tie it to the graph): the caller then reduces in a second launch."""
+    buf = _counter_buffers.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _counter_buffers[device] = torch.zeros((_COUNTER_SLOTS, 2), dtype=torch.int32, device=device)
+    return buf[next(_counter_next) % _COUNTER_SLOTS]
+
+
+def _fused_mlp(x, w1, b1, w2t, b2, idx, act_code, y) -> None:
+    """Batch 1 (x, y [1, d]): `_fused_mlp_kernel`, reducing in the same launch when it can, else in `_reduce`."""
+    k, d = idx.numel(), x.shape[1]
+    cfg = fused_config(k, d, num_sms(x.device), interpreted=x.device.type != "cuda")
+    n_prog = cfg["PROGRAMS"]
+    part = torch.empty((n_prog, 1, d), dtype=torch.float32, device=x.device)
+    cnt = _arrival_counters(x.device) if cfg["IN_KERNEL"] else None
+    _fused_mlp_kernel[(n_prog,)](
+        x,
+        w1,
+        b1 if b1 is not None else w1,
+        idx,
+        w2t,
+        b2 if b2 is not None else w2t,
+        part,
+        y,
+        cnt if cnt is not None else part,
+        k,
+        d,
+        cfg["ROWS"],
+        cfg["N_RED"],
+        w1.stride(0),
+        w2t.stride(0),
+        part.stride(0),
+        HAS_B1=b1 is not None,
+        HAS_B2=b2 is not None,
+        ACT=act_code,
+        REDUCE=cnt is not None,
+        **_launch_opts(cfg, "BLOCK_R", "BLOCK_D", "RED_P", "RED_C"),
+    )
+    if cnt is None:
+        _reduce(part, y, d, n_prog, bias=b2, block=128)
 
 
 def sparse_up(
@@ -760,6 +1007,9 @@ def sparse_mlp(
         if k == 0:
             _gather_matmul(xc, w2t, yc, mode=MODE_COMPACT, k=0, idx=idx, bias=b2)
             continue
+        if use_fused(hi - lo, k, x.shape[1], w1.dtype):
+            _fused_mlp(xc, w1, b1, w2t, b2, idx, act_code, yc)
+            continue
         part, split = _up_partials(xc, w1, b1, idx, act_code)
         if split == 1:  # h is final
             _gather_matmul(part, w2t, yc, mode=MODE_COMPACT, k=k, idx=idx, bias=b2)
@@ -786,9 +1036,31 @@ def _check_teal(x, w_t, idx, fn):
     return x, (None if idx is None else _index(idx, fn))
 
 
+def _compact(a: torch.Tensor, threshold: float | None):
+    """(a_c [B, n], idx [n] int32, count [1] int32) from `_compact_kernel`: the kept dimensions first, in order."""
+    batch, n = a.shape
+    out = torch.empty((batch, n), dtype=a.dtype, device=a.device)
+    idx = torch.empty(n, dtype=torch.int32, device=a.device)
+    cnt = torch.empty(1, dtype=torch.int32, device=a.device)
+    block = max(16, next_pow2(n))
+    thr = -1.0 if threshold is None else float(threshold)
+    nw = min(32, max(4, block // 1024))
+    _compact_kernel[(1,)](a, out, idx, cnt, batch, n, thr, a.stride(0), out.stride(0), BLOCK=block, num_warps=nw)
+    return out, idx, cnt
+
+
 def _teal_matmul(x, w_t, out, threshold, idx, **kw) -> None:
-    """out = s(x) @ w_t (kernel 2 on the thresholded input, batch chunk by chunk): rows idx of w_t when given, else
-    every row with the zero-input rows skipped. `kw`: bias, or w2 for the fused gate/up."""
+    """out = s(x) @ w_t (kernel 2 on the thresholded input, batch chunk by chunk): rows idx of w_t when given; else
+    the rows of the inputs kept for some row of the chunk, compacted on the device (`_compact_kernel`, the row count
+    read by kernel 2 from device memory), or with TEAL_COMPACT off every row, zero-input rows skipped by masked loads.
+    `kw`: bias, or w2 for the fused gate/up."""
+    if idx is None and TEAL_COMPACT and 0 < x.shape[1] <= TEAL_COMPACT_MAX:
+        for lo, hi in _chunks(x.shape[0]):
+            if hi == lo:
+                continue
+            xc, ic, cnt = _compact(x[lo:hi], threshold)
+            _gather_matmul(xc, w_t, out[lo:hi], mode=MODE_COMPACT, k=x.shape[1], idx=ic, k_ptr=cnt, **kw)
+        return
     mode, k = (MODE_DENSE, x.shape[1]) if idx is None else (MODE_GATHER, idx.numel())
     for lo, hi in _chunks(x.shape[0]):
         _gather_matmul(
@@ -837,6 +1109,38 @@ def teal_gate_up(
     return h
 
 
+def _threshold(a: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    if threshold is None:
+        return a
+    a = a.contiguous()
+    out = torch.empty_like(a)
+    n = a.numel()
+    if n:
+        _threshold_kernel[(cdiv(n, 1024),)](a, out, n, float(threshold), BLOCK=1024, num_warps=4)
+    return out
+
+
+def _dense_swiglu(x, w_gate_t, w_up_t, w_down_t, threshold_in, threshold_mid) -> torch.Tensor:
+    """The same TEAL MLP over all the weights: thresholded input, three torch matmuls (cuBLAS on the GPU) and one
+    kernel for h = s_mid(silu(g) * u). For batches whose union of kept inputs is most of them
+    (TEAL_MAX_SPARSE_BATCH)."""
+    fn = "sparse_swiglu_mlp"
+    x = _as_2d(x, fn)
+    for name, t in (("w_gate_t", w_gate_t), ("w_up_t", w_up_t), ("w_down_t", w_down_t)):
+        _rowmajor(t, name, fn)
+    if w_gate_t.shape[0] != x.shape[1] or w_up_t.shape != w_gate_t.shape:
+        raise ValueError(f"{fn}: weights {tuple(w_gate_t.shape)}, {tuple(w_up_t.shape)} for {x.shape[1]} features")
+    xs = _threshold(x, threshold_in)
+    g = (xs @ w_gate_t).contiguous()
+    u = (xs @ w_up_t).contiguous()
+    h = torch.empty_like(g)
+    n = g.numel()
+    if n:
+        thr = -1.0 if threshold_mid is None else float(threshold_mid)
+        _glu_threshold_kernel[(cdiv(n, 1024),)](g, u, h, n, thr, BLOCK=1024, num_warps=4)
+    return h @ w_down_t
+
+
 def sparse_swiglu_mlp(
     x: torch.Tensor,
     w_gate_t: torch.Tensor,
@@ -856,6 +1160,8 @@ def sparse_swiglu_mlp(
     require_triton()
     if w_down_t.shape != (w_gate_t.shape[1], w_gate_t.shape[0]):
         raise ValueError("sparse_swiglu_mlp: w_down_t must be [n, d] for w_gate_t [d, n]")
+    if not use_index and x.dim() == 2 and x.shape[0] > TEAL_MAX_SPARSE_BATCH:
+        return _dense_swiglu(x, w_gate_t, w_up_t, w_down_t, threshold_in, threshold_mid)
     idx_in = None
     if use_index:
         idx_in = select_neurons(x, threshold=threshold_in if threshold_in is not None else -1.0, absolute=True)

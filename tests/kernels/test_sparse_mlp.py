@@ -38,6 +38,32 @@ def tiles(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["compact", "walk", "dense"])
+def teal_path(request, monkeypatch):
+    """TEAL's no-index paths: 'compact' (the input compacted on the device, every batch size sparse), 'walk' (the
+    older kernel visiting every row), 'dense' (`sparse_swiglu_mlp`'s thresholded dense MLP, at every batch size)."""
+    monkeypatch.setattr(SM, "TEAL_MAX_SPARSE_BATCH", 0 if request.param == "dense" else 1 << 20)
+    monkeypatch.setattr(SM, "TEAL_COMPACT", request.param != "walk")
+    return request.param
+
+
+FUSED_VARIANTS = {
+    "one-row": {"MAX_ROWS": 1},
+    "five-rows": {"MAX_ROWS": 5, "PROGRAMS_PER_SM": 1e-3, "BLOCK_D": 16, "RED_P": 4, "RED_C": 8},
+    "two-launches": {"MAX_ROWS": 3, "PROGRAMS_PER_SM": 1e-3, "IN_KERNEL": False},
+    "unfused": {"MAX_BYTES": 0},
+}
+
+
+@pytest.fixture(params=list(FUSED_VARIANTS))
+def fused(request, monkeypatch):
+    """The batch-1 fused kernel with 1, 5 (tile of 8, tiny d and reduce tiles) or 3 neurons per program (reduced in a
+    second launch), and the unfused three-kernel path it replaces."""
+    for key, value in FUSED_VARIANTS[request.param].items():
+        monkeypatch.setitem(SM.FUSED, key, value)
+    return request.param
+
+
 def mlp_weights(n, d, seed, dtype=torch.float32, device="cpu"):
     w1 = randn(n, d, seed=seed, dtype=dtype, device=device, scale=d**-0.5)
     b1 = randn(n, seed=seed + 1, dtype=dtype, device=device, scale=0.5)
@@ -96,6 +122,49 @@ def test_random_selection_matches_masked_reference(device, tiles, batch, act):
     h = K.sparse_up(x, w1, b1, idx, act)
     torch.testing.assert_close(h, K.sparse_up_reference(x, w1, b1, idx, act), **TOL[torch.float32])
     torch.testing.assert_close(K.sparse_down(h, w2t, b2, idx), y, **TOL[torch.float32])
+
+
+def test_fused_batch1_matches_dense_and_masked_reference(device, fused):
+    """Batch 1 through the fused kernel (or not, for 'unfused'): the oracle set gives the dense MLP (1e-5), a random
+    selection the masked float64 MLP; unselected rows are never read; results are bitwise repeatable; the arrival
+    counters are back at zero after each launch."""
+    w1, b1, w2t, b2 = mlp_weights(N, D, seed=131, device=device)
+    b1 = b1 - 1.0
+    x = randn(1, D, seed=132, device=device)
+    pre = x @ w1.T + b1
+    oracle = shuffled(torch.nonzero((pre > 0).any(0)).view(-1).to(torch.int32), seed=133)
+    assert 0 < oracle.numel() < N
+    fused_on = SM.use_fused(1, oracle.numel(), D, w1.dtype)
+    assert fused_on == (fused != "unfused")
+    assert_rel(K.sparse_mlp(x, w1, b1, w2t, b2, oracle), F.linear(F.relu(pre), w2t.T, b2), 1e-5)
+    for act in ("relu", "gelu"):
+        idx = torch.randperm(N, generator=gen(134))[:37].to(device=device, dtype=torch.int64)
+        want = masked_mlp64(x, w1, b1, w2t, b2, idx, act)
+        off = torch.ones(N, dtype=torch.bool, device=device)
+        off[idx] = False
+        w1n, b1n, w2n = w1.clone(), b1.clone(), w2t.clone()
+        w1n[off], b1n[off], w2n[off] = float("nan"), float("nan"), float("nan")
+        y = K.sparse_mlp(x, w1n, b1n, w2n, b2, idx, act)
+        assert_rel(y, want, 1e-5)
+        assert torch.equal(K.sparse_mlp(x, w1n, b1n, w2n, b2, idx, act), y)
+        assert_rel(
+            K.sparse_mlp(x, w1, None, w2t, None, idx, act), masked_mlp64(x, w1, 0 * b1, w2t, 0 * b2, idx, act), 1e-5
+        )
+    for buf in SM._counter_buffers.values():
+        assert int(buf.abs().sum()) == 0
+
+
+def test_fused_configs_for_the_benchmark_shapes():
+    """Every selected neuron is in exactly one program; at most half the SMs reduce; tiles are powers of two."""
+    for d, n in ((5120, 20480), (7168, 28672), (12288, 49152)):
+        for density in (0.001, 0.05, 0.1, 0.2, 0.5, 1.0):
+            k = max(1, int(round(density * n)))
+            for sms in (132, 78, 16):
+                cfg = SM.fused_config(k, d, sms)
+                assert cfg["ROWS"] <= cfg["BLOCK_R"] == SM.next_pow2(cfg["ROWS"])
+                assert (cfg["PROGRAMS"] - 1) * cfg["ROWS"] < k <= cfg["PROGRAMS"] * cfg["ROWS"]
+                assert 1 <= cfg["N_RED"] <= min(cfg["PROGRAMS"], max(1, sms // 2))
+                assert SM.fused_config(k, d, sms, interpreted=True)["N_RED"] == 1
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -200,7 +269,7 @@ def swiglu64(x, wg, wu, wd, t_in, t_mid):
 
 @pytest.mark.parametrize("batch", [1, 4, 16])
 @pytest.mark.parametrize("use_index", [False, True])
-def test_swiglu_matches_masked_float64(device, tiles, batch, use_index):
+def test_swiglu_matches_masked_float64(device, tiles, teal_path, batch, use_index):
     wg, wu, wd = swiglu_weights(N, D, seed=71, device=device)
     x = randn(batch, D, seed=72 + batch, device=device)
     t_in, t_mid = 0.7, 0.05
@@ -215,7 +284,7 @@ def test_swiglu_matches_masked_float64(device, tiles, batch, use_index):
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-def test_swiglu_float16(device, batch):
+def test_swiglu_float16(device, teal_path, batch):
     wg, wu, wd = swiglu_weights(N, D, seed=81, dtype=torch.float16, device=device)
     x = randn(batch, D, seed=82, dtype=torch.float16, device=device)
     y = K.sparse_swiglu_mlp(x, wg, wu, wd, 0.5, 0.05)
@@ -247,13 +316,15 @@ def test_swiglu_index_keeps_entries_at_a_float16_rounded_threshold(device):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_teal_skips_rows_of_dropped_inputs(device, tiles, batch):
+@pytest.mark.parametrize("compact", [True, False])
+def test_teal_skips_rows_of_dropped_inputs(device, tiles, batch, compact, monkeypatch):
     """Rows of w_t whose input is below the threshold for every batch row are NaN: the kernels must not read them,
     with or without an index."""
     n_out, d = 45, 53
     x = randn(batch, d, seed=91, device=device)
     w = randn(d, n_out, seed=92, device=device)
     t = 0.8
+    monkeypatch.setattr(SM, "TEAL_COMPACT", compact)
     dead = (x.abs() <= t).all(0)
     assert dead.any() and not dead.all()
     want = K.teal_linear_reference(x, w, t)
@@ -268,6 +339,21 @@ def test_teal_skips_rows_of_dropped_inputs(device, tiles, batch):
     wu[dead] = float("nan")
     for idx in (None, alive):
         torch.testing.assert_close(K.teal_gate_up(x, w, wu, t, idx), h_want, **TOL[torch.float32])
+
+
+def test_teal_compaction(device):
+    """`_compact` lists the kept dimensions in order with their thresholded values, over the union of the rows."""
+    x = randn(3, 300, seed=141, device=device)
+    x[:, 7] = 0.0
+    for t in (0.5, 2.5, 10.0, None):
+        keep = (x.abs() > (-1.0 if t is None else t)).any(0)
+        kept = torch.nonzero(keep).view(-1)
+        xc, idx, cnt = SM._compact(x, t)
+        c = int(cnt.item())
+        assert c == kept.numel()
+        assert torch.equal(idx[:c].long(), kept)
+        xs = x if t is None else torch.where(x.abs() > t, x, 0.0)
+        assert torch.equal(xc[:, :c], xs[:, kept])
 
 
 def test_teal_linear_index_restricts_and_bias(device, tiles):
@@ -348,8 +434,13 @@ def test_cuda_graph_capture(device):
     x = randn(4, 256, seed=123, dtype=torch.float16, device=device)
     idx = K.select_neurons(x @ w1.T, density=0.1)
 
-    def step():
-        return K.sparse_mlp(x, w1, b1, w2t, b2, idx), K.sparse_swiglu_mlp(x, wg, wu, wd, 0.5, 0.05)
+    def step():  # batch 1: the fused kernel (reducing in the same launch) and TEAL's compacted path
+        return (
+            K.sparse_mlp(x, w1, b1, w2t, b2, idx),
+            K.sparse_swiglu_mlp(x, wg, wu, wd, 0.5, 0.05),
+            K.sparse_mlp(x[:1], w1, b1, w2t, b2, idx),
+            K.sparse_swiglu_mlp(x[:1], wg, wu, wd, 0.5, 0.05),
+        )
 
     want = step()
     s = torch.cuda.Stream()
