@@ -228,7 +228,10 @@ class DiskPool:
 
 class Arena:
     """Allocation on a tier: "gpu" -> device tensors; "cpu" -> views of one host buffer (pinned when the device is
-    CUDA); "disk" -> views of one memory-mapped file of `disk`. `slab`: reusable buffers (module docstring)."""
+    CUDA; see `_host`); "disk" -> views of one memory-mapped file of `disk`. `slab`: reusable buffers (module
+    docstring)."""
+
+    CHUNK = 1 << 30
 
     def __init__(self, device: torch.device, disk: DiskPool):
         self.device, self.disk = device, disk
@@ -236,6 +239,8 @@ class Arena:
         self.bytes = {t: 0 for t in TIERS}
         self._registered: list[torch.Tensor] = []
         self._slabs: dict[tuple[str, str], torch.Tensor] = {}
+        self._chunk: torch.Tensor | None = None  # registered host chunk small buffers are carved from
+        self._chunk_off = 0
         self.pin_s = 0.0  # seconds spent making pinned host buffers
 
     def slab(self, tier: str, specs: Sequence[tuple[tuple[int, ...], torch.dtype]], key: str) -> list[torch.Tensor]:
@@ -289,9 +294,20 @@ class Arena:
 
     def _host(self, size: int) -> torch.Tensor:
         """A host buffer, pinned on CUDA. Large ones are registered with cudaHostRegister rather than taken from
-        torch's caching host allocator, which rounds every request up to a power of two (40 GiB -> 64 GiB)."""
+        torch's caching host allocator, which rounds every request up to a power of two (40 GiB -> 64 GiB); mid-sized
+        ones (1 MiB to CHUNK / 4) are carved out of registered CHUNK-sized buffers (OPT-30B's 103 MB matrices would
+        take 128 MB each from the caching allocator)."""
         if not self.pin:
             return torch.empty(size, dtype=torch.uint8)
+        if (1 << 20) <= size < self.CHUNK // 4:
+            if self._chunk is None or self._chunk_off + size > self._chunk.numel():
+                self._chunk, self._chunk_off = self._pinned(self.CHUNK), 0
+            out = self._chunk[self._chunk_off : self._chunk_off + size]
+            self._chunk_off += -(-size // ALIGN) * ALIGN
+            return out
+        return self._pinned(size)
+
+    def _pinned(self, size: int) -> torch.Tensor:
         t = time.perf_counter()
         try:
             if size >= (256 << 20):
@@ -310,6 +326,7 @@ class Arena:
             torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
         self._registered = []
         self._slabs = {}
+        self._chunk = None
 
     def put(self, tier: str, t: torch.Tensor, tag: str = "w") -> torch.Tensor:
         """A copy of `t` on `tier` (always a copy, even where `t` already lives there)."""
