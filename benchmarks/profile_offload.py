@@ -71,6 +71,64 @@ def pin_bench(gib: float) -> dict:
     return out
 
 
+def cpu_attention_bench(B: int = 24, H: int = 56, D: int = 128, S: int = 530, reps: int = 3) -> dict:
+    """Decode attention on the CPU over an fp16 cache laid out [S, B, H, D] (the executor's), several ways; GFLOP/s
+    at 4 * S * H * D FLOPs per sequence (the cost model's convention) and GB/s of cache read."""
+    import torch
+
+    from reldl.llm.offload.layers import attention
+
+    g = torch.Generator().manual_seed(0)
+    K = torch.randn(S, B, H, D, generator=g).half()
+    V = torch.randn(S, B, H, D, generator=g).half()
+    q = torch.randn(B, 1, H, D, generator=g).half()
+    mask = torch.ones(B, 1, S, dtype=torch.bool)
+    scale = D**-0.5
+    ref = attention(q.float(), K.float(), V.float(), mask, scale).view(B, H, D)
+
+    def current():
+        return attention(q.float(), K.float(), V.float(), mask, scale).view(B, H, D)
+
+    def einsum16():
+        sc = torch.einsum("bhd,sbhd->bhs", q[:, 0], K).float() * scale
+        pr = torch.softmax(sc, -1).half()
+        return torch.einsum("bhs,sbhd->bhd", pr, V).float()
+
+    def chunked(c=16):
+        qf = q[:, 0].float() * scale
+        sc = torch.empty(B, H, S)
+        for a in range(0, S, c):
+            sc[:, :, a : a + c] = torch.einsum("bhd,sbhd->bhs", qf, K[a : a + c].float())
+        pr = torch.softmax(sc, -1)
+        out = torch.zeros(B, H, D)
+        for a in range(0, S, c):
+            out += torch.einsum("bhs,sbhd->bhd", pr[:, :, a : a + c], V[a : a + c].float())
+        return out
+
+    def mulsum():
+        qf = q[:, 0].float() * scale
+        sc = (K.float() * qf).sum(-1).permute(1, 2, 0)
+        pr = torch.softmax(sc, -1)
+        return (V.float() * pr.permute(2, 0, 1)[..., None]).sum(0)
+
+    out = {"threads": torch.get_num_threads()}
+    flops = 4 * S * H * D * B
+    nbytes = 2 * S * B * H * D * 2
+    for name, fn in [("current", current), ("einsum16", einsum16), ("chunked16", chunked), ("mulsum", mulsum)]:
+        try:
+            got = fn()
+            err = (got - ref).abs().max().item()
+            best = float("inf")
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                best = min(best, time.perf_counter() - t)
+            out[name] = dict(ms=best * 1e3, gflops=flops / best / 1e9, gbps=nbytes / best / 1e9, max_err=err)
+        except Exception as e:  # report and go on
+            out[name] = dict(error=f"{type(e).__name__}: {e}"[:200])
+    return out
+
+
 def summarize(trace: dict, step_marks: list[tuple[float, float]]) -> list[dict]:
     """Per (start, end) window in microseconds (trace clock): copy / kernel busy time and the copy engine's gaps."""
     evs = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
@@ -157,7 +215,9 @@ def main() -> int:
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = dict(card=torch.cuda.get_device_name(), pin=pin_bench(args.pin_gib))
+    report = dict(card=torch.cuda.get_device_name(), cpu_attention=cpu_attention_bench())
+    print("cpu attention:", json.dumps(report["cpu_attention"]), flush=True)
+    report["pin"] = pin_bench(args.pin_gib)
     print("pinning:", json.dumps(report["pin"]), flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="profile-offload-"))
