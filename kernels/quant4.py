@@ -338,27 +338,25 @@ def _splitk_reduce_kernel(
 
 @triton.jit
 def _dequant_tile(p, s, v, ty: tl.constexpr, DEQ: tl.constexpr):
-    """codes p (int32 [BN, NG, 32], 0..15) * s + v (s, v: [BN, NG] as loaded) -> [BN, NG * 32] in `ty`.
+    """codes p (int32 [BN, BK], 0..15) * s + v (s, v: [BN, BK] or broadcastable, as loaded) -> [BN, BK] in `ty`.
 
     DEQ 0: int -> float32 conversion, float32 fma. DEQ 1: the same value through the float32 exponent trick
     (bits 0x4B000000 | code are 2^23 + code: a logic op and a subtraction instead of a quarter-rate int->float
     conversion). DEQ 2 (16-bit x, scales stored in x's dtype): the trick in x's dtype (0x6400 | code = 1024 + code in
     fp16, 0x4300 | code = 128 + code in bf16, both exact) and code * s + v in x's dtype."""
-    BN: tl.constexpr = p.shape[0]
-    NG: tl.constexpr = p.shape[1]
     if DEQ == 2:
         if ty == tl.float16:
             c = ((p | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)
         else:
             c = ((p | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 128.0).to(tl.bfloat16)
-        w = c * s.to(ty)[:, :, None] + v.to(ty)[:, :, None]
+        w = c * s.to(ty) + v.to(ty)
     else:
         if DEQ == 1:
             c = (p | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         else:
             c = p.to(tl.float32)
-        w = c * s.to(tl.float32)[:, :, None] + v.to(tl.float32)[:, :, None]
-    return tl.reshape(w.to(ty), [BN, NG * 32])
+        w = c * s.to(tl.float32) + v.to(tl.float32)
+    return w.to(ty)
 
 
 @triton.jit
@@ -386,19 +384,23 @@ def _matmul_4bit_kernel(
     NG: tl.constexpr,
     GROUP_N: tl.constexpr,
     DEQ: tl.constexpr,
+    SWAP: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """M >= 2, "swap AB": the output tile is computed transposed, acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T, so the
+    """M >= 2. Per step, NG groups of each of BLOCK_N weight rows: the packed bytes [BLOCK_N, NG * 32] (contiguous in
+    each row) and scale/min [BLOCK_N, NG] are loaded, the low and high nibbles dequantized in registers into two
+    [BLOCK_N, NG * 32] tiles in x's dtype (`_dequant_tile`) and multiplied with the matching x columns (low nibble of
+    byte j of group g <-> column 64 g + j, high <-> 64 g + 32 + j: runs of 32 contiguous columns) by two tl.dot calls
+    with float32 accumulation. No dequantized weight is ever written to memory.
+
+    SWAP ("swap AB"): the output tile is computed transposed, acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T, so the
     dequantized weights are the dot's first operand (which the tensor-core dot may take from registers) and a small
-    M is the dot's second dimension (>= 16). Per step, NG groups of each of BLOCK_N weight rows: the packed bytes
-    [BLOCK_N, NG, 32] and scale/min [BLOCK_N, NG] are loaded, the low and high nibbles dequantized in registers into
-    two [BLOCK_N, NG * 32] tiles in x's dtype (`_dequant_tile`) and multiplied with the matching x columns (low nibble
-    of byte j of group g <-> column 64 g + j, high <-> 64 g + 32 + j) by two tl.dot calls with float32 accumulation.
-    No dequantized weight is ever written to memory.
+    M is the dot's second dimension (>= 16); else acc[BLOCK_M, BLOCK_N] = x_tile @ W_tile^T.
 
     Program (t, s): output tile t (ordered in bands of GROUP_N weight-row tiles: the x tiles and weight tiles of a
     band stay in L2) over groups [s * groups_per_split, ...). DIRECT: one split, bias added, x's dtype stored; else
     float32 partials [splits, M, N] that `_splitk_reduce_kernel` sums in a fixed order (deterministic)."""
+    BK: tl.constexpr = NG * 32
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -413,40 +415,61 @@ def _matmul_4bit_kernel(
     m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     nm = n < N
     mm = m < M
-    gi = tl.arange(0, NG)
-    j = tl.arange(0, 32)
-    p_rows = packed_ptr + n[:, None, None] * stride_pn
+    c = tl.arange(0, BK)  # byte c of a step: group c // 32, low column 64 * (c // 32) + c % 32
+    p_rows = packed_ptr + n[:, None] * stride_pn
     s_rows = scale_ptr + n[:, None] * stride_sn
     v_rows = minv_ptr + n[:, None] * stride_sn
-    x_cols = x_ptr + m[None, :] * stride_xm
     ty = x_ptr.dtype.element_ty
     g_lo = pid_s * groups_per_split
     g_hi = tl.minimum(g_lo + groups_per_split, G)
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for g0 in range(g_lo, g_hi, NG):
-        g = g0 + gi
-        gm = g < g_hi
-        p = tl.load(
-            p_rows + (g[:, None] * 32 + j[None, :])[None, :, :], mask=nm[:, None, None] & gm[None, :, None], other=0
-        ).to(tl.int32)
-        sm = nm[:, None] & gm[None, :]
-        s = tl.load(s_rows + g[None, :], mask=sm, other=0.0)
-        v = tl.load(v_rows + g[None, :], mask=sm, other=0.0)
+        cm = g0 + c // 32 < g_hi  # [BK]
+        p = tl.load(p_rows + (g0 * 32 + c)[None, :], mask=nm[:, None] & cm[None, :], other=0).to(tl.int32)
+        if NG == 1:
+            s = tl.load(s_rows + g0, mask=nm[:, None], other=0.0)  # [BN, 1]
+            v = tl.load(v_rows + g0, mask=nm[:, None], other=0.0)
+        else:
+            gi = tl.arange(0, NG)
+            sm = nm[:, None] & (g0 + gi < g_hi)[None, :]
+            s = tl.load(s_rows + g0 + gi[None, :], mask=sm, other=0.0)  # [BN, NG] -> [BN, BK]
+            v = tl.load(v_rows + g0 + gi[None, :], mask=sm, other=0.0)
+            s = tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_N, NG, 32]), [BLOCK_N, BK])
+            v = tl.reshape(tl.broadcast_to(v[:, :, None], [BLOCK_N, NG, 32]), [BLOCK_N, BK])
         w_lo = _dequant_tile(p & 15, s, v, ty, DEQ)
         w_hi = _dequant_tile(p >> 4, s, v, ty, DEQ)
-        kc = tl.reshape(g[:, None] * 64 + j[None, :], [NG * 32])  # the low-nibble columns of these bytes
-        km = tl.reshape(gm[:, None] & (j[None, :] >= 0), [NG * 32])
-        x_lo = tl.load(x_cols + kc[:, None], mask=(km & (kc < K))[:, None] & mm[None, :], other=0.0)
-        x_hi = tl.load(x_cols + (kc + 32)[:, None], mask=(km & (kc + 32 < K))[:, None] & mm[None, :], other=0.0)
-        acc = tl.dot(w_lo, x_lo, acc, input_precision=DOT_PREC)
-        acc = tl.dot(w_hi, x_hi, acc, input_precision=DOT_PREC)
-    om = nm[:, None] & mm[None, :]
-    if DIRECT:
-        if HAS_BIAS:
+        kc = g0 * 64 + (c // 32) * 64 + c % 32
+        if SWAP:
+            x_cols = x_ptr + m[None, :] * stride_xm
+            x_lo = tl.load(x_cols + kc[:, None], mask=(cm & (kc < K))[:, None] & mm[None, :], other=0.0)
+            x_hi = tl.load(x_cols + (kc + 32)[:, None], mask=(cm & (kc + 32 < K))[:, None] & mm[None, :], other=0.0)
+            acc = tl.dot(w_lo, x_lo, acc, input_precision=DOT_PREC)
+            acc = tl.dot(w_hi, x_hi, acc, input_precision=DOT_PREC)
+        else:
+            x_rows = x_ptr + m[:, None] * stride_xm
+            x_lo = tl.load(x_rows + kc[None, :], mask=mm[:, None] & (cm & (kc < K))[None, :], other=0.0)
+            x_hi = tl.load(x_rows + (kc + 32)[None, :], mask=mm[:, None] & (cm & (kc + 32 < K))[None, :], other=0.0)
+            acc = tl.dot(x_lo, tl.trans(w_lo), acc, input_precision=DOT_PREC)
+            acc = tl.dot(x_hi, tl.trans(w_hi), acc, input_precision=DOT_PREC)
+    if SWAP:
+        om = nm[:, None] & mm[None, :]
+        o_off = m[None, :] * stride_om + n[:, None]
+        part_off = m[None, :] * N + n[:, None]
+        if HAS_BIAS and DIRECT:
             acc += tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + m[None, :] * stride_om + n[:, None], acc.to(out_ptr.dtype.element_ty), mask=om)
     else:
-        tl.store(out_ptr + pid_s * stride_os + m[None, :] * N + n[:, None], acc, mask=om)
+        om = mm[:, None] & nm[None, :]
+        o_off = m[:, None] * stride_om + n[None, :]
+        part_off = m[:, None] * N + n[None, :]
+        if HAS_BIAS and DIRECT:
+            acc += tl.load(bias_ptr + n, mask=nm, other=0.0).to(tl.float32)[None, :]
+    if DIRECT:
+        tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=om)
+    else:
+        tl.store(out_ptr + pid_s * stride_os + part_off, acc, mask=om)
 
 
 # launch configurations (module-level so benchmarks and tests can swap them)
@@ -457,13 +480,17 @@ GEMV_PROGRAMS_PER_SM = 2  # split K until about this many programs per SM run (m
 GEMV_PARTIAL_FRACTION = 8  # split-K partials (4 bytes per split and row) at most 1/this of the weight bytes
 # M >= 2 (the tl.dot kernel), by M: (max M, config). PROGRAMS_PER_SM: split K until about this many programs run
 # per SM (small M is bound by the 4-bit weight bytes: enough loads in flight); 0: never split.
+# H100 sweep (fp16, OPT-30B shapes, CUDA graphs, `bench_quant4.py --sweep`): see benchmarks/RESULTS.md.
 GEMM_CONFIGS = {
-    16: dict(BLOCK_N=64, BLOCK_M=16, NG=4, GROUP_N=8, DEQ=1, PROGRAMS_PER_SM=4, num_warps=4, num_stages=3),
-    64: dict(BLOCK_N=128, BLOCK_M=64, NG=2, GROUP_N=8, DEQ=1, PROGRAMS_PER_SM=2, num_warps=4, num_stages=3),
-    None: dict(BLOCK_N=128, BLOCK_M=128, NG=2, GROUP_N=8, DEQ=1, PROGRAMS_PER_SM=1, num_warps=8, num_stages=3),
+    8: dict(BLOCK_N=64, BLOCK_M=16, NG=2, GROUP_N=8, DEQ=2, SWAP=True, PROGRAMS_PER_SM=8, num_warps=4, num_stages=4),
+    16: dict(BLOCK_N=128, BLOCK_M=16, NG=2, GROUP_N=8, DEQ=2, SWAP=True, PROGRAMS_PER_SM=2, num_warps=4, num_stages=3),
+    64: dict(BLOCK_N=128, BLOCK_M=64, NG=2, GROUP_N=8, DEQ=1, SWAP=True, PROGRAMS_PER_SM=2, num_warps=4, num_stages=3),
+    None: dict(
+        BLOCK_N=128, BLOCK_M=64, NG=2, GROUP_N=8, DEQ=2, SWAP=True, PROGRAMS_PER_SM=1, num_warps=4, num_stages=4
+    ),
 }
 GEMM_PARTIAL_FRACTION = 4  # split-K partials (4 bytes per split, row and output) at most 1/this of the weight bytes
-INTERPRETER_CONFIG = dict(BLOCK_N=16, BLOCK_M=16, NG=1, GROUP_N=2, DEQ=1, PROGRAMS_PER_SM=0, num_warps=4)
+INTERPRETER_CONFIG = dict(BLOCK_N=16, BLOCK_M=16, NG=1, GROUP_N=2, DEQ=1, SWAP=True, PROGRAMS_PER_SM=0, num_warps=4)
 
 
 def _sms(device) -> int:

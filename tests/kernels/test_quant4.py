@@ -173,11 +173,12 @@ def test_gemv_4bit_paths(path, device, monkeypatch):
     assert err < 1e-5, err
 
 
-GEMM_VARIANTS = [  # (dequantization variant, groups per step, split K, rows tile, weight-rows tile)
-    (0, 1, False, 16, 16),
-    (1, 2, True, 16, 32),
-    (2, 1, True, 32, 16),
-    (2, 2, False, 16, 16),
+GEMM_VARIANTS = [  # (dequantization variant, groups per step, split K, rows tile, weight-rows tile, swap AB)
+    (0, 1, False, 16, 16, True),
+    (1, 2, True, 16, 32, True),
+    (2, 1, True, 32, 16, False),
+    (2, 2, False, 16, 16, True),
+    (1, 4, False, 32, 16, False),
 ]
 
 
@@ -189,8 +190,8 @@ def test_matmul_4bit_gemm_variants(variant, dtype, device, monkeypatch):
     output: every element must be written."""
     import reldl.kernels.quant4 as Q
 
-    deq, ng, split, bm, bn = variant
-    cfg = dict(BLOCK_N=bn, BLOCK_M=bm, NG=ng, GROUP_N=2, DEQ=deq, PROGRAMS_PER_SM=64 if split else 0, num_warps=4)
+    deq, ng, split, bm, bn, swap = variant
+    cfg = dict(BLOCK_N=bn, BLOCK_M=bm, NG=ng, GROUP_N=2, DEQ=deq, SWAP=swap, PROGRAMS_PER_SM=64 if split else 0)
     monkeypatch.setattr(Q, "INTERPRETER_CONFIG", cfg)
     monkeypatch.setattr(Q, "GEMM_CONFIGS", {None: cfg})
     monkeypatch.setattr(Q, "GEMM_PARTIAL_FRACTION", 1e-3)
@@ -210,14 +211,14 @@ def test_matmul_4bit_gemm_variants(variant, dtype, device, monkeypatch):
     assert err < tol, err
 
 
-def test_no_dequantized_weight_is_materialized():
+def test_no_dequantized_weight_is_materialized(device):
     """The M >= 2 path allocates nothing weight-sized (the old path dequantized row chunks into a scratch buffer)."""
     import reldl.kernels.quant4 as Q
 
     assert not hasattr(Q, "dequantize_4bit_triton") and not hasattr(Q, "DEQUANT_GEMM_MIN_M")
     n, k, m = 64, 256, 32
-    q = quantize_4bit(randn(n, k, seed=3))
-    x = randn(m, k, seed=4)
+    q = quantize_4bit(randn(n, k, seed=3, device=device))
+    x = randn(m, k, seed=4, device=device)
     seen = []
     real_empty = torch.empty
 
