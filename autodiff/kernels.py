@@ -275,6 +275,7 @@ _NP_UNARY: dict[type, Callable[[Any], Any]] = {
     exp.Ln: np.log,
     exp.Sqrt: np.sqrt,
     exp.Abs: np.abs,
+    exp.Sign: np.sign,
     exp.Not: np.logical_not,
 }
 _NP_NAMED: dict[str, Callable[..., Any]] = {
@@ -283,6 +284,7 @@ _NP_NAMED: dict[str, Callable[..., Any]] = {
     "ln": np.log,
     "sqrt": np.sqrt,
     "abs": np.abs,
+    "sign": np.sign,
     "power": np.power,
     "pow": np.power,
     "greatest": np.maximum,
@@ -293,8 +295,8 @@ _NP_NAMED: dict[str, Callable[..., Any]] = {
 def numpy_function(template: exp.Expression, arity: int = 1) -> Callable[..., np.ndarray] | None:
     """A numpy function of ``arity`` float64 arrays computing the scalar SQL ``template`` (over ``__a0 ..``) element by
     element, with DuckDB's DOUBLE semantics (IEEE: x / 0 is inf, ln(0) -inf); None when the template uses anything
-    outside the supported subset (arithmetic, comparisons, AND/OR/NOT, CASE with an ELSE, exp, ln, sqrt, abs, tanh,
-    power, greatest, least)."""
+    outside the supported subset (arithmetic, comparisons, AND/OR/NOT, CASE with an ELSE, exp, ln, sqrt, abs, sign,
+    tanh, power, greatest, least)."""
     names = {Elementwise.placeholder(i): i for i in range(arity)}
 
     def build(e: exp.Expression) -> Callable[[Sequence[np.ndarray]], Any] | None:

@@ -43,6 +43,7 @@ import numpy as np
 import sqlglot
 from sqlglot import exp
 
+from reldl.autodiff import blockfuse
 from reldl.autodiff import symbolic as sym
 from reldl.autodiff.emit import aliased, col, select, table_as
 from reldl.autodiff.grad import Program, backward
@@ -484,6 +485,7 @@ def minimize(
     on_step: Callable[[int, int, float], None] | None = None,
     threads: int | None = 1,
     keep_freed_memory: bool = True,
+    fuse_blocks: bool = True,
 ) -> TrainResult:
     """Train ``loss`` (a scalar relation) by updating the parameter tables it reads, for ``epochs`` epochs.
 
@@ -499,7 +501,10 @@ def minimize(
     MB, and faulting fresh pages in for each cost more than the conversions (measured: 55k page faults per MLP step
     of 16k x 256 rows without, 25k with; 240 ms -> 175 ms a step). Restored after, with the memory trimmed. DuckDB's
     ``build_side_probe_side`` optimizer is off while training (restored after): gradient joins hash the gradient
-    relation they are written with last, not a batch of data tiles (it counts rows, not bytes). Returns a
+    relation they are written with last, not a batch of data tiles (it counts rows, not bytes). ``fuse_blocks``:
+    compute the forward and backward pass of the loss's block-local part (data tiles keyed by a row block, joined
+    with keyless parameters, up to a SUM the loss is linear in) in one pass over each batch
+    (:mod:`reldl.autodiff.blockfuse`); graphs without such a part run unfused either way. Returns a
     :class:`TrainResult`.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
@@ -510,6 +515,9 @@ def minimize(
         raise TrainingError(f"threads must be a positive integer or None, got {threads!r}")
     opt = Optimizer(optimizer, learning_rate, momentum, betas[0], betas[1], eps, weight_decay)
     prog: Program = backward(loss, params)
+    block_plan = None
+    if fuse_blocks:
+        prog, block_plan = blockfuse.fuse_blocks(prog)
     plist = [_param(s, prog.grads[s.id]) for s in prog.wrt]
     seen: set[str] = set()
     for p in plist:
@@ -518,6 +526,8 @@ def minimize(
             raise TrainingError(f"parameter table {p.table.sql('duckdb')} is read by two parameter scans")
         seen.add(key)
     install(duck)
+    if block_plan is not None:
+        blockfuse.install(duck, [len(block_plan.inputs) + len(block_plan.outputs)])
     _ensure_tables(duck)
     fingerprint, config = _fingerprint(plist, opt, batches)
     tag = hashlib.sha256(name.encode()).hexdigest()[:10]

@@ -17,7 +17,8 @@ import torch
 
 import reldl
 from reldl import autodiff as ad
-from reldl.autodiff import train
+from reldl.autodiff import blockfuse, train
+from reldl.autodiff.grad import backward
 from reldl.autodiff.train import Batches, TrainingError, minimize
 
 TOL = 1e-10
@@ -85,11 +86,16 @@ def read(con, name):
         ),
     ],
 )
-def test_optimizers_match_torch(optimizer, kw, torch_opt):
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "relational"])
+def test_optimizers_match_torch(optimizer, kw, torch_opt, fuse):
     con = duckdb.connect()
     x, y, w = mlp_setup(con)
     batches = Batches("batch", "data", "rb", size=2, seed=7)
-    res = minimize(con, mlp_loss("batch"), optimizer=optimizer, learning_rate=0.05, epochs=3, batches=batches, **kw)
+    loss = mlp_loss("batch")
+    assert blockfuse.plan(backward(loss)) is not None  # the fused run below really fuses
+    res = minimize(
+        con, loss, optimizer=optimizer, learning_rate=0.05, epochs=3, batches=batches, fuse_blocks=fuse, **kw
+    )
     tp = {k: torch.tensor(v, requires_grad=True) for k, v in w.items()}
     opt = torch_opt(list(tp.values()))
     losses = []

@@ -1,0 +1,518 @@
+"""Block fusion: the forward and backward pass of a batch's block-local subgraph in one pass over its tiles.
+
+A training step as :func:`reldl.autodiff.grad.backward` writes it reads each batch of data tiles twice: once in the
+forward join (``x W1``) and once in the weight gradient's join (``x^T G``), and converts those tiles from DuckDB to
+Arrow each time; on an MLP over 16k x 256 float64 rows those two passes were most of the step. But every relation
+between the data scans and the per-batch SUM that ends the loss is keyed by the batch's row block and joins only
+keyless parameters: the subgraph is *block-local*, and its gradient for a block needs nothing but that block's tiles,
+the parameters and the upstream gradient of the SUM (``1 / n`` for a mean loss). So, where the upstream gradient does
+not depend on the SUM's own value (a loss linear in it), the step runs the block-local subgraph's forward and its
+vector-Jacobian products in numpy inside one UDF call per chunk of rows: each data tile is read and converted once,
+and the weight gradients come out summed over the chunk (``reldl_block_step_<n>``). The SQL still does the rest: the
+scans, the parameter broadcast, the sum of the chunks' partial gradients, the loss's scalar tail and the updates.
+
+This is a physical rewrite of :class:`~reldl.autodiff.grad.Program` (like folding an activation into a matmul): the
+relational program from ``backward`` is unchanged, :func:`fuse_blocks` replaces the steps it covers, and anything it
+cannot prove block-local stays as it was (Spark and ``grad()`` always get the unfused SQL). The UDF's spec travels as
+JSON text in the SQL, so a statement is self-contained.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import sqlglot
+from sqlglot import exp
+
+from reldl.autodiff import symbolic as sym
+from reldl.autodiff.emit import aliased, col, select, table_as
+from reldl.autodiff.grad import Program, Step
+from reldl.autodiff.ir import Aggregate, Join, Node, Scan, topological
+from reldl.autodiff.kernels import (
+    Affine,
+    BiasAdd,
+    Elementwise,
+    Matmul,
+    SoftmaxXent,
+    TileSum,
+    _int,
+    at,
+    numpy_function,
+)
+
+MAX_INPUTS = 32  # UDFs reldl_block_step_1 .. _32 (DuckDB Python UDFs have a fixed arity)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# planning: which part of the graph is block-local
+
+
+@dataclass
+class BlockPlan:
+    """The block-local region of a program: what the fused UDF reads, computes and returns."""
+
+    keys: tuple[str, ...]
+    inputs: list[Node]  # keyed data scans, then keyless scans (parameters, constants)
+    nodes: list[Join]  # the region's joins, inputs before consumers
+    outputs: list[Aggregate]  # SUMs over all keys of the region: their values come out, their gradients go in
+    params: list[Scan]  # parameters whose whole gradient comes from the region
+    spec: str  # JSON for the UDF
+
+
+def _kernel_spec(k: Any) -> dict | None:
+    if isinstance(k, Elementwise):
+        if numpy_function(k.template, k.arity) is None:
+            return None
+        if any(numpy_function(k.partial(i), k.arity) is None for i in range(k.arity)):
+            return None
+        return {"kind": "elementwise", "sql": k.template.sql("duckdb"), "arity": k.arity}
+    for cls, name in ((Affine, "affine"), (Matmul, "matmul"), (BiasAdd, "bias_add"), (SoftmaxXent, "softmax_xent")):
+        if type(k) is cls:
+            return {"kind": name}
+    if type(k) is TileSum:
+        return {"kind": "tile_sum"}
+    return None
+
+
+def _shapes_ok(y: Join, keyed: list[bool]) -> bool:
+    """Whether the numpy executor's reading of each input (keyed tiles: rows stacked on the first axis; keyed
+    scalars: one per block; keyless: as is) fits the kernel."""
+    shapes = [p.shape for p in y.parts]
+    kind = _kernel_spec(y.kernel)["kind"]
+    if kind == "elementwise":  # keyless inputs only as scalars (a keyless tile would need the block's rows)
+        return all(k or s == () for k, s in zip(keyed, shapes))
+    if kind in ("affine", "matmul", "bias_add"):
+        return keyed[0] and len(shapes[0]) == 2 and not any(keyed[1:])
+    if kind == "softmax_xent":
+        return keyed[0] and keyed[1] and len(shapes[0]) == 2
+    if kind == "tile_sum":
+        return keyed[0]
+    return False
+
+
+def plan(prog: Program) -> BlockPlan | None:
+    """The block-local region of ``prog``'s graph, or None where there is none that one pass can compute.
+
+    Region: the joins that depend on a parameter, all keyed by the same keys K, whose inputs are region joins, data
+    scans keyed by K, or keyless scans; each consumed only inside the region or by a SUM over all of K (an output).
+    A parameter qualifies when the region is its only consumer, and the region is fused only when every output's
+    upstream gradient can be computed before the region runs (it reads no forward value of the region)."""
+    order = topological([prog.loss])
+    wrt = {p.id for p in prog.wrt}
+    dep: dict[int, bool] = {}
+    for n in order:
+        dep[n.id] = n.id in wrt or any(dep[i.id] for i in n.inputs)
+    consumers: dict[int, list[Node]] = {n.id: [] for n in order}
+    for y in order:
+        for x in y.inputs:
+            consumers[x.id].append(y)
+    joins = [n for n in order if isinstance(n, Join) and dep[n.id] and n.keys]
+    if not joins:
+        return None
+    keys = joins[0].keys
+    if any(set(j.keys) != set(keys) for j in joins):
+        return None
+    region: dict[int, Join] = {}
+    for y in joins:  # topological: a join's region inputs are already in
+        if y.where is not None or _kernel_spec(y.kernel) is None:
+            return None
+        for p in y.parts:
+            ok = p.id in region or (isinstance(p, Scan) and (not p.keys or set(p.keys) == set(keys)))
+            if not ok:
+                return None
+        if not _shapes_ok(y, [bool(p.keys) for p in y.parts]):
+            return None
+        region[y.id] = y
+    outputs: list[Aggregate] = []
+    for y in region.values():
+        for c in consumers[y.id]:
+            if c.id in region:
+                continue
+            if not (isinstance(c, Aggregate) and c.fn == "sum" and not c.keys and c.shape == () and y.shape == ()):
+                return None
+            if c not in outputs:
+                outputs.append(c)
+    if not outputs:
+        return None
+    inputs: list[Node] = []
+    for y in region.values():
+        for p in y.parts:
+            if p.id not in region and p not in inputs:
+                inputs.append(p)
+    inputs.sort(key=lambda n: not n.keys)  # keyed data first
+    params = [p for p in inputs if p.id in wrt]
+    if any(any(c.id not in region for c in consumers[p.id]) for p in params) or not params:
+        return None
+    # the outputs' gradients must not need the region's forward values (e.g. loss = log(sum(...)) would)
+    covered = {f"f{n.id}" for n in [*region.values(), *outputs]}
+    for o in outputs:
+        if f"g{o.id}" not in prog._by_name or covered & _needs(prog, f"g{o.id}"):
+            return None
+    nodes = list(region.values())
+    spec = {
+        "inputs": [{"id": n.id, "keyed": bool(n.keys), "shape": list(n.shape)} for n in inputs],
+        "nodes": [
+            {
+                "id": y.id,
+                "parts": [p.id for p in y.parts],
+                "need": [dep[p.id] for p in y.parts],  # which inputs' gradients lead to a parameter
+                "kernel": _kernel_spec(y.kernel),
+            }
+            for y in nodes
+        ],
+        "outputs": [{"id": o.id, "source": o.source.id} for o in outputs],
+        "params": [{"id": p.id, "size": math.prod(p.shape)} for p in params],
+    }
+    if len(inputs) + len(outputs) > MAX_INPUTS:
+        return None
+    return BlockPlan(keys, inputs, nodes, outputs, params, json.dumps(spec, separators=(",", ":")))
+
+
+def _reads(step: Step) -> set[str]:
+    """The steps whose tables ``step``'s SQL actually reads (its recorded deps may list more)."""
+    seen: set[str] = set()
+
+    def ref(name: str) -> exp.Expression:
+        seen.add(name)
+        return exp.Table(this=exp.to_identifier(name))
+
+    step.build(ref)
+    return seen
+
+
+def _needs(prog: Program, name: str) -> set[str]:
+    need: set[str] = set()
+    stack = [name]
+    while stack:
+        n = stack.pop()
+        if n not in need:
+            need.add(n)
+            stack.extend(_reads(prog.step(n)))
+    return need
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the rewrite
+
+
+def fuse_blocks(prog: Program) -> tuple[Program, BlockPlan | None]:
+    """``prog`` with its block-local region (if any) computed by one fused step, and the region's plan; ``(prog,
+    None)`` where there is none."""
+    bp = plan(prog)
+    if bp is None:
+        return prog, None
+    packed = f"b{prog.loss.id}"
+    n_in = len(bp.inputs) + len(bp.outputs)
+
+    def build_packed(ref) -> exp.Select:
+        q, args = None, []
+        keyed = [n for n in bp.inputs if n.keys]
+        for i, n in enumerate(bp.inputs):
+            alias = f"t{i}"
+            src = table_as(ref(f"f{n.id}"), alias)
+            if q is None:
+                q = select().from_(src)
+            elif n.keys:
+                on = exp.and_(*[exp.EQ(this=col(k, "t0"), expression=col(k, alias)) for k in keyed[0].keys])
+                q = q.join(src, on=on, join_type="inner")
+            else:
+                q = q.join(src, join_type="cross")
+            args.append(_as_list(col("v", alias), n.shape))
+        for j, o in enumerate(bp.outputs):
+            alias = f"u{j}"
+            q = q.join(table_as(ref(f"g{o.id}"), alias), join_type="cross")
+            args.append(_as_list(col("v", alias), ()))
+        call = sym.func(f"reldl_block_step_{n_in}", exp.Literal.string(bp.spec), *args)
+        inner = exp.Subquery(this=q.select(aliased(call, "v")), alias=exp.TableAlias(this=exp.to_identifier("c")))
+        not_null = exp.Not(this=exp.Is(this=col("v"), expression=exp.Null()))
+        agg = exp.Filter(this=exp.Anonymous(this="list", expressions=[col("v")]), expression=exp.Where(this=not_null))
+        return select(aliased(sym.func("reldl_tile_sum", agg), "v")).from_(inner)
+
+    deps = [f"f{n.id}" for n in bp.inputs] + [f"g{o.id}" for o in bp.outputs]
+    new = Program(loss=prog.loss, wrt=prog.wrt, grads=dict(prog.grads))
+    replaced: dict[str, Step] = {}
+    offset = 1
+    for o in bp.outputs:
+        replaced[f"f{o.id}"] = Step(f"f{o.id}", _slice(packed, offset, ()), [packed], o)
+        offset += 1
+    for p in bp.params:
+        replaced[f"g{p.id}"] = Step(f"g{p.id}", _slice(packed, offset, p.shape), [packed], p, gradient=True)
+        offset += math.prod(p.shape)
+    steps = [Step(packed, build_packed, deps, prog.loss)] + [replaced.get(s.name, s) for s in prog.steps]
+    by_name = {s.name: s for s in steps}
+    # keep what the loss's value and the parameters' gradients need, through the steps' real reads
+    want = [f"f{prog.loss.id}", *prog.grads.values()]
+    need: set[str] = set()
+    stack = list(want)
+    while stack:
+        n = stack.pop()
+        if n not in need:
+            need.add(n)
+            stack.extend(_reads(by_name[n]))
+    for s in steps:
+        if s.name in need:
+            new.add(Step(s.name, s.build, sorted(_reads(s)), s.node, s.gradient))
+    new.steps = _ordered(new.steps)
+    return new, bp
+
+
+def _ordered(steps: list[Step]) -> list[Step]:
+    done: set[str] = set()
+    out: list[Step] = []
+    pending = list(steps)
+    while pending:
+        rest = [s for s in pending if not all(d in done for d in s.deps)]
+        for s in pending:
+            if s not in rest:
+                out.append(s)
+                done.add(s.name)
+        if len(rest) == len(pending):
+            raise RuntimeError("internal: fused steps have a dependency cycle")
+        pending = rest
+    return out
+
+
+def _as_list(v: exp.Expression, shape: tuple[int, ...]) -> exp.Expression:
+    return sym.func("list_value", v) if shape == () else v
+
+
+def _slice(packed: str, start: int, shape: tuple[int, ...]):
+    """Elements ``start ..`` (1-based) of the packed row: a scalar, or a tile of ``shape``."""
+
+    def build(ref) -> exp.Select:
+        v = col("v")
+        if shape == ():
+            value = at(v, _int(start))
+        else:
+            value = sym.func("list_slice", v, _int(start), _int(start + math.prod(shape) - 1))
+        return select(aliased(value, "v")).from_(ref(packed))
+
+    return build
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the UDF: forward and vector-Jacobian products of the region in numpy
+
+
+class _Value:
+    """A region value in the executor: ``kind`` 'rows' (keyed tiles, rows of all blocks stacked on axis 0, with the
+    number of rows per block), 'blocks' (keyed scalars, one per block) or 'const' (keyless, as its tile)."""
+
+    __slots__ = ("a", "kind", "counts")
+
+    def __init__(self, a: np.ndarray, kind: str, counts: np.ndarray | None = None):
+        self.a, self.kind, self.counts = a, kind, counts
+
+
+@functools.cache
+def _compiled_spec(spec: str) -> dict:
+    s = json.loads(spec)
+    for node in s["nodes"]:
+        k = node["kernel"]
+        if k["kind"] == "elementwise":
+            tree = sqlglot.parse_one(k["sql"], read="duckdb")
+            k["fn"] = numpy_function(tree, k["arity"])
+            k["partials"] = [
+                numpy_function(sym.derivative(tree, Elementwise.placeholder(i)), k["arity"]) for i in range(k["arity"])
+            ]
+    return s
+
+
+def _first_list(a: Any) -> np.ndarray:
+    if isinstance(a, pa.ChunkedArray):
+        a = a.chunk(0) if a.num_chunks == 1 else a.combine_chunks()
+    if a.null_count:
+        raise ValueError("reldl_block_step: a NULL tile")
+    off = np.asarray(a.offsets, dtype=np.int64)
+    return np.asarray(a.values.to_numpy(zero_copy_only=False), dtype=np.float64), off
+
+
+def _broadcast(v: _Value, like: _Value) -> np.ndarray:
+    """``v`` against a 'rows' value: keyed scalars repeated over each block's rows (and the tile's other axes)."""
+    if v.kind == "blocks" and like.kind == "rows":
+        rep = np.repeat(v.a, like.counts)
+        return rep.reshape(rep.shape + (1,) * (like.a.ndim - 1))
+    return v.a
+
+
+def _reduce(g: np.ndarray, to: _Value, frm: _Value) -> np.ndarray:
+    """A gradient computed at ``frm``'s layout summed back to ``to``'s (broadcasts undone)."""
+    if to.kind == frm.kind and np.shape(g) == np.shape(to.a):
+        return g
+    g = np.broadcast_to(g, np.shape(frm.a)) if np.shape(g) != np.shape(frm.a) else g
+    if to.kind == "const":
+        return np.asarray(g.sum()).reshape(np.shape(to.a))
+    if to.kind == "blocks" and frm.kind == "rows":
+        per_row = g.reshape(len(g), -1).sum(axis=1)
+        return np.add.reduceat(per_row, _starts(frm.counts))
+    return g
+
+
+def _starts(counts: np.ndarray) -> np.ndarray:
+    starts = np.zeros(len(counts), dtype=np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    return starts
+
+
+def block_step(spec_text: Any, *arrays: Any) -> pa.Array:
+    """The UDF body: one chunk of rows in, the chunk's outputs and parameter gradients (summed over its rows) out on
+    its first row, NULL on the others (the caller sums the non-NULL rows)."""
+    if isinstance(spec_text, pa.ChunkedArray):
+        spec_text = spec_text.combine_chunks()
+    n_rows = len(spec_text)
+    spec = _compiled_spec(spec_text[0].as_py())
+    vals: dict[int, _Value] = {}
+    n_in = len(spec["inputs"])
+    for inp, arr in zip(spec["inputs"], arrays[:n_in]):
+        values, off = _first_list(arr)
+        shape = tuple(inp["shape"])
+        if not inp["keyed"]:
+            tile = values[off[0] : off[1]]
+            if tile.size != max(math.prod(shape), 1):
+                raise ValueError(f"reldl_block_step: a keyless tile of {tile.size} values, expected shape {shape}")
+            vals[inp["id"]] = _Value(tile.reshape(shape), "const")
+        elif shape == ():
+            vals[inp["id"]] = _Value(values[off[0] : off[-1]], "blocks")
+        else:
+            width = math.prod(shape[1:])
+            lengths = np.diff(off)
+            if np.any(lengths % width) or np.any(lengths == 0):
+                raise ValueError(f"reldl_block_step: a tile's length is not a positive multiple of {width}")
+            a = values[off[0] : off[-1]].reshape((-1, *shape[1:]))
+            vals[inp["id"]] = _Value(a, "rows", lengths // width)
+    saved: dict[int, Any] = {}
+    with np.errstate(all="ignore"):
+        for node in spec["nodes"]:
+            vals[node["id"]] = _forward(node, [vals[i] for i in node["parts"]], saved)
+        grads: dict[int, np.ndarray] = {}
+        for out, g in zip(spec["outputs"], arrays[n_in:]):
+            gv, goff = _first_list(g)
+            src = vals[out["source"]]
+            grads[out["source"]] = grads.get(out["source"], 0.0) + np.full(len(src.a), gv[goff[0]])
+        for node in reversed(spec["nodes"]):
+            if node["id"] in grads:
+                _backward(node, [vals[i] for i in node["parts"]], vals[node["id"]], grads.pop(node["id"]), saved, grads)
+    packed = [float(vals[o["source"]].a.sum()) for o in spec["outputs"]]
+    pieces = [np.asarray(packed)]
+    for p in spec["params"]:
+        g = grads.get(p["id"])
+        pieces.append(np.zeros(p["size"]) if g is None else np.asarray(g, dtype=np.float64).reshape(-1))
+    flat = np.concatenate(pieces)
+    offsets = np.full(n_rows + 1, len(flat), dtype=np.int32)
+    offsets[0] = 0
+    mask = np.ones(n_rows, dtype=bool)
+    mask[0] = False
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), mask=pa.array(mask))
+
+
+def _forward(node: dict, parts: list[_Value], saved: dict) -> _Value:
+    k = node["kernel"]
+    kind = k["kind"]
+    if kind == "elementwise":
+        lead = next((p for p in parts if p.kind == "rows"), None) or next(p for p in parts if p.kind == "blocks")
+        out = k["fn"](*[_broadcast(p, lead) for p in parts])
+        return _Value(np.asarray(out, dtype=np.float64), lead.kind, lead.counts)
+    a = parts[0]
+    if kind in ("affine", "matmul"):
+        out = a.a @ parts[1].a
+        if kind == "affine":
+            out += parts[2].a
+        return _Value(out, "rows", a.counts)
+    if kind == "bias_add":
+        return _Value(a.a + parts[1].a, "rows", a.counts)
+    if kind == "softmax_xent":
+        z, y = a.a, parts[1].a.astype(np.int64)
+        zmax = z.max(axis=1, keepdims=True)
+        e = np.exp(z - zmax)
+        s = e.sum(axis=1, keepdims=True)
+        rows = np.arange(len(z))
+        saved[node["id"]] = (e / s, y)
+        return _Value(np.log(s[:, 0]) + zmax[:, 0] - z[rows, y], "rows", a.counts)
+    if kind == "tile_sum":
+        per_row = a.a.reshape(len(a.a), -1).sum(axis=1)
+        return _Value(np.add.reduceat(per_row, _starts(a.counts)), "blocks")
+    raise ValueError(f"reldl_block_step: unknown kernel {kind!r}")
+
+
+def _backward(node: dict, parts: list[_Value], out: _Value, g: np.ndarray, saved: dict, grads: dict) -> None:
+    k = node["kernel"]
+    kind = k["kind"]
+
+    need = node["need"]
+
+    def add(i: int, value: np.ndarray) -> None:
+        pid = node["parts"][i]
+        grads[pid] = value if pid not in grads else grads[pid] + value
+
+    if kind == "elementwise":
+        args = [_broadcast(p, out) for p in parts]
+        for i, p in enumerate(parts):
+            if need[i]:
+                add(i, _reduce(k["partials"][i](*args) * g, p, out))
+        return
+    a = parts[0]
+    if kind in ("affine", "matmul"):
+        w = parts[1].a
+        if need[0]:
+            add(0, g @ w.T)
+        if need[1]:
+            add(1, a.a.T @ g)
+        if kind == "affine" and need[2]:
+            add(2, g.sum(axis=0))
+        return
+    if kind == "bias_add":
+        if need[0]:
+            add(0, g)
+        if need[1]:
+            add(1, g.sum(axis=0))
+        return
+    if kind == "softmax_xent":
+        probs, y = saved.pop(node["id"])
+        if need[0]:
+            probs[np.arange(len(y)), y] -= 1.0
+            probs *= g[:, None]
+            add(0, probs)
+        return
+    if kind == "tile_sum":
+        if need[0]:
+            rep = np.repeat(g, a.counts)
+            add(0, np.broadcast_to(rep.reshape(rep.shape + (1,) * (a.a.ndim - 1)), a.a.shape))
+        return
+    raise ValueError(f"reldl_block_step: unknown kernel {kind!r}")
+
+
+def install(duck: Any, n_inputs: Sequence[int]) -> None:
+    """Register ``reldl_block_step_<n>`` for each ``n`` (once per connection)."""
+    like = (
+        "SELECT function_name FROM duckdb_functions() WHERE function_name LIKE 'reldl\\_block\\_step\\_%' ESCAPE '\\'"
+    )
+    present = {r[0] for r in duck.execute(like).fetchall()}
+    for n in n_inputs:
+        name = f"reldl_block_step_{n}"
+        if name not in present:
+            duck.create_function(
+                name,
+                _with_arity(n + 1),
+                ["VARCHAR", *["DOUBLE[]"] * n],
+                "DOUBLE[]",
+                type="arrow",
+                null_handling="special",
+            )
+
+
+def _with_arity(n: int) -> Any:
+    """:func:`block_step` taking exactly ``n`` arguments (DuckDB checks a UDF's arity against its signature)."""
+
+    def udf(*args: Any) -> pa.Array:
+        return block_step(*args)
+
+    names = [f"a{i}" for i in range(n)]
+    udf.__signature__ = inspect.Signature([inspect.Parameter(a, inspect.Parameter.POSITIONAL_ONLY) for a in names])
+    return udf

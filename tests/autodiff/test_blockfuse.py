@@ -1,0 +1,228 @@
+"""Block fusion (reldl.autodiff.blockfuse): the fused step computes the same loss and gradients as the relational
+program it replaces (float64, 1e-12), on fresh random data, across DuckDB chunk boundaries and short last blocks; it
+declines graphs it cannot compute in one pass; training with it matches PyTorch."""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+import sqlglot
+import torch
+
+from reldl import autodiff as ad
+from reldl.autodiff import blockfuse
+from reldl.autodiff.grad import backward
+from reldl.autodiff.train import Batches, TrainingError, minimize
+
+TOL = 1e-12
+
+
+def put(con, name: str, cols: dict) -> None:
+    con.register("__t", pa.table(cols))
+    con.execute(f"CREATE OR REPLACE TABLE {name} AS SELECT * FROM __t")
+    con.unregister("__t")
+
+
+def data(con, rng, rows: int, block: int, feats: int, label_cols: int | None = None, classes: int = 3):
+    """Row-block tiles of x (block, feats) and y (block,) or (block, label_cols); the last block may be short."""
+    x = rng.normal(size=(rows, feats))
+    y = rng.integers(0, classes, rows).astype(float) if label_cols is None else rng.normal(size=(rows, label_cols))
+    nb = -(-rows // block)
+    put(
+        con,
+        "data",
+        {
+            "rb": np.arange(nb),
+            "x": [x[i * block : (i + 1) * block].ravel().tolist() for i in range(nb)],
+            "y": [y[i * block : (i + 1) * block].ravel().tolist() for i in range(nb)],
+            "w": rng.uniform(0.5, 2.0, nb),  # a per-block scalar weight
+        },
+    )
+    return x, y
+
+
+def param(con, name, arr):
+    put(con, name, {"v": [float(arr)] if np.ndim(arr) == 0 else [np.ravel(arr).tolist()]})
+    return ad.param(name, shape=np.shape(arr))
+
+
+def n_rows(src="data"):
+    return ad.sum(ad.table(src, keys=["rb"], value=sqlglot.parse_one("len(y)"), name="rows"))
+
+
+def mlp(con, rng, block, feats, act="relu", src="data"):
+    w1 = param(con, "w1", rng.normal(size=(feats, 5)) * 0.4)
+    b1 = param(con, "b1", rng.normal(size=5) * 0.1)
+    w2 = param(con, "w2", rng.normal(size=(5, 3)) * 0.4)
+    b2 = param(con, "b2", rng.normal(size=3) * 0.1)
+    x = ad.table(src, keys=["rb"], shape=(block, feats), value="x")
+    y = ad.table(src, keys=["rb"], shape=(block,), value="y")
+    h = ad.apply(act, ad.linear(x, w1, b1))
+    per_row = ad.apply("softmax_xent", ad.linear(h, w2, b2), y)
+    return ad.apply("div", ad.sum(ad.apply("tile_sum", per_row)), n_rows(src))
+
+
+def scaled_tanh_mlp(con, rng, block, feats):
+    """matmul + bias_add + tanh, a keyless scalar parameter multiplying the logits, a per-block scalar weight."""
+    w1 = param(con, "w1", rng.normal(size=(feats, 4)) * 0.4)
+    b1 = param(con, "b1", rng.normal(size=4) * 0.1)
+    w2 = param(con, "w2", rng.normal(size=(4, 3)) * 0.4)
+    s = param(con, "s", np.array(1.3))
+    x = ad.table("data", keys=["rb"], shape=(block, feats), value="x")
+    y = ad.table("data", keys=["rb"], shape=(block,), value="y")
+    wb = ad.table("data", keys=["rb"], value="w")
+    h = ad.apply("tanh", ad.apply("bias_add", ad.matmul(x, w1), b1))
+    logits = ad.apply("mul", ad.matmul(h, w2), s)
+    per_block = ad.apply("mul", ad.apply("tile_sum", ad.apply("softmax_xent", logits, y)), wb)
+    return ad.apply("div", ad.sum(per_block), n_rows())
+
+
+def regression(con, rng, block, feats, loss="squared_error"):
+    w = param(con, "w", rng.normal(size=(feats, 1)) * 0.5)
+    b = param(con, "b", rng.normal(size=1) * 0.1)
+    x = ad.table("data", keys=["rb"], shape=(block, feats), value="x")
+    y = ad.table("data", keys=["rb"], shape=(block, 1), value="y")
+    per_row = ad.apply(loss, ad.linear(x, w, b), y)
+    return ad.apply("div", ad.sum(ad.apply("tile_sum", per_row)), n_rows())
+
+
+def run(con, prog, prefix):
+    t = prog.materialize(con, prefix)
+    loss = con.execute(f"SELECT v FROM {t[f'f{prog.loss.id}']}").fetchall()[0][0]
+    grads = {}
+    for s in prog.wrt:
+        v = con.execute(f"SELECT v FROM {t[prog.grads[s.id]]}").fetchall()[0][0]
+        grads[s.label()] = np.asarray(v, dtype=np.float64)
+    return loss, grads
+
+
+def compare(con, loss_node, n_inputs):
+    prog = backward(loss_node)
+    fused, bp = blockfuse.fuse_blocks(prog)
+    assert bp is not None and len(bp.inputs) + len(bp.outputs) == n_inputs
+    ad.install(con)
+    blockfuse.install(con, [n_inputs])
+    ref_loss, ref = run(con, prog, "u")
+    got_loss, got = run(con, fused, "z")
+    assert abs(got_loss - ref_loss) <= TOL * max(1.0, abs(ref_loss))
+    for k in ref:
+        scale = max(1.0, np.abs(ref[k]).max())
+        assert np.abs(got[k] - ref[k]).max() <= TOL * scale, k
+    # the fused program reads the data tiles in one statement: no other step scans x
+    x_scan = f"f{bp.inputs[0].id}"
+    assert [s.name for s in fused.steps if x_scan in blockfuse._reads(s)] == [f"b{prog.loss.id}"]
+    assert [s.name for s in prog.steps if x_scan in blockfuse._reads(s)] != [f"b{prog.loss.id}"]
+    return fused
+
+
+@pytest.mark.parametrize(
+    "rows,block,threads",
+    [
+        (50, 8, 1),  # short last block
+        (5000, 2, 1),  # 2,500 blocks: DuckDB calls the UDF over several chunks of rows
+        (5000, 2, 2),  # ... from two threads
+    ],
+)
+@pytest.mark.parametrize("act", ["relu", "tanh", "sigmoid"])
+def test_fused_mlp_equals_relational_program(rows, block, threads, act):
+    con = duckdb.connect()
+    con.execute(f"SET threads = {threads}")
+    rng = np.random.default_rng(rows + block + len(act))
+    data(con, rng, rows, block, feats=4)
+    compare(con, mlp(con, rng, block, 4, act), n_inputs=7)
+
+
+def test_fused_matmul_bias_scale_and_per_block_weight():
+    con = duckdb.connect()
+    rng = np.random.default_rng(3)
+    data(con, rng, 37, 5, feats=3)
+    compare(con, scaled_tanh_mlp(con, rng, 5, 3), n_inputs=8)  # x, y, w (per block), w1, b1, w2, s; the SUM's gradient
+
+
+@pytest.mark.parametrize("loss", ["squared_error", "bce_logits"])
+def test_fused_regression_losses(loss):
+    con = duckdb.connect()
+    rng = np.random.default_rng(11)
+    x, y = data(con, rng, 41, 6, feats=3, label_cols=1)
+    if loss == "bce_logits":
+        con.execute("UPDATE data SET y = list_transform(y, lambda e: CASE WHEN e > 0 THEN 1.0 ELSE 0.0 END)")
+    compare(con, regression(con, rng, 6, 3, loss), n_inputs=5)
+
+
+def test_declines_what_one_pass_cannot_compute():
+    con = duckdb.connect()
+    rng = np.random.default_rng(5)
+    data(con, rng, 20, 4, feats=3)
+    # the loss is not linear in the block SUM: its gradient needs the SUM's value first
+    w1 = param(con, "w1", rng.normal(size=(3, 5)))
+    b1 = param(con, "b1", rng.normal(size=5))
+    w2 = param(con, "w2", rng.normal(size=(5, 3)))
+    b2 = param(con, "b2", rng.normal(size=3))
+    x = ad.table("data", keys=["rb"], shape=(4, 3), value="x")
+    y = ad.table("data", keys=["rb"], shape=(4,), value="y")
+    total = ad.sum(ad.apply("tile_sum", ad.apply("softmax_xent", ad.linear(ad.linear(x, w1, b1), w2, b2), y)))
+    assert blockfuse.plan(backward(ad.apply("log", total))) is None
+    # a parameter also read outside the block-local part (an L2 penalty)
+    penalty = ad.sum(ad.apply("tile_sum", ad.apply("square", w1)))
+    assert blockfuse.plan(backward(ad.apply("add", ad.apply("div", total, n_rows()), penalty))) is None
+    # a keyed parameter (an embedding per key) joins on another key: not block-local
+    put(con, "emb", {"k": np.arange(4), "v": rng.normal(size=4)})
+    put(con, "obs", {"rb": [0, 0, 1, 1], "k": [0, 1, 2, 3], "t": rng.normal(size=4)})
+    e = ad.param("emb", keys=["k"])
+    t = ad.table("obs", keys=["rb", "k"], value="t")
+    assert blockfuse.plan(backward(ad.sum(ad.apply("squared_error", e, t)))) is None
+    # the linear loss fuses
+    assert blockfuse.plan(backward(ad.apply("div", total, n_rows()))) is not None
+
+
+def test_minimize_fused_matches_unfused_and_torch():
+    """Adam over mini-batches: the fused and the unfused step give the same parameters, and PyTorch's."""
+    rows, block, feats = 60, 6, 4
+    results = {}
+    for fuse in (True, False):
+        con = duckdb.connect()
+        rng = np.random.default_rng(21)
+        x, y = data(con, rng, rows, block, feats)
+        loss = mlp(con, rng, block, feats, "relu", src="batch")
+        init = {k: np.asarray(con.execute(f"SELECT v FROM {k}").fetchall()[0][0]) for k in ("w1", "b1", "w2", "b2")}
+        batches = Batches("batch", "data", "rb", size=3, shuffle=False)
+        res = minimize(con, loss, optimizer="adam", learning_rate=0.05, epochs=2, batches=batches, fuse_blocks=fuse)
+        results[fuse] = (res.step_losses, {k: read(con, k) for k in init})
+    assert np.allclose(results[True][0], results[False][0], rtol=0, atol=1e-12)
+    for k in init:
+        assert np.abs(results[True][1][k] - results[False][1][k]).max() < 1e-12, k
+    shapes = {"w1": (feats, 5), "b1": (5,), "w2": (5, 3), "b2": (3,)}
+    tp = {k: torch.tensor(v.reshape(shapes[k]), requires_grad=True) for k, v in init.items()}
+    opt = torch.optim.Adam(list(tp.values()), lr=0.05)
+    xt, yt = torch.tensor(x), torch.tensor(y).long()
+    losses = []
+    for _ in range(2):
+        for s in range(0, rows, 3 * block):
+            z = torch.relu(xt[s : s + 3 * block] @ tp["w1"] + tp["b1"]) @ tp["w2"] + tp["b2"]
+            loss_t = torch.nn.functional.cross_entropy(z, yt[s : s + 3 * block])
+            opt.zero_grad()
+            loss_t.backward()
+            opt.step()
+            losses.append(loss_t.item())
+    assert np.abs(np.array(results[True][0]) - losses).max() < 1e-10
+    for k, t in tp.items():
+        assert np.abs(results[True][1][k] - t.detach().numpy().ravel()).max() < 1e-10, k
+
+
+def read(con, name):
+    return np.asarray(con.execute(f"SELECT v FROM {name}").fetchall()[0][0], dtype=np.float64)
+
+
+def test_null_tile_is_a_one_line_error_and_changes_nothing():
+    con = duckdb.connect()
+    rng = np.random.default_rng(8)
+    data(con, rng, 24, 4, feats=3)
+    con.execute("UPDATE data SET x = NULL WHERE rb = 2")
+    loss = mlp(con, rng, 4, 3)
+    before = read(con, "w1")
+    with pytest.raises(TrainingError, match="NULL tile") as err:
+        minimize(con, loss, optimizer="sgd", learning_rate=0.1, epochs=1)
+    assert "\n" not in str(err.value)
+    assert np.array_equal(read(con, "w1"), before)
