@@ -14,6 +14,8 @@ work (a few hundred nodes at most) runs in Python.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -197,13 +199,16 @@ def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype, intensi
         "num_stages": 3,
         "EARLY_V": False,  # issue the V load before the softmax (more bytes in flight, more registers)
         "PREFETCH": True,  # load the next tile's slots during this tile (software pipelining by hand)
+        "PREFETCH_KV": False,  # load the next tile's K/V (and the slots of the one after) during this tile
         "DENSE": True,  # items whose chunk every query of the tile sees in full skip the visibility mask
+        "maxnreg": None,  # register cap per thread (more programs resident per SM), None: the compiler's choice
         "KV_FAST": True,  # program order: the KV heads of one item next to each other (else items first)
         # the planner's chunking (see plan_tree_attention)
         "PARTIAL_FACTOR": PARTIAL_FACTOR,
         "MIN_CHUNK": MIN_CHUNK,
         "MAX_CHUNK": MAX_CHUNK,
         "PROGRAMS_PER_SM": PROGRAMS_PER_SM,
+        "FULL_WAVES": False,  # also shorten chunks when programs overshoot a wave, to fill the last wave
         # the merge kernel: partials loaded MERGE_BLOCK_P at a time, MERGE_HEADS heads per program
         "MERGE_BLOCK_P": 16,
         "MERGE_HEADS": 2,
@@ -323,6 +328,9 @@ def plan_tree_attention(
         target = programs_per_sm * sms
         # programs ~ sum_t tiles_t / T_t * KVH (a chunk of T tokens seen by n queries: tiles(n) items)
         est = float((tiles(n_t).double() / want.double()).sum()) * num_kv_heads if L else 0.0
+        if 0 < est and cfg["FULL_WAVES"] and est > target:
+            # shorten chunks so the programs fill their last wave (about PROGRAMS_PER_SM per SM each wave)
+            target = math.ceil(est / target) * target
         if 0 < est < target:
             want = (want.double() * (est / target)).floor().to(i64).clamp(min=min(bn, min_chunk))
     w = _W_ONE // want  # 1/T_t in fixed point; <= _W_ONE, so chunk ids step by at most 1
@@ -523,6 +531,7 @@ def _tree_tile(
     WRITE_LSE: tl.constexpr,
     EARLY_V: tl.constexpr,
     PREFETCH: tl.constexpr,
+    PREFETCH_KV: tl.constexpr,
     MASKED: tl.constexpr,
 ):
     """Rows = BLOCK_M // BLOCK_G queries (q0 ...) x BLOCK_G heads of KV head kvh, over chunk tokens [t0, t1).
@@ -550,40 +559,65 @@ def _tree_tile(
     n = tl.arange(0, BLOCK_N)
     k_head = k_ptr + kvh * stride_kh
     v_head = v_ptr + kvh * stride_vh
-    if PREFETCH:  # the first tile's slots and subtree ends; each iteration loads the next tile's
+    if PREFETCH_KV:  # the first tile's K/V and subtree ends and the second tile's slots, before the loop
+        tv0 = t0 + n < t1
+        slot0 = tl.load(slots_ptr + t0 + n, mask=tv0, other=0).to(tl.int64)
+        m0 = tv0[:, None] & dm[None, :]
+        k_nx = tl.load(k_head + slot0[:, None] * stride_ks + d[None, :], mask=m0, other=0.0)
+        v_nx = tl.load(v_head + slot0[:, None] * stride_vs + d[None, :], mask=m0, other=0.0)
+        if MASKED:
+            tend_nx = tl.load(end_ptr + t0 + n, mask=tv0, other=-1)
+        n1 = t0 + BLOCK_N + n
+        slot_nx = tl.load(slots_ptr + n1, mask=n1 < t1, other=0).to(tl.int64)
+    elif PREFETCH:  # the first tile's slots and subtree ends; each iteration loads the next tile's
         slot_nx = tl.load(slots_ptr + t0 + n, mask=t0 + n < t1, other=0).to(tl.int64)
         if MASKED:
             tend_nx = tl.load(end_ptr + t0 + n, mask=t0 + n < t1, other=-1)
     for first in range(t0, t1, BLOCK_N):
         toks = first + n
         tv = toks < t1
-        if PREFETCH:
-            slot = slot_nx
+        if PREFETCH_KV:
+            # this tile's K/V arrived during the previous tile; issue the next tile's K/V (its slots arrived too)
+            # and the slots of the one after, so one memory latency overlaps a whole tile of work
+            k = k_nx
+            v = v_nx
             nx = toks + BLOCK_N
-            slot_nx = tl.load(slots_ptr + nx, mask=nx < t1, other=0).to(tl.int64)
+            nxm = (nx < t1)[:, None] & dm[None, :]
+            k_nx = tl.load(k_head + slot_nx[:, None] * stride_ks + d[None, :], mask=nxm, other=0.0)
+            v_nx = tl.load(v_head + slot_nx[:, None] * stride_vs + d[None, :], mask=nxm, other=0.0)
             if MASKED:
                 tend = tend_nx
                 tend_nx = tl.load(end_ptr + nx, mask=nx < t1, other=-1)
+            nx2 = nx + BLOCK_N
+            slot_nx = tl.load(slots_ptr + nx2, mask=nx2 < t1, other=0).to(tl.int64)
         else:
-            slot = tl.load(slots_ptr + toks, mask=tv, other=0).to(tl.int64)
-            if MASKED:
-                tend = tl.load(end_ptr + toks, mask=tv, other=-1)
-        kv_mask = tv[:, None] & dm[None, :]
-        k = tl.load(k_head + slot[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)
+            if PREFETCH:
+                slot = slot_nx
+                nx = toks + BLOCK_N
+                slot_nx = tl.load(slots_ptr + nx, mask=nx < t1, other=0).to(tl.int64)
+                if MASKED:
+                    tend = tend_nx
+                    tend_nx = tl.load(end_ptr + nx, mask=nx < t1, other=-1)
+            else:
+                slot = tl.load(slots_ptr + toks, mask=tv, other=0).to(tl.int64)
+                if MASKED:
+                    tend = tl.load(end_ptr + toks, mask=tv, other=-1)
+            kv_mask = tv[:, None] & dm[None, :]
+            k = tl.load(k_head + slot[:, None] * stride_ks + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if MASKED:
             vis = (toks[None, :] <= qpos[:, None]) & (qpos[:, None] <= tend[None, :])
             s = tl.where(vis, s, float("-inf"))
         else:
             s = tl.where(tv[None, :], s, float("-inf"))  # the chunk's tail only
-        if EARLY_V:
+        if EARLY_V and not PREFETCH_KV:
             v = tl.load(v_head + slot[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if not EARLY_V:
+        if not EARLY_V and not PREFETCH_KV:
             v = tl.load(v_head + slot[:, None] * stride_vs + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
@@ -631,7 +665,9 @@ def _tree_attention_kernel(
     WRITE_LSE: tl.constexpr,
     EARLY_V: tl.constexpr,
     PREFETCH: tl.constexpr,
+    PREFETCH_KV: tl.constexpr,
     KV_FAST: tl.constexpr,
+    USE_DENSE: tl.constexpr,
 ):
     # 1-D grid over (item, KV head); KV_FAST: the KV heads of one item are neighbouring programs (they run together
     # and read the same cache rows, [slots, KVH, D], at the same time)
@@ -651,7 +687,9 @@ def _tree_attention_kernel(
     qhi = tl.load(meta + 3)
     prow0 = tl.load(meta + 4).to(tl.int64)  # partial row of query x = prow0 + x
     wide = tl.load(meta + 5)
-    dense = tl.load(meta + 6)  # every token of the chunk visible to every query of the tile: no visibility mask
+    dense = 0
+    if USE_DENSE:  # (else the unmasked tiles are not compiled: half the code and the shared memory)
+        dense = tl.load(meta + 6)  # every token of the chunk visible to every query of the tile: no mask
     if wide != 0:
         if dense != 0:
             _tree_tile(
@@ -659,7 +697,7 @@ def _tree_attention_kernel(
                 kvh, t0, t1, q0, qhi, prow0, qk_scale,
                 stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                 NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_WIDE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
-                PREFETCH, False,
+                PREFETCH, PREFETCH_KV, False,
             )  # fmt: skip
         else:
             _tree_tile(
@@ -667,7 +705,7 @@ def _tree_attention_kernel(
                 kvh, t0, t1, q0, qhi, prow0, qk_scale,
                 stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                 NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_WIDE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
-                PREFETCH, True,
+                PREFETCH, PREFETCH_KV, True,
             )  # fmt: skip
     else:
         if dense != 0:
@@ -676,7 +714,7 @@ def _tree_attention_kernel(
                 kvh, t0, t1, q0, qhi, prow0, qk_scale,
                 stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                 NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_NARROW, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
-                PREFETCH, False,
+                PREFETCH, PREFETCH_KV, False,
             )  # fmt: skip
         else:
             _tree_tile(
@@ -684,7 +722,7 @@ def _tree_attention_kernel(
                 kvh, t0, t1, q0, qhi, prow0, qk_scale,
                 stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                 NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_NARROW, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
-                PREFETCH, True,
+                PREFETCH, PREFETCH_KV, True,
             )  # fmt: skip
 
 
@@ -832,9 +870,12 @@ def _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o):
         WRITE_LSE=not plan.direct,
         EARLY_V=cfg["EARLY_V"],
         PREFETCH=cfg["PREFETCH"],
+        PREFETCH_KV=cfg["PREFETCH_KV"],
         KV_FAST=cfg["KV_FAST"],
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        USE_DENSE=cfg["DENSE"],
+        **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
     )
 
 

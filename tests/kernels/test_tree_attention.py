@@ -8,6 +8,7 @@ builders. Cache slots outside the layout hold NaN for the kernel: a single read 
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -487,11 +488,13 @@ def test_cuda_graph_capture_and_replay():
         dict(KV_FAST=False, EARLY_V=True),
         dict(MERGE_BLOCK_P=2, MERGE_HEADS=8, merge_warps=2),
         dict(BLOCK_M_WIDE=128, BLOCK_N=32, num_stages=3, PREFETCH=True),
+        dict(PREFETCH_KV=True),
+        dict(PREFETCH_KV=True, DENSE=False, BLOCK_M_WIDE=128, BLOCK_N=16),
     ],
 )
 def test_kernel_config_variants(device, config):
-    """The kernel's optional paths (hand-pipelined slot loads, program orders, early V loads, merge tiles that
-    need several blocks of partials per query) compute the same attention."""
+    """The kernel's optional paths (hand-pipelined slot loads or K/V loads, program orders, early V loads, merge
+    tiles that need several blocks of partials per query, no dense items) compute the same attention."""
     rng = random.Random(31)
     parents, lens = random_tree(rng, 3, (1, 3), lambda r, lvl: r.choice([1, 2, r.randint(1, 70)]), roots=2)
     layout, slots = tree_case(parents, lens, random_queries(rng, parents, lens, 24), seed=31)
@@ -538,3 +541,17 @@ def test_kernel_dense_items(device, wide_rows):
     assert int(masked.item_dense.sum()) == 0
     out2 = _run(layout, len(slots) + 7, 8, 2, 64, torch.float32, device, seed=41, plan=masked)
     torch.testing.assert_close(out, out2, atol=1e-5, rtol=1e-5)
+
+
+def test_plan_full_waves():
+    """FULL_WAVES: when the programs overshoot a wave, chunks shorten until the programs fill whole waves."""
+    layout = _fewshot_layout(4000, 50, 50)
+    base = plan_tree_attention(layout, 32, 8, 128, torch.float16, sms=132, config=dict(PROGRAMS_PER_SM=2))
+    full = plan_tree_attention(
+        layout, 32, 8, 128, torch.float16, sms=132, config=dict(PROGRAMS_PER_SM=2, FULL_WAVES=True)
+    )
+    _check_plan(layout, full, 4)
+    slots = 2 * 132
+    assert base.num_items * 8 > slots  # the default overshoots one wave ...
+    assert full.num_items > base.num_items  # ... FULL_WAVES cuts more, shorter chunks
+    assert full.num_items * 8 >= 0.9 * slots * math.ceil(base.num_items * 8 / slots)
