@@ -52,6 +52,7 @@ def tile_grid() -> list[dict]:
     for dense in (True, False):
         out.append(dict(BLOCK_M_WIDE=64, BLOCK_N=32, num_warps=4, num_stages=1, DENSE=dense, PREFETCH_KV=True))
         out.append(dict(BLOCK_M_WIDE=128, BLOCK_N=128, num_warps=8, num_stages=2, DENSE=dense))
+        out.append(dict(BLOCK_M_WIDE=64, BLOCK_M_NARROW=32, BLOCK_N=32, num_warps=4, num_stages=3, DENSE=dense))
     return out
 
 
@@ -59,7 +60,7 @@ def chunk_grid() -> list[dict]:
     return [
         dict(PARTIAL_FACTOR=pf, MAX_CHUNK=mx, MIN_CHUNK=mn, PROGRAMS_PER_SM=ps, FULL_WAVES=fw)
         for pf in (1, 2, 4)
-        for mx in (512, 1024, 2048)
+        for mx in (512, 1024, 2048, 4096)
         for mn in (64, 128)
         for ps in (2, 3, 4)
         for fw in (False, True)
