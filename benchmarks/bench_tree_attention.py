@@ -387,6 +387,30 @@ TUNE_GRID = [  # planner knobs (with the default tile config) ...
 ]
 
 
+def old_config(intensity: float) -> dict:
+    """tree_attention_config's values before the 2026-11-27 sweep (results/2026-11-27-tree-attention-h200.json)."""
+    return dict(
+        BLOCK_N=32 if intensity < 128 else 64,
+        BLOCK_M_NARROW=16,
+        BLOCK_M_WIDE=64,
+        num_warps=4,
+        num_stages=3,
+        EARLY_V=False,
+        PREFETCH=True,
+        PREFETCH_KV=False,
+        DENSE=False,
+        maxnreg=None,
+        PARTIAL_FACTOR=4,
+        MIN_CHUNK=128,
+        MAX_CHUNK=1024,
+        PROGRAMS_PER_SM=2,
+        FULL_WAVES=False,
+        MERGE_BLOCK_P=16,
+        MERGE_HEADS=2,
+        merge_warps=1,
+    )
+
+
 def _with_tiles(tile: dict | None):
     """Context: reldl.kernels.tree_attention.tree_attention_config overridden by `tile` (plan and kernel alike)."""
     import contextlib
@@ -451,6 +475,18 @@ def run_case(family, name, tree, cfg, dev, args, bw, rate=float("nan")) -> dict:
     except Exception as e:
         row["tree_error"] = f"{type(e).__name__}: {e}"[:300]
         traceback.print_exc()
+    if args.old and "tree_us" in row:
+        # the kernel as configured before the 2026-11-27 sweep (same code paths, previous defaults), same run
+        try:
+            p_old = K.plan_tree_attention(layout, h, kvh, d, dtype, config=old_config(plan.intensity))
+            fn = lambda: K.tree_attention(q, k_cache, v_cache, layout, scale, p_old)  # noqa: E731
+            row["old_err"] = err(fn())
+            ms, mode = bench(fn, dev, args.rep)
+            row["old_us"], row["old_mode"] = ms * 1e3, mode
+            row["old_plan"] = dict(chunks=p_old.num_chunks, items=p_old.num_items, partials=p_old.num_partials)
+            row["speedup_vs_old"] = row["old_us"] / row["tree_us"]
+        except Exception as e:
+            row["old_error"] = f"{type(e).__name__}: {e}"[:300]
     if args.tune and "tree_us" in row:
         best = None
         tol_case = 1e-2 if dtype != torch.float32 else 1e-4
@@ -516,7 +552,7 @@ def _fmt_us(row, m):
 def print_table(rows, tol):
     hdr = (
         f"{'case':<28}{'L':>6}{'Q':>5}{'floor':>7}{'cfloor':>7}{'tree us':>9}{'x floor':>8}{'target':>8}{'plan ms':>8}"
-        f"{'sdpa us':>16}{'paged us':>16}{'flex us':>16}{'cascade us':>16}{'max err':>9}"
+        f"{'old us':>16}{'sdpa us':>16}{'paged us':>16}{'flex us':>16}{'cascade us':>16}{'max err':>9}"
     )
     print(hdr)
     for r in rows:
@@ -529,8 +565,8 @@ def print_table(rows, tol):
         flag = "" if r.get("tree_err", float("inf")) <= tol else " BAD"
         print(
             f"{r['case']:<28}{r['tokens']:>6}{r['queries']:>5}{floor:>7.1f}{r['compute_floor_us']:>7.1f}{tree:>9}{ratio:>8}{target:>8}"
-            f"{r['plan_ms']:>8.2f}{_fmt_us(r, 'sdpa'):>16}{_fmt_us(r, 'paged'):>16}{_fmt_us(r, 'flex'):>16}"
-            f"{_fmt_us(r, 'cascade'):>16}{e:>9.1e}{flag}"
+            f"{r['plan_ms']:>8.2f}{_fmt_us(r, 'old'):>16}{_fmt_us(r, 'sdpa'):>16}{_fmt_us(r, 'paged'):>16}"
+            f"{_fmt_us(r, 'flex'):>16}{_fmt_us(r, 'cascade'):>16}{e:>9.1e}{flag}"
         )
     print(
         "us = microseconds (median; '*' = eager, CUDA-graph capture failed); (Nx) = tree's speedup over it; "
@@ -580,6 +616,7 @@ def main() -> None:
     ap.add_argument("--rep", type=int, default=30, help="do_bench rep (ms)")
     ap.add_argument("--tune", action="store_true", help="also sweep the planner's knobs per case (slow)")
     ap.add_argument("--only", default="", help="run only cases whose name contains this")
+    ap.add_argument("--old", action="store_true", help="also time the kernel with the previous default config")
     args = ap.parse_args()
     args.skip = set(s for s in args.skip.split(",") if s)
     cfg = PRESETS[args.preset]
