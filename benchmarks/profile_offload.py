@@ -76,7 +76,7 @@ def cpu_attention_bench(B: int = 24, H: int = 56, D: int = 128, S: int = 530, re
     at 4 * S * H * D FLOPs per sequence (the cost model's convention) and GB/s of cache read."""
     import torch
 
-    from reldl.llm.offload.layers import attention
+    from reldl.llm.offload.layers import attention, cpu_decode_attention
 
     g = torch.Generator().manual_seed(0)
     K = torch.randn(S, B, H, D, generator=g).half()
@@ -94,27 +94,15 @@ def cpu_attention_bench(B: int = 24, H: int = 56, D: int = 128, S: int = 530, re
         pr = torch.softmax(sc, -1).half()
         return torch.einsum("bhs,sbhd->bhd", pr, V).float()
 
-    def chunked(c=16):
-        qf = q[:, 0].float() * scale
-        sc = torch.empty(B, H, S)
-        for a in range(0, S, c):
-            sc[:, :, a : a + c] = torch.einsum("bhd,sbhd->bhs", qf, K[a : a + c].float())
-        pr = torch.softmax(sc, -1)
-        out = torch.zeros(B, H, D)
-        for a in range(0, S, c):
-            out += torch.einsum("bhs,sbhd->bhd", pr[:, :, a : a + c], V[a : a + c].float())
-        return out
-
-    def mulsum():
-        qf = q[:, 0].float() * scale
-        sc = (K.float() * qf).sum(-1).permute(1, 2, 0)
-        pr = torch.softmax(sc, -1)
-        return (V.float() * pr.permute(2, 0, 1)[..., None]).sum(0)
+    def chunked(c):
+        return lambda: cpu_decode_attention(q, K, V, mask, scale, chunk=c).view(B, H, D)
 
     out = {"threads": torch.get_num_threads()}
     flops = 4 * S * H * D * B
     nbytes = 2 * S * B * H * D * 2
-    for name, fn in [("current", current), ("einsum16", einsum16), ("chunked16", chunked), ("mulsum", mulsum)]:
+    variants = [("current", current), ("einsum16", einsum16)]
+    variants += [(f"cpu_decode_attention_c{c}", chunked(c)) for c in (16, 32, 128)]
+    for name, fn in variants:
         try:
             got = fn()
             err = (got - ref).abs().max().item()

@@ -642,9 +642,12 @@ class OffloadEngine:
                 t[s:] = new
             else:
                 store[s : s + T] = new
-                t = store[: s + T].float()
+                t = store[: s + T]  # read in place, converted chunk by chunk (cpu_decode_attention)
             full.append(t)
             cnt = "disk_write" if seg.tier == "disk" else "d2h"
             self.mover._count(cnt, nbytes(new))
-        out = layers.attention(qh.float(), full[0], full[1], mask.to(cpu), self.scale)
+        if T == 1:
+            out = layers.cpu_decode_attention(qh, full[0], full[1], mask.to(cpu), self.scale)
+        else:
+            out = layers.attention(qh.float(), full[0].float(), full[1].float(), mask.to(cpu), self.scale)
         return out.to(self.device, self.dtype)

@@ -191,3 +191,31 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     m = mask.repeat_interleave(gq, dim=1).unsqueeze(1) if gq > 1 else mask.unsqueeze(1)
     out = F.scaled_dot_product_attention(qg, kk.to(qg.dtype), vv.to(qg.dtype), attn_mask=m, scale=scale)
     return out.view(B, h, T, gq, D).permute(0, 2, 1, 3, 4).reshape(B, T, Hq * D)
+
+
+def cpu_decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, chunk: int = 32
+) -> torch.Tensor:
+    """Decode attention on the CPU (one query token per sequence) straight from the cache layout:
+    q [B, 1, h*g, D] (any float dtype), k / v [S, B, h, D] (fp16 / fp32, e.g. views of the pinned host cache),
+    mask [B, 1, S] bool -> [B, 1, h*g*D] float32.
+
+    Same math as `attention`, computed in float32 over chunks of `chunk` cache slots: each chunk is converted once
+    (small enough to stay in cache) and multiplied in place of its layout by batched GEMMs, so the fp16 cache is read
+    once per step and never copied whole to float32 (the cost of `attention(q.float(), k.float(), ...)`)."""
+    S, B, h, D = k.shape
+    Hq = q.shape[2]
+    g = Hq // h
+    N = B * h
+    qf = (q.reshape(B, h, g, D).float() * scale).reshape(N, g, D)
+    sc = torch.empty(N, g, S, dtype=torch.float32)
+    for a in range(0, S, chunk):
+        kc = k[a : a + chunk].reshape(-1, N, D).float()  # [c, N, D]
+        sc[:, :, a : a + kc.shape[0]] = torch.bmm(qf, kc.permute(1, 2, 0))
+    sc = sc.view(B, h * g, S).masked_fill_(~mask, float("-inf"))
+    p = torch.softmax(sc, dim=-1).view(N, g, S)
+    out = torch.zeros(N, g, D, dtype=torch.float32)
+    for a in range(0, S, chunk):
+        vc = v[a : a + chunk].reshape(-1, N, D).float()
+        out.baddbmm_(p[:, :, a : a + vc.shape[0]], vc.permute(1, 0, 2))
+    return out.view(B, 1, Hq * D)

@@ -194,7 +194,17 @@ def measure_attention(device: str = "cpu", batch: int = 8, heads: int = 32, ctx:
     import torch
     import torch.nn.functional as F
 
-    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    if not str(device).startswith("cuda"):
+        # the executor's CPU path: layers.cpu_decode_attention over an fp16 cache in its [S, B, h, D] layout
+        from reldl.llm.offload.layers import cpu_decode_attention
+
+        k = torch.randn(ctx, batch, heads, head_dim).half()
+        v = torch.randn_like(k)
+        q = torch.randn(batch, 1, heads, head_dim)
+        mask = torch.ones(batch, 1, ctx, dtype=torch.bool)
+        secs = _best_seconds(lambda: cpu_decode_attention(q, k, v, mask, head_dim**-0.5), lambda: None)
+        return 4 * batch * ctx * heads * head_dim / secs
+    dtype = torch.float16
     q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=dtype)
     k = torch.randn(batch, heads, ctx, head_dim, device=device, dtype=dtype)
     v = torch.randn_like(k)
@@ -248,7 +258,7 @@ def measure_host(device: str = "cuda", disk_path: str | None = None, quick: bool
         gpu_flops=gflops,
         gpu_mem_bw=gbw,
         gpu_attn_flops=measure_attention(device, ctx=512 if quick else 2048),
-        cpu_attn_flops=measure_attention("cpu", batch=2 if quick else 8, ctx=512 if quick else 1024),
+        cpu_attn_flops=measure_attention("cpu", batch=8 if quick else 16, ctx=512 if quick else 1024),
     )
 
 
