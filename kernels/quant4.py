@@ -482,11 +482,10 @@ GEMV_PARTIAL_FRACTION = 8  # split-K partials (4 bytes per split and row) at mos
 # per SM (small M is bound by the 4-bit weight bytes: enough loads in flight); 0: never split.
 # H100 sweep (fp16, OPT-30B shapes, CUDA graphs, `bench_quant4.py --sweep`): see benchmarks/RESULTS.md.
 GEMM_CONFIGS = {
-    8: dict(BLOCK_N=64, BLOCK_M=16, NG=2, GROUP_N=8, DEQ=2, SWAP=True, PROGRAMS_PER_SM=8, num_warps=4, num_stages=4),
-    16: dict(BLOCK_N=128, BLOCK_M=16, NG=2, GROUP_N=8, DEQ=2, SWAP=True, PROGRAMS_PER_SM=2, num_warps=4, num_stages=3),
-    64: dict(BLOCK_N=128, BLOCK_M=64, NG=2, GROUP_N=8, DEQ=1, SWAP=True, PROGRAMS_PER_SM=2, num_warps=4, num_stages=3),
+    16: dict(BLOCK_N=64, BLOCK_M=16, NG=2, GROUP_N=8, DEQ=2, SWAP=True, PROGRAMS_PER_SM=8, num_warps=4, num_stages=4),
+    64: dict(BLOCK_N=64, BLOCK_M=64, NG=4, GROUP_N=8, DEQ=2, SWAP=True, PROGRAMS_PER_SM=4, num_warps=4, num_stages=3),
     None: dict(
-        BLOCK_N=128, BLOCK_M=64, NG=2, GROUP_N=8, DEQ=2, SWAP=True, PROGRAMS_PER_SM=1, num_warps=4, num_stages=4
+        BLOCK_N=128, BLOCK_M=128, NG=1, GROUP_N=8, DEQ=2, SWAP=True, PROGRAMS_PER_SM=1, num_warps=8, num_stages=4
     ),
 }
 GEMM_PARTIAL_FRACTION = 4  # split-K partials (4 bytes per split, row and output) at most 1/this of the weight bytes
