@@ -254,18 +254,34 @@ ELEMENTWISE: dict[str, tuple[int, Callable[..., exp.Expression]]] = {
 # ---------------------------------------------------------------------------------------------------------------------
 # element-wise expressions as numpy: what a fused tile kernel applies to its input inside its UDF
 
+
+def _nan_last(op: Callable, a: Any, b: Any, nan_a: bool = False, both: bool = False) -> Any:
+    """``op(a, b)`` with DuckDB's ordering of NaN: above every other number and equal to itself (so NaN > 0 is
+    true in SQL, where IEEE says false). ``nan_a``: true where ``a`` is NaN and ``b`` is not; ``both``: true where
+    both are NaN."""
+    out = np.asarray(op(a, b))
+    na, nb = np.isnan(a), np.isnan(b)
+    if not (np.any(na) or np.any(nb)):
+        return out
+    if nan_a:
+        out = out | (na & ~nb)
+    if both:
+        out = out | (na & nb)
+    return out
+
+
 _NP_BINARY: dict[type, Callable[[Any, Any], Any]] = {
     exp.Add: np.add,
     exp.Sub: np.subtract,
     exp.Mul: np.multiply,
     exp.Div: np.divide,
     exp.Pow: np.power,
-    exp.GT: np.greater,
-    exp.GTE: np.greater_equal,
-    exp.LT: np.less,
-    exp.LTE: np.less_equal,
-    exp.EQ: np.equal,
-    exp.NEQ: np.not_equal,
+    exp.GT: lambda a, b: _nan_last(np.greater, a, b, nan_a=True),
+    exp.GTE: lambda a, b: _nan_last(np.greater_equal, a, b, nan_a=True, both=True),
+    exp.LT: lambda a, b: _nan_last(np.greater, b, a, nan_a=True),
+    exp.LTE: lambda a, b: _nan_last(np.greater_equal, b, a, nan_a=True, both=True),
+    exp.EQ: lambda a, b: _nan_last(np.equal, a, b, both=True),
+    exp.NEQ: lambda a, b: ~_nan_last(np.equal, a, b, both=True),
     exp.And: np.logical_and,
     exp.Or: np.logical_or,
 }

@@ -463,6 +463,39 @@ def test_numpy_elementwise_matches_duckdb(con, name):
         np.testing.assert_allclose(fn(v), expected, rtol=1e-15, atol=0)
 
 
+def test_numpy_case_with_zero_default_matches_duckdb_on_special_values(con):
+    """relu and its derivative (CASE ... ELSE 0, computed as a multiply by the mask) give DuckDB's values on
+    infinities, NaN and signed zeros too; bce_logits' partials (with sign()) on finite values."""
+    from reldl.autodiff.kernels import elementwise, numpy_function
+
+    v = np.array([-np.inf, -2.0, -0.0, 0.0, 1e-300, 2.0, np.inf, np.nan])
+    con.register("special", pa.table({"__a0": v}))
+    k = elementwise("relu")
+    for tree in (k.template, k.partial(0)):
+        expected = np.array([r[0] for r in con.execute(f"SELECT {tree.sql('duckdb')} FROM special").fetchall()])
+        np.testing.assert_array_equal(numpy_function(tree)(v), expected)
+    z, y = np.array([-3.0, -0.5, 0.0, 0.5, 3.0]), np.array([1.0, 0.0, 1.0, 0.0, 1.0])
+    con.register("pairs", pa.table({"__a0": z, "__a1": y}))
+    k = elementwise("bce_logits")
+    for tree in (k.template, k.partial(0), k.partial(1)):
+        expected = [r[0] for r in con.execute(f"SELECT {tree.sql('duckdb')} FROM pairs").fetchall()]
+        np.testing.assert_allclose(numpy_function(tree, 2)(z, y), expected, rtol=1e-15, atol=0)
+
+
+def test_numpy_comparisons_order_nan_as_duckdb_does(con):
+    import sqlglot
+
+    from reldl.autodiff.kernels import numpy_function
+
+    vals = [-np.inf, -1.0, 0.0, 1.0, np.inf, np.nan]
+    a, b = (np.array(x) for x in zip(*[(p, q) for p in vals for q in vals]))
+    con.register("cmp", pa.table({"__a0": a, "__a1": b}))
+    for op in ("<", "<=", ">", ">=", "=", "<>"):
+        sql = f"CASE WHEN __a0 {op} __a1 THEN 1.0 ELSE 0.0 END"
+        expected = np.array([float(r[0]) for r in con.execute(f"SELECT {sql} FROM cmp").fetchall()])
+        np.testing.assert_array_equal(numpy_function(sqlglot.parse_one(sql), 2)(a, b), expected, err_msg=op)
+
+
 def test_numpy_elementwise_refuses_what_it_cannot_compute():
     import sqlglot
 
