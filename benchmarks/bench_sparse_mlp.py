@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib
 import json
 import os
 import platform
@@ -53,6 +54,8 @@ def parse_args():
     ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager timings")
     ap.add_argument("--peak-gbps", type=float, default=None, help="HBM bandwidth for the %%-of-peak column")
+    ap.add_argument("--rep", type=int, default=100, help="ms of timed calls per measurement (triton do_bench)")
+    ap.add_argument("--no-variants", action="store_true", help="only the default kernels (no side-by-side variants)")
     args = ap.parse_args()
     cpu = args.preset == "cpu"
     args.batches = args.batches or ([1, 4] if cpu else [1, 4, 16])
@@ -70,6 +73,8 @@ import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
 import reldl.kernels as K  # noqa: E402
+
+SM = importlib.import_module("reldl.kernels.sparse_mlp")  # the module (reldl.kernels.sparse_mlp is the function)
 
 GPU = ARGS.preset == "gpu"
 
@@ -93,8 +98,8 @@ def bench(fns, graph: bool) -> float:
             times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times) / len(fns)
     if graph:
-        return triton.testing.do_bench_cudagraph(run_all, rep=100, return_mode="median") / len(fns)
-    return triton.testing.do_bench(run_all, warmup=25, rep=100, return_mode="median") / len(fns)
+        return triton.testing.do_bench_cudagraph(run_all, rep=ARGS.rep, return_mode="median") / len(fns)
+    return triton.testing.do_bench(run_all, warmup=25, rep=ARGS.rep, return_mode="median") / len(fns)
 
 
 def timings(fns) -> dict:
@@ -108,6 +113,71 @@ def timings(fns) -> dict:
 
 def best_ms(t: dict) -> float:
     return t.get("graph_ms", t.get("eager_ms"))
+
+
+# side-by-side variants of the kernels' settings (reldl.kernels.sparse_mlp module attributes, FUSED keys), each timed
+# like the default in the same run: "pdl" = programmatic dependent launch between the unfused kernels; "fused ..." =
+# the one-launch batch-1 ReLU kernel; TEAL: "walk" = the kernel visiting every input row, "compact" = inputs compacted
+# on the device, "compact-in" = only the MLP input compacted, forced sparse at every batch; "dense" = the thresholded
+# dense fallback
+RELU_VARIANTS = {
+    "pdl": {"attrs": {"PDL": True}},
+    "fused r8 d1024": {"fused": {"MAX_BYTES": None, "MAX_ROWS": 8, "PROGRAMS_PER_SM": 1, "BLOCK_D": 1024}, "b1": 1},
+    "fused r4 d2048 w8": {
+        "fused": {"MAX_BYTES": None, "MAX_ROWS": 4, "PROGRAMS_PER_SM": 2, "BLOCK_D": 2048, "num_warps": 8},
+        "b1": 1,
+    },
+}
+_SPARSE = {"TEAL_MAX_SPARSE_BATCH": 1 << 20}
+TEAL_VARIANTS = {
+    "walk": {"attrs": dict(_SPARSE, TEAL_COMPACT=False)},
+    "compact": {"attrs": dict(_SPARSE, TEAL_COMPACT=True, TEAL_COMPACT_MID=True)},
+    "compact-in": {"attrs": dict(_SPARSE, TEAL_COMPACT=True, TEAL_COMPACT_MID=False)},
+    "walk pdl": {"attrs": dict(_SPARSE, TEAL_COMPACT=False, PDL=True)},
+    "compact pdl": {"attrs": dict(_SPARSE, TEAL_COMPACT=True, TEAL_COMPACT_MID=True, PDL=True)},
+    "compact-in pdl": {"attrs": dict(_SPARSE, TEAL_COMPACT=True, TEAL_COMPACT_MID=False, PDL=True)},
+    "dense": {"attrs": {"TEAL_MAX_SPARSE_BATCH": 0}},
+}
+
+
+class patched:
+    """Within the block, the kernels run with a variant's settings."""
+
+    def __init__(self, variant: dict):
+        self.attrs, self.fused = variant.get("attrs", {}), variant.get("fused", {})
+
+    def __enter__(self):
+        self.saved = {a: getattr(SM, a) for a in self.attrs}, dict(SM.FUSED)
+        for a, v in self.attrs.items():
+            setattr(SM, a, v)
+        SM.FUSED.update(self.fused)
+
+    def __exit__(self, *exc):
+        attrs, fused = self.saved
+        for a, v in attrs.items():
+            setattr(SM, a, v)
+        SM.FUSED.clear()
+        SM.FUSED.update(fused)
+
+
+def run_variants(table: dict, batch: int, fns, check, key: str, errors: dict, checked: bool) -> dict:
+    """Graph-timed ms of `fns` under each applicable variant (the first failure of one is recorded, not raised)."""
+    out = {}
+    if ARGS.no_variants or not GPU:
+        return out
+    for name, v in table.items():
+        if v.get("b1") and batch != 1:
+            continue
+        try:
+            with patched(v):
+                if checked:
+                    errors[f"{key} [{name}]"] = check()
+                out[name] = bench(fns, True)
+        except Exception as e:  # noqa: BLE001 - a broken variant is reported, the rest still run
+            out[name] = None
+            errors[f"{key} [{name}] failed"] = float("inf")
+            print(f"  variant {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    return out
 
 
 def free():
@@ -153,7 +223,18 @@ def relu_case(name, d, n, dtype, dev, rows, errors):
                 key = f"{name} relu B={batch} density={density}"
                 errors[key] = scaled_err(got, want)
                 print(f"  check {key:<44} scaled err {errors[key]:.2e}{'  FAIL' if errors[key] > TOL else ''}")
-            sparse_t = timings([lambda x=x, s=s: K.sparse_mlp(x, w1, b1, w2t, b2, s) for x, s in zip(xs, sets)])
+            fns = [lambda x=x, s=s: K.sparse_mlp(x, w1, b1, w2t, b2, s) for x, s in zip(xs, sets)]
+            sparse_t = timings(fns)
+            want0 = K.sparse_mlp_reference(xs[0], w1, b1, w2t, b2, sets[0])
+            variants = run_variants(
+                RELU_VARIANTS,
+                batch,
+                fns,
+                lambda x=xs[0], s=sets[0], w=want0: scaled_err(K.sparse_mlp(x, w1, b1, w2t, b2, s), w),
+                f"{name} relu B={batch} density={density}",
+                errors,
+                checked=True,
+            )
             scores = rand(batch, n, dtype=dtype, dev=dev)
             select_t = timings([lambda s=scores, p=density: K.select_neurons(s, density=p)])
             read = 2 * k * d * el
@@ -169,6 +250,7 @@ def relu_case(name, d, n, dtype, dev, rows, errors):
                 dense=dense_t,
                 sparse=sparse_t,
                 select=select_t,
+                variants_graph_ms=variants,
                 bytes_read=read,
                 dense_bytes=dense_bytes,
                 target_speedup=(0.6 / density) if batch == 1 else None,
@@ -220,7 +302,18 @@ def swiglu_case(name, d, n, dtype, dev, rows, errors):
                     key = f"{name} teal B={batch} density={density} index={use_index}"
                     errors[key] = scaled_err(got, want)
                     print(f"  check {key:<44} scaled err {errors[key]:.2e}{'  FAIL' if errors[key] > TOL else ''}")
-            sparse_t = timings([lambda x=x, a=t_in, b=t_mid: K.sparse_swiglu_mlp(x, wg, wu, wd, a, b) for x in xs[:m]])
+            fns = [lambda x=x, a=t_in, b=t_mid: K.sparse_swiglu_mlp(x, wg, wu, wd, a, b) for x in xs[:m]]
+            sparse_t = timings(fns)
+            want0 = K.sparse_swiglu_mlp_reference(xs[0], wg, wu, wd, t_in, t_mid)
+            variants = run_variants(
+                TEAL_VARIANTS,
+                batch,
+                fns,
+                lambda x=xs[0], a=t_in, b=t_mid, w=want0: scaled_err(K.sparse_swiglu_mlp(x, wg, wu, wd, a, b), w),
+                f"{name} teal B={batch} density={density}",
+                errors,
+                checked=density == ARGS.densities[0] or density == 0.5,
+            )
             saved = ARGS.no_graph
             ARGS.no_graph = True  # torch.nonzero syncs: eager only
             index_t = timings(
@@ -243,6 +336,8 @@ def swiglu_case(name, d, n, dtype, dev, rows, errors):
                 dense=dense_t,
                 sparse=sparse_t,
                 sparse_with_index=index_t,
+                path="sparse" if batch <= SM.TEAL_MAX_SPARSE_BATCH else "dense fallback",
+                variants_graph_ms=variants,
                 bytes_read=read,
                 dense_bytes=dense_bytes,
                 target_speedup=1.3 if density == 0.5 and batch == 1 else None,
@@ -280,10 +375,15 @@ def line(r) -> str:
     pct = f"{r['sparse_pct_of_peak']:.0f}" if "sparse_pct_of_peak" in r else "-"
     sel = f"{best_ms(r['select']):.4f}" if "select" in r else "-"
     idx = f"{best_ms(r['sparse_with_index']):.4f}" if "sparse_with_index" in r else "-"
+    dense_ms = best_ms(r["dense"])
+    var = "".join(
+        f"  {k} " + ("fail" if v is None else f"{v:.4f} ({dense_ms / v:.2f}x)")
+        for k, v in r.get("variants_graph_ms", {}).items()
+    )
     return (
         f"{r['shape']:<12}{r['kind']:<12}{r['batch']:>3}{r['density']:>6.2f}{best_ms(r['dense']):>10.4f}"
         f"{best_ms(r['sparse']):>10.4f}{r['speedup']:>8.2f}x{tgt:>8}{r['sparse_gbps']:>12.0f}{r['dense_gbps']:>11.0f}"
-        f"{pct:>7}{r['bytes_read'] / 1e6:>9.1f}{sel:>10}{idx:>9}"
+        f"{pct:>7}{r['bytes_read'] / 1e6:>9.1f}{sel:>10}{idx:>9}{var}"
     )
 
 
@@ -354,7 +454,16 @@ def main() -> None:
         ),
         "bytes": "bytes_read = weight bytes of the selected rows actually read; dense_bytes = all MLP weights",
         "targets": {"relu_b1": "speedup >= 0.6 / density", "teal_50pct_b1": "speedup >= 1.3"},
-        "configs": {"up_tiles": _tiles("UP_TILES"), "down_tiles": _tiles("DOWN_TILES")},
+        "configs": {
+            "up_tiles": SM.UP_TILES,
+            "down_tiles": SM.DOWN_TILES,
+            "fused": SM.FUSED,
+            "pdl": SM.PDL,
+            "teal_compact": SM.TEAL_COMPACT,
+            "teal_compact_mid": SM.TEAL_COMPACT_MID,
+            "teal_max_sparse_batch": SM.TEAL_MAX_SPARSE_BATCH,
+        },
+        "variants": {"relu": RELU_VARIANTS, "swiglu-teal": TEAL_VARIANTS},
         "rows": rows,
         "errors_vs_float32_reference": errors,
     }
@@ -362,12 +471,6 @@ def main() -> None:
     print(f"wrote {out}")
     if bad:
         sys.exit(f"bench_sparse_mlp: over tolerance {TOL}: {bad}")
-
-
-def _tiles(name):
-    import importlib
-
-    return getattr(importlib.import_module("reldl.kernels.sparse_mlp"), name)
 
 
 PEAK = None

@@ -37,12 +37,13 @@ the number of selected neurons becomes a shape). TEAL without an index needs no 
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
 import torch.nn.functional as F
 
-from reldl.kernels._triton import cdiv, next_pow2, require_triton, tl, triton
+from reldl.kernels._triton import cdiv, interpreting, next_pow2, require_triton, tl, triton
 from reldl.kernels.paged_attention import num_sms
 
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
@@ -254,7 +255,11 @@ def _rows_dot_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch: let the next kernel start launching, wait for the previous one
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -329,7 +334,11 @@ def _gather_matmul_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch: let the next kernel start launching, wait for the previous one
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
     if K_PTR:  # k counted on the device (`_compact_kernel`): the splits share its blocks evenly
@@ -507,10 +516,14 @@ def _compact_kernel(
     stride_ab,
     stride_ob,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """TEAL's input, compacted on the device: the dimensions i with |a[b, i]| > threshold for some row b, in order:
     idx[0:count] = i, out[b, 0:count] = s(a[b, i]) (entries at or under the threshold zeroed), cnt[0] = count. One
     program over the whole input (n <= BLOCK); no host sync."""
+    if PDL:  # programmatic dependent launch: let the next kernel start launching, wait for the previous one
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     i = tl.arange(0, BLOCK)
     m = i < n
     keep = tl.zeros([BLOCK], dtype=tl.int32)
@@ -564,7 +577,11 @@ def _reduce_kernel(
     ACT: tl.constexpr,
     GLU: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # programmatic dependent launch: let the next kernel start launching, wait for the previous one
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < N
@@ -658,7 +675,7 @@ FUSED = {
     "RED_P": 32,
     "RED_C": 64,
     "IN_KERNEL": True,
-    "MAX_BYTES": None,
+    "MAX_BYTES": 0,  # off: slower than the unfused kernels at every benchmark shape (H100 sweep, RESULTS.md)
 }
 
 
@@ -686,14 +703,32 @@ def use_fused(batch: int, k: int, d: int, dtype: torch.dtype) -> bool:
 # `sparse_swiglu_mlp` runs the thresholded dense MLP (cuBLAS) for batches over TEAL_MAX_SPARSE_BATCH rows: there the
 # union of the rows' kept inputs is most of them, and gathering them is slower than reading everything
 TEAL_COMPACT = True
+TEAL_COMPACT_MID = True  # False: `sparse_swiglu_mlp` compacts its input only, the down projection walks every row
 TEAL_COMPACT_MAX = 1 << 16
 TEAL_MAX_SPARSE_BATCH = 1
 
 _LAUNCH_KEYS = ("num_warps", "num_stages")
 
+# programmatic dependent launch (Hopper+, compiled only) for the unfused kernels: each lets the next one launch at
+# its start and waits for the previous one before touching memory (see `_pdl`)
+PDL = False
 
-def _launch_opts(cfg: dict, *keys: str) -> dict:
-    return {k: cfg[k] for k in keys + _LAUNCH_KEYS if k in cfg}
+
+def _pdl(device: torch.device) -> dict:
+    """Launch options for PDL where it applies (a CUDA device of compute capability >= 9, not interpreted)."""
+    if not PDL or device.type != "cuda" or interpreting() or _major(device.index) < 9:
+        return {}
+    return {"PDL": True, "launch_pdl": True}
+
+
+@functools.cache
+def _major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _launch_opts(cfg: dict, *keys: str, device: torch.device | None = None) -> dict:
+    opts = {k: cfg[k] for k in keys + _LAUNCH_KEYS if k in cfg}
+    return opts if device is None else dict(opts, **_pdl(device))
 
 
 def _act_code(act: str) -> int:
@@ -741,6 +776,7 @@ def _reduce(part, out, n_cols, splits, bias=None, idx=None, act=0, glu=False, bl
         GLU=glu,
         BLOCK=block,
         num_warps=4,
+        **_pdl(out.device),
     )
 
 
@@ -818,7 +854,7 @@ def _gather_matmul(
         HAS_BIAS=bias is not None,
         K_PTR=k_ptr is not None,
         DOT_PREC=_dot_prec(w.dtype),
-        **_launch_opts(cfg, "BLOCK_B", "BLOCK_K", "BLOCK_N"),
+        **_launch_opts(cfg, "BLOCK_B", "BLOCK_K", "BLOCK_N", device=w.device),
     )
     if not direct:
         _reduce(part, out, n_out, splits, bias=bias, glu=dual)
@@ -875,7 +911,7 @@ def _up_partials(x, w1, b1, idx, act_code, out_h=None):
         ACT=act_code,
         FINAL=final,
         DOT_PREC=_dot_prec(w1.dtype),
-        **_launch_opts(cfg, "BLOCK_B", "BLOCK_N", "BLOCK_D"),
+        **_launch_opts(cfg, "BLOCK_B", "BLOCK_N", "BLOCK_D", device=w1.device),
     )
     return out, split
 
@@ -1045,16 +1081,19 @@ def _compact(a: torch.Tensor, threshold: float | None):
     block = max(16, next_pow2(n))
     thr = -1.0 if threshold is None else float(threshold)
     nw = min(32, max(4, block // 1024))
-    _compact_kernel[(1,)](a, out, idx, cnt, batch, n, thr, a.stride(0), out.stride(0), BLOCK=block, num_warps=nw)
+    _compact_kernel[(1,)](
+        a, out, idx, cnt, batch, n, thr, a.stride(0), out.stride(0), BLOCK=block, num_warps=nw, **_pdl(a.device)
+    )
     return out, idx, cnt
 
 
-def _teal_matmul(x, w_t, out, threshold, idx, **kw) -> None:
+def _teal_matmul(x, w_t, out, threshold, idx, compact=None, **kw) -> None:
     """out = s(x) @ w_t (kernel 2 on the thresholded input, batch chunk by chunk): rows idx of w_t when given; else
     the rows of the inputs kept for some row of the chunk, compacted on the device (`_compact_kernel`, the row count
     read by kernel 2 from device memory), or with TEAL_COMPACT off every row, zero-input rows skipped by masked loads.
     `kw`: bias, or w2 for the fused gate/up."""
-    if idx is None and TEAL_COMPACT and 0 < x.shape[1] <= TEAL_COMPACT_MAX:
+    compact = TEAL_COMPACT if compact is None else compact
+    if idx is None and compact and 0 < x.shape[1] <= TEAL_COMPACT_MAX:
         for lo, hi in _chunks(x.shape[0]):
             if hi == lo:
                 continue
@@ -1120,6 +1159,20 @@ def _threshold(a: torch.Tensor, threshold: float | None) -> torch.Tensor:
     return out
 
 
+_MM_OUT_DTYPE = [True]
+
+
+def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result (as the sparse kernels and the references compute gate and up): torch.mm's
+    out_dtype for half-precision CUDA inputs where this torch has it, else the plain product."""
+    if a.dtype in (torch.float16, torch.bfloat16) and a.is_cuda and _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            _MM_OUT_DTYPE[0] = False
+    return (a @ b).contiguous()
+
+
 def _dense_swiglu(x, w_gate_t, w_up_t, w_down_t, threshold_in, threshold_mid) -> torch.Tensor:
     """The same TEAL MLP over all the weights: thresholded input, three torch matmuls (cuBLAS on the GPU) and one
     kernel for h = s_mid(silu(g) * u). For batches whose union of kept inputs is most of them
@@ -1131,9 +1184,9 @@ def _dense_swiglu(x, w_gate_t, w_up_t, w_down_t, threshold_in, threshold_mid) ->
     if w_gate_t.shape[0] != x.shape[1] or w_up_t.shape != w_gate_t.shape:
         raise ValueError(f"{fn}: weights {tuple(w_gate_t.shape)}, {tuple(w_up_t.shape)} for {x.shape[1]} features")
     xs = _threshold(x, threshold_in)
-    g = (xs @ w_gate_t).contiguous()
-    u = (xs @ w_up_t).contiguous()
-    h = torch.empty_like(g)
+    g = _mm_float32(xs, w_gate_t)
+    u = _mm_float32(xs, w_up_t)
+    h = torch.empty(g.shape, dtype=x.dtype, device=x.device)
     n = g.numel()
     if n:
         thr = -1.0 if threshold_mid is None else float(threshold_mid)
@@ -1169,4 +1222,6 @@ def sparse_swiglu_mlp(
     idx_mid = None
     if use_index:
         idx_mid = select_neurons(h, threshold=threshold_mid if threshold_mid is not None else -1.0, absolute=True)
-    return teal_linear(h, w_down_t, threshold_mid, idx_mid)
+    y = torch.empty((h.shape[0], w_down_t.shape[1]), dtype=h.dtype, device=h.device)
+    _teal_matmul(h, w_down_t, y, threshold_mid, idx_mid, compact=TEAL_COMPACT and TEAL_COMPACT_MID)
+    return y

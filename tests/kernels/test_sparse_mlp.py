@@ -38,19 +38,21 @@ def tiles(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["compact", "walk", "dense"])
+@pytest.fixture(params=["compact", "compact-in", "walk", "dense"])
 def teal_path(request, monkeypatch):
-    """TEAL's no-index paths: 'compact' (the input compacted on the device, every batch size sparse), 'walk' (the
-    older kernel visiting every row), 'dense' (`sparse_swiglu_mlp`'s thresholded dense MLP, at every batch size)."""
+    """TEAL's no-index paths: 'compact' (inputs compacted on the device, every batch size sparse), 'compact-in' (only
+    the MLP input compacted), 'walk' (the kernel visiting every row), 'dense' (`sparse_swiglu_mlp`'s thresholded
+    dense MLP, at every batch size)."""
     monkeypatch.setattr(SM, "TEAL_MAX_SPARSE_BATCH", 0 if request.param == "dense" else 1 << 20)
     monkeypatch.setattr(SM, "TEAL_COMPACT", request.param != "walk")
+    monkeypatch.setattr(SM, "TEAL_COMPACT_MID", request.param != "compact-in")
     return request.param
 
 
 FUSED_VARIANTS = {
-    "one-row": {"MAX_ROWS": 1},
-    "five-rows": {"MAX_ROWS": 5, "PROGRAMS_PER_SM": 1e-3, "BLOCK_D": 16, "RED_P": 4, "RED_C": 8},
-    "two-launches": {"MAX_ROWS": 3, "PROGRAMS_PER_SM": 1e-3, "IN_KERNEL": False},
+    "one-row": {"MAX_ROWS": 1, "MAX_BYTES": None},
+    "five-rows": {"MAX_ROWS": 5, "PROGRAMS_PER_SM": 1e-3, "BLOCK_D": 16, "RED_P": 4, "RED_C": 8, "MAX_BYTES": None},
+    "two-launches": {"MAX_ROWS": 3, "PROGRAMS_PER_SM": 1e-3, "IN_KERNEL": False, "MAX_BYTES": None},
     "unfused": {"MAX_BYTES": 0},
 }
 
@@ -428,13 +430,17 @@ def test_configs_for_the_benchmark_shapes():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
-def test_cuda_graph_capture(device):
+@pytest.mark.parametrize("variant", ["default", "fused", "pdl"])
+def test_cuda_graph_capture(device, variant, monkeypatch):
+    if variant == "fused":
+        monkeypatch.setitem(SM.FUSED, "MAX_BYTES", None)
+    monkeypatch.setattr(SM, "PDL", variant == "pdl")
     w1, b1, w2t, b2 = mlp_weights(512, 256, seed=121, dtype=torch.float16, device=device)
     wg, wu, wd = swiglu_weights(384, 256, seed=122, dtype=torch.float16, device=device)
     x = randn(4, 256, seed=123, dtype=torch.float16, device=device)
     idx = K.select_neurons(x @ w1.T, density=0.1)
 
-    def step():  # batch 1: the fused kernel (reducing in the same launch) and TEAL's compacted path
+    def step():  # batch 4 and batch 1 of each MLP (TEAL at batch 4: the dense fallback)
         return (
             K.sparse_mlp(x, w1, b1, w2t, b2, idx),
             K.sparse_swiglu_mlp(x, wg, wu, wd, 0.5, 0.05),

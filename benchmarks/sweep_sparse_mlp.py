@@ -1,0 +1,235 @@
+"""Side-by-side variants of the contextual-sparsity MLP kernels (issue 7) against dense torch, in one GPU run.
+
+    python benchmarks/sweep_sparse_mlp.py [--out sweep.json] [--rep 30] [--quick]
+
+ReLU (DejaVu) at batch 1 on the OPT shapes: the unfused three-kernel path and variants of the fused kernel
+(`FUSED` settings: programs per SM, rows per program, tiles, warps, reducers, one launch or two). TEAL (SwiGLU,
+Llama-2-7B) at batch 1, 4, 16: the older row-walking kernel, the compacted path with a few tile settings, and the
+thresholded dense fallback. Same method as bench_sparse_mlp.py: CUDA-graph medians (triton do_bench_cudagraph), each
+timed call cycling through up to 16 disjoint neuron sets / inputs so no call finds its rows in L2; dense baseline in
+the same run. Every variant is first checked in float16 against the float32 reference (scaled error printed).
+"""
+
+# ruff: noqa: B023  (the lambdas run inside the loop iteration that made them)
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+import reldl.kernels as K
+
+SM = importlib.import_module("reldl.kernels.sparse_mlp")
+ROT = 16
+TOL = 5e-3
+
+RELU_SHAPES = {"opt-13b": (5120, 20480), "opt-30b": (7168, 28672), "opt-175b": (12288, 49152)}
+FUSED_VARIANTS = {
+    "unfused": {"MAX_BYTES": 0},
+    "F pps1": {"PROGRAMS_PER_SM": 1},
+    "F pps2": {"PROGRAMS_PER_SM": 2},
+    "F pps4": {"PROGRAMS_PER_SM": 4},
+    "F pps1 w8": {"PROGRAMS_PER_SM": 1, "num_warps": 8},
+    "F pps2 w8": {"PROGRAMS_PER_SM": 2, "num_warps": 8},
+    "F pps2 bd256": {"PROGRAMS_PER_SM": 2, "BLOCK_D": 256},
+    "F pps2 bd1024 w8": {"PROGRAMS_PER_SM": 2, "BLOCK_D": 1024, "num_warps": 8},
+    "F pps2 red32": {"PROGRAMS_PER_SM": 2, "REDUCERS": 32},
+    "F pps2 2launch": {"PROGRAMS_PER_SM": 2, "IN_KERNEL": False},
+    "F pps2 rows32 w8": {"PROGRAMS_PER_SM": 2, "MAX_ROWS": 32, "num_warps": 8},
+}
+TEAL_VARIANTS = {
+    "walk (old)": {"TEAL_COMPACT": False, "TEAL_MAX_SPARSE_BATCH": 1 << 20},
+    "compact": {"TEAL_MAX_SPARSE_BATCH": 1 << 20},
+    "compact k32n256": {"TEAL_MAX_SPARSE_BATCH": 1 << 20, "gemv": {"BLOCK_K": 32, "BLOCK_N": 256}},
+    "compact k128n64": {"TEAL_MAX_SPARSE_BATCH": 1 << 20, "gemv": {"BLOCK_K": 128, "BLOCK_N": 64}},
+    "compact w8": {"TEAL_MAX_SPARSE_BATCH": 1 << 20, "gemv": {"num_warps": 8}, "dot": {"num_warps": 8}},
+    "compact pps8": {"TEAL_MAX_SPARSE_BATCH": 1 << 20, "PROGRAMS_PER_SM": 8},
+    "compact dot k64": {"TEAL_MAX_SPARSE_BATCH": 1 << 20, "dot": {"BLOCK_K": 64}},
+    "dense fallback": {"TEAL_MAX_SPARSE_BATCH": 0},
+}
+
+
+class patched:
+    """Temporarily set FUSED keys / module attributes / DOWN_TILES entries."""
+
+    def __init__(self, fused=None, attrs=None, tiles=None):
+        self.fused, self.attrs, self.tiles = fused or {}, attrs or {}, tiles or {}
+
+    def __enter__(self):
+        self.old = (
+            dict(SM.FUSED),
+            {a: getattr(SM, a) for a in self.attrs},
+            {k: dict(v) for k, v in SM.DOWN_TILES.items()},
+        )
+        SM.FUSED.update(self.fused)
+        for a, v in self.attrs.items():
+            setattr(SM, a, v)
+        for path, upd in self.tiles.items():
+            SM.DOWN_TILES[path] = dict(SM.DOWN_TILES[path], **upd)
+
+    def __exit__(self, *exc):
+        fused, attrs, tiles = self.old
+        SM.FUSED.clear()
+        SM.FUSED.update(fused)
+        for a, v in attrs.items():
+            setattr(SM, a, v)
+        SM.DOWN_TILES.clear()
+        SM.DOWN_TILES.update(tiles)
+
+
+def bench(fns, rep):
+    def run_all():
+        for f in fns:
+            f()
+
+    return triton.testing.do_bench_cudagraph(run_all, rep=rep, return_mode="median") / len(fns)
+
+
+def scaled_err(got, want):
+    return ((got.float() - want.float()).abs() / (1 + want.float().abs())).max().item()
+
+
+def rand(*shape, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).half()
+
+
+def relu_sweep(args, rows):
+    densities = [0.05, 0.1] if args.quick else [0.05, 0.1, 0.2, 0.5]
+    for name, (d, n) in RELU_SHAPES.items():
+        torch.manual_seed(0)
+        w1, b1 = rand(n, d, scale=d**-0.5), rand(n, scale=0.1)
+        w2t, b2 = rand(n, d, scale=n**-0.5), rand(d, scale=0.1)
+        perm = torch.randperm(n, device="cuda").to(torch.int32)
+        xs = [rand(1, d) for _ in range(ROT)]
+        dense = bench([lambda x=x: F.linear(F.relu(F.linear(x, w1, b1)), w2t.t(), b2) for x in xs[:2]], args.rep)
+        for density in densities:
+            k = round(density * n)
+            m = max(1, min(ROT, n // k))
+            sets = [perm[i * k : (i + 1) * k] for i in range(m)]
+            want = K.sparse_mlp_reference(xs[0], w1, b1, w2t, b2, sets[0])
+            line = f"{name:<9} relu B=1 {density:>4.0%} dense {dense * 1e3:7.1f} us |"
+            for vname, over in FUSED_VARIANTS.items():
+                with patched(fused=over):
+                    err = scaled_err(K.sparse_mlp(xs[0], w1, b1, w2t, b2, sets[0]), want)
+                    again = K.sparse_mlp(xs[0], w1, b1, w2t, b2, sets[0])
+                    det = bool(torch.equal(again, K.sparse_mlp(xs[0], w1, b1, w2t, b2, sets[0])))
+                    ms = bench(
+                        [lambda x=x, s=s: K.sparse_mlp(x, w1, b1, w2t, b2, s) for x, s in zip(xs, sets)], args.rep
+                    )
+                    cfg = SM.fused_config(k, d, SM.num_sms(w1.device))
+                rows.append(
+                    dict(
+                        shape=name,
+                        kind="relu",
+                        batch=1,
+                        density=density,
+                        variant=vname,
+                        dense_ms=dense,
+                        ms=ms,
+                        speedup=dense / ms,
+                        target=0.6 / density,
+                        err=err,
+                        deterministic=det,
+                        gbps=2 * k * d * 2 / ms / 1e6,
+                        programs=cfg["PROGRAMS"],
+                        rows=cfg["ROWS"],
+                        n_red=cfg["N_RED"],
+                    )
+                )
+                flag = "" if err <= TOL and det else "!"
+                line += f" {vname} {ms * 1e3:6.1f}us {dense / ms:5.2f}x{flag} |"
+            print(line, flush=True)
+        w1 = w2t = None
+        torch.cuda.empty_cache()
+
+
+def quantile_threshold(v, density):
+    return torch.quantile(v.float().abs().flatten()[: 1 << 20], 1 - density).item()
+
+
+def teal_sweep(args, rows):
+    d, n = 4096, 11008
+    torch.manual_seed(1)
+    wg, wu, wd = rand(d, n, scale=d**-0.5), rand(d, n, scale=d**-0.5), rand(n, d, scale=n**-0.5)
+
+    def dense_fn(x):
+        return F.linear(F.silu(F.linear(x, wg.t())) * F.linear(x, wu.t()), wd.t())
+
+    densities = [0.1, 0.5] if args.quick else [0.05, 0.1, 0.2, 0.5]
+    for batch in (1, 4, 16):
+        xs = [rand(batch, d) for _ in range(ROT)]
+        dense = bench([lambda x=x: dense_fn(x) for x in xs[:2]], args.rep)
+        calib_h = K.teal_gate_up_reference(torch.cat(xs[:4]), wg, wu, None)
+        for density in densities:
+            t_in = quantile_threshold(torch.cat(xs[:4]), density)
+            t_mid = quantile_threshold(calib_h, density)
+            m = max(1, min(ROT, int(1 / density)))
+            union = statistics.mean((x.abs() > t_in).any(0).float().mean().item() for x in xs[:m])
+            want = K.sparse_swiglu_mlp_reference(xs[0], wg, wu, wd, t_in, t_mid)
+            line = f"llama-2-7b teal B={batch:<2} {density:>4.0%} (union {union:4.0%}) dense {dense * 1e3:6.1f} us |"
+            for vname, over in TEAL_VARIANTS.items():
+                over = dict(over)
+                tiles = {p: over.pop(p) for p in ("gemv", "dot") if p in over}
+                with patched(attrs=over, tiles=tiles):
+                    err = scaled_err(K.sparse_swiglu_mlp(xs[0], wg, wu, wd, t_in, t_mid), want)
+                    ms = bench([lambda x=x: K.sparse_swiglu_mlp(x, wg, wu, wd, t_in, t_mid) for x in xs[:m]], args.rep)
+                rows.append(
+                    dict(
+                        shape="llama-2-7b",
+                        kind="swiglu-teal",
+                        batch=batch,
+                        density=density,
+                        union_in=union,
+                        variant=vname,
+                        dense_ms=dense,
+                        ms=ms,
+                        speedup=dense / ms,
+                        err=err,
+                        target=1.3 if (batch == 1 and density == 0.5) else (1.0 if batch > 1 else None),
+                    )
+                )
+                line += f" {vname} {ms * 1e3:6.1f}us {dense / ms:5.2f}x{'' if err <= TOL else '!'} |"
+            print(line, flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/out/sweep_sparse_mlp.json")
+    ap.add_argument("--rep", type=int, default=30)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=["relu", "teal"], default=None)
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.cuda.get_device_name()
+    print(f"{dev}, torch {torch.__version__}, triton {triton.__version__}, SMs {SM.num_sms(torch.device('cuda'))}")
+    rows, t0 = [], time.time()
+    if args.only != "teal":
+        relu_sweep(args, rows)
+        print(f"relu sweep {time.time() - t0:.0f} s", flush=True)
+    if args.only != "relu":
+        teal_sweep(args, rows)
+    print(f"sweep {time.time() - t0:.0f} s")
+    with open(args.out, "w") as f:
+        json.dump(
+            dict(
+                device=dev,
+                torch=torch.__version__,
+                triton=triton.__version__,
+                rows=rows,
+                fused_defaults=SM.FUSED,
+                down_tiles=SM.DOWN_TILES,
+            ),
+            f,
+            indent=1,
+        )
+
+
+if __name__ == "__main__":
+    main()
