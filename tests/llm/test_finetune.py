@@ -67,7 +67,11 @@ def _reference(path, examples, s: T.Settings):
         for t in base.values():
             t.requires_grad_(True)
         params = list(base.values())
-    opt = torch.optim.Adam(params, lr=s.learning_rate, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+    # fused: the CPU kernel OffloadedAdam runs per tensor (a different rounding than the single-tensor path would
+    # move OPT's k bias, whose gradient is pure noise that Adam scales up to lr-sized steps)
+    opt = torch.optim.Adam(
+        params, lr=s.learning_rate, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay, fused=True
+    )
     rope = None
     if cfg.family == "llama":
         from reldl.llm.rope import Rotary
@@ -203,3 +207,35 @@ def test_overlapped_adam_worker_error_is_raised_not_hung():
         assert opt.updates == 1
     finally:
         opt.close()
+
+
+def test_pinned_ring_fifo_wraps_and_blocks_until_release():
+    import threading
+
+    from reldl.llm.finetune.adam import PinnedRing
+
+    ring = PinnedRing(torch.zeros(1024, dtype=torch.uint8))
+    a, ta = ring.take(400)  # [0, 512)
+    b, tb = ring.take(300)  # [512, 768)
+    assert a.numel() == 400 and b.numel() == 300 and b.data_ptr() - a.data_ptr() == 512
+    a.fill_(1)
+    b.fill_(2)
+    got = {}
+
+    def taker():  # 400 bytes fit only once a's bytes are free: at the front (wrap)
+        got["c"] = ring.take(400)
+
+    t = threading.Thread(target=taker)
+    t.start()
+    t.join(0.2)
+    assert t.is_alive() and ring.waits == 1  # blocked: 256 bytes free at the end, none at the front
+    with pytest.raises(RuntimeError, match="order"):
+        ring.release(tb)  # not the oldest
+    ring.release(ta)
+    t.join(5)
+    c, tc = got["c"]
+    assert c.data_ptr() == a.data_ptr() and bool((b == 2).all())  # b untouched
+    ring.release(tb)
+    ring.release(tc)
+    with pytest.raises(ValueError):
+        ring.take(2000)
