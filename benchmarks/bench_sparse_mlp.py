@@ -116,12 +116,17 @@ def best_ms(t: dict) -> float:
 
 
 # side-by-side variants of the kernels' settings (reldl.kernels.sparse_mlp module attributes, FUSED keys), each timed
-# like the default in the same run: "pdl" = programmatic dependent launch between the unfused kernels; "fused ..." =
+# like the default in the same run: "pdl" = programmatic dependent launch between the unfused kernels; "reduce-in"
+# ("ri") = kernel 2 sums its own split-K partials (no reduce launch); "pps" = programs per SM; "fused ..." =
 # the one-launch batch-1 ReLU kernel; TEAL: "walk" = the kernel visiting every input row, "compact" = inputs compacted
 # on the device, "compact-in" = only the MLP input compacted, forced sparse at every batch; "dense" = the thresholded
 # dense fallback
 RELU_VARIANTS = {
     "pdl": {"attrs": {"PDL": True}},
+    "reduce-in": {"attrs": {"DOWN_REDUCE_IN_KERNEL": True}},
+    "pdl reduce-in": {"attrs": {"PDL": True, "DOWN_REDUCE_IN_KERNEL": True}},
+    "pdl reduce-in pps2": {"attrs": {"PDL": True, "DOWN_REDUCE_IN_KERNEL": True, "PROGRAMS_PER_SM": 2}, "b1": 1},
+    "pdl reduce-in pps8": {"attrs": {"PDL": True, "DOWN_REDUCE_IN_KERNEL": True, "PROGRAMS_PER_SM": 8}, "b1": 1},
     "fused r8 d1024": {"fused": {"MAX_BYTES": None, "MAX_ROWS": 8, "PROGRAMS_PER_SM": 1, "BLOCK_D": 1024}, "b1": 1},
     "fused r4 d2048 w8": {
         "fused": {"MAX_BYTES": None, "MAX_ROWS": 4, "PROGRAMS_PER_SM": 2, "BLOCK_D": 2048, "num_warps": 8},
@@ -133,9 +138,13 @@ TEAL_VARIANTS = {
     "walk": {"attrs": dict(_SPARSE, TEAL_COMPACT=False)},
     "compact": {"attrs": dict(_SPARSE, TEAL_COMPACT=True, TEAL_COMPACT_MID=True)},
     "compact-in": {"attrs": dict(_SPARSE, TEAL_COMPACT=True, TEAL_COMPACT_MID=False)},
-    "walk pdl": {"attrs": dict(_SPARSE, TEAL_COMPACT=False, PDL=True)},
-    "compact pdl": {"attrs": dict(_SPARSE, TEAL_COMPACT=True, TEAL_COMPACT_MID=True, PDL=True)},
-    "compact-in pdl": {"attrs": dict(_SPARSE, TEAL_COMPACT=True, TEAL_COMPACT_MID=False, PDL=True)},
+    "walk pdl ri": {"attrs": dict(_SPARSE, TEAL_COMPACT=False, PDL=True, DOWN_REDUCE_IN_KERNEL=True)},
+    "compact pdl ri": {
+        "attrs": dict(_SPARSE, TEAL_COMPACT=True, TEAL_COMPACT_MID=True, PDL=True, DOWN_REDUCE_IN_KERNEL=True)
+    },
+    "compact-in pdl ri": {
+        "attrs": dict(_SPARSE, TEAL_COMPACT=True, TEAL_COMPACT_MID=False, PDL=True, DOWN_REDUCE_IN_KERNEL=True)
+    },
     "dense": {"attrs": {"TEAL_MAX_SPARSE_BATCH": 0}},
 }
 
@@ -459,6 +468,8 @@ def main() -> None:
             "down_tiles": SM.DOWN_TILES,
             "fused": SM.FUSED,
             "pdl": SM.PDL,
+            "down_reduce_in_kernel": SM.DOWN_REDUCE_IN_KERNEL,
+            "programs_per_sm": SM.PROGRAMS_PER_SM,
             "teal_compact": SM.TEAL_COMPACT,
             "teal_compact_mid": SM.TEAL_COMPACT_MID,
             "teal_max_sparse_batch": SM.TEAL_MAX_SPARSE_BATCH,

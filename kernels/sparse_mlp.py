@@ -234,6 +234,62 @@ def _apply_act(h, ACT: tl.constexpr):
 
 
 @triton.jit
+def _arrive_and_reduce(
+    part_ptr,
+    out_ptr,
+    bias_ptr,
+    cnt_ptr,
+    n_parts,
+    n_prog,
+    n_red,
+    B,
+    N,
+    stride_ps,
+    stride_pb,
+    stride_ob,
+    HAS_BIAS: tl.constexpr,
+    RED_P: tl.constexpr,
+    RED_C: tl.constexpr,
+):
+    """The split-K reduce inside the launch that wrote the partials (float32 part[s, b, c], s < n_parts): every
+    program counts its arrival on cnt[0] once its partial is stored; the last n_red to arrive wait until all n_prog
+    have, and reducer r sums column slice r over s = 0..n_parts-1 in order (deterministic: the same sums whichever
+    program does them), adds bias[c], writes out[b, c]; the last reducer to finish zeroes both counters for the next
+    launch. Only those n_red programs ever wait, and only for programs already counted or still to run: no
+    deadlock while n_red programs fit on the GPU at once (n_red <= half the SMs; 1 in the interpreter, where programs
+    run one after another)."""
+    tl.debug_barrier()  # every thread's partial stores before the (releasing) arrival
+    old = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    slot = old - (n_prog - n_red)
+    if slot >= 0:
+        seen = old + 1
+        while seen < n_prog:
+            seen = tl.atomic_add(cnt_ptr, 0, sem="acq_rel", scope="gpu")
+        per = tl.cdiv(tl.cdiv(N, n_red), RED_C) * RED_C
+        c_lo = slot * per
+        c_hi = tl.minimum(c_lo + per, N)
+        ss0 = tl.arange(0, RED_P)
+        for b in range(B):
+            for c0 in range(c_lo, c_hi, RED_C):
+                cols = c0 + tl.arange(0, RED_C)
+                cm = cols < c_hi
+                acc = tl.zeros([RED_C], dtype=tl.float32)
+                for s0 in range(0, n_parts, RED_P):
+                    ss = s0 + ss0
+                    src = part_ptr + ss[:, None].to(tl.int64) * stride_ps + b * stride_pb + cols[None, :]
+                    t = tl.load(src, mask=(ss < n_parts)[:, None] & cm[None, :], other=0.0, cache_modifier=".cg")
+                    acc += tl.sum(t, axis=0)
+                if HAS_BIAS:
+                    acc += tl.load(bias_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+                tl.store(out_ptr + b * stride_ob + cols, acc.to(out_ptr.dtype.element_ty), mask=cm)
+        tl.debug_barrier()
+        done = tl.atomic_add(cnt_ptr + 1, 1, sem="acq_rel", scope="gpu")
+        if done == n_red - 1:  # every reducer is past its wait: reset for the next launch
+            tl.atomic_xchg(cnt_ptr + 1, 0, sem="acq_rel", scope="gpu")
+            tl.atomic_xchg(cnt_ptr, 0, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
 def _rows_dot_kernel(
     x_ptr,
     w_ptr,
@@ -309,10 +365,14 @@ def _gather_matmul_kernel(
     bias_ptr,
     out_ptr,
     k_ptr,
+    cnt_ptr,
+    y_ptr,
     B,
     k,
     N,
     blocks_per_split,
+    n_red,
+    stride_yb,
     threshold,
     stride_ab,
     stride_as,
@@ -335,6 +395,9 @@ def _gather_matmul_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PDL: tl.constexpr = False,
+    RED_IN: tl.constexpr = False,
+    RED_P: tl.constexpr = 16,
+    RED_C: tl.constexpr = 64,
 ):
     if PDL:  # programmatic dependent launch: let the next kernel start launching, wait for the previous one
         tl.extra.cuda.gdc_launch_dependents()
@@ -414,6 +477,25 @@ def _gather_matmul_kernel(
         tl.store(dst, acc, mask=om)
         if DUAL:
             tl.store(dst + N, accu, mask=om)
+        if RED_IN:  # not DUAL: reduce the splits in this launch (y = sum_s partials + bias)
+            n_prog = tl.num_programs(0) * tl.num_programs(1)
+            _arrive_and_reduce(
+                out_ptr,
+                y_ptr,
+                bias_ptr,
+                cnt_ptr,
+                tl.num_programs(0),
+                n_prog,
+                n_red,
+                B,
+                N,
+                stride_os,
+                stride_ob,
+                stride_yb,
+                HAS_BIAS,
+                RED_P,
+                RED_C,
+            )
 
 
 @triton.jit
@@ -445,12 +527,8 @@ def _fused_mlp_kernel(
 ):
     """Batch-1 ReLU MLP, one program per `rows_per_prog` selected neurons: h = act(W1[rows] . x + b1[rows]) (the whole
     of d), then its share of the output, part[p, :] = h . W2t[rows] (float32). With REDUCE the same launch sums the
-    partials: each program counts its arrival on cnt[0]; the last n_red to arrive wait for all P, and reducer s sums
-    column slice s over p = 0..P-1 in order (deterministic), adds b2 and writes out; the last reducer to finish zeroes
-    the counters for the next launch. Only reducers wait, and only for programs that have already been counted or
-    still run, so this cannot deadlock while n_red programs fit on the GPU at once (n_red <= the SM count)."""
+    partials (`_arrive_and_reduce`)."""
     p = tl.program_id(0)
-    n_prog = tl.num_programs(0)
     r = tl.arange(0, BLOCK_R)
     j = p * rows_per_prog + r
     jm = (r < rows_per_prog) & (j < k)
@@ -474,34 +552,10 @@ def _fused_mlp_kernel(
         w = tl.load(w2_ptr + rows[:, None] * stride_w2 + cols[None, :], mask=jm[:, None] & cm[None, :], other=0.0)
         tl.store(dst + cols, tl.sum(h[:, None] * w.to(tl.float32), axis=0), mask=cm)
     if REDUCE:
-        tl.debug_barrier()  # every thread's partial stores before the (releasing) arrival
-        old = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-        slot = old - (n_prog - n_red)
-        if slot >= 0:
-            seen = old + 1
-            while seen < n_prog:
-                seen = tl.atomic_add(cnt_ptr, 0, sem="acq_rel", scope="gpu")
-            per = tl.cdiv(tl.cdiv(d, n_red), RED_C) * RED_C
-            c_lo = slot * per
-            c_hi = tl.minimum(c_lo + per, d)
-            ss0 = tl.arange(0, RED_P)
-            for c0 in range(c_lo, c_hi, RED_C):
-                cols = c0 + tl.arange(0, RED_C)
-                cm = cols < c_hi
-                acc = tl.zeros([RED_C], dtype=tl.float32)
-                for s0 in range(0, n_prog, RED_P):
-                    ss = s0 + ss0
-                    src = part_ptr + ss[:, None].to(tl.int64) * stride_p + cols[None, :]
-                    t = tl.load(src, mask=(ss < n_prog)[:, None] & cm[None, :], other=0.0, cache_modifier=".cg")
-                    acc += tl.sum(t, axis=0)
-                if HAS_B2:
-                    acc += tl.load(b2_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-                tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cm)
-            tl.debug_barrier()
-            done = tl.atomic_add(cnt_ptr + 1, 1, sem="acq_rel", scope="gpu")
-            if done == n_red - 1:  # every reducer is past its wait: reset for the next launch
-                tl.atomic_xchg(cnt_ptr + 1, 0, sem="acq_rel", scope="gpu")
-                tl.atomic_xchg(cnt_ptr, 0, sem="acq_rel", scope="gpu")
+        n_prog = tl.num_programs(0)
+        _arrive_and_reduce(
+            part_ptr, out_ptr, b2_ptr, cnt_ptr, n_prog, n_prog, n_red, 1, d, stride_p, 0, 0, HAS_B2, RED_P, RED_C
+        )
 
 
 @triton.jit
@@ -712,6 +766,9 @@ _LAUNCH_KEYS = ("num_warps", "num_stages")
 # programmatic dependent launch (Hopper+, compiled only) for the unfused kernels: each lets the next one launch at
 # its start and waits for the previous one before touching memory (see `_pdl`)
 PDL = False
+# kernel 2's split-K partials (not the fused gate/up) summed in the same launch (`_arrive_and_reduce`) instead of by
+# `_reduce_kernel`
+DOWN_REDUCE_IN_KERNEL = False
 
 
 def _pdl(device: torch.device) -> dict:
@@ -814,6 +871,11 @@ def _gather_matmul(
         else:
             out.zero_()
         return
+    red_in = not direct and not dual and DOWN_REDUCE_IN_KERNEL
+    cnt = _arrival_counters(w.device) if red_in else None
+    red_in = cnt is not None
+    grid = (splits, cdiv(n_out, cfg["BLOCK_N"]))
+    n_red = 1 if w.device.type != "cuda" else max(1, min(grid[0] * grid[1], 64, num_sms(w.device) // 2))
     if direct:
         part = out
         stride_os = 0
@@ -822,7 +884,6 @@ def _gather_matmul(
         stride_os = part.stride(0)
     stride_as = a.stride(0) if mode == MODE_PARTIALS else 0
     stride_ab = a.stride(1) if mode == MODE_PARTIALS else a.stride(0)
-    grid = (splits, cdiv(n_out, cfg["BLOCK_N"]))
     _gather_matmul_kernel[grid](
         a,
         idx if idx is not None else a,
@@ -832,10 +893,14 @@ def _gather_matmul(
         bias if bias is not None else w,
         part,
         k_ptr if k_ptr is not None else a,
+        cnt if red_in else a,
+        out,
         batch,
         k,
         n_out,
         cfg["BLOCKS_PER_SPLIT"],
+        n_red,
+        out.stride(0),
         float(threshold) if threshold is not None else 0.0,
         stride_ab,
         stride_as,
@@ -854,9 +919,10 @@ def _gather_matmul(
         HAS_BIAS=bias is not None,
         K_PTR=k_ptr is not None,
         DOT_PREC=_dot_prec(w.dtype),
+        RED_IN=red_in,
         **_launch_opts(cfg, "BLOCK_B", "BLOCK_K", "BLOCK_N", device=w.device),
     )
-    if not direct:
+    if not direct and not red_in:
         _reduce(part, out, n_out, splits, bias=bias, glu=dual)
 
 

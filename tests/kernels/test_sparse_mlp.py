@@ -26,10 +26,12 @@ ACT64 = {
 }
 
 
-@pytest.fixture(params=["default", "split"])
+@pytest.fixture(params=["default", "split", "split-reduce-in"])
 def tiles(request, monkeypatch):
-    """'split': tiles of 16 (or 8 / 4 where no tl.dot is involved) and no cap on split-K partials."""
-    if request.param == "split":
+    """'split': tiles of 16 (or 8 / 4 where no tl.dot is involved) and no cap on split-K partials; 'split-reduce-in':
+    the same with kernel 2's partials summed inside its own launch (`_arrive_and_reduce`)."""
+    monkeypatch.setattr(SM, "DOWN_REDUCE_IN_KERNEL", request.param == "split-reduce-in")
+    if request.param != "default":
         monkeypatch.setitem(SM.UP_TILES, "gemv", {"BLOCK_N": 4, "BLOCK_D": 16, "num_warps": 1})
         monkeypatch.setitem(SM.UP_TILES, "dot", {"BLOCK_N": 16, "BLOCK_D": 16, "num_warps": 1})
         monkeypatch.setitem(SM.DOWN_TILES, "gemv", {"BLOCK_K": 8, "BLOCK_N": 16, "num_warps": 1})
@@ -152,6 +154,29 @@ def test_fused_batch1_matches_dense_and_masked_reference(device, fused):
         assert_rel(
             K.sparse_mlp(x, w1, None, w2t, None, idx, act), masked_mlp64(x, w1, 0 * b1, w2t, 0 * b2, idx, act), 1e-5
         )
+    for buf in SM._counter_buffers.values():
+        assert int(buf.abs().sum()) == 0
+
+
+def test_reduce_in_kernel_resets_its_counters(device, monkeypatch):
+    """Kernel 2 reducing its own split-K partials: same result as the separate reduce, counters back at zero."""
+    w1, b1, w2t, b2 = mlp_weights(N, D, seed=151, device=device)
+    monkeypatch.setitem(SM.DOWN_TILES, "gemv", {"BLOCK_K": 8, "BLOCK_N": 16, "num_warps": 1})
+    monkeypatch.setitem(SM.DOWN_TILES, "dot", {"BLOCK_K": 16, "BLOCK_N": 16, "num_warps": 1})
+    monkeypatch.setattr(SM, "PARTIAL_FRACTION", 1e-3)
+    idx = torch.randperm(N, generator=gen(152))[:45].to(device)
+    for batch in (1, 5):
+        x = randn(batch, D, seed=153 + batch, device=device)
+        h = K.sparse_up(x, w1, b1, idx)
+        assert SM.down_config(batch, 45, D, torch.float32, SM.num_sms(x.device))["SPLITS"] > 1
+        monkeypatch.setattr(SM, "DOWN_REDUCE_IN_KERNEL", False)
+        want = K.sparse_down(h, w2t, b2, idx)
+        monkeypatch.setattr(SM, "DOWN_REDUCE_IN_KERNEL", True)
+        got = K.sparse_down(h, w2t, b2, idx)
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+        assert torch.equal(K.sparse_down(h, w2t, b2, idx), got)
+        assert_rel(got, K.sparse_down_reference(h, w2t, b2, idx), 1e-5)
+    assert SM._counter_buffers
     for buf in SM._counter_buffers.values():
         assert int(buf.abs().sum()) == 0
 
@@ -430,11 +455,12 @@ def test_configs_for_the_benchmark_shapes():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("variant", ["default", "fused", "pdl"])
+@pytest.mark.parametrize("variant", ["default", "fused", "pdl", "reduce-in", "pdl-reduce-in"])
 def test_cuda_graph_capture(device, variant, monkeypatch):
     if variant == "fused":
         monkeypatch.setitem(SM.FUSED, "MAX_BYTES", None)
-    monkeypatch.setattr(SM, "PDL", variant == "pdl")
+    monkeypatch.setattr(SM, "PDL", "pdl" in variant)
+    monkeypatch.setattr(SM, "DOWN_REDUCE_IN_KERNEL", "reduce-in" in variant)
     w1, b1, w2t, b2 = mlp_weights(512, 256, seed=121, dtype=torch.float16, device=device)
     wg, wu, wd = swiglu_weights(384, 256, seed=122, dtype=torch.float16, device=device)
     x = randn(4, 256, seed=123, dtype=torch.float16, device=device)
