@@ -240,10 +240,10 @@ def fuse_blocks(prog: Program) -> tuple[Program, BlockPlan | None]:
     replaced: dict[str, Step] = {}
     offset = 1
     for o in bp.outputs:
-        replaced[f"f{o.id}"] = Step(f"f{o.id}", _slice(packed, offset, ()), [packed], o)
+        replaced[f"f{o.id}"] = Step(f"f{o.id}", _slice(packed, offset, ()), [packed], o, view=True)
         offset += 1
     for p in bp.params:
-        replaced[f"g{p.id}"] = Step(f"g{p.id}", _slice(packed, offset, p.shape), [packed], p, gradient=True)
+        replaced[f"g{p.id}"] = Step(f"g{p.id}", _slice(packed, offset, p.shape), [packed], p, gradient=True, view=True)
         offset += math.prod(p.shape)
     steps = [Step(packed, build_packed, deps, prog.loss)] + [replaced.get(s.name, s) for s in prog.steps]
     by_name = {s.name: s for s in steps}
@@ -258,7 +258,7 @@ def fuse_blocks(prog: Program) -> tuple[Program, BlockPlan | None]:
             stack.extend(_reads(by_name[n]))
     for s in steps:
         if s.name in need:
-            new.add(Step(s.name, s.build, sorted(_reads(s)), s.node, s.gradient))
+            new.add(Step(s.name, s.build, sorted(_reads(s)), s.node, s.gradient, s.view))
     new.steps = _ordered(new.steps)
     return new, bp
 

@@ -41,6 +41,7 @@ class Step:
     deps: list[str]
     node: Node
     gradient: bool = False
+    view: bool = False  # render as a view even though it computes (a cheap slice read once)
 
 
 @dataclass
@@ -97,7 +98,7 @@ class Program:
         table than to read twice, or a step that only renames or passes on another's columns (a Rename, the
         gradient of an addition's input), which a table would merely copy."""
         step = self._by_name[name]
-        if isinstance(step.node, Scan) and not step.gradient:
+        if step.view or (isinstance(step.node, Scan) and not step.gradient):
             return True
         if name not in self._views:
             self._views[name] = _is_projection(step.build(_cte_ref))

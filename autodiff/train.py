@@ -276,8 +276,9 @@ def _updated(p: _Param, opt: Optimizer, step: int, grad_table: exp.Table) -> exp
     return outer.from_(exp.Subquery(this=inner, alias=exp.TableAlias(this=exp.to_identifier("u"))))
 
 
-def _apply_update(p: _Param, opt: Optimizer, upd: exp.Table, temp: bool = False) -> list[str]:
-    """UPDATE the parameter table (its identity, other columns and constraints stay) and replace the state table."""
+def _apply_update(p: _Param, opt: Optimizer, upd: exp.Expression, temp: bool = False) -> list[str]:
+    """UPDATE the parameter table (its identity, other columns and constraints stay) from ``upd`` (a table or a
+    subquery of :func:`_updated`) and replace the state table."""
     sets = [exp.EQ(this=col(p.value), expression=col("v", "u"))]
     update = exp.Update(this=p.table.copy(), expressions=sets)
     update.set(_FROM, exp.From(this=table_as(upd, "u")))
@@ -614,13 +615,19 @@ def minimize(
 
     # the SQL run every step, rendered once (Adam's update carries the step number for its bias correction)
     table_statements = [sql for (stepname, _, _), sql in zip(rendered, statements) if not prog.is_view(stepname)]
-    drops = [drop_sql(t) for t in step_tables]
+    # dropped after each step: multi-row relations (keyed steps, keyed parameters' updates); one-row tables are
+    # replaced by the next step anyway, and each DROP costs a statement
+    big = [_temp(t) for step, t, _ in rendered if not prog.is_view(step) and prog.step(step).node.keys]
+    drops = [drop_sql(t) for t in big + [u for w, u in zip(work, upd_tables) if w.keys and opt.state]]
     views_made = False
 
     def render_updates(step: int) -> list[str]:
         out = []
         for w, upd in zip(work, upd_tables):
             g = _temp(f"{prefix}_{w.grad_step}")
+            if not opt.state:  # SGD: one UPDATE from the query, no table in between
+                out += _apply_update(w, opt, exp.Subquery(this=_updated(w, opt, step, g)), temp=True)
+                continue
             out.append(_create(upd.copy(), _updated(w, opt, step, g), temp=True))
             out += _apply_update(w, opt, upd, temp=True)
         return out
