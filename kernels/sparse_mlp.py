@@ -43,7 +43,13 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from reldl.kernels._triton import cdiv, interpreting, next_pow2, require_triton, tl, triton
+from reldl.kernels._triton import HAS_TRITON, cdiv, interpreting, next_pow2, require_triton, tl, triton
+
+if HAS_TRITON:  # the kernels' PDL branch calls tl.extra.cuda.gdc_*: make sure the submodule is loaded
+    try:
+        import triton.language.extra.cuda  # noqa: F401
+    except ImportError:  # pragma: no cover - a triton without it: PDL stays off
+        pass
 from reldl.kernels.paged_attention import num_sms
 
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
