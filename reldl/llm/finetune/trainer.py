@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from reldl.llm.finetune import data
-from reldl.llm.finetune.adam import OffloadedAdam
+from reldl.llm.finetune.adam import OffloadedAdam, PinnedRing
 from reldl.llm.loader import TensorReader, inspect_checkpoint
 from reldl.llm.offload import layers
 from reldl.llm.offload.tiers import Arena
@@ -80,6 +80,11 @@ class Settings:
     gpu_memory: float | None = None  # bytes the trainer may use on the GPU (None: the device's free memory)
     checkpoint_steps: int = 0
     overlap: bool = True
+    # rows of the batch per forward/backward pass (0: the whole batch). Each unit's weights are loaded once per pass
+    # over all micro-batches and its gradient (accumulated over them, float32 on CUDA) shipped once per step, so a
+    # large batch (many tokens per optimizer step) costs one CPU Adam pass. Changes the summation order: part of the
+    # fingerprint when set.
+    micro_batch: int = 0
     extra: dict = field(default_factory=dict)
 
     def math(self) -> dict:
@@ -88,6 +93,8 @@ class Settings:
             d.pop(k)
         d.pop("overlap")
         d.pop("extra")
+        if not self.micro_batch or self.micro_batch >= self.batch_size:
+            d.pop("micro_batch")
         if self.method != "lora":
             for k in ("lora_rank", "lora_alpha", "lora_targets"):
                 d.pop(k)
@@ -229,8 +236,20 @@ class Trainer:
             self.load_stream = torch.cuda.Stream(self.device)
             self.d2h_stream = torch.cuda.Stream(self.device)
             self.h2d_stream = torch.cuda.Stream(self.device)
+        self._last = True  # the backward pass of the last micro-batch: gradient hooks ship what accumulated
+        self._acc: dict[str, torch.Tensor] = {}  # CUDA: float32 gradient sums over the micro-batches so far
         self._plan_placement()
         self._pending: dict[int, tuple[dict, object]] = {}
+        self.ring = None
+        if self.cuda:  # pinned float32 gradients in flight to the CPU Adam: about three layers' worth
+            per_unit = [
+                sum(self.adam.master[hf].numel() * 4 for _, hf in ws if hf in self.adam.master) for _, ws in self.units
+            ]
+            biggest = max((self.adam.master[n].numel() * 4 for n in self.adam.master), default=0)
+            lora = sum(self.adam.master[n].numel() * 4 for n in self.adam.master if ".lora_" in n)
+            size = max(3 * max(per_unit, default=0), 2 * biggest, lora, 1 << 20) + (1 << 20)
+            (buf,) = self.arena.alloc("cpu", [((size,), torch.uint8)], "finetune-grads")
+            self.ring = PinnedRing(buf)
 
     # ------------------------------------------------------------------ placement
     def _unit_bytes(self, u: int) -> int:
@@ -251,12 +270,20 @@ class Trainer:
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = free
         tokens = s.batch_size * s.max_length
+        mb_tokens = min(s.micro_batch or s.batch_size, s.batch_size) * s.max_length
         h = self.cfg.hidden_size
         esize = torch.tensor([], dtype=self.dtype).element_size()
         checkpoints = (self.cfg.num_layers + 1) * tokens * h * esize
-        # working set of one layer's recompute + backward (about 16 hidden-sized and 4 MLP-sized tensors per token)
-        # and the head's fp32 logits and their gradient
-        work_set = tokens * (16 * h + 4 * self.cfg.intermediate_size) * esize + 3 * tokens * self.cfg.vocab_size * 4
+        # working set of one layer's recompute + backward per micro-batch (about 16 hidden-sized and 4 MLP-sized
+        # tensors per token), the head's fp32 logits and their gradient, the whole batch's hidden state and its
+        # gradients (3 hidden-sized tensors per token), float32 gradient sums of two units
+        layer_params = max((sum(self.host[hf].numel() for _, hf in self.units[u][1]) for u in range(n)), default=0)
+        work_set = (
+            mb_tokens * (16 * h + 4 * self.cfg.intermediate_size) * esize
+            + 3 * mb_tokens * self.cfg.vocab_size * 4
+            + 3 * tokens * h * esize
+            + 2 * layer_params * 4
+        )
         adapters = sum(self.host[a].numel() * esize for a in self.host if ".lora_" in a)
         layer_max = max(self._unit_bytes(u) for u in range(1, n - 1)) if n > 2 else 0
         if s.activation_placement == "cpu":
@@ -343,18 +370,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ gradients out, weights back
     def _ship(self, name: str, p: torch.Tensor) -> None:
-        g, p.grad = p.grad, None
+        """Gradient hook. Before the last micro-batch: keep the sum (CPU: autograd accumulates into p.grad; CUDA:
+        a float32 sum, the leaves being 16-bit). At the last: hand the gradient to the CPU Adam (CUDA: float32, copied
+        into the pinned ring on the d2h stream)."""
         if not self.cuda:
-            self.adam.submit(name, g)
+            if self._last:
+                g, p.grad = p.grad, None
+                self.adam.submit(name, g)
             return
-        self.adam.submit(name, *self._to_host(g))
+        g, p.grad = p.grad, None
+        acc = self._acc.pop(name, None)
+        if acc is None:
+            acc = g.float() if g.dtype != torch.float32 else g
+        else:
+            acc.add_(g)
+        if not self._last:
+            self._acc[name] = acc
+            return
+        view, token = self.ring.take(acc.numel() * 4)
+        dst = view.view(torch.float32).view(acc.shape)
+        buf, done = self._to_host(acc, dst)
+        self.adam.submit(name, buf, done, release=lambda token=token: self.ring.release(token))
 
-    def _to_host(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """Copy `x` into a new pinned host buffer on the d2h stream once the compute stream's work so far is done;
-        returns the buffer and an event recorded after the copy."""
+    def _to_host(self, x: torch.Tensor, dst: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Copy `x` into `dst` (pinned; default: a new pinned buffer) on the d2h stream once the compute stream's
+        work so far is done; returns the buffer and an event recorded after the copy."""
         ready = torch.cuda.Event()
         ready.record(self.compute)
-        buf = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        buf = dst if dst is not None else torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         with torch.cuda.stream(self.d2h_stream):
             self.d2h_stream.wait_event(ready)
             buf.copy_(x, non_blocking=True)
@@ -372,10 +415,11 @@ class Trainer:
                 self.work[name].copy_(self.host[name], non_blocking=True)
 
     # ------------------------------------------------------------------ activations
-    def _stash(self, x: torch.Tensor):
+    def _stash(self, x: torch.Tensor, dst: torch.Tensor | None = None):
+        """A layer input kept for the backward: x itself, or (activations on the CPU) a copy in `dst` (pinned)."""
         if not (self.cuda and self.act_cpu):
             return x
-        return self._to_host(x)[0]
+        return self._to_host(x, dst)[0]
 
     def _unstash(self, s) -> torch.Tensor:
         if not (self.cuda and self.act_cpu):
@@ -401,40 +445,93 @@ class Trainer:
         return out.transpose(1, 2).reshape(B, T, H * D)
 
     def step(self, ids: torch.Tensor, targets: torch.Tensor) -> float:
+        """One optimizer step over the batch, in micro-batches of `micro_batch` rows (all rows: one pass). Layer by
+        layer, every micro-batch runs before the next layer, so each unit's weights are loaded once per pass and its
+        gradient leaves once per step."""
         cfg = self.cfg
         L = cfg.num_layers
         ids = ids.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         B, T = ids.shape
+        mb = min(self.s.micro_batch or B, B)
+        parts = [(a, min(B, a + mb)) for a in range(0, B, mb)]
         positions = torch.arange(T, device=self.device).expand(B, T)
         count = (targets != data.IGNORE).sum()
         if self.cuda:
             self.compute.wait_stream(self.h2d_stream)  # the previous step's updated working copies
+        host = None
+        if self.cuda and self.act_cpu:  # pinned layer inputs, reused from step to step
+            host = self.arena.slab("cpu", [((B, T, cfg.hidden_size), self.dtype)] * L, "finetune-activations")
+
+        def each(fn):
+            """fn(rows) over the micro-batches; their results into one new batch tensor."""
+            if len(parts) == 1:
+                return fn(slice(0, B))
+            out = None
+            for a, b in parts:
+                y = fn(slice(a, b))
+                if out is None:
+                    out = torch.empty((B, *y.shape[1:]), dtype=y.dtype, device=y.device)
+                out[a:b] = y
+            return out
+
         with torch.no_grad():
-            x = layers.embed(cfg, self._weights(0, False, next_u=1), ids, positions, self.dtype)
+            w = self._weights(0, False, next_u=1)
+            x = each(lambda r: layers.embed(cfg, w, ids[r], positions[r], self.dtype))
             saved = []
             for i in range(L):
-                saved.append(self._stash(x))
-                x = layers.layer(cfg, self._weights(1 + i, False, next_u=2 + i), x, self._attend, positions, self.rope)
-        x = x.detach().requires_grad_(True)
-        logits = layers.head(cfg, self._weights(L + 1, True, next_u=L), x)
-        loss_sum = F.cross_entropy(logits.view(B * T, -1), targets.view(-1), ignore_index=data.IGNORE, reduction="sum")
-        loss = loss_sum / count
-        loss.backward()
-        g = x.grad
-        del logits, x
+                saved.append(self._stash(x, None if host is None else host[i]))
+                w = self._weights(1 + i, False, next_u=2 + i)
+                x = each(lambda r, x=x, w=w: layers.layer(cfg, w, x[r], self._attend, positions[r], self.rope))
+        w = self._weights(L + 1, True, next_u=L)
+        loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        g = None
+        for j, (a, b) in enumerate(parts):
+            self._last = j == len(parts) - 1
+            xa = x[a:b].detach().requires_grad_(True)
+            logits = layers.head(cfg, w, xa)
+            part = F.cross_entropy(
+                logits.view(-1, logits.shape[-1]), targets[a:b].reshape(-1), ignore_index=data.IGNORE, reduction="sum"
+            )
+            part = part / count
+            part.backward(retain_graph=not self._last)
+            loss += part.detach()
+            if len(parts) == 1:
+                g = xa.grad
+            else:
+                if g is None:
+                    g = torch.empty_like(x)
+                g[a:b] = xa.grad
+            del logits, xa, part
+        del x
         for i in reversed(range(L)):
-            xi = self._unstash(saved.pop()).detach().requires_grad_(True)
-            y = layers.layer(cfg, self._weights(1 + i, True, next_u=i), xi, self._attend, positions, self.rope)
-            y.backward(g)
-            g = xi.grad
-            del y, xi
+            xin = self._unstash(saved.pop())
+            w = self._weights(1 + i, True, next_u=i)
+            g_in = None
+            for j, (a, b) in enumerate(parts):
+                self._last = j == len(parts) - 1
+                xi = xin[a:b].detach().requires_grad_(True)
+                y = layers.layer(cfg, w, xi, self._attend, positions[a:b], self.rope)
+                y.backward(g[a:b], retain_graph=not self._last)
+                if len(parts) == 1:
+                    g_in = xi.grad
+                else:
+                    if g_in is None:
+                        g_in = torch.empty_like(g)
+                    g_in[a:b] = xi.grad
+                del y, xi
+            g = g_in
+            del xin, w
         if any(hf in self.trainable for _, hf in self.units[0][1]):
-            x0 = layers.embed(cfg, self._weights(0, True), ids, positions, self.dtype)
-            x0.backward(g)
-            del x0
+            w = self._weights(0, True)
+            for j, (a, b) in enumerate(parts):
+                self._last = j == len(parts) - 1
+                x0 = layers.embed(cfg, w, ids[a:b], positions[a:b], self.dtype)
+                x0.backward(g[a:b], retain_graph=not self._last)
+                del x0
+        self._last = True
         del g
-        value = float(loss.detach())
+        value = float(loss)
         self.adam.wait()
         return value
 
