@@ -3,10 +3,13 @@
 Random weights (no checkpoint), Llama-2-7B or OPT-6.7B shapes. reldl's trainer keeps fp32 masters and Adam moments
 on the CPU (Adam on a CPU thread, overlapped with the backward), bf16 working weights on the GPU resident or
 streamed per layer under the cap, activation checkpoints per layer (swapped to pinned CPU memory when short).
-Reported: step time, achieved TFLOPS = 6 * params * tokens / step time (the usual model-FLOPs convention: the
-recompute of checkpointed layers is not counted), the GPU's bf16 matmul rate measured in the same run, and plain
-PyTorch under the same cap (fp32 parameters and fused Adam on the GPU, bf16 autocast): OOM, and the largest layer
-count that fits with its TFLOPS. `--layers N` trains N layers of the shape (the label says so).
+Reported: step time, tokens per step, achieved TFLOPS = 6 * non-embedding params * tokens / step time (the usual
+model-FLOPs convention: the recompute of checkpointed layers is not counted; the input embedding is a lookup, so its
+parameters are left out; `tflops_all_params` counts them too), the CPU Adam's busy seconds per step, the GPU's bf16
+matmul rate measured in the same run, and plain PyTorch under the same cap (fp32 parameters and fused Adam on the GPU,
+bf16 autocast, the same tokens per step by gradient accumulation over the same micro-batches): OOM, and the largest
+layer count that fits with its TFLOPS. `--layers N` trains N layers of the shape (the label says so). Defaults on
+the GPU: 64 rows x 512 tokens per step (32768 tokens) in micro-batches of 8 rows.
 
   python benchmarks/bench_finetune.py                       # H100/H200: 6.7B Llama shape, 16 GB cap
   python benchmarks/bench_finetune.py --family opt --gpu-mem-gb 16 --layers 32
@@ -16,6 +19,7 @@ count that fits with its TFLOPS. `--layers N` trains N layers of the shape (the 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -59,21 +63,32 @@ def config(family: str, layers_: int, tiny: bool):
     return parse_config(d)
 
 
-def random_weights(cfg, seed=0):
-    g = torch.Generator().manual_seed(seed)
+def random_weights(cfg, seed=0, device=None, on=None):
+    """fp32 weights (matrices N(0, 0.02), norms 1, biases 0) on `on` (default CPU), drawn on `device` (CUDA: fast
+    for the 6.7B shape; the CPU generator takes about a minute)."""
+    device = torch.device(device or "cpu")
+    g = torch.Generator(device).manual_seed(seed)
     out = {}
     for _, ws in layers.units(cfg):
         for key, hf in ws:
             if hf in out:
                 continue
             shape = _shape(cfg, key)
-            t = torch.empty(shape)
+            t = torch.empty(shape, device=device)
             if len(shape) == 1:
                 t.fill_(1.0 if "ln" in key or "norm" in key else 0.0)
             else:
                 t.normal_(0, 0.02, generator=g)
-            out[hf] = t
+            out[hf] = t.to(on or "cpu")
+            del t
     return out
+
+
+def embedding_params(cfg, w) -> int:
+    """Parameters of the input embeddings (a lookup, no matmul FLOPs); a tied head is a matmul and stays counted."""
+    names = [hf for key, hf in layers.units(cfg)[0][1] if key in ("tok", "pos")]
+    head = {hf for _, hf in layers.units(cfg)[-1][1]}
+    return sum(w[hf].numel() for hf in names if hf not in head)
 
 
 def _shape(cfg, key):
@@ -117,40 +132,55 @@ def batch(cfg, b, t, seed):
 
 
 def run_reldl(cfg, args, device, cap):
-    w = random_weights(cfg)
+    t0 = time.perf_counter()
+    w = random_weights(cfg, device=device)
+    init_s = time.perf_counter() - t0
     params = n_params(w)
+    flop_params = params - embedding_params(cfg, w)
     s = Settings(method="full", batch_size=args.batch, max_length=args.seq, learning_rate=1e-5,
                  gpu_memory=cap, weight_placement=args.weight_placement,
-                 activation_placement=args.activation_placement)  # fmt: skip
+                 activation_placement=args.activation_placement, micro_batch=args.micro_batch)  # fmt: skip
     t0 = time.perf_counter()
     tr = Trainer(None, s, device, torch.bfloat16 if device.type == "cuda" else torch.float32, config=cfg, weights=w)
     setup = time.perf_counter() - t0
     del w
-    times, losses = [], []
+    times, losses, adam_s = [], [], []
     for i in range(args.warmup + args.steps):
         ids, tg = batch(cfg, args.batch, args.seq, i)
         if device.type == "cuda":
             torch.cuda.synchronize()
+        busy = tr.adam.busy_s
         t0 = time.perf_counter()
         losses.append(tr.step(ids, tg))
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            adam_s.append(tr.adam.busy_s - busy)
     tr.adam.close()
     step = sorted(times)[len(times) // 2]
     tokens = args.batch * args.seq
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return dict(params=params, setup_s=setup, step_s=step, steps_s=times, losses=losses,
-                tflops=6 * params * tokens / step / 1e12, peak_gpu_gb=peak,
-                resident_units=len(tr.resident), units=len(tr.units), activations_on_cpu=bool(tr.act_cpu))  # fmt: skip
+    out = dict(params=params, flop_params=flop_params, tokens_per_step=tokens,
+               micro_batch=args.micro_batch or args.batch,
+               init_weights_s=init_s, setup_s=setup, step_s=step, steps_s=times, losses=losses,
+               cpu_adam_s_per_step=adam_s, tflops=6 * flop_params * tokens / step / 1e12,
+               tflops_all_params=6 * params * tokens / step / 1e12, peak_gpu_gb=peak,
+               ring_waits=tr.ring.waits if tr.ring is not None else None, resident_units=len(tr.resident),
+               units=len(tr.units), activations_on_cpu=bool(tr.act_cpu),
+               cpu_threads=torch.get_num_threads())  # fmt: skip
+    del tr
+    gc.collect()
+    return out
 
 
 def run_plain(cfg, args, device):
-    """Plain PyTorch: fp32 parameters + fused Adam on the GPU, bf16 autocast, no checkpointing. Returns a dict or
-    raises torch.cuda.OutOfMemoryError."""
-    w = {k: v.to(device).requires_grad_() for k, v in random_weights(cfg).items()}
+    """Plain PyTorch: fp32 parameters + fused Adam on the GPU, bf16 autocast, no checkpointing, the same tokens per
+    step (gradient accumulation over the same micro-batches). Returns a dict or raises torch.cuda.OutOfMemoryError."""
+    w = {k: v.requires_grad_() for k, v in random_weights(cfg, device=device, on=device).items()}
     params = n_params(w)
+    flop_params = params - embedding_params(cfg, w)
+    mb = args.micro_batch or args.batch
     opt = torch.optim.Adam(list(w.values()), lr=1e-5, fused=device.type == "cuda")
     units = layers.units(cfg)
     rope = None
@@ -166,26 +196,31 @@ def run_plain(cfg, args, device):
 
     times = []
     for i in range(args.warmup + args.steps):
-        ids, tg = (t.to(device) for t in batch(cfg, args.batch, args.seq, i))
-        pos = torch.arange(args.seq, device=device).expand(args.batch, args.seq)
+        ids_all, tg_all = (t.to(device) for t in batch(cfg, args.batch, args.seq, i))
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            x = layers.embed(cfg, {k: w[hf] for k, hf in units[0][1]}, ids, pos, torch.bfloat16)
-            for u in range(1, len(units) - 1):
-                x = layers.layer(cfg, {k: w[hf] for k, hf in units[u][1]}, x, attend, pos, rope)
-            logits = layers.head(cfg, {k: w[hf] for k, hf in units[-1][1]}, x)
-        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), tg.view(-1), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for a in range(0, args.batch, mb):
+            ids, tg = ids_all[a : a + mb], tg_all[a : a + mb]
+            pos = torch.arange(args.seq, device=device).expand(ids.shape[0], args.seq)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                x = layers.embed(cfg, {k: w[hf] for k, hf in units[0][1]}, ids, pos, torch.bfloat16)
+                for u in range(1, len(units) - 1):
+                    x = layers.layer(cfg, {k: w[hf] for k, hf in units[u][1]}, x, attend, pos, rope)
+                logits = layers.head(cfg, {k: w[hf] for k, hf in units[-1][1]}, x)
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), tg.reshape(-1), ignore_index=-100)
+            (loss * ids.shape[0] / args.batch).backward()
+            del x, logits, loss
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     step = sorted(times)[len(times) // 2]
-    return dict(params=params, step_s=step, tflops=6 * params * args.batch * args.seq / step / 1e12)
+    tokens = args.batch * args.seq
+    return dict(params=params, flop_params=flop_params, step_s=step, tflops=6 * flop_params * tokens / step / 1e12,
+                tflops_all_params=6 * params * tokens / step / 1e12)  # fmt: skip
 
 
 def main():
@@ -194,7 +229,8 @@ def main():
     ap.add_argument("--family", choices=["llama", "opt"], default="llama")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: 32, the 6.7B shape; cpu: 4)")
     ap.add_argument("--gpu-mem-gb", type=float, default=16.0)
-    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None, help="rows per optimizer step (default: cpu 2, gpu 64)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="rows per pass (default: cpu all, gpu 8)")
     ap.add_argument("--seq", type=int, default=None)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
@@ -207,7 +243,8 @@ def main():
     device = torch.device("cpu" if cpu else "cuda")
     full_layers = 4 if cpu else 32
     nl = args.layers or full_layers
-    args.batch = args.batch or (2 if cpu else 8)
+    args.batch = args.batch or (2 if cpu else 64)
+    args.micro_batch = args.micro_batch if args.micro_batch is not None else (0 if cpu else 8)
     args.seq = args.seq or (64 if cpu else 512)
     cfg = config(args.family, nl, cpu)
     cap = None
@@ -222,22 +259,29 @@ def main():
     out = dict(model=label, device=torch.cuda.get_device_name(device) if not cpu else "cpu",
                gpu_cap_gb=None if cpu else args.gpu_mem_gb, batch=args.batch, seq=args.seq,
                matmul_bf16_tflops=peak)  # fmt: skip
+    if not cpu:
+        torch.cuda.reset_peak_memory_stats(device)
     out["reldl"] = run_reldl(cfg, args, device, cap)
     if not args.no_baseline:
         n = nl
         while n >= 1:
+            oom = False
             try:
                 res = run_plain(config(args.family, n, cpu), args, device)
                 out["plain_pytorch"] = dict(res, layers=n, fits_full=(n == nl))
                 break
             except torch.cuda.OutOfMemoryError:
+                oom = True
                 out.setdefault("plain_pytorch_oom_layers", []).append(n)
+            if oom:  # outside the except block: the traceback no longer holds the failed run's tensors
+                gc.collect()
                 torch.cuda.empty_cache()
                 n //= 2
         else:
             out["plain_pytorch"] = "OOM at 1 layer"
     r = out["reldl"]
-    print(f"{label}; {out['device']}; cap {out['gpu_cap_gb']} GB; batch {args.batch} x {args.seq} tokens")
+    print(f"{label}; {out['device']}; cap {out['gpu_cap_gb']} GB; batch {args.batch} x {args.seq} tokens per step "
+          f"(micro-batches of {r['micro_batch']}); TFLOPS = 6 x non-embedding params x tokens / step time")  # fmt: skip
     print(f"{'run':<34}{'params':>10}{'step s':>10}{'TFLOPS':>10}{'% matmul':>10}")
     print(f"{'matmul rate (measured)':<34}{'':>10}{'':>10}{peak:>10.1f}{100.0:>10.1f}")
     print(f"{'reldl offloaded (CPU Adam)':<34}{r['params'] / 1e9:>9.2f}B{r['step_s']:>10.2f}{r['tflops']:>10.1f}"
@@ -250,7 +294,9 @@ def main():
     if out.get("plain_pytorch_oom_layers"):
         print(f"plain PyTorch OOM at layers: {out['plain_pytorch_oom_layers']}")
     print(f"reldl: {r['resident_units']}/{r['units']} units resident, activations on CPU: {r['activations_on_cpu']}, "
-          f"peak GPU {r['peak_gpu_gb']} GB, losses {[round(x, 3) for x in r['losses']]}")  # fmt: skip
+          f"peak GPU {r['peak_gpu_gb']} GB, CPU Adam busy {[round(x, 2) for x in r['cpu_adam_s_per_step']]} s/step "
+          f"({r['cpu_threads']} threads), ring waits {r['ring_waits']}, setup {r['setup_s']:.1f} s, "
+          f"losses {[round(x, 3) for x in r['losses']]}")  # fmt: skip
     path = args.json or f"benchmarks/results/finetune_{args.preset}_{args.family}_{nl}l.json"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(out, indent=1, default=str))
