@@ -262,6 +262,12 @@ def main():
     if not cpu:
         torch.cuda.reset_peak_memory_stats(device)
     out["reldl"] = run_reldl(cfg, args, device, cap)
+    path = args.json or f"benchmarks/results/finetune_{args.preset}_{args.family}_{nl}l.json"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1, default=str))  # again below, with the baseline
+    r = out["reldl"]
+    print(f"reldl: step {r['step_s']:.2f} s ({r['steps_s']}), {r['tflops']:.1f} TFLOPS, CPU Adam busy "
+          f"{r['cpu_adam_s_per_step']} s/step, setup {r['setup_s']:.1f} s", flush=True)  # fmt: skip
     if not args.no_baseline:
         n = nl
         while n >= 1:
@@ -297,8 +303,6 @@ def main():
           f"peak GPU {r['peak_gpu_gb']} GB, CPU Adam busy {[round(x, 2) for x in r['cpu_adam_s_per_step']]} s/step "
           f"({r['cpu_threads']} threads), ring waits {r['ring_waits']}, setup {r['setup_s']:.1f} s, "
           f"losses {[round(x, 3) for x in r['losses']]}")  # fmt: skip
-    path = args.json or f"benchmarks/results/finetune_{args.preset}_{args.family}_{nl}l.json"
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(out, indent=1, default=str))
     print(f"wrote {path}")
 

@@ -73,6 +73,7 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="time the SWEEP candidate configs (M >= 2) instead")
     ap.add_argument("--sweep-models", default="opt-30b", help="--sweep: the models whose shapes are swept")
     ap.add_argument("--apply", action="store_true", help="--sweep: then set the best configs and run the table")
+    ap.add_argument("--check", type=int, default=0, help="only check matmul_4bit: N fresh inputs per shape and M")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.preset == "cpu":
@@ -201,6 +202,26 @@ def main() -> int:
                 )
         return rows, bad
 
+    if args.check:  # correctness only: fresh weights and inputs each round, against float32 x @ dequantize(q).T
+        worst, bad = 0.0, 0
+        for model, name, n, k in cases:
+            for rnd in range(args.check):
+                w = (torch.randn(n, k, device=dev) * 0.02).to(dtype)
+                q = K.quantize_4bit(w)
+                deq = K.dequantize_4bit(q)
+                for m in ms:
+                    x = torch.randn(m, k, device=dev).to(dtype)
+                    b = torch.randn(n, device=dev).to(dtype) if rnd % 2 else None
+                    got = K.matmul_4bit(x, q, b)
+                    want = x.float() @ deq.T + (b.float() if b is not None else 0)
+                    err = float((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-12))
+                    worst = max(worst, err)
+                    if err > tol or not bool(torch.isfinite(got).all()):
+                        bad += 1
+                        print(f"{model} {name} M={m} round {rnd}: err {err:.2e} OVER TOLERANCE", flush=True)
+                del w, q, deq
+        print(f"check: {len(cases)} shapes x {len(ms)} M x {args.check} rounds, worst err {worst:.2e}, {bad} over")
+        return 1 if bad else 0
     if args.sweep:
         sweep_cases = (
             cases if cpu else [(m, *s) for m in args.sweep_models.split(",") for s in linear_shapes(*MODELS[m])]
