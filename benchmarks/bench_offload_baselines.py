@@ -32,8 +32,9 @@ child process (its own CUDA context, GPU capped by torch.cuda.set_per_process_me
 - accelerate: OPTForCausalLM of the same config built under `init_empty_weights` (meta), each parameter materialized
   as a random fp16 CPU tensor (made on the GPU and copied when there is one; tied embeddings stay tied), then
   `infer_auto_device_map(max_memory={0: GPU room for weights, "cpu": ...}, no_split_module_classes=OPTDecoderLayer)`
-  and `dispatch_model(main_device=0)`: modules mapped to "cpu" keep their weights in CPU memory and are copied to the
-  GPU at each forward (accelerate's offload hooks). No 60 GB checkpoint is written. Batch: the largest whose KV cache
+  and `dispatch_model(main_device=0, force_hooks=True)`: modules mapped to "cpu" keep their weights in CPU memory and
+  are copied to the GPU at each forward (accelerate's offload hooks; without force_hooks a map of "cpu" alone gets no
+  hooks and the model runs on the CPU). No 60 GB checkpoint is written. Batch: the largest whose KV cache
   (prompt + gen) and prefill activations fit the cap beside one streamed layer (estimate below), or --accel-batch; an
   out-of-memory error retries at 0.8x the batch. GPU room for weights = cap - that batch's estimate. generate(greedy,
   min_new_tokens = max_new_tokens = gen) on random ids after a warm-up forward (1 sequence of 8 tokens, 1 new token);
@@ -415,8 +416,16 @@ def run_accelerate(job: dict) -> dict:
             no_split_module_classes=["OPTDecoderLayer"],
             dtype=dtype,
         )
-        model = dispatch_model(model, device_map=device_map, main_device=0)
+        # force_hooks: with every module mapped to "cpu" (no GPU room left beside the batch's cache) dispatch_model
+        # would otherwise attach no hooks and leave the whole model running on the CPU (seen on the first GPU run:
+        # the prefill of 54 x 512 tokens outlasted 170 s); with them, "cpu" modules run on the GPU, their weights
+        # copied in at each forward (accelerate's CPU offloading)
+        model = dispatch_model(model, device_map=device_map, main_device=0, force_hooks=True)
         dev = torch.device("cuda", 0)
+        hooked = [n for n, m in model.named_modules() if hasattr(m, "_hf_hook")]
+        if not hooked:
+            raise RuntimeError("dispatch_model attached no offload hooks: the model would run on the CPU")
+        row["hooked_modules"] = len(hooked)
         on_gpu = [k for k, v in device_map.items() if v not in ("cpu", "disk")]
         row["gpu_weight_room_gib"] = room / GiB
         row["device_map_summary"] = dict(
@@ -498,6 +507,9 @@ WORKERS = dict(reldl=run_reldl, flexgen=run_flexgen, accelerate=run_accelerate)
 
 
 def worker_main(system: str, job_file: str) -> int:
+    import faulthandler
+
+    faulthandler.dump_traceback_later(120, repeat=True)  # a stuck worker shows where it is (stderr)
     job = json.loads(Path(job_file).read_text())
     t = time.perf_counter()
     try:
