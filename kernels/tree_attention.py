@@ -172,6 +172,9 @@ MIN_CHUNK = 128  # ... and at least this long, unless shortened to fill the GPU 
 MAX_CHUNK = 1024  # ... and at most this long
 PROGRAMS_PER_SM = 2  # shorten chunks until about this many programs per SM are launched
 COMPUTE_BOUND_ROWS = 128  # query rows per token above which a tree is compute-bound (about an H100/H200's ridge)
+PREFIX_ROWS = 40  # memory-bound trees with at least this many rows per token: a shared prefix dominates the KV
+HEAVY_ROWS = 640  # compute-bound trees with at least this many rows per token (256-token speculative trees)
+HEAVY_MAX_CHUNK = 2048  # MAX_CHUNK of those: fewer partials to write and merge
 
 
 def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype, intensity: float | None = None) -> dict:
@@ -180,13 +183,21 @@ def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype, intensi
     group), BLOCK_M_WIDE for chunks seen by many (shared prefixes, speculative trees). Every tl.dot dimension is
     >= 16. `intensity`: the tree's mean query rows (queries x group) per token, from the plan: below
     COMPUTE_BOUND_ROWS the kernel streams K/V (short key tiles: more tiles in flight), above it it is bound by the
-    matrix units (longer key tiles). The slots of the next key tile are loaded during the current one (PREFETCH:
-    the K/V loads no longer wait for their slot loads), measured 1.5-2x faster on an H200."""
+    matrix units. Key tiles of 64 where the mean rows per token (intensity) is in [PREFIX_ROWS,
+    COMPUTE_BOUND_ROWS) (a long prefix shared by many queries: half the iterations of the prefix programs) or at
+    least HEAVY_ROWS (the largest speculative trees), else 32 (branch-dominated and tree-of-thought trees, and
+    speculative trees of 64-128 tokens); HEAVY_ROWS trees also get MAX_CHUNK = HEAVY_MAX_CHUNK. Chosen from a sweep
+    on an H100 (benchmarks/sweep_tree_attention.py, 2026-11-27: 40 tile configs x 144 chunkings on the 21 DeFT
+    workloads); the tile height, warps, stages and merge tiles (unchanged) were the best single choice across the
+    workloads; DENSE and PREFETCH_KV lost on most of them and are off. The slots of the next key tile are loaded
+    during the current one (PREFETCH: the K/V loads no longer wait for their slot loads), measured 1.5-2x faster
+    on an H200."""
     block_d = max(16, next_pow2(head_dim))
     block_g = next_pow2(group)
     narrow = max(16, block_g)
     block_n = 64 if (block_d <= 128 and dtype != torch.float32) or block_d <= 64 else 32
-    if intensity is not None and intensity < COMPUTE_BOUND_ROWS:
+    heavy = intensity is not None and intensity >= HEAVY_ROWS
+    if intensity is not None and not (PREFIX_ROWS <= intensity < COMPUTE_BOUND_ROWS or heavy):
         block_n = 32
     return {
         "BLOCK_G": block_g,
@@ -200,13 +211,15 @@ def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype, intensi
         "EARLY_V": False,  # issue the V load before the softmax (more bytes in flight, more registers)
         "PREFETCH": True,  # load the next tile's slots during this tile (software pipelining by hand)
         "PREFETCH_KV": False,  # load the next tile's K/V (and the slots of the one after) during this tile
-        "DENSE": True,  # items whose chunk every query of the tile sees in full skip the visibility mask
+        # items whose chunk every query of the tile sees in full skip the visibility mask: off, it compiles two more
+        # tile variants (more registers and shared memory) and was slower on most of the sweep's workloads
+        "DENSE": False,
         "maxnreg": None,  # register cap per thread (more programs resident per SM), None: the compiler's choice
         "KV_FAST": True,  # program order: the KV heads of one item next to each other (else items first)
         # the planner's chunking (see plan_tree_attention)
         "PARTIAL_FACTOR": PARTIAL_FACTOR,
         "MIN_CHUNK": MIN_CHUNK,
-        "MAX_CHUNK": MAX_CHUNK,
+        "MAX_CHUNK": HEAVY_MAX_CHUNK if heavy else MAX_CHUNK,
         "PROGRAMS_PER_SM": PROGRAMS_PER_SM,
         "FULL_WAVES": False,  # also shorten chunks when programs overshoot a wave, to fill the last wave
         # the merge kernel: partials loaded MERGE_BLOCK_P at a time, MERGE_HEADS heads per program
@@ -282,9 +295,8 @@ def plan_tree_attention(
     `chunk_tokens` forces T_t = chunk_tokens for every token (tests, tuning); the other keywords override the
     config's chunking entries (PARTIAL_FACTOR, MIN_CHUNK, MAX_CHUNK, PROGRAMS_PER_SM; tuning); `config` overrides
     entries of `tree_attention_config` (tuning; the plan keeps the config and the kernels use it). The partial of
-    a (chunk, query) pair costs about `group` tokens' worth of
-    K/V bytes (written and read back, in the output dtype), hence the factor: partials add ~1/PARTIAL_FACTOR to the
-    IO.
+    a (chunk, query) pair costs about `group` tokens' worth of K/V bytes (written and read back, in the output
+    dtype), hence the factor: partials add ~1/PARTIAL_FACTOR to the IO.
 
     Host syncs: five small device-to-host reads (the tree's intensity, the programs estimate, the chunk count, the
     item and partial counts, the fewest and most partials of a query); compute the plan once per tree and reuse it

@@ -488,8 +488,8 @@ def test_cuda_graph_capture_and_replay():
         dict(KV_FAST=False, EARLY_V=True),
         dict(MERGE_BLOCK_P=2, MERGE_HEADS=8, merge_warps=2),
         dict(BLOCK_M_WIDE=128, BLOCK_N=32, num_stages=3, PREFETCH=True),
-        dict(PREFETCH_KV=True),
-        dict(PREFETCH_KV=True, DENSE=False, BLOCK_M_WIDE=128, BLOCK_N=16),
+        dict(PREFETCH_KV=True, DENSE=True),
+        dict(PREFETCH_KV=True, BLOCK_M_WIDE=128, BLOCK_N=16),
     ],
 )
 def test_kernel_config_variants(device, config):
@@ -531,7 +531,7 @@ def test_kernel_dense_items(device, wide_rows):
     lens = [70] + [9, 23, 1, 40, 5, 17, 33, 2, 11, 29, 3, 19]
     layout, slots = tree_case(parents, lens, leaf_queries(parents, lens), seed=41)
     layout = _to(layout, device)
-    cfg = dict(BLOCK_M_WIDE=wide_rows)
+    cfg = dict(BLOCK_M_WIDE=wide_rows, DENSE=True)
     plan = plan_tree_attention(layout, 8, 2, 64, torch.float32, chunk_tokens=16, config=cfg)
     _check_plan(_to(layout, "cpu"), plan, 4)
     kinds = set(zip(plan.item_wide.tolist(), plan.item_dense.tolist()))
@@ -555,3 +555,19 @@ def test_plan_full_waves():
     assert base.num_items * 8 > slots  # the default overshoots one wave ...
     assert full.num_items > base.num_items  # ... FULL_WAVES cuts more, shorter chunks
     assert full.num_items * 8 >= 0.9 * slots * math.ceil(base.num_items * 8 / slots)
+
+
+def test_config_follows_intensity():
+    """Key tiles and chunk cap by the tree's mean query rows per token (the sweep's rule)."""
+    from reldl.kernels.tree_attention import HEAVY_MAX_CHUNK, MAX_CHUNK, tree_attention_config
+
+    def pick(i):
+        c = tree_attention_config(128, 4, torch.float16, i)
+        return c["BLOCK_N"], c["MAX_CHUNK"]
+
+    assert pick(7.3) == (32, MAX_CHUNK)  # tree of thought
+    assert pick(36.7) == (32, MAX_CHUNK)  # few-shot, long branches
+    assert pick(64.8) == (64, MAX_CHUNK)  # few-shot, shared prefix dominates
+    assert pick(252.0) == (32, MAX_CHUNK)  # 64-token speculative tree
+    assert pick(964.6) == (64, HEAVY_MAX_CHUNK)  # 256-token speculative tree
+    assert not tree_attention_config(128, 4, torch.float16, 64.8)["DENSE"]
