@@ -116,35 +116,24 @@ def best_ms(t: dict) -> float:
 
 
 # side-by-side variants of the kernels' settings (reldl.kernels.sparse_mlp module attributes, FUSED keys), each timed
-# like the default in the same run: "pdl" = programmatic dependent launch between the unfused kernels; "reduce-in"
-# ("ri") = kernel 2 sums its own split-K partials (no reduce launch); "pps" = programs per SM; "fused ..." =
-# the one-launch batch-1 ReLU kernel; TEAL: "walk" = the kernel visiting every input row, "compact" = inputs compacted
-# on the device, "compact-in" = only the MLP input compacted, forced sparse at every batch; "dense" = the thresholded
-# dense fallback
+# like the default in the same run. ReLU: "no pdl" = plain launches at batch 1 too (the default chains the unfused
+# kernels with programmatic dependent launch at batch 1), "pdl" = PDL at every batch, "reduce-in" = kernel 2 sums its
+# own split-K partials (no reduce launch), "fused ..." = the one-launch batch-1 kernel. TEAL, forced sparse at every
+# batch: "walk" = kernel 2 visiting every input row, "compact" = inputs compacted on the device, "compact-in" = only
+# the MLP input compacted, "... pdl" = with PDL; "dense" = the thresholded dense fallback at every batch
 RELU_VARIANTS = {
+    "no pdl": {"attrs": {"PDL_RELU_MAX_BATCH": 0}},
     "pdl": {"attrs": {"PDL": True}},
     "reduce-in": {"attrs": {"DOWN_REDUCE_IN_KERNEL": True}},
-    "pdl reduce-in": {"attrs": {"PDL": True, "DOWN_REDUCE_IN_KERNEL": True}},
-    "pdl reduce-in pps2": {"attrs": {"PDL": True, "DOWN_REDUCE_IN_KERNEL": True, "PROGRAMS_PER_SM": 2}, "b1": 1},
-    "pdl reduce-in pps8": {"attrs": {"PDL": True, "DOWN_REDUCE_IN_KERNEL": True, "PROGRAMS_PER_SM": 8}, "b1": 1},
     "fused r8 d1024": {"fused": {"MAX_BYTES": None, "MAX_ROWS": 8, "PROGRAMS_PER_SM": 1, "BLOCK_D": 1024}, "b1": 1},
-    "fused r4 d2048 w8": {
-        "fused": {"MAX_BYTES": None, "MAX_ROWS": 4, "PROGRAMS_PER_SM": 2, "BLOCK_D": 2048, "num_warps": 8},
-        "b1": 1,
-    },
 }
 _SPARSE = {"TEAL_MAX_SPARSE_BATCH": 1 << 20}
 TEAL_VARIANTS = {
     "walk": {"attrs": dict(_SPARSE, TEAL_COMPACT=False)},
     "compact": {"attrs": dict(_SPARSE, TEAL_COMPACT=True, TEAL_COMPACT_MID=True)},
     "compact-in": {"attrs": dict(_SPARSE, TEAL_COMPACT=True, TEAL_COMPACT_MID=False)},
-    "walk pdl ri": {"attrs": dict(_SPARSE, TEAL_COMPACT=False, PDL=True, DOWN_REDUCE_IN_KERNEL=True)},
-    "compact pdl ri": {
-        "attrs": dict(_SPARSE, TEAL_COMPACT=True, TEAL_COMPACT_MID=True, PDL=True, DOWN_REDUCE_IN_KERNEL=True)
-    },
-    "compact-in pdl ri": {
-        "attrs": dict(_SPARSE, TEAL_COMPACT=True, TEAL_COMPACT_MID=False, PDL=True, DOWN_REDUCE_IN_KERNEL=True)
-    },
+    "walk pdl": {"attrs": dict(_SPARSE, TEAL_COMPACT=False, PDL=True)},
+    "compact pdl": {"attrs": dict(_SPARSE, TEAL_COMPACT=True, TEAL_COMPACT_MID=True, PDL=True)},
     "dense": {"attrs": {"TEAL_MAX_SPARSE_BATCH": 0}},
 }
 
@@ -323,12 +312,12 @@ def swiglu_case(name, d, n, dtype, dev, rows, errors):
                 errors,
                 checked=density == ARGS.densities[0] or density == 0.5,
             )
-            saved = ARGS.no_graph
-            ARGS.no_graph = True  # torch.nonzero syncs: eager only
+            saved = ARGS.no_graph, ARGS.no_eager
+            ARGS.no_graph, ARGS.no_eager = True, False  # torch.nonzero syncs: eager only (also under --no-eager)
             index_t = timings(
                 [lambda x=x, a=t_in, b=t_mid: K.sparse_swiglu_mlp(x, wg, wu, wd, a, b, True) for x in xs[:m]]
             )
-            ARGS.no_graph = saved
+            ARGS.no_graph, ARGS.no_eager = saved
             read = (2 * read_in * n + read_mid * d) * el
             row = dict(
                 shape=name,
@@ -468,6 +457,7 @@ def main() -> None:
             "down_tiles": SM.DOWN_TILES,
             "fused": SM.FUSED,
             "pdl": SM.PDL,
+            "pdl_relu_max_batch": SM.PDL_RELU_MAX_BATCH,
             "down_reduce_in_kernel": SM.DOWN_REDUCE_IN_KERNEL,
             "programs_per_sm": SM.PROGRAMS_PER_SM,
             "teal_compact": SM.TEAL_COMPACT,

@@ -24,7 +24,16 @@ Kernels:
    from kernel 1's partials (+ bias, activation), or taken densely with the TEAL threshold. With S == 1 it writes
    the result (+ bias); otherwise float32 partials [S, B, N].
 3. `_reduce_kernel`: sums partials over splits in a fixed order (deterministic, no atomics), then bias (optionally
-   gathered through idx), activation, or silu(gate) * up for the fused gate/up projection.
+   gathered through idx), activation, or silu(gate) * up for the fused gate/up projection. With
+   DOWN_REDUCE_IN_KERNEL, kernel 2 (not the dual gate/up) sums its own partials instead (`_arrive_and_reduce`: the
+   last programs to arrive, counted with atomics, reduce column slices in a fixed split order: still deterministic).
+4. `_fused_mlp_kernel` (batch-1 ReLU MLP in one launch: up, activation and down per block of neurons, partials
+   reduced by `_arrive_and_reduce`): correct, but slower than 1 + 2 + 3 at every benchmark shape, so off by default
+   (FUSED["MAX_BYTES"] = 0).
+5. TEAL without an index: `_compact_kernel` lists the kept input dimensions on the device (count, indices, values);
+   kernel 2 then reads the count from device memory (no host sync). `sparse_swiglu_mlp` runs the thresholded dense
+   MLP (cuBLAS + `_threshold_kernel` / `_glu_threshold_kernel`) above TEAL_MAX_SPARSE_BATCH rows.
+PDL (programmatic dependent launch) can chain kernels 1-3 and the compaction (module flag PDL).
 
 Batch 1 takes a GEMV path (float32 fused multiply-adds, no tl.dot); batches 2..64 use tl.dot with the batch padded to
 16 rows (every tl.dot dimension >= 16); larger batches are cut into chunks of 64. Accumulation is float32; weights in
@@ -758,28 +767,34 @@ def use_fused(batch: int, k: int, d: int, dtype: torch.dtype) -> bool:
     return batch == 1 and k > 0 and (limit is None or 2 * k * d * dtype.itemsize <= limit)
 
 
-# TEAL without an index: the input is compacted on the device (`_compact_kernel`, inputs of at most
-# TEAL_COMPACT_MAX dimensions; TEAL_COMPACT False: the older kernel walking every row with masked loads).
+# TEAL without an index: TEAL_COMPACT compacts the input on the device first (`_compact_kernel`, inputs of at most
+# TEAL_COMPACT_MAX dimensions); off, kernel 2 walks every row and skips the zero-input ones with masked loads. H100,
+# Llama-2-7B, batch 1 (RESULTS.md): compacting wins at low densities (5%: 37.7 vs 47.8 us), walking at TEAL's 50%
+# (73.2 vs 83.7 us: the two compaction launches cost more than they save), so walking is the default.
 # `sparse_swiglu_mlp` runs the thresholded dense MLP (cuBLAS) for batches over TEAL_MAX_SPARSE_BATCH rows: there the
-# union of the rows' kept inputs is most of them, and gathering them is slower than reading everything
-TEAL_COMPACT = True
+# union of the rows' kept inputs is most of them (batch 4 at 50%: 94%) and the sparse kernels were slower than dense
+# (0.53-0.92x at batch 16); the dense fallback measured 0.99-1.01x of the dense MLP
+TEAL_COMPACT = False
 TEAL_COMPACT_MID = True  # False: `sparse_swiglu_mlp` compacts its input only, the down projection walks every row
 TEAL_COMPACT_MAX = 1 << 16
 TEAL_MAX_SPARSE_BATCH = 1
 
 _LAUNCH_KEYS = ("num_warps", "num_stages")
 
-# programmatic dependent launch (Hopper+, compiled only) for the unfused kernels: each lets the next one launch at
-# its start and waits for the previous one before touching memory (see `_pdl`)
+# programmatic dependent launch (Hopper+, compiled only): each kernel lets the next one launch at its start and waits
+# for the previous one before touching memory. `sparse_mlp` uses it for batches of at most PDL_RELU_MAX_BATCH rows
+# (H100, batch 1: 0.3-2 us less per MLP, e.g. OPT-30B 5% 24.8 -> 22.9 us; at batch 4 and 16 it was slower); PDL = True
+# turns it on for every launch of this module (experiments)
 PDL = False
+PDL_RELU_MAX_BATCH = 1
 # kernel 2's split-K partials (not the fused gate/up) summed in the same launch (`_arrive_and_reduce`) instead of by
-# `_reduce_kernel`
+# `_reduce_kernel`: off, slower on the H100 at every benchmark shape (OPT-13B 5%, batch 1: 19.2 us vs 16.8 us)
 DOWN_REDUCE_IN_KERNEL = False
 
 
-def _pdl(device: torch.device) -> dict:
-    """Launch options for PDL where it applies (a CUDA device of compute capability >= 9, not interpreted)."""
-    if not PDL or device.type != "cuda" or interpreting() or _major(device.index) < 9:
+def _pdl(device: torch.device, on: bool = False) -> dict:
+    """Launch options for PDL where it applies (asked for, a CUDA device of compute capability >= 9, compiled)."""
+    if not (on or PDL) or device.type != "cuda" or interpreting() or _major(device.index) < 9:
         return {}
     return {"PDL": True, "launch_pdl": True}
 
@@ -789,9 +804,9 @@ def _major(index: int | None) -> int:
     return torch.cuda.get_device_capability(index)[0]
 
 
-def _launch_opts(cfg: dict, *keys: str, device: torch.device | None = None) -> dict:
+def _launch_opts(cfg: dict, *keys: str, device: torch.device | None = None, pdl: bool = False) -> dict:
     opts = {k: cfg[k] for k in keys + _LAUNCH_KEYS if k in cfg}
-    return opts if device is None else dict(opts, **_pdl(device))
+    return opts if device is None else dict(opts, **_pdl(device, pdl))
 
 
 def _act_code(act: str) -> int:
@@ -817,7 +832,7 @@ def _index(idx: torch.Tensor, fn: str) -> torch.Tensor:
     return idx if idx.stride(0) == 1 else idx.contiguous()
 
 
-def _reduce(part, out, n_cols, splits, bias=None, idx=None, act=0, glu=False, block=1024) -> None:
+def _reduce(part, out, n_cols, splits, bias=None, idx=None, act=0, glu=False, block=1024, pdl=False) -> None:
     """out[b, c] = act(sum_s part[s, b, c] (+ bias[c] or bias[idx[c]])), or silu(gate) * up with GLU."""
     rows = out.shape[0]
     if rows == 0 or n_cols == 0:
@@ -839,7 +854,7 @@ def _reduce(part, out, n_cols, splits, bias=None, idx=None, act=0, glu=False, bl
         GLU=glu,
         BLOCK=block,
         num_warps=4,
-        **_pdl(out.device),
+        **_pdl(out.device, pdl),
     )
 
 
@@ -860,6 +875,7 @@ def _gather_matmul(
     skip_zero_rows: bool = False,
     batch: int | None = None,
     k_ptr: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> None:
     """out [B, N] (or [B, N] = silu(gate) * up with w2) = a-rows . W[rows] (+ bias); see `_gather_matmul_kernel`.
     With k_ptr (a device int32 [1]) the kernel reads the number of rows from it; k is then its upper bound."""
@@ -926,10 +942,10 @@ def _gather_matmul(
         K_PTR=k_ptr is not None,
         DOT_PREC=_dot_prec(w.dtype),
         RED_IN=red_in,
-        **_launch_opts(cfg, "BLOCK_B", "BLOCK_K", "BLOCK_N", device=w.device),
+        **_launch_opts(cfg, "BLOCK_B", "BLOCK_K", "BLOCK_N", device=w.device, pdl=pdl),
     )
     if not direct and not red_in:
-        _reduce(part, out, n_out, splits, bias=bias, glu=dual)
+        _reduce(part, out, n_out, splits, bias=bias, glu=dual, pdl=pdl)
 
 
 def _chunks(batch: int):
@@ -951,7 +967,7 @@ def _check_mlp(x, w1, b1, idx, fn):
     return x, _index(idx, fn)
 
 
-def _up_partials(x, w1, b1, idx, act_code, out_h=None):
+def _up_partials(x, w1, b1, idx, act_code, out_h=None, pdl=False):
     """Kernel 1 on one batch chunk (<= MAX_DOT_BATCH rows). Returns (tensor, splits): h [B, k] float32 (out_h) when
     one split covers d, else float32 partials [SPLIT_D, B, k] (bias and activation not applied yet)."""
     batch, d = x.shape
@@ -983,7 +999,7 @@ def _up_partials(x, w1, b1, idx, act_code, out_h=None):
         ACT=act_code,
         FINAL=final,
         DOT_PREC=_dot_prec(w1.dtype),
-        **_launch_opts(cfg, "BLOCK_B", "BLOCK_N", "BLOCK_D", device=w1.device),
+        **_launch_opts(cfg, "BLOCK_B", "BLOCK_N", "BLOCK_D", device=w1.device, pdl=pdl),
     )
     return out, split
 
@@ -1118,17 +1134,28 @@ def sparse_mlp(
         if use_fused(hi - lo, k, x.shape[1], w1.dtype):
             _fused_mlp(xc, w1, b1, w2t, b2, idx, act_code, yc)
             continue
-        part, split = _up_partials(xc, w1, b1, idx, act_code)
+        pdl = hi - lo <= PDL_RELU_MAX_BATCH
+        part, split = _up_partials(xc, w1, b1, idx, act_code, pdl=pdl)
         if split == 1:  # h is final
-            _gather_matmul(part, w2t, yc, mode=MODE_COMPACT, k=k, idx=idx, bias=b2)
+            _gather_matmul(part, w2t, yc, mode=MODE_COMPACT, k=k, idx=idx, bias=b2, pdl=pdl)
         elif hi - lo == 1:  # GEMV: kernel 2 sums the few partials itself
             _gather_matmul(
-                part, w2t, yc, mode=MODE_PARTIALS, k=k, idx=idx, bias=b2, a_splits=split, a_bias=b1, a_act=act_code
+                part,
+                w2t,
+                yc,
+                mode=MODE_PARTIALS,
+                k=k,
+                idx=idx,
+                bias=b2,
+                a_splits=split,
+                a_bias=b1,
+                a_act=act_code,
+                pdl=pdl,
             )
         else:
             h = torch.empty((hi - lo, k), dtype=torch.float32, device=x.device)
-            _reduce(part, h, k, split, bias=b1, idx=idx, act=act_code)
-            _gather_matmul(h, w2t, yc, mode=MODE_COMPACT, k=k, idx=idx, bias=b2)
+            _reduce(part, h, k, split, bias=b1, idx=idx, act=act_code, pdl=pdl)
+            _gather_matmul(h, w2t, yc, mode=MODE_COMPACT, k=k, idx=idx, bias=b2, pdl=pdl)
     return y
 
 
@@ -1154,7 +1181,7 @@ def _compact(a: torch.Tensor, threshold: float | None):
     thr = -1.0 if threshold is None else float(threshold)
     nw = min(32, max(4, block // 1024))
     _compact_kernel[(1,)](
-        a, out, idx, cnt, batch, n, thr, a.stride(0), out.stride(0), BLOCK=block, num_warps=nw, **_pdl(a.device)
+        a, out, idx, cnt, batch, n, thr, a.stride(0), out.stride(0), BLOCK=block, num_warps=nw, **_pdl(a.device, False)
     )
     return out, idx, cnt
 

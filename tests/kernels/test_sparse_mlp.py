@@ -158,6 +158,22 @@ def test_fused_batch1_matches_dense_and_masked_reference(device, fused):
         assert int(buf.abs().sum()) == 0
 
 
+@pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch exists on the GPU only")
+@pytest.mark.parametrize("batch", [1, 4])
+def test_pdl_matches_reference_and_plain_launches(device, monkeypatch, batch):
+    """The unfused kernels chained with PDL: bitwise the results of plain launches, and the float32 reference."""
+    w1, b1, w2t, b2 = mlp_weights(2048, 1536, seed=161, dtype=torch.float16, device=device)
+    x = randn(batch, 1536, seed=162, dtype=torch.float16, device=device)
+    idx = torch.randperm(2048, generator=gen(163))[:300].to(device)
+    monkeypatch.setattr(SM, "PDL_RELU_MAX_BATCH", 0)
+    plain = [K.sparse_mlp(x, w1, b1, w2t, b2, idx) for _ in range(3)]
+    monkeypatch.setattr(SM, "PDL", True)
+    chained = [K.sparse_mlp(x, w1, b1, w2t, b2, idx) for _ in range(3)]
+    for y in plain + chained:
+        assert torch.equal(y, plain[0])
+    torch.testing.assert_close(plain[0], K.sparse_mlp_reference(x, w1, b1, w2t, b2, idx), atol=5e-3, rtol=5e-3)
+
+
 def test_reduce_in_kernel_resets_its_counters(device, monkeypatch):
     """Kernel 2 reducing its own split-K partials: same result as the separate reduce, counters back at zero."""
     w1, b1, w2t, b2 = mlp_weights(N, D, seed=151, device=device)
