@@ -47,7 +47,6 @@ the number of selected neurons becomes a shape). TEAL without an index needs no 
 from __future__ import annotations
 
 import functools
-import itertools
 
 import torch
 import torch.nn.functional as F
@@ -1006,7 +1005,7 @@ def _up_partials(x, w1, b1, idx, act_code, out_h=None, pdl=False):
 
 _COUNTER_SLOTS = 1024
 _counter_buffers: dict = {}
-_counter_next = itertools.count()
+_counter_next = [0]
 
 
 def _arrival_counters(device: torch.device) -> torch.Tensor | None:
@@ -1019,7 +1018,8 @@ def _arrival_counters(device: torch.device) -> torch.Tensor | None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
         buf = _counter_buffers[device] = torch.zeros((_COUNTER_SLOTS, 2), dtype=torch.int32, device=device)
-    return buf[next(_counter_next) % _COUNTER_SLOTS]
+    _counter_next[0] += 1  # (two threads racing here could share a slot: both users of the counters are off by default)
+    return buf[_counter_next[0] % _COUNTER_SLOTS]
 
 
 def _fused_mlp(x, w1, b1, w2t, b2, idx, act_code, y) -> None:
