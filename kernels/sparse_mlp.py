@@ -770,13 +770,14 @@ def use_fused(batch: int, k: int, d: int, dtype: torch.dtype) -> bool:
 # TEAL_COMPACT_MAX dimensions); off, kernel 2 walks every row and skips the zero-input ones with masked loads. H100,
 # Llama-2-7B, batch 1 (RESULTS.md): compacting wins at low densities (5%: 37.7 vs 47.8 us), walking at TEAL's 50%
 # (73.2 vs 83.7 us: the two compaction launches cost more than they save), so walking is the default.
-# `sparse_swiglu_mlp` runs the thresholded dense MLP (cuBLAS) for batches over TEAL_MAX_SPARSE_BATCH rows: there the
-# union of the rows' kept inputs is most of them (batch 4 at 50%: 94%) and the sparse kernels were slower than dense
-# (0.53-0.92x at batch 16); the dense fallback measured 0.99-1.01x of the dense MLP
+# `sparse_swiglu_mlp` runs the thresholded dense MLP (cuBLAS) for batches over TEAL_MAX_SPARSE_BATCH rows: the union
+# of the rows' kept inputs grows with the batch; the walking kernel took 83-100% of dense's time at batch 4 (100% at
+# 50% density, 94% of the inputs kept by some row) but 104-109% at batch 16 and 20-50% (H100 sweep); the dense
+# fallback took 100-101% (its gate/up now come out in float32 through torch.mm's out_dtype: not timed yet)
 TEAL_COMPACT = False
 TEAL_COMPACT_MID = True  # False: `sparse_swiglu_mlp` compacts its input only, the down projection walks every row
 TEAL_COMPACT_MAX = 1 << 16
-TEAL_MAX_SPARSE_BATCH = 1
+TEAL_MAX_SPARSE_BATCH = 4
 
 _LAUNCH_KEYS = ("num_warps", "num_stages")
 
