@@ -260,3 +260,41 @@ def test_micro_batches_equal_whole_batch(model, method):
             assert float((got[name] - ref[name]).abs().max()) < tol, (mb, name)
     assert T.Settings(micro_batch=2, batch_size=3).math()["micro_batch"] == 2
     assert "micro_batch" not in T.Settings(micro_batch=3, batch_size=3).math()  # the whole batch: as before
+
+
+def test_gpu_gradient_path_with_faked_streams(model, monkeypatch):
+    """The CUDA-only gradient path (sums over micro-batches kept apart from autograd's, gradients through the bounded
+    ring, ring space released after each Adam update) run on the CPU with the stream and copy calls faked: the same
+    weights, bit for bit, as the CPU path, and every ring allocation released."""
+    import contextlib
+
+    from reldl.llm.finetune.adam import PinnedRing
+
+    path, examples = model
+    want, rep_want = _train(path, examples, micro_batch=2)
+    tr = T.Trainer(path, _settings(micro_batch=2), fingerprint="x")
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    tr.compute = tr.h2d_stream = FakeStream()
+    tr.cuda = True
+    biggest = max(m.numel() * 4 for m in tr.adam.master.values())
+    tr.ring = PinnedRing(torch.empty(biggest * 2 + 4096, dtype=torch.uint8))  # two tensors: takes wait and wrap
+    monkeypatch.setattr(T.torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    copies = []
+
+    def to_host(x, dst=None):
+        assert dst is not None and dst.dtype == torch.float32  # float32 sums into the ring, never a new buffer
+        copies.append(x.numel())
+        return dst.copy_(x), None
+
+    tr._to_host = to_host
+    rep = tr.train(examples)
+    got = tr.trained_weights()
+    assert [r[2] for r in rep.log] == [r[2] for r in rep_want.log]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    parts = sum(tr.adam.parts.get(n, 1) for n in tr.adam.master)
+    assert len(copies) == rep.steps * parts  # one copy per tensor (part) per step, not per micro-batch
+    assert not tr.ring.live and tr.ring.waits > 0
