@@ -105,6 +105,7 @@ def test_resume_after_kill(tmp_path, llama_ckpt):
         (_create("t", "full", query="SELECT prompt, completion FROM ex WHERE false"), "no examples"),
         (_create("t", "sgd"), "'finetune' must be one of"),
         (_create("t", "full", ", epochs = 0"), "'epochs' must be an integer"),
+        (_create("t", "full", ", micro_batch = -1"), "'micro_batch' must be an integer"),
         (_create("t", "full", ", colour = 'red'"), "unknown option"),
         (_create("t", "lora", ", lora_targets = 'fc9'"), "lora_targets"),
         (_create("t", "full", ", optimizer_placement = 'gpu'"), "optimizer_placement"),
@@ -142,3 +143,12 @@ def test_gpu_memory_option(opts, budget):
 
     s, _ = check_options("t", {"model_type": "llm", "base": "b", "finetune": "full", **opts}, True)
     assert s.gpu_memory == budget
+
+
+def test_micro_batch_option():
+    from reldl.llm.finetune.sql import check_options
+
+    s, _ = check_options("t", {"model_type": "llm", "base": "b", "finetune": "full", "micro_batch": 2}, True)
+    assert s.micro_batch == 2 and s.math()["micro_batch"] == 2  # rows per pass: part of the run's fingerprint
+    s, _ = check_options("t", {"model_type": "llm", "base": "b", "finetune": "full"}, True)
+    assert s.micro_batch == 0 and "micro_batch" not in s.math()  # default: the whole batch, fingerprint as before

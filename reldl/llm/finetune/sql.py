@@ -29,6 +29,7 @@ OPTIONS = {
     "epochs",
     "learning_rate",
     "batch_size",
+    "micro_batch",
     "max_length",
     "lora_rank",
     "lora_alpha",
@@ -136,6 +137,7 @@ def check_options(name: str, opts: dict[str, Any], has_query: bool):
         gpu_memory=gpu,
         checkpoint_steps=_num(name, opts, "checkpoint_steps", 0, 0, True),
         overlap=overlap,
+        micro_batch=_num(name, opts, "micro_batch", 0, 0, True),
     )
     return s, {"base": base, "path": path}
 
