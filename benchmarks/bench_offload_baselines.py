@@ -420,7 +420,17 @@ def run_accelerate(job: dict) -> dict:
         # would otherwise attach no hooks and leave the whole model running on the CPU (seen on the first GPU run:
         # the prefill of 54 x 512 tokens outlasted 170 s); with them, "cpu" modules run on the GPU, their weights
         # copied in at each forward (accelerate's CPU offloading)
-        model = dispatch_model(model, device_map=device_map, main_device=0, force_hooks=True)
+        if set(map(str, device_map.values())) == {"cpu"}:
+            # no GPU room for weights: accelerate's full CPU offload (every module's weights copied to the GPU at
+            # its forward). dispatch_model cannot do this one: the map collapses to {"": "cpu"}, whose state-dict
+            # extraction finds no keys (KeyError at the first forward, seen on the GPU run)
+            from accelerate import cpu_offload
+
+            model = cpu_offload(model, execution_device=torch.device("cuda", 0))
+            row["offload"] = "accelerate.cpu_offload (device map all 'cpu')"
+        else:
+            model = dispatch_model(model, device_map=device_map, main_device=0, force_hooks=True)
+            row["offload"] = "accelerate.dispatch_model(force_hooks=True)"
         dev = torch.device("cuda", 0)
         hooked = [n for n, m in model.named_modules() if hasattr(m, "_hf_hook")]
         if not hooked:
