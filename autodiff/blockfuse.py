@@ -32,6 +32,7 @@ import pyarrow as pa
 import sqlglot
 from sqlglot import exp
 
+from reldl.autodiff import emit
 from reldl.autodiff import symbolic as sym
 from reldl.autodiff.emit import aliased, col, select, table_as
 from reldl.autodiff.grad import Program, Step
@@ -211,20 +212,40 @@ def fuse_blocks(prog: Program) -> tuple[Program, BlockPlan | None]:
     packed = f"b{prog.loss.id}"
     n_in = len(bp.inputs) + len(bp.outputs)
 
+    # keyed inputs read from one source with the same key columns come from one scan of it (a batch view's index
+    # scan once, not once per column and joined back)
+    groups: dict[tuple, list[int]] = {}
+    for i, n in enumerate(bp.inputs):
+        if n.keys and isinstance(n, Scan):
+            key = (emit._source_tree(n.source).sql("duckdb"), tuple(n.columns.get(k, k) for k in n.keys), n.keys)
+            groups.setdefault(key, []).append(i)
+        else:
+            groups[("input", i)] = [i]
+
     def build_packed(ref) -> exp.Select:
-        q, args = None, []
-        keyed = [n for n in bp.inputs if n.keys]
-        for i, n in enumerate(bp.inputs):
-            alias = f"t{i}"
-            src = table_as(ref(f"f{n.id}"), alias)
+        q, args = None, {}
+        first_keys = None
+        for g, members in enumerate(groups.values()):
+            alias = f"t{g}"
+            n0 = bp.inputs[members[0]]
+            if len(members) > 1:
+                cols = [aliased(col(n0.columns.get(k, k), "s"), k) for k in n0.keys]
+                vals = [aliased(emit.scan_value(bp.inputs[i]), f"v{i}") for i in members]
+                src_q = select(*cols, *vals).from_(table_as(emit._source_tree(n0.source), "s"))
+                src = exp.Subquery(this=src_q, alias=exp.TableAlias(this=exp.to_identifier(alias)))
+                for i in members:
+                    args[i] = _as_list(col(f"v{i}", alias), bp.inputs[i].shape)
+            else:
+                src = table_as(ref(f"f{n0.id}"), alias)
+                args[members[0]] = _as_list(col("v", alias), n0.shape)
             if q is None:
-                q = select().from_(src)
-            elif n.keys:
-                on = exp.and_(*[exp.EQ(this=col(k, "t0"), expression=col(k, alias)) for k in keyed[0].keys])
+                q, first_keys = select().from_(src), (alias, n0.keys)
+            elif n0.keys:
+                on = exp.and_(*[exp.EQ(this=col(k, first_keys[0]), expression=col(k, alias)) for k in n0.keys])
                 q = q.join(src, on=on, join_type="inner")
             else:
                 q = q.join(src, join_type="cross")
-            args.append(_as_list(col("v", alias), n.shape))
+        args = [args[i] for i in range(len(bp.inputs))]
         for j, o in enumerate(bp.outputs):
             alias = f"u{j}"
             q = q.join(table_as(ref(f"g{o.id}"), alias), join_type="cross")
@@ -235,7 +256,8 @@ def fuse_blocks(prog: Program) -> tuple[Program, BlockPlan | None]:
         agg = exp.Filter(this=exp.Anonymous(this="list", expressions=[col("v")]), expression=exp.Where(this=not_null))
         return select(aliased(sym.func("reldl_tile_sum", agg), "v")).from_(inner)
 
-    deps = [f"f{n.id}" for n in bp.inputs] + [f"g{o.id}" for o in bp.outputs]
+    merged = {i for members in groups.values() if len(members) > 1 for i in members}
+    deps = [f"f{n.id}" for i, n in enumerate(bp.inputs) if i not in merged] + [f"g{o.id}" for o in bp.outputs]
     new = Program(loss=prog.loss, wrt=prog.wrt, grads=dict(prog.grads))
     replaced: dict[str, Step] = {}
     offset = 1
@@ -256,9 +278,15 @@ def fuse_blocks(prog: Program) -> tuple[Program, BlockPlan | None]:
         if n not in need:
             need.add(n)
             stack.extend(_reads(by_name[n]))
-    for s in steps:
-        if s.name in need:
-            new.add(Step(s.name, s.build, sorted(_reads(s)), s.node, s.gradient, s.view))
+    kept = [s for s in steps if s.name in need]
+    readers: dict[str, int] = {n: want.count(n) for n in need}
+    for s in kept:
+        for r in _reads(s):
+            readers[r] += 1
+    for s in kept:
+        # one-row steps read once (the loss's scalar tail) are views: a statement saved each training step
+        view = s.view or (not s.node.keys and readers[s.name] <= 1 and s.name != packed)
+        new.add(Step(s.name, s.build, sorted(_reads(s)), s.node, s.gradient, view))
     new.steps = _ordered(new.steps)
     return new, bp
 

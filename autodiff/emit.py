@@ -64,12 +64,17 @@ def select(*columns: exp.Expression) -> exp.Select:
     return exp.Select(expressions=list(columns))
 
 
+def scan_value(node: Scan) -> exp.Expression:
+    """A scan's value column (or expression) over its source aliased ``s``, cast to DOUBLE / DOUBLE[]."""
+    value = node.value if isinstance(node.value, exp.Expression) else col(node.value, "s")
+    cast = exp.DataType.build("DOUBLE" if node.shape == () else "DOUBLE[]")
+    return exp.Cast(this=value.copy(), to=cast)
+
+
 def scan_query(node: Scan) -> exp.Select:
     src = table_as(_source_tree(node.source), "s")
     cols = [aliased(col(node.columns.get(k, k), "s"), k) for k in node.keys]
-    value = node.value if isinstance(node.value, exp.Expression) else col(node.value, "s")
-    cast = exp.DataType.build("DOUBLE" if node.shape == () else "DOUBLE[]")
-    return select(*cols, aliased(exp.Cast(this=value.copy(), to=cast), "v")).from_(src)
+    return select(*cols, aliased(scan_value(node), "v")).from_(src)
 
 
 def join_from(parts: Sequence[Node], ref: Ref, extra: Sequence[tuple[exp.Expression, Sequence[str]]] = ()):
