@@ -469,6 +469,15 @@ def _forward(node: dict, parts: list[_Value], saved: dict) -> _Value:
     raise ValueError(f"reldl_block_step: unknown kernel {kind!r}")
 
 
+def _times(d: Any, g: np.ndarray, args: list) -> Any:
+    """``d * g``, in place when ``d`` is a fresh array of g's shape (saves an allocation and a pass per call)."""
+    fresh = isinstance(d, np.ndarray) and d.flags.writeable and d.dtype == np.float64 and d.shape == np.shape(g)
+    if fresh and not any(np.may_share_memory(d, a) for a in (*args, g) if isinstance(a, np.ndarray)):
+        d *= g
+        return d
+    return d * g
+
+
 def _backward(node: dict, parts: list[_Value], out: _Value, g: np.ndarray, saved: dict, grads: dict) -> None:
     k = node["kernel"]
     kind = k["kind"]
@@ -483,7 +492,7 @@ def _backward(node: dict, parts: list[_Value], out: _Value, g: np.ndarray, saved
         args = [_broadcast(p, out) for p in parts]
         for i, p in enumerate(parts):
             if need[i]:
-                add(i, _reduce(k["partials"][i](*args) * g, p, out))
+                add(i, _reduce(_times(k["partials"][i](*args), g, args), p, out))
         return
     a = parts[0]
     if kind in ("affine", "matmul"):
