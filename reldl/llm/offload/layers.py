@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from reldl.kernels.quant4 import Quantized4, dequantize_4bit, matmul_4bit, matmul_4bit_reference
 from reldl.llm.config import ModelConfig
@@ -29,6 +30,15 @@ Weights = dict[str, "torch.Tensor | Quantized4"]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 OPT_POSITION_OFFSET = 2
+
+# SDPA backends for the executor's attention on CUDA: cuDNN attention left out. Each decode step's key length grows
+# by one; on the H100 the first steps whose length was divisible by 2, 4 and 8 (decode steps 2, 4, 8 after a
+# 512-token prompt) stalled 0.4-2 s each in the first process on a fresh machine, and never in later processes
+# (a per-alignment runtime-compiled kernel whose compilation the driver caches on disk fits that; cuDNN's SDPA
+# builds its graphs and kernels at run time, the CUTLASS memory-efficient kernel is precompiled). The attention
+# is a few percent of an offloaded decode step, so the backend choice costs nothing measurable there.
+# Not yet re-measured on the GPU (benchmarks/RESULTS.md, offloaded inference).
+_SDPA_CUDA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,7 +199,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     kk = k.permute(1, 2, 0, 3)
     vv = v.permute(1, 2, 0, 3)
     m = mask.repeat_interleave(gq, dim=1).unsqueeze(1) if gq > 1 else mask.unsqueeze(1)
-    out = F.scaled_dot_product_attention(qg, kk.to(qg.dtype), vv.to(qg.dtype), attn_mask=m, scale=scale)
+    if qg.is_cuda:  # no cuDNN attention: see _SDPA_CUDA
+        with sdpa_kernel(_SDPA_CUDA):
+            out = F.scaled_dot_product_attention(qg, kk.to(qg.dtype), vv.to(qg.dtype), attn_mask=m, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(qg, kk.to(qg.dtype), vv.to(qg.dtype), attn_mask=m, scale=scale)
     return out.view(B, h, T, gq, D).permute(0, 2, 1, 3, 4).reshape(B, T, Hq * D)
 
 
