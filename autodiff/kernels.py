@@ -255,10 +255,21 @@ ELEMENTWISE: dict[str, tuple[int, Callable[..., exp.Expression]]] = {
 # element-wise expressions as numpy: what a fused tile kernel applies to its input inside its UDF
 
 
+# comparisons of an array with a number (not NaN) in DuckDB's order, as one numpy comparison: (function, negate)
+_COMPLEMENT: dict[Callable, tuple[Callable, bool]] = {
+    np.greater: (np.less_equal, True),  # NaN > c is true
+    np.greater_equal: (np.less, True),  # NaN >= c is true
+}
+
+
 def _nan_last(op: Callable, a: Any, b: Any, nan_a: bool = False, both: bool = False) -> Any:
     """``op(a, b)`` with DuckDB's ordering of NaN: above every other number and equal to itself (so NaN > 0 is
     true in SQL, where IEEE says false). ``nan_a``: true where ``a`` is NaN and ``b`` is not; ``both``: true where
     both are NaN."""
+    if np.ndim(b) == 0 and not np.isnan(b) and op in _COMPLEMENT:
+        # against a number: one pass, no NaN masks (a > c is NOT a <= c, which holds for NaN in DuckDB's order)
+        flip, negate = _COMPLEMENT[op]
+        return ~flip(a, b) if negate else flip(a, b)
     out = np.asarray(op(a, b))
     na, nb = np.isnan(a), np.isnan(b)
     if not (np.any(na) or np.any(nb)):
@@ -308,6 +319,21 @@ _NP_NAMED: dict[str, Callable[..., Any]] = {
 }
 
 
+def _greatest(e: exp.Case) -> exp.Expression | None:
+    """``x`` where ``e`` is ``CASE WHEN x > c THEN x ELSE c END`` for a number ``c`` (relu: c = 0): that is
+    ``greatest(x, c)`` in DuckDB's order (NaN > c, so NaN stays NaN, as np.maximum keeps it), one pass in numpy."""
+    ifs = e.args.get("ifs") or []
+    default = e.args.get("default")
+    if len(ifs) != 1 or not isinstance(default, exp.Literal) or default.is_string:
+        return None
+    cond, value = ifs[0].this, ifs[0].args.get("true")
+    if not isinstance(cond, exp.GT) or not isinstance(cond.expression, exp.Literal) or cond.expression.is_string:
+        return None
+    if float(cond.expression.this) != float(default.this) or cond.this.sql() != value.sql():
+        return None
+    return cond.this
+
+
 def numpy_function(template: exp.Expression, arity: int = 1) -> Callable[..., np.ndarray] | None:
     """A numpy function of ``arity`` float64 arrays computing the scalar SQL ``template`` (over ``__a0 ..``) element by
     element, with DuckDB's DOUBLE semantics (IEEE: x / 0 is inf, ln(0) -inf); None when the template uses anything
@@ -344,6 +370,10 @@ def numpy_function(template: exp.Expression, arity: int = 1) -> Callable[..., np
                 return None
             return lambda a: f(*[x(a) for x in args])
         if isinstance(e, exp.Case) and e.this is None and e.args.get("default") is not None:
+            top = _greatest(e)
+            if top is not None:
+                inner, floor = build(top), float(e.args["default"].this)
+                return None if inner is None else (lambda a: np.maximum(inner(a), floor))
             branches = [(build(i.this), build(i.args["true"])) for i in e.args.get("ifs") or []]
             default = build(e.args["default"])
             if default is None or any(c is None or v is None for c, v in branches):
@@ -378,7 +408,9 @@ def _pick(mask: Any, value: Any, other: Any) -> Any:
     if np.ndim(mask) == 0 or np.ndim(other) != 0 or other != 0.0:
         return np.where(mask, value, other)
     if np.ndim(value) == 0:
-        return np.where(mask, value, other) if not np.isfinite(value) else mask * float(value) + 0.0
+        if not np.isfinite(value):
+            return np.where(mask, value, other)
+        return mask.astype(np.float64) if value == 1.0 else mask * float(value) + 0.0
     out = value * mask
     bad = ~np.isfinite(value)
     if bad.any():

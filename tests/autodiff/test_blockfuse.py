@@ -145,6 +145,17 @@ def test_fused_mlp_equals_relational_program(rows, block, threads, act):
     compare(con, mlp(con, rng, block, 4, act), n_inputs=7)
 
 
+@pytest.mark.parametrize("sub_rows", [1, 13])
+def test_groups_of_blocks_add_up(monkeypatch, sub_rows):
+    """The UDF computes a chunk's blocks a few at a time (SUB_ROWS rows): one block per group, or groups that end
+    at the short last block, give the same loss and gradients."""
+    monkeypatch.setattr(blockfuse, "SUB_ROWS", sub_rows)
+    con = duckdb.connect()
+    rng = np.random.default_rng(sub_rows)
+    data(con, rng, 47, 6, feats=3)
+    compare(con, scaled_tanh_mlp(con, rng, 6, 3), n_inputs=8)
+
+
 def test_fused_matmul_bias_scale_and_per_block_weight():
     con = duckdb.connect()
     rng = np.random.default_rng(3)
