@@ -23,7 +23,7 @@ import functools
 import inspect
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,7 +155,7 @@ def plan(prog: Program) -> BlockPlan | None:
     # the outputs' gradients must not need the region's forward values (e.g. loss = log(sum(...)) would)
     covered = {f"f{n.id}" for n in [*region.values(), *outputs]}
     for o in outputs:
-        if f"g{o.id}" not in prog._by_name or covered & _needs(prog, f"g{o.id}"):
+        if f"g{o.id}" not in prog._by_name or covered & _needs(prog.step, [f"g{o.id}"]):
             return None
     nodes = list(region.values())
     spec = {
@@ -189,14 +189,15 @@ def _reads(step: Step) -> set[str]:
     return seen
 
 
-def _needs(prog: Program, name: str) -> set[str]:
+def _needs(step: Callable[[str], Step], names: Sequence[str]) -> set[str]:
+    """The steps ``names`` read, directly or through others (by what their SQL reads), and ``names``."""
     need: set[str] = set()
-    stack = [name]
+    stack = list(names)
     while stack:
         n = stack.pop()
         if n not in need:
             need.add(n)
-            stack.extend(_reads(prog.step(n)))
+            stack.extend(_reads(step(n)))
     return need
 
 
@@ -272,13 +273,7 @@ def fuse_blocks(prog: Program) -> tuple[Program, BlockPlan | None]:
     by_name = {s.name: s for s in steps}
     # keep what the loss's value and the parameters' gradients need, through the steps' real reads
     want = [f"f{prog.loss.id}", *prog.grads.values()]
-    need: set[str] = set()
-    stack = list(want)
-    while stack:
-        n = stack.pop()
-        if n not in need:
-            need.add(n)
-            stack.extend(_reads(by_name[n]))
+    need = _needs(by_name.__getitem__, want)
     kept = [s for s in steps if s.name in need]
     readers: dict[str, int] = {n: want.count(n) for n in need}
     for s in kept:
