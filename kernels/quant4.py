@@ -558,12 +558,18 @@ def _reduce_splits(part, bias, out, n: int) -> None:
     )
 
 
+def _split_output(cfg: dict, out: torch.Tensor, shape: tuple[int, ...]) -> tuple[int, int, bool, torch.Tensor]:
+    """(splits of K, groups per split, direct, where the kernel writes): ``out`` itself when K is not split, else
+    float32 partials [splits, *shape] for :func:`_reduce_splits`. Takes SPLITS and GROUPS_PER_SPLIT out of ``cfg``."""
+    splits, per = cfg.pop("SPLITS"), cfg.pop("GROUPS_PER_SPLIT")
+    direct = splits == 1
+    part = out if direct else torch.empty((splits, *shape), dtype=torch.float32, device=out.device)
+    return splits, per, direct, part
+
+
 def _gemv_4bit(x2, packed, scale, minv, bias, out, n, k) -> None:
     cfg = gemv_4bit_config(n, k, _sms(x2.device))
-    splits = cfg.pop("SPLITS")
-    per = cfg.pop("GROUPS_PER_SPLIT")
-    direct = splits == 1
-    part = out if direct else torch.empty((splits, n), dtype=torch.float32, device=x2.device)
+    splits, per, direct, part = _split_output(cfg, out, (n,))
     _gemv_4bit_kernel[(cdiv(n, cfg["BLOCK_N"]), splits)](
         x2,
         packed,
@@ -589,10 +595,7 @@ def _gemv_4bit(x2, packed, scale, minv, bias, out, n, k) -> None:
 def _gemm_4bit(x2, packed, scale, minv, bias, out, n, k, cfg: dict | None = None) -> None:
     m = x2.shape[0]
     cfg = dict(cfg or matmul_4bit_config(m, n, k, x2.dtype, _sms(x2.device), scale.dtype))
-    splits = cfg.pop("SPLITS")
-    per = cfg.pop("GROUPS_PER_SPLIT")
-    direct = splits == 1
-    part = out if direct else torch.empty((splits, m, n), dtype=torch.float32, device=x2.device)
+    splits, per, direct, part = _split_output(cfg, out, (m, n))
     tiles = cdiv(m, cfg["BLOCK_M"]) * cdiv(n, cfg["BLOCK_N"])
     _matmul_4bit_kernel[(tiles, splits)](
         x2,
