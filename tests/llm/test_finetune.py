@@ -282,6 +282,9 @@ def test_gpu_gradient_path_with_faked_streams(model, monkeypatch):
     tr.cuda = True
     biggest = max(m.numel() * 4 for m in tr.adam.master.values())
     tr.ring = PinnedRing(torch.empty(biggest * 2 + 4096, dtype=torch.uint8))  # two tensors: takes wait and wrap
+    taken = []
+    take = tr.ring.take
+    tr.ring.take = lambda nbytes: (taken.append(nbytes), take(nbytes))[1]
     monkeypatch.setattr(T.torch.cuda, "stream", lambda s: contextlib.nullcontext())
     copies = []
 
@@ -297,4 +300,6 @@ def test_gpu_gradient_path_with_faked_streams(model, monkeypatch):
     assert all(torch.equal(got[k], want[k]) for k in want)
     parts = sum(tr.adam.parts.get(n, 1) for n in tr.adam.master)
     assert len(copies) == rep.steps * parts  # one copy per tensor (part) per step, not per micro-batch
-    assert not tr.ring.live and tr.ring.waits > 0
+    # more bytes went through the ring than it holds: space was released and reused (whether a take had to wait
+    # for a release depends on thread timing, so it is not asserted)
+    assert not tr.ring.live and sum(taken) > tr.ring.size
