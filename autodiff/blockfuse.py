@@ -35,7 +35,7 @@ from sqlglot import exp
 from reldl.autodiff import emit
 from reldl.autodiff import symbolic as sym
 from reldl.autodiff.emit import aliased, col, select, table_as
-from reldl.autodiff.grad import Program, Step
+from reldl.autodiff.grad import Program, Step, reachable
 from reldl.autodiff.ir import Aggregate, Join, Node, Scan, topological
 from reldl.autodiff.kernels import (
     Affine,
@@ -191,14 +191,7 @@ def _reads(step: Step) -> set[str]:
 
 def _needs(step: Callable[[str], Step], names: Sequence[str]) -> set[str]:
     """The steps ``names`` read, directly or through others (by what their SQL reads), and ``names``."""
-    need: set[str] = set()
-    stack = list(names)
-    while stack:
-        n = stack.pop()
-        if n not in need:
-            need.add(n)
-            stack.extend(_reads(step(n)))
-    return need
+    return reachable(names, lambda n: _reads(step(n)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -34,6 +34,18 @@ from reldl.autodiff.kernels import Activated, at, transform
 Names = Callable[[str], exp.Expression]  # step name -> table expression to read it from
 
 
+def reachable(names: Sequence[str], edges: Callable[[str], Sequence[str]]) -> set[str]:
+    """``names`` and every name reachable from them through ``edges`` (a step's dependencies)."""
+    seen: set[str] = set()
+    stack = list(names)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(edges(n))
+    return seen
+
+
 @dataclass
 class Step:
     name: str
@@ -66,13 +78,7 @@ class Program:
 
     def closure(self, names: Sequence[str]) -> list[Step]:
         """The steps ``names`` need, in order."""
-        need: set[str] = set()
-        stack = list(names)
-        while stack:
-            n = stack.pop()
-            if n not in need:
-                need.add(n)
-                stack.extend(self._by_name[n].deps)
+        need = reachable(names, lambda n: self._by_name[n].deps)
         return [s for s in self.steps if s.name in need]
 
     def _with(self, names: Sequence[str], last: exp.Select) -> exp.Select:
