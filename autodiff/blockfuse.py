@@ -23,7 +23,7 @@ import functools
 import inspect
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ from sqlglot import exp
 from reldl.autodiff import emit
 from reldl.autodiff import symbolic as sym
 from reldl.autodiff.emit import aliased, col, select, table_as
-from reldl.autodiff.grad import Program, Step, reachable
+from reldl.autodiff.grad import Program, Step, ordered, reachable
 from reldl.autodiff.ir import Aggregate, Join, Node, Scan, topological
 from reldl.autodiff.kernels import (
     Affine,
@@ -75,19 +75,14 @@ def _kernel_spec(k: Any) -> dict | None:
         if any(numpy_function(k.partial(i), k.arity) is None for i in range(k.arity)):
             return None
         return {"kind": "elementwise", "sql": k.template.sql("duckdb"), "arity": k.arity}
-    for cls, name in ((Affine, "affine"), (Matmul, "matmul"), (BiasAdd, "bias_add"), (SoftmaxXent, "softmax_xent")):
-        if type(k) is cls:
-            return {"kind": name}
-    if type(k) is TileSum:
-        return {"kind": "tile_sum"}
-    return None
+    tile_kernels = (Affine, Matmul, BiasAdd, SoftmaxXent, TileSum)
+    return {"kind": k.name} if type(k) in tile_kernels else None
 
 
-def _shapes_ok(y: Join, keyed: list[bool]) -> bool:
+def _shapes_ok(y: Join, kind: str) -> bool:
     """Whether the numpy executor's reading of each input (keyed tiles: rows stacked on the first axis; keyed
     scalars: one per block; keyless: as is) fits the kernel."""
-    shapes = [p.shape for p in y.parts]
-    kind = _kernel_spec(y.kernel)["kind"]
+    shapes, keyed = [p.shape for p in y.parts], [bool(p.keys) for p in y.parts]
     if kind == "elementwise":  # keyless inputs only as scalars (a keyless tile would need the block's rows)
         return all(k or s == () for k, s in zip(keyed, shapes))
     if kind in ("affine", "matmul", "bias_add"):
@@ -122,15 +117,15 @@ def plan(prog: Program) -> BlockPlan | None:
     if any(set(j.keys) != set(keys) for j in joins):
         return None
     region: dict[int, Join] = {}
+    kernels: dict[int, dict] = {}
     for y in joins:  # topological: a join's region inputs are already in
-        if y.where is not None or _kernel_spec(y.kernel) is None:
+        kernels[y.id] = _kernel_spec(y.kernel)
+        if y.where is not None or kernels[y.id] is None or not _shapes_ok(y, kernels[y.id]["kind"]):
             return None
         for p in y.parts:
             ok = p.id in region or (isinstance(p, Scan) and (not p.keys or set(p.keys) == set(keys)))
             if not ok:
                 return None
-        if not _shapes_ok(y, [bool(p.keys) for p in y.parts]):
-            return None
         region[y.id] = y
     outputs: list[Aggregate] = []
     for y in region.values():
@@ -155,7 +150,7 @@ def plan(prog: Program) -> BlockPlan | None:
     # the outputs' gradients must not need the region's forward values (e.g. loss = log(sum(...)) would)
     covered = {f"f{n.id}" for n in [*region.values(), *outputs]}
     for o in outputs:
-        if f"g{o.id}" not in prog._by_name or covered & _needs(prog.step, [f"g{o.id}"]):
+        if f"g{o.id}" not in prog or covered & reachable([f"g{o.id}"], lambda n: _reads(prog.step(n))):
             return None
     nodes = list(region.values())
     spec = {
@@ -165,7 +160,7 @@ def plan(prog: Program) -> BlockPlan | None:
                 "id": y.id,
                 "parts": [p.id for p in y.parts],
                 "need": [dep[p.id] for p in y.parts],  # which inputs' gradients lead to a parameter
-                "kernel": _kernel_spec(y.kernel),
+                "kernel": kernels[y.id],
             }
             for y in nodes
         ],
@@ -187,11 +182,6 @@ def _reads(step: Step) -> set[str]:
 
     step.build(ref)
     return seen
-
-
-def _needs(step: Callable[[str], Step], names: Sequence[str]) -> set[str]:
-    """The steps ``names`` read, directly or through others (by what their SQL reads), and ``names``."""
-    return reachable(names, lambda n: _reads(step(n)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -218,8 +208,7 @@ def fuse_blocks(prog: Program) -> tuple[Program, BlockPlan | None]:
             groups[("input", i)] = [i]
 
     def build_packed(ref) -> exp.Select:
-        q, args = None, {}
-        first_keys = None
+        q, args, first = None, {}, ""
         for g, members in enumerate(groups.values()):
             alias = f"t{g}"
             n0 = bp.inputs[members[0]]
@@ -234,9 +223,9 @@ def fuse_blocks(prog: Program) -> tuple[Program, BlockPlan | None]:
                 src = table_as(ref(f"f{n0.id}"), alias)
                 args[members[0]] = _as_list(col("v", alias), n0.shape)
             if q is None:
-                q, first_keys = select().from_(src), (alias, n0.keys)
+                q, first = select().from_(src), alias
             elif n0.keys:
-                on = exp.and_(*[exp.EQ(this=col(k, first_keys[0]), expression=col(k, alias)) for k in n0.keys])
+                on = exp.and_(*[exp.EQ(this=col(k, first), expression=col(k, alias)) for k in n0.keys])
                 q = q.join(src, on=on, join_type="inner")
             else:
                 q = q.join(src, join_type="cross")
@@ -251,8 +240,6 @@ def fuse_blocks(prog: Program) -> tuple[Program, BlockPlan | None]:
         agg = exp.Filter(this=exp.Anonymous(this="list", expressions=[col("v")]), expression=exp.Where(this=not_null))
         return select(aliased(sym.func("reldl_tile_sum", agg), "v")).from_(inner)
 
-    merged = {i for members in groups.values() if len(members) > 1 for i in members}
-    deps = [f"f{n.id}" for i, n in enumerate(bp.inputs) if i not in merged] + [f"g{o.id}" for o in bp.outputs]
     new = Program(loss=prog.loss, wrt=prog.wrt, grads=dict(prog.grads))
     replaced: dict[str, Step] = {}
     offset = 1
@@ -262,38 +249,23 @@ def fuse_blocks(prog: Program) -> tuple[Program, BlockPlan | None]:
     for p in bp.params:
         replaced[f"g{p.id}"] = Step(f"g{p.id}", _slice(packed, offset, p.shape), [packed], p, gradient=True, view=True)
         offset += math.prod(p.shape)
-    steps = [Step(packed, build_packed, deps, prog.loss)] + [replaced.get(s.name, s) for s in prog.steps]
-    by_name = {s.name: s for s in steps}
-    # keep what the loss's value and the parameters' gradients need, through the steps' real reads
+    steps = [Step(packed, build_packed, [], prog.loss)] + [replaced.get(s.name, s) for s in prog.steps]
+    # dependencies are what each step's SQL reads (the relational program's recorded deps may list more)
+    reads = {s.name: _reads(s) for s in steps}
+    # keep what the loss's value and the parameters' gradients need
     want = [f"f{prog.loss.id}", *prog.grads.values()]
-    need = _needs(by_name.__getitem__, want)
-    kept = [s for s in steps if s.name in need]
+    need = reachable(want, reads.__getitem__)
     readers: dict[str, int] = {n: want.count(n) for n in need}
-    for s in kept:
-        for r in _reads(s):
+    for n in need:
+        for r in reads[n]:
             readers[r] += 1
-    for s in kept:
-        # one-row steps read once (the loss's scalar tail) are views: a statement saved each training step
-        view = s.view or (not s.node.keys and readers[s.name] <= 1 and s.name != packed)
-        new.add(Step(s.name, s.build, sorted(_reads(s)), s.node, s.gradient, view))
-    new.steps = _ordered(new.steps)
+    for s in steps:
+        if s.name in need:
+            # one-row steps read once (the loss's scalar tail) are views: a statement saved each training step
+            view = s.view or (not s.node.keys and readers[s.name] <= 1 and s.name != packed)
+            new.add(Step(s.name, s.build, sorted(reads[s.name]), s.node, s.gradient, view))
+    new.steps = ordered(new.steps)
     return new, bp
-
-
-def _ordered(steps: list[Step]) -> list[Step]:
-    done: set[str] = set()
-    out: list[Step] = []
-    pending = list(steps)
-    while pending:
-        rest = [s for s in pending if not all(d in done for d in s.deps)]
-        for s in pending:
-            if s not in rest:
-                out.append(s)
-                done.add(s.name)
-        if len(rest) == len(pending):
-            raise RuntimeError("internal: fused steps have a dependency cycle")
-        pending = rest
-    return out
 
 
 def _as_list(v: exp.Expression, shape: tuple[int, ...]) -> exp.Expression:

@@ -68,6 +68,9 @@ class Program:
     def step(self, name: str) -> Step:
         return self._by_name[name]
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
     def __post_init__(self) -> None:
         self._by_name: dict[str, Step] = {}
         self._views: dict[str, bool] = {}
@@ -353,7 +356,7 @@ def backward(loss: Node, wrt: Sequence[Scan] | None = None) -> Program:
         else:
             prog.add(Step(f"g{x.id}", _sum_of(x, parts), sorted(set(deps)), x, gradient=True))
     prog.grads = {p.id: f"g{p.id}" for p in wrt}
-    prog.steps = _order(prog)
+    prog.steps = ordered(prog.steps)
     return prog
 
 
@@ -404,11 +407,11 @@ def _empty(x: Node) -> Callable[[Names], exp.Select]:
     return lambda ref: select(*[col(k) for k in x.keys], col("v")).from_(ref(f"f{x.id}")).limit(0)
 
 
-def _order(prog: Program) -> list[Step]:
-    """Steps in an order where every step follows its dependencies (forward first, then gradients in reverse)."""
+def ordered(steps: Sequence[Step]) -> list[Step]:
+    """``steps`` in an order where every step follows its dependencies (forward first, then gradients in reverse)."""
     done: set[str] = set()
     out: list[Step] = []
-    pending = list(prog.steps)
+    pending = list(steps)
     while pending:
         rest = []
         for s in pending:
