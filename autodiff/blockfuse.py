@@ -67,6 +67,11 @@ class BlockPlan:
     params: list[Scan]  # parameters whose whole gradient comes from the region
     spec: str  # JSON for the UDF
 
+    @property
+    def arity(self) -> int:
+        """Tile arguments of the fused UDF: the inputs, then each output's upstream gradient."""
+        return len(self.inputs) + len(self.outputs)
+
 
 def _kernel_spec(k: Any) -> dict | None:
     if isinstance(k, Elementwise):
@@ -167,9 +172,8 @@ def plan(prog: Program) -> BlockPlan | None:
         "outputs": [{"id": o.id, "source": o.source.id} for o in outputs],
         "params": [{"id": p.id, "size": math.prod(p.shape)} for p in params],
     }
-    if len(inputs) + len(outputs) > MAX_INPUTS:
-        return None
-    return BlockPlan(keys, inputs, nodes, outputs, params, json.dumps(spec, separators=(",", ":")))
+    bp = BlockPlan(keys, inputs, nodes, outputs, params, json.dumps(spec, separators=(",", ":")))
+    return bp if bp.arity <= MAX_INPUTS else None
 
 
 def _reads(step: Step) -> set[str]:
@@ -195,7 +199,6 @@ def fuse_blocks(prog: Program) -> tuple[Program, BlockPlan | None]:
     if bp is None:
         return prog, None
     packed = f"b{prog.loss.id}"
-    n_in = len(bp.inputs) + len(bp.outputs)
 
     # keyed inputs read from one source with the same key columns come from one scan of it (a batch view's index
     # scan once, not once per column and joined back)
@@ -234,7 +237,7 @@ def fuse_blocks(prog: Program) -> tuple[Program, BlockPlan | None]:
             alias = f"u{j}"
             q = q.join(table_as(ref(f"g{o.id}"), alias), join_type="cross")
             args.append(_as_list(col("v", alias), ()))
-        call = sym.func(f"reldl_block_step_{n_in}", exp.Literal.string(bp.spec), *args)
+        call = sym.func(f"reldl_block_step_{bp.arity}", exp.Literal.string(bp.spec), *args)
         inner = exp.Subquery(this=q.select(aliased(call, "v")), alias=exp.TableAlias(this=exp.to_identifier("c")))
         not_null = exp.Not(this=exp.Is(this=col("v"), expression=exp.Null()))
         agg = exp.Filter(this=exp.Anonymous(this="list", expressions=[col("v")]), expression=exp.Where(this=not_null))

@@ -528,7 +528,7 @@ def minimize(
         seen.add(key)
     install(duck)
     if block_plan is not None:
-        blockfuse.install(duck, [len(block_plan.inputs) + len(block_plan.outputs)])
+        blockfuse.install(duck, [block_plan.arity])
     _ensure_tables(duck)
     fingerprint, config = _fingerprint(plist, opt, batches)
     tag = hashlib.sha256(name.encode()).hexdigest()[:10]

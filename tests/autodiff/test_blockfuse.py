@@ -101,7 +101,7 @@ def run(con, prog, prefix):
 def compare(con, loss_node, n_inputs):
     prog = backward(loss_node)
     fused, bp = blockfuse.fuse_blocks(prog)
-    assert bp is not None and len(bp.inputs) + len(bp.outputs) == n_inputs
+    assert bp is not None and bp.arity == n_inputs
     ad.install(con)
     blockfuse.install(con, [n_inputs])
     ref_loss, ref = run(con, prog, "u")

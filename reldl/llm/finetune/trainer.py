@@ -496,12 +496,7 @@ class Trainer:
             part = part / count
             part.backward(retain_graph=not self._last)
             loss += part.detach()
-            if len(parts) == 1:
-                g = xa.grad
-            else:
-                if g is None:
-                    g = torch.empty_like(x)
-                g[a:b] = xa.grad
+            g = _rows_into(g, x, a, b, xa.grad, len(parts) == 1)
             del logits, xa, part
         del x
         for i in reversed(range(L)):
@@ -513,12 +508,7 @@ class Trainer:
                 xi = xin[a:b].detach().requires_grad_(True)
                 y = layers.layer(cfg, w, xi, self._attend, positions[a:b], self.rope)
                 y.backward(g[a:b], retain_graph=not self._last)
-                if len(parts) == 1:
-                    g_in = xi.grad
-                else:
-                    if g_in is None:
-                        g_in = torch.empty_like(g)
-                    g_in[a:b] = xi.grad
+                g_in = _rows_into(g_in, g, a, b, xi.grad, len(parts) == 1)
                 del y, xi
             g = g_in
             del xin, w
@@ -696,3 +686,14 @@ def _fsync_dir(d: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def _rows_into(dst: torch.Tensor | None, like: torch.Tensor, a: int, b: int, rows: torch.Tensor, whole: bool):
+    """A micro-batch's gradient (rows a:b) placed into the whole batch's (``dst``, made like ``like`` on first use);
+    with one micro-batch, the gradient itself."""
+    if whole:
+        return rows
+    if dst is None:
+        dst = torch.empty_like(like)
+    dst[a:b] = rows
+    return dst
