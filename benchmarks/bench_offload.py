@@ -250,6 +250,31 @@ def measure_gpu_box(args):
     )
 
 
+def hardware_and_card(args) -> tuple | None:
+    """(Hardware, card name) for the run; ``--preset cpu``: the tiny model's smoke run (prompt and generation
+    shortened; caps 16,40 become 50% and 80% of its all-on-GPU footprint, which forces offloading). None, after a
+    message, where the GPU preset finds no GPU. Shared with bench_offload_baselines.py."""
+    import torch
+
+    from reldl.llm.offload import Hardware
+
+    if args.preset != "cpu":
+        if not torch.cuda.is_available():
+            print("needs a CUDA GPU (or --preset cpu)", file=sys.stderr)
+            return None
+        return measure_gpu_box(args), torch.cuda.get_device_name()
+    args.prompt, args.gen = min(args.prompt, 32), min(args.gen, 6)
+    hw = Hardware.preset("t4").with_memory(cpu=64 << 20, disk=1 << 30)
+    if args.caps == "16,40":
+        from reldl.llm.offload import ModelShape, Policy, memory
+
+        with tempfile.TemporaryDirectory(prefix="bench-offload-") as d:
+            tiny = ModelShape.from_config(opt_config(TINY, None, Path(d)))
+        need = memory(Policy(1), tiny, args.prompt, args.gen)["gpu"] / GiB
+        args.caps = f"{0.5 * need:.6g},{0.8 * need:.6g}"
+    return hw, platform.processor() or "cpu"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=["gpu", "cpu"], default="gpu")
@@ -269,27 +294,10 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/out/offload.json")
     args = ap.parse_args()
 
-    import torch
-
-    from reldl.llm.offload import Hardware
-
-    cpu = args.preset == "cpu"
-    if not cpu and not torch.cuda.is_available():
-        print("needs a CUDA GPU (or --preset cpu)", file=sys.stderr)
+    box = hardware_and_card(args)
+    if box is None:
         return 2
-    if cpu:
-        args.prompt, args.gen = min(args.prompt, 32), min(args.gen, 6)
-        hw = Hardware.preset("t4").with_memory(cpu=64 << 20, disk=1 << 30)
-        if args.caps == "16,40":  # 50% and 80% of the tiny model's all-on-GPU footprint: forces offloading
-            from reldl.llm.offload import ModelShape, Policy, memory
-
-            tiny = ModelShape.from_config(opt_config(TINY, None, Path(tempfile.mkdtemp(prefix="bench-offload-"))))
-            need = memory(Policy(1), tiny, args.prompt, args.gen)["gpu"] / GiB
-            args.caps = f"{0.5 * need:.6g},{0.8 * need:.6g}"
-        card = platform.processor() or "cpu"
-    else:
-        hw = measure_gpu_box(args)
-        card = torch.cuda.get_device_name()
+    hw, card = box
     print(f"hardware: {json.dumps({k: f'{v:.4g}' for k, v in hw.__dict__.items()})}")
     rows: list[dict] = []
     status = 0

@@ -56,7 +56,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -639,29 +638,16 @@ def main() -> int:
 
     import torch
 
-    from reldl.llm.offload import Hardware
-
     systems = [s for s in args.systems.split(",") if s]
     bad = [s for s in systems if s not in SYSTEMS]
     if bad:
         ap.error(f"unknown systems {bad}")
     cpu = args.preset == "cpu"
-    if not cpu and not torch.cuda.is_available():
-        print("needs a CUDA GPU (or --preset cpu)", file=sys.stderr)
+    box = bo.hardware_and_card(args)
+    if box is None:
         return 2
-    if cpu:
-        args.prompt, args.gen = min(args.prompt, 32), min(args.gen, 6)
-        hw = Hardware.preset("t4").with_memory(cpu=64 << 20, disk=1 << 30)
-        if args.caps == "16,40":  # as bench_offload.py: 50% / 80% of the tiny model's all-on-GPU footprint
-            from reldl.llm.offload import ModelShape, Policy, memory
-
-            tiny = ModelShape.from_config(bo.opt_config(bo.TINY, None, Path(tempfile.mkdtemp(prefix="baselines-"))))
-            need = memory(Policy(1), tiny, args.prompt, args.gen)["gpu"] / GiB
-            args.caps = f"{0.5 * need:.6g},{0.8 * need:.6g}"
-        card = platform.processor() or "cpu"
-    else:
-        hw = bo.measure_gpu_box(args)
-        card = torch.cuda.get_device_name()
+    hw, card = box
+    if not cpu:
         torch.cuda.empty_cache()
     print(f"hardware: {json.dumps({k: f'{v:.4g}' for k, v in hw.__dict__.items()})}")
     out_path = Path(args.out)
