@@ -11,6 +11,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def kernel_device(preset: str, dtype: str) -> tuple | None:
+    """(cpu, device, dtype) for a kernel micro-benchmark: ``preset`` 'cpu' is the Triton interpreter in float32
+    (TRITON_INTERPRET is set here, so call this before importing reldl.kernels), else CUDA in ``dtype``; None,
+    after a message, where no GPU is present."""
+    import os
+
+    if preset == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    if preset == "cpu":
+        return True, "cpu", torch.float32
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU (or --preset cpu)", file=sys.stderr)
+        return None
+    return False, "cuda", getattr(torch, dtype)
+
+
 def timer(cpu: bool) -> Callable[[Callable[[], object]], float]:
     """Milliseconds per call: triton.testing.do_bench's median on the GPU; one warm call, wall clock, on the CPU
     (the Triton interpreter: a smoke run, not a measurement)."""

@@ -15,10 +15,9 @@ rows) to --out (default benchmarks/out/quant4.json).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from _common import write_report
+from _common import kernel_device, write_report
 
 MODELS = {"opt-30b": (7168, 28672), "opt-175b": (12288, 49152)}  # hidden, ffn
 TOL = {"float16": 5e-3, "bfloat16": 3e-2, "float32": 1e-4}
@@ -76,20 +75,15 @@ def main() -> int:
     ap.add_argument("--check", type=int, default=0, help="only check matmul_4bit: N fresh inputs per shape and M")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.preset == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"  # before reldl.kernels defines its kernels
-
+    box = kernel_device(args.preset, args.dtype)  # before reldl.kernels defines its kernels
+    if box is None:
+        return 2
+    cpu, dev, dtype = box
     import torch
 
     import reldl.kernels as K
     import reldl.kernels.quant4 as Q
 
-    cpu = args.preset == "cpu"
-    if not cpu and not torch.cuda.is_available():
-        print("needs a CUDA GPU (or --preset cpu)", file=sys.stderr)
-        return 2
-    dev = "cpu" if cpu else "cuda"
-    dtype = torch.float32 if cpu else getattr(torch, args.dtype)
     ms = [int(v) for v in args.m.split(",")]
     if cpu:
         cases = [("tiny", "qkv_out", 96, 130), ("tiny", "fc1", 160, 96)]

@@ -13,10 +13,9 @@ Writes JSON (card, date, command, rows) to --out (default benchmarks/out/quant4_
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from _common import timer, write_report
+from _common import kernel_device, timer, write_report
 
 MODELS = {"opt-30b": (56, 1, 128), "llama-70b": (8, 8, 128)}  # kv heads, group, head_dim
 TOL = {"float16": 1e-2, "bfloat16": 3e-2, "float32": 1e-4}
@@ -31,19 +30,14 @@ def main() -> int:
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--out", default="benchmarks/out/quant4_attention.json")
     args = ap.parse_args()
-    if args.preset == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"  # before reldl.kernels defines its kernels
-
+    box = kernel_device(args.preset, args.dtype)  # before reldl.kernels defines its kernels
+    if box is None:
+        return 2
+    cpu, dev, dtype = box
     import torch
 
     import reldl.kernels as K
 
-    cpu = args.preset == "cpu"
-    if not cpu and not torch.cuda.is_available():
-        print("needs a CUDA GPU (or --preset cpu)", file=sys.stderr)
-        return 2
-    dev = "cpu" if cpu else "cuda"
-    dtype = torch.float32 if cpu else getattr(torch, args.dtype)
     if cpu:
         cases = [("tiny-mha", 2, 1, 64, 2, 77), ("tiny-gqa", 1, 4, 128, 1, 300)]
     else:
