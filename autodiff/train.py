@@ -63,7 +63,12 @@ class TrainingError(AutodiffError):
 @dataclass(frozen=True)
 class Batches:
     """Mini-batches over ``source`` (a table): each step, the TEMP view ``view`` shows the rows whose ``key`` is among
-    the ``size`` key values of the current batch. The loss graph's data scans read ``view``."""
+    the ``size`` key values of the current batch. The loss graph's data scans read ``view``.
+
+    ``contiguous``: each batch is a run of ``size`` consecutive key values (in sorted order), selected with one
+    ``BETWEEN``, and shuffling permutes the batches, not the keys. For a table stored in key order (e.g. one data
+    row a tuple, ``key`` its row block) DuckDB then reads just the run's part of the table: 16k rows of 256 doubles
+    in 6 ms, against 17 ms through an index and a key list (and 56 ms for 16 scattered blocks)."""
 
     view: str
     source: str
@@ -71,6 +76,7 @@ class Batches:
     size: int
     shuffle: bool = True
     seed: int = 0
+    contiguous: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
@@ -405,10 +411,19 @@ def _fingerprint(params: list[_Param], opt: Optimizer, batches: Batches | None) 
     config = {
         "optimizer": asdict(opt),
         "params": [[p.table.sql("duckdb"), list(p.keys), list(p.shape)] for p in params],
-        "batches": asdict(batches) if batches is not None else None,
+        "batches": _batches_config(batches),
     }
     text = json.dumps(config, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16], config
+
+
+def _batches_config(batches: Batches | None) -> dict | None:
+    if batches is None:
+        return None
+    config = asdict(batches)
+    if not batches.contiguous:  # as before the option existed: runs recorded then resume
+        del config["contiguous"]
+    return config
 
 
 def _execute(duck: Any, sql: str, *args) -> Any:
@@ -528,7 +543,8 @@ def minimize(
         seen.add(key)
     install(duck)
     if block_plan is not None:
-        blockfuse.install(duck, [block_plan.arity])
+        blockfuse.resolve_types(duck, block_plan, {batches.view: batches.source} if batches is not None else None)
+        blockfuse.install(duck, block_plan)
     _ensure_tables(duck)
     fingerprint, config = _fingerprint(plist, opt, batches)
     tag = hashlib.sha256(name.encode()).hexdigest()[:10]
@@ -587,12 +603,24 @@ def minimize(
         kcol = exp.column(exp.to_identifier(batches.key, quoted=True))
         keys_q = select(kcol).from_(src.copy()).distinct().order_by(kcol.copy())
         keys = [r[0] for r in _execute(duck, keys_q.sql("duckdb")).fetchall()]
+        if batches.contiguous:  # a NULL key is in no run (as it matches no IN list)
+            keys = [k for k in keys if k is not None]
         if not keys:
             raise TrainingError(f"batches: {src.sql('duckdb')} has no rows")
         n_batches = -(-len(keys) // batches.size)
 
         def batch_view(members: list) -> str:
             view = select(exp.Star()).from_(table_as(src.copy(), "s"))
+            if batches.contiguous:
+                lo, hi = exp.convert(members[0]), exp.convert(members[-1])
+                view = view.where(exp.Between(this=col(batches.key, "s"), low=lo, high=hi))
+                return exp.Create(
+                    this=exp.Table(this=exp.to_identifier(batches.view)),
+                    kind="VIEW",
+                    expression=view,
+                    replace=True,
+                    properties=exp.Properties(expressions=[exp.TemporaryProperty()]),
+                ).sql("duckdb")
             values = list(members)
             ints = all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in values)
             sentinel = None
@@ -656,8 +684,13 @@ def minimize(
     try:
         for epoch in range(done_epochs + 1, epochs + 1):
             if batches is not None:
-                perm = batch_order(len(keys), epoch, batches.seed, batches.shuffle)
-                ordered = [keys[i] for i in perm]
+                if batches.contiguous:  # runs of consecutive keys, the runs in (shuffled) order
+                    runs = [keys[i * batches.size : (i + 1) * batches.size] for i in range(n_batches)]
+                    members = [runs[i] for i in batch_order(n_batches, epoch, batches.seed, batches.shuffle)]
+                else:
+                    perm = batch_order(len(keys), epoch, batches.seed, batches.shuffle)
+                    ordered = [keys[i] for i in perm]
+                    members = [ordered[i * batches.size : (i + 1) * batches.size] for i in range(n_batches)]
             for p, w in zip(plist, work):
                 _execute(duck, _create(w.table.copy(), select(exp.Star()).from_(p.table.copy()), temp=True))
                 if opt.state:
@@ -668,7 +701,7 @@ def minimize(
                     _execute(duck, "BEGIN TRANSACTION")
                     t0 = time.perf_counter()
                     if batches is not None:
-                        _execute(duck, batch_view(ordered[b * batches.size : (b + 1) * batches.size]))
+                        _execute(duck, batch_view(members[b]))
                     step += 1
                     # views read the batch view and the step's tables by name: made once, in order with the tables
                     for sql in table_statements if views_made else statements:
@@ -713,6 +746,8 @@ def minimize(
             done_epochs = epoch
     finally:
         bar.close()
+        if block_plan is not None:
+            blockfuse.release(block_plan)
         if restore_malloc is not None:
             restore_malloc()
         _best_effort(duck, f"SET disabled_optimizers = {exp.Literal.string(saved_optimizers).sql('duckdb')}")

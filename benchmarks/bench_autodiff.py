@@ -116,33 +116,49 @@ def mlp_data(rows: int, feats: int, classes: int, seed: int = 0):
 
 def mlp_reldl(con, x, y, p, args) -> dict:
     block, feats, hidden, classes = args.block, x.shape[1], args.hidden, args.classes
-    nb = -(-len(x) // block)
     t = time.perf_counter()
-    xs = pa.ListArray.from_arrays(
-        pa.array(np.minimum(np.arange(nb + 1) * block, len(x)).astype(np.int64) * feats, pa.int64()).cast(pa.int32())
-        if len(x) * feats < 2**31
-        else pa.array(np.minimum(np.arange(nb + 1) * block, len(x)).astype(np.int64) * feats),
-        pa.array(x.ravel()),
-    )
-    ys = pa.ListArray.from_arrays(
-        pa.array((np.minimum(np.arange(nb + 1) * block, len(y))).astype(np.int32)), pa.array(y)
-    )
-    put(con, "data", {"rb": pa.array(np.arange(nb, dtype=np.int32)), "x": xs, "y": ys})
-    con.execute("CREATE INDEX data_rb ON data (rb)")  # each mini-batch reads only its row blocks
+    view = "batch"
+    if args.layout == "rows":
+        # one data row a tuple: x a DOUBLE[feats] array, y a DOUBLE[1]; rb (block of rows) is the batch key and the
+        # table is stored in row order, so a batch (a run of blocks) is one BETWEEN over a contiguous range
+        rows = len(x)
+        tab = pa.table(
+            {
+                "rb": pa.array((np.arange(rows) // block).astype(np.int32)),
+                "r": pa.array(np.arange(rows, dtype=np.int32)),
+                "x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), feats),
+                "y": pa.FixedSizeListArray.from_arrays(pa.array(y), 1),
+            }
+        )
+        con.register("__bench", tab)
+        con.execute("CREATE OR REPLACE TABLE data AS SELECT * FROM __bench")
+        con.unregister("__bench")
+        keys, xshape, yshape = ["r"], (1, feats), (1,)
+        batches = Batches(view=view, source="data", key="rb", size=args.batch_blocks, shuffle=False, contiguous=True)
+    else:
+        nb = -(-len(x) // block)
+        big = len(x) * feats >= 2**31
+        xoff = np.minimum(np.arange(nb + 1) * block, len(x)).astype(np.int64) * feats
+        xs = pa.ListArray.from_arrays(pa.array(xoff) if big else pa.array(xoff.astype(np.int32)), pa.array(x.ravel()))
+        ys = pa.ListArray.from_arrays(
+            pa.array((np.minimum(np.arange(nb + 1) * block, len(y))).astype(np.int32)), pa.array(y)
+        )
+        put(con, "data", {"rb": pa.array(np.arange(nb, dtype=np.int32)), "x": xs, "y": ys})
+        con.execute("CREATE INDEX data_rb ON data (rb)")  # each mini-batch reads only its row blocks
+        keys, xshape, yshape = ["rb"], (block, feats), (block,)
+        batches = Batches(view=view, source="data", key="rb", size=args.batch_blocks, shuffle=False)
     load_s = time.perf_counter() - t
     for name, arr in p.items():
         put_param(con, name, arr)
     limited(con, args)
-    view = "batch"
-    xd = ad.table(view, keys=["rb"], shape=(block, feats), value="x")
-    yd = ad.table(view, keys=["rb"], shape=(block,), value="y")
-    n = ad.sum(ad.table(view, keys=["rb"], value=sqlglot.parse_one("len(y)"), name="rows"))
+    xd = ad.table(view, keys=keys, shape=xshape, value="x")
+    yd = ad.table(view, keys=keys, shape=yshape, value="y")
+    n = ad.sum(ad.table(view, keys=keys, value=sqlglot.parse_one("len(y)"), name="rows"))
     w1, b1 = ad.param("w1", shape=(feats, hidden)), ad.param("b1", shape=(hidden,))
     w2, b2 = ad.param("w2", shape=(hidden, classes)), ad.param("b2", shape=(classes,))
     h = ad.apply("relu", ad.linear(xd, w1, b1))
     logits = ad.linear(h, w2, b2)
     loss = ad.apply("div", ad.sum(ad.apply("tile_sum", ad.apply("softmax_xent", logits, yd))), n)
-    batches = Batches(view=view, source="data", key="rb", size=args.batch_blocks, shuffle=False)
     return reldl_epochs(con, loss, args, "bench_mlp", batches), load_s
 
 
@@ -280,7 +296,14 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=256)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--classes", type=int, default=10)
-    ap.add_argument("--block", type=int, default=1024, help="rows per tile (the tile-size knob)")
+    ap.add_argument(
+        "--layout",
+        choices=["rows", "tiles"],
+        default="rows",
+        help="MLP data as one row a tuple (DOUBLE[features] arrays, contiguous batches) or as row-block tiles "
+        "(DOUBLE[] lists of --block rows, batches through an index)",
+    )
+    ap.add_argument("--block", type=int, default=1024, help="rows per batch key (rows) or per tile (tiles)")
     ap.add_argument("--batch-blocks", type=int, default=16, help="row blocks per SGD step")
     ap.add_argument("--gcn-features", type=int, default=16)
     ap.add_argument("--gcn-hidden", type=int, default=16)

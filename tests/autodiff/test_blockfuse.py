@@ -12,7 +12,7 @@ import sqlglot
 import torch
 
 from reldl import autodiff as ad
-from reldl.autodiff import blockfuse
+from reldl.autodiff import blockfuse, train
 from reldl.autodiff.grad import backward
 from reldl.autodiff.train import Batches, TrainingError, minimize
 
@@ -103,7 +103,8 @@ def compare(con, loss_node, n_inputs):
     fused, bp = blockfuse.fuse_blocks(prog)
     assert bp is not None and bp.arity == n_inputs
     ad.install(con)
-    blockfuse.install(con, [n_inputs])
+    blockfuse.resolve_types(con, bp)
+    blockfuse.install(con, bp)
     ref_loss, ref = run(con, prog, "u")
     got_loss, got = run(con, fused, "z")
     assert abs(got_loss - ref_loss) <= TOL * max(1.0, abs(ref_loss))
@@ -248,3 +249,97 @@ def test_null_tile_is_a_one_line_error_and_changes_nothing():
         minimize(con, loss, optimizer="sgd", learning_rate=0.1, epochs=1)
     assert "\n" not in str(err.value)
     assert np.array_equal(read(con, "w1"), before)
+
+
+def row_table(con, rng, rows: int, rows_per_batch_key: int, feats: int, classes: int = 3):
+    """One data row a tuple: x as a fixed-size DOUBLE[feats] array, y as DOUBLE[1], stored in row order; ``rb`` (a
+    run of rows) is the batch key."""
+    x = rng.normal(size=(rows, feats))
+    y = rng.integers(0, classes, rows).astype(float)
+    tab = pa.table(
+        {
+            "rb": np.arange(rows) // rows_per_batch_key,
+            "r": np.arange(rows),
+            "x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), feats),
+            "y": pa.FixedSizeListArray.from_arrays(pa.array(y), 1),
+        }
+    )
+    con.register("__t", tab)
+    con.execute("CREATE OR REPLACE TABLE rows AS SELECT * FROM __t ORDER BY r")
+    con.unregister("__t")
+    return x, y
+
+
+def row_mlp(con, rng, feats, src="batch"):
+    w1 = param(con, "w1", rng.normal(size=(feats, 5)) * 0.4)
+    b1 = param(con, "b1", rng.normal(size=5) * 0.1)
+    w2 = param(con, "w2", rng.normal(size=(5, 3)) * 0.4)
+    b2 = param(con, "b2", rng.normal(size=3) * 0.1)
+    x = ad.table(src, keys=["r"], shape=(1, feats), value="x")
+    y = ad.table(src, keys=["r"], shape=(1,), value="y")
+    n = ad.sum(ad.table(src, keys=["r"], value=sqlglot.parse_one("len(y)"), name="rows"))
+    per_row = ad.apply("softmax_xent", ad.linear(ad.apply("relu", ad.linear(x, w1, b1)), w2, b2), y)
+    return ad.apply("div", ad.sum(ad.apply("tile_sum", per_row)), n)
+
+
+def test_row_tiles_as_arrays_pass_natively_and_equal_the_relational_program():
+    """One row a tuple (5,000 rows: several DuckDB chunks and UDF calls), x a DOUBLE[4] array passed to the UDF as it
+    is (no list conversion); the parameters reach it through the stash step, never per row."""
+    con = duckdb.connect()
+    rng = np.random.default_rng(31)
+    row_table(con, rng, 5000, 100, 4)
+    loss = row_mlp(con, rng, 4, src="rows")
+    prog = backward(loss)
+    fused, bp = blockfuse.fuse_blocks(prog)
+    assert bp is not None
+    blockfuse.resolve_types(con, bp)
+    assert sorted(bp.native.values()) == ["DOUBLE[1]", "DOUBLE[4]"]
+    assert bp.step_function == "reldl_block_step_a4_a1"
+    ad.install(con)
+    blockfuse.install(con, bp)
+    ref_loss, ref = run(con, prog, "u")
+    got_loss, got = run(con, fused, "z")
+    assert abs(got_loss - ref_loss) <= TOL * max(1.0, abs(ref_loss))
+    for k in ref:
+        assert np.abs(got[k] - ref[k]).max() <= TOL * max(1.0, np.abs(ref[k]).max()), k
+    # the step's SQL passes no parameter tile: only the handle and the keyed columns
+    packed = next(sql for step, _, sql in fused.statements("z") if step == f"b{prog.loss.id}")
+    calls = [c for c in sqlglot.parse_one(packed).find_all(sqlglot.exp.Anonymous) if "block_step" in c.name.lower()]
+    assert [(c.name.lower(), len(c.expressions)) for c in calls] == [("reldl_block_step_a4_a1", 3)]
+    blockfuse.release(bp)
+    with pytest.raises(duckdb.Error, match="nothing stashed"):
+        con.execute(packed)
+
+
+def test_contiguous_row_batches_train_like_torch():
+    """Row tiles with contiguous batches (runs of batch keys selected with BETWEEN, runs shuffled): fused, relational
+    and PyTorch give the same losses and parameters (SGD, 2 epochs)."""
+    rows, per_key, feats, size = 600, 50, 4, 3  # 12 batch keys, batches of 3 keys (150 rows)
+    results = {}
+    for fuse in (True, False):
+        con = duckdb.connect()
+        rng = np.random.default_rng(5)
+        x, y = row_table(con, rng, rows, per_key, feats)
+        loss = row_mlp(con, rng, feats)
+        init = {k: read(con, k) for k in ("w1", "b1", "w2", "b2")}
+        batches = Batches("batch", "rows", "rb", size=size, shuffle=True, seed=3, contiguous=True)
+        res = minimize(con, loss, optimizer="sgd", learning_rate=0.2, epochs=2, batches=batches, fuse_blocks=fuse)
+        results[fuse] = (res.step_losses, {k: read(con, k) for k in init})
+    assert np.abs(np.array(results[True][0]) - results[False][0]).max() < 1e-12
+    shapes = {"w1": (feats, 5), "b1": (5,), "w2": (5, 3), "b2": (3,)}
+    tp = {k: torch.tensor(v.reshape(shapes[k]), requires_grad=True) for k, v in init.items()}
+    opt = torch.optim.SGD(list(tp.values()), lr=0.2)
+    xt, yt = torch.tensor(x), torch.tensor(y).long()
+    losses = []
+    for epoch in (1, 2):
+        for b in train.batch_order(rows // per_key // size, epoch, 3):
+            sl = slice(b * size * per_key, (b + 1) * size * per_key)
+            z = torch.relu(xt[sl] @ tp["w1"] + tp["b1"]) @ tp["w2"] + tp["b2"]
+            loss_t = torch.nn.functional.cross_entropy(z, yt[sl])
+            opt.zero_grad()
+            loss_t.backward()
+            opt.step()
+            losses.append(loss_t.item())
+    assert np.abs(np.array(results[True][0]) - losses).max() < 1e-10
+    for k, t in tp.items():
+        assert np.abs(results[True][1][k] - t.detach().numpy().ravel()).max() < 1e-10, k
