@@ -44,6 +44,88 @@ FUSED_VARIANTS = {
     "F pps2 2launch": {"PROGRAMS_PER_SM": 2, "IN_KERNEL": False},
     "F pps2 rows32 w8": {"PROGRAMS_PER_SM": 2, "MAX_ROWS": 32, "num_warps": 8},
 }
+# the unfused batch-1 path (kernels 1-3, PDL): its tiles, programs per SM and split-K bound, one change at a time
+# from the defaults, then a few combinations (`--only tiles`)
+TILE_VARIANTS = {
+    "current": {},
+    "default": {},
+    "up n4": {"up": {"BLOCK_N": 4}},
+    "up n16": {"up": {"BLOCK_N": 16}},
+    "up d256": {"up": {"BLOCK_D": 256}},
+    "up d1024": {"up": {"BLOCK_D": 1024}},
+    "up w2": {"up": {"num_warps": 2}},
+    "up w8": {"up": {"num_warps": 8}},
+    "up s2": {"up": {"num_stages": 2}},
+    "up s4": {"up": {"num_stages": 4}},
+    "down k32": {"down": {"BLOCK_K": 32}},
+    "down k128": {"down": {"BLOCK_K": 128}},
+    "down n64": {"down": {"BLOCK_N": 64}},
+    "down n256": {"down": {"BLOCK_N": 256}},
+    "down w8": {"down": {"num_warps": 8}},
+    "down w2": {"down": {"num_warps": 2}},
+    "down s2": {"down": {"num_stages": 2}},
+    "down s4": {"down": {"num_stages": 4}},
+    "pps2": {"attrs": {"PROGRAMS_PER_SM": 2}},
+    "pps8": {"attrs": {"PROGRAMS_PER_SM": 8}},
+    "pf4": {"attrs": {"PARTIAL_FRACTION": 4}},
+    "pf16": {"attrs": {"PARTIAL_FRACTION": 16}},
+    "pps8 pf4": {"attrs": {"PROGRAMS_PER_SM": 8, "PARTIAL_FRACTION": 4}},
+    "up n16 d1024 w8": {"up": {"BLOCK_N": 16, "BLOCK_D": 1024, "num_warps": 8}},
+    "down k32 n256 w8": {"down": {"BLOCK_K": 32, "BLOCK_N": 256, "num_warps": 8}},
+    "down k128 n64": {"down": {"BLOCK_K": 128, "BLOCK_N": 64}},
+    "no pdl": {"attrs": {"PDL_RELU_MAX_BATCH": 0}},
+}
+# combinations of the singles that won on the H200 (2026-11-27 sweep: down k128 n64, down w2, up w8, up n16)
+TILE_COMBOS = {
+    "current": {},
+    "default": {},
+    "down k128 n64": {"down": {"BLOCK_K": 128, "BLOCK_N": 64}},
+    "down k128 n64 w2": {"down": {"BLOCK_K": 128, "BLOCK_N": 64, "num_warps": 2}},
+    "down k128 n64 + up w8": {"down": {"BLOCK_K": 128, "BLOCK_N": 64}, "up": {"num_warps": 8}},
+    "down k128 n64 w2 + up w8": {"down": {"BLOCK_K": 128, "BLOCK_N": 64, "num_warps": 2}, "up": {"num_warps": 8}},
+    "down k128 n64 w2 + up n16 w8": {
+        "down": {"BLOCK_K": 128, "BLOCK_N": 64, "num_warps": 2},
+        "up": {"BLOCK_N": 16, "num_warps": 8},
+    },
+    "down k128 w2": {"down": {"BLOCK_K": 128, "num_warps": 2}},
+    "down k256 n64": {"down": {"BLOCK_K": 256, "BLOCK_N": 64}},
+    "down k256 n32 w2": {"down": {"BLOCK_K": 256, "BLOCK_N": 32, "num_warps": 2}},
+    "down k128 n32 w2": {"down": {"BLOCK_K": 128, "BLOCK_N": 32, "num_warps": 2}},
+    "down k64 n64 w2": {"down": {"BLOCK_K": 64, "BLOCK_N": 64, "num_warps": 2}},
+    "down k128 n64 w2 pps2": {"down": {"BLOCK_K": 128, "BLOCK_N": 64, "num_warps": 2}, "attrs": {"PROGRAMS_PER_SM": 2}},
+    "down k128 n64 w2 pps8": {"down": {"BLOCK_K": 128, "BLOCK_N": 64, "num_warps": 2}, "attrs": {"PROGRAMS_PER_SM": 8}},
+    "down w2 + up w8": {"down": {"num_warps": 2}, "up": {"num_warps": 8}},
+    # no split-K in kernel 2 (so no reduce launch): the column blocks alone fill the GPU
+    "nosplit k128 n32 w2": {
+        "down": {"BLOCK_K": 128, "BLOCK_N": 32, "num_warps": 2},
+        "attrs": {"PARTIAL_FRACTION": 1e9},
+    },
+    "nosplit k128 n32 w4": {"down": {"BLOCK_K": 128, "BLOCK_N": 32}, "attrs": {"PARTIAL_FRACTION": 1e9}},
+    "nosplit k128 n16 w2": {
+        "down": {"BLOCK_K": 128, "BLOCK_N": 16, "num_warps": 2},
+        "attrs": {"PARTIAL_FRACTION": 1e9},
+    },
+    "nosplit k64 n32 w2": {"down": {"BLOCK_K": 64, "BLOCK_N": 32, "num_warps": 2}, "attrs": {"PARTIAL_FRACTION": 1e9}},
+    "nosplit k128 n64 w2": {
+        "down": {"BLOCK_K": 128, "BLOCK_N": 64, "num_warps": 2},
+        "attrs": {"PARTIAL_FRACTION": 1e9},
+    },
+    "nosplit k128 n32 w2 + up w8": {
+        "down": {"BLOCK_K": 128, "BLOCK_N": 32, "num_warps": 2},
+        "up": {"num_warps": 8},
+        "attrs": {"PARTIAL_FRACTION": 1e9},
+    },
+    "nosplit k128 n32 w2 + up n4 pps1": {
+        "down": {"BLOCK_K": 128, "BLOCK_N": 32, "num_warps": 2},
+        "up": {"BLOCK_N": 4},
+        "attrs": {"PARTIAL_FRACTION": 1e9, "PROGRAMS_PER_SM": 1},
+    },
+    "k128 n64 w2 + up w8 pf2": {
+        "down": {"BLOCK_K": 128, "BLOCK_N": 64, "num_warps": 2},
+        "up": {"num_warps": 8},
+        "attrs": {"PARTIAL_FRACTION": 2},
+    },
+}
 TEAL_VARIANTS = {
     "walk (old)": {"TEAL_COMPACT": False, "TEAL_MAX_SPARSE_BATCH": 1 << 20},
     "compact": {"TEAL_MAX_SPARSE_BATCH": 1 << 20},
@@ -59,29 +141,34 @@ TEAL_VARIANTS = {
 class patched:
     """Temporarily set FUSED keys / module attributes / DOWN_TILES entries."""
 
-    def __init__(self, fused=None, attrs=None, tiles=None):
-        self.fused, self.attrs, self.tiles = fused or {}, attrs or {}, tiles or {}
+    def __init__(self, fused=None, attrs=None, tiles=None, up=None):
+        self.fused, self.attrs, self.tiles, self.up = fused or {}, attrs or {}, tiles or {}, up or {}
 
     def __enter__(self):
         self.old = (
             dict(SM.FUSED),
             {a: getattr(SM, a) for a in self.attrs},
             {k: dict(v) for k, v in SM.DOWN_TILES.items()},
+            {k: dict(v) for k, v in SM.UP_TILES.items()},
         )
         SM.FUSED.update(self.fused)
         for a, v in self.attrs.items():
             setattr(SM, a, v)
         for path, upd in self.tiles.items():
             SM.DOWN_TILES[path] = dict(SM.DOWN_TILES[path], **upd)
+        for path, upd in self.up.items():
+            SM.UP_TILES[path] = dict(SM.UP_TILES[path], **upd)
 
     def __exit__(self, *exc):
-        fused, attrs, tiles = self.old
+        fused, attrs, tiles, up = self.old
         SM.FUSED.clear()
         SM.FUSED.update(fused)
         for a, v in attrs.items():
             setattr(SM, a, v)
         SM.DOWN_TILES.clear()
         SM.DOWN_TILES.update(tiles)
+        SM.UP_TILES.clear()
+        SM.UP_TILES.update(up)
 
 
 def bench(fns, rep):
@@ -150,6 +237,62 @@ def relu_sweep(args, rows):
         torch.cuda.empty_cache()
 
 
+def tiles_sweep(args, rows):
+    """The unfused batch-1 ReLU path under TILE_VARIANTS: every variant checked (float16 vs the float32 reference)
+    and timed on the same neuron sets."""
+    cases = [("opt-13b", 0.05), ("opt-13b", 0.1), ("opt-30b", 0.05), ("opt-175b", 0.05)]
+    for name in dict.fromkeys(c[0] for c in cases):
+        d, n = RELU_SHAPES[name]
+        torch.manual_seed(0)
+        w1, b1 = rand(n, d, scale=d**-0.5), rand(n, scale=0.1)
+        w2t, b2 = rand(n, d, scale=n**-0.5), rand(d, scale=0.1)
+        perm = torch.randperm(n, device="cuda").to(torch.int32)
+        xs = [rand(1, d) for _ in range(ROT)]
+        dense = bench([lambda x=x: F.linear(F.relu(F.linear(x, w1, b1)), w2t.t(), b2) for x in xs[:2]], args.rep)
+        for density in [c[1] for c in cases if c[0] == name]:
+            k = round(density * n)
+            m = max(1, min(ROT, n // k))
+            sets = [perm[i * k : (i + 1) * k] for i in range(m)]
+            want = K.sparse_mlp_reference(xs[0], w1, b1, w2t, b2, sets[0])
+            line = f"{name:<9} relu B=1 {density:>4.0%} dense {dense * 1e3:7.1f} us target {0.6 / density:4.1f}x |"
+            for vname, over in (TILE_COMBOS if args.combos else TILE_VARIANTS).items():
+                # a variant's tiles are changes to the "gemv" tiles, used for every selection size ("current": the
+                # module's own choice, "gemv_small" for small selections)
+                base_down, base_up = SM.DOWN_TILES["gemv"], SM.UP_TILES["gemv"]
+                down, up = dict(base_down, **over.get("down", {})), dict(base_up, **over.get("up", {}))
+                tiles, ups = ({}, {}) if vname == "current" else ({"gemv_small": down}, {"gemv_small": up})
+                if vname != "current":
+                    tiles["gemv"], ups["gemv"] = down, up
+                with patched(attrs=over.get("attrs"), tiles=tiles, up=ups):
+                    try:
+                        err = scaled_err(K.sparse_mlp(xs[0], w1, b1, w2t, b2, sets[0]), want)
+                        ms = bench(
+                            [lambda x=x, s=s: K.sparse_mlp(x, w1, b1, w2t, b2, s) for x, s in zip(xs, sets)], args.rep
+                        )
+                    except Exception as e:  # a tile the compiler refuses: noted, the sweep goes on
+                        print(f"  {vname}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                        continue
+                rows.append(
+                    dict(
+                        shape=name,
+                        kind="relu-tiles",
+                        batch=1,
+                        density=density,
+                        variant=vname,
+                        dense_ms=dense,
+                        ms=ms,
+                        speedup=dense / ms,
+                        target=0.6 / density,
+                        err=err,
+                        gbps=2 * k * d * 2 / ms / 1e6,
+                    )
+                )
+                line += f" {vname} {ms * 1e3:5.1f}us {dense / ms:5.2f}x{'' if err <= TOL else '!'} |"
+            print(line, flush=True)
+        w1 = w2t = None
+        torch.cuda.empty_cache()
+
+
 def quantile_threshold(v, density):
     return torch.quantile(v.float().abs().flatten()[: 1 << 20], 1 - density).item()
 
@@ -204,16 +347,19 @@ def main():
     ap.add_argument("--out", default="benchmarks/out/sweep_sparse_mlp.json")
     ap.add_argument("--rep", type=int, default=30)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["relu", "teal"], default=None)
+    ap.add_argument("--combos", action="store_true", help="--only tiles: TILE_COMBOS instead of TILE_VARIANTS")
+    ap.add_argument("--only", choices=["relu", "teal", "tiles"], default=None)
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.cuda.get_device_name()
     print(f"{dev}, torch {torch.__version__}, triton {triton.__version__}, SMs {SM.num_sms(torch.device('cuda'))}")
     rows, t0 = [], time.time()
-    if args.only != "teal":
+    if args.only == "tiles":
+        tiles_sweep(args, rows)
+    elif args.only != "teal":
         relu_sweep(args, rows)
         print(f"relu sweep {time.time() - t0:.0f} s", flush=True)
-    if args.only != "relu":
+    if args.only not in ("relu", "tiles"):
         teal_sweep(args, rows)
     print(f"sweep {time.time() - t0:.0f} s")
     with open(args.out, "w") as f:

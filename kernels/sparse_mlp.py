@@ -688,20 +688,31 @@ def _block_b(batch: int) -> int:
 # every tl.dot dimension must stay >= 16)
 UP_TILES = {
     "gemv": {"BLOCK_N": 8, "BLOCK_D": 512, "num_warps": 4, "num_stages": 3},
+    "gemv_small": {"BLOCK_N": 8, "BLOCK_D": 512, "num_warps": 8, "num_stages": 3},
     "dot": {"BLOCK_N": 32, "BLOCK_D": 128, "num_warps": 4, "num_stages": 3},
 }
 DOWN_TILES = {
     # gemv: 64 rows x 256 bytes per step (H200 sweep: OPT-13B 5% 14.6 us vs 17.2 us with 32 x 512 bytes; TEAL 50%
     # 64 us vs 74 us)
     "gemv": {"BLOCK_K": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+    "gemv_small": {"BLOCK_K": 128, "BLOCK_N": 64, "num_warps": 2, "num_stages": 3},
     "dot": {"BLOCK_K": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
 }
+# the batch-1 ReLU MLP takes the "gemv_small" tiles when each matrix's selected rows total at most GEMV_SMALL_BYTES
+# (H100 sweep, `sweep_sparse_mlp.py --only tiles --combos`: OPT-13B 5% 15.7 -> 13.6 us, 13B 10% 23.7 -> 21.6 us,
+# OPT-30B 5% 22.8 -> 21.9 us; on OPT-175B 5% (60 MB a matrix) they were slower, 52.0 -> 56.7 us)
+GEMV_SMALL_BYTES = 32 << 20
 
 
-def up_config(batch: int, k: int, d: int, dtype: torch.dtype, sms: int) -> dict:
-    """Kernel 1 (x . W1[idx]): tiles, and SPLIT_D / D_PER_SPLIT so that about PROGRAMS_PER_SM * sms programs run."""
+def _tiles(table: dict, bb: int, small: bool) -> dict:
+    return table["dot" if bb > 1 else "gemv_small" if small else "gemv"]
+
+
+def up_config(batch: int, k: int, d: int, dtype: torch.dtype, sms: int, small: bool = False) -> dict:
+    """Kernel 1 (x . W1[idx]): tiles, and SPLIT_D / D_PER_SPLIT so that about PROGRAMS_PER_SM * sms programs run.
+    ``small``: the batch-1 ReLU path may take the "gemv_small" tiles (see GEMV_SMALL_BYTES)."""
     bb = _block_b(batch)
-    cfg = dict(UP_TILES["gemv" if bb == 1 else "dot"], BLOCK_B=bb)
+    cfg = dict(_tiles(UP_TILES, bb, small and k * d * dtype.itemsize <= GEMV_SMALL_BYTES), BLOCK_B=bb)
     cfg["BLOCK_D"] = min(cfg["BLOCK_D"], max(16, next_pow2(d)))
     blocks_n = cdiv(k, cfg["BLOCK_N"])
     chunks = cdiv(d, cfg["BLOCK_D"])
@@ -712,12 +723,14 @@ def up_config(batch: int, k: int, d: int, dtype: torch.dtype, sms: int) -> dict:
     return cfg
 
 
-def down_config(batch: int, k: int, n_out: int, dtype: torch.dtype, sms: int, dual: bool = False) -> dict:
+def down_config(
+    batch: int, k: int, n_out: int, dtype: torch.dtype, sms: int, dual: bool = False, small: bool = False
+) -> dict:
     """Kernel 2 (a @ W[rows]): tiles, and the split-K over the k rows: SPLITS programs per column block, each
     taking BLOCKS_PER_SPLIT blocks of BLOCK_K rows, bounded so that the float32 partials (SPLITS * B * N * 4 bytes)
-    stay under 1/PARTIAL_FRACTION of the weight bytes read (k * N * itemsize)."""
+    stay under 1/PARTIAL_FRACTION of the weight bytes read (k * N * itemsize). ``small``: as in `up_config`."""
     bb = _block_b(batch)
-    cfg = dict(DOWN_TILES["gemv" if bb == 1 else "dot"], BLOCK_B=bb)
+    cfg = dict(_tiles(DOWN_TILES, bb, small and k * n_out * dtype.itemsize <= GEMV_SMALL_BYTES), BLOCK_B=bb)
     if dual:  # two weight tiles and two accumulators per program: halve the columns to keep registers in check
         cfg["BLOCK_N"] = max(16, cfg["BLOCK_N"] // 2)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, next_pow2(n_out)))
@@ -876,13 +889,14 @@ def _gather_matmul(
     batch: int | None = None,
     k_ptr: torch.Tensor | None = None,
     pdl: bool = False,
+    small: bool = False,
 ) -> None:
     """out [B, N] (or [B, N] = silu(gate) * up with w2) = a-rows . W[rows] (+ bias); see `_gather_matmul_kernel`.
     With k_ptr (a device int32 [1]) the kernel reads the number of rows from it; k is then its upper bound."""
     n_out = w.shape[1]
     batch = out.shape[0] if batch is None else batch
     dual = w2 is not None
-    cfg = down_config(batch, k, n_out, w.dtype, num_sms(w.device), dual)
+    cfg = down_config(batch, k, n_out, w.dtype, num_sms(w.device), dual, small)
     splits = cfg["SPLITS"]
     direct = splits == 1 and not dual
     if batch == 0 or n_out == 0:
@@ -967,12 +981,12 @@ def _check_mlp(x, w1, b1, idx, fn):
     return x, _index(idx, fn)
 
 
-def _up_partials(x, w1, b1, idx, act_code, out_h=None, pdl=False):
+def _up_partials(x, w1, b1, idx, act_code, out_h=None, pdl=False, small=False):
     """Kernel 1 on one batch chunk (<= MAX_DOT_BATCH rows). Returns (tensor, splits): h [B, k] float32 (out_h) when
     one split covers d, else float32 partials [SPLIT_D, B, k] (bias and activation not applied yet)."""
     batch, d = x.shape
     k = idx.numel()
-    cfg = up_config(batch, k, d, w1.dtype, num_sms(w1.device))
+    cfg = up_config(batch, k, d, w1.dtype, num_sms(w1.device), small)
     split = cfg["SPLIT_D"]
     final = split == 1
     if final:
@@ -1136,9 +1150,9 @@ def sparse_mlp(
             _fused_mlp(xc, w1, b1, w2t, b2, idx, act_code, yc)
             continue
         pdl = hi - lo <= PDL_RELU_MAX_BATCH
-        part, split = _up_partials(xc, w1, b1, idx, act_code, pdl=pdl)
+        part, split = _up_partials(xc, w1, b1, idx, act_code, pdl=pdl, small=True)
         if split == 1:  # h is final
-            _gather_matmul(part, w2t, yc, mode=MODE_COMPACT, k=k, idx=idx, bias=b2, pdl=pdl)
+            _gather_matmul(part, w2t, yc, mode=MODE_COMPACT, k=k, idx=idx, bias=b2, pdl=pdl, small=True)
         elif hi - lo == 1:  # GEMV: kernel 2 sums the few partials itself
             _gather_matmul(
                 part,
@@ -1152,6 +1166,7 @@ def sparse_mlp(
                 a_bias=b1,
                 a_act=act_code,
                 pdl=pdl,
+                small=True,
             )
         else:
             h = torch.empty((hi - lo, k), dtype=torch.float32, device=x.device)

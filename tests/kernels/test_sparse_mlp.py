@@ -26,12 +26,16 @@ ACT64 = {
 }
 
 
-@pytest.fixture(params=["default", "split", "split-reduce-in"])
+@pytest.fixture(params=["default", "large", "split", "split-reduce-in"])
 def tiles(request, monkeypatch):
-    """'split': tiles of 16 (or 8 / 4 where no tl.dot is involved) and no cap on split-K partials; 'split-reduce-in':
-    the same with kernel 2's partials summed inside its own launch (`_arrive_and_reduce`)."""
+    """'default': the test sizes are small, so batch 1 takes the "gemv_small" tiles; 'large': the "gemv" tiles of
+    larger selections; 'split': tiles of 16 (or 8 / 4 where no tl.dot is involved) and no cap on split-K partials;
+    'split-reduce-in': the same with kernel 2's partials summed inside its own launch (`_arrive_and_reduce`)."""
     monkeypatch.setattr(SM, "DOWN_REDUCE_IN_KERNEL", request.param == "split-reduce-in")
-    if request.param != "default":
+    if request.param == "large":
+        monkeypatch.setattr(SM, "GEMV_SMALL_BYTES", -1)
+    elif request.param != "default":
+        monkeypatch.setattr(SM, "GEMV_SMALL_BYTES", -1)
         monkeypatch.setitem(SM.UP_TILES, "gemv", {"BLOCK_N": 4, "BLOCK_D": 16, "num_warps": 1})
         monkeypatch.setitem(SM.UP_TILES, "dot", {"BLOCK_N": 16, "BLOCK_D": 16, "num_warps": 1})
         monkeypatch.setitem(SM.DOWN_TILES, "gemv", {"BLOCK_K": 8, "BLOCK_N": 16, "num_warps": 1})
@@ -455,11 +459,14 @@ def test_configs_for_the_benchmark_shapes():
         for batch in (1, 4, 16):
             for density in (0.05, 0.1, 0.2, 0.5):
                 k = int(round(density * n))
-                up = SM.up_config(batch, k, d, torch.float16, 132)
-                assert up["SPLIT_D"] * up["D_PER_SPLIT"] >= d > (up["SPLIT_D"] - 1) * up["D_PER_SPLIT"]
-                assert up["D_PER_SPLIT"] % up["BLOCK_D"] == 0
-                for k_rows, n_out in ((k, d), (int(density * d), n)):
-                    down = SM.down_config(batch, k_rows, n_out, torch.float16, 132)
+                for small in (False, True):
+                    up = SM.up_config(batch, k, d, torch.float16, 132, small)
+                    assert up["SPLIT_D"] * up["D_PER_SPLIT"] >= d > (up["SPLIT_D"] - 1) * up["D_PER_SPLIT"]
+                    assert up["D_PER_SPLIT"] % up["BLOCK_D"] == 0
+                small_tiles = batch == 1 and k * d * 2 <= SM.GEMV_SMALL_BYTES
+                assert (SM.up_config(batch, k, d, torch.float16, 132, True)["num_warps"] == 8) == small_tiles
+                for k_rows, n_out, small in ((k, d, False), (k, d, True), (int(density * d), n, False)):
+                    down = SM.down_config(batch, k_rows, n_out, torch.float16, 132, small=small)
                     blocks = -(-k_rows // down["BLOCK_K"])
                     assert down["SPLITS"] * down["BLOCKS_PER_SPLIT"] >= blocks
                     assert (down["SPLITS"] - 1) * down["BLOCKS_PER_SPLIT"] < max(1, blocks)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reldl.llm.offload import COMPRESSED_BYTES, Hardware, ModelShape, Policy, estimate, memory, search_policy
+from reldl.llm.offload import COMPRESSED_BYTES, Hardware, ModelShape, Policy, estimate, memory, policy, search_policy
 from reldl.llm.offload.policy import GiB, measure_attention, measure_disk
 
 INF = math.inf
@@ -261,7 +262,9 @@ def test_more_memory_never_predicts_lower_throughput(hw, wl, tier, factor, extra
 
 
 @SETTINGS
-@given(hw=hardware, wl=workload, field=st.sampled_from(["ctog_bw", "dtoc_bw", "gpu_flops", "cpu_attn_flops"]))
+@given(
+    hw=hardware, wl=workload, field=st.sampled_from(["ctog_bw", "dtoc_bw", "gpu_flops", "gpu_q4_bw", "cpu_attn_flops"])
+)
 def test_faster_hardware_never_predicts_lower_throughput(hw, wl, field):
     size, s, n = wl
     m = ModelShape.opt(size)
@@ -284,3 +287,19 @@ def test_measure_hooks_on_cpu(tmp_path):
     read, write = measure_disk(str(tmp_path), nbytes=4 << 20)
     assert read > 0 and write > 0 and not list(tmp_path.iterdir())
     assert measure_attention("cpu", batch=1, heads=2, ctx=64, head_dim=16) > 0
+
+
+def test_compressed_weights_stream_at_the_4bit_kernel_rate():
+    """A decode step over 4-bit weights on the GPU is charged at gpu_q4_bw (the fused kernel's rate), not at the
+    GPU's memory bandwidth; without a measured value it is Q4_BW_FRACTION of it; fp16 weights are unaffected."""
+    m = ModelShape.opt("175b")
+    hw = _hw(gpu_flops=600e12, gpu_mem_bw=3000e9)
+    assert hw.gpu_q4_bw == pytest.approx(policy.Q4_BW_FRACTION * 3000e9)
+    p4 = Policy(2, 16, weights=(1.0, 0.0, 0.0), cache=(1.0, 0.0, 0.0), compress_weight=True)
+    p16 = replace(p4, compress_weight=False)
+    slow = Hardware(**{**hw.__dict__, "gpu_q4_bw": hw.gpu_q4_bw / 2})
+    base, halved = estimate(p4, m, hw, 512, 32).terms, estimate(p4, m, slow, 512, 32).terms
+    w4 = m.layer_params * COMPRESSED_BYTES
+    assert base["decode_compute"] == pytest.approx(16 * w4 / hw.gpu_q4_bw, rel=1e-9)  # attention is free here
+    assert halved["decode_compute"] == pytest.approx(2 * base["decode_compute"], rel=1e-9)
+    assert estimate(p16, m, slow, 512, 32).terms == estimate(p16, m, hw, 512, 32).terms

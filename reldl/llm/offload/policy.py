@@ -33,7 +33,9 @@ concurrently). Per layer, with W the layer's weight bytes, fractions (g, c, d) o
     cpu = CPU-side attention FLOPs / cpu_attn_flops (decode attention FLOPs: 4 * t * hidden per token).
   - the embedding / LM head is one more "layer" of vocab * hidden weights, placed like the others.
 4-bit compression (groups of 64, fp16 scale and min, reldl.kernels.quant4) stores 0.5 + 4/64 bytes per element;
-dequantization is fused into the GEMM / attention kernels and not charged.
+dequantization is fused into the GEMM / attention kernels, which are not as fast per byte as fp16 GEMMs: compressed
+weights stream through the GPU matmul at `gpu_q4_bw` (measured with the fused kernel at decode batch sizes) instead
+of `gpu_mem_bw`, and compute at Q4_FLOPS_FRACTION of `gpu_flops`.
 
 Peak memory per tier (independent of the hardware): weights by fraction, plus double-buffered staging for one
 streamed layer; the whole KV cache of prompt_len + gen_len tokens by fraction, plus a double-buffered copy of one
@@ -65,6 +67,11 @@ GB = 1e9
 GROUP = 64  # quantization group (reldl.kernels.quant4)
 SCALE_BYTES = 2  # fp16 scale and min per group
 COMPRESSED_BYTES = 0.5 + 2 * SCALE_BYTES / GROUP  # bytes per element of a 4-bit tensor (0.5625)
+# the fused dequantizing matmul against fp16 cuBLAS (H100, bench_quant4, OPT-175B linears): at M = 2-16 it moves
+# 4-bit weight bytes at ~0.55x the rate cuBLAS moves fp16 ones (fc1: 340 MB in 220 us = 1.5 TB/s, against 2.8 TB/s),
+# the default of `gpu_q4_bw` where it is not measured; at M = 2048 it runs at 0.47-0.51x cuBLAS's FLOP rate
+Q4_BW_FRACTION = 0.55
+Q4_FLOPS_FRACTION = 0.5
 TIERS = ("gpu", "cpu", "disk")
 
 
@@ -91,8 +98,11 @@ class Hardware:
     gpu_mem_bw: float
     gpu_attn_flops: float
     cpu_attn_flops: float
+    gpu_q4_bw: float | None = None  # 4-bit weight bytes/s through the fused matmul (None: Q4_BW_FRACTION * gpu_mem_bw)
 
     def __post_init__(self):
+        if self.gpu_q4_bw is None:
+            object.__setattr__(self, "gpu_q4_bw", Q4_BW_FRACTION * float(self.gpu_mem_bw))
         for f in fields(self):
             v = float(getattr(self, f.name))
             if math.isnan(v) or v < 0 or (f.name.endswith(("bw", "flops")) and v == 0):
@@ -189,6 +199,21 @@ def measure_gpu(device: str = "cuda", n: int = 8192) -> tuple[float, float]:
     return flops, bw
 
 
+def measure_q4(device: str = "cuda", n: int = 12288, m: int = 4) -> float:
+    """Bytes/s of 4-bit weights through reldl's fused dequantizing matmul at a decode batch of ``m`` rows (an n x n
+    weight: 85 MB at 12288, beyond the L2 cache)."""
+    import torch
+
+    from reldl.kernels.quant4 import matmul_4bit, quantize_4bit
+
+    w = torch.randn(n, n, device=device, dtype=torch.float16)
+    q = quantize_4bit(w)
+    del w
+    x = torch.randn(m, n, device=device, dtype=torch.float16)
+    secs = _best_seconds(lambda: matmul_4bit(x, q), torch.cuda.synchronize, repeat=5)
+    return n * n * COMPRESSED_BYTES / secs
+
+
 def measure_attention(device: str = "cpu", batch: int = 8, heads: int = 32, ctx: int = 1024, head_dim: int = 128):
     """Decode attention FLOP/s (one query token per sequence against `ctx` keys, 4 * ctx * hidden FLOPs each)."""
     import torch
@@ -257,6 +282,7 @@ def measure_host(device: str = "cuda", disk_path: str | None = None, quick: bool
         ctod_bw=ctod,
         gpu_flops=gflops,
         gpu_mem_bw=gbw,
+        gpu_q4_bw=measure_q4(device),
         gpu_attn_flops=measure_attention(device, ctx=512 if quick else 2048),
         # at a working set far beyond the CPU caches (24 x 56 heads x 512 slots: 350 MB of fp16 K/V), as decode
         # attention over an offloaded cache is: a cache-resident size overstated it 3x on the H100 box
@@ -514,6 +540,8 @@ def _cost(
         return out
 
     P, V = f64(model.layer_params), f64(model.vocab)
+    w_bw = np.where(cw, hw.gpu_q4_bw, hw.gpu_mem_bw)  # the GPU matmuls' weight stream
+    mm_flops = np.where(cw, Q4_FLOPS_FRACTION * hw.gpu_flops, hw.gpu_flops)
 
     def combine(ctog, gtoc, dtoc, ctod, gpu, cpu):
         t = (ctog / hw.ctog_bw, gtoc / hw.gtoc_bw, dtoc / hw.dtoc_bw, ctod / hw.ctod_bw, gpu + cpu)
@@ -528,7 +556,7 @@ def _cost(
         off_c * kv_p + off_h * act_p,
         wd * W + hd * act_p,
         cd * kv_p + hd * act_p,
-        np.maximum(2 * bls * s * P / hw.gpu_flops, nb * W / hw.gpu_mem_bw) + 2 * bls * s * s * hid / hw.gpu_flops,
+        np.maximum(2 * bls * s * P / mm_flops, nb * W / w_bw) + 2 * bls * s * s * hid / hw.gpu_flops,
         0.0,
     )
     # decode step, one decoder layer, context t on average
@@ -542,14 +570,11 @@ def _cost(
         off_h * act_d + np.where(cpu_attn, off_c * (kv_1 + act_d), off_c * kv_1),
         wd * W + hd * act_d + cd * kv_t,
         hd * act_d + cd * kv_1,
-        np.maximum(2 * bls * P / hw.gpu_flops, nb * W / hw.gpu_mem_bw)
-        + np.where(cpu_attn, cg * attn, attn) / hw.gpu_attn_flops,
+        np.maximum(2 * bls * P / mm_flops, nb * W / w_bw) + np.where(cpu_attn, cg * attn, attn) / hw.gpu_attn_flops,
         np.where(cpu_attn, off_c * attn / hw.cpu_attn_flops, 0.0),
     )
     # the embedding / LM head (logits of one token per sequence), prefill and decode alike
-    head, head_t = combine(
-        off_w * E, 0.0, wd * E, 0.0, np.maximum(2 * bls * V * hid / hw.gpu_flops, nb * E / hw.gpu_mem_bw), 0.0
-    )
+    head, head_t = combine(off_w * E, 0.0, wd * E, 0.0, np.maximum(2 * bls * V * hid / mm_flops, nb * E / w_bw), 0.0)
     prefill = L * pre_layer + head
     step = L * dec_layer + head
     total = prefill + (n - 1) * step

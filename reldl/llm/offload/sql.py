@@ -41,7 +41,7 @@ DEFAULT_GPU_BATCH = 8
 UDF_CHUNK_ROWS = 2048  # rows per DuckDB chunk: the most one engine call of a UDF-centric plan gets
 
 # Hardware fields about the GPU side: on a model that runs on the CPU they describe the CPU standing in
-GPU_FIELDS = ("gpu_mem", "ctog_bw", "gtoc_bw", "gpu_flops", "gpu_mem_bw", "gpu_attn_flops")
+GPU_FIELDS = ("gpu_mem", "ctog_bw", "gtoc_bw", "gpu_flops", "gpu_mem_bw", "gpu_q4_bw", "gpu_attn_flops")
 CPU_STANDIN = {"ctog_bw": 10e9, "gtoc_bw": 10e9, "gpu_mem_bw": 20e9}  # memcpy-speed "transfers" on one host
 
 
@@ -237,6 +237,8 @@ def hardware(duck, device: str, caps: dict[str, float], offload_dir: str | None)
     base.update(cpu_mem=ram, disk_mem=_free_disk(tempfile.gettempdir(), base["disk_mem"]))
     cal = calibrated_values(duck)
     base.update({k.removeprefix("offload_"): v for k, v in cal.items() if k.removeprefix("offload_") in base})
+    if "offload_gpu_q4_bw" not in cal:  # derived from the GPU memory bandwidth used (Hardware.__post_init__)
+        base["gpu_q4_bw"] = None
     if offload_dir is not None:  # the disk tier's own file system
         base["disk_mem"] = _free_disk(offload_dir, base["disk_mem"])
     if device.startswith("cuda"):
