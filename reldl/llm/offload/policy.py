@@ -67,10 +67,12 @@ GB = 1e9
 GROUP = 64  # quantization group (reldl.kernels.quant4)
 SCALE_BYTES = 2  # fp16 scale and min per group
 COMPRESSED_BYTES = 0.5 + 2 * SCALE_BYTES / GROUP  # bytes per element of a 4-bit tensor (0.5625)
-# the fused dequantizing matmul against fp16 cuBLAS (H100, bench_quant4, OPT-175B linears): at M = 2-16 it moves
-# 4-bit weight bytes at ~0.55x the rate cuBLAS moves fp16 ones (fc1: 340 MB in 220 us = 1.5 TB/s, against 2.8 TB/s),
-# the default of `gpu_q4_bw` where it is not measured; at M = 2048 it runs at 0.47-0.51x cuBLAS's FLOP rate
-Q4_BW_FRACTION = 0.55
+# the fused dequantizing matmul's rate, where `reldl calibrate` has not measured it (`measure_q4`): as launched by
+# the engine (eagerly, M = 4, a 12288 x 12288 weight), the H100 moved 4-bit weight bytes at 0.48-0.55 TB/s against a
+# 2.85 TB/s device copy (bench_offload, 2026-11-27: 0.17-0.19x); the kernel alone in a CUDA graph reaches ~0.5x of
+# cuBLAS's fp16 byte rate at M = 2-16 (bench_quant4), the launches cost the rest. At M = 2048 it runs at 0.47-0.51x
+# cuBLAS's FLOP rate (bench_quant4)
+Q4_BW_FRACTION = 0.18
 Q4_FLOPS_FRACTION = 0.5
 TIERS = ("gpu", "cpu", "disk")
 
