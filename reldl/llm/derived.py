@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from reldl import catalog
+from reldl import catalog, scratch
 from reldl.errors import ProgrammingError
 
 
@@ -64,4 +64,6 @@ def model_dir(duck, name: str, path: str | None) -> tuple[Path, bool]:
     p = root / (safe if db else f"reldl-{safe}-{uuid.uuid4().hex[:8]}")
     if p.exists() and any(p.iterdir()):  # a file database's <db>.models/<name> from an earlier model: a new one
         p = p.with_name(f"{p.name}-{uuid.uuid4().hex[:8]}")
+    if not db:  # an in-memory database's catalog dies with the process: so do the files only it names
+        scratch.remove_at_exit(p)
     return p, True
