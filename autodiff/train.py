@@ -610,33 +610,25 @@ def minimize(
         n_batches = -(-len(keys) // batches.size)
 
         def batch_view(members: list) -> str:
-            view = select(exp.Star()).from_(table_as(src.copy(), "s"))
+            key = col(batches.key, "s")
             if batches.contiguous:
-                lo, hi = exp.convert(members[0]), exp.convert(members[-1])
-                view = view.where(exp.Between(this=col(batches.key, "s"), low=lo, high=hi))
-                return exp.Create(
-                    this=exp.Table(this=exp.to_identifier(batches.view)),
-                    kind="VIEW",
-                    expression=view,
-                    replace=True,
-                    properties=exp.Properties(expressions=[exp.TemporaryProperty()]),
-                ).sql("duckdb")
-            values = list(members)
-            ints = all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in values)
-            sentinel = None
-            if ints and values and max(values) - min(values) == len(set(values)) - 1:
-                # DuckDB turns an IN list of consecutive integers into a range, which scans the whole table instead
-                # of the index; one more value outside the batch (excluded again below) keeps it a list
-                sentinel = int(max(values)) + 2
-                values.append(sentinel)
-            cond: exp.Expression = exp.In(this=col(batches.key, "s"), expressions=[exp.convert(k) for k in values])
-            if sentinel is not None:
-                cond = exp.and_(cond, exp.NEQ(this=col(batches.key, "s"), expression=exp.convert(sentinel)))
-            view = view.where(cond)
+                cond: exp.Expression = exp.Between(this=key, low=exp.convert(members[0]), high=exp.convert(members[-1]))
+            else:
+                values = list(members)
+                ints = all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in values)
+                sentinel = None
+                if ints and values and max(values) - min(values) == len(set(values)) - 1:
+                    # DuckDB turns an IN list of consecutive integers into a range, which scans the whole table
+                    # instead of the index; one more value outside the batch (excluded again below) keeps it a list
+                    sentinel = int(max(values)) + 2
+                    values.append(sentinel)
+                cond = exp.In(this=key, expressions=[exp.convert(k) for k in values])
+                if sentinel is not None:
+                    cond = exp.and_(cond, exp.NEQ(this=key.copy(), expression=exp.convert(sentinel)))
             return exp.Create(
                 this=exp.Table(this=exp.to_identifier(batches.view)),
                 kind="VIEW",
-                expression=view,
+                expression=select(exp.Star()).from_(table_as(src.copy(), "s")).where(cond),
                 replace=True,
                 properties=exp.Properties(expressions=[exp.TemporaryProperty()]),
             ).sql("duckdb")

@@ -187,15 +187,39 @@ def rand(*shape, scale=1.0):
     return (torch.randn(*shape, device="cuda") * scale).half()
 
 
+def relu_row(name, kind, density, variant, dense, ms, err, elements, **extra) -> dict:
+    """One batch-1 ReLU measurement (fp16: 2 bytes per element of the two matrices' selected rows)."""
+    return dict(
+        shape=name,
+        kind=kind,
+        batch=1,
+        density=density,
+        variant=variant,
+        dense_ms=dense,
+        ms=ms,
+        speedup=dense / ms,
+        target=0.6 / density,
+        err=err,
+        gbps=2 * elements * 2 / ms / 1e6,
+        **extra,
+    )
+
+
+def relu_case(d: int, n: int, rep: int):
+    """Random fp16 weights of one ReLU MLP shape, a neuron permutation, ROT batch-1 inputs, and the dense time."""
+    torch.manual_seed(0)
+    w1, b1 = rand(n, d, scale=d**-0.5), rand(n, scale=0.1)
+    w2t, b2 = rand(n, d, scale=n**-0.5), rand(d, scale=0.1)
+    perm = torch.randperm(n, device="cuda").to(torch.int32)
+    xs = [rand(1, d) for _ in range(ROT)]
+    dense = bench([lambda x=x: F.linear(F.relu(F.linear(x, w1, b1)), w2t.t(), b2) for x in xs[:2]], rep)
+    return w1, b1, w2t, b2, perm, xs, dense
+
+
 def relu_sweep(args, rows):
     densities = [0.05, 0.1] if args.quick else [0.05, 0.1, 0.2, 0.5]
     for name, (d, n) in RELU_SHAPES.items():
-        torch.manual_seed(0)
-        w1, b1 = rand(n, d, scale=d**-0.5), rand(n, scale=0.1)
-        w2t, b2 = rand(n, d, scale=n**-0.5), rand(d, scale=0.1)
-        perm = torch.randperm(n, device="cuda").to(torch.int32)
-        xs = [rand(1, d) for _ in range(ROT)]
-        dense = bench([lambda x=x: F.linear(F.relu(F.linear(x, w1, b1)), w2t.t(), b2) for x in xs[:2]], args.rep)
+        w1, b1, w2t, b2, perm, xs, dense = relu_case(d, n, args.rep)
         for density in densities:
             k = round(density * n)
             m = max(1, min(ROT, n // k))
@@ -212,19 +236,16 @@ def relu_sweep(args, rows):
                     )
                     cfg = SM.fused_config(k, d, SM.num_sms(w1.device))
                 rows.append(
-                    dict(
-                        shape=name,
-                        kind="relu",
-                        batch=1,
-                        density=density,
-                        variant=vname,
-                        dense_ms=dense,
-                        ms=ms,
-                        speedup=dense / ms,
-                        target=0.6 / density,
-                        err=err,
+                    relu_row(
+                        name,
+                        "relu",
+                        density,
+                        vname,
+                        dense,
+                        ms,
+                        err,
+                        k * d,
                         deterministic=det,
-                        gbps=2 * k * d * 2 / ms / 1e6,
                         programs=cfg["PROGRAMS"],
                         rows=cfg["ROWS"],
                         n_red=cfg["N_RED"],
@@ -243,12 +264,7 @@ def tiles_sweep(args, rows):
     cases = [("opt-13b", 0.05), ("opt-13b", 0.1), ("opt-30b", 0.05), ("opt-175b", 0.05)]
     for name in dict.fromkeys(c[0] for c in cases):
         d, n = RELU_SHAPES[name]
-        torch.manual_seed(0)
-        w1, b1 = rand(n, d, scale=d**-0.5), rand(n, scale=0.1)
-        w2t, b2 = rand(n, d, scale=n**-0.5), rand(d, scale=0.1)
-        perm = torch.randperm(n, device="cuda").to(torch.int32)
-        xs = [rand(1, d) for _ in range(ROT)]
-        dense = bench([lambda x=x: F.linear(F.relu(F.linear(x, w1, b1)), w2t.t(), b2) for x in xs[:2]], args.rep)
+        w1, b1, w2t, b2, perm, xs, dense = relu_case(d, n, args.rep)
         for density in [c[1] for c in cases if c[0] == name]:
             k = round(density * n)
             m = max(1, min(ROT, n // k))
@@ -272,21 +288,7 @@ def tiles_sweep(args, rows):
                     except Exception as e:  # a tile the compiler refuses: noted, the sweep goes on
                         print(f"  {vname}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                         continue
-                rows.append(
-                    dict(
-                        shape=name,
-                        kind="relu-tiles",
-                        batch=1,
-                        density=density,
-                        variant=vname,
-                        dense_ms=dense,
-                        ms=ms,
-                        speedup=dense / ms,
-                        target=0.6 / density,
-                        err=err,
-                        gbps=2 * k * d * 2 / ms / 1e6,
-                    )
-                )
+                rows.append(relu_row(name, "relu-tiles", density, vname, dense, ms, err, k * d))
                 line += f" {vname} {ms * 1e3:5.1f}us {dense / ms:5.2f}x{'' if err <= TOL else '!'} |"
             print(line, flush=True)
         w1 = w2t = None

@@ -216,22 +216,28 @@ def test_minimize_fused_matches_unfused_and_torch():
     assert np.allclose(results[True][0], results[False][0], rtol=0, atol=1e-12)
     for k in init:
         assert np.abs(results[True][1][k] - results[False][1][k]).max() < 1e-12, k
+    steps = [slice(s, s + 3 * block) for _ in range(2) for s in range(0, rows, 3 * block)]
+    assert_trains_like_torch(results[True], init, feats, x, y, steps, lambda ps: torch.optim.Adam(ps, lr=0.05))
+
+
+def assert_trains_like_torch(result, init, feats, x, y, steps, make_opt):
+    """``result`` (step losses, final parameters) equals PyTorch's 2-layer relu MLP trained from ``init`` on the row
+    slices ``steps`` (1e-10)."""
     shapes = {"w1": (feats, 5), "b1": (5,), "w2": (5, 3), "b2": (3,)}
     tp = {k: torch.tensor(v.reshape(shapes[k]), requires_grad=True) for k, v in init.items()}
-    opt = torch.optim.Adam(list(tp.values()), lr=0.05)
+    opt = make_opt(list(tp.values()))
     xt, yt = torch.tensor(x), torch.tensor(y).long()
     losses = []
-    for _ in range(2):
-        for s in range(0, rows, 3 * block):
-            z = torch.relu(xt[s : s + 3 * block] @ tp["w1"] + tp["b1"]) @ tp["w2"] + tp["b2"]
-            loss_t = torch.nn.functional.cross_entropy(z, yt[s : s + 3 * block])
-            opt.zero_grad()
-            loss_t.backward()
-            opt.step()
-            losses.append(loss_t.item())
-    assert np.abs(np.array(results[True][0]) - losses).max() < 1e-10
+    for sl in steps:
+        z = torch.relu(xt[sl] @ tp["w1"] + tp["b1"]) @ tp["w2"] + tp["b2"]
+        loss_t = torch.nn.functional.cross_entropy(z, yt[sl])
+        opt.zero_grad()
+        loss_t.backward()
+        opt.step()
+        losses.append(loss_t.item())
+    assert np.abs(np.array(result[0]) - losses).max() < 1e-10
     for k, t in tp.items():
-        assert np.abs(results[True][1][k] - t.detach().numpy().ravel()).max() < 1e-10, k
+        assert np.abs(result[1][k] - t.detach().numpy().ravel()).max() < 1e-10, k
 
 
 def read(con, name):
@@ -326,20 +332,6 @@ def test_contiguous_row_batches_train_like_torch():
         res = minimize(con, loss, optimizer="sgd", learning_rate=0.2, epochs=2, batches=batches, fuse_blocks=fuse)
         results[fuse] = (res.step_losses, {k: read(con, k) for k in init})
     assert np.abs(np.array(results[True][0]) - results[False][0]).max() < 1e-12
-    shapes = {"w1": (feats, 5), "b1": (5,), "w2": (5, 3), "b2": (3,)}
-    tp = {k: torch.tensor(v.reshape(shapes[k]), requires_grad=True) for k, v in init.items()}
-    opt = torch.optim.SGD(list(tp.values()), lr=0.2)
-    xt, yt = torch.tensor(x), torch.tensor(y).long()
-    losses = []
-    for epoch in (1, 2):
-        for b in train.batch_order(rows // per_key // size, epoch, 3):
-            sl = slice(b * size * per_key, (b + 1) * size * per_key)
-            z = torch.relu(xt[sl] @ tp["w1"] + tp["b1"]) @ tp["w2"] + tp["b2"]
-            loss_t = torch.nn.functional.cross_entropy(z, yt[sl])
-            opt.zero_grad()
-            loss_t.backward()
-            opt.step()
-            losses.append(loss_t.item())
-    assert np.abs(np.array(results[True][0]) - losses).max() < 1e-10
-    for k, t in tp.items():
-        assert np.abs(results[True][1][k] - t.detach().numpy().ravel()).max() < 1e-10, k
+    runs = [b for epoch in (1, 2) for b in train.batch_order(rows // per_key // size, epoch, 3)]
+    steps = [slice(b * size * per_key, (b + 1) * size * per_key) for b in runs]
+    assert_trains_like_torch(results[True], init, feats, x, y, steps, lambda ps: torch.optim.SGD(ps, lr=0.2))
