@@ -3,9 +3,12 @@
 The SELECT's rows become tables in the ``reldl`` schema named ``m_<model>_<spec>__*`` (``<spec>``: a hash of the
 options and query, so a CREATE OR REPLACE that fails leaves the previous model's tables alone):
 
-* ``linear_reg``, ``logistic_reg``, ``mlp``: every column but ``label`` is a numeric feature. Rows become row-block
-  tiles ``__data(rb, x DOUBLE[] (rows x features, row-major), y DOUBLE[])`` of ``tile_rows`` rows (default
-  ``min(batch_size, 1024)``; ``batch_size`` must be a multiple). Weights ``__w<i>(v DOUBLE[] (in x out))`` and
+* ``linear_reg``, ``logistic_reg``, ``mlp``: every column but ``label`` is a numeric feature. Rows become one tile
+  a row, ``__data(rb, r, x DOUBLE[features], y DOUBLE[1])`` stored in row order (``r``), ``rb = r // tile_rows``
+  the shuffle unit (default ``tile_rows = batch_size``, which must be a multiple of it): a batch of one ``rb`` is
+  read with one range predicate over that part of the table, the layout block fusion trains fastest on
+  (:mod:`reldl.autodiff.blockfuse`); with smaller ``tile_rows`` a batch is ``batch_size / tile_rows`` shuffled
+  blocks, read through an index on ``rb``. Weights ``__w<i>(v DOUBLE[] (in x out))`` and
   biases ``__b<i>(v DOUBLE[])``. Loss: mean squared error (regression), binary cross-entropy on logits (binary),
   softmax cross-entropy (multiclass), each the mean over the batch's rows, as torch's ``MSELoss``,
   ``BCEWithLogitsLoss``, ``CrossEntropyLoss``. The task: ``linear_reg`` regression; ``logistic_reg`` binary when the
@@ -170,7 +173,7 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     if kind == "gcn" and not o["edges"]:
         raise bad("a gcn needs OPTIONS (edges = 'table') naming the edge table")
     if kind in TABULAR:
-        t = o["tile_rows"] or min(o["batch_size"], 1024)
+        t = o["tile_rows"] or o["batch_size"]
         if o["batch_size"] % t:
             raise bad(f"batch_size ({o['batch_size']}) must be a multiple of tile_rows ({t})")
         o["tile_rows"] = t
@@ -242,6 +245,9 @@ def _columns(duck: Any, query: exp.Query) -> list[tuple[str, str]]:
 
 def _numeric(t: str) -> bool:
     return t.split("(")[0] in _NUMERIC
+
+
+MAX_ARRAY = 100_000  # DuckDB's largest fixed-size ARRAY
 
 
 def _dbl(e: exp.Expression) -> exp.Expression:
@@ -425,19 +431,17 @@ def _prepare_tabular(duck: Any, job: Job) -> None:
         info.update(task=task, rows=int(n), n_features=len(feats))
         info["classes"] = int(hi) + 1 if task == "multiclass" else None
         t = o["tile_rows"]
-        rb = exp.IntDiv(this=col("__row"), expression=exp.Literal.number(t))
-
-        def ordered(c: str) -> exp.Expression:
-            return exp.ArrayAgg(this=exp.Order(this=col(c), expressions=[exp.Ordered(this=col("__row"))]))
-
+        # one row a tuple, in row order: x a fixed-size array (a list past DuckDB's array limit), y one value
+        xtype = f"DOUBLE[{len(feats)}]" if len(feats) <= MAX_ARRAY else "DOUBLE[]"
         tiles = select(
-            aliased(rb, "rb"),
-            aliased(exp.Flatten(this=ordered("__x")), "x"),
-            aliased(ordered("__y"), "y"),
-        )
-        tiles = tiles.from_(rows.copy()).group_by(rb.copy())
-        _run(duck, _ctas(job.add("data"), tiles))
-        _index_rb(duck, job.table("data"))
+            aliased(exp.IntDiv(this=col("__row"), expression=exp.Literal.number(t)), "rb"),
+            aliased(col("__row"), "r"),
+            aliased(exp.Cast(this=col("__x"), to=exp.DataType.build(xtype)), "x"),
+            aliased(exp.Cast(this=exp.Array(expressions=[col("__y")]), to=exp.DataType.build("DOUBLE[1]")), "y"),
+        ).from_(rows.copy())
+        _run(duck, _ctas(job.add("data"), tiles.order_by(col("__row"))))
+        if o["batch_size"] > t:  # batches of several shuffled blocks: an IN list, through an index
+            _index_rb(duck, job.table("data"))
     finally:
         _run(duck, train.drop_sql(rows))
     sizes = _layer_sizes(job)
@@ -703,11 +707,12 @@ def _param(job: Job, role: str, shape: tuple[int, ...], keys: Sequence[str] = ()
 
 
 def tabular_graph(job: Job, source: exp.Expression | None = None) -> tuple[Node, list[Node]]:
-    """(loss, parameter scans) of linear/logistic regression or an MLP over the row-block view (or ``source``)."""
-    info, t = job.info, job.options["tile_rows"]
+    """(loss, parameter scans) of linear/logistic regression or an MLP over the batch view (or ``source``): tiles of
+    one row, keyed by ``r``."""
+    info = job.info
     src = source if source is not None else exp.Table(this=exp.to_identifier(job.view))
     f, task = info["n_features"], info["task"]
-    h: Node = ad.table(src, keys=["rb"], shape=(t, f), value="x", name="x")
+    h: Node = ad.table(src, keys=["r"], shape=(1, f), value="x", name="x")
     params = []
     sizes = _layer_sizes(job)
     for i, (fi, fo) in enumerate(sizes):
@@ -717,10 +722,10 @@ def tabular_graph(job: Job, source: exp.Expression | None = None) -> tuple[Node,
         if i < len(sizes) - 1:
             h = ad.apply(job.options.get("activation", "relu"), h, name=f"h{i}")
     if task == "multiclass":
-        y = ad.table(src, keys=["rb"], shape=(t,), value="y", name="y")
+        y = ad.table(src, keys=["r"], shape=(1,), value="y", name="y")
         per_row = ad.apply("softmax_xent", h, y)
     else:
-        y = ad.table(src, keys=["rb"], shape=(t, 1), value="y", name="y")
+        y = ad.table(src, keys=["r"], shape=(1, 1), value="y", name="y")
         per_row = ad.apply("squared_error" if task == "regression" else "bce_logits", h, y)
     total = ad.sum(ad.apply("tile_sum", per_row))
     n = select(aliased(_dbl(exp.Sum(this=sym.func("len", col("y")))), "v")).from_(_from(src))
@@ -789,11 +794,9 @@ def graph(job: Job) -> tuple[Node, list[Node], train.Batches | None]:
     if kind in TABULAR:
         loss, params = tabular_graph(job)
         per = o["batch_size"] // o["tile_rows"]
-        return (
-            loss,
-            params,
-            train.Batches(job.view, job.table("data").sql("duckdb"), "rb", per, o["shuffle"], o["seed"]),
-        )
+        data = job.table("data").sql("duckdb")
+        # one block a batch: a range over the row-ordered table (contiguous); several: shuffled blocks, an IN list
+        return loss, params, train.Batches(job.view, data, "rb", per, o["shuffle"], o["seed"], contiguous=per == 1)
     if kind == "matrix_factorization":
         loss, params = mf_graph(job)
         return (

@@ -47,12 +47,13 @@ def tabular_data(con, n=40, d=3, classes=None, seed=0, regression=False):
 
 
 def tile_data(con, job) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """The job's row-block tiles as (X, y, rows per block), in block order."""
-    rows = con.execute(f"SELECT rb, x, y FROM {job.table('data').sql('duckdb')} ORDER BY rb").fetchall()
-    f = job.info["n_features"]
-    xs = [np.asarray(r[1]).reshape(-1, f) for r in rows]
-    ys = [np.asarray(r[2]) for r in rows]
-    return np.concatenate(xs), np.concatenate(ys), [len(v) for v in ys]
+    """The job's data rows as (X, y, rows per block), in row order (blocks ``rb`` are runs of rows)."""
+    rows = con.execute(f"SELECT rb, x, y FROM {job.table('data').sql('duckdb')} ORDER BY r").fetchall()
+    x = np.array([r[1] for r in rows], dtype=np.float64)
+    y = np.array([r[2][0] for r in rows], dtype=np.float64)
+    blocks = [r[0] for r in rows]
+    assert blocks == sorted(blocks)
+    return x, y, [blocks.count(b) for b in dict.fromkeys(blocks)]
 
 
 def params_of(con, job, roles) -> dict[str, np.ndarray]:
