@@ -248,6 +248,9 @@ def _numeric(t: str) -> bool:
 
 
 MAX_ARRAY = 100_000  # DuckDB's largest fixed-size ARRAY
+# the version of the training tables' layout: part of a job's spec, so an interrupted run written by an earlier
+# layout (tabular: 1024-row DOUBLE[] tiles, before 2026-11-27) is started over, not resumed on tables it cannot read
+LAYOUT = 2
 
 
 def _dbl(e: exp.Expression) -> exp.Expression:
@@ -369,7 +372,9 @@ def make_job(duck: Any, name: str, options: dict[str, Any], query_sql: str) -> J
         info["features"] = features
     info["label_integral"] = types[opts["label"]].split("(")[0] in _INTEGRAL
     trained = {k: v for k, v in opts.items() if k != "plot"}  # where the curve is drawn does not change the model
-    spec_text = json.dumps({"options": trained, "query": query.sql("duckdb")}, sort_keys=True, default=str)
+    spec_text = json.dumps(
+        {"options": trained, "query": query.sql("duckdb"), "layout": LAYOUT}, sort_keys=True, default=str
+    )
     spec = hashlib.sha256(spec_text.encode()).hexdigest()[:10]
     safe = "".join(ch if ch.isalnum() else "_" for ch in name.lower())
     return Job(name, opts, query, spec, f"m_{safe}_{spec}", info=info)
@@ -392,6 +397,32 @@ def _no_nulls(duck: Any, job: Job, table: exp.Table, columns: list[str]) -> None
             )
 
 
+def _name_nulls(duck: Any, job: Job, data: exp.Table, feats: list[str], label: str) -> None:
+    """Raise a DataError naming the first column (the label, then the features) with NULL values in ``data``."""
+    values = [("y", 1, label)] + [("x", i + 1, f) for i, f in enumerate(feats)]
+    checks = [
+        aliased(
+            exp.Sum(
+                this=exp.cast(
+                    exp.Is(
+                        this=exp.Bracket(this=col(c), expressions=[exp.Literal.number(i)], offset=1),
+                        expression=exp.Null(),
+                    ),
+                    "INT",
+                )
+            ),
+            f"n{j}",
+        )
+        for j, (c, i, _) in enumerate(values)
+    ]
+    row = _run(duck, select(*checks).from_(data.copy())).fetchall()[0]
+    for (_, _, name), n in zip(values, row):
+        if n:
+            raise DataError(
+                f"CREATE MODEL {job.name}: column {name!r} has {n} NULL value(s); filter them out in the SELECT"
+            )
+
+
 def _uniform(rng: np.random.Generator, fan_in: int, shape: tuple[int, ...]) -> np.ndarray:
     bound = 1.0 / math.sqrt(fan_in)
     return rng.uniform(-bound, bound, size=shape)
@@ -404,46 +435,45 @@ def _one(v: np.ndarray) -> pa.Table:
 def _prepare_tabular(duck: Any, job: Job) -> None:
     o, info = job.options, job.info
     feats, label = info["features"], o["label"]
-    src = exp.Subquery(this=job.query.copy(), alias=exp.TableAlias(this=exp.to_identifier("q")))
-    rows = _t("reldl", f"{job.base}__rows")
-    x = exp.Array(expressions=[_dbl(_c(f, "q")) for f in feats])
+    t = o["tile_rows"]
+    # one row a tuple, stored in row order, built in one pass over the SELECT: x a fixed-size array (a list past
+    # DuckDB's array limit), y one value; rb = r // tile_rows is the batch key
     numbered = select(
         aliased(exp.Sub(this=exp.Window(this=exp.RowNumber()), expression=exp.Literal.number(1)), "__row"),
-        aliased(_dbl(_c(label, "q")), "__y"),
-        aliased(x, "__x"),
-        *[aliased(_c(f, "q"), f"__f{i}") for i, f in enumerate(feats)],
-    ).from_(src)
-    _run(duck, _ctas(rows, numbered))
-    try:
-        _no_nulls(duck, job, rows, ["__y", *[f"__f{i}" for i in range(len(feats))]])
-        n, lo, hi, frac = _run(
-            duck,
-            select(
-                exp.Count(this=exp.Star()),
-                exp.Min(this=col("__y")),
-                exp.Max(this=col("__y")),
-                exp.Sum(this=exp.cast(exp.NEQ(this=col("__y"), expression=exp.Floor(this=col("__y"))), "INT")),
-            ).from_(rows.copy()),
-        ).fetchall()[0]
-        if not n:
-            raise DataError(f"CREATE MODEL {job.name}: the SELECT returned no rows")
-        task = _task(job, lo, hi, frac)
-        info.update(task=task, rows=int(n), n_features=len(feats))
-        info["classes"] = int(hi) + 1 if task == "multiclass" else None
-        t = o["tile_rows"]
-        # one row a tuple, in row order: x a fixed-size array (a list past DuckDB's array limit), y one value
-        xtype = f"DOUBLE[{len(feats)}]" if len(feats) <= MAX_ARRAY else "DOUBLE[]"
-        tiles = select(
-            aliased(exp.IntDiv(this=col("__row"), expression=exp.Literal.number(t)), "rb"),
-            aliased(col("__row"), "r"),
-            aliased(exp.Cast(this=col("__x"), to=exp.DataType.build(xtype)), "x"),
-            aliased(exp.Cast(this=exp.Array(expressions=[col("__y")]), to=exp.DataType.build("DOUBLE[1]")), "y"),
-        ).from_(rows.copy())
-        _run(duck, _ctas(job.add("data"), tiles.order_by(col("__row"))))
-        if o["batch_size"] > t:  # batches of several shuffled blocks: an IN list, through an index
-            _index_rb(duck, job.table("data"))
-    finally:
-        _run(duck, train.drop_sql(rows))
+        exp.Star(),
+    ).from_(exp.Subquery(this=job.query.copy(), alias=exp.TableAlias(this=exp.to_identifier("q"))))
+    xtype = f"DOUBLE[{len(feats)}]" if len(feats) <= MAX_ARRAY else "DOUBLE[]"
+    x = exp.Array(expressions=[_dbl(_c(f, "n")) for f in feats])
+    y = exp.Array(expressions=[_dbl(_c(label, "n"))])
+    tiles = select(
+        aliased(exp.IntDiv(this=col("__row", "n"), expression=exp.Literal.number(t)), "rb"),
+        aliased(col("__row", "n"), "r"),
+        aliased(exp.Cast(this=x, to=exp.DataType.build(xtype)), "x"),
+        aliased(exp.Cast(this=y, to=exp.DataType.build("DOUBLE[1]")), "y"),
+    ).from_(exp.Subquery(this=numbered, alias=exp.TableAlias(this=exp.to_identifier("n"))))
+    data = job.add("data")
+    _run(duck, _ctas(data, tiles.order_by(col("r"))))
+    yv = exp.Bracket(this=col("y"), expressions=[exp.Literal.number(1)], offset=1)
+    x_short = exp.LT(this=sym.func("list_count", col("x")), expression=exp.Literal.number(len(feats)))
+    nulls, n, lo, hi, frac = _run(  # list_count counts a row's non-NULL features
+        duck,
+        select(
+            exp.Sum(this=exp.cast(exp.or_(x_short, exp.Is(this=yv.copy(), expression=exp.Null())), "INT")),
+            exp.Count(this=exp.Star()),
+            exp.Min(this=yv.copy()),
+            exp.Max(this=yv.copy()),
+            exp.Sum(this=exp.cast(exp.NEQ(this=yv.copy(), expression=exp.Floor(this=yv.copy())), "INT")),
+        ).from_(data.copy()),
+    ).fetchall()[0]
+    if nulls:
+        _name_nulls(duck, job, data, feats, label)
+    if not n:
+        raise DataError(f"CREATE MODEL {job.name}: the SELECT returned no rows")
+    task = _task(job, lo, hi, frac)
+    info.update(task=task, rows=int(n), n_features=len(feats))
+    info["classes"] = int(hi) + 1 if task == "multiclass" else None
+    if o["batch_size"] > t:  # batches of several shuffled blocks: an IN list, through an index
+        _index_rb(duck, data)
     sizes = _layer_sizes(job)
     rng = np.random.default_rng(o["seed"])
     for i, (fan_in, fan_out) in enumerate(sizes):

@@ -314,6 +314,13 @@ def test_sql_end_to_end_predict_and_drop(tmp_path):
         ("model_type = 'logistic_reg', label = 'f0'", "SELECT f0, f1 FROM pts", "labels must be class indices"),
         ("model_type = 'mlp', label = 'y', batch_size = 10, tile_rows = 4", "SELECT * FROM pts", "multiple of"),
         ("model_type = 'gcn', label = 'y'", "SELECT * FROM pts", "needs OPTIONS (edges"),
+        (
+            "model_type = 'mlp', label = 'y'",
+            "SELECT f0, CASE WHEN f0 > 0 THEN f1 END AS f1, y FROM pts",
+            "column 'f1' has",  # a NULL feature, named
+        ),
+        ("model_type = 'linear_reg', label = 'y'", "SELECT f0, f1, NULLIF(y, 1) AS y FROM pts", "column 'y' has"),
+        ("model_type = 'mlp', label = 'y'", "SELECT * FROM pts WHERE false", "the SELECT returned no rows"),
     ],
 )
 def test_bad_input_is_one_line_and_changes_nothing(tmp_path, options, query, error):
