@@ -12,7 +12,8 @@ and the weight gradients come out summed over the chunk (``reldl_block_step_<typ
 the scans, the sum of the chunks' partial gradients, the loss's scalar tail and the updates.
 
 The region's keyless inputs (the parameters, the upstream gradients) reach the UDF through a one-row *stash* step
-run just before it (``reldl_block_stash_<n>``, which files them in this process under the plan's handle), not as
+run just before it (``reldl_block_stash_<n>``, which files them in this process under a fresh token that its one-row
+TEMP table hands to the step, so connections running the same plan never read each other's), not as
 columns of the batch: a keyless tile joined to every row is converted to Arrow once per row, which on row tiles
 (one data row a tuple, 16k a batch) copied W1 16k times a step. Keyed inputs whose column is a fixed-size
 ``DOUBLE[k]`` array go in as they are (see :func:`resolve_types`): DuckDB hands such a batch to Arrow 2-5x faster
@@ -26,6 +27,7 @@ JSON text in the stash step's SQL.
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import itertools
@@ -33,6 +35,7 @@ import json
 import math
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,8 +65,13 @@ MAX_INPUTS = 32  # tile arguments of the fused UDFs (DuckDB Python UDFs have a f
 SUB_ROWS = 16384  # rows of data tiles the UDF computes at a time (see block_step)
 
 _HANDLES = itertools.count(1)
-# handle -> (spec, keyless tiles, upstream gradients): filed by the stash step, read by the step's UDF calls
+_TOKENS = itertools.count(1)
+# token -> (spec, keyless tiles, upstream gradients): filed by a stash statement, read by the step UDF's calls of the
+# statement that reads that stash's TEMP table (the token is per execution, so per connection)
 _STASH: dict[int, tuple[dict, list[np.ndarray], list[float]]] = {}
+# plan handle -> its latest tokens (a few: connections that run one plan side by side each read their own latest)
+_BY_HANDLE: dict[int, collections.deque] = {}
+STASH_KEEP = 8
 _STASH_LOCK = threading.Lock()
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -80,7 +88,7 @@ class BlockPlan:
     outputs: list[Aggregate]  # SUMs over all keys of the region: their values come out, their gradients go in
     params: list[Scan]  # parameters whose whole gradient comes from the region
     spec: str  # JSON for the UDF
-    handle: int = field(default_factory=lambda: next(_HANDLES))  # the stash entry of this plan's runs
+    handle: int = field(default_factory=lambda: next(_HANDLES))  # what its stash entries are filed by
     native: dict[int, str] = field(default_factory=dict)  # keyed input index -> its column's DOUBLE[k] type
 
     @property
@@ -218,7 +226,10 @@ def plan(prog: Program) -> BlockPlan | None:
         "params": [{"id": p.id, "size": math.prod(p.shape)} for p in params],
     }
     bp = BlockPlan(keys, inputs, nodes, outputs, params, json.dumps(spec, separators=(",", ":")))
-    return bp if bp.arity <= MAX_INPUTS else None
+    if bp.arity > MAX_INPUTS:
+        return None
+    weakref.finalize(bp, _release, bp.handle)  # a plan run outside minimize (Program.materialize) is released too
+    return bp
 
 
 def _reads(step: Step) -> set[str]:
@@ -254,7 +265,7 @@ def fuse_blocks(prog: Program) -> tuple[Program, BlockPlan | None]:
         groups.setdefault(key, []).append(i)
 
     def build_stash(ref) -> exp.Select:
-        """One row: the plan's handle, after filing the keyless tiles and upstream gradients under it."""
+        """One row: a fresh token, after filing the keyless tiles and upstream gradients under it."""
         q, args = None, [exp.Literal.number(bp.handle), exp.Literal.string(bp.spec)]
         tables = [(f"f{bp.inputs[i].id}", bp.inputs[i].shape) for i in bp.keyless]
         tables += [(f"g{o.id}", ()) for o in bp.outputs]
@@ -353,9 +364,14 @@ def resolve_types(duck: Any, bp: BlockPlan, sources: dict[str, str] | None = Non
 
 
 def release(bp: BlockPlan) -> None:
-    """Forget what the plan's stash step filed (at the end of a training run)."""
+    """Forget what the plan's stash steps filed (at the end of a training run; also when the plan is collected)."""
+    _release(bp.handle)
+
+
+def _release(handle: int) -> None:
     with _STASH_LOCK:
-        _STASH.pop(bp.handle, None)
+        for token in _BY_HANDLE.pop(handle, ()):
+            _STASH.pop(token, None)
 
 
 def _slice(packed: str, start: int, shape: tuple[int, ...]):
@@ -454,8 +470,8 @@ def _starts(counts: np.ndarray) -> np.ndarray:
 
 
 def block_stash(handle: Any, spec_text: Any, *arrays: Any) -> pa.Array:
-    """The stash UDF: file the region's keyless tiles and its outputs' upstream gradients (one row) under ``handle``
-    for the step UDF's calls that follow; returns the handle."""
+    """The stash UDF: file the region's keyless tiles and its outputs' upstream gradients (one row) under a fresh
+    token for the step UDF's calls that follow; returns the token (the plan ``handle`` keeps its latest few)."""
     handle, spec_text = _first(handle), _first(spec_text)
     if handle is None or spec_text is None:
         raise ValueError("reldl_block_stash: a NULL handle or spec")
@@ -475,10 +491,15 @@ def block_stash(handle: Any, spec_text: Any, *arrays: Any) -> pa.Array:
     for g in arrays[len(keyless) :]:
         gv, goff = _first_list(g)
         upstream.append(float(gv[goff[0]]))
+    token = next(_TOKENS)
     with _STASH_LOCK:
-        _STASH[int(handle)] = (spec, consts, upstream)
+        _STASH[token] = (spec, consts, upstream)
+        kept = _BY_HANDLE.setdefault(int(handle), collections.deque())
+        kept.append(token)
+        while len(kept) > STASH_KEEP:
+            _STASH.pop(kept.popleft(), None)
     n = len(arrays[0]) if arrays else 1
-    return pa.array(np.full(n, int(handle), dtype=np.int64))
+    return pa.array(np.full(n, token, dtype=np.int64))
 
 
 def _first(a: Any) -> Any:
@@ -487,15 +508,15 @@ def _first(a: Any) -> Any:
     return a[0].as_py() if len(a) else None
 
 
-def block_step(handle: Any, *arrays: Any) -> pa.Array:
+def block_step(token: Any, *arrays: Any) -> pa.Array:
     """The step UDF: one chunk of keyed tiles in, the chunk's outputs and parameter gradients (summed over its rows)
     out on its first row, NULL on the others (the caller sums the non-NULL rows)."""
-    if isinstance(handle, pa.ChunkedArray):
-        handle = handle.combine_chunks()
-    n_rows = len(handle)
-    h = handle[0].as_py() if n_rows else None
+    if isinstance(token, pa.ChunkedArray):
+        token = token.combine_chunks()
+    n_rows = len(token)
+    t = token[0].as_py() if n_rows else None
     with _STASH_LOCK:
-        entry = _STASH.get(int(h)) if h is not None else None
+        entry = _STASH.get(int(t)) if t is not None else None
     if entry is None:
         raise ValueError("reldl_block_step: nothing stashed for this step (its stash statement runs first)")
     spec, consts, upstream = entry

@@ -4,7 +4,8 @@ The SELECT's rows become tables in the ``reldl`` schema named ``m_<model>_<spec>
 options and query, so a CREATE OR REPLACE that fails leaves the previous model's tables alone):
 
 * ``linear_reg``, ``logistic_reg``, ``mlp``: every column but ``label`` is a numeric feature. Rows become one tile
-  a row, ``__data(rb, r, x DOUBLE[features], y DOUBLE[1])`` stored in row order (``r``), ``rb = r // tile_rows``
+  a row, ``__data(rb, r, x DOUBLE[features], y DOUBLE[1])`` stored in row order (``r``: the SELECT's order, or with
+  ``shuffle`` a seeded random order fixed when the table is made), ``rb = r // tile_rows``
   the shuffle unit (default ``tile_rows = batch_size``, which must be a multiple of it): a batch of one ``rb`` is
   read with one range predicate over that part of the table, the layout block fusion trains fastest on
   (:mod:`reldl.autodiff.blockfuse`); with smaller ``tile_rows`` a batch is ``batch_size / tile_rows`` shuffled
@@ -437,11 +438,20 @@ def _prepare_tabular(duck: Any, job: Job) -> None:
     feats, label = info["features"], o["label"]
     t = o["tile_rows"]
     # one row a tuple, stored in row order, built in one pass over the SELECT: x a fixed-size array (a list past
-    # DuckDB's array limit), y one value; rb = r // tile_rows is the batch key
-    numbered = select(
-        aliased(exp.Sub(this=exp.Window(this=exp.RowNumber()), expression=exp.Literal.number(1)), "__row"),
-        exp.Star(),
-    ).from_(exp.Subquery(this=job.query.copy(), alias=exp.TableAlias(this=exp.to_identifier("q"))))
+    # DuckDB's array limit), y one value; rb = r // tile_rows is the batch key. With shuffle on, the rows are put in a
+    # random order (by a seeded hash) once here, so a batch is a random sample even of a SELECT sorted by its label;
+    # each epoch then shuffles the order of the batches
+    query = exp.Subquery(this=job.query.copy(), alias=exp.TableAlias(this=exp.to_identifier("q")))
+    order = None
+    if o["shuffle"]:
+        src = exp.Window(this=exp.RowNumber())
+        query = select(aliased(src, "__src"), exp.Star()).from_(query).subquery("q")
+        order = exp.Order(
+            expressions=[sym.func("hash", col("__src"), exp.Literal.number(int(o["seed"]))), col("__src")]
+        )
+    row_number = exp.Window(this=exp.RowNumber(), order=order)
+    numbered = select(aliased(exp.Sub(this=row_number, expression=exp.Literal.number(1)), "__row"), exp.Star())
+    numbered = numbered.from_(query)
     xtype = f"DOUBLE[{len(feats)}]" if len(feats) <= MAX_ARRAY else "DOUBLE[]"
     x = exp.Array(expressions=[_dbl(_c(f, "n")) for f in feats])
     y = exp.Array(expressions=[_dbl(_c(label, "n"))])

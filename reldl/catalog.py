@@ -9,6 +9,7 @@ from typing import Any
 
 import duckdb
 
+from reldl import scratch
 from reldl.errors import IntegrityError, ProgrammingError, translate
 
 MODEL_COLUMNS = "name, model_type, path, options, created_at"
@@ -105,6 +106,9 @@ def put_model(
             f"{verb} INTO reldl.models (name, model_type, path, options) VALUES (?, ?, ?, ?)",
             [name, model_type, path, json.dumps(options)],
         )
+        file_db = duck.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()")
+        if path and (file_db.fetchall() or [(None,)])[0][0]:  # a persistent catalog names it: never removed at exit
+            scratch.keep(path)
     except duckdb.Error as e:
         raise translate(e) from None
 

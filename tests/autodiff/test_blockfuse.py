@@ -335,3 +335,51 @@ def test_contiguous_row_batches_train_like_torch():
     runs = [b for epoch in (1, 2) for b in train.batch_order(rows // per_key // size, epoch, 3)]
     steps = [slice(b * size * per_key, (b + 1) * size * per_key) for b in runs]
     assert_trains_like_torch(results[True], init, feats, x, y, steps, lambda ps: torch.optim.SGD(ps, lr=0.2))
+
+
+def test_one_fused_program_on_two_connections_keeps_their_parameters_apart():
+    """The stash is per execution: a connection's step reads what its own stash statement filed, even when another
+    connection runs the same fused program (other parameters) in between."""
+    cons, refs = [], []
+    for seed in (41, 42):
+        con = duckdb.connect()
+        rng = np.random.default_rng(seed)
+        data(con, rng, 40, 4, feats=3)
+        loss = mlp(con, rng, 4, 3)
+        ad.install(con)
+        refs.append(run(con, backward(loss), "u"))
+        cons.append(con)
+    fused, bp = blockfuse.fuse_blocks(backward(loss))  # table names only: the same program fits both connections
+    for con in cons:
+        blockfuse.resolve_types(con, bp)
+        blockfuse.install(con, bp)
+    statements = fused.statements("z")
+    stash_at = next(i for i, (step, _, _) in enumerate(statements) if step.startswith("k"))
+    for _, _, sql in statements[: stash_at + 1]:
+        cons[0].execute(sql)
+    run(cons[1], fused, "z")  # connection 1 stashes its own parameters meanwhile
+    for _, _, sql in statements[stash_at + 1 :]:
+        cons[0].execute(sql)
+    got_loss = cons[0].execute(f"SELECT v FROM z_f{fused.loss.id}").fetchall()[0][0]
+    assert abs(got_loss - refs[0][0]) <= TOL * max(1.0, abs(refs[0][0]))
+    for s in fused.wrt:
+        got = np.asarray(cons[0].execute(f"SELECT v FROM z_{fused.grads[s.id]}").fetchall()[0][0], dtype=np.float64)
+        assert np.abs(got - refs[0][1][s.label()]).max() <= TOL * max(1.0, np.abs(refs[0][1][s.label()]).max())
+
+
+def test_plans_release_their_stash_when_collected():
+    import gc
+
+    con = duckdb.connect()
+    rng = np.random.default_rng(3)
+    data(con, rng, 24, 4, feats=3)
+    fused, bp = blockfuse.fuse_blocks(backward(mlp(con, rng, 4, 3)))
+    ad.install(con)
+    blockfuse.resolve_types(con, bp)
+    blockfuse.install(con, bp)
+    run(con, fused, "z")
+    handle = bp.handle
+    assert blockfuse._BY_HANDLE[handle]
+    del fused, bp
+    gc.collect()
+    assert handle not in blockfuse._BY_HANDLE

@@ -400,3 +400,22 @@ def test_predict_on_matrix_factorization_and_gcn():
     got = con.execute("SELECT node, predict('topics', node) FROM nodes ORDER BY node").fetchall()
     assert [c for _, c in got] == list(np.argmax(z, axis=1))
     con.close()
+
+
+def test_shuffle_puts_rows_in_a_seeded_random_order_once(duck):
+    """A SELECT sorted by its label: with shuffle on, every batch (one block of rows) holds both classes, in an order
+    fixed by the seed; with shuffle off the rows keep the SELECT's order."""
+    tabular_data(duck, n=200, d=2, seed=5)
+    sorted_q = "SELECT * FROM pts ORDER BY y, f0"
+    base = {"model_type": "logistic_reg", "label": "y", "batch_size": 50}
+    mixed = make(duck, "a", {**base, "seed": 1}, sorted_q)
+    q = "SELECT rb, count(DISTINCT y[1]) FROM {} GROUP BY rb ORDER BY rb"
+    assert [r[1] for r in duck.execute(q.format(mixed.table("data").sql("duckdb"))).fetchall()] == [2, 2, 2, 2]
+    again = make(duck, "b", {**base, "seed": 1}, sorted_q)
+    other = make(duck, "c", {**base, "seed": 2}, sorted_q)
+    order = "SELECT list(x ORDER BY r) FROM {}"
+    same = [duck.execute(order.format(j.table("data").sql("duckdb"))).fetchall() for j in (mixed, again, other)]
+    assert same[0] == same[1] and same[0] != same[2]
+    kept = make(duck, "d", {**base, "shuffle": False}, sorted_q)
+    ys = duck.execute(f"SELECT list(y[1] ORDER BY r) FROM {kept.table('data').sql('duckdb')}").fetchall()[0][0]
+    assert ys == sorted(ys)

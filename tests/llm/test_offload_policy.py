@@ -303,3 +303,22 @@ def test_compressed_weights_stream_at_the_4bit_kernel_rate():
     assert base["decode_compute"] == pytest.approx(16 * w4 / hw.gpu_q4_bw, rel=1e-9)  # attention is free here
     assert halved["decode_compute"] == pytest.approx(2 * base["decode_compute"], rel=1e-9)
     assert estimate(p16, m, slow, 512, 32).terms == estimate(p16, m, hw, 512, 32).terms
+
+
+def test_the_4bit_rate_follows_the_memory_bandwidth_in_use():
+    """Without its own calibrated value, gpu_q4_bw is derived from the gpu_mem_bw actually used (a calibration from
+    before the field existed, or the CPU stand-in), never carried over from a preset or a GPU's calibration."""
+    old = {"offload_gpu_mem_bw": 300e9}  # written before gpu_q4_bw existed
+    hw = Hardware.from_calibration(old, base=Hardware.preset("h100"))
+    assert hw.gpu_q4_bw == pytest.approx(policy.Q4_BW_FRACTION * 300e9)
+    assert Hardware.from_calibration({**old, "offload_gpu_q4_bw": 1e11}).gpu_q4_bw == 1e11
+    import duckdb
+
+    from reldl.llm.offload import sql as offload_sql
+
+    con = duckdb.connect()
+    con.execute("CREATE SCHEMA reldl")
+    con.execute("CREATE TABLE reldl.calibration (key VARCHAR PRIMARY KEY, value DOUBLE)")
+    con.execute("INSERT INTO reldl.calibration VALUES ('offload_gpu_q4_bw', 5.2e11), ('offload_gpu_mem_bw', 2.9e12)")
+    cpu, _ = offload_sql.hardware(con, "cpu", {}, None)  # the CPU stands in for the GPU
+    assert cpu.gpu_q4_bw == pytest.approx(policy.Q4_BW_FRACTION * cpu.gpu_mem_bw) and cpu.gpu_q4_bw < 1e11

@@ -161,6 +161,8 @@ class Hardware:
         """Fields from `values` (as written by `to_calibration`), the rest from `base` (default: the h100 preset)."""
         base = base or cls.preset("h100")
         kw = {f.name: values.get(f"offload_{f.name}", getattr(base, f.name)) for f in fields(cls)}
+        if "offload_gpu_q4_bw" not in values:  # derived from the memory bandwidth in use, not the base's
+            kw["gpu_q4_bw"] = None
         return cls(**kw)
 
 

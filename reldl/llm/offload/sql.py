@@ -250,6 +250,7 @@ def hardware(duck, device: str, caps: dict[str, float], offload_dir: str | None)
     else:  # the CPU stands in for the GPU (the executor's CPU mode): GPU-side numbers are the CPU's
         base.update(CPU_STANDIN)
         base.update(gpu_mem=ram / 2, cpu_mem=ram / 2, gpu_flops=cpu_flops(duck), gpu_attn_flops=base["cpu_attn_flops"])
+        base["gpu_q4_bw"] = None  # from the stand-in memory bandwidth, never a calibrated GPU's
     for tier in ("gpu", "cpu", "disk"):
         if tier in caps:
             base[f"{tier}_mem"] = caps[tier]
