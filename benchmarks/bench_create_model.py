@@ -86,9 +86,10 @@ def main() -> None:
         machine=platform.machine(),
         args={k: str(v) for k, v in vars(args).items()},
         sql=sql,
-        reldl_s=reldl_s,
+        reldl_statement_s=reldl_s,
+        reldl_steps_s=steps_s,
         torch_f64_s=torch_s,
-        ratio_best=best_r / best_t,
+        steps_ratio_best=best_s / best_t,
     )
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
