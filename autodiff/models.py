@@ -441,25 +441,29 @@ def _prepare_tabular(duck: Any, job: Job) -> None:
     # DuckDB's array limit), y one value; rb = r // tile_rows is the batch key. With shuffle on, the rows are put in a
     # random order (by a seeded hash) once here, so a batch is a random sample even of a SELECT sorted by its label;
     # each epoch then shuffles the order of the batches
-    query = exp.Subquery(this=job.query.copy(), alias=exp.TableAlias(this=exp.to_identifier("q")))
+    # the SELECT's own column names stay inside the innermost query (whatever they are: __row, x, y, ...): x and y
+    # are built there, and only x, y and the generated row numbers go further out
+    xtype = f"DOUBLE[{len(feats)}]" if len(feats) <= MAX_ARRAY else "DOUBLE[]"
+    x = exp.Cast(this=exp.Array(expressions=[_dbl(_c(f, "q")) for f in feats]), to=exp.DataType.build(xtype))
+    y = exp.Cast(this=exp.Array(expressions=[_dbl(_c(label, "q"))]), to=exp.DataType.build("DOUBLE[1]"))
+    source = exp.Subquery(this=job.query.copy(), alias=exp.TableAlias(this=exp.to_identifier("q")))
+    query = select(aliased(x, "x"), aliased(y, "y")).from_(source).subquery("v")
     order = None
     if o["shuffle"]:
         src = exp.Window(this=exp.RowNumber())
-        query = select(aliased(src, "__src"), exp.Star()).from_(query).subquery("q")
+        query = select(aliased(src, "__src"), col("x", "v"), col("y", "v")).from_(query).subquery("v")
         order = exp.Order(
-            expressions=[sym.func("hash", col("__src"), exp.Literal.number(int(o["seed"]))), col("__src")]
+            expressions=[sym.func("hash", col("__src", "v"), exp.Literal.number(int(o["seed"]))), col("__src", "v")]
         )
     row_number = exp.Window(this=exp.RowNumber(), order=order)
-    numbered = select(aliased(exp.Sub(this=row_number, expression=exp.Literal.number(1)), "__row"), exp.Star())
-    numbered = numbered.from_(query)
-    xtype = f"DOUBLE[{len(feats)}]" if len(feats) <= MAX_ARRAY else "DOUBLE[]"
-    x = exp.Array(expressions=[_dbl(_c(f, "n")) for f in feats])
-    y = exp.Array(expressions=[_dbl(_c(label, "n"))])
+    numbered = select(
+        aliased(exp.Sub(this=row_number, expression=exp.Literal.number(1)), "__row"), col("x", "v"), col("y", "v")
+    ).from_(query)
     tiles = select(
         aliased(exp.IntDiv(this=col("__row", "n"), expression=exp.Literal.number(t)), "rb"),
         aliased(col("__row", "n"), "r"),
-        aliased(exp.Cast(this=x, to=exp.DataType.build(xtype)), "x"),
-        aliased(exp.Cast(this=y, to=exp.DataType.build("DOUBLE[1]")), "y"),
+        aliased(col("x", "n"), "x"),
+        aliased(col("y", "n"), "y"),
     ).from_(exp.Subquery(this=numbered, alias=exp.TableAlias(this=exp.to_identifier("n"))))
     data = job.add("data")
     _run(duck, _ctas(data, tiles.order_by(col("r"))))

@@ -419,3 +419,22 @@ def test_shuffle_puts_rows_in_a_seeded_random_order_once(duck):
     kept = make(duck, "d", {**base, "shuffle": False}, sorted_q)
     ys = duck.execute(f"SELECT list(y[1] ORDER BY r) FROM {kept.table('data').sql('duckdb')}").fetchall()[0][0]
     assert ys == sorted(ys)
+
+
+def test_feature_columns_may_have_any_name(duck):
+    """Columns named like the generated ones (x, y, r, rb, n, __row, __src) are features like any other."""
+    names = ["x", "y", "r", "rb", "n", "__row", "__src"]
+    rng = np.random.default_rng(9)
+    vals = rng.normal(size=(30, len(names)))
+    cols = {c: vals[:, i] for i, c in enumerate(names)}
+    cols["label"] = (vals[:, 0] > 0).astype(np.int64)
+    put(duck, "odd", cols)
+    job = make(
+        duck, "odd_names", {"model_type": "logistic_reg", "label": "label", "shuffle": False}, "SELECT * FROM odd"
+    )
+    rows = duck.execute(f"SELECT x, y FROM {job.table('data').sql('duckdb')} ORDER BY r").fetchall()
+    assert np.array_equal(np.array([r[0] for r in rows]), vals)
+    assert [r[1][0] for r in rows] == cols["label"].astype(float).tolist()
+    shuffled = make(duck, "odd_shuffled", {"model_type": "logistic_reg", "label": "label"}, "SELECT * FROM odd")
+    got = duck.execute(f"SELECT x FROM {shuffled.table('data').sql('duckdb')} ORDER BY r").fetchall()
+    assert sorted(map(tuple, (r[0] for r in got))) == sorted(map(tuple, vals.tolist()))
