@@ -69,7 +69,8 @@ _TOKENS = itertools.count(1)
 # token -> (spec, keyless tiles, upstream gradients): filed by a stash statement, read by the step UDF's calls of the
 # statement that reads that stash's TEMP table (the token is per execution, so per connection)
 _STASH: dict[int, tuple[dict, list[np.ndarray], list[float]]] = {}
-# plan handle -> its latest tokens (a few: connections that run one plan side by side each read their own latest)
+# plan handle -> its latest tokens: up to STASH_KEEP connections may run one plan's statements interleaved, each
+# reading its own latest stash (`minimize` fuses a plan per run and releases each step's stash once it is read)
 _BY_HANDLE: dict[int, collections.deque] = {}
 STASH_KEEP = 8
 _STASH_LOCK = threading.Lock()

@@ -439,7 +439,7 @@ def _prepare_tabular(duck: Any, job: Job) -> None:
     t = o["tile_rows"]
     # one row a tuple, stored in row order, built in one pass over the SELECT: x a fixed-size array (a list past
     # DuckDB's array limit), y one value; rb = r // tile_rows is the batch key. With shuffle on, the rows are put in a
-    # random order (by a seeded hash) once here, so a batch is a random sample even of a SELECT sorted by its label;
+    # random order (a seeded hash of each row) once here, so a batch is a random sample even of a sorted SELECT;
     # each epoch then shuffles the order of the batches
     # the SELECT's own column names stay inside the innermost query (whatever they are: __row, x, y, ...): x and y
     # are built there, and only x, y and the generated row numbers go further out
@@ -449,11 +449,11 @@ def _prepare_tabular(duck: Any, job: Job) -> None:
     source = exp.Subquery(this=job.query.copy(), alias=exp.TableAlias(this=exp.to_identifier("q")))
     query = select(aliased(x, "x"), aliased(y, "y")).from_(source).subquery("v")
     order = None
-    if o["shuffle"]:
-        src = exp.Window(this=exp.RowNumber())
-        query = select(aliased(src, "__src"), col("x", "v"), col("y", "v")).from_(query).subquery("v")
+    if o["shuffle"]:  # by the rows' contents (ties: equal rows), so a SELECT whose row order varies (a join, a
+        # parallel GROUP BY) still gives the same table for the same seed
+        seed = exp.Literal.number(int(o["seed"]))
         order = exp.Order(
-            expressions=[sym.func("hash", col("__src", "v"), exp.Literal.number(int(o["seed"]))), col("__src", "v")]
+            expressions=[sym.func("hash", col("x", "v"), col("y", "v"), seed), col("x", "v"), col("y", "v")]
         )
     row_number = exp.Window(this=exp.RowNumber(), order=order)
     numbered = select(

@@ -699,6 +699,8 @@ def minimize(
                     for sql in table_statements if views_made else statements:
                         _execute(duck, sql)
                     views_made = True
+                    if block_plan is not None:  # the step has read its stash: one copy of the parameters, not several
+                        blockfuse.release(block_plan)
                     value = _execute(duck, loss_sql).fetchall()
                     loss_value = float(value[0][0]) if value and value[0][0] is not None else float("nan")
                     for sql in update_sql(step):

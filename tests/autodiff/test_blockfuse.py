@@ -383,3 +383,22 @@ def test_plans_release_their_stash_when_collected():
     del fused, bp
     gc.collect()
     assert handle not in blockfuse._BY_HANDLE
+
+
+def test_training_keeps_one_stash_at_most():
+    """Each step's stash is released once the step has read it: the parameters are not kept once per step."""
+    con = duckdb.connect()
+    rng = np.random.default_rng(12)
+    data(con, rng, 96, 4, feats=3)
+    loss = mlp(con, rng, 4, 3, src="batch")
+    sizes = []
+    minimize(
+        con,
+        loss,
+        optimizer="sgd",
+        learning_rate=0.1,
+        epochs=1,
+        batches=Batches("batch", "data", "rb", size=2, shuffle=False),
+        on_step=lambda *a: sizes.append(len(blockfuse._STASH)),
+    )
+    assert len(sizes) == 12 and max(sizes) == min(sizes)

@@ -322,3 +322,8 @@ def test_the_4bit_rate_follows_the_memory_bandwidth_in_use():
     con.execute("INSERT INTO reldl.calibration VALUES ('offload_gpu_q4_bw', 5.2e11), ('offload_gpu_mem_bw', 2.9e12)")
     cpu, _ = offload_sql.hardware(con, "cpu", {}, None)  # the CPU stands in for the GPU
     assert cpu.gpu_q4_bw == pytest.approx(policy.Q4_BW_FRACTION * cpu.gpu_mem_bw) and cpu.gpu_q4_bw < 1e11
+
+
+def test_from_calibration_keeps_a_measured_4bit_rate_it_does_not_replace():
+    measured = Hardware(**{**Hardware.preset("h100").__dict__, "gpu_q4_bw": 4.8e11})
+    assert Hardware.from_calibration({"offload_gpu_mem": 1e10}, base=measured).gpu_q4_bw == 4.8e11

@@ -161,8 +161,8 @@ class Hardware:
         """Fields from `values` (as written by `to_calibration`), the rest from `base` (default: the h100 preset)."""
         base = base or cls.preset("h100")
         kw = {f.name: values.get(f"offload_{f.name}", getattr(base, f.name)) for f in fields(cls)}
-        if "offload_gpu_q4_bw" not in values:  # derived from the memory bandwidth in use, not the base's
-            kw["gpu_q4_bw"] = None
+        if "offload_gpu_mem_bw" in values and "offload_gpu_q4_bw" not in values:  # a calibration from before the
+            kw["gpu_q4_bw"] = None  # 4-bit rate existed: derived from its memory bandwidth, not kept from the base
         return cls(**kw)
 
 
