@@ -114,8 +114,13 @@ class BlockPlan:
         return "reldl_block_step_" + "_".join(_type_code(t) for t in self.arg_types())
 
     @property
+    def stash_arity(self) -> int:
+        """Tiles the stash UDF files: the keyless inputs, then each output's upstream gradient."""
+        return len(self.keyless) + len(self.outputs)
+
+    @property
     def stash_function(self) -> str:
-        return f"reldl_block_stash_{len(self.keyless) + len(self.outputs)}"
+        return f"reldl_block_stash_{self.stash_arity}"
 
 
 def _type_code(t: str) -> str:
@@ -336,10 +341,7 @@ def _as_list(v: exp.Expression, shape: tuple[int, ...]) -> exp.Expression:
 def _arg_value(bp: BlockPlan, i: int) -> exp.Expression:
     """Keyed input ``i``'s value over its source aliased ``s``: as stored where it is a ``DOUBLE[k]`` array (no
     conversion to a list), else cast to DOUBLE / DOUBLE[]."""
-    n = bp.inputs[i]
-    if i in bp.native:
-        return n.value.copy() if isinstance(n.value, exp.Expression) else col(n.value, "s")
-    return emit.scan_value(n)
+    return emit.scan_raw(bp.inputs[i]) if i in bp.native else emit.scan_value(bp.inputs[i])
 
 
 def resolve_types(duck: Any, bp: BlockPlan, sources: dict[str, str] | None = None) -> None:
@@ -354,8 +356,7 @@ def resolve_types(duck: Any, bp: BlockPlan, sources: dict[str, str] | None = Non
         src = emit._source_tree(n.source)
         if sources and isinstance(src, exp.Table) and src.name in sources:
             src = exp.to_table(sources[src.name])
-        value = n.value.copy() if isinstance(n.value, exp.Expression) else col(n.value, "s")
-        q = select(aliased(value, "v")).from_(table_as(src, "s")).limit(0)
+        q = select(aliased(emit.scan_raw(n), "v")).from_(table_as(src, "s")).limit(0)
         try:
             t = duck.execute(f"DESCRIBE {q.sql('duckdb')}").fetchall()[0][1]
         except Exception:  # a source made later: cast, as any non-array tile is
@@ -413,6 +414,8 @@ class _Value:
 @functools.cache
 def _compiled_spec(spec: str) -> dict:
     s = json.loads(spec)
+    s["keyed"] = [inp for inp in s["inputs"] if inp["keyed"]]
+    s["keyless"] = [inp for inp in s["inputs"] if not inp["keyed"]]
     for node in s["nodes"]:
         k = node["kernel"]
         if k["kind"] == "elementwise":
@@ -477,7 +480,7 @@ def block_stash(handle: Any, spec_text: Any, *arrays: Any) -> pa.Array:
     if handle is None or spec_text is None:
         raise ValueError("reldl_block_stash: a NULL handle or spec")
     spec = _compiled_spec(spec_text)
-    keyless = [inp for inp in spec["inputs"] if not inp["keyed"]]
+    keyless = spec["keyless"]
     if len(arrays) != len(keyless) + len(spec["outputs"]):
         raise ValueError(f"reldl_block_stash: {len(arrays)} tiles for a spec of {len(keyless) + len(spec['outputs'])}")
     consts = []
@@ -512,21 +515,15 @@ def _first(a: Any) -> Any:
 def block_step(token: Any, *arrays: Any) -> pa.Array:
     """The step UDF: one chunk of keyed tiles in, the chunk's outputs and parameter gradients (summed over its rows)
     out on its first row, NULL on the others (the caller sums the non-NULL rows)."""
-    if isinstance(token, pa.ChunkedArray):
-        token = token.combine_chunks()
     n_rows = len(token)
-    t = token[0].as_py() if n_rows else None
+    t = _first(token)
     with _STASH_LOCK:
         entry = _STASH.get(int(t)) if t is not None else None
     if entry is None:
         raise ValueError("reldl_block_step: nothing stashed for this step (its stash statement runs first)")
     spec, consts, upstream = entry
-    vals: dict[int, _Value] = {}
-    keyed = [inp for inp in spec["inputs"] if inp["keyed"]]
-    keyless = [inp for inp in spec["inputs"] if not inp["keyed"]]
-    for inp, tile in zip(keyless, consts):
-        vals[inp["id"]] = _Value(tile, "const")
-    for inp, arr in zip(keyed, arrays):
+    vals: dict[int, _Value] = {inp["id"]: _Value(tile, "const") for inp, tile in zip(spec["keyless"], consts)}
+    for inp, arr in zip(spec["keyed"], arrays):
         values, off = _first_list(arr)
         shape = tuple(inp["shape"])
         if shape == ():
@@ -674,7 +671,7 @@ def install(duck: Any, bp: BlockPlan) -> None:
     """Register the plan's stash and step UDFs on the connection (each name once: it encodes the signature)."""
     like = "SELECT function_name FROM duckdb_functions() WHERE function_name LIKE 'reldl\\_block\\_%' ESCAPE '\\'"
     present = {r[0] for r in duck.execute(like).fetchall()}
-    n_stash = len(bp.keyless) + len(bp.outputs)
+    n_stash = bp.stash_arity
     if bp.stash_function not in present:
         duck.create_function(
             bp.stash_function,

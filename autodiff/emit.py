@@ -64,11 +64,14 @@ def select(*columns: exp.Expression) -> exp.Select:
     return exp.Select(expressions=list(columns))
 
 
+def scan_raw(node: Scan) -> exp.Expression:
+    """A scan's value column (or expression) over its source aliased ``s``, as stored."""
+    return node.value.copy() if isinstance(node.value, exp.Expression) else col(node.value, "s")
+
+
 def scan_value(node: Scan) -> exp.Expression:
-    """A scan's value column (or expression) over its source aliased ``s``, cast to DOUBLE / DOUBLE[]."""
-    value = node.value if isinstance(node.value, exp.Expression) else col(node.value, "s")
-    cast = exp.DataType.build("DOUBLE" if node.shape == () else "DOUBLE[]")
-    return exp.Cast(this=value.copy(), to=cast)
+    """A scan's value over its source aliased ``s``, cast to DOUBLE / DOUBLE[]."""
+    return exp.Cast(this=scan_raw(node), to=exp.DataType.build("DOUBLE" if node.shape == () else "DOUBLE[]"))
 
 
 def scan_query(node: Scan) -> exp.Select:

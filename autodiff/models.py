@@ -49,7 +49,7 @@ import pyarrow as pa
 import sqlglot
 from sqlglot import exp
 
-from reldl import scratch
+from reldl import catalog, scratch
 from reldl.autodiff import builder as ad
 from reldl.autodiff import symbolic as sym
 from reldl.autodiff import train
@@ -908,8 +908,7 @@ def export_tabular(duck: Any, job: Job, path: Path) -> Path:
 def default_path(duck: Any, name: str) -> Path:
     """``<database file>.models/<name>``, or for an in-memory database a fresh temporary directory, removed when the
     process exits (the catalog that names it goes with the process)."""
-    row = duck.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
-    db = row[0][0] if row else None
+    db = catalog.db_file(duck)
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name.lower())
     if db:
         return Path(str(db) + ".models") / safe

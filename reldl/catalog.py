@@ -39,6 +39,12 @@ def sql_file(name: str) -> str:
     return resources.files("reldl.sql").joinpath(name).read_text()
 
 
+def db_file(duck: duckdb.DuckDBPyConnection) -> str | None:
+    """The current database's file, or None for an in-memory database."""
+    row = duck.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
+    return row[0][0] if row and row[0][0] else None
+
+
 def ensure_schema(duck: duckdb.DuckDBPyConnection) -> None:
     """Create the `reldl` schema and its tables if missing (no-op on read-only databases that lack them)."""
     if has_catalog(duck):
@@ -106,8 +112,7 @@ def put_model(
             f"{verb} INTO reldl.models (name, model_type, path, options) VALUES (?, ?, ?, ?)",
             [name, model_type, path, json.dumps(options)],
         )
-        file_db = duck.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()")
-        if path and (file_db.fetchall() or [(None,)])[0][0]:  # a persistent catalog names it: never removed at exit
+        if path and db_file(duck):  # a persistent catalog names it: never removed at exit
             scratch.keep(path)
     except duckdb.Error as e:
         raise translate(e) from None

@@ -43,10 +43,7 @@ def run_query(duck, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
         cur.close()
 
 
-def db_file(duck) -> str | None:
-    """The current database's file, or None for an in-memory database."""
-    row = duck.execute("SELECT path FROM duckdb_databases() WHERE database_name = current_database()").fetchall()
-    return row[0][0] if row and row[0][0] else None
+db_file = catalog.db_file  # (callers import it from here too)
 
 
 def model_dir(duck, name: str, path: str | None) -> tuple[Path, bool]:
