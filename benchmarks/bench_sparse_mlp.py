@@ -117,12 +117,14 @@ def best_ms(t: dict) -> float:
 
 # side-by-side variants of the kernels' settings (reldl.kernels.sparse_mlp module attributes, FUSED keys), each timed
 # like the default in the same run. ReLU: "no pdl" = plain launches at batch 1 too (the default chains the unfused
-# kernels with programmatic dependent launch at batch 1), "pdl" = PDL at every batch, "reduce-in" = kernel 2 sums its
-# own split-K partials (no reduce launch), "fused ..." = the one-launch batch-1 kernel. TEAL, forced sparse at every
+# kernels with programmatic dependent launch at batch 1, kernel 2 prefetching its weight rows into L2 while kernel 1
+# runs), "no prefetch" = that PDL chain without the prefetch, "pdl" = PDL at every batch, "reduce-in" = kernel 2 sums
+# its own split-K partials (no reduce launch), "fused ..." = the one-launch batch-1 kernel. TEAL, forced sparse at every
 # batch: "walk" = kernel 2 visiting every input row, "compact" = inputs compacted on the device, "compact-in" = only
 # the MLP input compacted, "... pdl" = with PDL; "dense" = the thresholded dense fallback at every batch
 RELU_VARIANTS = {
     "no pdl": {"attrs": {"PDL_RELU_MAX_BATCH": 0}},
+    "no prefetch": {"attrs": {"DOWN_PREFETCH_L2": False}},
     "pdl": {"attrs": {"PDL": True}},
     "reduce-in": {"attrs": {"DOWN_REDUCE_IN_KERNEL": True}},
     "fused r8 d1024": {"fused": {"MAX_BYTES": None, "MAX_ROWS": 8, "PROGRAMS_PER_SM": 1, "BLOCK_D": 1024}, "b1": 1},
@@ -459,6 +461,7 @@ def main() -> None:
             "pdl": SM.PDL,
             "pdl_relu_max_batch": SM.PDL_RELU_MAX_BATCH,
             "down_reduce_in_kernel": SM.DOWN_REDUCE_IN_KERNEL,
+            "down_prefetch_l2": SM.DOWN_PREFETCH_L2,
             "programs_per_sm": SM.PROGRAMS_PER_SM,
             "teal_compact": SM.TEAL_COMPACT,
             "teal_compact_mid": SM.TEAL_COMPACT_MID,

@@ -478,7 +478,8 @@ def run_case(family, name, tree, cfg, dev, args, bw, rate=float("nan")) -> dict:
     if args.old and "tree_us" in row:
         # the kernel as configured before the 2026-11-27 sweep (same code paths, previous defaults), same run
         try:
-            p_old = K.plan_tree_attention(layout, h, kvh, d, dtype, config=old_config(plan.intensity))
+            old = {"PDL": False} if args.old_no_pdl else old_config(plan.intensity)
+            p_old = K.plan_tree_attention(layout, h, kvh, d, dtype, config=old)
             fn = lambda: K.tree_attention(q, k_cache, v_cache, layout, scale, p_old)  # noqa: E731
             row["old_err"] = err(fn())
             ms, mode = bench(fn, dev, args.rep)
@@ -617,6 +618,9 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="also sweep the planner's knobs per case (slow)")
     ap.add_argument("--only", default="", help="run only cases whose name contains this")
     ap.add_argument("--old", action="store_true", help="also time the kernel with the previous default config")
+    ap.add_argument(
+        "--old-no-pdl", action="store_true", help="with --old: the 'old' config is today's with PDL off everywhere"
+    )
     args = ap.parse_args()
     args.skip = set(s for s in args.skip.split(",") if s)
     cfg = PRESETS[args.preset]

@@ -6,6 +6,7 @@ decoration time whether a kernel runs compiled (CUDA) or in the interpreter (CPU
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -15,8 +16,15 @@ try:
     import triton.language as tl
 
     HAS_TRITON = True
+    try:  # kernels with a PDL branch call tl.extra.cuda.gdc_*: load the submodule before they are compiled
+        import triton.language.extra.cuda  # noqa: F401
+
+        HAS_GDC = True
+    except ImportError:  # pragma: no cover - a triton without it: PDL stays off
+        HAS_GDC = False
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAS_TRITON = False
+    HAS_GDC = False
 
     class _Stub:
         """Just enough of `triton` / `triton.language` for module-level kernel definitions to evaluate."""
@@ -60,3 +68,15 @@ def next_pow2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@functools.cache
+def _capability_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch (a kernel launched with `launch_pdl=True` starts while the previous one
+    finishes, and waits for it with `tl.extra.cuda.gdc_wait()`): compiled kernels on a CUDA device of compute
+    capability >= 9 with a triton that has the gdc intrinsics."""
+    return HAS_GDC and device.type == "cuda" and not interpreting() and _capability_major(device.index) >= 9

@@ -46,18 +46,10 @@ the number of selected neurons becomes a shape). TEAL without an index needs no 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from reldl.kernels._triton import HAS_TRITON, cdiv, interpreting, next_pow2, require_triton, tl, triton
-
-if HAS_TRITON:  # the kernels' PDL branch calls tl.extra.cuda.gdc_*: make sure the submodule is loaded
-    try:
-        import triton.language.extra.cuda  # noqa: F401
-    except ImportError:  # pragma: no cover - a triton without it: PDL stays off
-        pass
+from reldl.kernels._triton import cdiv, next_pow2, pdl_supported, require_triton, tl, triton
 from reldl.kernels.paged_attention import num_sms
 
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
@@ -327,9 +319,11 @@ def _rows_dot_kernel(
     DOT_PREC: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
-    if PDL:  # programmatic dependent launch: let the next kernel start launching, wait for the previous one
-        tl.extra.cuda.gdc_launch_dependents()
+    if PDL:  # programmatic dependent launch: wait for the previous kernel, then let the next one start launching
+        # (in this order: kernel 2 reads the neuron index before it waits for this kernel, so it must not start
+        # before the kernel that wrote the index has finished)
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -367,6 +361,36 @@ def _rows_dot_kernel(
         tl.store(out_ptr + bb[:, None] * stride_ob + j[None, :], acc.to(out_ptr.dtype.element_ty), mask=om)
     else:
         tl.store(out_ptr + pid_s * stride_os + bb[:, None] * stride_ob + j[None, :], acc, mask=om)
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """PTX prefetch.global.L2 of each address (compiled only: the interpreter has no inline assembly)."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def _prefetch_rows_l2(
+    idx_ptr, w_ptr, k, N, stride_w, blk_lo, n_blk, pid_c,
+    A_MODE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, LINE: tl.constexpr,
+):  # fmt: skip
+    """Kernel 2's weight tiles of blocks [blk_lo, blk_lo + n_blk), columns of block pid_c, into L2: one prefetch
+    per 128-byte line (LINE elements). Weights and the index are inputs the previous kernel does not write, so
+    this may run before gdc_wait; the index is read past L1 (.cg)."""
+    kk = tl.arange(0, BLOCK_K)
+    segs = pid_c * BLOCK_N + tl.arange(0, BLOCK_N // LINE) * LINE
+    segs = tl.minimum(segs, N - 1)
+    blk_hi = tl.minimum(blk_lo + n_blk, tl.cdiv(k, BLOCK_K))
+    for blk in range(blk_lo, blk_hi):
+        j = blk * BLOCK_K + kk
+        jm = j < k
+        if A_MODE == 3:
+            rows = tl.where(jm, j, 0).to(tl.int64)
+        else:
+            rows = tl.load(idx_ptr + j, mask=jm, other=0, cache_modifier=".cg").to(tl.int64)
+        _prefetch_l2(w_ptr + rows[:, None] * stride_w + segs[None, :])
 
 
 @triton.jit
@@ -412,12 +436,17 @@ def _gather_matmul_kernel(
     RED_IN: tl.constexpr = False,
     RED_P: tl.constexpr = 16,
     RED_C: tl.constexpr = 64,
+    PREFETCH_L2: tl.constexpr = False,
+    LINE: tl.constexpr = 64,
 ):
-    if PDL:  # programmatic dependent launch: let the next kernel start launching, wait for the previous one
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
     pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
+    if PDL:  # programmatic dependent launch: let the next kernel start launching, wait for the previous one
+        tl.extra.cuda.gdc_launch_dependents()
+        if PREFETCH_L2:  # while the previous kernel (kernel 1) runs: pull this program's weight rows into L2
+            _prefetch_rows_l2(idx_ptr, w_ptr, k, N, stride_w, pid_s * blocks_per_split, blocks_per_split, pid_c,
+                              A_MODE, BLOCK_K, BLOCK_N, LINE)  # fmt: skip
+        tl.extra.cuda.gdc_wait()
     if K_PTR:  # k counted on the device (`_compact_kernel`): the splits share its blocks evenly
         k = tl.load(k_ptr)
         blocks_per_split = tl.cdiv(tl.cdiv(k, BLOCK_K), tl.num_programs(0))
@@ -803,18 +832,16 @@ PDL_RELU_MAX_BATCH = 1
 # kernel 2's split-K partials (not the fused gate/up) summed in the same launch (`_arrive_and_reduce`) instead of by
 # `_reduce_kernel`: off, slower on the H100 at every benchmark shape (OPT-13B 5%, batch 1: 19.2 us vs 16.8 us)
 DOWN_REDUCE_IN_KERNEL = False
+# under PDL, kernel 2 prefetches its weight rows into L2 while kernel 1 still runs (`_prefetch_rows_l2`), so the
+# two kernels' weight reads overlap instead of kernel 2 starting its reads after kernel 1 ends
+DOWN_PREFETCH_L2 = True
 
 
 def _pdl(device: torch.device, on: bool = False) -> dict:
     """Launch options for PDL where it applies (asked for, a CUDA device of compute capability >= 9, compiled)."""
-    if not (on or PDL) or device.type != "cuda" or interpreting() or _major(device.index) < 9:
+    if not (on or PDL) or not pdl_supported(device):
         return {}
     return {"PDL": True, "launch_pdl": True}
-
-
-@functools.cache
-def _major(index: int | None) -> int:
-    return torch.cuda.get_device_capability(index)[0]
 
 
 def _launch_opts(cfg: dict, *keys: str, device: torch.device | None = None, pdl: bool = False) -> dict:
@@ -957,9 +984,19 @@ def _gather_matmul(
         DOT_PREC=_dot_prec(w.dtype),
         RED_IN=red_in,
         **_launch_opts(cfg, "BLOCK_B", "BLOCK_K", "BLOCK_N", device=w.device, pdl=pdl),
+        **_prefetch_opts(cfg, w, pdl, dual, k_ptr),
     )
     if not direct and not red_in:
         _reduce(part, out, n_out, splits, bias=bias, glu=dual, pdl=pdl)
+
+
+def _prefetch_opts(cfg: dict, w: torch.Tensor, pdl: bool, dual: bool, k_ptr) -> dict:
+    """Kernel 2 prefetches its weight rows into L2 before it waits for kernel 1 (DOWN_PREFETCH_L2): only under
+    PDL (else there is nothing to overlap with), for one weight matrix, with k known on the host (a k counted on
+    the device is written by the kernel before), and column blocks of whole 128-byte lines."""
+    line = 128 // w.element_size()
+    on = DOWN_PREFETCH_L2 and not dual and k_ptr is None and cfg["BLOCK_N"] % line == 0
+    return {"PREFETCH_L2": True, "LINE": line} if on and _pdl(w.device, pdl) else {}
 
 
 def _chunks(batch: int):

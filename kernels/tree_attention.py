@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from reldl.kernels._triton import cdiv, next_pow2, require_triton, tl, triton
+from reldl.kernels._triton import cdiv, next_pow2, pdl_supported, require_triton, tl, triton
 from reldl.kernels.paged_attention import LOG2E, num_sms
 
 
@@ -191,7 +191,8 @@ def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype, intensi
     workloads); the tile height, warps, stages and merge tiles (unchanged) were the best single choice across the
     workloads; DENSE and PREFETCH_KV lost on most of them and are off. The slots of the next key tile are loaded
     during the current one (PREFETCH: the K/V loads no longer wait for their slot loads), measured 1.5-2x faster
-    on an H200."""
+    on an H200. Memory-bound trees (intensity below COMPUTE_BOUND_ROWS) chain the merge to phase 1 with
+    programmatic dependent launch (PDL)."""
     block_d = max(16, next_pow2(head_dim))
     block_g = next_pow2(group)
     narrow = max(16, block_g)
@@ -216,6 +217,12 @@ def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype, intensi
         "DENSE": False,
         "maxnreg": None,  # register cap per thread (more programs resident per SM), None: the compiler's choice
         "KV_FAST": True,  # program order: the KV heads of one item next to each other (else items first)
+        # programmatic dependent launch (where supported: sm_90+, compiled): the merge is launched while phase 1's
+        # last programs run and waits for them on the GPU; phase 1 likewise after the kernel before it. Memory-bound
+        # trees only: on the H100 (2026-11-27, results/2026-11-27-tree-attention-pdl-h100.json) it saved 0.3-1.3 us
+        # on 8 of the 9 few-shot trees and on tree-of-thought depth 1 and 3, but cost 1.6-11.6 us on speculative
+        # trees of 64-128 tokens (merge programs resident while phase 1 still runs)
+        "PDL": intensity is not None and intensity < COMPUTE_BOUND_ROWS,
         # the planner's chunking (see plan_tree_attention)
         "PARTIAL_FACTOR": PARTIAL_FACTOR,
         "MIN_CHUNK": MIN_CHUNK,
@@ -680,7 +687,11 @@ def _tree_attention_kernel(
     PREFETCH_KV: tl.constexpr,
     KV_FAST: tl.constexpr,
     USE_DENSE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # let the merge start launching; wait for the kernel before this one (it may have written q)
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     # 1-D grid over (item, KV head); KV_FAST: the KV heads of one item are neighbouring programs (they run together
     # and read the same cache rows, [slots, KVH, D], at the same time)
     pid = tl.program_id(0)
@@ -752,9 +763,13 @@ def _tree_merge_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_HM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One program per (query, block of BLOCK_HM heads): the query's partials are loaded BLOCK_P at a time (all at
     once for the usual handful), so the merge costs a couple of memory latencies rather than one per partial."""
+    if PDL:  # launched while phase 1 runs: wait until its partials are written
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     x = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_HM + tl.arange(0, BLOCK_HM)
     p0 = tl.load(ptr_ptr + x)
@@ -888,6 +903,7 @@ def _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o):
         num_stages=cfg["num_stages"],
         USE_DENSE=cfg["DENSE"],
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
+        **_pdl_opts(cfg, q.device),
     )
 
 
@@ -909,4 +925,9 @@ def _launch_merge(plan, lse, part_o, out):
         BLOCK_HM=hm,
         BLOCK_D=max(16, next_pow2(D)),
         num_warps=cfg["merge_warps"],
+        **_pdl_opts(cfg, out.device),
     )
+
+
+def _pdl_opts(cfg: dict, device: torch.device) -> dict:
+    return {"PDL": True, "launch_pdl": True} if cfg.get("PDL") and pdl_supported(device) else {}
