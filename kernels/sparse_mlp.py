@@ -833,8 +833,12 @@ PDL_RELU_MAX_BATCH = 1
 # `_reduce_kernel`: off, slower on the H100 at every benchmark shape (OPT-13B 5%, batch 1: 19.2 us vs 16.8 us)
 DOWN_REDUCE_IN_KERNEL = False
 # under PDL, kernel 2 prefetches its weight rows into L2 while kernel 1 still runs (`_prefetch_rows_l2`), so the
-# two kernels' weight reads overlap instead of kernel 2 starting its reads after kernel 1 ends
+# two kernels' weight reads overlap instead of kernel 2 starting its reads after kernel 1 ends; only for selections
+# of at most DOWN_PREFETCH_MAX_BYTES. H100, batch 1 (RESULTS.md): OPT-13B 5% (10.5 MB) 13.6 -> 12.9 us and 13B 10%
+# (21 MB) 21.7 -> 20.5 us, but OPT-30B 5% (20.6 MB) 21.8 -> 23.3 us and OPT-175B 5% (60 MB, more than L2 holds)
+# 52.1 -> 58.0 us
 DOWN_PREFETCH_L2 = True
+DOWN_PREFETCH_MAX_BYTES = 16 << 20
 
 
 def _pdl(device: torch.device, on: bool = False) -> dict:
@@ -984,18 +988,20 @@ def _gather_matmul(
         DOT_PREC=_dot_prec(w.dtype),
         RED_IN=red_in,
         **_launch_opts(cfg, "BLOCK_B", "BLOCK_K", "BLOCK_N", device=w.device, pdl=pdl),
-        **_prefetch_opts(cfg, w, pdl, dual, k_ptr),
+        **_prefetch_opts(cfg, w, k, pdl, dual, k_ptr),
     )
     if not direct and not red_in:
         _reduce(part, out, n_out, splits, bias=bias, glu=dual, pdl=pdl)
 
 
-def _prefetch_opts(cfg: dict, w: torch.Tensor, pdl: bool, dual: bool, k_ptr) -> dict:
+def _prefetch_opts(cfg: dict, w: torch.Tensor, k: int, pdl: bool, dual: bool, k_ptr) -> dict:
     """Kernel 2 prefetches its weight rows into L2 before it waits for kernel 1 (DOWN_PREFETCH_L2): only under
-    PDL (else there is nothing to overlap with), for one weight matrix, with k known on the host (a k counted on
-    the device is written by the kernel before), and column blocks of whole 128-byte lines."""
+    PDL (else there is nothing to overlap with), for one weight matrix of at most DOWN_PREFETCH_MAX_BYTES selected,
+    with k known on the host (a k counted on the device is written by the kernel before), and column blocks of
+    whole 128-byte lines."""
     line = 128 // w.element_size()
-    on = DOWN_PREFETCH_L2 and not dual and k_ptr is None and cfg["BLOCK_N"] % line == 0
+    small = k * w.shape[1] * w.element_size() <= DOWN_PREFETCH_MAX_BYTES
+    on = DOWN_PREFETCH_L2 and small and not dual and k_ptr is None and cfg["BLOCK_N"] % line == 0
     return {"PREFETCH_L2": True, "LINE": line} if on and _pdl(w.device, pdl) else {}
 
 

@@ -47,9 +47,19 @@ def linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
     return F.linear(x, w, b)
 
 
+EMBED_CHUNK_ROWS = 4096  # 4-bit embedding rows dequantized at a time (float32 temporaries: ~4 x rows x hidden x 4 B)
+
+
 def embedding(ids: torch.Tensor, w, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(w, Quantized4):
-        return dequantize_4bit(Quantized4(w.packed[ids], w.scale[ids], w.minv[ids], w.k), dtype)
+        # in chunks of rows, into the output: a whole block's prompt (96 x 512 tokens of OPT-30B) dequantized at once
+        # took ~4 GB of float32 temporaries beside a 0.7 GB result
+        flat = ids.reshape(-1)
+        out = torch.empty((flat.numel(), w.k), dtype=dtype, device=w.packed.device)
+        for lo in range(0, flat.numel(), EMBED_CHUNK_ROWS):
+            i = flat[lo : lo + EMBED_CHUNK_ROWS]
+            out[lo : lo + i.numel()] = dequantize_4bit(Quantized4(w.packed[i], w.scale[i], w.minv[i], w.k), dtype)
+        return out.reshape(*ids.shape, w.k)
     return F.embedding(ids, w)
 
 
