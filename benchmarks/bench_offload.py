@@ -93,7 +93,8 @@ def random_source(cfg, device):
             fill = 1.0 if name.endswith("norm.weight") else 0.0
             return torch.full(shape, fill, dtype=torch.float16, device=device)
         g = torch.Generator(device=device).manual_seed(zlib.crc32(name.encode()))
-        return (torch.randn(shape, generator=g, device=device, dtype=torch.float32) * 0.02).half()
+        # drawn in fp16 and scaled in place: no float32 temporary (twice the tensor) beside the GPU-resident weights
+        return torch.randn(shape, generator=g, device=device, dtype=torch.float16).mul_(0.02)
 
     return MemorySource(cfg, make, list(names))
 

@@ -9,6 +9,7 @@ compressed run, and that run must equal a dense run of the dequantized weights.
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 
@@ -181,6 +182,23 @@ def test_compressed_weights_and_cache(request, tmp_path, family):
     torch.testing.assert_close(c4_logits[0], m.base_logits[0])
     cos = torch.nn.functional.cosine_similarity(c4_logits[2], m.base_logits[2], dim=-1)
     assert cos.min() > 0.95, cos
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_prefill_in_token_chunks_is_exact(request, monkeypatch, family):
+    """Prefill MLPs and the 4-bit embedding run a few tokens at a time (bounded GPU intermediates): the same tokens
+    and logits as all at once."""
+    m = request.getfixturevalue(family)
+    layers = importlib.import_module("reldl.llm.offload.layers")
+    pol = Policy(2, 2, compress_weight=True)
+    whole, whole_logits, _ = _run(m.path, pol, m.prompts)
+    monkeypatch.setattr(layers, "MLP_CHUNK_TOKENS", 3)
+    monkeypatch.setattr(layers, "EMBED_CHUNK_ROWS", 5)
+    out, logits, _ = _run(m.path, pol, m.prompts)
+    assert out == whole
+    torch.testing.assert_close(torch.cat(logits), torch.cat(whole_logits), rtol=1e-5, atol=1e-5)
+    base, _, _ = _run(m.path, Policy(2, 2), m.prompts)
+    assert base == m.base  # uncompressed weights, chunked MLPs: the all-on-device tokens
 
 
 def test_variants_opt_project_and_sharded(tiny_checkpoints):

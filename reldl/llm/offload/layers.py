@@ -148,6 +148,24 @@ def embed(cfg: ModelConfig, w: Weights, ids: torch.Tensor, positions: torch.Tens
     return x
 
 
+MLP_CHUNK_TOKENS = 4096  # prefill MLPs run this many tokens at a time: the ffn-wide intermediates stay bounded
+
+
+def _by_tokens(fn, h: torch.Tensor) -> torch.Tensor:
+    """fn over h [B, T, hidden] in chunks of MLP_CHUNK_TOKENS tokens. A block's prefill (OPT-30B, 96 x 512 tokens)
+    otherwise holds fc1's output and its activation at once: 2 x 2.6 GiB."""
+    flat = h.reshape(-1, h.shape[-1])
+    if flat.shape[0] <= MLP_CHUNK_TOKENS:
+        return fn(h)
+    out = None
+    for lo in range(0, flat.shape[0], MLP_CHUNK_TOKENS):
+        y = fn(flat[lo : lo + MLP_CHUNK_TOKENS])
+        if out is None:
+            out = torch.empty((flat.shape[0], y.shape[-1]), dtype=y.dtype, device=y.device)
+        out[lo : lo + y.shape[0]] = y
+    return out.reshape(*h.shape[:-1], out.shape[-1])
+
+
 def layer(
     cfg: ModelConfig, w: Weights, x: torch.Tensor, attend: Attend, positions: torch.Tensor, rope=None
 ) -> torch.Tensor:
@@ -165,7 +183,7 @@ def layer(
             return linear(attend(q, k, v), w["o"], g("o.b"))
 
         def mlp(h):
-            return linear(act(linear(h, w["fc1"], g("fc1.b"))), w["fc2"], g("fc2.b"))
+            return _by_tokens(lambda t: linear(act(linear(t, w["fc1"], g("fc1.b"))), w["fc2"], g("fc2.b")), h)
 
         def ln(h, key):
             return F.layer_norm(h, (hid,), w[key], w[key + ".b"], cfg.norm_eps)
@@ -183,7 +201,11 @@ def layer(
     x = x + linear(attend(q, k, v), w["o"], g("o.b"))
     h = rms_norm(x, w["ln2"], cfg.norm_eps)
     act = activation(cfg.activation)
-    return x + linear(act(linear(h, w["gate"], g("gate.b"))) * linear(h, w["up"], g("up.b")), w["down"], g("down.b"))
+
+    def mlp(t):
+        return linear(act(linear(t, w["gate"], g("gate.b"))) * linear(t, w["up"], g("up.b")), w["down"], g("down.b"))
+
+    return x + _by_tokens(mlp, h)
 
 
 def head(cfg: ModelConfig, w: Weights, x: torch.Tensor) -> torch.Tensor:
