@@ -96,7 +96,7 @@ def random_source(cfg, device):
         # drawn in fp16 and scaled in place: no float32 temporary (twice the tensor) beside the GPU-resident weights
         return torch.randn(shape, generator=g, device=device, dtype=torch.float16).mul_(0.02)
 
-    return MemorySource(cfg, make, list(names))
+    return MemorySource(cfg, make, list(names), shapes=names)
 
 
 def mem_available() -> float:

@@ -38,6 +38,7 @@ compute seconds separately, for the "step time vs max(transfer, compute)" check 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -83,9 +84,9 @@ def split_counts(n: int, fractions: Sequence[float]) -> list[tuple[str, int, int
     return out
 
 
-def _qbytes(t: torch.Tensor, dtype: torch.dtype) -> int:
-    rows = t.numel() // t.shape[-1]
-    g = -(-t.shape[-1] // GROUP)
+def _qbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    rows = math.prod(shape) // shape[-1]
+    g = -(-shape[-1] // GROUP)
     return rows * (g * GROUP // 2 + 2 * g * torch.empty((), dtype=dtype).element_size())
 
 
@@ -121,23 +122,24 @@ class WeightStore:
         self.unit_bytes: list[dict[str, int]] = []
         shared: dict[tuple[str, str, bool], object] = {}
         for _, entries in self.units:
-            tensors = [(key, name, source.get(name)) for key, name in entries]
-            compress = [policy.compress_weight and t.dim() == 2 for _, _, t in tensors]
-            sizes = [_qbytes(t, dtype) if c else t.numel() * _esize(dtype) for (_, _, t), c in zip(tensors, compress)]
+            # shapes first, tensors one at a time: a source that makes its tensors on the GPU (random weights)
+            # never holds a whole layer's fp16 weights beside the ones already placed
+            shapes = [tuple(source.shape(name)) for _, name in entries]
+            compress = [policy.compress_weight and len(sh) == 2 for sh in shapes]
+            sizes = [_qbytes(sh, dtype) if c else math.prod(sh) * _esize(dtype) for sh, c in zip(shapes, compress)]
             total = max(sum(sizes), 1)
             acc, unit, ub = 0, {}, {t: 0 for t in TIERS}
-            for (key, name, t), c, size in zip(tensors, compress, sizes):
+            for (key, name), c, size in zip(entries, compress, sizes):
                 tier = _tier_of((acc + size / 2) / total, policy.weights)
                 acc += size
                 sk = (name, tier, c)
                 if sk not in shared:
-                    shared[sk] = self._place(tier, t, c, source.mapped(name))
+                    shared[sk] = self._place(tier, source.get(name), c, source.mapped(name))
                     self.bytes[tier] += size
                 unit[key] = (tier, shared[sk])
                 ub[tier] += size
             self.placed.append(unit)
             self.unit_bytes.append(ub)
-            del tensors
 
     def _place(self, tier: str, t: torch.Tensor, compress: bool, mapped: bool):
         dev, dt = self.device, self.dtype

@@ -146,6 +146,12 @@ class CheckpointSource:
     def mapped(self, name: str) -> bool:
         return True
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        key = resolve(self.entries, name)
+        if key not in self.entries:
+            raise CheckpointError(f"{self.path}: weight {name!r} missing from the safetensors files")
+        return self.entries[key][2]
+
     def get(self, name: str) -> torch.Tensor:
         key = resolve(self.entries, name)
         if key not in self.entries:
@@ -163,16 +169,28 @@ class CheckpointSource:
 
 
 class MemorySource:
-    """Tensors given by a function (name -> tensor, on any device), for random-weight benchmarks."""
+    """Tensors given by a function (name -> tensor, on any device), for random-weight benchmarks. `shapes` (name ->
+    shape) lets a reader size tensors without making them; without it `shape` makes the tensor."""
 
-    def __init__(self, config: ModelConfig, make: Callable[[str], torch.Tensor], names: Sequence[str], tokenizer=None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        make: Callable[[str], torch.Tensor],
+        names: Sequence[str],
+        tokenizer=None,
+        shapes: dict[str, tuple[int, ...]] | None = None,
+    ):
         self.config, self._make, self.names, self.tokenizer = config, make, set(names), tokenizer
+        self._shapes = shapes or {}
 
     def has(self, name: str) -> bool:
         return name in self.names
 
     def mapped(self, name: str) -> bool:
         return False
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._shapes[name]) if name in self._shapes else tuple(self._make(name).shape)
 
     def get(self, name: str) -> torch.Tensor:
         return self._make(name)
