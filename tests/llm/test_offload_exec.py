@@ -22,7 +22,7 @@ import checkpoints as ck  # noqa: E402
 
 from reldl.kernels.quant4 import dequantize_4bit, quantize_4bit_reference  # noqa: E402
 from reldl.llm import SamplingParams  # noqa: E402
-from reldl.llm.offload.executor import OffloadEngine, split_counts  # noqa: E402
+from reldl.llm.offload.executor import OffloadEngine, split_counts, unit_tiers  # noqa: E402
 from reldl.llm.offload.policy import Policy  # noqa: E402
 from reldl.registry import get_engine  # noqa: E402
 
@@ -219,6 +219,25 @@ def test_text_prompts_and_eos(opt):
         assert isinstance(eng.generate_text(texts, 3)[0], str)
         with pytest.raises(ValueError, match="context"):
             eng.generate([[5] * 250], 10)
+
+
+def test_unit_tiers_never_put_more_than_the_gpu_share_on_the_gpu():
+    layer = [1, 1, 1, 1, 4, 4]  # q, k, v, o, fc1, fc2 of an OPT layer, in units of hidden^2
+    for frac in [
+        (0.85, 0.1, 0.05),
+        (0.5, 0.5, 0.0),
+        (0.2, 0.0, 0.8),
+        (1.0, 0.0, 0.0),
+        (0.0, 1.0, 0.0),
+        (0.3, 0.3, 0.4),
+    ]:
+        tiers = unit_tiers(layer, frac)
+        on = {t: sum(s for s, x in zip(layer, tiers, strict=True) if x == t) for t in ("gpu", "cpu", "disk")}
+        assert on["gpu"] <= frac[0] * sum(layer) + 1e-9, (frac, tiers)
+        assert (on["cpu"] == 0 or frac[1] > 0) and (on["disk"] == 0 or frac[2] > 0), (frac, tiers)
+    # 85%: the two MLP matrices and two attention ones (10 of 12), not the whole layer (midpoints gave 12 of 12)
+    assert unit_tiers(layer, (0.85, 0.1, 0.05)) == ["gpu", "gpu", "cpu", "disk", "gpu", "gpu"]
+    assert unit_tiers(layer, (1.0, 0.0, 0.0)) == ["gpu"] * 6
 
 
 def test_split_counts():
