@@ -22,8 +22,8 @@ import checkpoints as ck  # noqa: E402
 
 from reldl.kernels.quant4 import dequantize_4bit, quantize_4bit_reference  # noqa: E402
 from reldl.llm import SamplingParams  # noqa: E402
-from reldl.llm.offload.executor import OffloadEngine, split_counts, unit_tiers  # noqa: E402
-from reldl.llm.offload.policy import Policy  # noqa: E402
+from reldl.llm.offload.executor import OffloadEngine, split_counts  # noqa: E402
+from reldl.llm.offload.policy import Policy, unit_tiers  # noqa: E402
 from reldl.registry import get_engine  # noqa: E402
 
 NEW = 6

@@ -327,3 +327,21 @@ def test_the_4bit_rate_follows_the_memory_bandwidth_in_use():
 def test_from_calibration_keeps_a_measured_4bit_rate_it_does_not_replace():
     measured = Hardware(**{**Hardware.preset("h100").__dict__, "gpu_q4_bw": 4.8e11})
     assert Hardware.from_calibration({"offload_gpu_mem": 1e10}, base=measured).gpu_q4_bw == 4.8e11
+
+
+def test_charges_the_whole_tensor_placement_the_executor_makes():
+    """Weights move as whole tensors (`unit_tiers`): the model charges the shares that placement gives, not the
+    policy's nominal fractions. OPT-30B at 85% GPU: q, k, fc1, fc2 on the GPU (10 of a layer's 12 h^2 matrices)."""
+    m = ModelShape.opt("30b")
+    hw = _hw()
+    assert m.layer_tensors() == (m.hidden**2,) * 4 + (4 * m.hidden**2,) * 2
+    g, c, d = policy.placed_shares([m.layer_tensors()], (0.85, 0.15, 0.0))
+    assert (g, c, d) == pytest.approx((10 / 12, 2 / 12, 0.0))
+    nominal = estimate(Policy(8, weights=(0.85, 0.15, 0)), m, hw, 128, 16)
+    placed = estimate(Policy(8, weights=(10 / 12, 2 / 12, 0)), m, hw, 128, 16)
+    assert nominal.decode_step_s == placed.decode_step_s and nominal.gpu_bytes == placed.gpu_bytes
+    # a lone LM head is all or nothing: at 85% it streams from the CPU
+    assert policy.placed_shares([(m.vocab * m.hidden,)], (0.85, 0.15, 0.0)) == (0.0, 1.0, 0.0)
+    # never more on the GPU than asked, for any share on the search grid
+    for frac in policy._simplex(0.05):
+        assert policy.placed_shares([m.layer_tensors()], frac)[0] <= frac[0] + 1e-12

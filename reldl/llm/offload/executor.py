@@ -58,31 +58,9 @@ from reldl.kernels.quant4 import (
 from reldl.kernels.quant4_attention import quant4_decode_attention
 from reldl.llm.engine import encode_texts
 from reldl.llm.offload import layers
-from reldl.llm.offload.policy import Policy
+from reldl.llm.offload.policy import Policy, unit_tiers
 from reldl.llm.offload.tiers import TIERS, Arena, CheckpointSource, DiskPool, MemorySource, Mover, _total, nbytes
 from reldl.llm.rope import Rotary
-
-
-def unit_tiers(sizes: Sequence[int], fractions: Sequence[float]) -> list[str]:
-    """The tier of each whole tensor of one unit (a layer) under the policy's weight fractions. The GPU tier is a
-    hard cap: the largest tensors that fit under fraction x the unit's bytes go there (the GPU never holds more
-    than the policy's share: placing each tensor by its midpoint put a whole OPT-30B layer on the GPU at 85%,
-    16.6 GB at a 16 GiB cap); the rest split between CPU and disk by midpoints at their relative fractions."""
-    total = sum(sizes)
-    room = fractions[0] * total * (1 + 1e-9)
-    tiers: list[str | None] = [None] * len(sizes)
-    used = 0
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        if used + sizes[i] <= room:
-            tiers[i], used = "gpu", used + sizes[i]
-    rest = [i for i in range(len(sizes)) if tiers[i] is None]
-    off = fractions[1] + fractions[2]
-    rest_total, acc = max(sum(sizes[i] for i in rest), 1), 0
-    for i in rest:
-        mid = (acc + sizes[i] / 2) / rest_total
-        acc += sizes[i]
-        tiers[i] = "disk" if off > 0 and mid >= fractions[1] / off else "cpu"
-    return tiers  # type: ignore[return-value]
 
 
 def split_counts(n: int, fractions: Sequence[float]) -> list[tuple[str, int, int]]:

@@ -364,6 +364,16 @@ class ModelShape:
     def params(self) -> int:
         return self.num_layers * self.layer_params + self.head_params
 
+    def layer_tensors(self) -> tuple[int, ...]:
+        """Elements of one layer's weight matrices, in the executor's placement order (q, k, v, o, then the MLP)."""
+        h, kv, f = self.hidden, self.kv_dim, self.ffn
+        return (h * h, h * kv, h * kv, h * h) + ((f * h,) * (3 if self.gated_mlp else 2))
+
+    def head_units(self) -> tuple[tuple[int, ...], ...]:
+        """The embedding unit's and the LM head unit's weight matrices (a tied head is placed with its unit too)."""
+        embed = (self.vocab * self.hidden,) + ((self.max_positions * self.hidden,) if self.max_positions else ())
+        return (embed, (self.vocab * self.hidden,))
+
     @classmethod
     def opt(cls, size: str) -> ModelShape:
         """OPT-125m ... OPT-175B ("30b", "opt-30b", "OPT-175B" all work)."""
@@ -393,6 +403,51 @@ class ModelShape:
             tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", True)),
             max_positions=int(getattr(cfg, "max_positions", 0) or 0) if learned_pos else 0,
         )
+
+
+# --------------------------------------------------------------------------------------------------- placement
+
+
+def unit_tiers(sizes: Sequence[int], fractions: Sequence[float]) -> list[str]:
+    """The tier of each whole tensor of one unit (a layer) under the policy's weight fractions. The GPU tier is a
+    hard cap: the largest tensors that fit under fraction x the unit's bytes go there (the GPU never holds more
+    than the policy's share: placing each tensor by its midpoint put a whole OPT-30B layer on the GPU at 85%,
+    16.6 GB at a 16 GiB cap); the rest split between CPU and disk by midpoints at their relative fractions."""
+    total = sum(sizes)
+    room = fractions[0] * total * (1 + 1e-9)
+    tiers: list[str | None] = [None] * len(sizes)
+    used = 0
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if used + sizes[i] <= room:
+            tiers[i], used = "gpu", used + sizes[i]
+    rest = [i for i in range(len(sizes)) if tiers[i] is None]
+    off = fractions[1] + fractions[2]
+    rest_total, acc = max(sum(sizes[i] for i in rest), 1), 0
+    for i in rest:
+        mid = (acc + sizes[i] / 2) / rest_total
+        acc += sizes[i]
+        tiers[i] = "disk" if off > 0 and mid >= fractions[1] / off else "cpu"
+    return tiers  # type: ignore[return-value]
+
+
+def placed_shares(units: Sequence[Sequence[int]], fractions: Sequence[float]) -> tuple[float, float, float]:
+    """The GPU / CPU / disk shares of the bytes of `units` (tensor sizes per unit) as `unit_tiers` places them:
+    what the cost model charges, so that its transfers and memory are those of the placement that runs."""
+    on = dict.fromkeys(TIERS, 0)
+    for sizes in units:
+        for size, tier in zip(sizes, unit_tiers(sizes, fractions), strict=True):
+            on[tier] += size
+    total = max(sum(on.values()), 1)
+    return tuple(on[t] / total for t in TIERS)  # type: ignore[return-value]
+
+
+def _placed(units: Sequence[Sequence[int]], wg, wc, wd) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """placed_shares over broadcast arrays of fractions (each distinct triple computed once)."""
+    flat = np.stack(np.broadcast_arrays(*(np.asarray(v, np.float64) for v in (wg, wc, wd))), -1)
+    rows, inv = np.unique(flat.reshape(-1, 3), axis=0, return_inverse=True)
+    shares = np.array([placed_shares(units, r) for r in rows], dtype=np.float64)[inv.reshape(-1)]
+    shares = shares.reshape(flat.shape)
+    return shares[..., 0], shares[..., 1], shares[..., 2]
 
 
 # --------------------------------------------------------------------------------------------------- policy
@@ -512,12 +567,15 @@ def _cost(
     hid, kvd, L = f64(model.hidden), f64(model.kv_dim), f64(model.num_layers)
     bls = gbs * nb
 
+    # the shares of whole tensors the executor actually places (`unit_tiers`), for layers and for embed + head
+    wg, wc, wd = _placed([model.layer_tensors()], wg, wc, wd)
+    eg, ec, ed = _placed(model.head_units(), *(np.asarray(v, f64) for v in w))
     wbe = np.where(cw, COMPRESSED_BYTES, b)  # bytes per weight element
     cbe = np.where(ck, COMPRESSED_BYTES, b)  # bytes per cache element
     W = f64(model.layer_params) * wbe  # one layer's weights
     E = f64(model.head_params) * wbe  # embeddings + head
-    W_all = L * W + E
-    W_max = np.maximum(W, E)
+    W_off_max = np.maximum((wc + wd) * W, (ec + ed) * E)  # the most one streamed unit moves
+    W_disk_max = np.maximum(wd * W, ed * E)
     kv_tok = 2 * kvd * cbe  # K and V of one token, one layer
     C_all = L * bls * (s + n) * kv_tok  # the whole cache
     A = bls * s * hid * b  # the block's hidden states (prefill: the largest)
@@ -525,8 +583,9 @@ def _cost(
 
     gpu_work = gbs * s * b * (4 * hid + model.ffn * (2 if model.gated_mlp else 1)) + gbs * f64(model.vocab) * 4
     gpu_mem = (1.0 + GPU_ALLOC_SLACK) * (
-        wg * W_all
-        + 2 * off_w * W_max
+        wg * L * W
+        + eg * E
+        + 2 * W_off_max
         + cg * C_all
         + np.where(cpu_attn, 2 * gbs * kv_tok, 2 * off_c * gbs * (s + n) * kv_tok)
         + hg * A
@@ -534,15 +593,16 @@ def _cost(
         + gpu_work
     )
     cpu_mem = (
-        wc * W_all
-        + 2 * wd * W_max
+        wc * L * W
+        + ec * E
+        + 2 * W_disk_max
         + cc * C_all
         + 2 * cd * bls * (s + n) * kv_tok
         + hc * A
         + 2 * hd * gbs * s * hid * b
         + np.where(cpu_attn, bls * f64(model.heads) * (s + n) * 4, 0.0)
     )
-    disk_mem = wd * W_all + cd * C_all + hd * A
+    disk_mem = wd * L * W + ed * E + cd * C_all + hd * A
     out = dict(gpu_bytes=gpu_mem, cpu_bytes=cpu_mem, disk_bytes=disk_mem)
     if hw is None:
         return out
@@ -582,7 +642,9 @@ def _cost(
         np.where(cpu_attn, off_c * attn / hw.cpu_attn_flops, 0.0),
     )
     # the embedding / LM head (logits of one token per sequence), prefill and decode alike
-    head, head_t = combine(off_w * E, 0.0, wd * E, 0.0, np.maximum(2 * bls * V * hid / mm_flops, nb * E / w_bw), 0.0)
+    head, head_t = combine(
+        (ec + ed) * E, 0.0, ed * E, 0.0, np.maximum(2 * bls * V * hid / mm_flops, nb * E / w_bw), 0.0
+    )
     prefill = L * pre_layer + head
     step = L * dec_layer + head
     total = prefill + (n - 1) * step
