@@ -408,6 +408,7 @@ def old_config(intensity: float) -> dict:
         MERGE_BLOCK_P=16,
         MERGE_HEADS=2,
         merge_warps=1,
+        PDL=False,
     )
 
 

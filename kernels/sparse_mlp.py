@@ -995,13 +995,14 @@ def _gather_matmul(
 
 
 def _prefetch_opts(cfg: dict, w: torch.Tensor, k: int, pdl: bool, dual: bool, k_ptr) -> dict:
-    """Kernel 2 prefetches its weight rows into L2 before it waits for kernel 1 (DOWN_PREFETCH_L2): only under
-    PDL (else there is nothing to overlap with), for one weight matrix of at most DOWN_PREFETCH_MAX_BYTES selected,
-    with k known on the host (a k counted on the device is written by the kernel before), and column blocks of
-    whole 128-byte lines."""
+    """Kernel 2 prefetches its weight rows into L2 before it waits for kernel 1 (DOWN_PREFETCH_L2): only in
+    `sparse_mlp`'s PDL chain (`pdl` passed explicitly: there kernel 1 waits for the kernel that wrote the index
+    before it lets kernel 2 launch; the module-wide PDL flag alone gives no such order), for one weight matrix of
+    at most DOWN_PREFETCH_MAX_BYTES selected, with k known on the host (a k counted on the device is written by
+    the kernel before), and column blocks of whole 128-byte lines."""
     line = 128 // w.element_size()
     small = k * w.shape[1] * w.element_size() <= DOWN_PREFETCH_MAX_BYTES
-    on = DOWN_PREFETCH_L2 and small and not dual and k_ptr is None and cfg["BLOCK_N"] % line == 0
+    on = DOWN_PREFETCH_L2 and pdl and small and not dual and k_ptr is None and cfg["BLOCK_N"] % line == 0
     return {"PREFETCH_L2": True, "LINE": line} if on and _pdl(w.device, pdl) else {}
 
 

@@ -240,6 +240,32 @@ def test_unit_tiers_never_put_more_than_the_gpu_share_on_the_gpu():
     assert unit_tiers(layer, (1.0, 0.0, 0.0)) == ["gpu"] * 6
 
 
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_cost_model_charges_the_placement_the_executor_makes(request, family):
+    """For fractions across the search grid, each decoder layer's bytes per tier in a real WeightStore match the
+    cost model's `placed_shares` of the layer's matrices (the biases and norms it leaves out fill leftover room:
+    at these tiny widths they are a few % of a layer), and the embedding / head units' stored bytes match
+    `head_placement`."""
+    from reldl.llm.offload.policy import ModelShape, head_placement, placed_shares
+
+    m = request.getfixturevalue(family)
+    for frac in [(0.85, 0.15, 0.0), (0.0, 0.5, 0.5), (0.25, 0.25, 0.5), (0.5, 0.0, 0.5), (0.6, 0.4, 0.0), (1, 0, 0)]:
+        with OffloadEngine(m.path, Policy(2, 2, weights=frac)) as eng:
+            shape = ModelShape.from_config(eng.config, dtype_bytes=4)
+            want = placed_shares([shape.layer_tensors()], frac)
+            for ub in eng.weights.unit_bytes[1:-1]:
+                total = sum(ub.values())
+                got = tuple(ub[t] / total for t in ("gpu", "cpu", "disk"))
+                assert got == pytest.approx(want, abs=0.05), (family, frac, got, want)
+            # embedding + head as stored (a tied table shared when both units put it on one tier): the store's
+            # totals less the layers'
+            esize = torch.empty((), dtype=eng.dtype).element_size()
+            want_head = [v * esize for v in head_placement(shape, frac)[:3]]
+            for t, w in zip(("gpu", "cpu", "disk"), want_head, strict=True):
+                got = eng.weights.bytes[t] - sum(ub[t] for ub in eng.weights.unit_bytes[1:-1])
+                assert got == pytest.approx(w, rel=0.05, abs=0.05 * max(want_head)), (family, frac, t, got, w)
+
+
 def test_split_counts():
     assert split_counts(4, (0.5, 0.5, 0)) == [("gpu", 0, 2), ("cpu", 2, 4)]
     assert split_counts(4, (0, 0, 1)) == [("disk", 0, 4)]

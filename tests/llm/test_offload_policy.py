@@ -110,7 +110,9 @@ def test_pure_transfer_bound_is_bytes_over_bandwidth():
     """Infinite compute, weights streamed, cache and activations on the GPU: a step is weight bytes / bandwidth."""
     m = ModelShape.opt("6.7b")
     hw = _hw()
-    w_bytes = m.params * 2
+    # every layer, the embedding unit (token + position tables) and the LM head unit: with the head tied to the
+    # token table, that table crosses twice a step (the executor fetches each unit's weights)
+    w_bytes = (m.num_layers * m.layer_params + (2 * m.vocab + m.max_positions) * m.hidden) * 2
     e = estimate(Policy(8, weights=(0, 1, 0)), m, hw, prompt_len=128, gen_len=16)
     assert e.decode_step_s == pytest.approx(w_bytes / hw.ctog_bw, rel=1e-12)
     assert e.prefill_s == pytest.approx(w_bytes / hw.ctog_bw, rel=1e-12)  # loaded once per layer for the block

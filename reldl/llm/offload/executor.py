@@ -10,8 +10,9 @@ stored (store stream and thread); see tiers.py for the stream / event ordering. 
 happens right before its use.
 
 Placement (fractions on gpu / cpu / disk, as the policy gives them):
-- Weights: per unit, tensor by tensor in order; a tensor goes to the tier whose share of the unit's bytes holds
-  its midpoint (FlexGen's rule). "disk" tensors are the checkpoint's own memory-mapped bytes when the dtypes match
+- Weights: per unit, tensor by tensor (`policy.unit_tiers`): largest first, to the GPU while the GPU's bytes stay
+  within its share of the unit, else to the CPU within its share, else to disk (the cost model charges this
+  placement, `policy.placed_shares`). "disk" tensors are the checkpoint's own memory-mapped bytes when the dtypes match
   (zero copies until the transfer's staging copy), else a file written once into the offload directory. With
   `compress_weight` every matrix (linears and embedding tables; not norms or biases) is quantized once at load
   (kernels.quant4, groups of 64) and only the `Quantized4` parts are placed, moved and read: linears run the fused

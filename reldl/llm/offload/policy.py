@@ -409,25 +409,25 @@ class ModelShape:
 
 
 def unit_tiers(sizes: Sequence[int], fractions: Sequence[float]) -> list[str]:
-    """The tier of each whole tensor of one unit (a layer) under the policy's weight fractions. The GPU tier is a
-    hard cap: the largest tensors that fit under fraction x the unit's bytes go there (the GPU never holds more
-    than the policy's share: placing each tensor by its midpoint put a whole OPT-30B layer on the GPU at 85%,
-    16.6 GB at a 16 GiB cap); the rest split between CPU and disk by midpoints at their relative fractions."""
+    """The tier of each whole tensor of one unit (a layer) under the policy's weight fractions (normalized to sum
+    to 1). GPU, then CPU, are caps: largest first, a tensor goes to the GPU while the GPU's bytes stay within its
+    share of the unit, else to the CPU while the CPU's stay within its share, else to disk (to the CPU when the
+    disk share is 0). Largest-first keeps the big matrices' tiers independent of a unit's biases and norms (placed
+    last, into what room is left), so the cost model can charge the matrices alone. FlexGen's rule, each tensor to
+    the tier holding the midpoint of its bytes, put whole OPT-30B layers on the GPU at 85% (16.6 GB at a 16 GiB
+    cap)."""
+    total_f = sum(fractions)
+    g, c, d = (f / total_f for f in fractions) if total_f > 0 else (0.0, 1.0, 0.0)
     total = sum(sizes)
-    room = fractions[0] * total * (1 + 1e-9)
-    tiers: list[str | None] = [None] * len(sizes)
-    used = 0
+    room = {"gpu": g * total * (1 + 1e-9), "cpu": c * total * (1 + 1e-9)}
+    tiers = ["disk" if d > 0 else "cpu"] * len(sizes)
     for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        if used + sizes[i] <= room:
-            tiers[i], used = "gpu", used + sizes[i]
-    rest = [i for i in range(len(sizes)) if tiers[i] is None]
-    off = fractions[1] + fractions[2]
-    rest_total, acc = max(sum(sizes[i] for i in rest), 1), 0
-    for i in rest:
-        mid = (acc + sizes[i] / 2) / rest_total
-        acc += sizes[i]
-        tiers[i] = "disk" if off > 0 and mid >= fractions[1] / off else "cpu"
-    return tiers  # type: ignore[return-value]
+        for tier in ("gpu", "cpu"):
+            if sizes[i] <= room[tier]:
+                tiers[i] = tier
+                room[tier] -= sizes[i]
+                break
+    return tiers
 
 
 def placed_shares(units: Sequence[Sequence[int]], fractions: Sequence[float]) -> tuple[float, float, float]:
@@ -441,13 +441,29 @@ def placed_shares(units: Sequence[Sequence[int]], fractions: Sequence[float]) ->
     return tuple(on[t] / total for t in TIERS)  # type: ignore[return-value]
 
 
-def _placed(units: Sequence[Sequence[int]], wg, wc, wd) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """placed_shares over broadcast arrays of fractions (each distinct triple computed once)."""
+def head_placement(model: ModelShape, fractions: Sequence[float]) -> tuple[float, ...]:
+    """Elements of the embedding and LM head units as placed: (GPU, CPU, disk) stored, then the elements streamed
+    per step from off the GPU and from disk. A tied head placed on the tier its embedding table is on shares that
+    copy; on another tier it is a second copy. Both units are streamed every step."""
+    embed, head = model.head_units()
+    te, th = unit_tiers(embed, fractions), unit_tiers(head, fractions)
+    stored = dict.fromkeys(TIERS, 0)
+    for size, tier in zip(embed, te, strict=True):
+        stored[tier] += size
+    if not (model.tied_embeddings and th[0] == te[0]):
+        stored[th[0]] += head[0]
+    moved = [size for size, tier in zip(embed + head, te + th, strict=True) if tier != "gpu"]
+    from_disk = [size for size, tier in zip(embed + head, te + th, strict=True) if tier == "disk"]
+    return (stored["gpu"], stored["cpu"], stored["disk"], float(sum(moved)), float(sum(from_disk)))
+
+
+def _per_fractions(fn, wg, wc, wd) -> tuple[np.ndarray, ...]:
+    """fn(fractions) -> tuple of floats, over broadcast arrays of fractions (each distinct triple computed once)."""
     flat = np.stack(np.broadcast_arrays(*(np.asarray(v, np.float64) for v in (wg, wc, wd))), -1)
     rows, inv = np.unique(flat.reshape(-1, 3), axis=0, return_inverse=True)
-    shares = np.array([placed_shares(units, r) for r in rows], dtype=np.float64)[inv.reshape(-1)]
-    shares = shares.reshape(flat.shape)
-    return shares[..., 0], shares[..., 1], shares[..., 2]
+    vals = np.array([fn(tuple(r)) for r in rows], dtype=np.float64)[inv.reshape(-1)]
+    vals = vals.reshape(*flat.shape[:-1], vals.shape[-1])
+    return tuple(vals[..., i] for i in range(vals.shape[-1]))
 
 
 # --------------------------------------------------------------------------------------------------- policy
@@ -567,15 +583,17 @@ def _cost(
     hid, kvd, L = f64(model.hidden), f64(model.kv_dim), f64(model.num_layers)
     bls = gbs * nb
 
-    # the shares of whole tensors the executor actually places (`unit_tiers`), for layers and for embed + head
-    wg, wc, wd = _placed([model.layer_tensors()], wg, wc, wd)
-    eg, ec, ed = _placed(model.head_units(), *(np.asarray(v, f64) for v in w))
+    # what the executor actually places (`unit_tiers`, whole tensors): a layer's shares, and the embedding / head
+    # units' stored elements per tier and elements streamed per step
+    hp = _per_fractions(lambda f: head_placement(model, f), wg, wc, wd)
+    wg, wc, wd = _per_fractions(lambda f: placed_shares([model.layer_tensors()], f), wg, wc, wd)
     wbe = np.where(cw, COMPRESSED_BYTES, b)  # bytes per weight element
     cbe = np.where(ck, COMPRESSED_BYTES, b)  # bytes per cache element
     W = f64(model.layer_params) * wbe  # one layer's weights
-    E = f64(model.head_params) * wbe  # embeddings + head
-    W_off_max = np.maximum((wc + wd) * W, (ec + ed) * E)  # the most one streamed unit moves
-    W_disk_max = np.maximum(wd * W, ed * E)
+    E = f64(model.head_params) * wbe  # embeddings + head (compute)
+    E_gpu, E_cpu, E_disk, E_moved, E_from_disk = (v * wbe for v in hp)  # as placed (memory, per-step streams)
+    W_off_max = np.maximum((wc + wd) * W, E_moved)  # the most one streamed unit moves (both head units, bounded)
+    W_disk_max = np.maximum(wd * W, E_from_disk)
     kv_tok = 2 * kvd * cbe  # K and V of one token, one layer
     C_all = L * bls * (s + n) * kv_tok  # the whole cache
     A = bls * s * hid * b  # the block's hidden states (prefill: the largest)
@@ -584,7 +602,7 @@ def _cost(
     gpu_work = gbs * s * b * (4 * hid + model.ffn * (2 if model.gated_mlp else 1)) + gbs * f64(model.vocab) * 4
     gpu_mem = (1.0 + GPU_ALLOC_SLACK) * (
         wg * L * W
-        + eg * E
+        + E_gpu
         + 2 * W_off_max
         + cg * C_all
         + np.where(cpu_attn, 2 * gbs * kv_tok, 2 * off_c * gbs * (s + n) * kv_tok)
@@ -594,7 +612,7 @@ def _cost(
     )
     cpu_mem = (
         wc * L * W
-        + ec * E
+        + E_cpu
         + 2 * W_disk_max
         + cc * C_all
         + 2 * cd * bls * (s + n) * kv_tok
@@ -602,7 +620,7 @@ def _cost(
         + 2 * hd * gbs * s * hid * b
         + np.where(cpu_attn, bls * f64(model.heads) * (s + n) * 4, 0.0)
     )
-    disk_mem = wd * L * W + ed * E + cd * C_all + hd * A
+    disk_mem = wd * L * W + E_disk + cd * C_all + hd * A
     out = dict(gpu_bytes=gpu_mem, cpu_bytes=cpu_mem, disk_bytes=disk_mem)
     if hw is None:
         return out
@@ -642,9 +660,7 @@ def _cost(
         np.where(cpu_attn, off_c * attn / hw.cpu_attn_flops, 0.0),
     )
     # the embedding / LM head (logits of one token per sequence), prefill and decode alike
-    head, head_t = combine(
-        (ec + ed) * E, 0.0, ed * E, 0.0, np.maximum(2 * bls * V * hid / mm_flops, nb * E / w_bw), 0.0
-    )
+    head, head_t = combine(E_moved, 0.0, E_from_disk, 0.0, np.maximum(2 * bls * V * hid / mm_flops, nb * E / w_bw), 0.0)
     prefill = L * pre_layer + head
     step = L * dec_layer + head
     total = prefill + (n - 1) * step
