@@ -442,19 +442,21 @@ def placed_shares(units: Sequence[Sequence[int]], fractions: Sequence[float]) ->
 
 
 def head_placement(model: ModelShape, fractions: Sequence[float]) -> tuple[float, ...]:
-    """Elements of the embedding and LM head units as placed: (GPU, CPU, disk) stored, then the elements streamed
-    per step from off the GPU and from disk. A tied head placed on the tier its embedding table is on shares that
-    copy; on another tier it is a second copy. Both units are streamed every step."""
-    embed, head = model.head_units()
-    te, th = unit_tiers(embed, fractions), unit_tiers(head, fractions)
+    """Elements of the embedding and LM head units as placed: (GPU, CPU, disk) stored; streamed per step from off
+    the GPU and from disk (both units); and the most one of the two units streams from off the GPU and from disk
+    (staging buffers hold one unit). A tied head placed on the tier its embedding table is on shares that copy; on
+    another tier it is a second copy. Both units are streamed every step."""
+    units = model.head_units()
+    tiers = [unit_tiers(u, fractions) for u in units]
+    (embed, head), (te, th) = units, tiers
     stored = dict.fromkeys(TIERS, 0)
     for size, tier in zip(embed, te, strict=True):
         stored[tier] += size
     if not (model.tied_embeddings and th[0] == te[0]):
         stored[th[0]] += head[0]
-    moved = [size for size, tier in zip(embed + head, te + th, strict=True) if tier != "gpu"]
-    from_disk = [size for size, tier in zip(embed + head, te + th, strict=True) if tier == "disk"]
-    return (stored["gpu"], stored["cpu"], stored["disk"], float(sum(moved)), float(sum(from_disk)))
+    moved = [sum(sz for sz, t in zip(u, ts, strict=True) if t != "gpu") for u, ts in zip(units, tiers, strict=True)]
+    disk = [sum(sz for sz, t in zip(u, ts, strict=True) if t == "disk") for u, ts in zip(units, tiers, strict=True)]
+    return (stored["gpu"], stored["cpu"], stored["disk"], sum(moved), sum(disk), max(moved), max(disk))
 
 
 def _per_fractions(fn, wg, wc, wd) -> tuple[np.ndarray, ...]:
@@ -591,9 +593,10 @@ def _cost(
     cbe = np.where(ck, COMPRESSED_BYTES, b)  # bytes per cache element
     W = f64(model.layer_params) * wbe  # one layer's weights
     E = f64(model.head_params) * wbe  # embeddings + head (compute)
-    E_gpu, E_cpu, E_disk, E_moved, E_from_disk = (v * wbe for v in hp)  # as placed (memory, per-step streams)
-    W_off_max = np.maximum((wc + wd) * W, E_moved)  # the most one streamed unit moves (both head units, bounded)
-    W_disk_max = np.maximum(wd * W, E_from_disk)
+    # as placed: stored per tier, streamed per step (both units), the most one of them streams
+    E_gpu, E_cpu, E_disk, E_moved, E_from_disk, E_moved_max, E_disk_max = (v * wbe for v in hp)
+    W_off_max = np.maximum((wc + wd) * W, E_moved_max)  # the most one streamed unit moves (staging)
+    W_disk_max = np.maximum(wd * W, E_disk_max)
     kv_tok = 2 * kvd * cbe  # K and V of one token, one layer
     C_all = L * bls * (s + n) * kv_tok  # the whole cache
     A = bls * s * hid * b  # the block's hidden states (prefill: the largest)
