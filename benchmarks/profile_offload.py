@@ -9,7 +9,12 @@
    warm-up, --gen tokens timed per step, then --trace-steps tokens under torch.profiler (CPU + CUDA); the Chrome
    trace goes to --out-dir/trace.json.gz and a summary per decode step is printed: the step's wall time, the
    host-to-device copy time (sum and union of intervals), kernel time (union), and the longest idle gaps of the
-   copy engine with the CPU op running just before each.
+   copy engine with the CPU op running just before each; and the GPU kernels of the traced steps by total time
+   (`key_averages`), to --out-dir/kernels.txt.
+
+    python3 benchmarks/profile_offload.py --layers 48 --cap 40 --measure --compress --gen 6 --out-dir $OUT
+        # the full-depth 4-bit policy of bench_offload_baselines --caps 40 --compress (session 6: decode steps 2.7x
+        # the model's max(transfer, compute))
 """
 
 from __future__ import annotations
@@ -192,6 +197,7 @@ def main() -> int:
     ap.add_argument("--trace-steps", type=int, default=4)
     ap.add_argument("--pin-gib", type=float, default=4.0)
     ap.add_argument("--measure", action="store_true", help="measure the hardware (else the h100 preset)")
+    ap.add_argument("--compress", action="store_true", help="with --measure: the search may pick 4-bit weights/cache")
     ap.add_argument("--out-dir", default="benchmarks/out")
     args = ap.parse_args()
 
@@ -213,11 +219,14 @@ def main() -> int:
     cfg = bo.opt_config(bo.OPT_30B, args.layers, tmp / "run")
     if args.measure:
         hw = Hardware.measure("cuda", quick=True).with_memory(gpu=args.cap * GiB, cpu=0.85 * bo.mem_available())
-        policy, _ = search_policy(full, hw, args.prompt, args.gen)
+        free = None if args.compress else False
+        policy, est = search_policy(full, hw, args.prompt, args.gen, compress_weight=free, compress_cache=free)
+        report["estimate"] = est.describe()
+        report["estimate_terms"] = est.terms
     else:  # the policy the search picked on the H200 at cap 16 (block 72 = 3 x 24, weights 20% GPU, cache on CPU)
         policy = Policy(24, 3, weights=(0.2, 0.8, 0.0), cache=(0.0, 1.0, 0.0), activations=(1.0, 0.0, 0.0))
     report["policy"] = policy.describe()
-    print(report["policy"], flush=True)
+    print(report["policy"], "| predicted:", report.get("estimate", "-"), flush=True)
     dev = torch.device("cuda", 0)
     total = torch.cuda.get_device_properties(dev).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap * GiB / total), 0)
@@ -228,7 +237,7 @@ def main() -> int:
     report["pin_s"] = eng.arena.pin_s
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(4, cfg.vocab_size, (policy.block_size, args.prompt), generator=g).tolist()
-    eng.generate(prompts, 2)
+    eng.generate([p[: bo.WARMUP_PROMPT] for p in prompts], 2)  # warm-up (same kernels, short prefill)
     t = time.perf_counter()
     eng.generate(prompts, args.gen)
     report["wall_s"] = time.perf_counter() - t
@@ -262,6 +271,9 @@ def main() -> int:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         eng.generate(prompts, args.trace_steps)
     eng._step = orig
+    kernels = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+    (out_dir / "kernels.txt").write_text(kernels)
+    print(kernels, flush=True)
     path = out_dir / "trace.json"
     prof.export_chrome_trace(str(path))
     trace = json.loads(path.read_text())
