@@ -118,9 +118,9 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
     cpu = args.preset == "cpu"
     dev = torch.device("cpu" if cpu else "cuda")
     dims = TINY if cpu else MODELS[args.model]
-    tmp = Path(tempfile.mkdtemp(prefix="bench-offload-cfg-"))
-    full_cfg = opt_config(dims, None, tmp / "full")
-    run_cfg = opt_config(dims, args.layers, tmp / "run")
+    with tempfile.TemporaryDirectory(prefix="bench-offload-cfg-") as d:  # configs are parsed into memory
+        full_cfg = opt_config(dims, None, Path(d) / "full")
+        run_cfg = opt_config(dims, args.layers, Path(d) / "run")
     full = ModelShape.from_config(full_cfg)
     shape = ModelShape.from_config(run_cfg)
     hw = hw_base.with_memory(gpu=cap_gb * GiB, disk=0.0 if args.no_disk else None)
@@ -236,7 +236,6 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
             )
     finally:
         eng.close()
-        shutil.rmtree(tmp, ignore_errors=True)
         if not cpu:
             torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
     out_rows.append(row)
