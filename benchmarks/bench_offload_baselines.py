@@ -75,7 +75,6 @@ import bench_offload as bo  # noqa: E402
 
 GiB = 1 << 30
 SYSTEMS = ("reldl", "flexgen", "accelerate")
-WARMUP_PROMPT = bo.WARMUP_PROMPT
 TARGETS = {"flexgen": 1.2, "accelerate": 10.0}
 
 
@@ -142,7 +141,7 @@ def run_reldl(job: dict) -> dict:
         # warm-up (cuBLAS / Triton first use): the whole block at a prompt of at most WARMUP_PROMPT tokens, the
         # same kernels and configs as the measured run (its prefill matmuls have M > 64 either way) without the
         # full prefill (minutes for a 512-sequence block of a 48-layer model)
-        eng.generate([p[:WARMUP_PROMPT] for p in prompts], 2)
+        eng.generate([p[: bo.WARMUP_PROMPT] for p in prompts], 2)
         sync(dev)
         t = time.perf_counter()
         eng.generate(prompts, job["gen"])

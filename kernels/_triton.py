@@ -80,3 +80,8 @@ def pdl_supported(device: torch.device) -> bool:
     finishes, and waits for it with `tl.extra.cuda.gdc_wait()`): compiled kernels on a CUDA device of compute
     capability >= 9 with a triton that has the gdc intrinsics."""
     return HAS_GDC and device.type == "cuda" and not interpreting() and _capability_major(device.index) >= 9
+
+
+def pdl_launch_opts(device: torch.device, on: bool) -> dict:
+    """A kernel's PDL constexpr and launch option where PDL is asked for (`on`) and supported, else nothing."""
+    return {"PDL": True, "launch_pdl": True} if on and pdl_supported(device) else {}

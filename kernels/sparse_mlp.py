@@ -49,7 +49,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reldl.kernels._triton import cdiv, next_pow2, pdl_supported, require_triton, tl, triton
+from reldl.kernels._triton import cdiv, next_pow2, pdl_launch_opts, pdl_supported, require_triton, tl, triton
 from reldl.kernels.paged_attention import num_sms
 
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
@@ -374,7 +374,7 @@ def _prefetch_l2(ptrs):
 @triton.jit
 def _prefetch_rows_l2(
     idx_ptr, w_ptr, k, N, stride_w, blk_lo, n_blk, pid_c,
-    A_MODE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, LINE: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, LINE: tl.constexpr,
 ):  # fmt: skip
     """Kernel 2's weight tiles of blocks [blk_lo, blk_lo + n_blk), columns of block pid_c, into L2: one prefetch
     per 128-byte line (LINE elements). Weights and the index are inputs the previous kernel does not write, so
@@ -386,10 +386,7 @@ def _prefetch_rows_l2(
     for blk in range(blk_lo, blk_hi):
         j = blk * BLOCK_K + kk
         jm = j < k
-        if A_MODE == 3:
-            rows = tl.where(jm, j, 0).to(tl.int64)
-        else:
-            rows = tl.load(idx_ptr + j, mask=jm, other=0, cache_modifier=".cg").to(tl.int64)
+        rows = tl.load(idx_ptr + j, mask=jm, other=0, cache_modifier=".cg").to(tl.int64)
         _prefetch_l2(w_ptr + rows[:, None] * stride_w + segs[None, :])
 
 
@@ -445,7 +442,7 @@ def _gather_matmul_kernel(
         tl.extra.cuda.gdc_launch_dependents()
         if PREFETCH_L2:  # while the previous kernel (kernel 1) runs: pull this program's weight rows into L2
             _prefetch_rows_l2(idx_ptr, w_ptr, k, N, stride_w, pid_s * blocks_per_split, blocks_per_split, pid_c,
-                              A_MODE, BLOCK_K, BLOCK_N, LINE)  # fmt: skip
+                              BLOCK_K, BLOCK_N, LINE)  # fmt: skip
         tl.extra.cuda.gdc_wait()
     if K_PTR:  # k counted on the device (`_compact_kernel`): the splits share its blocks evenly
         k = tl.load(k_ptr)
@@ -843,9 +840,7 @@ DOWN_PREFETCH_MAX_BYTES = 16 << 20
 
 def _pdl(device: torch.device, on: bool = False) -> dict:
     """Launch options for PDL where it applies (asked for, a CUDA device of compute capability >= 9, compiled)."""
-    if not (on or PDL) or not pdl_supported(device):
-        return {}
-    return {"PDL": True, "launch_pdl": True}
+    return pdl_launch_opts(device, on or PDL)
 
 
 def _launch_opts(cfg: dict, *keys: str, device: torch.device | None = None, pdl: bool = False) -> dict:
@@ -988,22 +983,24 @@ def _gather_matmul(
         DOT_PREC=_dot_prec(w.dtype),
         RED_IN=red_in,
         **_launch_opts(cfg, "BLOCK_B", "BLOCK_K", "BLOCK_N", device=w.device, pdl=pdl),
-        **_prefetch_opts(cfg, w, k, pdl, dual, k_ptr),
+        **_prefetch_opts(cfg, w, k, pdl, dual, k_ptr, idx),
     )
     if not direct and not red_in:
         _reduce(part, out, n_out, splits, bias=bias, glu=dual, pdl=pdl)
 
 
-def _prefetch_opts(cfg: dict, w: torch.Tensor, k: int, pdl: bool, dual: bool, k_ptr) -> dict:
+def _prefetch_opts(cfg: dict, w: torch.Tensor, k: int, pdl: bool, dual: bool, k_ptr, idx) -> dict:
     """Kernel 2 prefetches its weight rows into L2 before it waits for kernel 1 (DOWN_PREFETCH_L2): only in
     `sparse_mlp`'s PDL chain (`pdl` passed explicitly: there kernel 1 waits for the kernel that wrote the index
     before it lets kernel 2 launch; the module-wide PDL flag alone gives no such order), for one weight matrix of
     at most DOWN_PREFETCH_MAX_BYTES selected, with k known on the host (a k counted on the device is written by
-    the kernel before), and column blocks of whole 128-byte lines."""
+    the kernel before) and an index of the rows (MODE_DENSE walks them all), and column blocks of whole 128-byte
+    lines."""
     line = 128 // w.element_size()
     small = k * w.shape[1] * w.element_size() <= DOWN_PREFETCH_MAX_BYTES
-    on = DOWN_PREFETCH_L2 and pdl and small and not dual and k_ptr is None and cfg["BLOCK_N"] % line == 0
-    return {"PREFETCH_L2": True, "LINE": line} if on and _pdl(w.device, pdl) else {}
+    on = DOWN_PREFETCH_L2 and pdl and small and not dual and k_ptr is None and idx is not None
+    on = on and cfg["BLOCK_N"] % line == 0
+    return {"PREFETCH_L2": True, "LINE": line} if on and pdl_supported(w.device) else {}
 
 
 def _chunks(batch: int):

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from reldl.kernels._triton import cdiv, next_pow2, pdl_supported, require_triton, tl, triton
+from reldl.kernels._triton import cdiv, next_pow2, pdl_launch_opts, require_triton, tl, triton
 from reldl.kernels.paged_attention import LOG2E, num_sms
 
 
@@ -903,7 +903,7 @@ def _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o):
         num_stages=cfg["num_stages"],
         USE_DENSE=cfg["DENSE"],
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
-        **_pdl_opts(cfg, q.device),
+        **pdl_launch_opts(q.device, cfg.get("PDL", False)),
     )
 
 
@@ -925,9 +925,5 @@ def _launch_merge(plan, lse, part_o, out):
         BLOCK_HM=hm,
         BLOCK_D=max(16, next_pow2(D)),
         num_warps=cfg["merge_warps"],
-        **_pdl_opts(cfg, out.device),
+        **pdl_launch_opts(out.device, cfg.get("PDL", False)),
     )
-
-
-def _pdl_opts(cfg: dict, device: torch.device) -> dict:
-    return {"PDL": True, "launch_pdl": True} if cfg.get("PDL") and pdl_supported(device) else {}

@@ -53,6 +53,7 @@ bits before comparing, then the candidate with more on the GPU, then CPU, then t
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -459,11 +460,21 @@ def head_placement(model: ModelShape, fractions: Sequence[float]) -> tuple[float
     return (stored["gpu"], stored["cpu"], stored["disk"], sum(moved), sum(disk), max(moved), max(disk))
 
 
+@functools.lru_cache(maxsize=4096)
+def _layer_shares(model: ModelShape, fractions: tuple[float, float, float]) -> tuple[float, float, float]:
+    return placed_shares([model.layer_tensors()], fractions)
+
+
+@functools.lru_cache(maxsize=4096)
+def _head_shares(model: ModelShape, fractions: tuple[float, float, float]) -> tuple[float, ...]:
+    return head_placement(model, fractions)
+
+
 def _per_fractions(fn, wg, wc, wd) -> tuple[np.ndarray, ...]:
     """fn(fractions) -> tuple of floats, over broadcast arrays of fractions (each distinct triple computed once)."""
     flat = np.stack(np.broadcast_arrays(*(np.asarray(v, np.float64) for v in (wg, wc, wd))), -1)
     rows, inv = np.unique(flat.reshape(-1, 3), axis=0, return_inverse=True)
-    vals = np.array([fn(tuple(r)) for r in rows], dtype=np.float64)[inv.reshape(-1)]
+    vals = np.array([fn(tuple(float(x) for x in r)) for r in rows], dtype=np.float64)[inv.reshape(-1)]
     vals = vals.reshape(*flat.shape[:-1], vals.shape[-1])
     return tuple(vals[..., i] for i in range(vals.shape[-1]))
 
@@ -587,8 +598,9 @@ def _cost(
 
     # what the executor actually places (`unit_tiers`, whole tensors): a layer's shares, and the embedding / head
     # units' stored elements per tier and elements streamed per step
-    hp = _per_fractions(lambda f: head_placement(model, f), wg, wc, wd)
-    wg, wc, wd = _per_fractions(lambda f: placed_shares([model.layer_tensors()], f), wg, wc, wd)
+    # (cached per model and fractions: a search evaluates the same fraction grid for every batch shape)
+    hp = _per_fractions(functools.partial(_head_shares, model), wg, wc, wd)
+    wg, wc, wd = _per_fractions(functools.partial(_layer_shares, model), wg, wc, wd)
     wbe = np.where(cw, COMPRESSED_BYTES, b)  # bytes per weight element
     cbe = np.where(ck, COMPRESSED_BYTES, b)  # bytes per cache element
     W = f64(model.layer_params) * wbe  # one layer's weights
