@@ -117,14 +117,18 @@ def best_ms(t: dict) -> float:
 
 # side-by-side variants of the kernels' settings (reldl.kernels.sparse_mlp module attributes, FUSED keys), each timed
 # like the default in the same run. ReLU: "no pdl" = plain launches at batch 1 too (the default chains the unfused
-# kernels with programmatic dependent launch at batch 1, kernel 2 prefetching its weight rows into L2 while kernel 1
-# runs), "no prefetch" = that PDL chain without the prefetch, "pdl" = PDL at every batch, "reduce-in" = kernel 2 sums
-# its own split-K partials (no reduce launch), "fused ..." = the one-launch batch-1 kernel. TEAL, forced sparse at every
-# batch: "walk" = kernel 2 visiting every input row, "compact" = inputs compacted on the device, "compact-in" = only
-# the MLP input compacted, "... pdl" = with PDL; "dense" = the thresholded dense fallback at every batch
+# kernels with programmatic dependent launch at batch 1, kernel 1 prefetching kernel 2's weight rows into L2), "k2
+# prefetch" = kernel 2 prefetching its own rows before it waits for kernel 1, "no prefetch" = that PDL chain without
+# any prefetch, "k1 prefetch 64M" = kernel 1's prefetch up to 64 MiB of W2t rows, "pdl" = PDL at every batch,
+# "reduce-in" = kernel 2 sums its own split-K partials (no reduce launch), "fused ..." = the one-launch batch-1
+# kernel. TEAL, forced sparse at every batch: "walk" = kernel 2 visiting every input row, "compact" = inputs
+# compacted on the device, "compact-in" = only the MLP input compacted, "... pdl" = with PDL; "dense" = the
+# thresholded dense fallback at every batch
 RELU_VARIANTS = {
     "no pdl": {"attrs": {"PDL_RELU_MAX_BATCH": 0}},
-    "no prefetch": {"attrs": {"DOWN_PREFETCH_L2": False}},
+    "k2 prefetch": {"attrs": {"UP_PREFETCH_DOWN": False}},
+    "no prefetch": {"attrs": {"DOWN_PREFETCH_L2": False, "UP_PREFETCH_DOWN": False}},
+    "k1 prefetch 64M": {"attrs": {"UP_PREFETCH_MAX_BYTES": 64 << 20}},
     "pdl": {"attrs": {"PDL": True}},
     "reduce-in": {"attrs": {"DOWN_REDUCE_IN_KERNEL": True}},
     "fused r8 d1024": {"fused": {"MAX_BYTES": None, "MAX_ROWS": 8, "PROGRAMS_PER_SM": 1, "BLOCK_D": 1024}, "b1": 1},
@@ -462,6 +466,8 @@ def main() -> None:
             "pdl_relu_max_batch": SM.PDL_RELU_MAX_BATCH,
             "down_reduce_in_kernel": SM.DOWN_REDUCE_IN_KERNEL,
             "down_prefetch_l2": SM.DOWN_PREFETCH_L2,
+            "up_prefetch_down": SM.UP_PREFETCH_DOWN,
+            "up_prefetch_max_bytes": SM.UP_PREFETCH_MAX_BYTES,
             "programs_per_sm": SM.PROGRAMS_PER_SM,
             "teal_compact": SM.TEAL_COMPACT,
             "teal_compact_mid": SM.TEAL_COMPACT_MID,

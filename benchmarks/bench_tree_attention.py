@@ -479,7 +479,10 @@ def run_case(family, name, tree, cfg, dev, args, bw, rate=float("nan")) -> dict:
     if args.old and "tree_us" in row:
         # the kernel as configured before the 2026-11-27 sweep (same code paths, previous defaults), same run
         try:
-            old = {"PDL": False} if args.old_no_pdl else old_config(plan.intensity)
+            if args.old_config:
+                old = dict(args.old_config)
+            else:
+                old = {"PDL": False} if args.old_no_pdl else old_config(plan.intensity)
             p_old = K.plan_tree_attention(layout, h, kvh, d, dtype, config=old)
             fn = lambda: K.tree_attention(q, k_cache, v_cache, layout, scale, p_old)  # noqa: E731
             row["old_err"] = err(fn())
@@ -609,6 +612,22 @@ def summarize(rows, bw, tol) -> dict:
     return summary
 
 
+def _parse_config(text: str) -> dict:
+    """'K=V,K2=V2' -> {K: literal V}."""
+    import ast
+
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, sep, val = part.partition("=")
+        if not sep:
+            sys.exit(f"bench_tree_attention: --old-config entry {part!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = ast.literal_eval(val.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = val.strip()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="h100", choices=sorted(PRESETS))
@@ -622,8 +641,16 @@ def main() -> None:
     ap.add_argument(
         "--old-no-pdl", action="store_true", help="with --old: the 'old' config is today's with PDL off everywhere"
     )
+    ap.add_argument(
+        "--old-config",
+        default="",
+        help="K=V,...: the 'old' column is today's config with these entries instead (implies --old; values are "
+        "Python literals, e.g. OFFS32=True,BLOCK_N=32)",
+    )
     args = ap.parse_args()
     args.skip = set(s for s in args.skip.split(",") if s)
+    args.old_config = _parse_config(args.old_config)
+    args.old = args.old or bool(args.old_config)
     cfg = PRESETS[args.preset]
     if args.preset == "cpu":
         dev = torch.device("cpu")

@@ -216,6 +216,9 @@ def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype, intensi
         # tile variants (more registers and shared memory) and was slower on most of the sweep's workloads
         "DENSE": False,
         "maxnreg": None,  # register cap per thread (more programs resident per SM), None: the compiler's choice
+        # K/V element offsets in int32 where the caches hold fewer than 2**31 elements (fewer registers per gathered
+        # tile); off until measured
+        "OFFS32": False,
         "KV_FAST": True,  # program order: the KV heads of one item next to each other (else items first)
         # programmatic dependent launch (where supported: sm_90+, compiled): the merge is launched while phase 1's
         # last programs run and waits for them on the GPU; phase 1 likewise after the kernel before it. Memory-bound
@@ -552,11 +555,13 @@ def _tree_tile(
     PREFETCH: tl.constexpr,
     PREFETCH_KV: tl.constexpr,
     MASKED: tl.constexpr,
+    SLOT_T: tl.constexpr,
 ):
     """Rows = BLOCK_M // BLOCK_G queries (q0 ...) x BLOCK_G heads of KV head kvh, over chunk tokens [t0, t1).
     MASKED=False: the plan found every token of the chunk visible to every query of the tile (a dense item: shared
     prefixes, a branch's own chunk), so the subtree ends are neither loaded nor compared; only the chunk's tail is
-    masked."""
+    masked. SLOT_T: the integer type of the K/V element offsets (int32 where the caches have fewer than 2**31
+    elements: half the registers of the per-element offsets of a gathered tile)."""
     r = tl.arange(0, BLOCK_M)
     qrow = q0 + r // BLOCK_G
     g = r % BLOCK_G
@@ -580,16 +585,16 @@ def _tree_tile(
     v_head = v_ptr + kvh * stride_vh
     if PREFETCH_KV:  # the first tile's K/V and subtree ends and the second tile's slots, before the loop
         tv0 = t0 + n < t1
-        slot0 = tl.load(slots_ptr + t0 + n, mask=tv0, other=0).to(tl.int64)
+        slot0 = tl.load(slots_ptr + t0 + n, mask=tv0, other=0).to(SLOT_T)
         m0 = tv0[:, None] & dm[None, :]
         k_nx = tl.load(k_head + slot0[:, None] * stride_ks + d[None, :], mask=m0, other=0.0)
         v_nx = tl.load(v_head + slot0[:, None] * stride_vs + d[None, :], mask=m0, other=0.0)
         if MASKED:
             tend_nx = tl.load(end_ptr + t0 + n, mask=tv0, other=-1)
         n1 = t0 + BLOCK_N + n
-        slot_nx = tl.load(slots_ptr + n1, mask=n1 < t1, other=0).to(tl.int64)
+        slot_nx = tl.load(slots_ptr + n1, mask=n1 < t1, other=0).to(SLOT_T)
     elif PREFETCH:  # the first tile's slots and subtree ends; each iteration loads the next tile's
-        slot_nx = tl.load(slots_ptr + t0 + n, mask=t0 + n < t1, other=0).to(tl.int64)
+        slot_nx = tl.load(slots_ptr + t0 + n, mask=t0 + n < t1, other=0).to(SLOT_T)
         if MASKED:
             tend_nx = tl.load(end_ptr + t0 + n, mask=t0 + n < t1, other=-1)
     for first in range(t0, t1, BLOCK_N):
@@ -608,17 +613,17 @@ def _tree_tile(
                 tend = tend_nx
                 tend_nx = tl.load(end_ptr + nx, mask=nx < t1, other=-1)
             nx2 = nx + BLOCK_N
-            slot_nx = tl.load(slots_ptr + nx2, mask=nx2 < t1, other=0).to(tl.int64)
+            slot_nx = tl.load(slots_ptr + nx2, mask=nx2 < t1, other=0).to(SLOT_T)
         else:
             if PREFETCH:
                 slot = slot_nx
                 nx = toks + BLOCK_N
-                slot_nx = tl.load(slots_ptr + nx, mask=nx < t1, other=0).to(tl.int64)
+                slot_nx = tl.load(slots_ptr + nx, mask=nx < t1, other=0).to(SLOT_T)
                 if MASKED:
                     tend = tend_nx
                     tend_nx = tl.load(end_ptr + nx, mask=nx < t1, other=-1)
             else:
-                slot = tl.load(slots_ptr + toks, mask=tv, other=0).to(tl.int64)
+                slot = tl.load(slots_ptr + toks, mask=tv, other=0).to(SLOT_T)
                 if MASKED:
                     tend = tl.load(end_ptr + toks, mask=tv, other=-1)
             kv_mask = tv[:, None] & dm[None, :]
@@ -688,7 +693,9 @@ def _tree_attention_kernel(
     KV_FAST: tl.constexpr,
     USE_DENSE: tl.constexpr,
     PDL: tl.constexpr = False,
+    OFFS32: tl.constexpr = False,
 ):
+    SLOT_T: tl.constexpr = tl.int32 if OFFS32 else tl.int64
     if PDL:  # let the merge start launching; wait for the kernel before this one (it may have written q)
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -720,7 +727,7 @@ def _tree_attention_kernel(
                 kvh, t0, t1, q0, qhi, prow0, qk_scale,
                 stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                 NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_WIDE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
-                PREFETCH, PREFETCH_KV, False,
+                PREFETCH, PREFETCH_KV, False, SLOT_T,
             )  # fmt: skip
         else:
             _tree_tile(
@@ -728,7 +735,7 @@ def _tree_attention_kernel(
                 kvh, t0, t1, q0, qhi, prow0, qk_scale,
                 stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                 NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_WIDE, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
-                PREFETCH, PREFETCH_KV, True,
+                PREFETCH, PREFETCH_KV, True, SLOT_T,
             )  # fmt: skip
     else:
         if dense != 0:
@@ -737,7 +744,7 @@ def _tree_attention_kernel(
                 kvh, t0, t1, q0, qhi, prow0, qk_scale,
                 stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                 NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_NARROW, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
-                PREFETCH, PREFETCH_KV, False,
+                PREFETCH, PREFETCH_KV, False, SLOT_T,
             )  # fmt: skip
         else:
             _tree_tile(
@@ -745,7 +752,7 @@ def _tree_attention_kernel(
                 kvh, t0, t1, q0, qhi, prow0, qk_scale,
                 stride_qq, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
                 NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_NARROW, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
-                PREFETCH, PREFETCH_KV, True,
+                PREFETCH, PREFETCH_KV, True, SLOT_T,
             )  # fmt: skip
 
 
@@ -902,6 +909,7 @@ def _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o):
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         USE_DENSE=cfg["DENSE"],
+        OFFS32=bool(cfg.get("OFFS32")) and max(k_cache.numel(), v_cache.numel()) < 2**31,
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         **pdl_launch_opts(q.device, cfg.get("PDL", False)),
     )
