@@ -56,6 +56,7 @@ def parse_args():
     ap.add_argument("--peak-gbps", type=float, default=None, help="HBM bandwidth for the %%-of-peak column")
     ap.add_argument("--rep", type=int, default=100, help="ms of timed calls per measurement (triton do_bench)")
     ap.add_argument("--no-variants", action="store_true", help="only the default kernels (no side-by-side variants)")
+    ap.add_argument("--variants", nargs="*", default=None, help="only these side-by-side variants (by name)")
     args = ap.parse_args()
     cpu = args.preset == "cpu"
     args.batches = args.batches or ([1, 4] if cpu else [1, 4, 16])
@@ -117,18 +118,25 @@ def best_ms(t: dict) -> float:
 
 # side-by-side variants of the kernels' settings (reldl.kernels.sparse_mlp module attributes, FUSED keys), each timed
 # like the default in the same run. ReLU: "no pdl" = plain launches at batch 1 too (the default chains the unfused
-# kernels with programmatic dependent launch at batch 1, kernel 1 prefetching kernel 2's weight rows into L2), "k2
-# prefetch" = kernel 2 prefetching its own rows before it waits for kernel 1, "no prefetch" = that PDL chain without
-# any prefetch, "k1 prefetch 64M" = kernel 1's prefetch up to 64 MiB of W2t rows, "pdl" = PDL at every batch,
+# kernels with programmatic dependent launch at batch 1, kernel 2 prefetching its weight rows into L2 before it waits
+# for kernel 1), "no prefetch" = that PDL chain without the prefetch, "k1 ..." = kernel 1 with fewer programs per SM
+# (UP_PROGRAMS_PER_SM) or 4 warps, so that kernel 2's programs find room beside it sooner, "pdl" = PDL at every batch,
 # "reduce-in" = kernel 2 sums its own split-K partials (no reduce launch), "fused ..." = the one-launch batch-1
 # kernel. TEAL, forced sparse at every batch: "walk" = kernel 2 visiting every input row, "compact" = inputs
 # compacted on the device, "compact-in" = only the MLP input compacted, "... pdl" = with PDL; "dense" = the
 # thresholded dense fallback at every batch
 RELU_VARIANTS = {
     "no pdl": {"attrs": {"PDL_RELU_MAX_BATCH": 0}},
-    "k2 prefetch": {"attrs": {"UP_PREFETCH_DOWN": False}},
-    "no prefetch": {"attrs": {"DOWN_PREFETCH_L2": False, "UP_PREFETCH_DOWN": False}},
-    "k1 prefetch 64M": {"attrs": {"UP_PREFETCH_MAX_BYTES": 64 << 20}},
+    "no prefetch": {"attrs": {"DOWN_PREFETCH_L2": False}},
+    "k1 2/SM": {"attrs": {"UP_PROGRAMS_PER_SM": 2}},
+    "k1 1/SM": {"attrs": {"UP_PROGRAMS_PER_SM": 1}},
+    "k1 4w": {"attrs": {"UP_TILES": dict(SM.UP_TILES, gemv_small=dict(SM.UP_TILES["gemv_small"], num_warps=4))}},
+    "k1 2/SM 4w": {
+        "attrs": {
+            "UP_PROGRAMS_PER_SM": 2,
+            "UP_TILES": dict(SM.UP_TILES, gemv_small=dict(SM.UP_TILES["gemv_small"], num_warps=4)),
+        }
+    },
     "pdl": {"attrs": {"PDL": True}},
     "reduce-in": {"attrs": {"DOWN_REDUCE_IN_KERNEL": True}},
     "fused r8 d1024": {"fused": {"MAX_BYTES": None, "MAX_ROWS": 8, "PROGRAMS_PER_SM": 1, "BLOCK_D": 1024}, "b1": 1},
@@ -170,7 +178,7 @@ def run_variants(table: dict, batch: int, fns, check, key: str, errors: dict, ch
     if ARGS.no_variants or not GPU:
         return out
     for name, v in table.items():
-        if v.get("b1") and batch != 1:
+        if (v.get("b1") and batch != 1) or (ARGS.variants and name not in ARGS.variants):
             continue
         try:
             with patched(v):
@@ -466,8 +474,6 @@ def main() -> None:
             "pdl_relu_max_batch": SM.PDL_RELU_MAX_BATCH,
             "down_reduce_in_kernel": SM.DOWN_REDUCE_IN_KERNEL,
             "down_prefetch_l2": SM.DOWN_PREFETCH_L2,
-            "up_prefetch_down": SM.UP_PREFETCH_DOWN,
-            "up_prefetch_max_bytes": SM.UP_PREFETCH_MAX_BYTES,
             "programs_per_sm": SM.PROGRAMS_PER_SM,
             "teal_compact": SM.TEAL_COMPACT,
             "teal_compact_mid": SM.TEAL_COMPACT_MID,

@@ -54,6 +54,7 @@ from reldl.kernels.paged_attention import num_sms
 
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 PROGRAMS_PER_SM = 4  # launch about this many programs per SM (memory-level parallelism for a bandwidth-bound read)
+UP_PROGRAMS_PER_SM = 4  # the same for kernel 1 (under PDL, kernel 2's programs need room beside kernel 1's)
 PARTIAL_FRACTION = 8  # split-K partials may cost at most 1/PARTIAL_FRACTION of the weight bytes read
 MAX_DOT_BATCH = 64  # larger batches are processed in chunks of this many rows
 MODE_COMPACT, MODE_GATHER, MODE_PARTIALS, MODE_DENSE = 0, 1, 2, 3
@@ -296,14 +297,6 @@ def _arrive_and_reduce(
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """PTX prefetch.global.L2 of each address (compiled only: the interpreter has no inline assembly)."""
-    tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-    )
-
-
-@triton.jit
 def _rows_dot_kernel(
     x_ptr,
     w_ptr,
@@ -326,10 +319,6 @@ def _rows_dot_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PDL: tl.constexpr = False,
-    pf_ptr=None,
-    stride_pf=0,
-    PREFETCH_L2: tl.constexpr = False,
-    LINE: tl.constexpr = 64,
 ):
     if PDL:  # programmatic dependent launch: wait for the previous kernel, then let the next one start launching
         # (in this order: kernel 2 reads the neuron index before it waits for this kernel, so it must not start
@@ -345,12 +334,6 @@ def _rows_dot_kernel(
     d_lo = pid_s * d_per_split
     d_hi = tl.minimum(d_lo + d_per_split, d)
     cols0 = tl.arange(0, BLOCK_D)
-    if PREFETCH_L2:  # the same rows and columns of the next kernel's matrix (W2t) into L2, so that kernel 2 finds
-        # them there: both matrices stream from DRAM at once, with all of this kernel's programs issuing them
-        segs0 = tl.arange(0, BLOCK_D // LINE) * LINE
-        pf_rows = pf_ptr + rows[:, None] * stride_pf
-        for d0 in range(d_lo, d_hi, BLOCK_D):
-            _prefetch_l2(pf_rows + tl.minimum(d0 + segs0, d - 1)[None, :])
     bb = tl.arange(0, BLOCK_B)
     bm = bb < B
     if BLOCK_B == 1:
@@ -379,6 +362,14 @@ def _rows_dot_kernel(
         tl.store(out_ptr + bb[:, None] * stride_ob + j[None, :], acc.to(out_ptr.dtype.element_ty), mask=om)
     else:
         tl.store(out_ptr + pid_s * stride_os + bb[:, None] * stride_ob + j[None, :], acc, mask=om)
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """PTX prefetch.global.L2 of each address (compiled only: the interpreter has no inline assembly)."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+    )
 
 
 @triton.jit
@@ -745,14 +736,14 @@ def _tiles(table: dict, bb: int, small: bool) -> dict:
 
 
 def up_config(batch: int, k: int, d: int, dtype: torch.dtype, sms: int, small: bool = False) -> dict:
-    """Kernel 1 (x . W1[idx]): tiles, and SPLIT_D / D_PER_SPLIT so that about PROGRAMS_PER_SM * sms programs run.
+    """Kernel 1 (x . W1[idx]): tiles, and SPLIT_D / D_PER_SPLIT so that about UP_PROGRAMS_PER_SM * sms programs run.
     ``small``: the batch-1 ReLU path may take the "gemv_small" tiles (see GEMV_SMALL_BYTES)."""
     bb = _block_b(batch)
     cfg = dict(_tiles(UP_TILES, bb, small and k * d * dtype.itemsize <= GEMV_SMALL_BYTES), BLOCK_B=bb)
     cfg["BLOCK_D"] = min(cfg["BLOCK_D"], max(16, next_pow2(d)))
     blocks_n = cdiv(k, cfg["BLOCK_N"])
     chunks = cdiv(d, cfg["BLOCK_D"])
-    split = min(chunks, max(1, cdiv(PROGRAMS_PER_SM * sms, max(1, blocks_n))))
+    split = min(chunks, max(1, cdiv(UP_PROGRAMS_PER_SM * sms, max(1, blocks_n))))
     per = cdiv(chunks, split) * cfg["BLOCK_D"]
     cfg["D_PER_SPLIT"] = per
     cfg["SPLIT_D"] = cdiv(d, per)
@@ -846,11 +837,6 @@ DOWN_REDUCE_IN_KERNEL = False
 # 52.1 -> 58.0 us
 DOWN_PREFETCH_L2 = True
 DOWN_PREFETCH_MAX_BYTES = 16 << 20
-# kernel 1 itself prefetches the W2t rows kernel 2 will read (`_rows_dot_kernel` PREFETCH_L2): every program of
-# kernel 1 issues them, where kernel 2's own prefetch only runs in the programs that are resident before kernel 1
-# ends. Same chain and bound as above; kernel 2 then does not prefetch again.
-UP_PREFETCH_DOWN = True
-UP_PREFETCH_MAX_BYTES = 16 << 20
 
 
 def _pdl(device: torch.device, on: bool = False) -> dict:
@@ -931,10 +917,8 @@ def _gather_matmul(
     k_ptr: torch.Tensor | None = None,
     pdl: bool = False,
     small: bool = False,
-    prefetch: bool = True,
 ) -> None:
     """out [B, N] (or [B, N] = silu(gate) * up with w2) = a-rows . W[rows] (+ bias); see `_gather_matmul_kernel`.
-    ``prefetch``: under ``pdl``, the kernel may prefetch its rows into L2 (`_prefetch_opts`).
     With k_ptr (a device int32 [1]) the kernel reads the number of rows from it; k is then its upper bound."""
     n_out = w.shape[1]
     batch = out.shape[0] if batch is None else batch
@@ -1000,7 +984,7 @@ def _gather_matmul(
         DOT_PREC=_dot_prec(w.dtype),
         RED_IN=red_in,
         **_launch_opts(cfg, "BLOCK_B", "BLOCK_K", "BLOCK_N", device=w.device, pdl=pdl),
-        **_prefetch_opts(cfg, w, k, pdl and prefetch, dual, k_ptr, idx),
+        **_prefetch_opts(cfg, w, k, pdl, dual, k_ptr, idx),
     )
     if not direct and not red_in:
         _reduce(part, out, n_out, splits, bias=bias, glu=dual, pdl=pdl)
@@ -1039,28 +1023,14 @@ def _check_mlp(x, w1, b1, idx, fn):
     return x, _index(idx, fn)
 
 
-def _up_prefetch_opts(cfg: dict, w2t: torch.Tensor | None, k: int, pdl: bool) -> dict:
-    """Kernel 1 prefetches W2t's selected rows (UP_PREFETCH_DOWN): only in `sparse_mlp`'s explicit PDL chain, for
-    at most UP_PREFETCH_MAX_BYTES of them, with column chunks of whole 128-byte lines."""
-    if w2t is None or not (UP_PREFETCH_DOWN and pdl) or w2t.shape[1] == 0:
-        return {}
-    line = 128 // w2t.element_size()
-    on = k * w2t.shape[1] * w2t.element_size() <= UP_PREFETCH_MAX_BYTES and cfg["BLOCK_D"] % line == 0
-    if not (on and pdl_supported(w2t.device)):
-        return {}
-    return {"pf_ptr": w2t, "stride_pf": w2t.stride(0), "PREFETCH_L2": True, "LINE": line}
-
-
-def _up_partials(x, w1, b1, idx, act_code, out_h=None, pdl=False, small=False, prefetch=None):
-    """Kernel 1 on one batch chunk (<= MAX_DOT_BATCH rows). Returns (tensor, splits, prefetched): h [B, k]
-    float32 (out_h) when one split covers d, else float32 partials [SPLIT_D, B, k] (bias and activation not
-    applied yet); prefetched: whether it pulled `prefetch`'s (W2t's) selected rows into L2."""
+def _up_partials(x, w1, b1, idx, act_code, out_h=None, pdl=False, small=False):
+    """Kernel 1 on one batch chunk (<= MAX_DOT_BATCH rows). Returns (tensor, splits): h [B, k] float32 (out_h) when
+    one split covers d, else float32 partials [SPLIT_D, B, k] (bias and activation not applied yet)."""
     batch, d = x.shape
     k = idx.numel()
     cfg = up_config(batch, k, d, w1.dtype, num_sms(w1.device), small)
     split = cfg["SPLIT_D"]
     final = split == 1
-    pf = _up_prefetch_opts(cfg, prefetch, k, pdl)
     if final:
         out = out_h if out_h is not None else torch.empty((batch, k), dtype=torch.float32, device=x.device)
         stride_os = 0
@@ -1086,9 +1056,8 @@ def _up_partials(x, w1, b1, idx, act_code, out_h=None, pdl=False, small=False, p
         FINAL=final,
         DOT_PREC=_dot_prec(w1.dtype),
         **_launch_opts(cfg, "BLOCK_B", "BLOCK_N", "BLOCK_D", device=w1.device, pdl=pdl),
-        **pf,
     )
-    return out, split, bool(pf)
+    return out, split
 
 
 _COUNTER_SLOTS = 1024
@@ -1158,7 +1127,7 @@ def sparse_up(
     if batch == 0 or k == 0:
         return h
     for lo, hi in _chunks(batch):
-        part, split, _ = _up_partials(x[lo:hi], w1, b1, idx, act_code, out_h=h[lo:hi])
+        part, split = _up_partials(x[lo:hi], w1, b1, idx, act_code, out_h=h[lo:hi])
         if split > 1:
             _reduce(part, h[lo:hi], k, split, bias=b1, idx=idx, act=act_code)
     return h
@@ -1223,10 +1192,9 @@ def sparse_mlp(
             _fused_mlp(xc, w1, b1, w2t, b2, idx, act_code, yc)
             continue
         pdl = hi - lo <= PDL_RELU_MAX_BATCH
-        part, split, prefetched = _up_partials(xc, w1, b1, idx, act_code, pdl=pdl, small=True, prefetch=w2t)
-        again = not prefetched  # kernel 2 prefetches its rows itself only where kernel 1 did not
+        part, split = _up_partials(xc, w1, b1, idx, act_code, pdl=pdl, small=True)
         if split == 1:  # h is final
-            _gather_matmul(part, w2t, yc, mode=MODE_COMPACT, k=k, idx=idx, bias=b2, pdl=pdl, small=True, prefetch=again)
+            _gather_matmul(part, w2t, yc, mode=MODE_COMPACT, k=k, idx=idx, bias=b2, pdl=pdl, small=True)
         elif hi - lo == 1:  # GEMV: kernel 2 sums the few partials itself
             _gather_matmul(
                 part,
@@ -1241,7 +1209,6 @@ def sparse_mlp(
                 a_act=act_code,
                 pdl=pdl,
                 small=True,
-                prefetch=again,
             )
         else:
             h = torch.empty((hi - lo, k), dtype=torch.float32, device=x.device)

@@ -217,8 +217,9 @@ def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype, intensi
         "DENSE": False,
         "maxnreg": None,  # register cap per thread (more programs resident per SM), None: the compiler's choice
         # K/V element offsets in int32 where the caches hold fewer than 2**31 elements (fewer registers per gathered
-        # tile); off until measured
-        "OFFS32": False,
+        # tile). H100, few-shot trees (results/2026-11-28-tree-attention-offs32-h100.json): 20x50 16.1 -> 14.9 us,
+        # 30x50 19.2 -> 17.7, 50x50 31.3 -> 27.6, the longer branches unchanged
+        "OFFS32": True,
         "KV_FAST": True,  # program order: the KV heads of one item next to each other (else items first)
         # programmatic dependent launch (where supported: sm_90+, compiled): the merge is launched while phase 1's
         # last programs run and waits for them on the GPU; phase 1 likewise after the kernel before it. Memory-bound

@@ -165,8 +165,8 @@ def test_fused_batch1_matches_dense_and_masked_reference(device, fused):
 @pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch exists on the GPU only")
 @pytest.mark.parametrize("batch", [1, 4])
 def test_pdl_matches_reference_and_plain_launches(device, monkeypatch, batch):
-    """The unfused kernels chained with PDL (W2t's rows prefetched into L2 by kernel 1, by kernel 2, or not at all):
-    bitwise the results of plain launches, and the float32 reference."""
+    """The unfused kernels chained with PDL (kernel 2 prefetching its weight rows into L2 or not): bitwise the
+    results of plain launches, and the float32 reference."""
     w1, b1, w2t, b2 = mlp_weights(2048, 1536, seed=161, dtype=torch.float16, device=device)
     x = randn(batch, 1536, seed=162, dtype=torch.float16, device=device)
     idx = torch.randperm(2048, generator=gen(163))[:300].to(device)
@@ -174,12 +174,10 @@ def test_pdl_matches_reference_and_plain_launches(device, monkeypatch, batch):
     plain = [K.sparse_mlp(x, w1, b1, w2t, b2, idx) for _ in range(3)]
     monkeypatch.setattr(SM, "PDL_RELU_MAX_BATCH", 1)
     monkeypatch.setattr(SM, "PDL", True)
-    chained = [K.sparse_mlp(x, w1, b1, w2t, b2, idx) for _ in range(3)]  # kernel 1 prefetching W2t's rows
+    chained = [K.sparse_mlp(x, w1, b1, w2t, b2, idx) for _ in range(3)]  # kernel 2 prefetching its rows at batch 1
     if batch == 1:
-        cfg = SM.up_config(1, 300, 1536, torch.float16, SM.num_sms(x.device), small=True)
-        assert SM._up_prefetch_opts(cfg, w2t, 300, pdl=True).get("PREFETCH_L2")
-    monkeypatch.setattr(SM, "UP_PREFETCH_DOWN", False)
-    chained += [K.sparse_mlp(x, w1, b1, w2t, b2, idx) for _ in range(2)]  # kernel 2 prefetching them
+        cfg = SM.down_config(1, 300, 1536, torch.float16, SM.num_sms(x.device), small=True)
+        assert SM._prefetch_opts(cfg, w2t, 300, True, False, None, idx).get("PREFETCH_L2")
     monkeypatch.setattr(SM, "DOWN_PREFETCH_L2", False)
     chained += [K.sparse_mlp(x, w1, b1, w2t, b2, idx) for _ in range(2)]
     for y in plain + chained:

@@ -490,13 +490,13 @@ def test_cuda_graph_capture_and_replay():
         dict(BLOCK_M_WIDE=128, BLOCK_N=32, num_stages=3, PREFETCH=True),
         dict(PREFETCH_KV=True, DENSE=True),
         dict(PREFETCH_KV=True, BLOCK_M_WIDE=128, BLOCK_N=16),
-        dict(OFFS32=True),
-        dict(OFFS32=True, PREFETCH_KV=True, DENSE=True),
+        dict(OFFS32=False),
+        dict(OFFS32=False, PREFETCH_KV=True, DENSE=True),
     ],
 )
 def test_kernel_config_variants(device, config):
     """The kernel's optional paths (hand-pipelined slot loads or K/V loads, program orders, early V loads, merge
-    tiles that need several blocks of partials per query, no dense items, 32-bit K/V offsets) compute the same
+    tiles that need several blocks of partials per query, no dense items, 64-bit K/V offsets) compute the same
     attention."""
     rng = random.Random(31)
     parents, lens = random_tree(rng, 3, (1, 3), lambda r, lvl: r.choice([1, 2, r.randint(1, 70)]), roots=2)
