@@ -85,6 +85,25 @@ def main() -> int:
         ok = err <= TOL[str(dtype).removeprefix("torch.")]
         bad += not ok
         t4, te, td = bench(kernel), bench(eager), bench(dense)
+        variants = {}
+        if g == 1 and not cpu:  # one row per KV head: the GEMV kernel's tiles, and the tl.dot kernel, same run
+            import importlib
+
+            qa = importlib.import_module("reldl.kernels.quant4_attention")
+            base = dict(qa.GEMV_CONFIG)
+            for name, flag, cfg in [("dot", False, base)] + [
+                (f"gemv n{bn} w{nw}", True, dict(base, BLOCK_N=bn, num_warps=nw))
+                for bn in (16, 32, 64)
+                for nw in (2, 4)
+            ]:
+                qa.GEMV, qa.GEMV_CONFIG = flag, cfg
+                try:
+                    v_err = float((kernel().float() - want).abs().max() / want.abs().max().clamp_min(1e-12))
+                    variants[name] = dict(ms=bench(kernel), err=v_err)
+                except Exception as e:  # noqa: BLE001 - a failing variant is reported, the rest still run
+                    variants[name] = dict(error=f"{type(e).__name__}: {e}"[:200])
+                finally:
+                    qa.GEMV, qa.GEMV_CONFIG = True, base
         b4 = kc.nbytes + vc.nbytes
         bd = 2 * kd.numel() * kd.element_size()
         rows.append(
@@ -106,6 +125,7 @@ def main() -> int:
                 gbps_dense=bd / td / 1e6,
                 max_rel_err=err,
                 ok=ok,
+                variants=variants,
             )
         )
         r = rows[-1]
@@ -115,6 +135,8 @@ def main() -> int:
             f"err {err:.1e}{'' if ok else '  OVER TOLERANCE'}",
             flush=True,
         )
+        if variants:
+            print("    " + "  ".join(f"{k} {v.get('ms', float('nan')):.3f}" for k, v in variants.items()), flush=True)
     write_report(args.out, "quant4_attention", rows, preset=args.preset, dtype=dtype, cpu=cpu)
     return 1 if bad else 0
 

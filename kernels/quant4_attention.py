@@ -283,6 +283,161 @@ def _quant4_decode_kernel(
         tl.store(acc_ptr + part[:, None] * HEAD_DIM + col_hi[None, :], acc_hi, mask=st_hi)
 
 
+@triton.jit
+def _quant4_decode_gemv_kernel(
+    q_ptr,
+    kp_ptr,
+    ks_ptr,
+    km_ptr,
+    vp_ptr,
+    vs_ptr,
+    vm_ptr,
+    kn_ptr,
+    vn_ptr,
+    mask_ptr,
+    out_ptr,
+    m_ptr,
+    l_ptr,
+    acc_ptr,
+    qk_scale,
+    S,
+    TN,
+    stride_qb,
+    stride_qh,
+    stride_ps,
+    stride_pb,
+    stride_ph,
+    stride_ss,
+    stride_sb,
+    stride_sh,
+    stride_ns,
+    stride_nb,
+    stride_nh,
+    stride_mb,
+    stride_mk,
+    stride_ob,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NG: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    HAS_NEW: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+):
+    """One query row per KV head (T * g == 1: decode of a multi-head-attention model such as OPT): scores and the
+    weighted sum as float32 multiply-adds over [BLOCK_N keys, groups, 32 bytes] tiles, no tl.dot (which would pad
+    the single row to 16). Same layout, masks, new rows and split-K partials as `_quant4_decode_kernel`."""
+    b = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    if NUM_SPLITS == 1:
+        start = S * 0
+        end = S
+    else:
+        per = tl.cdiv(tl.cdiv(S, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * per
+        end = tl.minimum(start + per, S)
+    gi = tl.arange(0, BLOCK_G)
+    j = tl.arange(0, 32)
+    gm = gi < NG
+    byte = gi[:, None] * 32 + j[None, :]  # [BLOCK_G, 32]: packed byte -> columns (lo) and + 32 (hi)
+    col_lo = gi[:, None] * 64 + j[None, :]
+    col_hi = col_lo + 32
+    lo_m = gm[:, None] & (col_lo < HEAD_DIM)
+    hi_m = gm[:, None] & (col_hi < HEAD_DIM)
+    q_row = q_ptr + b * stride_qb + head * stride_qh
+    q_lo = tl.load(q_row + col_lo, mask=lo_m, other=0.0).to(tl.float32) * qk_scale
+    q_hi = tl.load(q_row + col_hi, mask=hi_m, other=0.0).to(tl.float32) * qk_scale
+
+    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), dtype=tl.float32), axis=0)  # float32 scalars
+    l_i = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), axis=0)
+    acc_lo = tl.zeros([BLOCK_G, 32], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_G, 32], dtype=tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    kp_head = kp_ptr + b * stride_pb + head * stride_ph
+    vp_head = vp_ptr + b * stride_pb + head * stride_ph
+    ks_head = ks_ptr + b * stride_sb + head * stride_sh
+    km_head = km_ptr + b * stride_sb + head * stride_sh
+    vs_head = vs_ptr + b * stride_sb + head * stride_sh
+    vm_head = vm_ptr + b * stride_sb + head * stride_sh
+    mask_row = mask_ptr + b * stride_mb
+    for first in range(start, end, BLOCK_N):
+        keys = first + n
+        valid = keys < end
+        kk = keys.to(tl.int64)
+        p_off = kk[:, None, None] * stride_ps + byte[None, :, :]
+        pm = valid[:, None, None] & gm[None, :, None]
+        s_off = kk[:, None] * stride_ss + gi[None, :]
+        sm = valid[:, None] & gm[None, :]
+        p = tl.load(kp_head + p_off, mask=pm, other=0).to(tl.int32)
+        sc = tl.load(ks_head + s_off, mask=sm, other=0.0).to(tl.float32)[:, :, None]
+        mv = tl.load(km_head + s_off, mask=sm, other=0.0).to(tl.float32)[:, :, None]
+        s = tl.sum(((p & 15).to(tl.float32) * sc + mv) * q_lo[None, :, :], axis=2)
+        s += tl.sum(((p >> 4).to(tl.float32) * sc + mv) * q_hi[None, :, :], axis=2)
+        s = tl.sum(s, axis=1)  # [BLOCK_N]
+        vis = valid
+        if HAS_MASK:
+            vis = vis & (tl.load(mask_row + kk * stride_mk, mask=valid, other=0) != 0)
+        s = tl.where(vis, s, float("-inf"))
+        p = tl.load(vp_head + p_off, mask=pm, other=0).to(tl.int32)
+        sc = tl.load(vs_head + s_off, mask=sm, other=0.0).to(tl.float32)[:, :, None]
+        mv = tl.load(vm_head + s_off, mask=sm, other=0.0).to(tl.float32)[:, :, None]
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        w = tl.exp2(s - m_use)[:, None, None]
+        l_i = l_i * alpha + tl.sum(tl.sum(tl.sum(w, axis=2), axis=1), axis=0)
+        acc_lo = acc_lo * alpha + tl.sum(w * ((p & 15).to(tl.float32) * sc + mv), axis=0)
+        acc_hi = acc_hi * alpha + tl.sum(w * ((p >> 4).to(tl.float32) * sc + mv), axis=0)
+        m_i = m_new
+
+    if HAS_NEW:  # the exact new rows: one tile, in the last split only
+        t = tl.arange(0, BLOCK_T)
+        tv = (t < TN) & (split + t * 0 == NUM_SPLITS - 1)
+        n_row = kn_ptr + t.to(tl.int64)[:, None, None] * stride_ns + b * stride_nb + head * stride_nh
+        v_row = vn_ptr + t.to(tl.int64)[:, None, None] * stride_ns + b * stride_nb + head * stride_nh
+        ml = tv[:, None, None] & lo_m[None, :, :]
+        mh = tv[:, None, None] & hi_m[None, :, :]
+        s = tl.sum(tl.load(n_row + col_lo[None, :, :], mask=ml, other=0.0).to(tl.float32) * q_lo[None, :, :], axis=2)
+        s += tl.sum(tl.load(n_row + col_hi[None, :, :], mask=mh, other=0.0).to(tl.float32) * q_hi[None, :, :], axis=2)
+        s = tl.sum(s, axis=1)
+        vis = tv
+        if HAS_MASK:
+            vis = vis & (tl.load(mask_row + (S + t.to(tl.int64)) * stride_mk, mask=tv, other=0) != 0)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        w = tl.exp2(s - m_use)[:, None, None]
+        l_i = l_i * alpha + tl.sum(tl.sum(tl.sum(w, axis=2), axis=1), axis=0)
+        v_lo = tl.load(v_row + col_lo[None, :, :], mask=ml, other=0.0).to(tl.float32)
+        v_hi = tl.load(v_row + col_hi[None, :, :], mask=mh, other=0.0).to(tl.float32)
+        acc_lo = acc_lo * alpha + tl.sum(w * v_lo, axis=0)
+        acc_hi = acc_hi * alpha + tl.sum(w * v_hi, axis=0)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+        dst = out_ptr + b * stride_ob + head * stride_oh
+        ty = out_ptr.dtype.element_ty
+        tl.store(dst + col_lo, (acc_lo * inv).to(ty), mask=lo_m)
+        tl.store(dst + col_hi, (acc_hi * inv).to(ty), mask=hi_m)
+    else:
+        part = (b * NUM_HEADS + head) * NUM_SPLITS + split
+        tl.store(m_ptr + part, m_i)
+        tl.store(l_ptr + part, l_i)
+        tl.store(acc_ptr + part * HEAD_DIM + col_lo, acc_lo, mask=lo_m)
+        tl.store(acc_ptr + part * HEAD_DIM + col_hi, acc_hi, mask=hi_m)
+
+
+# one query row per KV head (T * g == 1) takes `_quant4_decode_gemv_kernel` (GEMV; False: the tl.dot kernel)
+GEMV = True
+GEMV_CONFIG = {"BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+
+
 def quant4_attention_config(head_dim: int, rows: int, dtype: torch.dtype) -> dict:
     """Tile sizes (every tl.dot dimension >= 16) from head_dim and the query rows per KV head (T * g)."""
     nbytes = cdiv(head_dim, GROUP) * HALF
@@ -341,6 +496,8 @@ def quant4_decode_attention(
     out = torch.empty((b, t, hq, d), dtype=q.dtype, device=q.device)
     if b == 0 or t == 0:
         return out
+    if GEMV and t * g == 1:
+        return _gemv(q, kp, ks, km, vp, vs, vm, k_new, v_new, mask, out, scale, s, h, tn, num_splits)
     cfg = quant4_attention_config(d, t * g, q.dtype)
     row_blocks = cdiv(t * g, cfg["BLOCK_M"])
     if num_splits is None:
@@ -403,6 +560,67 @@ def quant4_decode_attention(
     )
     if num_splits > 1:
         merge_splits(m.view(b * t, hq, num_splits), lsum.view(b * t, hq, num_splits), acc, out.view(b * t, hq, d))
+    return out
+
+
+def _gemv(q, kp, ks, km, vp, vs, vm, k_new, v_new, mask, out, scale, s, h, tn, num_splits) -> torch.Tensor:
+    """`quant4_decode_attention` for T * g == 1 (checked and normalized by the caller): the GEMV kernel."""
+    b, _, hq, d = q.shape
+    cfg = dict(GEMV_CONFIG)
+    if num_splits is None:
+        num_splits = choose_num_splits(b, h, s, cfg["BLOCK_N"], num_sms(q.device))
+    num_splits = max(1, min(int(num_splits), max(1, cdiv(s, cfg["BLOCK_N"]))))
+    if num_splits > 1:
+        m = torch.empty((b, 1, hq, num_splits), dtype=torch.float32, device=q.device)
+        lsum = torch.empty_like(m)
+        acc = torch.empty((b, 1, hq, num_splits, d), dtype=torch.float32, device=q.device)
+    else:
+        m = lsum = acc = out  # unused
+    has_new = k_new is not None
+    ng = cdiv(d, GROUP)
+    _quant4_decode_gemv_kernel[(b, h, num_splits)](
+        q,
+        kp,
+        ks,
+        km,
+        vp,
+        vs,
+        vm,
+        k_new if has_new else out,
+        v_new if has_new else out,
+        mask if mask is not None else out,
+        out,
+        m,
+        lsum,
+        acc,
+        float(scale) * LOG2E,
+        s,
+        tn,
+        q.stride(0),
+        q.stride(2),
+        kp.stride(0),
+        kp.stride(1),
+        kp.stride(2),
+        ks.stride(0),
+        ks.stride(1),
+        ks.stride(2),
+        *(k_new.stride()[:3] if has_new else (0, 0, 0)),
+        mask.stride(0) if mask is not None else 0,
+        mask.stride(2) if mask is not None else 0,
+        out.stride(0),
+        out.stride(2),
+        NUM_HEADS=hq,
+        HEAD_DIM=d,
+        NG=ng,
+        BLOCK_G=next_pow2(ng),
+        BLOCK_T=max(2, next_pow2(tn)),
+        NUM_SPLITS=num_splits,
+        HAS_NEW=has_new,
+        HAS_MASK=mask is not None,
+        **cfg,
+    )
+    if num_splits > 1:
+        merge_splits(m.view(b, hq, num_splits), lsum.view(b, hq, num_splits), acc, out.view(b, hq, d))
     return out
 
 

@@ -109,6 +109,28 @@ def test_no_new_rows_no_mask_odd_head_dim(device):
     )
 
 
+@pytest.mark.parametrize(
+    "d,s,splits,new,masked,pads",
+    [
+        (128, 150, 1, True, True, None),
+        (128, 150, 3, True, True, None),  # split-K, the new row in the last split
+        (80, 33, 1, False, False, None),  # a padded second group, the cache alone
+        (64, 130, 4, True, True, [100, 0]),  # whole tiles and splits masked
+        (64, 10, 1, True, True, [10, 10]),  # only the new row visible
+    ],
+)
+def test_gemv_one_row_per_head(d, s, splits, new, masked, pads, device, monkeypatch):
+    """T * g == 1 (multi-head attention decode, OPT) takes the GEMV kernel: the reference, and the tl.dot kernel's
+    result (module flag GEMV off)."""
+    import importlib
+
+    qa = importlib.import_module("reldl.kernels.quant4_attention")
+    got = _run(2, 3, 1, d, s, 1, torch.float32, device, seed=d + s, splits=splits, new=new, masked=masked, pads=pads)
+    monkeypatch.setattr(qa, "GEMV", False)
+    dot = _run(2, 3, 1, d, s, 1, torch.float32, device, seed=d + s, splits=splits, new=new, masked=masked, pads=pads)
+    torch.testing.assert_close(got, dot, atol=1e-5, rtol=1e-5)
+
+
 def test_automatic_splits_match_single_split(device):
     """Split-K chosen from shapes (few programs, long context) gives the single-split result."""
     a = _run(1, 1, 4, 64, 700, 1, torch.float32, device, seed=9, splits=None)
