@@ -220,10 +220,6 @@ def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype, intensi
         # tile). H100, few-shot trees (results/2026-11-28-tree-attention-offs32-h100.json): 20x50 16.1 -> 14.9 us,
         # 30x50 19.2 -> 17.7, 50x50 31.3 -> 27.6, the longer branches unchanged
         "OFFS32": True,
-        # the merge inside phase 1: each program counts its arrival per (query, KV head) once its partials are
-        # stored; the last one to arrive for a query merges that query's partials (in chunk order: deterministic)
-        # for the KV head's query heads, so there is no merge launch. Off until measured
-        "FUSED_MERGE": False,
         "KV_FAST": True,  # program order: the KV heads of one item next to each other (else items first)
         # programmatic dependent launch (where supported: sm_90+, compiled): the merge is launched while phase 1's
         # last programs run and waits for them on the GPU; phase 1 likewise after the kernel before it. Memory-bound
@@ -261,10 +257,8 @@ class TreeAttentionPlan:
     Python ints: num_chunks, num_items, num_partials, max_partials (most partials of one query) (launch grids and
     workspace sizes come from these, so a plan reused while the tree is unchanged lets `tree_attention` run without
     host syncs, inside a CUDA graph). direct: every query has exactly one partial (written straight to the output,
-    no merge). fused_merge: phase 1 merges each query's partials itself (FUSED_MERGE), counting arrivals in
-    merge_cnt [Q, KVH] int32 (zero between launches: the merging program resets its entry; so one plan must not
-    run on two streams at once). dtype, config: the dtype planned for and the kernels' config (tiles, warps,
-    stages, merge tiles); intensity: mean query rows per token (picks the key tile, see tree_attention_config).
+    no merge). dtype, config: the dtype planned for and the kernels' config (tiles, warps, stages, merge tiles);
+    intensity: mean query rows per token (picks the key tile, see tree_attention_config).
     """
 
     def __init__(self, **kw):
@@ -413,9 +407,6 @@ def plan_tree_attention(
     merge_ptr = torch.zeros(Q + 1, dtype=i64, device=dev)
     merge_ptr[1:] = torch.cumsum(per_q, 0)
     lo_hi = torch.stack([per_q.min(), per_q.max()]).tolist() if Q else [0, 0]
-    direct = lo_hi[0] == 1 and lo_hi[1] == 1
-    # the merge in phase 1 needs every query to have a partial (its last arrival writes the output)
-    fused_merge = bool(cfg["FUSED_MERGE"]) and not direct and lo_hi[0] >= 1
     return TreeAttentionPlan(
         num_tokens=L,
         num_queries=Q,
@@ -427,9 +418,7 @@ def plan_tree_attention(
         num_partials=P,
         max_partials=int(lo_hi[1]),
         # every query seen by exactly one chunk: partial row = query, phase 1 writes the output (no merge)
-        direct=direct,
-        fused_merge=fused_merge,
-        merge_cnt=torch.zeros((Q, num_kv_heads), dtype=i32, device=dev) if fused_merge else None,
+        direct=lo_hi[0] == 1 and lo_hi[1] == 1,
         dtype=dtype,
         intensity=intensity,
         config=cfg,
@@ -490,8 +479,6 @@ class TreePlanBuffers:
             num_chunks=None,
             max_partials=template.config["MERGE_BLOCK_P"],
             direct=False,
-            fused_merge=False,  # padding queries have no partials: the merge kernel writes their zeros
-            merge_cnt=None,
             item_wide=None,
             item_meta=self.small32[Q:].view(I, 8),
             merge_ptr=self.small64[: Q + 1],
@@ -708,14 +695,6 @@ def _tree_attention_kernel(
     USE_DENSE: tl.constexpr,
     PDL: tl.constexpr = False,
     OFFS32: tl.constexpr = False,
-    cnt_ptr=None,
-    mptr_ptr=None,
-    mrows_ptr=None,
-    out_ptr=None,
-    stride_oq=0,
-    stride_oh=0,
-    FUSED_MERGE: tl.constexpr = False,
-    MERGE_BLOCK_P: tl.constexpr = 16,
 ):
     SLOT_T: tl.constexpr = tl.int32 if OFFS32 else tl.int64
     if PDL:  # let the merge start launching; wait for the kernel before this one (it may have written q)
@@ -776,77 +755,6 @@ def _tree_attention_kernel(
                 NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_NARROW, BLOCK_G, BLOCK_D, BLOCK_N, DOT_PREC, WRITE_LSE, EARLY_V,
                 PREFETCH, PREFETCH_KV, True, SLOT_T,
             )  # fmt: skip
-    if FUSED_MERGE:
-        bq = tl.where(wide != 0, BLOCK_M_WIDE // BLOCK_G, BLOCK_M_NARROW // BLOCK_G)
-        _arrive_and_merge(
-            lse_ptr, o_ptr, cnt_ptr, mptr_ptr, mrows_ptr, out_ptr, stride_oq, stride_oh,
-            kvh, q0, tl.minimum(q0 + bq, qhi),
-            NUM_KV_HEADS, NUM_HEADS, GROUP, HEAD_DIM, BLOCK_M_WIDE // BLOCK_G, BLOCK_G, BLOCK_D, MERGE_BLOCK_P,
-        )  # fmt: skip
-
-
-@triton.jit
-def _arrive_and_merge(
-    lse_ptr, o_ptr, cnt_ptr, mptr_ptr, mrows_ptr, out_ptr, stride_oq, stride_oh,
-    kvh, q0, q_end,
-    NUM_KV_HEADS: tl.constexpr, NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-):  # fmt: skip
-    """The merge inside phase 1 (FUSED_MERGE): this program has stored its partials of queries [q0, q_end) for KV
-    head kvh; it counts one arrival per query on cnt[x, kvh], and for each query where it is the last of the
-    query's partials (merge_ptr[x + 1] - merge_ptr[x]) to arrive, it merges them in chunk order (the same sums
-    whichever program does it: deterministic) for the GROUP query heads of kvh, writes out[x], and resets the
-    counter for the next launch. Only the last arrival reads other programs' partials, so nothing ever waits."""
-    tl.debug_barrier()  # every thread's partial stores before the (releasing) arrivals
-    qi = tl.arange(0, BLOCK_Q)
-    xq = q0 + qi
-    qm = xq < q_end
-    cnt = cnt_ptr + xq.to(tl.int64) * NUM_KV_HEADS + kvh
-    old = tl.atomic_add(cnt, 1, mask=qm, sem="acq_rel", scope="gpu")
-    n = tl.load(mptr_ptr + xq + 1, mask=qm, other=0) - tl.load(mptr_ptr + xq, mask=qm, other=0)
-    last = (qm & (old.to(tl.int64) == n - 1)).to(tl.int32)
-    if tl.max(last, axis=0) > 0:
-        tl.debug_barrier()  # the acquiring arrivals before any thread reads the other programs' partials
-        g = tl.arange(0, BLOCK_G)
-        h = kvh * GROUP + g
-        hm = g < GROUP
-        d = tl.arange(0, BLOCK_D)
-        dm = d < HEAD_DIM
-        i = tl.arange(0, BLOCK_P)
-        for j in range(BLOCK_Q):
-            if tl.max(tl.where(qi == j, last, 0), axis=0) > 0:
-                x = (q0 + j).to(tl.int64)
-                p0 = tl.load(mptr_ptr + x)
-                p1 = tl.load(mptr_ptr + x + 1)
-                m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-                l = tl.zeros([BLOCK_G], dtype=tl.float32)
-                acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-                for b in range(p0, p1, BLOCK_P):
-                    pm = b + i < p1
-                    rows = tl.load(mrows_ptr + b + i, mask=pm, other=0)
-                    part = rows[:, None] * NUM_HEADS + h[None, :]  # [BLOCK_P, BLOCK_G]
-                    ok = pm[:, None] & hm[None, :]
-                    li = tl.load(lse_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                    oi = tl.load(
-                        o_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :],
-                        mask=ok[:, :, None] & dm[None, None, :],
-                        other=0.0,
-                        cache_modifier=".cg",
-                    ).to(tl.float32)
-                    m_new = tl.maximum(m, tl.max(li, axis=0))
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    a = tl.exp2(m - m_safe)
-                    w = tl.exp2(li - m_safe[None, :])
-                    l = l * a + tl.sum(w, axis=0)
-                    acc = acc * a[:, None] + tl.sum(oi * w[:, :, None], axis=0)
-                    m = m_new
-                o = acc / tl.where(l > 0, l, 1.0)[:, None]
-                tl.store(
-                    out_ptr + x * stride_oq + h[:, None] * stride_oh + d[None, :],
-                    o.to(out_ptr.dtype.element_ty),
-                    mask=hm[:, None] & dm[None, :],
-                )
-                tl.atomic_xchg(cnt_ptr + x * NUM_KV_HEADS + kvh, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -949,9 +857,6 @@ def tree_attention(
         return out
     lse = torch.empty((plan.num_partials, H), dtype=torch.float32, device=q.device)
     part_o = torch.empty((plan.num_partials, H, D), dtype=q.dtype, device=q.device)
-    if getattr(plan, "fused_merge", False):
-        _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o, out)
-        return out
     _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o)
     _launch_merge(plan, lse, part_o, out)
     return out
@@ -966,23 +871,10 @@ def _kernel_config(plan: TreeAttentionPlan, dtype: torch.dtype) -> dict:
     return cfg
 
 
-def _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o, out=None):
-    """Phase 1; with `out` (plan.fused_merge) it also merges the partials into out."""
+def _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o):
     Q, H, D = q.shape
     kvh = k_cache.shape[1]
     cfg = _kernel_config(plan, q.dtype)
-    fused = {}
-    if out is not None:
-        fused = dict(
-            cnt_ptr=plan.merge_cnt,
-            mptr_ptr=plan.merge_ptr,
-            mrows_ptr=plan.merge_rows,
-            out_ptr=out,
-            stride_oq=out.stride(0),
-            stride_oh=out.stride(1),
-            FUSED_MERGE=True,
-            MERGE_BLOCK_P=min(cfg["MERGE_BLOCK_P"], max(2, next_pow2(plan.max_partials))),
-        )
     _tree_attention_kernel[(plan.num_items * kvh,)](
         q,
         k_cache,
@@ -1021,7 +913,6 @@ def _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o, out=No
         OFFS32=bool(cfg.get("OFFS32")) and max(k_cache.numel(), v_cache.numel()) < 2**31,
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         **pdl_launch_opts(q.device, cfg.get("PDL", False)),
-        **fused,
     )
 
 

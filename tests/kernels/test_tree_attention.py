@@ -442,28 +442,6 @@ def test_kernel_deterministic_and_plan_reuse(device):
         )
 
 
-@pytest.mark.parametrize("group", [1, 4])
-def test_fused_merge_matches_merge_kernel(device, group):
-    """The merge inside phase 1 (FUSED_MERGE): the merge kernel's result on random trees (one-token nodes, long
-    nodes, a shared prefix), the same on every call of one plan (its arrival counters go back to zero), and a plan
-    that cannot use it (a query with one partial only: direct) falls back."""
-    rng = random.Random(77 + group)
-    parents, lens = random_tree(rng, 2, (2, 4), lambda r, lvl: r.choice([1, r.randint(1, 60), 150 if lvl == 0 else 3]))
-    layout, slots = tree_case(parents, lens, random_queries(rng, parents, lens, 30), seed=77)
-    layout = _to(layout, device)
-    h, kvh = 2 * group, 2
-    base = plan_tree_attention(layout, h, kvh, 64, torch.float32, chunk_tokens=9)
-    fused = plan_tree_attention(layout, h, kvh, 64, torch.float32, chunk_tokens=9, config=dict(FUSED_MERGE=True))
-    assert fused.fused_merge and not base.fused_merge and fused.max_partials > 2
-    want = _run(layout, len(slots) + 7, h, kvh, 64, torch.float32, device, seed=78, plan=base)
-    for _ in range(3):
-        got = _run(layout, len(slots) + 7, h, kvh, 64, torch.float32, device, seed=78, plan=fused)
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-        assert int(fused.merge_cnt.abs().sum()) == 0
-    one = plan_tree_attention(layout, h, kvh, 64, torch.float32, chunk_tokens=10**6, config=dict(FUSED_MERGE=True))
-    assert one.direct and not one.fused_merge
-
-
 def test_kernel_no_queries(device):
     layout = _to(layout_from_tree([-1], [5], torch.arange(5), []), device)
     out = tree_attention(
@@ -514,8 +492,6 @@ def test_cuda_graph_capture_and_replay():
         dict(PREFETCH_KV=True, BLOCK_M_WIDE=128, BLOCK_N=16),
         dict(OFFS32=False),
         dict(OFFS32=False, PREFETCH_KV=True, DENSE=True),
-        dict(FUSED_MERGE=True),
-        dict(FUSED_MERGE=True, MERGE_BLOCK_P=2, BLOCK_M_WIDE=128),
     ],
 )
 def test_kernel_config_variants(device, config):
