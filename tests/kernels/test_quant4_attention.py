@@ -167,9 +167,12 @@ def test_quantize_into_matches_quantize_and_copy(device):
         fn(x, c, 4)
         caches.append(c)
     want = quantize_kv_4bit(x)
-    for c in caches:
-        assert torch.equal(c.packed[4:7], want.packed) and torch.equal(c.scale[4:7], want.scale)
-        assert torch.equal(c.minv[4:7], want.minv) and not c.packed[:4].any() and not c.packed[7:].any()
+    for c, exact in zip(caches, (True, not ON_GPU)):
+        # the Triton path writes quantize_kv_4bit's bytes exactly; the torch reference on a GPU may round the scale
+        # one ulp apart (its own division), so it is compared within float32 rounding there
+        same = torch.equal if exact else (lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=0))
+        assert torch.equal(c.packed[4:7], want.packed) and same(c.scale[4:7], want.scale)
+        assert same(c.minv[4:7], want.minv) and not c.packed[:4].any() and not c.packed[7:].any()
 
 
 def test_signatures_and_shape_errors(device):
