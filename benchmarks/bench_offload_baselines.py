@@ -522,6 +522,7 @@ WORKERS = dict(reldl=run_reldl, flexgen=run_flexgen, accelerate=run_accelerate)
 def worker_main(system: str, job_file: str) -> int:
     import faulthandler
 
+    faulthandler.enable()  # a crashing worker (a signal) shows every thread's stack
     faulthandler.dump_traceback_later(120, repeat=True)  # a stuck worker shows where it is (stderr)
     job = json.loads(Path(job_file).read_text())
     t = time.perf_counter()

@@ -128,7 +128,13 @@ def _online_update(sc, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_PREC: tl.conste
     return m_new, l_i, acc_lo, acc_hi
 
 
-@triton.jit
+# S and the mask's strides (the mask is [B, T, S + T], rebuilt every step) change with every decode step: not
+# specialized, so a step whose S happens to be a multiple of 16 does not compile another kernel (1.6-1.8 s stalls at
+# full depth on the H100, two kernels per head segment)
+_PER_STEP = ["S", "stride_mb", "stride_mt", "stride_mk"]
+
+
+@triton.jit(do_not_specialize=_PER_STEP)
 def _quant4_decode_kernel(
     q_ptr,
     kp_ptr,
@@ -283,7 +289,7 @@ def _quant4_decode_kernel(
         tl.store(acc_ptr + part[:, None] * HEAD_DIM + col_hi[None, :], acc_hi, mask=st_hi)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "stride_mb", "stride_mk"])
 def _quant4_decode_gemv_kernel(
     q_ptr,
     kp_ptr,

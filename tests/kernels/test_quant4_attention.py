@@ -189,3 +189,20 @@ def test_signatures_and_shape_errors(device):
         quant4_decode_attention(q, kc, kc, 0.1, randn(1, 2, 2, 64, seed=1, device=device), None)
     with pytest.raises(ValueError, match="query heads"):
         quant4_decode_attention(q[:, :, :3], kc, kc, 0.1)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="compiled kernels exist on the GPU only")
+@pytest.mark.parametrize("g", [1, 4])
+def test_one_compile_across_decode_steps(g):
+    """A growing context (S and the mask's strides change every step, some multiples of 16) reuses one compiled
+    kernel: no recompiles (stalls of seconds) in the middle of generation."""
+    import importlib
+
+    qa = importlib.import_module("reldl.kernels.quant4_attention")
+    kern = qa._quant4_decode_gemv_kernel if g == 1 else qa._quant4_decode_kernel
+    dev = torch.device("cuda")
+    sizes = []
+    for s in (31, 32, 47, 48, 63):
+        _run(2, 2, g, 64, s, 1, torch.float16, dev, seed=s, splits=1)
+        sizes.append(sum(len(c[0]) for c in kern.device_caches.values()))
+    assert sizes[-1] == sizes[0], sizes
