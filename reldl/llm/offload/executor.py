@@ -56,7 +56,7 @@ from reldl.kernels.quant4 import (
     quantize_kv_4bit,
     quantize_kv_4bit_reference,
 )
-from reldl.kernels.quant4_attention import quant4_decode_attention
+from reldl.kernels.quant4_attention import quant4_decode_attention, quantize_kv_4bit_into
 from reldl.llm.engine import encode_texts
 from reldl.llm.offload import layers
 from reldl.llm.offload.policy import Policy, unit_tiers
@@ -220,12 +220,28 @@ class KVCache:
         # nothing per step (the caching allocator's growth showed as 0.6-0.9 s stalls on some decode steps).
         self.load_bufs: list[list[tuple[torch.Tensor, torch.Tensor] | None]] = []
         self.next_load = 0
+        # (4-bit caches: a Quantized4 per K and V, packed / scale / minv carved from the same slabs)
         off = [(tier, h0, h1) for tier, h0, h1 in self.split if tier != "gpu"]
-        if off and not self.compress and not p.cpu_attention:
+        if off and not p.cpu_attention:
             for r in range(2):
-                specs = [((slots, B, h1 - h0, D), eng.dtype) for _, h0, h1 in off for _ in range(2)]
+                specs = []
+                for _, h0, h1 in off:
+                    h = h1 - h0
+                    if self.compress:
+                        one = [((slots, B * h, G * GROUP // 2), torch.uint8)] + [((slots, B * h, G), eng.dtype)] * 2
+                    else:
+                        one = [((slots, B, h, D), eng.dtype)]
+                    specs += one * 2
                 it = iter(eng.arena.slab("gpu", specs, f"kvload{r}"))
-                self.load_bufs.append([None if t == "gpu" else (next(it), next(it)) for t, _, _ in self.split])
+                bufs = []
+                for t, _, _ in self.split:
+                    if t == "gpu":
+                        bufs.append(None)
+                    elif self.compress:
+                        bufs.append(tuple(Quantized4(next(it), next(it), next(it), D) for _ in range(2)))
+                    else:
+                        bufs.append((next(it), next(it)))
+                self.load_bufs.append(bufs)
 
 
 # --------------------------------------------------------------------------------------------------- activations
@@ -536,7 +552,10 @@ class OffloadEngine:
                 disk = seg.tier == "disk"
                 if self._kv.compress:
                     srcs = (_rows(seg.k, 0, s), _rows(seg.v, 0, s))
-                    bufs = tuple(_empty_like_on(x, self.device) for x in srcs)
+                    if ring is not None:
+                        bufs = (_rows(ring[si][0], 0, s), _rows(ring[si][1], 0, s))
+                    else:
+                        bufs = tuple(_empty_like_on(x, self.device) for x in srcs)
                     for d, src in zip(bufs, srcs):
                         pairs += [(a, b, disk) for a, b in zip(_parts(d), _parts(src))]
                 else:
@@ -589,12 +608,11 @@ class OffloadEngine:
                 fused = kv.compress and s > 0 and q.is_cuda  # 4-bit prefix dequantized inside the kernel
                 for store, new, buf in ((seg.k, kn, loaded and loaded[0]), (seg.v, vn, loaded and loaded[1])):
                     if kv.compress:
-                        qn = self._quantize_kv(new.reshape(T, B * h, new.shape[-1]))
-                        if seg.tier == "gpu":
-                            for dst, src in zip(_parts(_rows(store, s, s + T)), _parts(qn)):
-                                dst.copy_(src)
+                        if seg.tier == "gpu":  # quantized straight into the cache rows (no temporary, no copies)
+                            quantize_kv_4bit_into(new.reshape(T, B * h, new.shape[-1]), store, s)
                             prefix = _rows(store, 0, s)
                         else:
+                            qn = self._quantize_kv(new.reshape(T, B * h, new.shape[-1]))
                             prefix = buf
                             pairs += [
                                 (d, src, seg.tier == "disk")
