@@ -1,0 +1,43 @@
+"""The offloaded executor on a CUDA GPU: real streams, worker threads, pinned host memory and the Triton 4-bit
+kernels. Every placement gives the tokens of the all-on-GPU run with the same compression (the head segments of a
+split cache go through the same per-head kernels). Skipped where no GPU exists (CI); run with `pytest tests/gpu`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reldl.llm.offload.executor import OffloadEngine
+from reldl.llm.offload.policy import Policy
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+NEW = 8
+CPU, HALF_CPU, THIRDS = (0, 1, 0), (0.5, 0.5, 0), (0.3, 0.3, 0.4)
+
+
+def _prompts(seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 100, (n,), generator=g).tolist() for n in (5, 9, 3, 12, 7, 4)]
+
+
+def _run(path, policy: Policy) -> list[list[int]]:
+    with OffloadEngine(path, policy, device="cuda", dtype=torch.float32) as eng:  # float32: no ties between kernels
+        return eng.generate(_prompts(), NEW)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_placements_match_all_on_gpu(tiny_checkpoints, compress):
+    """Weights and cache on the CPU, split 50/50 (the cache by heads: a GPU and a host segment per layer, the host
+    one loaded into the ring of device buffers every decode step) and over three tiers: the all-on-GPU tokens."""
+    path = tiny_checkpoints("opt")
+    both = dict(compress_weight=compress, compress_cache=compress)
+    want = _run(path, Policy(2, 2, **both))
+    for name, kw in {
+        "cache cpu": dict(cache=CPU),
+        "cache half": dict(cache=HALF_CPU),
+        "weights half, cache half": dict(weights=HALF_CPU, cache=HALF_CPU),
+        "thirds": dict(weights=THIRDS, cache=THIRDS, activations=HALF_CPU),
+    }.items():
+        assert _run(path, Policy(2, 2, **both, **kw)) == want, name
