@@ -14,6 +14,8 @@ from sqlhelpers import one_line, quote, usable
 
 import reldl
 from reldl import registry
+from reldl.llm.offload import sql as offload_sql
+from reldl.llm.offload.policy import ModelShape, Policy, placed_shares
 
 PROMPTS = ["Alice went to", "The product is really", "Bob", "Paris London Berlin Tokyo Madrid Rome", "x", "Oslo is"]
 DISK_HALF = "weights = 50/0/50, cache = 0/100/0, gpu_batch_size = 2, num_gpu_batches = 2"
@@ -102,6 +104,9 @@ def test_auto_under_caps_and_explain(table, opt_ckpt, tmp_path):
     assert "offloaded model capped: policy searched (offload = 'auto'); hardware uncalibrated" in text
     placed = "weights " + "/".join(str(round(100 * f)) for f in pol["weights"])  # the searched policy, as shown
     assert any("offload policy: block" in ln and placed in ln for ln in lines)
+    shown = [ln for ln in lines if "weights as placed" in ln]  # only where whole tensors change the shares
+    want = offload_sql.placed_weight_line(ModelShape(**spec["shape"]), offload_sql.policy_of(spec))
+    assert shown == ([f"  {want}"] if want else [])
     (thr,) = [ln for ln in lines if "predicted throughput:" in ln]
     assert "tokens/s" in thr and "6 new tokens" in thr
     conn.execute("SET reldl_plan = 'dl'")
@@ -197,3 +202,13 @@ def test_calibrate_stores_offload_keys(conn, opt_ckpt, tmp_path):
     stored = calibrate_offload(conn.duckdb_connection, said.append, disk_path=str(tmp_path))
     assert stored["offload_dtoc_bw"] > 0 and stored["offload_cpu_attn_flops"] > 0 and stored["offload_cpu_mem"] > 0
     registry.unload()
+
+
+def test_explain_shows_weights_as_placed():
+    """A policy share that whole tensors cannot meet (85% of an OPT-30B layer on the GPU: its four 4h x h matrices
+    and the attention projections) is shown as placed; a share they meet exactly (all on the GPU) adds no line."""
+    shape = ModelShape.opt("30b")
+    line = offload_sql.placed_weight_line(shape, Policy(8, weights=(0.85, 0.15, 0.0)))
+    gpu = placed_shares([shape.layer_tensors()], (0.85, 0.15, 0.0))[0]
+    assert line is not None and line.endswith(f"{round(100 * gpu)}/{100 - round(100 * gpu)}/0") and gpu < 0.85
+    assert offload_sql.placed_weight_line(shape, Policy(8)) is None

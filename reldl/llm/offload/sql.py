@@ -32,7 +32,16 @@ from dataclasses import asdict, fields, replace
 from typing import Any
 
 from reldl.errors import ProgrammingError, shown
-from reldl.llm.offload.policy import Estimate, Hardware, ModelShape, Policy, estimate, memory, search_policy
+from reldl.llm.offload.policy import (
+    Estimate,
+    Hardware,
+    ModelShape,
+    Policy,
+    estimate,
+    memory,
+    placed_shares,
+    search_policy,
+)
 
 OFFLOAD_OPTIONS = ("offload", "gpu_memory", "cpu_memory", "disk_memory", "offload_dir", "prompt_len", "gen_len")
 DEFAULT_PROMPT_LEN = 512
@@ -396,6 +405,17 @@ def workload_seconds(duck, rec, max_tokens: int) -> tuple[float, float]:
     return est_full.total_s / full, est_one.total_s
 
 
+def placed_weight_line(shape: ModelShape, policy: Policy) -> str | None:
+    """Weights are placed whole tensors at a time (`policy.unit_tiers`), so a decoder layer's actual GPU / CPU /
+    disk shares can differ from the policy's fractions: the shares the placement gives (and the cost model charges),
+    or None where they equal the fractions."""
+    shares = placed_shares([shape.layer_tensors()], policy.weights)
+    if all(abs(a - b) < 0.005 for a, b in zip(shares, policy.weights, strict=True)):
+        return None
+    pct = "/".join(f"{round(100 * v):d}" for v in shares)
+    return f"weights as placed (whole tensors), % of each decoder layer on GPU/CPU/disk: {pct}"
+
+
 def _device(rec) -> str:
     return str(rec.options["offload"].get("device") or "cpu")
 
@@ -425,6 +445,9 @@ def explain_lines(
         standin = "" if _device(rec).startswith("cuda") else " (on the CPU: the CPU stands in for the GPU)"
         out.append(f"offloaded model {rec.name}: policy {how}; hardware {hw_note}{standin}")
         out.append(f"  {policy.describe()}")
+        placed = placed_weight_line(ModelShape(**spec["shape"]), policy)
+        if placed:
+            out.append(f"  {placed}")
         gen = max_tokens if max_tokens > 0 else int(spec["gen_len"])
         if batch_rows is None:
             n, what = policy.block_size, "a full block"
