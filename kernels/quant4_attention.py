@@ -115,6 +115,27 @@ def quant4_decode_attention_reference(
 
 
 @triton.jit
+def _split_keys(S, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Cached keys [start, end) of split `split` (chunks of whole BLOCK_N tiles; the last may be short or empty)."""
+    if NUM_SPLITS == 1:
+        start = S * 0
+        end = S
+    else:
+        per = tl.cdiv(tl.cdiv(S, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * per
+        end = tl.minimum(start + per, S)
+    return start, end
+
+
+@triton.jit
+def _head_ptrs(kp_ptr, vp_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, b, kvh, stride_pb, stride_ph, stride_sb, stride_sh):
+    """The packed bytes, scales and minimums of K and V for sequence b, KV head kvh."""
+    p = b * stride_pb + kvh * stride_ph
+    q = b * stride_sb + kvh * stride_sh
+    return kp_ptr + p, vp_ptr + p, ks_ptr + q, km_ptr + q, vs_ptr + q, vm_ptr + q
+
+
+@triton.jit
 def _online_update(sc, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_PREC: tl.constexpr):
     """One tile of (already scaled, masked with -inf) scores [M, N] into the running (max, sum, acc)."""
     m_new = tl.maximum(m_i, tl.max(sc, axis=1))
@@ -191,13 +212,7 @@ def _quant4_decode_kernel(
     rb = tl.program_id(1) % ROW_BLOCKS
     split = tl.program_id(2)
 
-    if NUM_SPLITS == 1:
-        start = S * 0
-        end = S
-    else:
-        per = tl.cdiv(tl.cdiv(S, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        start = split * per
-        end = tl.minimum(start + per, S)
+    start, end = _split_keys(S, split, NUM_SPLITS, BLOCK_N)
 
     # query rows: r = t * GROUP + (head within the GQA group)
     r = rb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -224,12 +239,9 @@ def _quant4_decode_kernel(
     acc_hi = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
 
     n = tl.arange(0, BLOCK_N)
-    kp_head = kp_ptr + b * stride_pb + kvh * stride_ph
-    vp_head = vp_ptr + b * stride_pb + kvh * stride_ph
-    ks_head = ks_ptr + b * stride_sb + kvh * stride_sh
-    km_head = km_ptr + b * stride_sb + kvh * stride_sh
-    vs_head = vs_ptr + b * stride_sb + kvh * stride_sh
-    vm_head = vm_ptr + b * stride_sb + kvh * stride_sh
+    kp_head, vp_head, ks_head, km_head, vs_head, vm_head = _head_ptrs(
+        kp_ptr, vp_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, b, kvh, stride_pb, stride_ph, stride_sb, stride_sh
+    )
     mask_rows = mask_ptr + b * stride_mb + t[:, None] * stride_mt
     for first in range(start, end, BLOCK_N):
         keys = first + n
@@ -339,13 +351,7 @@ def _quant4_decode_gemv_kernel(
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
-    if NUM_SPLITS == 1:
-        start = S * 0
-        end = S
-    else:
-        per = tl.cdiv(tl.cdiv(S, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        start = split * per
-        end = tl.minimum(start + per, S)
+    start, end = _split_keys(S, split, NUM_SPLITS, BLOCK_N)
     gi = tl.arange(0, BLOCK_G)
     j = tl.arange(0, 32)
     gm = gi < NG
@@ -363,12 +369,9 @@ def _quant4_decode_gemv_kernel(
     acc_lo = tl.zeros([BLOCK_G, 32], dtype=tl.float32)
     acc_hi = tl.zeros([BLOCK_G, 32], dtype=tl.float32)
     n = tl.arange(0, BLOCK_N)
-    kp_head = kp_ptr + b * stride_pb + head * stride_ph
-    vp_head = vp_ptr + b * stride_pb + head * stride_ph
-    ks_head = ks_ptr + b * stride_sb + head * stride_sh
-    km_head = km_ptr + b * stride_sb + head * stride_sh
-    vs_head = vs_ptr + b * stride_sb + head * stride_sh
-    vm_head = vm_ptr + b * stride_sb + head * stride_sh
+    kp_head, vp_head, ks_head, km_head, vs_head, vm_head = _head_ptrs(
+        kp_ptr, vp_ptr, ks_ptr, km_ptr, vs_ptr, vm_ptr, b, head, stride_pb, stride_ph, stride_sb, stride_sh
+    )
     mask_row = mask_ptr + b * stride_mb
     for first in range(start, end, BLOCK_N):
         keys = first + n
