@@ -74,7 +74,9 @@ if os.path.isdir(BASELINES_SITE) and BASELINES_SITE not in sys.path:
 import bench_offload as bo  # noqa: E402
 
 GiB = 1 << 30
-SYSTEMS = ("reldl", "flexgen", "accelerate")
+# "reldl-inline": reldl with its host<->device copies issued from the main thread (OffloadEngine(threads=False)) instead
+# of worker threads: the same streams and events, no thread handoff per copy (side by side with "reldl")
+SYSTEMS = ("reldl", "reldl-inline", "flexgen", "accelerate")
 TARGETS = {"flexgen": 1.2, "accelerate": 10.0}
 
 
@@ -132,6 +134,7 @@ def run_reldl(job: dict) -> dict:
         dev,
         torch.float32 if cpu else torch.float16,
         offload_dir=job["offload_dir"],
+        threads=False if job.get("inline_copies") else None,
     )
     build_s = time.perf_counter() - t
     try:
@@ -516,7 +519,11 @@ def run_accelerate(job: dict) -> dict:
     return row
 
 
-WORKERS = dict(reldl=run_reldl, flexgen=run_flexgen, accelerate=run_accelerate)
+def run_reldl_inline(job: dict) -> dict:
+    return run_reldl(dict(job, inline_copies=True))
+
+
+WORKERS = {"reldl": run_reldl, "reldl-inline": run_reldl_inline, "flexgen": run_flexgen, "accelerate": run_accelerate}
 
 
 def worker_main(system: str, job_file: str) -> int:
