@@ -19,8 +19,10 @@ tile, handled by the last split.
 
 Split-K as in paged_attention.py: when B * h programs cannot fill the GPU and S is long, the cached keys are cut
 into `num_splits` chunks (multiples of BLOCK_N); each program writes float32 partials (max, sum, acc) that
-paged_attention's merge kernel combines in a fixed order (deterministic, no atomics). Launch shapes depend on
-tensor shapes only (S included: a new S is a new scalar argument, not a recompile).
+paged_attention's merge kernel combines in a fixed order (deterministic, no atomics). S and the mask strides are
+runtime arguments that are not specialized, so a growing context does not recompile; the automatic split count
+follows S, so a caller whose context grows step by step (the offloaded executor) passes `num_splits` from
+`decode_splits` once for the whole generation (an explicit count is used as given: splits past the keys are empty).
 
 `quant4_decode_attention_reference`: dequantize (in q.dtype, as the executor's eager path does) then SDPA, same
 signature. `quantize_kv_4bit_into(x [T, B*h, D], cache, start)`: quantize new rows straight into cache rows
@@ -149,10 +151,10 @@ def _online_update(sc, m_i, l_i, acc_lo, acc_hi, v_lo, v_hi, DOT_PREC: tl.conste
     return m_new, l_i, acc_lo, acc_hi
 
 
-# S and the mask's strides (the mask is [B, T, S + T], rebuilt every step) change with every decode step: not
-# specialized, so a step whose S happens to be a multiple of 16 does not compile another kernel (1.6-1.8 s stalls at
-# full depth on the H100, two kernels per head segment)
-_PER_STEP = ["S", "stride_mb", "stride_mt", "stride_mk"]
+# S and the mask's batch and token strides (the mask is [B, T, S + T], rebuilt every step) change with every decode
+# step: not specialized, so a step whose S happens to be a multiple of 16 does not compile another kernel (1.6-1.8 s
+# stalls at full depth on the H100, two kernels per head segment)
+_PER_STEP = ["S", "stride_mb", "stride_mt"]
 
 
 @triton.jit(do_not_specialize=_PER_STEP)
@@ -301,7 +303,7 @@ def _quant4_decode_kernel(
         tl.store(acc_ptr + part[:, None] * HEAD_DIM + col_hi[None, :], acc_hi, mask=st_hi)
 
 
-@triton.jit(do_not_specialize=["S", "stride_mb", "stride_mk"])
+@triton.jit(do_not_specialize=["S", "stride_mb"])
 def _quant4_decode_gemv_kernel(
     q_ptr,
     kp_ptr,
@@ -463,6 +465,17 @@ def quant4_attention_config(head_dim: int, rows: int, dtype: torch.dtype) -> dic
     }
 
 
+def decode_splits(batch: int, kv_heads: int, rows: int, head_dim: int, max_keys: int, device: torch.device) -> int:
+    """The split count `quant4_decode_attention` would pick for `max_keys` cached keys (rows = T * g query rows per
+    KV head): callers whose context grows pass it for every step, so one compiled kernel serves them all."""
+    if GEMV and rows == 1:
+        block_n, row_blocks = GEMV_CONFIG["BLOCK_N"], 1
+    else:
+        cfg = quant4_attention_config(head_dim, rows, torch.float16)
+        block_n, row_blocks = cfg["BLOCK_N"], cdiv(rows, cfg["BLOCK_M"])
+    return choose_num_splits(batch, kv_heads * row_blocks, max_keys, block_n, num_sms(device))
+
+
 def _same_strides(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if a.stride(-1) != 1 or b.stride() != a.stride():
         return a.contiguous(), b.contiguous()
@@ -483,7 +496,8 @@ def quant4_decode_attention(
 
     q [B, T, h*g, D] float16/bfloat16/float32 (any strides, last one 1 or copied); k_cache / v_cache `Quantized4`
     packed [S, B*h, G*32] or [S, B, h, G*32]; k_new / v_new [T', B, h, D] or None; mask [B, T, S + T'] bool or None
-    (keys visible everywhere). `num_splits`: None picks split-K from shapes, 1 disables it, n > 1 forces n chunks.
+    (keys visible everywhere). `num_splits`: None picks split-K from shapes (S included), 1 disables it, n > 1
+    forces n chunks (some empty when S is short).
     Grid (B, h * row blocks, splits) [+ (B*T, H) for the merge]; no host syncs. Falls back to the reference where
     Triton cannot run on q's device.
     """
@@ -513,7 +527,8 @@ def quant4_decode_attention(
     row_blocks = cdiv(t * g, cfg["BLOCK_M"])
     if num_splits is None:
         num_splits = choose_num_splits(b, h * row_blocks, s, cfg["BLOCK_N"], num_sms(q.device))
-    num_splits = max(1, min(int(num_splits), max(1, cdiv(s, cfg["BLOCK_N"]))))
+        num_splits = min(num_splits, max(1, cdiv(s, cfg["BLOCK_N"])))
+    num_splits = max(1, int(num_splits))
     if num_splits > 1:
         m = torch.empty((b, t, hq, num_splits), dtype=torch.float32, device=q.device)
         lsum = torch.empty_like(m)
@@ -580,7 +595,8 @@ def _gemv(q, kp, ks, km, vp, vs, vm, k_new, v_new, mask, out, scale, s, h, tn, n
     cfg = dict(GEMV_CONFIG)
     if num_splits is None:
         num_splits = choose_num_splits(b, h, s, cfg["BLOCK_N"], num_sms(q.device))
-    num_splits = max(1, min(int(num_splits), max(1, cdiv(s, cfg["BLOCK_N"]))))
+        num_splits = min(num_splits, max(1, cdiv(s, cfg["BLOCK_N"])))
+    num_splits = max(1, int(num_splits))
     if num_splits > 1:
         m = torch.empty((b, 1, hq, num_splits), dtype=torch.float32, device=q.device)
         lsum = torch.empty_like(m)

@@ -216,7 +216,7 @@ def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype, intensi
         # tile variants (more registers and shared memory) and was slower on most of the sweep's workloads
         "DENSE": False,
         "maxnreg": None,  # register cap per thread (more programs resident per SM), None: the compiler's choice
-        # K/V element offsets in int32 where the caches hold fewer than 2**31 elements (fewer registers per gathered
+        # K/V element offsets in int32 where every offset into the caches is below 2**31 (fewer registers per gathered
         # tile). H100, few-shot trees (results/2026-11-28-tree-attention-offs32-h100.json): 20x50 16.1 -> 14.9 us,
         # 30x50 19.2 -> 17.7, 50x50 31.3 -> 27.6, the longer branches unchanged
         "OFFS32": True,
@@ -561,8 +561,8 @@ def _tree_tile(
     """Rows = BLOCK_M // BLOCK_G queries (q0 ...) x BLOCK_G heads of KV head kvh, over chunk tokens [t0, t1).
     MASKED=False: the plan found every token of the chunk visible to every query of the tile (a dense item: shared
     prefixes, a branch's own chunk), so the subtree ends are neither loaded nor compared; only the chunk's tail is
-    masked. SLOT_T: the integer type of the K/V element offsets (int32 where the caches have fewer than 2**31
-    elements: half the registers of the per-element offsets of a gathered tile)."""
+    masked. SLOT_T: the integer type of the K/V element offsets (int32 where every offset into the caches is below
+    2**31: half the registers of the per-element offsets of a gathered tile)."""
     r = tl.arange(0, BLOCK_M)
     qrow = q0 + r // BLOCK_G
     g = r % BLOCK_G
@@ -871,6 +871,11 @@ def _kernel_config(plan: TreeAttentionPlan, dtype: torch.dtype) -> dict:
     return cfg
 
 
+def _extent(t: torch.Tensor) -> int:
+    """1 + the largest element offset of a view (its strides may skip elements: a slice of a larger cache)."""
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True) if n > 0)
+
+
 def _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o):
     Q, H, D = q.shape
     kvh = k_cache.shape[1]
@@ -910,7 +915,7 @@ def _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o):
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
         USE_DENSE=cfg["DENSE"],
-        OFFS32=bool(cfg.get("OFFS32")) and max(k_cache.numel(), v_cache.numel()) < 2**31,
+        OFFS32=bool(cfg.get("OFFS32")) and max(_extent(k_cache), _extent(v_cache)) < 2**31,
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         **pdl_launch_opts(q.device, cfg.get("PDL", False)),
     )

@@ -5,6 +5,8 @@ split cache go through the same per-head kernels). Skipped where no GPU exists (
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -28,9 +30,29 @@ def _run(path, policy: Policy) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("compress", [False, True])
-def test_placements_match_all_on_gpu(tiny_checkpoints, compress):
+def test_placements_match_all_on_gpu(tiny_checkpoints, monkeypatch, compress):
     """Weights and cache on the CPU, split 50/50 (the cache by heads: a GPU and a host segment per layer, the host
-    one loaded into the ring of device buffers every decode step) and over three tiers: the all-on-GPU tokens."""
+    one loaded into the ring of device buffers every decode step) and over three tiers: the all-on-GPU tokens. The
+    attention is slowed on the GPU (a spin before each call on the compute stream), so a load that overwrote a ring
+    buffer before the attention reading it had run would change the tokens; the ring must have been used."""
+    ex = importlib.import_module("reldl.llm.offload.executor")
+    made = []
+
+    class SpyCache(ex.KVCache):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    def slow(fn):
+        def run(*a, **kw):
+            torch.cuda._sleep(2_000_000)  # ~1 ms on the compute stream
+            return fn(*a, **kw)
+
+        return run
+
+    monkeypatch.setattr(ex, "KVCache", SpyCache)
+    monkeypatch.setattr(ex, "quant4_decode_attention", slow(ex.quant4_decode_attention))
+    monkeypatch.setattr(ex.layers, "attention", slow(ex.layers.attention))
     path = tiny_checkpoints("opt")
     both = dict(compress_weight=compress, compress_cache=compress)
     want = _run(path, Policy(2, 2, **both))
@@ -40,4 +62,6 @@ def test_placements_match_all_on_gpu(tiny_checkpoints, compress):
         "weights half, cache half": dict(weights=HALF_CPU, cache=HALF_CPU),
         "thirds": dict(weights=THIRDS, cache=THIRDS, activations=HALF_CPU),
     }.items():
+        made.clear()
         assert _run(path, Policy(2, 2, **both, **kw)) == want, name
+        assert any(kv.load_bufs and kv.next_load > 0 for kv in made), name  # decode steps loaded through the ring

@@ -8,6 +8,7 @@ left padding masks whole key tiles.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 import pytest
@@ -131,6 +132,32 @@ def test_gemv_one_row_per_head(d, s, splits, new, masked, pads, device, monkeypa
     torch.testing.assert_close(got, dot, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("g", [1, 4])
+def test_explicit_splits_past_the_keys(g, device):
+    """A split count fixed for a whole generation (the executor's, from `decode_splits` at the final context) while
+    the context is still short: the splits past the keys are empty and the result is the single-split one."""
+    a = _run(1, 2, g, 64, 20, 1, torch.float32, device, seed=30 + g, splits=12)
+    b = _run(1, 2, g, 64, 20, 1, torch.float32, device, seed=30 + g, splits=1)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_splits_is_the_automatic_choice(device):
+    """`decode_splits` at a context gives the split count the kernel picks by itself there, for the GEMV and the
+    tl.dot kernels; one sequence of a few heads over a long context splits, a full batch does not."""
+    qa = importlib.import_module("reldl.kernels.quant4_attention")
+    pa = importlib.import_module("reldl.kernels.paged_attention")
+    sms = pa.num_sms(torch.device(device))
+    for rows, d in ((1, 128), (4, 64), (8, 128)):
+        block_n = (
+            qa.GEMV_CONFIG["BLOCK_N"] if rows == 1 else qa.quant4_attention_config(d, rows, torch.float32)["BLOCK_N"]
+        )
+        for b, h, keys in ((1, 2, 4096), (64, 8, 4096), (1, 2, 40)):
+            want = pa.choose_num_splits(b, h, keys, block_n, sms)
+            assert qa.decode_splits(b, h, rows, d, keys, torch.device(device)) == want
+    assert qa.decode_splits(1, 2, 1, 128, 4096, torch.device(device)) > 1
+    assert qa.decode_splits(1024, 8, 1, 128, 4096, torch.device(device)) == 1
+
+
 def test_automatic_splits_match_single_split(device):
     """Split-K chosen from shapes (few programs, long context) gives the single-split result."""
     a = _run(1, 1, 4, 64, 700, 1, torch.float32, device, seed=9, splits=None)
@@ -154,19 +181,23 @@ def test_reference_equals_executor_attention():
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
-def test_quantize_into_matches_quantize_and_copy(device):
-    x = randn(3, 6, 128, seed=16, device=device)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quantize_into_matches_quantize_and_copy(device, dtype):
+    """Quantizing new rows into a cache (scales in the cache's dtype: the executor's fp16 caches too) writes the bytes
+    quantize_kv_4bit gives."""
+    x = randn(3, 6, 128, seed=16, device=device).to(dtype)
     caches = []
     for fn in (quantize_kv_4bit_into, quantize_kv_4bit_into_reference):
         c = Quantized4(
             torch.zeros(8, 6, 64, dtype=torch.uint8, device=device),
-            torch.zeros(8, 6, 2, device=device),
-            torch.zeros(8, 6, 2, device=device),
+            torch.zeros(8, 6, 2, device=device, dtype=dtype),
+            torch.zeros(8, 6, 2, device=device, dtype=dtype),
             128,
         )
         fn(x, c, 4)
         caches.append(c)
     want = quantize_kv_4bit(x)
+    assert want.scale.dtype == dtype
     for c, exact in zip(caches, (True, not ON_GPU)):
         # the Triton path writes quantize_kv_4bit's bytes exactly; the torch reference on a GPU may round the scale
         # one ulp apart (its own division), so it is compared within float32 rounding there

@@ -8,6 +8,7 @@ builders. Cache slots outside the layout hold NaN for the kernel: a single read 
 
 from __future__ import annotations
 
+import importlib
 import math
 import random
 
@@ -440,6 +441,24 @@ def test_kernel_deterministic_and_plan_reuse(device):
         tree_attention(
             q, torch.zeros(60, 2, 64, device=device), torch.zeros(60, 2, 64, device=device), layout, 1.0, plan
         )
+
+
+def test_kernel_on_strided_cache_views(device):
+    """K/V given as views of a larger cache ([slots, 2, KVH, D][:, i]): the kernel reads through their strides, and
+    the 32-bit offset check looks at the views' largest offset, not their element count."""
+    ta = importlib.import_module("reldl.kernels.tree_attention")
+    rng = random.Random(41)
+    parents, lens = random_tree(rng, 2, (2, 3), lambda r, lvl: r.randint(1, 30))
+    layout, slots = tree_case(parents, lens, random_queries(rng, parents, lens, 12), seed=41)
+    layout = _to(layout, device)
+    n = len(slots) + 7
+    both = randn(n, 2, 2, 64, seed=42, device=device)
+    k, v = both[:, 0], both[:, 1]
+    assert ta._extent(k) == 1 + (n - 1) * 256 + 64 + 63 and ta._extent(k) > k.numel()
+    q = randn(layout.num_queries, 8, 64, seed=43, device=device)
+    out = tree_attention(q, k, v, layout, 0.125)
+    want = tree_attention_reference(q, k, v, layout, 0.125)
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
 
 
 def test_kernel_no_queries(device):

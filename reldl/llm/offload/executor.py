@@ -56,7 +56,7 @@ from reldl.kernels.quant4 import (
     quantize_kv_4bit,
     quantize_kv_4bit_reference,
 )
-from reldl.kernels.quant4_attention import quant4_decode_attention, quantize_kv_4bit_into
+from reldl.kernels.quant4_attention import decode_splits, quant4_decode_attention, quantize_kv_4bit_into
 from reldl.llm.engine import encode_texts
 from reldl.llm.offload import layers
 from reldl.llm.offload.policy import Policy, unit_tiers
@@ -185,6 +185,8 @@ class KVCache:
         cfg, p = eng.config, eng.policy
         B, D, KVH = p.gpu_batch_size, cfg.head_dim, cfg.num_kv_heads
         self.compress = p.compress_cache
+        self.slots = slots
+        self.splits: dict[tuple[int, int], int] = {}  # 4-bit attention's split-K count per (heads, query rows)
         self.split = split_counts(KVH, p.cache)
         self.segs: dict[tuple[int, int], list[_Segment]] = {}
         specs: dict[str, list] = {t: [] for t in TIERS}
@@ -637,8 +639,11 @@ class OffloadEngine:
                         # stored from `new`, not from t (a load buffer the next loads reuse: kv.load_bufs)
                         pairs.append((store[s : s + T], new, seg.tier == "disk"))
                     full.append(t)
-                if fused:
-                    o = quant4_decode_attention(qs, full[0], full[1], self.scale, kn, vn, mask)
+                if fused:  # one split count per head segment for the whole block (the context's final length)
+                    key = (h, T * g)
+                    if key not in kv.splits:
+                        kv.splits[key] = decode_splits(B, h, T * g, q.shape[-1], kv.slots, q.device)
+                    o = quant4_decode_attention(qs, full[0], full[1], self.scale, kn, vn, mask, kv.splits[key])
                     outs.append(o.reshape(B, T, -1))
                 else:
                     outs.append(layers.attention(qs, full[0], full[1], mask, self.scale))
