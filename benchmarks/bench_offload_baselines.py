@@ -561,6 +561,7 @@ def search(args, cap_gb: float, hw) -> tuple[dict, str, dict]:
         args.gen,
         compress_weight=comp,
         compress_cache=comp,
+        split_compressed_cache=not args.flexgen_compatible,
         **(dict(gpu_batch_sizes=(1, 2, 4), num_gpu_batches=(1, 2, 3)) if cpu else {}),
     )
     fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in policy.__dict__.items()}
@@ -637,6 +638,12 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--compress", action="store_true", help="let the search choose 4-bit weights / cache")
+    ap.add_argument(
+        "--flexgen-compatible",
+        action="store_true",
+        help="search only policies flexgen can run too (a 4-bit cache wholly on one tier: flexgen 0.1.8 asserts on a "
+        "compressed cache split across GPU and CPU)",
+    )
     ap.add_argument("--policy-from", default=None, help="bench_offload.py JSON: take its row's policy per cap")
     ap.add_argument("--accel-batch", type=int, default=None, help="accelerate's batch (default: largest that fits)")
     ap.add_argument("--cpu-mem-gb", type=float, default=None)

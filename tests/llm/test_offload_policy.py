@@ -169,6 +169,19 @@ def test_compression():
     assert e1.throughput >= e0.throughput and (p1.compress_weight or p1.compress_cache)
 
 
+def test_whole_compressed_cache_for_flexgen():
+    """split_compressed_cache=False (the policies flexgen can also run): a 4-bit cache sits wholly on one tier, at
+    no more throughput than the free search, which does split it on this tight machine."""
+    m = ModelShape.opt("30b")
+    hw = Hardware.preset("h100").with_memory(gpu=24 * GiB)
+    grid = {**GRID, "gpu_batch_sizes": (1, 4, 16, 64), "compress_weight": True, "compress_cache": True}
+    free, e_free = search_policy(m, hw, 512, 32, **grid)
+    whole, e_whole = search_policy(m, hw, 512, 32, **grid, split_compressed_cache=False)
+    assert free.compress_cache and max(free.cache) < 1  # the free search splits the 4-bit cache here
+    assert whole.compress_cache and max(whole.cache) == 1 and e_whole.fits(hw)
+    assert e_whole.throughput <= e_free.throughput
+
+
 def test_model_that_fits_gets_all_gpu():
     m = ModelShape.opt("6.7b")
     for hw in (Hardware.preset("h100"), Hardware.preset("h100").with_memory(gpu=1000 * GiB)):

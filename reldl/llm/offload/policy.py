@@ -765,10 +765,12 @@ def search_policy(
     compress_cache: bool | None = False,
     cpu_attention: bool | None = None,
     overlap: bool = True,
+    split_compressed_cache: bool = True,
 ) -> tuple[Policy, Estimate]:
     """The highest-throughput policy whose peak memory fits every tier, searched exhaustively over the grid.
 
-    compress_* / cpu_attention: True or False fixes the choice, None searches both. Raises ValueError when no
+    compress_* / cpu_attention: True or False fixes the choice, None searches both. split_compressed_cache=False
+    keeps a 4-bit cache wholly on one tier (the policies flexgen can run too). Raises ValueError when no
     candidate fits. Monotone in memory: see the module docstring.
     """
     _check_lengths(prompt_len, gen_len)
@@ -795,6 +797,8 @@ def search_policy(
             r = _cost(model, hardware, prompt_len, gen_len, gbs, nbv, w, c, h, cw, ck, ca, overlap)
             ok = (r["gpu_bytes"] <= hardware.gpu_mem) & (r["cpu_bytes"] <= hardware.cpu_mem)
             ok &= r["disk_bytes"] <= hardware.disk_mem
+            if not split_compressed_cache:  # a 4-bit cache wholly on one tier (flexgen cannot split one)
+                ok = ok & ~(ck & (np.maximum(np.maximum(c[0], c[1]), c[2]) < 1.0))
             ok = np.broadcast_to(ok, shp)
             if not ok.any():
                 continue
