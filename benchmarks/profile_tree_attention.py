@@ -5,7 +5,7 @@
 
 Builds each case as `bench_tree_attention.py` does (Llama3-8B heads, fp16, KV scattered in a paged cache), plans it
 once, checks the kernel against the float32 reference, then calls `tree_attention` --calls times (phase 1 then the
-merge each time). `--config KEY=VALUE` overrides entries of tree_attention_config (ints, floats, True/False), so a
+merge each time). `--config KEY=VALUE` overrides entries of tree_attention_config (Python literals), so a
 profile can compare two configs of one case. Prints each case's plan and error; a profiler attached to the process
 sees the kernels.
 """
@@ -24,17 +24,6 @@ import bench_tree_attention as B  # noqa: E402
 import reldl.kernels as K  # noqa: E402
 
 
-def _value(text: str):
-    if text in ("True", "False"):
-        return text == "True"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", action="append", default=[], help="cases whose name contains this (repeatable)")
@@ -44,8 +33,7 @@ def main() -> None:
     dev = torch.device("cuda")
     cfg = B.PRESETS["h100"]
     h, kvh, d, dtype = cfg["heads"], cfg["kv_heads"], cfg["head_dim"], getattr(torch, cfg["dtype"])
-    over = dict(kv.split("=", 1) for kv in args.config)
-    over = {k: _value(v) for k, v in over.items()}
+    over = B._parse_config(",".join(args.config))  # the benchmark's KEY=VALUE parser (Python literals)
     for _family, name, (parents, lens, queries) in B.workloads("h100", quick=False):
         if args.only and not any(o in name for o in args.only):
             continue

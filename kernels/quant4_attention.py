@@ -465,15 +465,42 @@ def quant4_attention_config(head_dim: int, rows: int, dtype: torch.dtype) -> dic
     }
 
 
+def _split_tiles(rows: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(keys per tile, row blocks per KV head) of the kernel that serves `rows` = T * g query rows per KV head."""
+    if GEMV and rows == 1:
+        return GEMV_CONFIG["BLOCK_N"], 1
+    cfg = quant4_attention_config(head_dim, rows, dtype)
+    return cfg["BLOCK_N"], cdiv(rows, cfg["BLOCK_M"])
+
+
+def _split_count(num_splits: int | None, batch: int, programs: int, keys: int, block_n: int, device) -> int:
+    """An explicit split count as given (at least 1); None: split-K from shapes (`programs` per sequence), at most
+    one split per tile of keys."""
+    if num_splits is None:
+        return max(1, min(choose_num_splits(batch, programs, keys, block_n, num_sms(device)), cdiv(keys, block_n)))
+    return max(1, int(num_splits))
+
+
+def _split_partials(out: torch.Tensor, num_splits: int):
+    """float32 (max, sum, acc) partials for out [B, T, H, D] over num_splits splits (unused `out` for one split)."""
+    if num_splits == 1:
+        return out, out, out
+    b, t, hq, d = out.shape
+    m = torch.empty((b, t, hq, num_splits), dtype=torch.float32, device=out.device)
+    return m, torch.empty_like(m), torch.empty((b, t, hq, num_splits, d), dtype=torch.float32, device=out.device)
+
+
+def _merge_partials(out: torch.Tensor, m: torch.Tensor, lsum: torch.Tensor, acc: torch.Tensor) -> None:
+    b, t, hq, d = out.shape
+    ns = m.shape[-1]
+    merge_splits(m.view(b * t, hq, ns), lsum.view(b * t, hq, ns), acc, out.view(b * t, hq, d))
+
+
 def decode_splits(batch: int, kv_heads: int, rows: int, head_dim: int, max_keys: int, device: torch.device) -> int:
     """The split count `quant4_decode_attention` would pick for `max_keys` cached keys (rows = T * g query rows per
     KV head): callers whose context grows pass it for every step, so one compiled kernel serves them all."""
-    if GEMV and rows == 1:
-        block_n, row_blocks = GEMV_CONFIG["BLOCK_N"], 1
-    else:
-        cfg = quant4_attention_config(head_dim, rows, torch.float16)
-        block_n, row_blocks = cfg["BLOCK_N"], cdiv(rows, cfg["BLOCK_M"])
-    return choose_num_splits(batch, kv_heads * row_blocks, max_keys, block_n, num_sms(device))
+    block_n, row_blocks = _split_tiles(rows, head_dim, torch.float16)
+    return _split_count(None, batch, kv_heads * row_blocks, max_keys, block_n, device)
 
 
 def _same_strides(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -525,16 +552,8 @@ def quant4_decode_attention(
         return _gemv(q, kp, ks, km, vp, vs, vm, k_new, v_new, mask, out, scale, s, h, tn, num_splits)
     cfg = quant4_attention_config(d, t * g, q.dtype)
     row_blocks = cdiv(t * g, cfg["BLOCK_M"])
-    if num_splits is None:
-        num_splits = choose_num_splits(b, h * row_blocks, s, cfg["BLOCK_N"], num_sms(q.device))
-        num_splits = min(num_splits, max(1, cdiv(s, cfg["BLOCK_N"])))
-    num_splits = max(1, int(num_splits))
-    if num_splits > 1:
-        m = torch.empty((b, t, hq, num_splits), dtype=torch.float32, device=q.device)
-        lsum = torch.empty_like(m)
-        acc = torch.empty((b, t, hq, num_splits, d), dtype=torch.float32, device=q.device)
-    else:
-        m = lsum = acc = out  # unused
+    num_splits = _split_count(num_splits, b, h * row_blocks, s, cfg["BLOCK_N"], q.device)
+    m, lsum, acc = _split_partials(out, num_splits)
     kn = k_new if has_new else out
     vn = v_new if has_new else out
     nstr = k_new.stride()[:3] if has_new else (0, 0, 0)
@@ -585,7 +604,7 @@ def quant4_decode_attention(
         **cfg,
     )
     if num_splits > 1:
-        merge_splits(m.view(b * t, hq, num_splits), lsum.view(b * t, hq, num_splits), acc, out.view(b * t, hq, d))
+        _merge_partials(out, m, lsum, acc)
     return out
 
 
@@ -593,16 +612,8 @@ def _gemv(q, kp, ks, km, vp, vs, vm, k_new, v_new, mask, out, scale, s, h, tn, n
     """`quant4_decode_attention` for T * g == 1 (checked and normalized by the caller): the GEMV kernel."""
     b, _, hq, d = q.shape
     cfg = dict(GEMV_CONFIG)
-    if num_splits is None:
-        num_splits = choose_num_splits(b, h, s, cfg["BLOCK_N"], num_sms(q.device))
-        num_splits = min(num_splits, max(1, cdiv(s, cfg["BLOCK_N"])))
-    num_splits = max(1, int(num_splits))
-    if num_splits > 1:
-        m = torch.empty((b, 1, hq, num_splits), dtype=torch.float32, device=q.device)
-        lsum = torch.empty_like(m)
-        acc = torch.empty((b, 1, hq, num_splits, d), dtype=torch.float32, device=q.device)
-    else:
-        m = lsum = acc = out  # unused
+    num_splits = _split_count(num_splits, b, h, s, cfg["BLOCK_N"], q.device)
+    m, lsum, acc = _split_partials(out, num_splits)
     has_new = k_new is not None
     ng = cdiv(d, GROUP)
     _quant4_decode_gemv_kernel[(b, h, num_splits)](
@@ -647,7 +658,7 @@ def _gemv(q, kp, ks, km, vp, vs, vm, k_new, v_new, mask, out, scale, s, h, tn, n
         **cfg,
     )
     if num_splits > 1:
-        merge_splits(m.view(b, hq, num_splits), lsum.view(b, hq, num_splits), acc, out.view(b, hq, d))
+        _merge_partials(out, m, lsum, acc)
     return out
 
 

@@ -43,9 +43,6 @@ def run_query(duck, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
         cur.close()
 
 
-db_file = catalog.db_file  # (callers import it from here too)
-
-
 def model_dir(duck, name: str, path: str | None) -> tuple[Path, bool]:
     """Where the new model's files go, and whether reldl chose the place: `path` (missing or an empty directory),
     else `<db>.models/<name>` (with a random suffix when that is taken), else a new name in the temp directory.
@@ -55,7 +52,7 @@ def model_dir(duck, name: str, path: str | None) -> tuple[Path, bool]:
         if p.exists() and (not p.is_dir() or any(p.iterdir())):
             raise ProgrammingError(f"CREATE MODEL {name}: path {str(p)!r} exists and is not an empty directory")
         return p, False
-    db = db_file(duck)
+    db = catalog.db_file(duck)
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name.lower())
     root = Path(str(db) + ".models") if db else Path(tempfile.gettempdir())
     p = root / (safe if db else f"reldl-{safe}-{uuid.uuid4().hex[:8]}")

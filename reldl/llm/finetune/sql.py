@@ -19,8 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from reldl import catalog
 from reldl.errors import ProgrammingError, shown
-from reldl.llm.derived import base_llm, db_file, model_dir, run_query
+from reldl.llm.derived import base_llm, model_dir, run_query
 
 OPTIONS = {
     "model_type",
@@ -210,7 +211,7 @@ def create(duck, name: str, options: dict[str, Any], query: str, progress: bool 
         ).encode()
     ).hexdigest()
     target, _ = model_dir(duck, name, o["path"])
-    db = db_file(duck)
+    db = catalog.db_file(duck)
     # training state: found again by the run's fingerprint (beside the database file, else in the temp directory)
     state_root = Path(str(db) + ".models") if db else Path(tempfile.gettempdir())
     state_dir = state_root / f".reldl-finetune-{fp[:20]}"

@@ -183,67 +183,54 @@ class KVCache:
 
     def __init__(self, eng: OffloadEngine, slots: int):
         cfg, p = eng.config, eng.policy
-        B, D, KVH = p.gpu_batch_size, cfg.head_dim, cfg.num_kv_heads
+        self.B, self.D, self.G, self.dtype = p.gpu_batch_size, cfg.head_dim, -(-cfg.head_dim // GROUP), eng.dtype
         self.compress = p.compress_cache
         self.slots = slots
         self.splits: dict[tuple[int, int], int] = {}  # 4-bit attention's split-K count per (heads, query rows)
-        self.split = split_counts(KVH, p.cache)
+        self.split = split_counts(cfg.num_kv_heads, p.cache)
         self.segs: dict[tuple[int, int], list[_Segment]] = {}
         specs: dict[str, list] = {t: [] for t in TIERS}
-        G = -(-D // GROUP)
         for _ in range(cfg.num_layers * p.num_gpu_batches):
             for tier, h0, h1 in self.split:
-                h = h1 - h0
-                if self.compress:
-                    one = [((slots, B * h, G * GROUP // 2), torch.uint8)] + [((slots, B * h, G), eng.dtype)] * 2
-                else:
-                    one = [((slots, B, h, D), eng.dtype)]
-                specs[tier] += one * 2
+                specs[tier] += self._kv_specs(slots, h1 - h0)
         # one reusable buffer per tier (Arena.slab): a later block or generate call of no more slots carves it again
         tensors = {t: iter(eng.arena.slab(t, specs[t], "kv")) for t in TIERS}
         self.bytes = {t: _total(specs[t]) if specs[t] else 0 for t in TIERS}
         for j in range(cfg.num_layers):
             for k in range(p.num_gpu_batches):
-                segs = []
-                for tier, h0, h1 in self.split:
-                    it = tensors[tier]
-                    if self.compress:
-                        kq = Quantized4(next(it), next(it), next(it), D)
-                        vq = Quantized4(next(it), next(it), next(it), D)
-                        segs.append(_Segment(tier, h0, h1, kq, vq))
-                    else:
-                        segs.append(_Segment(tier, h0, h1, next(it), next(it)))
-                self.segs[(j, k)] = segs
+                self.segs[(j, k)] = [
+                    _Segment(tier, h0, h1, *self._kv_pair(tensors[tier])) for tier, h0, h1 in self.split
+                ]
         self.stores: dict[tuple[int, int], object] = {}  # last store future of (layer, batch)
         # Device buffers the offloaded cache prefix is loaded into for attention on the GPU: two sets (slabs kept by
         # the arena), used in turn by successive (layer, batch) loads. A load into a set waits (Mover.load's ready
         # event, recorded when the load is issued) for the compute already issued, which includes the previous
         # user of that set: the (layer, batch) two loads earlier. Fixed buffers, so the growing prefix allocates
         # nothing per step (the caching allocator's growth showed as 0.6-0.9 s stalls on some decode steps).
-        self.load_bufs: list[list[tuple[torch.Tensor, torch.Tensor] | None]] = []
+        self.load_bufs: list[list[tuple | None]] = []
         self.next_load = 0
-        # (4-bit caches: a Quantized4 per K and V, packed / scale / minv carved from the same slabs)
         off = [(tier, h0, h1) for tier, h0, h1 in self.split if tier != "gpu"]
         if off and not p.cpu_attention:
             for r in range(2):
-                specs = []
-                for _, h0, h1 in off:
-                    h = h1 - h0
-                    if self.compress:
-                        one = [((slots, B * h, G * GROUP // 2), torch.uint8)] + [((slots, B * h, G), eng.dtype)] * 2
-                    else:
-                        one = [((slots, B, h, D), eng.dtype)]
-                    specs += one * 2
+                specs = [sp for _, h0, h1 in off for sp in self._kv_specs(slots, h1 - h0)]
                 it = iter(eng.arena.slab("gpu", specs, f"kvload{r}"))
-                bufs = []
-                for t, _, _ in self.split:
-                    if t == "gpu":
-                        bufs.append(None)
-                    elif self.compress:
-                        bufs.append(tuple(Quantized4(next(it), next(it), next(it), D) for _ in range(2)))
-                    else:
-                        bufs.append((next(it), next(it)))
-                self.load_bufs.append(bufs)
+                self.load_bufs.append([None if t == "gpu" else self._kv_pair(it) for t, _, _ in self.split])
+
+    def _kv_specs(self, slots: int, h: int) -> list:
+        """Buffer specs of one head segment's K and V: [slots, B, h, D], or 4-bit packed [slots, B*h, G*32] with
+        scale / minv [slots, B*h, G]."""
+        if self.compress:
+            one = [((slots, self.B * h, self.G * GROUP // 2), torch.uint8)]
+            one += [((slots, self.B * h, self.G), self.dtype)] * 2
+        else:
+            one = [((slots, self.B, h, self.D), self.dtype)]
+        return one * 2
+
+    def _kv_pair(self, it) -> tuple:
+        """(K, V) of one head segment from tensors carved by `_kv_specs` (a Quantized4 each when compressed)."""
+        if self.compress:
+            return tuple(Quantized4(next(it), next(it), next(it), self.D) for _ in range(2))
+        return next(it), next(it)
 
 
 # --------------------------------------------------------------------------------------------------- activations

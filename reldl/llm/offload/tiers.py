@@ -146,17 +146,17 @@ class CheckpointSource:
     def mapped(self, name: str) -> bool:
         return True
 
-    def shape(self, name: str) -> tuple[int, ...]:
+    def _entry(self, name: str) -> tuple:
         key = resolve(self.entries, name)
         if key not in self.entries:
             raise CheckpointError(f"{self.path}: weight {name!r} missing from the safetensors files")
-        return self.entries[key][2]
+        return self.entries[key]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name)[2]
 
     def get(self, name: str) -> torch.Tensor:
-        key = resolve(self.entries, name)
-        if key not in self.entries:
-            raise CheckpointError(f"{self.path}: weight {name!r} missing from the safetensors files")
-        f, dtype, shape, a, b = self.entries[key]
+        f, dtype, shape, a, b = self._entry(name)
         mm = self._maps.get(f)
         if mm is None:
             mm = self._maps[f] = np.memmap(f, dtype=np.uint8, mode="c")
