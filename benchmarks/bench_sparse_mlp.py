@@ -116,15 +116,22 @@ def best_ms(t: dict) -> float:
     return t.get("graph_ms", t.get("eager_ms"))
 
 
+def _k2(**kw) -> dict:
+    """DOWN_TILES with kernel 2's batch-1 "gemv_small" tile changed."""
+    return dict(SM.DOWN_TILES, gemv_small=dict(SM.DOWN_TILES["gemv_small"], **kw))
+
+
 # side-by-side variants of the kernels' settings (reldl.kernels.sparse_mlp module attributes, FUSED keys), each timed
 # like the default in the same run. ReLU: "no pdl" = plain launches at batch 1 too (the default chains the unfused
 # kernels with programmatic dependent launch at batch 1, kernel 2 prefetching its weight rows into L2 before it waits
 # for kernel 1), "no prefetch" = that PDL chain without the prefetch, "k1 ..." = kernel 1 with fewer programs per SM
 # (UP_PROGRAMS_PER_SM) or 4 warps, so that kernel 2's programs find room beside it sooner, "pdl" = PDL at every batch,
-# "reduce-in" = kernel 2 sums its own split-K partials (no reduce launch), "fused ..." = the one-launch batch-1
-# kernel. TEAL, forced sparse at every batch: "walk" = kernel 2 visiting every input row, "compact" = inputs
-# compacted on the device, "compact-in" = only the MLP input compacted, "... pdl" = with PDL; "dense" = the
-# thresholded dense fallback at every batch
+# "reduce-in" = kernel 2 sums its own split-K partials (no reduce launch), "k2 direct ..." = kernel 2 unsplit at
+# batch 1 (one program per column block writes the output: no partials, no reduce launch), with 4 warps, 32-column
+# blocks or 256-row steps, "k2 2 splits" = at most 2 splits, "k2 n32" = 32-column blocks, "fused ..." = the
+# one-launch batch-1 kernel. TEAL, forced sparse at every batch: "walk" = kernel 2 visiting every input row,
+# "compact" = inputs compacted on the device, "compact-in" = only the MLP input compacted, "... pdl" = with PDL;
+# "dense" = the thresholded dense fallback at every batch
 RELU_VARIANTS = {
     "no pdl": {"attrs": {"PDL_RELU_MAX_BATCH": 0}},
     "no prefetch": {"attrs": {"DOWN_PREFETCH_L2": False}},
@@ -139,6 +146,13 @@ RELU_VARIANTS = {
     },
     "pdl": {"attrs": {"PDL": True}},
     "reduce-in": {"attrs": {"DOWN_REDUCE_IN_KERNEL": True}},
+    "k2 direct": {"attrs": {"DOWN_MAX_SPLITS_GEMV": 1}},
+    "k2 2 splits": {"attrs": {"DOWN_MAX_SPLITS_GEMV": 2}},
+    "k2 direct 4w": {"attrs": {"DOWN_MAX_SPLITS_GEMV": 1, "DOWN_TILES": _k2(num_warps=4)}},
+    "k2 direct n32": {"attrs": {"DOWN_MAX_SPLITS_GEMV": 1, "DOWN_TILES": _k2(BLOCK_N=32)}},
+    "k2 direct n32 k256": {"attrs": {"DOWN_MAX_SPLITS_GEMV": 1, "DOWN_TILES": _k2(BLOCK_N=32, BLOCK_K=256)}},
+    "k2 direct n32 4w": {"attrs": {"DOWN_MAX_SPLITS_GEMV": 1, "DOWN_TILES": _k2(BLOCK_N=32, num_warps=4)}},
+    "k2 n32": {"attrs": {"DOWN_TILES": _k2(BLOCK_N=32)}},
     "fused r8 d1024": {"fused": {"MAX_BYTES": None, "MAX_ROWS": 8, "PROGRAMS_PER_SM": 1, "BLOCK_D": 1024}, "b1": 1},
 }
 _SPARSE = {"TEAL_MAX_SPARSE_BATCH": 1 << 20}

@@ -729,6 +729,9 @@ DOWN_TILES = {
 # (H100 sweep, `sweep_sparse_mlp.py --only tiles --combos`: OPT-13B 5% 15.7 -> 13.6 us, 13B 10% 23.7 -> 21.6 us,
 # OPT-30B 5% 22.8 -> 21.9 us; on OPT-175B 5% (60 MB a matrix) they were slower, 52.0 -> 56.7 us)
 GEMV_SMALL_BYTES = 32 << 20
+# at batch 1, kernel 2 splits its rows over at most this many programs per column block (None: as many as
+# PROGRAMS_PER_SM asks for); 1 writes the output directly, without partials or a reduce launch
+DOWN_MAX_SPLITS_GEMV: int | None = None
 
 
 def _tiles(table: dict, bb: int, small: bool) -> dict:
@@ -765,6 +768,8 @@ def down_config(
     nblk = max(1, cdiv(k, cfg["BLOCK_K"]))
     by_bytes = max(1, int(k * dtype.itemsize / (4 * max(1, batch) * PARTIAL_FRACTION)))
     splits = max(1, min(nblk, cdiv(PROGRAMS_PER_SM * sms, col_blocks), by_bytes))
+    if bb == 1 and DOWN_MAX_SPLITS_GEMV is not None:
+        splits = max(1, min(splits, DOWN_MAX_SPLITS_GEMV))
     per = cdiv(nblk, splits)
     cfg["BLOCKS_PER_SPLIT"] = per
     cfg["SPLITS"] = cdiv(nblk, per)
@@ -997,7 +1002,7 @@ def _prefetch_opts(cfg: dict, w: torch.Tensor, k: int, pdl: bool, dual: bool, k_
     at most DOWN_PREFETCH_MAX_BYTES selected, with k known on the host (a k counted on the device is written by
     the kernel before) and an index of the rows (MODE_DENSE walks them all), and column blocks of whole 128-byte
     lines."""
-    line = 128 // w.element_size()
+    line = min(128 // w.element_size(), cfg["BLOCK_N"])  # a 64-byte column block prefetches its whole line
     small = k * w.shape[1] * w.element_size() <= DOWN_PREFETCH_MAX_BYTES
     on = DOWN_PREFETCH_L2 and pdl and small and not dual and k_ptr is None and idx is not None
     on = on and cfg["BLOCK_N"] % line == 0

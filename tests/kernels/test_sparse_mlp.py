@@ -26,12 +26,16 @@ ACT64 = {
 }
 
 
-@pytest.fixture(params=["default", "large", "split", "split-reduce-in"])
+@pytest.fixture(params=["default", "large", "split", "split-reduce-in", "split-direct"])
 def tiles(request, monkeypatch):
     """'default': the test sizes are small, so batch 1 takes the "gemv_small" tiles; 'large': the "gemv" tiles of
     larger selections; 'split': tiles of 16 (or 8 / 4 where no tl.dot is involved) and no cap on split-K partials;
-    'split-reduce-in': the same with kernel 2's partials summed inside its own launch (`_arrive_and_reduce`)."""
+    'split-reduce-in': the same with kernel 2's partials summed inside its own launch (`_arrive_and_reduce`);
+    'split-direct': the same tiles, but at batch 1 kernel 2 walks all its rows in one program per column block
+    (DOWN_MAX_SPLITS_GEMV = 1: no partials)."""
     monkeypatch.setattr(SM, "DOWN_REDUCE_IN_KERNEL", request.param == "split-reduce-in")
+    if request.param == "split-direct":
+        monkeypatch.setattr(SM, "DOWN_MAX_SPLITS_GEMV", 1)
     if request.param == "large":
         monkeypatch.setattr(SM, "GEMV_SMALL_BYTES", -1)
     elif request.param != "default":
@@ -182,7 +186,20 @@ def test_pdl_matches_reference_and_plain_launches(device, monkeypatch, batch):
     chained += [K.sparse_mlp(x, w1, b1, w2t, b2, idx) for _ in range(2)]
     for y in plain + chained:
         assert torch.equal(y, plain[0])
-    torch.testing.assert_close(plain[0], K.sparse_mlp_reference(x, w1, b1, w2t, b2, idx), atol=5e-3, rtol=5e-3)
+    want = K.sparse_mlp_reference(x, w1, b1, w2t, b2, idx)
+    torch.testing.assert_close(plain[0], want, atol=5e-3, rtol=5e-3)
+    # kernel 2 unsplit (one program per column block writes the output), 32-column blocks that prefetch whole lines
+    monkeypatch.setattr(SM, "DOWN_MAX_SPLITS_GEMV", 1)
+    monkeypatch.setitem(SM.DOWN_TILES, "gemv_small", dict(SM.DOWN_TILES["gemv_small"], BLOCK_N=32))
+    direct = [K.sparse_mlp(x, w1, b1, w2t, b2, idx) for _ in range(2)]
+    monkeypatch.setattr(SM, "DOWN_PREFETCH_L2", True)
+    if batch == 1:
+        cfg = SM.down_config(1, 300, 1536, torch.float16, SM.num_sms(x.device), small=True)
+        assert cfg["SPLITS"] == 1 and SM._prefetch_opts(cfg, w2t, 300, True, False, None, idx)["LINE"] == 32
+    direct += [K.sparse_mlp(x, w1, b1, w2t, b2, idx) for _ in range(2)]
+    for y in direct:
+        assert torch.equal(y, direct[0])
+    torch.testing.assert_close(direct[0], want, atol=5e-3, rtol=5e-3)
 
 
 def test_reduce_in_kernel_resets_its_counters(device, monkeypatch):
