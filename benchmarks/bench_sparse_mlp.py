@@ -128,7 +128,8 @@ def _k2(**kw) -> dict:
 # (UP_PROGRAMS_PER_SM) or 4 warps, so that kernel 2's programs find room beside it sooner, "pdl" = PDL at every batch,
 # "reduce-in" = kernel 2 sums its own split-K partials (no reduce launch), "k2 direct ..." = kernel 2 unsplit at
 # batch 1 (one program per column block writes the output: no partials, no reduce launch), with 4 warps, 32-column
-# blocks or 256-row steps, "k2 2 splits" = at most 2 splits, "k2 n32" = 32-column blocks, "fused ..." = the
+# blocks or 256-row steps, "k2 2 splits" = at most 2 splits, "k2 n32" = 32-column blocks, "k2 .../SM" = more
+# split-K programs per SM (PROGRAMS_PER_SM), "k2 k64/k32" = 64/32-row steps, "fused ..." = the
 # one-launch batch-1 kernel. TEAL, forced sparse at every batch: "walk" = kernel 2 visiting every input row,
 # "compact" = inputs compacted on the device, "compact-in" = only the MLP input compacted, "... pdl" = with PDL;
 # "dense" = the thresholded dense fallback at every batch
@@ -153,6 +154,12 @@ RELU_VARIANTS = {
     "k2 direct n32 k256": {"attrs": {"DOWN_MAX_SPLITS_GEMV": 1, "DOWN_TILES": _k2(BLOCK_N=32, BLOCK_K=256)}},
     "k2 direct n32 4w": {"attrs": {"DOWN_MAX_SPLITS_GEMV": 1, "DOWN_TILES": _k2(BLOCK_N=32, num_warps=4)}},
     "k2 n32": {"attrs": {"DOWN_TILES": _k2(BLOCK_N=32)}},
+    "k2 8/SM": {"attrs": {"PROGRAMS_PER_SM": 8}},
+    "k2 6/SM": {"attrs": {"PROGRAMS_PER_SM": 6}},
+    "k2 k64": {"attrs": {"DOWN_TILES": _k2(BLOCK_K=64)}},
+    "k2 k64 8/SM": {"attrs": {"PROGRAMS_PER_SM": 8, "DOWN_TILES": _k2(BLOCK_K=64)}},
+    "k2 k64 4w 8/SM": {"attrs": {"PROGRAMS_PER_SM": 8, "DOWN_TILES": _k2(BLOCK_K=64, num_warps=4)}},
+    "k2 k32 8/SM": {"attrs": {"PROGRAMS_PER_SM": 8, "DOWN_TILES": _k2(BLOCK_K=32)}},
     "fused r8 d1024": {"fused": {"MAX_BYTES": None, "MAX_ROWS": 8, "PROGRAMS_PER_SM": 1, "BLOCK_D": 1024}, "b1": 1},
 }
 _SPARSE = {"TEAL_MAX_SPARSE_BATCH": 1 << 20}
