@@ -200,9 +200,10 @@ def main() -> int:
     ap.add_argument("--compress", action="store_true", help="with --measure: the search may pick 4-bit weights/cache")
     ap.add_argument("--out-dir", default="benchmarks/out")
     ap.add_argument(
-        "--inline-copies",
-        action="store_true",
-        help="issue the copies from the main thread (no transfer worker threads)",
+        "--copies",
+        choices=("auto", "inline", "threads"),
+        default="auto",
+        help="issue the copies from the main thread or from worker threads (auto: the engine's default)",
     )
     args = ap.parse_args()
 
@@ -236,8 +237,14 @@ def main() -> int:
     total = torch.cuda.get_device_properties(dev).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap * GiB / total), 0)
     t = time.perf_counter()
-    eng = OffloadEngine(bo.random_source(cfg, dev), policy, dev, torch.float16, threads=not args.inline_copies)
-    report["inline_copies"] = args.inline_copies
+    eng = OffloadEngine(
+        bo.random_source(cfg, dev),
+        policy,
+        dev,
+        torch.float16,
+        threads={"auto": None, "inline": False, "threads": True}[args.copies],
+    )
+    report["copies"] = args.copies
     report["build_s"] = time.perf_counter() - t
     report["reserve_s"] = eng.reserve(args.prompt, args.gen)
     report["pin_s"] = eng.arena.pin_s

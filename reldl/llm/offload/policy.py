@@ -516,6 +516,11 @@ class Policy:
     def block_size(self) -> int:
         return self.gpu_batch_size * self.num_gpu_batches
 
+    @property
+    def uses_disk(self) -> bool:
+        """Whether any weights, cache or activations are placed on disk."""
+        return any(p[2] > 0 for p in (self.weights, self.cache, self.activations))
+
     def describe(self) -> str:
         """One line for EXPLAIN."""
 
