@@ -532,8 +532,10 @@ WORKERS = {
 def worker_main(system: str, job_file: str) -> int:
     import faulthandler
 
-    faulthandler.enable()  # a crashing worker (a signal) shows every thread's stack
-    faulthandler.dump_traceback_later(120, repeat=True)  # a stuck worker shows where it is (stderr)
+    # a crashing worker (a signal) shows every thread's stack. No periodic dump_traceback_later: its watchdog
+    # thread reads the other threads' frames without the GIL, and on the H100 run of 2026-11-28 it crashed the
+    # worker (SIGSEGV right after a "Timeout (0:02:00)!" dump with a garbage frame)
+    faulthandler.enable()
     job = json.loads(Path(job_file).read_text())
     t = time.perf_counter()
     try:
