@@ -188,6 +188,28 @@ def summarize(trace: dict, step_marks: list[tuple[float, float]]) -> list[dict]:
     return rows
 
 
+def host_profile(eng, prompts, gen: int, out_dir: Path) -> None:
+    """Where the host's time goes in `gen` generated tokens: cProfile by own time, then by cumulative time, and the
+    decode steps' count of (unit, GPU batch) calls, to out_dir/cprofile.txt."""
+    import cProfile
+    import io
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    eng.generate(prompts, gen)
+    pr.disable()
+    buf = io.StringIO()
+    st = pstats.Stats(pr, stream=buf)
+    st.sort_stats("tottime").print_stats(35)
+    st.sort_stats("cumulative").print_stats(45)
+    calls = (len(prompts) // eng.policy.gpu_batch_size) * eng.num_units * gen
+    steps = [round(s.seconds, 4) for s in eng.stats.steps[-gen:]]
+    head = f"(unit, GPU batch) calls: {calls}; steps {steps}\n"
+    (out_dir / "cprofile.txt").write_text(head + buf.getvalue())
+    print(head + buf.getvalue(), flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=8)
@@ -205,6 +227,12 @@ def main() -> int:
         default="auto",
         help="issue the copies from the main thread or from worker threads (auto: the engine's default)",
     )
+    ap.add_argument("--policy-from", help="a benchmarks/policies JSON: its row for --cap (no search)")
+    ap.add_argument(
+        "--cprofile",
+        action="store_true",
+        help="only the host side: --gen tokens under cProfile (no pinning / CPU-attention / serialised / trace runs)",
+    )
     args = ap.parse_args()
 
     import torch
@@ -215,15 +243,21 @@ def main() -> int:
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = dict(card=torch.cuda.get_device_name(), cpu_attention=cpu_attention_bench())
-    print("cpu attention:", json.dumps(report["cpu_attention"]), flush=True)
-    report["pin"] = pin_bench(args.pin_gib)
-    print("pinning:", json.dumps(report["pin"]), flush=True)
+    report = dict(card=torch.cuda.get_device_name())
+    if not args.cprofile:
+        report["cpu_attention"] = cpu_attention_bench()
+        print("cpu attention:", json.dumps(report["cpu_attention"]), flush=True)
+        report["pin"] = pin_bench(args.pin_gib)
+        print("pinning:", json.dumps(report["pin"]), flush=True)
 
     tmp = Path(tempfile.mkdtemp(prefix="profile-offload-"))
     full = ModelShape.from_config(bo.opt_config(bo.OPT_30B, None, tmp / "full"))
     cfg = bo.opt_config(bo.OPT_30B, args.layers, tmp / "run")
-    if args.measure:
+    if args.policy_from:
+        from bench_offload_baselines import policy_from_fields, policy_from_file
+
+        policy = policy_from_fields(policy_from_file(args.policy_from, args.cap)[0])
+    elif args.measure:
         hw = Hardware.measure("cuda", quick=True).with_memory(gpu=args.cap * GiB, cpu=0.85 * bo.mem_available())
         free = None if args.compress else False
         policy, est = search_policy(full, hw, args.prompt, args.gen, compress_weight=free, compress_cache=free)
@@ -260,6 +294,10 @@ def main() -> int:
         f"wall {report['wall_s']:.2f} s, steps {[round(x, 3) for x in report['steps_s']]}",
         flush=True,
     )
+    if args.cprofile:
+        host_profile(eng, prompts, args.gen, out_dir)
+        eng.close()
+        return 0
     eng.set_profile(True)
     eng.generate(prompts, 4)
     eng.set_profile(False)
