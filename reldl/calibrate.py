@@ -143,7 +143,16 @@ def calibrate(
 
 
 # the offload hardware (reldl/llm/offload/policy.py Hardware) needs a CUDA device for these fields
-OFFLOAD_GPU_FIELDS = ("gpu_mem", "ctog_bw", "gtoc_bw", "gpu_flops", "gpu_mem_bw", "gpu_q4_bw", "gpu_attn_flops")
+OFFLOAD_GPU_FIELDS = (
+    "gpu_mem",
+    "ctog_bw",
+    "gtoc_bw",
+    "gpu_flops",
+    "gpu_mem_bw",
+    "gpu_q4_bw",
+    "gpu_attn_flops",
+    "host_call_s",
+)
 
 
 def measure_offload(quick: bool = True, disk_path: str | None = None) -> tuple[dict[str, float], list[str]]:

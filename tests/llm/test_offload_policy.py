@@ -320,6 +320,44 @@ def test_compressed_weights_stream_at_the_4bit_kernel_rate():
     assert estimate(p16, m, slow, 512, 32).terms == estimate(p16, m, hw, 512, 32).terms
 
 
+def test_host_cost_per_call_bounds_each_unit():
+    """host_call_s: every decoder layer takes at least num_gpu_batches x host_call_s (the executor's host work, one
+    call per GPU batch), the embedding / head twice that; 0 leaves the estimate as it was; a cheaper host never
+    predicts lower throughput, and with a costly host the search prefers fewer, larger GPU batches."""
+    m = ModelShape.opt("30b")
+    hw = _hw(gpu_flops=600e12, gpu_mem_bw=3000e9, gpu_attn_flops=1e12, cpu_attn_flops=5e9)
+    p = Policy(16, 24, weights=(0.9, 0.1, 0.0), cache=(0.0, 1.0, 0.0), compress_weight=True, compress_cache=True)
+    base = estimate(p, m, hw, 512, 32)
+    assert base.terms["decode_host"] == 0.0
+    assert estimate(p, m, Hardware(**{**hw.__dict__, "host_call_s": 0.0}), 512, 32) == base
+    slow = Hardware(**{**hw.__dict__, "host_call_s": 0.01})
+    e = estimate(p, m, slow, 512, 32)
+    assert e.terms["decode_host"] == pytest.approx(24 * 0.01) and e.terms["head_host"] == pytest.approx(2 * 24 * 0.01)
+    assert e.decode_step_s == pytest.approx(m.num_layers * 24 * 0.01 + 2 * 24 * 0.01)  # host-bound at 10 ms a call
+    assert e.prefill_s >= m.num_layers * 24 * 0.01 and e.throughput < base.throughput
+    for host in (1e-4, 1e-3, 3e-3):
+        a = estimate(p, m, Hardware(**{**hw.__dict__, "host_call_s": host}), 512, 32)
+        b = estimate(p, m, Hardware(**{**hw.__dict__, "host_call_s": host / 2}), 512, 32)
+        assert b.throughput >= a.throughput
+    with pytest.raises(ValueError, match="host_call_s"):
+        Hardware(**{**hw.__dict__, "host_call_s": -1.0})
+    # OPT-30B at 16 GB on H100-like links: 24 GPU batches of 16 for a free host, 16 x 24 at 2 ms a call
+    caps = dict(gpu_mem=16 * GiB, cpu_mem=100 * GiB, disk_mem=0.0, ctog_bw=50e9, gtoc_bw=50e9)
+    free = dict(compress_weight=None, compress_cache=None)
+    fast_host = search_policy(m, Hardware(**{**hw.__dict__, **caps}), 512, 32, **free)[0]
+    slow_host = search_policy(m, Hardware(**{**hw.__dict__, **caps, "host_call_s": 0.002}), 512, 32, **free)[0]
+    assert slow_host.num_gpu_batches < fast_host.num_gpu_batches
+
+
+def test_executor_call_overhead_is_measured_on_the_cpu():
+    """reldl.llm.offload.overhead times the executor's decode calls on a tiny model (the CPU stands in here)."""
+    pytest.importorskip("torch")
+    from reldl.llm.offload.overhead import measure_call_overhead
+
+    s = measure_call_overhead("cpu", batches=2, steps=2)
+    assert 0.0 <= s < 0.5
+
+
 def test_the_4bit_rate_follows_the_memory_bandwidth_in_use():
     """Without its own calibrated value, gpu_q4_bw is derived from the gpu_mem_bw actually used (a calibration from
     before the field existed, or the CPU stand-in), never carried over from a preset or a GPU's calibration."""

@@ -13,8 +13,8 @@ Cost model (per layer, as in the paper; all quantities in bytes, FLOPs, seconds)
     T      = prefill + (gen_len - 1) * step        # the prefill emits the first token
     prefill = L * layer(prefill terms) + head(prefill terms)
     step    = L * layer(decode terms)  + head(decode terms)
-    layer(terms) = max(ctog, gtoc, dtoc, ctod, gpu + cpu)   with overlap
-                 = ctog + gtoc + dtoc + ctod + gpu + cpu     without
+    layer(terms) = max(ctog, gtoc, dtoc, ctod, gpu + cpu, host)        with overlap
+                 = max(ctog + gtoc + dtoc + ctod + gpu + cpu, host)  without
     throughput = block_size * gen_len / T          # generated tokens per second
 
 ctog / gtoc: CPU->GPU / GPU->CPU over PCIe, dtoc / ctod: disk->CPU / CPU->disk (the four channels run
@@ -32,6 +32,9 @@ concurrently). Per layer, with W the layer's weight bytes, fractions (g, c, d) o
     bound by re-reading the weights from GPU memory once per GPU batch) + attention FLOPs / gpu_attn_flops;
     cpu = CPU-side attention FLOPs / cpu_attn_flops (decode attention FLOPs: 4 * t * hidden per token).
   - the embedding / LM head is one more "layer" of vocab * hidden weights, placed like the others.
+  - host = num_gpu_batches * host_call_s (the embedding / head: twice that, two units): the executor's host work,
+    one call per unit and GPU batch, which the device cannot run ahead of (reldl.llm.offload.overhead measures it;
+    0 in the presets).
 4-bit compression (groups of 64, fp16 scale and min, reldl.kernels.quant4) stores 0.5 + 4/64 bytes per element;
 dequantization is fused into the GEMM / attention kernels, which are not as fast per byte as fp16 GEMMs: compressed
 weights stream through the GPU matmul at `gpu_q4_bw` (measured with the fused kernel at decode batch sizes) instead
@@ -106,6 +109,9 @@ class Hardware:
     gpu_attn_flops: float
     cpu_attn_flops: float
     gpu_q4_bw: float | None = None  # 4-bit weight bytes/s through the fused matmul (None: Q4_BW_FRACTION * gpu_mem_bw)
+    # host seconds the executor spends per (unit, GPU batch) call (Python, kernel launches, copy bookkeeping), which
+    # the device cannot run ahead of: a layer takes at least num_gpu_batches * host_call_s (0: not modelled)
+    host_call_s: float = 0.0
 
     def __post_init__(self):
         if self.gpu_q4_bw is None:
@@ -274,6 +280,8 @@ def measure_host(device: str = "cuda", disk_path: str | None = None, quick: bool
     """Every Hardware field measured on this host (a dict; see Hardware.measure)."""
     import torch
 
+    from reldl.llm.offload.overhead import measure_call_overhead
+
     if not str(device).startswith("cuda") or not torch.cuda.is_available():
         raise RuntimeError("Hardware.measure needs a CUDA device for the GPU numbers (or build Hardware by hand)")
     size = (32 << 20) if quick else (256 << 20)
@@ -292,6 +300,7 @@ def measure_host(device: str = "cuda", disk_path: str | None = None, quick: bool
         gpu_flops=gflops,
         gpu_mem_bw=gbw,
         gpu_q4_bw=measure_q4(device),
+        host_call_s=measure_call_overhead(device),
         gpu_attn_flops=measure_attention(device, ctx=512 if quick else 2048),
         # at a working set far beyond the CPU caches (24 x 56 heads x 512 slots: 350 MB of fp16 K/V), as decode
         # attention over an offloaded cache is: a cache-resident size overstated it 3x on the H100 box
@@ -649,10 +658,12 @@ def _cost(
     w_bw = np.where(cw, hw.gpu_q4_bw, hw.gpu_mem_bw)  # the GPU matmuls' weight stream
     mm_flops = np.where(cw, Q4_FLOPS_FRACTION * hw.gpu_flops, hw.gpu_flops)
 
-    def combine(ctog, gtoc, dtoc, ctod, gpu, cpu):
+    def combine(ctog, gtoc, dtoc, ctod, gpu, cpu, calls=1.0):
+        """A unit's time: its transfers and compute (overlapped or not), and at least its calls' host time."""
         t = (ctog / hw.ctog_bw, gtoc / hw.gtoc_bw, dtoc / hw.dtoc_bw, ctod / hw.ctod_bw, gpu + cpu)
+        t += (calls * nb * hw.host_call_s,)
         over = np.maximum(np.maximum(np.maximum(t[0], t[1]), np.maximum(t[2], t[3])), t[4])
-        return np.where(overlap, over, t[0] + t[1] + t[2] + t[3] + t[4]), t
+        return np.maximum(np.where(overlap, over, t[0] + t[1] + t[2] + t[3] + t[4]), t[5]), t
 
     # prefill, one decoder layer
     kv_p = bls * s * kv_tok
@@ -680,13 +691,15 @@ def _cost(
         np.where(cpu_attn, off_c * attn / hw.cpu_attn_flops, 0.0),
     )
     # the embedding / LM head (logits of one token per sequence), prefill and decode alike
-    head, head_t = combine(E_moved, 0.0, E_from_disk, 0.0, np.maximum(2 * bls * V * hid / mm_flops, nb * E / w_bw), 0.0)
+    head, head_t = combine(
+        E_moved, 0.0, E_from_disk, 0.0, np.maximum(2 * bls * V * hid / mm_flops, nb * E / w_bw), 0.0, calls=2.0
+    )
     prefill = L * pre_layer + head
     step = L * dec_layer + head
     total = prefill + (n - 1) * step
     thr = _round_key(bls * n / total)
     out.update(prefill_s=prefill, decode_step_s=step, total_s=total, throughput=thr)
-    names = ("ctog", "gtoc", "dtoc", "ctod", "compute")
+    names = ("ctog", "gtoc", "dtoc", "ctod", "compute", "host")
     out.update({f"prefill_{k}": v for k, v in zip(names, pre_t, strict=True)})
     out.update({f"decode_{k}": v for k, v in zip(names, dec_t, strict=True)})
     out.update({f"head_{k}": v for k, v in zip(names, head_t, strict=True)})

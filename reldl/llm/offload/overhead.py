@@ -1,0 +1,91 @@
+"""The offloaded executor's host cost per call, for the cost model's `Hardware.host_call_s`.
+
+The executor works unit by unit and, within a unit, GPU batch by GPU batch: every (decoder layer, GPU batch) call
+costs host time (Python, about a dozen kernel launches, copy bookkeeping) that the device cannot run ahead of. With
+many small GPU batches this host time, not the copies, sets the pace: on the H100 at 16 GB (OPT-30B, 24 GPU batches
+of 16) it was about 1.5-2 ms per call against 1.4 ms of copies (benchmarks/RESULTS.md, session 8).
+
+Measured on a tiny random OPT (hidden size 64), where the device work per call is negligible: the decode step of a
+model with more decoder layers minus that of one with fewer, per added (layer, GPU batch) call, under a policy that
+takes the offloaded paths (4-bit weights split over GPU and CPU, 4-bit cache and hidden states on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import zlib
+from pathlib import Path
+
+import torch
+
+from reldl.llm.config import parse_config
+from reldl.llm.offload.layers import units
+from reldl.llm.offload.policy import Policy
+from reldl.llm.offload.tiers import MemorySource
+
+TINY_OPT = dict(hidden_size=64, num_attention_heads=4, ffn_dim=128, vocab_size=128, max_position_embeddings=64)
+MEASURE_POLICY = dict(
+    weights=(0.5, 0.5, 0.0),
+    cache=(0.0, 1.0, 0.0),
+    activations=(0.0, 1.0, 0.0),
+    compress_weight=True,
+    compress_cache=True,
+)
+
+
+def tiny_opt_source(layers: int, directory: Path, device: torch.device, dtype: torch.dtype) -> MemorySource:
+    """A random-weight OPT of `layers` layers (TINY_OPT sizes), made on `device` when asked for."""
+    cfg = dict(
+        model_type="opt",
+        architectures=["OPTForCausalLM"],
+        num_hidden_layers=layers,
+        word_embed_proj_dim=TINY_OPT["hidden_size"],
+        do_layer_norm_before=True,
+        enable_bias=True,
+        activation_function="relu",
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=1,
+        **TINY_OPT,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    config = parse_config(directory)
+    h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    by_key = {"tok": (v, h), "lm_head": (v, h), "pos": (config.max_positions + 2, h), "fc1": (f, h), "fc2": (h, f)}
+    by_key.update({"fc1.b": (f,)}, **{k: (h, h) for k in ("q", "k", "v", "o")})
+    shapes = {name: by_key.get(key, (h,)) for _, entries in units(config) for key, name in entries}
+
+    def make(name: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        t = torch.randn(shapes[name], generator=g) * 0.02 if len(shapes[name]) == 2 else torch.ones(shapes[name])
+        return t.to(device, dtype)
+
+    return MemorySource(config, make, list(shapes), shapes=shapes)
+
+
+def _decode_step_s(layers: int, root: Path, device: torch.device, batches: int, steps: int) -> float:
+    from reldl.llm.offload.executor import OffloadEngine
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    policy = Policy(2, batches, **MEASURE_POLICY)
+    prompts = [[3 + (7 * i + j) % 100 for j in range(6)] for i in range(policy.block_size)]
+    with OffloadEngine(tiny_opt_source(layers, root / f"l{layers}", device, dtype), policy, device, dtype) as eng:
+        eng.eos = set()  # random weights: no sequence may stop early
+        eng.generate(prompts, 3)  # compiles every kernel, makes the block buffers
+        eng.generate(prompts, steps + 1)
+        return statistics.median(s.seconds for s in eng.stats.steps[1:])
+
+
+def measure_call_overhead(device: str | torch.device = "cuda", batches: int = 8, steps: int = 6) -> float:
+    """Host seconds per (decoder layer, GPU batch) call of a decode step (see the module docstring): decode steps
+    of a 6-layer and a 2-layer tiny OPT under the same policy with `batches` GPU batches, their difference over
+    4 x `batches` calls (the embedding and head units cancel out). Medians of `steps` steps; at least 0."""
+    device = torch.device(device)
+    with tempfile.TemporaryDirectory(prefix="reldl-overhead-") as d:
+        few = _decode_step_s(2, Path(d), device, batches, steps)
+        many = _decode_step_s(6, Path(d), device, batches, steps)
+    return max(0.0, (many - few) / (4 * batches))
