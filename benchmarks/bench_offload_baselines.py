@@ -165,6 +165,7 @@ def run_reldl(job: dict) -> dict:
             # the conservative figure: as if the block buffers were made inside the measured call
             wall_plus_reserve_throughput=n * job["gen"] / (wall + reserve_s),
             decode_steps_s=[s.seconds for s in steps[1:]],
+            copy_threads=eng.mover.threads,  # copies from worker threads (True) or the main thread
             own=dict(
                 prefill_s=steps[0].seconds,
                 decode_s=dec,

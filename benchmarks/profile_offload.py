@@ -189,8 +189,8 @@ def summarize(trace: dict, step_marks: list[tuple[float, float]]) -> list[dict]:
 
 
 def host_profile(eng, prompts, gen: int, out_dir: Path) -> None:
-    """Where the host's time goes in `gen` generated tokens: cProfile by own time, then by cumulative time, and the
-    decode steps' count of (unit, GPU batch) calls, to out_dir/cprofile.txt."""
+    """Where the host's time goes in a `gen`-token run (the prefill included): cProfile by own time, then by
+    cumulative time, with the count of (unit, GPU batch) calls and every step's seconds, to out_dir/cprofile.txt."""
     import cProfile
     import io
     import pstats
@@ -256,7 +256,10 @@ def main() -> int:
     if args.policy_from:
         from bench_offload_baselines import policy_from_fields, policy_from_file
 
-        policy = policy_from_fields(policy_from_file(args.policy_from, args.cap)[0])
+        found = policy_from_file(args.policy_from, args.cap)
+        if found is None:
+            raise SystemExit(f"{args.policy_from}: no policy row for --cap {args.cap:g}")
+        policy = policy_from_fields(found[0])
     elif args.measure:
         hw = Hardware.measure("cuda", quick=True).with_memory(gpu=args.cap * GiB, cpu=0.85 * bo.mem_available())
         free = None if args.compress else False
@@ -296,7 +299,9 @@ def main() -> int:
     )
     if args.cprofile:
         host_profile(eng, prompts, args.gen, out_dir)
+        (out_dir / "profile_offload.json").write_text(json.dumps(report, indent=1, default=str))
         eng.close()
+        shutil.rmtree(tmp, ignore_errors=True)
         return 0
     eng.set_profile(True)
     eng.generate(prompts, 4)

@@ -1000,8 +1000,9 @@ def _prefetch_opts(cfg: dict, w: torch.Tensor, k: int, pdl: bool, dual: bool, k_
     `sparse_mlp`'s PDL chain (`pdl` passed explicitly: there kernel 1 waits for the kernel that wrote the index
     before it lets kernel 2 launch; the module-wide PDL flag alone gives no such order), for one weight matrix of
     at most DOWN_PREFETCH_MAX_BYTES selected, with k known on the host (a k counted on the device is written by
-    the kernel before) and an index of the rows (MODE_DENSE walks them all), and column blocks of whole 128-byte
-    lines."""
+    the kernel before) and an index of the rows (MODE_DENSE walks them all). A column block spans whole 128-byte
+    lines (one prefetch per line) or lies within one (one prefetch of that line per row; neighbouring blocks ask
+    for the same line)."""
     line = min(128 // w.element_size(), cfg["BLOCK_N"])  # a 64-byte column block prefetches its whole line
     small = k * w.shape[1] * w.element_size() <= DOWN_PREFETCH_MAX_BYTES
     on = DOWN_PREFETCH_L2 and pdl and small and not dual and k_ptr is None and idx is not None

@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -328,8 +330,10 @@ def test_host_cost_per_call_bounds_each_unit():
     hw = _hw(gpu_flops=600e12, gpu_mem_bw=3000e9, gpu_attn_flops=1e12, cpu_attn_flops=5e9)
     p = Policy(16, 24, weights=(0.9, 0.1, 0.0), cache=(0.0, 1.0, 0.0), compress_weight=True, compress_cache=True)
     base = estimate(p, m, hw, 512, 32)
-    assert base.terms["decode_host"] == 0.0
-    assert estimate(p, m, Hardware(**{**hw.__dict__, "host_call_s": 0.0}), 512, 32) == base
+    assert hw.host_call_s == 0.0 and base.terms["decode_host"] == 0.0
+    chans = ("ctog", "gtoc", "dtoc", "ctod", "compute")  # without a host term: the paper's max over the channels
+    unit = {u: max(base.terms[f"{u}_{c}"] for c in chans) for u in ("decode", "head")}
+    assert base.decode_step_s == pytest.approx(m.num_layers * unit["decode"] + unit["head"], rel=1e-9)
     slow = Hardware(**{**hw.__dict__, "host_call_s": 0.01})
     e = estimate(p, m, slow, 512, 32)
     assert e.terms["decode_host"] == pytest.approx(24 * 0.01) and e.terms["head_host"] == pytest.approx(2 * 24 * 0.01)
@@ -339,8 +343,9 @@ def test_host_cost_per_call_bounds_each_unit():
         a = estimate(p, m, Hardware(**{**hw.__dict__, "host_call_s": host}), 512, 32)
         b = estimate(p, m, Hardware(**{**hw.__dict__, "host_call_s": host / 2}), 512, 32)
         assert b.throughput >= a.throughput
-    with pytest.raises(ValueError, match="host_call_s"):
-        Hardware(**{**hw.__dict__, "host_call_s": -1.0})
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="host_call_s"):
+            Hardware(**{**hw.__dict__, "host_call_s": bad})
     # OPT-30B at 16 GB on H100-like links: 24 GPU batches of 16 for a free host, 16 x 24 at 2 ms a call
     caps = dict(gpu_mem=16 * GiB, cpu_mem=100 * GiB, disk_mem=0.0, ctog_bw=50e9, gtoc_bw=50e9)
     free = dict(compress_weight=None, compress_cache=None)
@@ -352,10 +357,15 @@ def test_host_cost_per_call_bounds_each_unit():
 def test_executor_call_overhead_is_measured_on_the_cpu():
     """reldl.llm.offload.overhead times the executor's decode calls on a tiny model (the CPU stands in here)."""
     pytest.importorskip("torch")
-    from reldl.llm.offload.overhead import measure_call_overhead
+    import torch
 
-    s = measure_call_overhead("cpu", batches=2, steps=2)
-    assert 0.0 <= s < 0.5
+    from reldl.llm.offload.overhead import _decode_step_s, measure_call_overhead
+
+    with tempfile.TemporaryDirectory() as d:  # more decoder layers: more calls, a longer step
+        assert _decode_step_s(6, Path(d), torch.device("cpu"), 4, 3) > _decode_step_s(
+            2, Path(d), torch.device("cpu"), 4, 3
+        )
+    assert 0.0 <= measure_call_overhead("cpu", batches=2, steps=2, rounds=1) < 0.5
 
 
 def test_the_4bit_rate_follows_the_memory_bandwidth_in_use():

@@ -312,7 +312,7 @@ class OffloadEngine:
     `threads`: worker threads for the transfers. Default: only on CUDA with a disk share in the policy, where a copy
     stages through pinned memory on the host and would block the schedule; pinned copies are asynchronous already,
     and issuing them from the main thread avoided a thread handoff per copy (H100, OPT-30B at 40 GB, full depth:
-    decode steps 0.105 -> 0.075 s; benchmarks/RESULTS.md). `profile`: see the module docstring.
+    decode steps 0.108 -> 0.076 s; benchmarks/RESULTS.md). `profile`: see the module docstring.
     """
 
     def __init__(

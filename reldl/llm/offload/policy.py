@@ -121,6 +121,8 @@ class Hardware:
             if math.isnan(v) or v < 0 or (f.name.endswith(("bw", "flops")) and v == 0):
                 raise ValueError(f"Hardware.{f.name} must be {'>' if f.name.endswith(('bw', 'flops')) else '>='} 0")
             object.__setattr__(self, f.name, v)
+        if math.isinf(self.host_call_s):
+            raise ValueError("Hardware.host_call_s must be finite")
 
     def with_memory(self, gpu: float | None = None, cpu: float | None = None, disk: float | None = None) -> Hardware:
         return replace(
