@@ -77,7 +77,8 @@ GiB = 1 << 30
 # "reldl-inline" / "reldl-threads": reldl with its host<->device copies issued from the main thread
 # (OffloadEngine(threads=False)) or from worker threads (threads=True): the same streams and events; "reldl" takes
 # the engine's default (worker threads only where the policy places something on disk)
-SYSTEMS = ("reldl", "reldl-inline", "reldl-threads", "flexgen", "accelerate")
+# "reldl-unfused": q, k and v as three matrices (policy.FUSE_QKV off; the default fuses them without a disk share)
+SYSTEMS = ("reldl", "reldl-inline", "reldl-threads", "reldl-unfused", "flexgen", "accelerate")
 TARGETS = {"flexgen": 1.2, "accelerate": 10.0}
 
 
@@ -124,6 +125,9 @@ def run_reldl(job: dict) -> dict:
 
     cpu = job["preset"] == "cpu"
     dev = torch.device("cpu" if cpu else "cuda", None if cpu else 0)
+    from reldl.llm.offload import policy as policy_mod
+
+    policy_mod.FUSE_QKV = job.get("fuse_qkv", True)
     policy = policy_from_fields(job["policy_fields"])
     tmp = Path(tempfile.mkdtemp(prefix="baselines-reldl-"))
     cfg = bo.opt_config(dims_for(job["preset"]), job["layers"], tmp / "cfg")
@@ -166,6 +170,7 @@ def run_reldl(job: dict) -> dict:
             wall_plus_reserve_throughput=n * job["gen"] / (wall + reserve_s),
             decode_steps_s=[s.seconds for s in steps[1:]],
             copy_threads=eng.mover.threads,  # copies from worker threads (True) or the main thread
+            fused_qkv="qkv" in eng.weights.placed[1] if len(eng.weights.placed) > 2 else None,
             own=dict(
                 prefill_s=steps[0].seconds,
                 decode_s=dec,
@@ -525,6 +530,7 @@ WORKERS = {
     "reldl": run_reldl,
     "reldl-inline": lambda job: run_reldl(dict(job, threads=False)),
     "reldl-threads": lambda job: run_reldl(dict(job, threads=True)),
+    "reldl-unfused": lambda job: run_reldl(dict(job, fuse_qkv=False)),
     "flexgen": run_flexgen,
     "accelerate": run_accelerate,
 }

@@ -245,14 +245,17 @@ def test_cost_model_charges_the_placement_the_executor_makes(request, family):
     """For fractions across the search grid, each decoder layer's bytes per tier in a real WeightStore match the
     cost model's `placed_shares` of the layer's matrices (the biases and norms it leaves out fill leftover room:
     at these tiny widths they are a few % of a layer), and the embedding / head units' stored bytes match
-    `head_placement`."""
-    from reldl.llm.offload.policy import ModelShape, head_placement, placed_shares
+    `head_placement`. Without a disk share the executor fuses q, k and v into one matrix, and so does the model."""
+    from reldl.llm.offload.policy import ModelShape, fuses_qkv, head_placement, placed_shares
 
     m = request.getfixturevalue(family)
     for frac in [(0.85, 0.15, 0.0), (0.0, 0.5, 0.5), (0.25, 0.25, 0.5), (0.5, 0.0, 0.5), (0.6, 0.4, 0.0), (1, 0, 0)]:
         with OffloadEngine(m.path, Policy(2, 2, weights=frac)) as eng:
             shape = ModelShape.from_config(eng.config, dtype_bytes=4)
-            want = placed_shares([shape.layer_tensors()], frac)
+            want = placed_shares([shape.layer_tensors(fuses_qkv(frac))], frac)
+            assert ("qkv" in eng.weights.placed[1]) == (frac[2] == 0) and ("q" in eng.weights.placed[1]) != (
+                frac[2] == 0
+            )
             for ub in eng.weights.unit_bytes[1:-1]:
                 total = sum(ub.values())
                 got = tuple(ub[t] / total for t in ("gpu", "cpu", "disk"))

@@ -205,10 +205,11 @@ def test_calibrate_stores_offload_keys(conn, opt_ckpt, tmp_path):
 
 
 def test_explain_shows_weights_as_placed():
-    """A policy share that whole tensors cannot meet (85% of an OPT-30B layer on the GPU: its four 4h x h matrices
-    and the attention projections) is shown as placed; a share they meet exactly (all on the GPU) adds no line."""
+    """A policy share that whole tensors cannot meet (85% of an OPT-30B layer on the GPU: its two 4h x h matrices
+    and the fused q/k/v and o projections) is shown as placed; a share they meet exactly (all on the GPU) adds no
+    line."""
     shape = ModelShape.opt("30b")
     line = offload_sql.placed_weight_line(shape, Policy(8, weights=(0.85, 0.15, 0.0)))
-    gpu = placed_shares([shape.layer_tensors()], (0.85, 0.15, 0.0))[0]
+    gpu = placed_shares([shape.layer_tensors(fused_qkv=True)], (0.85, 0.15, 0.0))[0]  # no disk share: q, k, v fused
     assert line is not None and line.endswith(f"{round(100 * gpu)}/{100 - round(100 * gpu)}/0") and gpu < 0.85
     assert offload_sql.placed_weight_line(shape, Policy(8)) is None

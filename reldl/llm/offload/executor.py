@@ -12,11 +12,12 @@ happens right before its use.
 Placement (fractions on gpu / cpu / disk, as the policy gives them):
 - Weights: per unit, tensor by tensor (`policy.unit_tiers`): largest first, to the GPU while the GPU's bytes stay
   within its share of the unit, else to the CPU within its share, else to disk (the cost model charges this
-  placement, `policy.placed_shares`). "disk" tensors are the checkpoint's own memory-mapped bytes when the dtypes match
-  (zero copies until the transfer's staging copy), else a file written once into the offload directory. With
-  `compress_weight` every matrix (linears and embedding tables; not norms or biases) is quantized once at load
-  (kernels.quant4, groups of 64) and only the `Quantized4` parts are placed, moved and read: linears run the fused
-  dequantizing GEMM, embeddings dequantize the gathered rows.
+  placement, `policy.placed_shares`). Without a disk share a decoder layer's q, k and v (and biases) are placed as
+  one stacked matrix (`fuse_qkv_entries`: one GEMM launch instead of three). "disk" tensors are the checkpoint's own
+  memory-mapped bytes when the dtypes match (zero copies until the transfer's staging copy), else a file written
+  once into the offload directory. With `compress_weight` every matrix (linears and embedding tables; not norms or
+  biases) is quantized once at load (kernels.quant4, groups of 64) and only the `Quantized4` parts are placed, moved
+  and read: linears run the fused dequantizing GEMM, embeddings dequantize the gathered rows.
 - KV cache: dense per (layer, GPU batch), laid out [slots, batch, kv_heads, head_dim] so a prefix is contiguous;
   split along the KV heads by the fractions (each head's attention is independent, so per-segment outputs are just
   concatenated). "disk" is a memory-mapped file in the offload directory: reads and writes go through the page
@@ -59,7 +60,7 @@ from reldl.kernels.quant4 import (
 from reldl.kernels.quant4_attention import decode_splits, quant4_decode_attention, quantize_kv_4bit_into
 from reldl.llm.engine import encode_texts
 from reldl.llm.offload import layers
-from reldl.llm.offload.policy import Policy, unit_tiers
+from reldl.llm.offload.policy import Policy, fuses_qkv, unit_tiers
 from reldl.llm.offload.tiers import TIERS, Arena, CheckpointSource, DiskPool, MemorySource, Mover, _total, nbytes
 from reldl.llm.rope import Rotary
 
@@ -112,18 +113,21 @@ class WeightStore:
         self.bytes = {t: 0 for t in TIERS}
         self.checkpoint_mapped = 0  # disk-tier bytes read straight from the checkpoint's files
         self.unit_bytes: list[dict[str, int]] = []
-        shared: dict[tuple[str, str, bool], object] = {}
+        shared: dict[tuple, object] = {}
+        fuse = fuses_qkv(policy.weights)
         for _, entries in self.units:
+            if fuse:
+                entries = fuse_qkv_entries(entries)
             # shapes first, tensors one at a time: a source that makes its tensors on the GPU (random weights)
             # never holds a whole layer's fp16 weights beside the ones already placed
-            shapes = [tuple(source.shape(name)) for _, name in entries]
+            shapes = [_entry_shape(source, name) for _, name in entries]
             compress = [policy.compress_weight and len(sh) == 2 for sh in shapes]
             sizes = [_qbytes(sh, dtype) if c else math.prod(sh) * _esize(dtype) for sh, c in zip(shapes, compress)]
             unit, ub = {}, {t: 0 for t in TIERS}
             for (key, name), c, size, tier in zip(entries, compress, sizes, unit_tiers(sizes, policy.weights)):
                 sk = (name, tier, c)
                 if sk not in shared:
-                    shared[sk] = self._place(tier, source.get(name), c, source.mapped(name))
+                    shared[sk] = self._place(tier, _entry_tensor(source, name), c, _entry_mapped(source, name))
                     self.bytes[tier] += size
                 unit[key] = (tier, shared[sk])
                 ub[tier] += size
@@ -160,6 +164,38 @@ class WeightStore:
             pairs += [(d, s, tier == "disk") for d, s in zip(_parts(dst), _parts(val))]
             out[key] = dst
         return out, (self.mover.load(pairs) if pairs else None)
+
+
+def fuse_qkv_entries(entries: list[tuple[str, str]]) -> list[tuple[str, object]]:
+    """A unit's (key, tensor name) entries with q, k and v (and their biases, when all three have one) as one
+    entry "qkv" ("qkv.b") whose name is the tuple of the three: stacked along the output rows at placement. A unit
+    without all three, or with biases on only some, is left as it is."""
+    names = dict(entries)
+    if not all(k in names for k in ("q", "k", "v")):
+        return entries
+    has_b = [f"{k}.b" in names for k in ("q", "k", "v")]
+    if any(has_b) and not all(has_b):
+        return entries
+    fused = {"q": ("qkv", (names["q"], names["k"], names["v"]))}
+    if all(has_b):
+        fused["q.b"] = ("qkv.b", (names["q.b"], names["k.b"], names["v.b"]))
+    drop = {"k", "v", "k.b", "v.b"}
+    return [fused.get(key, (key, name)) for key, name in entries if key not in drop]
+
+
+def _entry_shape(source, name) -> tuple[int, ...]:
+    if isinstance(name, tuple):
+        shapes = [tuple(source.shape(n)) for n in name]
+        return (sum(s[0] for s in shapes), *shapes[0][1:])
+    return tuple(source.shape(name))
+
+
+def _entry_tensor(source, name) -> torch.Tensor:
+    return torch.cat([source.get(n) for n in name]) if isinstance(name, tuple) else source.get(name)
+
+
+def _entry_mapped(source, name) -> bool:
+    return not isinstance(name, tuple) and source.mapped(name)
 
 
 def _esize(dtype: torch.dtype) -> int:

@@ -166,6 +166,14 @@ def _by_tokens(fn, h: torch.Tensor) -> torch.Tensor:
     return out.reshape(*h.shape[:-1], out.shape[-1])
 
 
+def _qkv(w: Weights, h: torch.Tensor, q_dim: int, kv_dim: int) -> tuple[torch.Tensor, ...]:
+    """The q, k and v projections of h: one GEMM over the fused "qkv" matrix where the executor stored one (its
+    outputs are column slices of one tensor), else three."""
+    if "qkv" in w:
+        return tuple(linear(h, w["qkv"], w.get("qkv.b")).split([q_dim, kv_dim, kv_dim], dim=-1))
+    return tuple(linear(h, w[key], w.get(f"{key}.b")) for key in ("q", "k", "v"))
+
+
 def layer(
     cfg: ModelConfig, w: Weights, x: torch.Tensor, attend: Attend, positions: torch.Tensor, rope=None
 ) -> torch.Tensor:
@@ -177,10 +185,8 @@ def layer(
         act = activation(cfg.activation)
 
         def attn(h):
-            q = linear(h, w["q"], g("q.b")).view(B, T, H, D)
-            k = linear(h, w["k"], g("k.b")).view(B, T, H, D)
-            v = linear(h, w["v"], g("v.b")).view(B, T, H, D)
-            return linear(attend(q, k, v), w["o"], g("o.b"))
+            q, k, v = _qkv(w, h, H * D, KVH * D)
+            return linear(attend(q.view(B, T, H, D), k.view(B, T, H, D), v.view(B, T, H, D)), w["o"], g("o.b"))
 
         def mlp(h):
             return _by_tokens(lambda t: linear(act(linear(t, w["fc1"], g("fc1.b"))), w["fc2"], g("fc2.b")), h)
@@ -195,9 +201,10 @@ def layer(
         return ln(x + mlp(x), "ln2")
     # llama family
     h = rms_norm(x, w["ln1"], cfg.norm_eps)
-    q = rope(linear(h, w["q"], g("q.b")).view(B, T, H, D), positions)
-    k = rope(linear(h, w["k"], g("k.b")).view(B, T, KVH, D), positions)
-    v = linear(h, w["v"], g("v.b")).view(B, T, KVH, D)
+    q, k, v = _qkv(w, h, H * D, KVH * D)
+    q = rope(q.view(B, T, H, D), positions)
+    k = rope(k.view(B, T, KVH, D), positions)
+    v = v.view(B, T, KVH, D)
     x = x + linear(attend(q, k, v), w["o"], g("o.b"))
     h = rms_norm(x, w["ln2"], cfg.norm_eps)
     act = activation(cfg.activation)

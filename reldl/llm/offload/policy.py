@@ -376,10 +376,12 @@ class ModelShape:
     def params(self) -> int:
         return self.num_layers * self.layer_params + self.head_params
 
-    def layer_tensors(self) -> tuple[int, ...]:
-        """Elements of one layer's weight matrices, in the executor's placement order (q, k, v, o, then the MLP)."""
+    def layer_tensors(self, fused_qkv: bool = False) -> tuple[int, ...]:
+        """Elements of one layer's weight matrices, in the executor's placement order (q, k, v, o, then the MLP;
+        with `fused_qkv`, q, k and v as one matrix: see `fuses_qkv`)."""
         h, kv, f = self.hidden, self.kv_dim, self.ffn
-        return (h * h, h * kv, h * kv, h * h) + ((f * h,) * (3 if self.gated_mlp else 2))
+        attn = (h * (h + 2 * kv), h * h) if fused_qkv else (h * h, h * kv, h * kv, h * h)
+        return attn + ((f * h,) * (3 if self.gated_mlp else 2))
 
     def head_units(self) -> tuple[tuple[int, ...], ...]:
         """The embedding unit's and the LM head unit's weight matrices (a tied head is placed with its unit too)."""
@@ -418,6 +420,17 @@ class ModelShape:
 
 
 # --------------------------------------------------------------------------------------------------- placement
+
+
+# the executor stores a layer's q, k and v projections as one matrix (one GEMM launch instead of three: with many
+# small GPU batches the host's launches set a decode step's pace, benchmarks/RESULTS.md session 8), except where
+# weights may go to disk, whose tensors are the checkpoint's own memory-mapped bytes (a fused matrix is not)
+FUSE_QKV = True
+
+
+def fuses_qkv(weights: Sequence[float]) -> bool:
+    """Whether the executor fuses each layer's q, k and v under these weight fractions (gpu, cpu, disk)."""
+    return FUSE_QKV and weights[2] == 0
 
 
 def unit_tiers(sizes: Sequence[int], fractions: Sequence[float]) -> list[str]:
@@ -471,9 +484,13 @@ def head_placement(model: ModelShape, fractions: Sequence[float]) -> tuple[float
     return (stored["gpu"], stored["cpu"], stored["disk"], sum(moved), sum(disk), max(moved), max(disk))
 
 
-@functools.lru_cache(maxsize=4096)
 def _layer_shares(model: ModelShape, fractions: tuple[float, float, float]) -> tuple[float, float, float]:
-    return placed_shares([model.layer_tensors()], fractions)
+    return _layer_shares_of(model, fractions, fuses_qkv(fractions))
+
+
+@functools.lru_cache(maxsize=4096)
+def _layer_shares_of(model: ModelShape, fractions: tuple, fused: bool) -> tuple[float, float, float]:
+    return placed_shares([model.layer_tensors(fused)], fractions)
 
 
 @functools.lru_cache(maxsize=4096)
