@@ -67,17 +67,31 @@ def tiny_opt_source(layers: int, directory: Path, device: torch.device, dtype: t
     return MemorySource(config, make, list(shapes), shapes=shapes)
 
 
-def _decode_step_s(layers: int, root: Path, device: torch.device, batches: int, steps: int) -> float:
+def _engine(layers: int, root: Path, device: torch.device, batches: int):
+    """An engine over a tiny OPT under the measuring policy, its kernels compiled and block buffers made."""
     from reldl.llm.offload.executor import OffloadEngine
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     policy = Policy(2, batches, **MEASURE_POLICY)
-    prompts = [[3 + (7 * i + j) % 100 for j in range(6)] for i in range(policy.block_size)]
-    with OffloadEngine(tiny_opt_source(layers, root / f"l{layers}", device, dtype), policy, device, dtype) as eng:
-        eng.eos = set()  # random weights: no sequence may stop early
-        eng.generate(prompts, 3)  # compiles every kernel, makes the block buffers
-        eng.generate(prompts, steps + 1)
-        return min(s.seconds for s in eng.stats.steps[1:])  # the least disturbed step
+    eng = OffloadEngine(tiny_opt_source(layers, root / f"l{layers}", device, dtype), policy, device, dtype)
+    eng.eos = set()  # random weights: no sequence may stop early
+    eng.generate(_prompts(policy.block_size), 3)  # compiles every kernel, makes the block buffers
+    return eng
+
+
+def _prompts(n: int) -> list[list[int]]:
+    return [[3 + (7 * i + j) % 100 for j in range(6)] for i in range(n)]
+
+
+def _fastest_step_s(eng, steps: int) -> float:
+    eng.generate(_prompts(eng.policy.block_size), steps + 1)
+    return min(s.seconds for s in eng.stats.steps[1:])  # the least disturbed decode step
+
+
+def _decode_step_s(layers: int, root: Path, device: torch.device, batches: int, steps: int) -> float:
+    """The fastest of `steps` decode steps of a `layers`-layer tiny OPT with `batches` GPU batches."""
+    with _engine(layers, root, device, batches) as eng:
+        return _fastest_step_s(eng, steps)
 
 
 def measure_call_overhead(
@@ -86,13 +100,14 @@ def measure_call_overhead(
     """Host seconds per (decoder layer, GPU batch) call of a decode step (see the module docstring): the fastest
     decode step of a 6-layer and of a 2-layer tiny OPT under the same policy with `batches` GPU batches, their
     difference over 4 x `batches` calls (the embedding and head units cancel out); the median of `rounds` such
-    differences, at least 0. The per-unit host work (one weight fetch per unit) is spread over the batches, so
-    the figure is for policies of about `batches` GPU batches; the offloaded paths it times are the costliest."""
+    differences (each engine built once), at least 0. The per-unit host work (one weight fetch per unit) is spread
+    over the batches, so the figure is for policies of about `batches` GPU batches; the offloaded paths it times are
+    the costliest."""
     device = torch.device(device)
-    per_call = []
-    with tempfile.TemporaryDirectory(prefix="reldl-overhead-") as d:
-        for r in range(rounds):
-            few = _decode_step_s(2, Path(d) / str(r), device, batches, steps)
-            many = _decode_step_s(6, Path(d) / str(r), device, batches, steps)
-            per_call.append((many - few) / (4 * batches))
+    with (
+        tempfile.TemporaryDirectory(prefix="reldl-overhead-") as d,
+        _engine(2, Path(d), device, batches) as few,
+        _engine(6, Path(d), device, batches) as many,
+    ):
+        per_call = [(_fastest_step_s(many, steps) - _fastest_step_s(few, steps)) / (4 * batches) for _ in range(rounds)]
     return max(0.0, statistics.median(per_call))

@@ -484,8 +484,10 @@ def head_placement(model: ModelShape, fractions: Sequence[float]) -> tuple[float
     return (stored["gpu"], stored["cpu"], stored["disk"], sum(moved), sum(disk), max(moved), max(disk))
 
 
-def _layer_shares(model: ModelShape, fractions: tuple[float, float, float]) -> tuple[float, float, float]:
-    return _layer_shares_of(model, fractions, fuses_qkv(fractions))
+def layer_shares(model: ModelShape, fractions: Sequence[float]) -> tuple[float, float, float]:
+    """A decoder layer's GPU / CPU / disk shares of its matrices as the executor places them under these weight
+    fractions (q, k and v fused where `fuses_qkv`): what the cost model charges and EXPLAIN shows."""
+    return _layer_shares_of(model, tuple(fractions), fuses_qkv(fractions))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -633,7 +635,7 @@ def _cost(
     # units' stored elements per tier and elements streamed per step
     # (cached per model and fractions: a search evaluates the same fraction grid for every batch shape)
     hp = _per_fractions(functools.partial(_head_shares, model), wg, wc, wd)
-    wg, wc, wd = _per_fractions(functools.partial(_layer_shares, model), wg, wc, wd)
+    wg, wc, wd = _per_fractions(functools.partial(layer_shares, model), wg, wc, wd)
     wbe = np.where(cw, COMPRESSED_BYTES, b)  # bytes per weight element
     cbe = np.where(ck, COMPRESSED_BYTES, b)  # bytes per cache element
     W = f64(model.layer_params) * wbe  # one layer's weights

@@ -38,9 +38,8 @@ from reldl.llm.offload.policy import (
     ModelShape,
     Policy,
     estimate,
-    fuses_qkv,
+    layer_shares,
     memory,
-    placed_shares,
     search_policy,
 )
 
@@ -411,7 +410,7 @@ def placed_weight_line(shape: ModelShape, policy: Policy) -> str | None:
     """Weights are placed whole tensors at a time (`policy.unit_tiers`), so a decoder layer's actual GPU / CPU /
     disk shares can differ from the policy's fractions: the shares the placement gives (and the cost model charges),
     or None where they equal the fractions."""
-    shares = placed_shares([shape.layer_tensors(fuses_qkv(policy.weights))], policy.weights)
+    shares = layer_shares(shape, policy.weights)
     if all(abs(a - b) < 0.005 for a, b in zip(shares, policy.weights, strict=True)):
         return None
     pct = "/".join(f"{round(100 * v):d}" for v in shares)

@@ -12,11 +12,11 @@ ordinary CPU tensors and every copy is a plain synchronous copy, so each tier st
   cache and activation buffers, reused across blocks and generate calls: pinning 8 GB of fresh host memory costs
   seconds). Large pinned buffers are faulted in by all CPU threads (and asked for transparent huge pages) before
   cudaHostRegister, which would otherwise fault them in one page at a time on one thread.
-- `Mover`: asynchronous host<->device copies. On CUDA, loads (host -> device) run on their own stream from a
-  worker thread, stores (device -> host) on another stream from a second worker thread; pageable or memory-mapped
-  sources go through a pinned staging buffer (torch's caching host allocator keeps it alive until its copy is
-  done). Ordering: a load's destination is allocated on the compute stream by the caller, and the load stream
-  waits for an event recorded at that moment, so memory the allocator recycled is never written while earlier
+- `Mover`: asynchronous host<->device copies. On CUDA, loads (host -> device) run on their own stream, stores
+  (device -> host) on another, issued inline or (`threads=True`) from a load and a store worker thread; pageable or
+  memory-mapped sources go through a pinned staging buffer (torch's caching host allocator keeps it alive until its
+  copy is done). Ordering: a load's destination is allocated on the compute stream by the caller, and the load
+  stream waits for an event recorded at that moment, so memory the allocator recycled is never written while earlier
   compute still reads it; the compute stream waits for the load's event before using the data (`Mover.wait`); a
   store waits for an event recorded on the compute stream after the producing kernels, and marks its source with
   `record_stream` so the allocator does not recycle it before the copy ends; a load that reads what a store wrote
@@ -374,17 +374,16 @@ class _Done:
 class Mover:
     """Host <-> device copies; see the module docstring for the stream and event ordering.
 
-    `threads`: run jobs on worker threads (default: on CUDA). On the CPU every job runs inline unless threads=True
-    (tests use that to exercise the threaded path). `profile=True`: run every job inline and synchronise the device
+    `threads`: run jobs on worker threads (the engine asks for them where a copy blocks the host, a disk share;
+    CPU tests, to exercise that path), else inline. `profile=True`: run every job inline and synchronise the device
     after it, accumulating the seconds in `transfer_s` (no overlap: for the transfer / compute breakdown).
     Byte counters: `bytes["h2d"]`, `bytes["d2h"]`, `bytes["disk_read"]`, `bytes["disk_write"]` (a copy from or to a
     non-pinned host tensor on CUDA, or from / to a disk-tier tensor on CPU, counts as disk traffic)."""
 
-    def __init__(self, device: torch.device, threads: bool | None = None, profile: bool = False):
+    def __init__(self, device: torch.device, threads: bool = False, profile: bool = False):
         self.device = device
         self.cuda = device.type == "cuda"
         self.profile = profile
-        threads = self.cuda if threads is None else threads
         self.threads = threads
         self.h2d = torch.cuda.Stream(device) if self.cuda else None
         self.d2h = torch.cuda.Stream(device) if self.cuda else None
