@@ -152,6 +152,7 @@ OFFLOAD_GPU_FIELDS = (
     "gpu_q4_bw",
     "gpu_attn_flops",
     "host_call_s",
+    "host_segment_s",
 )
 
 

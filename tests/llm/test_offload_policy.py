@@ -354,18 +354,58 @@ def test_host_cost_per_call_bounds_each_unit():
     assert slow_host.num_gpu_batches < fast_host.num_gpu_batches
 
 
+def test_cache_segments_follow_the_executors_head_split():
+    """The cost model counts a GPU batch's cache segments exactly as the executor splits the heads."""
+    import numpy as np
+
+    from reldl.llm.offload.executor import split_counts
+
+    grid = policy._simplex(0.05)
+    for heads in (1, 4, 8, 56, 96):
+        segs = policy.cache_segments(heads, grid[:, 0], grid[:, 1])
+        assert segs.tolist() == [len(split_counts(heads, tuple(f))) for f in grid]
+    assert policy.cache_segments(56, np.array([0.1, 0.0, 0.5]), np.array([0.9, 1.0, 0.25])).tolist() == [2, 1, 3]
+
+
+def test_a_split_cache_costs_host_time_per_segment():
+    """host_segment_s: a decoder layer whose cache is split over two tiers costs num_gpu_batches x (host_call_s +
+    host_segment_s) of host time, over three tiers one more host_segment_s a call; an unsplit cache and the
+    head unit are unaffected; a costly segment steers the search away from split caches."""
+    m = ModelShape.opt("30b")
+    hw = _hw(gpu_flops=600e12, gpu_mem_bw=3000e9, gpu_attn_flops=1e12, cpu_attn_flops=5e9)
+    hw = Hardware(**{**hw.__dict__, "host_call_s": 0.002, "host_segment_s": 0.001})
+    kw = dict(weights=(0.9, 0.1, 0.0), compress_weight=True, compress_cache=True)
+    one = estimate(Policy(16, 24, cache=(0.0, 1.0, 0.0), **kw), m, hw, 512, 32).terms
+    two = estimate(Policy(16, 24, cache=(0.1, 0.9, 0.0), **kw), m, hw, 512, 32).terms
+    three = estimate(Policy(16, 24, cache=(0.1, 0.5, 0.4), **kw), m, hw, 512, 32).terms
+    assert one["decode_host"] == pytest.approx(24 * 0.002) and one["head_host"] == pytest.approx(2 * 24 * 0.002)
+    assert two["decode_host"] == pytest.approx(24 * 0.003) and two["prefill_host"] == pytest.approx(24 * 0.003)
+    assert three["decode_host"] == pytest.approx(24 * 0.004) and three["head_host"] == one["head_host"]
+    with pytest.raises(ValueError, match="host_segment_s"):
+        Hardware(**{**hw.__dict__, "host_segment_s": math.inf})
+    caps = dict(gpu_mem=16 * GiB, cpu_mem=100 * GiB, disk_mem=0.0, ctog_bw=50e9, gtoc_bw=50e9)
+    costly = search_policy(m, Hardware(**{**hw.__dict__, **caps, "host_segment_s": 0.05}), 512, 32)[0]
+    assert policy.cache_segments(m.kv_heads, costly.cache[0], costly.cache[1]) == 1
+
+
 def test_executor_call_overhead_is_measured_on_the_cpu():
     """reldl.llm.offload.overhead times the executor's decode calls on a tiny model (the CPU stands in here)."""
     pytest.importorskip("torch")
     import torch
 
-    from reldl.llm.offload.overhead import _decode_step_s, measure_call_overhead
+    from reldl.llm.offload.overhead import SPLIT_CACHE, _decode_step_s, measure_call_overhead
 
     with tempfile.TemporaryDirectory() as d:  # more decoder layers: more calls, a longer step
         assert _decode_step_s(6, Path(d), torch.device("cpu"), 4, 3) > _decode_step_s(
             2, Path(d), torch.device("cpu"), 4, 3
         )
     assert 0.0 <= measure_call_overhead("cpu", batches=2, steps=2, rounds=1) < 0.5
+    with tempfile.TemporaryDirectory() as d:  # two head segments run the attention path twice: more host work
+        one, split = (
+            min(_decode_step_s(4, Path(d) / str(c), torch.device("cpu"), 4, 3, cache=c) for _ in range(2))
+            for c in ((0.0, 1.0, 0.0), SPLIT_CACHE)
+        )
+        assert split > one
 
 
 def test_the_4bit_rate_follows_the_memory_bandwidth_in_use():

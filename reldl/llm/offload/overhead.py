@@ -8,6 +8,11 @@ of 16) it was about 1.5-2 ms per call against 1.4 ms of copies (benchmarks/RESUL
 Measured on a tiny random OPT (hidden size 64), where the device work per call is negligible: the decode step of a
 model with more decoder layers minus that of one with fewer, per added (layer, GPU batch) call, under a policy that
 takes the offloaded paths (4-bit weights split over GPU and CPU, 4-bit cache and hidden states on the CPU).
+
+A GPU batch's KV cache split by heads over two tiers runs the attention path (quantize the new K/V, attend, store)
+once per head segment: the same measurement with the cache split half and half gives the extra host time per extra
+segment (`Hardware.host_segment_s`). On the H100 at 16 GB, a cache split 10/90 over GPU and CPU made decode steps
+2.47 s against the 1.60 s the model predicted without it (benchmarks/RESULTS.md, session 9).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ MEASURE_POLICY = dict(
     compress_weight=True,
     compress_cache=True,
 )
+SPLIT_CACHE = (0.5, 0.5, 0.0)  # two head segments (the tiny OPT's 4 heads: 2 on the GPU, 2 on the CPU)
 
 
 def tiny_opt_source(layers: int, directory: Path, device: torch.device, dtype: torch.dtype) -> MemorySource:
@@ -67,12 +73,13 @@ def tiny_opt_source(layers: int, directory: Path, device: torch.device, dtype: t
     return MemorySource(config, make, list(shapes), shapes=shapes)
 
 
-def _engine(layers: int, root: Path, device: torch.device, batches: int):
-    """An engine over a tiny OPT under the measuring policy, its kernels compiled and block buffers made."""
+def _engine(layers: int, root: Path, device: torch.device, batches: int, cache=MEASURE_POLICY["cache"]):
+    """An engine over a tiny OPT under the measuring policy (the cache placed as given), its kernels compiled and
+    block buffers made."""
     from reldl.llm.offload.executor import OffloadEngine
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    policy = Policy(2, batches, **MEASURE_POLICY)
+    policy = Policy(2, batches, **{**MEASURE_POLICY, "cache": cache})
     eng = OffloadEngine(tiny_opt_source(layers, root / f"l{layers}", device, dtype), policy, device, dtype)
     eng.eos = set()  # random weights: no sequence may stop early
     eng.generate(_prompts(policy.block_size), 3)  # compiles every kernel, makes the block buffers
@@ -88,26 +95,40 @@ def _fastest_step_s(eng, steps: int) -> float:
     return min(s.seconds for s in eng.stats.steps[1:])  # the least disturbed decode step
 
 
-def _decode_step_s(layers: int, root: Path, device: torch.device, batches: int, steps: int) -> float:
+def _decode_step_s(
+    layers: int, root: Path, device: torch.device, batches: int, steps: int, cache=MEASURE_POLICY["cache"]
+) -> float:
     """The fastest of `steps` decode steps of a `layers`-layer tiny OPT with `batches` GPU batches."""
-    with _engine(layers, root, device, batches) as eng:
+    with _engine(layers, root, device, batches, cache) as eng:
         return _fastest_step_s(eng, steps)
 
 
 def measure_call_overhead(
-    device: str | torch.device = "cuda", batches: int = 8, steps: int = 6, rounds: int = 3
+    device: str | torch.device = "cuda",
+    batches: int = 8,
+    steps: int = 6,
+    rounds: int = 3,
+    cache: tuple[float, float, float] = MEASURE_POLICY["cache"],
 ) -> float:
     """Host seconds per (decoder layer, GPU batch) call of a decode step (see the module docstring): the fastest
     decode step of a 6-layer and of a 2-layer tiny OPT under the same policy with `batches` GPU batches, their
     difference over 4 x `batches` calls (the embedding and head units cancel out); the median of `rounds` such
     differences (each engine built once), at least 0. The per-unit host work (one weight fetch per unit) is spread
     over the batches, so the figure is for policies of about `batches` GPU batches; the offloaded paths it times are
-    the costliest."""
+    the costliest. `cache`: the cache placement (default: all on the CPU, one head segment)."""
     device = torch.device(device)
     with (
         tempfile.TemporaryDirectory(prefix="reldl-overhead-") as d,
-        _engine(2, Path(d), device, batches) as few,
-        _engine(6, Path(d), device, batches) as many,
+        _engine(2, Path(d), device, batches, cache) as few,
+        _engine(6, Path(d), device, batches, cache) as many,
     ):
         per_call = [(_fastest_step_s(many, steps) - _fastest_step_s(few, steps)) / (4 * batches) for _ in range(rounds)]
     return max(0.0, statistics.median(per_call))
+
+
+def measure_host_overheads(device: str | torch.device = "cuda") -> dict[str, float]:
+    """`Hardware.host_call_s` (cache in one tier) and `host_segment_s` (the extra host seconds of a call whose
+    cache is split over two tiers, at least 0)."""
+    one = measure_call_overhead(device)
+    split = measure_call_overhead(device, cache=SPLIT_CACHE)
+    return {"host_call_s": one, "host_segment_s": max(0.0, split - one)}

@@ -34,7 +34,8 @@ concurrently). Per layer, with W the layer's weight bytes, fractions (g, c, d) o
   - the embedding / LM head is one more "layer" of vocab * hidden weights, placed like the others.
   - host = num_gpu_batches * host_call_s (the embedding / head: twice that, two units): the executor's host work,
     one call per unit and GPU batch, which the device cannot run ahead of (reldl.llm.offload.overhead measures it;
-    0 in the presets).
+    0 in the presets); a decoder layer whose KV cache is split by heads over several tiers adds host_segment_s per
+    call for each segment past the first (the attention path runs once per segment).
 4-bit compression (groups of 64, fp16 scale and min, reldl.kernels.quant4) stores 0.5 + 4/64 bytes per element;
 dequantization is fused into the GEMM / attention kernels, which are not as fast per byte as fp16 GEMMs: compressed
 weights stream through the GPU matmul at `gpu_q4_bw` (measured with the fused kernel at decode batch sizes) instead
@@ -112,6 +113,10 @@ class Hardware:
     # host seconds the executor spends per (unit, GPU batch) call (Python, kernel launches, copy bookkeeping), which
     # the device cannot run ahead of: a layer takes at least num_gpu_batches * host_call_s (0: not modelled)
     host_call_s: float = 0.0
+    # more host seconds per call for each further tier a GPU batch's KV cache is split over (the executor runs the
+    # attention path once per head segment): a layer takes at least num_gpu_batches * (host_call_s + (segments - 1)
+    # * host_segment_s)
+    host_segment_s: float = 0.0
 
     def __post_init__(self):
         if self.gpu_q4_bw is None:
@@ -121,8 +126,9 @@ class Hardware:
             if math.isnan(v) or v < 0 or (f.name.endswith(("bw", "flops")) and v == 0):
                 raise ValueError(f"Hardware.{f.name} must be {'>' if f.name.endswith(('bw', 'flops')) else '>='} 0")
             object.__setattr__(self, f.name, v)
-        if math.isinf(self.host_call_s):
-            raise ValueError("Hardware.host_call_s must be finite")
+        for name in ("host_call_s", "host_segment_s"):
+            if math.isinf(getattr(self, name)):
+                raise ValueError(f"Hardware.{name} must be finite")
 
     def with_memory(self, gpu: float | None = None, cpu: float | None = None, disk: float | None = None) -> Hardware:
         return replace(
@@ -282,7 +288,7 @@ def measure_host(device: str = "cuda", disk_path: str | None = None, quick: bool
     """Every Hardware field measured on this host (a dict; see Hardware.measure)."""
     import torch
 
-    from reldl.llm.offload.overhead import measure_call_overhead
+    from reldl.llm.offload.overhead import measure_host_overheads
 
     if not str(device).startswith("cuda") or not torch.cuda.is_available():
         raise RuntimeError("Hardware.measure needs a CUDA device for the GPU numbers (or build Hardware by hand)")
@@ -302,7 +308,7 @@ def measure_host(device: str = "cuda", disk_path: str | None = None, quick: bool
         gpu_flops=gflops,
         gpu_mem_bw=gbw,
         gpu_q4_bw=measure_q4(device),
-        host_call_s=measure_call_overhead(device),
+        **measure_host_overheads(device),
         gpu_attn_flops=measure_attention(device, ctx=512 if quick else 2048),
         # at a working set far beyond the CPU caches (24 x 56 heads x 512 slots: 350 MB of fp16 K/V), as decode
         # attention over an offloaded cache is: a cache-resident size overstated it 3x on the H100 box
@@ -603,6 +609,15 @@ def _round_key(x: np.ndarray) -> np.ndarray:
     return np.ldexp(np.round(m * (1 << 30)) / (1 << 30), e)
 
 
+def cache_segments(kv_heads: int, cg, cc) -> np.ndarray:
+    """How many head segments (tiers holding at least one KV head) the executor splits a GPU batch's cache into:
+    its `split_counts` rounding, elementwise over arrays of GPU and CPU fractions (disk takes the rest)."""
+    n = np.float64(kv_heads)
+    g_end = np.minimum(n, np.round(np.asarray(cg, np.float64) * n))
+    c_end = np.maximum(g_end, np.minimum(n, np.round((0.0 + np.asarray(cg, np.float64) + cc) * n)))
+    return (g_end > 0).astype(np.float64) + (c_end > g_end) + (n > c_end)
+
+
 def _cost(
     model: ModelShape,
     hw: Hardware | None,
@@ -679,13 +694,14 @@ def _cost(
     w_bw = np.where(cw, hw.gpu_q4_bw, hw.gpu_mem_bw)  # the GPU matmuls' weight stream
     mm_flops = np.where(cw, Q4_FLOPS_FRACTION * hw.gpu_flops, hw.gpu_flops)
 
-    def combine(ctog, gtoc, dtoc, ctod, gpu, cpu, calls=1.0):
+    def combine(ctog, gtoc, dtoc, ctod, gpu, cpu, calls=1.0, call_s=hw.host_call_s):
         """A unit's time: its transfers and compute (overlapped or not), and at least its calls' host time."""
         t = (ctog / hw.ctog_bw, gtoc / hw.gtoc_bw, dtoc / hw.dtoc_bw, ctod / hw.ctod_bw, gpu + cpu)
-        t += (calls * nb * hw.host_call_s,)
+        t += (calls * nb * call_s,)
         over = np.maximum(np.maximum(np.maximum(t[0], t[1]), np.maximum(t[2], t[3])), t[4])
         return np.maximum(np.where(overlap, over, t[0] + t[1] + t[2] + t[3] + t[4]), t[5]), t
 
+    layer_call_s = hw.host_call_s + (cache_segments(model.kv_heads, cg, cc) - 1) * hw.host_segment_s
     # prefill, one decoder layer
     kv_p = bls * s * kv_tok
     act_p = bls * s * hid * b
@@ -696,6 +712,7 @@ def _cost(
         cd * kv_p + hd * act_p,
         np.maximum(2 * bls * s * P / mm_flops, nb * W / w_bw) + 2 * bls * s * s * hid / hw.gpu_flops,
         0.0,
+        call_s=layer_call_s,
     )
     # decode step, one decoder layer, context t on average
     t_ctx = s + n / 2
@@ -710,6 +727,7 @@ def _cost(
         hd * act_d + cd * kv_1,
         np.maximum(2 * bls * P / mm_flops, nb * W / w_bw) + np.where(cpu_attn, cg * attn, attn) / hw.gpu_attn_flops,
         np.where(cpu_attn, off_c * attn / hw.cpu_attn_flops, 0.0),
+        call_s=layer_call_s,
     )
     # the embedding / LM head (logits of one token per sequence), prefill and decode alike
     head, head_t = combine(

@@ -260,7 +260,8 @@ def hardware(duck, device: str, caps: dict[str, float], offload_dir: str | None)
         base.update(CPU_STANDIN)
         base.update(gpu_mem=ram / 2, cpu_mem=ram / 2, gpu_flops=cpu_flops(duck), gpu_attn_flops=base["cpu_attn_flops"])
         base["gpu_q4_bw"] = None  # from the stand-in memory bandwidth, never a calibrated GPU's
-        base["host_call_s"] = 0.0  # the CPU executor runs each call to completion: its host time is its compute
+        # the CPU executor runs each call to completion: its host time is its compute
+        base["host_call_s"] = base["host_segment_s"] = 0.0
     for tier in ("gpu", "cpu", "disk"):
         if tier in caps:
             base[f"{tier}_mem"] = caps[tier]
