@@ -190,6 +190,7 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
             total_s=total_s,
             throughput=policy.block_size * args.gen / total_s,
             bytes_per_decode_step={k: sum(s.bytes[k] for s in steps[1:]) / max(len(dec), 1) for k in steps[0].bytes},
+            copies_per_decode_step={k: sum(s.copies[k] for s in steps[1:]) / max(len(dec), 1) for k in steps[0].copies},
         )
         row["memory_placed_gib"] = {part: {k: v / GiB for k, v in d.items()} for part, d in eng.memory().items()}
         if not cpu:

@@ -137,6 +137,9 @@ def test_profile_mode_breaks_down_transfer_and_compute(opt):
     assert all(s.compute_s > 0 and s.transfer_s > 0 for s in steps)
     assert all(s.bytes["h2d"] > 0 and s.bytes["disk_read"] > 0 for s in steps[1:NEW])  # decode reads the cache
     assert all(s.bytes["d2h"] > 0 for s in steps[:NEW])  # and writes its new K/V
+    # copies counted per kind beside the bytes: none where no bytes moved, at least one per copy's worth otherwise
+    assert all((s.copies[k] > 0) == (s.bytes[k] > 0) for s in steps for k in s.bytes)
+    assert all(s.copies["d2h"] >= 2 for s in steps[:NEW])  # a K and a V store at least
 
 
 def _dequantized_checkpoint(src, dst):

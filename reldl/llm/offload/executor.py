@@ -331,6 +331,7 @@ class StepStats:
     bytes: dict[str, int]
     transfer_s: float = 0.0  # profile mode only
     compute_s: float = 0.0  # profile mode only
+    copies: dict[str, int] = field(default_factory=dict)  # copy calls per kind (Mover.copies)
 
 
 @dataclass
@@ -491,7 +492,7 @@ class OffloadEngine:
                 mask = (keys[None, None, :] >= pads[k][:, None, None]) & (keys[None, None, :] <= qpos[None, :, None])
                 ctx.append((ids[k], pos, mask))
             t0 = time.perf_counter()
-            b0 = dict(self.mover.bytes)
+            b0, c0 = dict(self.mover.bytes), dict(self.mover.copies)
             tr0 = self.mover.transfer_s
             self._compute_s = 0.0
             tokens, pending = self._step(ctx, s, T, pending, last=i == max_tokens - 1)
@@ -504,6 +505,7 @@ class OffloadEngine:
                     {key: self.mover.bytes[key] - b0[key] for key in b0},
                     self.mover.transfer_s - tr0,
                     self._compute_s,
+                    {key: self.mover.copies[key] - c0[key] for key in c0},
                 )
             )
             ids = [t[:, None] for t in tokens]

@@ -378,7 +378,8 @@ class Mover:
     CPU tests, to exercise that path), else inline. `profile=True`: run every job inline and synchronise the device
     after it, accumulating the seconds in `transfer_s` (no overlap: for the transfer / compute breakdown).
     Byte counters: `bytes["h2d"]`, `bytes["d2h"]`, `bytes["disk_read"]`, `bytes["disk_write"]` (a copy from or to a
-    non-pinned host tensor on CUDA, or from / to a disk-tier tensor on CPU, counts as disk traffic)."""
+    non-pinned host tensor on CUDA, or from / to a disk-tier tensor on CPU, counts as disk traffic); `copies`: the
+    number of copy calls per key (each costs the copy engine a fixed latency beside its bytes)."""
 
     def __init__(self, device: torch.device, threads: bool = False, profile: bool = False):
         self.device = device
@@ -390,12 +391,14 @@ class Mover:
         self._loads = ThreadPoolExecutor(1, thread_name_prefix="reldl-load") if self.threads else None
         self._stores = ThreadPoolExecutor(1, thread_name_prefix="reldl-store") if self.threads else None
         self.bytes = {"h2d": 0, "d2h": 0, "disk_read": 0, "disk_write": 0}
+        self.copies = dict.fromkeys(self.bytes, 0)
         self.transfer_s = 0.0
         self._lock = threading.Lock()
 
     def _count(self, key: str, n: int) -> None:
         with self._lock:
             self.bytes[key] += n
+            self.copies[key] += 1
 
     def _event(self):
         if not self.cuda:
