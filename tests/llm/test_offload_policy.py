@@ -383,8 +383,11 @@ def test_a_split_cache_costs_host_time_per_segment():
     assert three["decode_host"] == pytest.approx(24 * 0.004) and three["head_host"] == one["head_host"]
     with pytest.raises(ValueError, match="host_segment_s"):
         Hardware(**{**hw.__dict__, "host_segment_s": math.inf})
+    assert Hardware.from_calibration(hw.to_calibration()) == hw  # the new field round-trips
     caps = dict(gpu_mem=16 * GiB, cpu_mem=100 * GiB, disk_mem=0.0, ctog_bw=50e9, gtoc_bw=50e9)
+    free = search_policy(m, Hardware(**{**hw.__dict__, **caps, "host_segment_s": 0.0}), 512, 32)[0]
     costly = search_policy(m, Hardware(**{**hw.__dict__, **caps, "host_segment_s": 0.05}), 512, 32)[0]
+    assert policy.cache_segments(m.kv_heads, free.cache[0], free.cache[1]) == 2  # a split, when it costs nothing
     assert policy.cache_segments(m.kv_heads, costly.cache[0], costly.cache[1]) == 1
 
 
@@ -393,19 +396,58 @@ def test_executor_call_overhead_is_measured_on_the_cpu():
     pytest.importorskip("torch")
     import torch
 
-    from reldl.llm.offload.overhead import SPLIT_CACHE, _decode_step_s, measure_call_overhead
+    from reldl.llm.offload.overhead import _decode_step_s, measure_call_overhead, measure_host_overheads
 
     with tempfile.TemporaryDirectory() as d:  # more decoder layers: more calls, a longer step
         assert _decode_step_s(6, Path(d), torch.device("cpu"), 4, 3) > _decode_step_s(
             2, Path(d), torch.device("cpu"), 4, 3
         )
     assert 0.0 <= measure_call_overhead("cpu", batches=2, steps=2, rounds=1) < 0.5
-    with tempfile.TemporaryDirectory() as d:  # two head segments run the attention path twice: more host work
-        one, split = (
-            min(_decode_step_s(4, Path(d) / str(c), torch.device("cpu"), 4, 3, cache=c) for _ in range(2))
-            for c in ((0.0, 1.0, 0.0), SPLIT_CACHE)
-        )
-        assert split > one
+    got = measure_host_overheads("cpu", batches=2, steps=2, rounds=1)
+    assert set(got) == {"host_call_s", "host_segment_s"}
+    assert all(0.0 <= v < 0.5 for v in got.values())
+
+
+def test_a_split_cache_runs_the_attention_path_once_per_segment(monkeypatch):
+    """What host_segment_s prices: with the cache split over two tiers each decoder layer and GPU batch attends
+    twice (one head segment each), against once with the cache in one tier."""
+    import torch
+
+    from reldl.llm.offload import layers
+    from reldl.llm.offload.overhead import SPLIT_CACHE, _engine, _prompts
+
+    real, calls = layers.attention, []
+    monkeypatch.setattr(layers, "attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    counts = {}
+    with tempfile.TemporaryDirectory() as d:
+        for cache in ((0.0, 1.0, 0.0), SPLIT_CACHE):
+            with _engine(2, Path(d) / str(len(counts)), torch.device("cpu"), 2, cache) as eng:
+                calls.clear()
+                eng.generate(_prompts(eng.policy.block_size), 3)
+                counts[cache] = len(calls)
+    one, split = counts.values()
+    assert one == 3 * 2 * 2  # 3 steps x 2 layers x 2 GPU batches
+    assert split == 2 * one
+
+
+def test_host_overheads_are_paired_differences(monkeypatch):
+    """measure_host_overheads: host_call_s is the one-tier per-call time, host_segment_s the split per-call time
+    minus the one-tier one of the same round (medians, clamped at 0 at the end)."""
+    import contextlib
+
+    from reldl.llm.offload import overhead
+
+    @contextlib.contextmanager
+    def fake_engine(layers, root, device, batches, cache=overhead.MEASURE_POLICY["cache"]):
+        yield (layers, cache != overhead.MEASURE_POLICY["cache"])
+
+    for one_s, split_s, want in ((1e-3, 1.5e-3, 5e-4), (1e-3, 0.8e-3, 0.0)):
+        per_call = {False: iter([one_s, one_s * 1.1, one_s * 0.9]), True: iter([split_s, split_s * 1.1, split_s * 0.9])}
+        monkeypatch.setattr(overhead, "_engine", fake_engine)
+        monkeypatch.setattr(overhead, "_per_call_s", lambda few, many, b, s: next(per_call[many[1]]))
+        got = overhead.measure_host_overheads("cpu")
+        assert got["host_call_s"] == pytest.approx(one_s)
+        assert got["host_segment_s"] == pytest.approx(want, abs=1e-12)
 
 
 def test_the_4bit_rate_follows_the_memory_bandwidth_in_use():

@@ -1,4 +1,4 @@
-"""The offloaded executor's host cost per call, for the cost model's `Hardware.host_call_s`.
+"""The offloaded executor's host cost per call, for the cost model's `Hardware.host_call_s` and `host_segment_s`.
 
 The executor works unit by unit and, within a unit, GPU batch by GPU batch: every (decoder layer, GPU batch) call
 costs host time (Python, about a dozen kernel launches, copy bookkeeping) that the device cannot run ahead of. With
@@ -11,8 +11,9 @@ takes the offloaded paths (4-bit weights split over GPU and CPU, 4-bit cache and
 
 A GPU batch's KV cache split by heads over two tiers runs the attention path (quantize the new K/V, attend, store)
 once per head segment: the same measurement with the cache split half and half gives the extra host time per extra
-segment (`Hardware.host_segment_s`). On the H100 at 16 GB, a cache split 10/90 over GPU and CPU made decode steps
-2.47 s against the 1.60 s the model predicted without it (benchmarks/RESULTS.md, session 9).
+segment (`Hardware.host_segment_s`), both from the same four engines round by round (paired differences). On this
+development VM's CPU it reads about 0.35 ms against 0.6 ms for a call; on the H100, 0-0.42 ms in three runs
+(benchmarks/RESULTS.md, session 9).
 """
 
 from __future__ import annotations
@@ -103,6 +104,11 @@ def _decode_step_s(
         return _fastest_step_s(eng, steps)
 
 
+def _per_call_s(few, many, batches: int, steps: int) -> float:
+    """One round: (fastest step of `many` - fastest step of `few`) per added call (4 layers x `batches`)."""
+    return (_fastest_step_s(many, steps) - _fastest_step_s(few, steps)) / (4 * batches)
+
+
 def measure_call_overhead(
     device: str | torch.device = "cuda",
     batches: int = 8,
@@ -122,13 +128,28 @@ def measure_call_overhead(
         _engine(2, Path(d), device, batches, cache) as few,
         _engine(6, Path(d), device, batches, cache) as many,
     ):
-        per_call = [(_fastest_step_s(many, steps) - _fastest_step_s(few, steps)) / (4 * batches) for _ in range(rounds)]
-    return max(0.0, statistics.median(per_call))
+        return max(0.0, statistics.median(_per_call_s(few, many, batches, steps) for _ in range(rounds)))
 
 
-def measure_host_overheads(device: str | torch.device = "cuda") -> dict[str, float]:
-    """`Hardware.host_call_s` (cache in one tier) and `host_segment_s` (the extra host seconds of a call whose
-    cache is split over two tiers, at least 0)."""
-    one = measure_call_overhead(device)
-    split = measure_call_overhead(device, cache=SPLIT_CACHE)
-    return {"host_call_s": one, "host_segment_s": max(0.0, split - one)}
+def measure_host_overheads(
+    device: str | torch.device = "cuda", batches: int = 8, steps: int = 6, rounds: int = 3
+) -> dict[str, float]:
+    """`Hardware.host_call_s` (cache in one tier) and `host_segment_s` (the extra host seconds of a call whose cache
+    is split over two tiers): four engines (2 and 6 layers, cache in one tier and split), each round timing all four
+    so the segment cost is a paired difference (split per call - one-tier per call, same round); medians over
+    `rounds`, each clamped at 0 only at the end."""
+    device = torch.device(device)
+    one, seg = [], []
+    with tempfile.TemporaryDirectory(prefix="reldl-overhead-") as d:
+        root = Path(d)
+        with (
+            _engine(2, root / "one", device, batches) as few,
+            _engine(6, root / "one", device, batches) as many,
+            _engine(2, root / "split", device, batches, SPLIT_CACHE) as few_split,
+            _engine(6, root / "split", device, batches, SPLIT_CACHE) as many_split,
+        ):
+            for _ in range(rounds):
+                a = _per_call_s(few, many, batches, steps)
+                one.append(a)
+                seg.append(_per_call_s(few_split, many_split, batches, steps) - a)
+    return {"host_call_s": max(0.0, statistics.median(one)), "host_segment_s": max(0.0, statistics.median(seg))}

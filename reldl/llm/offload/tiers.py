@@ -379,7 +379,8 @@ class Mover:
     after it, accumulating the seconds in `transfer_s` (no overlap: for the transfer / compute breakdown).
     Byte counters: `bytes["h2d"]`, `bytes["d2h"]`, `bytes["disk_read"]`, `bytes["disk_write"]` (a copy from or to a
     non-pinned host tensor on CUDA, or from / to a disk-tier tensor on CPU, counts as disk traffic); `copies`: the
-    number of copy calls per key (each costs the copy engine a fixed latency beside its bytes)."""
+    number of counted transfers per key (a tensor pair each; a 4-bit tensor's three parts count as one), for
+    fitting a per-transfer latency beside the bytes; the CPU-attention path's q / output transfers are not counted."""
 
     def __init__(self, device: torch.device, threads: bool = False, profile: bool = False):
         self.device = device
