@@ -444,7 +444,7 @@ def test_host_overheads_are_paired_differences(monkeypatch):
     for one_s, split_s, want in ((1e-3, 1.5e-3, 5e-4), (1e-3, 0.8e-3, 0.0)):
         per_call = {False: iter([one_s, one_s * 1.1, one_s * 0.9]), True: iter([split_s, split_s * 1.1, split_s * 0.9])}
         monkeypatch.setattr(overhead, "_engine", fake_engine)
-        monkeypatch.setattr(overhead, "_per_call_s", lambda few, many, b, s: next(per_call[many[1]]))
+        monkeypatch.setattr(overhead, "_per_call_s", lambda few, many, b, s, times=per_call: next(times[many[1]]))
         got = overhead.measure_host_overheads("cpu")
         assert got["host_call_s"] == pytest.approx(one_s)
         assert got["host_segment_s"] == pytest.approx(want, abs=1e-12)
