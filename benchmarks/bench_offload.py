@@ -166,11 +166,12 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
         torch.float16 if not cpu else torch.float32,
         offload_dir=args.offload_dir,
         drop_page_cache=args.drop_page_cache,
+        pin=args.pin,
     )
     row["build_s"] = time.perf_counter() - t
     try:
         row["reserve_s"] = eng.reserve(args.prompt, args.gen)  # the block's KV cache / activation buffers
-        row["pin_s"] = eng.arena.pin_s
+        row["pin_s"], row["pin"] = eng.arena.pin_s, args.pin
         print(f"   built in {row['build_s']:.1f} s (pinning {row['pin_s']:.1f} s), reserve {row['reserve_s']:.2f} s")
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(4, run_cfg.vocab_size, (policy.block_size, args.prompt), generator=g).tolist()
@@ -281,6 +282,8 @@ def hardware_and_card(args) -> tuple | None:
 
 
 def main() -> int:
+    from reldl.llm.offload.tiers import PIN_METHODS
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=["gpu", "cpu"], default="gpu")
     ap.add_argument("--caps", default="16,40", help="GPU memory caps in GB (GiB)")
@@ -294,6 +297,9 @@ def main() -> int:
     ap.add_argument("--cpu-mem-gb", type=float, default=None)
     ap.add_argument("--offload-dir", default=None)
     ap.add_argument("--drop-page-cache", action="store_true", help="drop disk files from the page cache after writing")
+    ap.add_argument(
+        "--pin", choices=PIN_METHODS, default="register", help="how large pinned buffers are made (OffloadEngine pin)"
+    )
     ap.add_argument("--quick-measure", action="store_true")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed 2-token run")
     ap.add_argument("--out", default="benchmarks/out/offload.json")

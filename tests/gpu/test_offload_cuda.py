@@ -69,3 +69,24 @@ def test_placements_match_all_on_gpu(tiny_checkpoints, monkeypatch, compress, th
         made.clear()
         assert _run(path, Policy(2, 2, **both, **kw), threads) == want, name
         assert any(kv.load_bufs and kv.next_load > 0 for kv in made), name  # decode steps loaded through the ring
+
+
+def test_driver_allocated_pinned_buffers_give_the_same_tokens(tiny_checkpoints, monkeypatch):
+    """pin="alloc": the arena's pinned host buffers come from cuMemHostAlloc (every one here: the size threshold is
+    lowered for the tiny model); they count as pinned (no staging copies, which the mover would count as disk
+    traffic) and the tokens equal the registered-memory run's."""
+    tiers = importlib.import_module("reldl.llm.offload.tiers")
+    made = []
+    real = tiers._driver_host_buffer
+    monkeypatch.setattr(tiers, "_driver_host_buffer", lambda size, dev: made.append(size) or real(size, dev))
+    monkeypatch.setattr(tiers.Arena, "LARGE", 1)
+    path = tiny_checkpoints("opt")
+    policy = Policy(2, 2, weights=HALF_CPU, cache=HALF_CPU, activations=HALF_CPU)
+    out = {}
+    for pin in ("register", "alloc"):
+        with OffloadEngine(path, policy, device="cuda", dtype=torch.float32, pin=pin) as eng:
+            out[pin] = eng.generate(_prompts(), NEW)
+            assert eng.mover.bytes["disk_read"] == 0 and eng.mover.bytes["h2d"] > 0
+        if pin == "register":
+            assert not made
+    assert made and out["alloc"] == out["register"]

@@ -305,3 +305,13 @@ def test_block_buffers_are_reused_across_blocks_and_calls(opt):
         assert [o[:NEW] for o in out] == opt.base
         assert sum(eng.arena.bytes.values()) > sum(made.values())
         assert sum(eng.memory()["block"].values()) > kv
+
+
+def test_pin_method_is_checked_and_plain_on_the_cpu(opt):
+    """OffloadEngine(pin=...): an unknown method is a one-line error naming the choices; on the CPU stand-in either
+    method gives plain host memory and the same tokens (cuMemHostAlloc is CUDA only: tests/gpu)."""
+    with pytest.raises(ValueError, match="pin must be one of register, alloc"):
+        OffloadEngine(opt.path, Policy(2, 2), pin="mlock")
+    with OffloadEngine(opt.path, Policy(2, 2, weights=HALF_CPU, cache=HALF_CPU), pin="alloc") as eng:
+        assert eng.arena.pin_method == "alloc" and not eng.arena.pin
+        assert eng.generate(opt.prompts, NEW) == opt.base

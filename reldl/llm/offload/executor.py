@@ -61,7 +61,17 @@ from reldl.kernels.quant4_attention import decode_splits, quant4_decode_attentio
 from reldl.llm.engine import encode_texts
 from reldl.llm.offload import layers
 from reldl.llm.offload.policy import Policy, fuses_qkv, unit_tiers
-from reldl.llm.offload.tiers import TIERS, Arena, CheckpointSource, DiskPool, MemorySource, Mover, _total, nbytes
+from reldl.llm.offload.tiers import (
+    PIN_METHODS,
+    TIERS,
+    Arena,
+    CheckpointSource,
+    DiskPool,
+    MemorySource,
+    Mover,
+    _total,
+    nbytes,
+)
 from reldl.llm.rope import Rotary
 
 
@@ -349,7 +359,8 @@ class OffloadEngine:
     `threads`: worker threads for the transfers. Default: only on CUDA with a disk share in the policy, where a copy
     stages through pinned memory on the host and would block the schedule; pinned copies are asynchronous already,
     and issuing them from the main thread avoided a thread handoff per copy (H100, OPT-30B at 40 GB, full depth:
-    decode steps 0.108 -> 0.076 s; benchmarks/RESULTS.md). `profile`: see the module docstring.
+    decode steps 0.108 -> 0.076 s; benchmarks/RESULTS.md). `profile`: see the module docstring. `pin`: how large
+    pinned host buffers are made on CUDA (tiers.Arena: "register", the default, or "alloc").
     """
 
     def __init__(
@@ -363,7 +374,10 @@ class OffloadEngine:
         threads: bool | None = None,
         profile: bool = False,
         drop_page_cache: bool = False,
+        pin: str = "register",
     ):
+        if pin not in PIN_METHODS:  # before anything is made (the offload directory)
+            raise ValueError(f"OffloadEngine: pin must be one of {', '.join(PIN_METHODS)}, got {pin!r}")
         if not isinstance(source, (CheckpointSource, MemorySource)):
             source = CheckpointSource(source)
         self.source, self.policy = source, policy
@@ -375,7 +389,7 @@ class OffloadEngine:
         self.tokenizer = source.tokenizer
         self.profile = profile
         self.disk = DiskPool(offload_dir, drop_page_cache)
-        self.arena = Arena(self.device, self.disk)
+        self.arena = Arena(self.device, self.disk, pin)
         if threads is None:
             threads = self.device.type == "cuda" and policy.uses_disk
         self.mover = Mover(self.device, threads, profile)

@@ -11,7 +11,10 @@ ordinary CPU tensors and every copy is a plain synchronous copy, so each tier st
   `Arena.slab` keeps one such buffer per key and carves it again for every request that fits (the executor's KV
   cache and activation buffers, reused across blocks and generate calls: pinning 8 GB of fresh host memory costs
   seconds). Large pinned buffers are faulted in by all CPU threads (and asked for transparent huge pages) before
-  cudaHostRegister, which would otherwise fault them in one page at a time on one thread.
+  cudaHostRegister, which would otherwise fault them in one page at a time on one thread. `pin="alloc"` makes them
+  with the driver's cuMemHostAlloc instead (exact size, no rounding): on the H100 box, copies from 48 GiB of
+  registered buffers ran at 46.6 GB/s (680 MB) and 43.6 GB/s (12 MB), against 49.0 and 51.3 GB/s from 48 GiB of
+  cudaHostAlloc'd ones (benchmarks/RESULTS.md, session 9); an option until measured inside the executor.
 - `Mover`: asynchronous host<->device copies. On CUDA, loads (host -> device) run on their own stream, stores
   (device -> host) on another, issued inline or (`threads=True`) from a load and a store worker thread; pageable or
   memory-mapped sources go through a pinned staging buffer (torch's caching host allocator keeps it alive until its
@@ -244,16 +247,51 @@ class DiskPool:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+PIN_METHODS = ("register", "alloc")
+
+
+def _driver_host_buffer(size: int, device: torch.device) -> torch.Tensor:
+    """A page-locked host buffer of exactly `size` bytes from the CUDA driver (cuMemHostAlloc), as a uint8 tensor.
+    It is freed (cuMemFreeHost, after a device sync: no copy may still use it) once no tensor refers to it."""
+    import ctypes
+    import weakref
+
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuMemHostAlloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
+    lib.cuMemFreeHost.argtypes = [ctypes.c_void_p]
+    torch.cuda.synchronize(device)  # CUDA initialized, the primary context current on this thread
+    ptr = ctypes.c_void_p()
+    err = lib.cuMemHostAlloc(ctypes.byref(ptr), ctypes.c_size_t(size), ctypes.c_uint(0))
+    if err != 0 or not ptr.value:
+        raise MemoryError(f"cuMemHostAlloc of {size} bytes failed (CUresult {err})")
+    raw = (ctypes.c_uint8 * size).from_address(ptr.value)
+
+    def free(address=ptr.value):
+        try:
+            torch.cuda.synchronize(device)
+            lib.cuMemFreeHost(ctypes.c_void_p(address))
+        except Exception:  # interpreter shutdown: the process exit releases it
+            pass
+
+    weakref.finalize(raw, free)  # the tensor (and every view of it) keeps `raw` alive
+    return torch.frombuffer(raw, dtype=torch.uint8)
+
+
 class Arena:
     """Allocation on a tier: "gpu" -> device tensors; "cpu" -> views of one host buffer (pinned when the device is
     CUDA; see `_host`); "disk" -> views of one memory-mapped file of `disk`. `slab`: reusable buffers (module
-    docstring)."""
+    docstring). `pin`: how large pinned buffers are made on CUDA, "register" (cudaHostRegister of prefaulted memory)
+    or "alloc" (the driver's cuMemHostAlloc, freed when no tensor refers to it)."""
 
     CHUNK = 1 << 30
+    LARGE = 256 << 20  # pinned buffers of at least this many bytes: registered (or cuMemHostAlloc'd), not cached
 
-    def __init__(self, device: torch.device, disk: DiskPool):
+    def __init__(self, device: torch.device, disk: DiskPool, pin: str = "register"):
+        if pin not in PIN_METHODS:
+            raise ValueError(f"Arena: pin must be one of {', '.join(PIN_METHODS)}, got {pin!r}")
         self.device, self.disk = device, disk
         self.pin = device.type == "cuda"
+        self.pin_method = pin
         self.bytes = {t: 0 for t in TIERS}
         self._registered: list[torch.Tensor] = []
         self._slabs: dict[tuple[str, str], torch.Tensor] = {}
@@ -328,7 +366,9 @@ class Arena:
     def _pinned(self, size: int) -> torch.Tensor:
         t = time.perf_counter()
         try:
-            if size >= (256 << 20):
+            if size >= self.LARGE and self.pin_method == "alloc":
+                return _driver_host_buffer(size, self.device)
+            if size >= self.LARGE:
                 buf = torch.empty(size, dtype=torch.uint8)
                 prefault(buf)
                 err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 0)
@@ -343,6 +383,7 @@ class Arena:
         for buf in self._registered:
             torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
         self._registered = []
+
         self._slabs = {}
         self._chunk = None
 
