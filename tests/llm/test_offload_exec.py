@@ -315,3 +315,25 @@ def test_pin_method_is_checked_and_plain_on_the_cpu(opt):
     with OffloadEngine(opt.path, Policy(2, 2, weights=HALF_CPU, cache=HALF_CPU), pin="alloc") as eng:
         assert eng.arena.pin_method == "alloc" and not eng.arena.pin
         assert eng.generate(opt.prompts, NEW) == opt.base
+
+
+def test_pinned_bandwidth_benchmark_runs_on_the_cpu(tmp_path):
+    """benchmarks/bench_pinned.py --preset cpu: a row per footprint and pin method, through the arena's own paths."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "pinned.json"
+    cmd = [sys.executable, str(root / "benchmarks" / "bench_pinned.py"), "--preset", "cpu", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["pin"], r["buffers"]) for r in rows] == [
+        ("register", 16),
+        ("alloc", 16),
+        ("register", 32),
+        ("alloc", 32),
+    ]
+    assert all(r["stream_gbps"] > 0 and r["scattered_gbps"] > 0 for r in rows)
+    bad = subprocess.run([*cmd, "--pins", "mlock"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--pins: 'mlock' is not one of register, alloc" in bad.stderr
