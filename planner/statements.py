@@ -40,6 +40,7 @@ class Passthrough:
     sql: str
     functions: set[str] = field(default_factory=set)  # reldl functions it calls
     returns_rows: bool = True  # False for DDL/DML/SET/transactions (PEP 249: no description, no fetch)
+    original: str | None = None  # the text as the user wrote it, when reldl's text rewrites changed `sql`
 
 
 @dataclass
@@ -125,16 +126,17 @@ def classify(text: str, tokens: list[Token]) -> Statement:
         return _explain(text, tokens[1].text)
     if w[:1] == ["PREPARE"] and len(tokens) == 2:  # likewise PREPARE name AS <statement>
         return _prepare(text, tokens)
+    original = text
     if calls & {"predict", "predict_proba"}:
         text = listify_predict_sql(text)
+    if calls:
+        check_calls(text)  # before the llm_generate_list rewrite: messages name the function the user called
     if "llm_generate" in calls:
         listed = list_generate_sql(text)
         if listed != text:
             text = listed
             calls.add("llm_generate_list")
-    if calls:
-        check_calls(text)
-    return Passthrough(text, calls, returns_rows(tokens))
+    return Passthrough(text, calls, returns_rows(tokens), original if text != original else None)
 
 
 LIST_ARGUMENTS = ("n", "beam_width")
@@ -167,7 +169,7 @@ def _prepare(text: str, tokens: list[Token]) -> Statement:
         return Passthrough(text, set(), False)
     as_ = next((t for t in inner if t.token_type == TokenType.ALIAS or t.text.upper() == "AS"), None)
     if as_ is not None:
-        check_calls(list_generate_sql(body[as_.end + 1 :]))
+        check_calls(listify_predict_sql(body[as_.end + 1 :]))
     return Passthrough(text[:at] + list_generate_sql(body) + text[at + len(body) :], set(), False)
 
 
@@ -226,6 +228,162 @@ def check_calls(text: str) -> None:
         if n_pos != len(positional):
             want = ", ".join(positional)
             raise ProgrammingError(f"{name}: expects {len(positional)} positional argument(s) ({want}), got {n_pos}")
+        check_literals(name, call)
+
+
+# -- arguments given as literals, checked before the statement runs (and under EXPLAIN), with the messages the UDFs
+# give for the same values at run time (udfs/llm.py). Other expressions are checked by the UDFs, row by row.
+
+
+class _NotLiteral(Exception):
+    pass
+
+
+def _literal(node: exp.Expression) -> Any:
+    """The Python value of a literal argument: number, string, NULL, boolean, or a list of them; _NotLiteral else."""
+    if isinstance(node, exp.Paren):
+        return _literal(node.this)
+    if isinstance(node, exp.Null):
+        return None
+    if isinstance(node, exp.Boolean):
+        return bool(node.this)
+    if isinstance(node, exp.Literal):
+        if node.is_string:
+            return node.this
+        text = node.this
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                raise _NotLiteral from None
+    if isinstance(node, exp.Neg):
+        value = _literal(node.this)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return -value
+        raise _NotLiteral
+    if isinstance(node, exp.Array):
+        return [_literal(x) for x in node.expressions]
+    raise _NotLiteral
+
+
+def _shown(value: Any, node: exp.Expression) -> str:
+    """A literal as the SQL user wrote it: NULL, true, 'text', 1.5."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return node.sql(dialect="duckdb")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_integer(v: Any) -> bool:
+    return _is_number(v) and float(v).is_integer()
+
+
+def _check_integer(fn: str, key: str, v: Any, shown: str, low: int | None, null_ok: bool) -> None:
+    bound = f" >= {low}" if low is not None else ""
+    if v is None:
+        if not null_ok:
+            raise ProgrammingError(f"{fn}: {key} must be an integer{bound}, got NULL")
+        return
+    if not _is_integer(v):
+        raise ProgrammingError(f"{fn}: {key} must be an integer, got {shown}")
+    if low is not None and v < low:
+        raise ProgrammingError(f"{fn}: {key} must be{bound}, got {shown}")
+
+
+def _check_generate_arg(fn: str, key: str, v: Any, shown: str) -> None:
+    from reldl.llm.params import MAX_BRANCHES
+
+    if key in ("model", "prompt"):
+        if v is not None and not isinstance(v, str):
+            what = "a model name (text)" if key == "model" else "text"
+            raise ProgrammingError(f"{fn}: {key} must be {what}, got {shown}")
+    elif key == "max_tokens":
+        _check_integer(fn, key, v, shown, 0, null_ok=False)
+    elif key == "top_k":
+        _check_integer(fn, key, v, shown, 0, null_ok=True)  # NULL: the default
+    elif key == "seed":
+        _check_integer(fn, key, v, shown, None, null_ok=True)  # NULL: unseeded
+    elif key in ("n", "beam_width"):
+        if not (_is_integer(v) and 1 <= v <= MAX_BRANCHES):
+            raise ProgrammingError(f"{fn}: {key} must be an integer from 1 to {MAX_BRANCHES}, got {shown}")
+    elif key in ("temperature", "top_p"):
+        if v is None:
+            return  # NULL: the default
+        if not _is_number(v):
+            raise ProgrammingError(f"{fn}: {key} must be a number, got {shown}")
+        if key == "temperature" and v < 0:
+            raise ProgrammingError(f"{fn}: temperature must be >= 0, got {shown}")
+        if key == "top_p" and not 0 < v <= 1:
+            raise ProgrammingError(f"{fn}: top_p must be in (0, 1], got {shown}")
+    elif key == "stop":
+        items = v if isinstance(v, list) else [v]
+        if v is not None and not all(isinstance(s, str) and s for s in items):
+            raise ProgrammingError(f"{fn}: stop must be a non-empty string or a list of non-empty strings, got {shown}")
+    elif key == "truncate":
+        if v not in (None, "left"):
+            raise ProgrammingError(f"{fn}: truncate must be 'left' or NULL, got {shown}")
+
+
+def check_literals(name: str, call: exp.Expression) -> None:
+    """Literal arguments of one call of a reldl function: the right type and range, else a one-line
+    ProgrammingError naming the function and the argument (`llm_generate: max_tokens must be an integer, got 1.5`)."""
+    fn = "llm_generate" if name == "llm_generate_list" else name  # the planner's rewrite; users call llm_generate
+    positional, named = FUNCTIONS[name]
+    values: dict[str, Any] = {}
+    plain = [a for a in call.expressions if not isinstance(a, (exp.PropertyEQ, exp.Kwarg))]
+    args = list(zip(positional, plain))
+    args += [
+        (a.this.name.lower(), a.expression) for a in call.expressions if isinstance(a, (exp.PropertyEQ, exp.Kwarg))
+    ]
+    literal = True
+    for key, node in args:
+        try:
+            v = _literal(node)
+        except _NotLiteral:
+            literal = literal and key in positional  # the data (prompt) may be anything; parameters must be known
+            continue
+        values[key] = v
+        shown = _shown(v, node)
+        if name in ("llm_generate", "llm_generate_list"):
+            _check_generate_arg(fn, key, v, shown)
+        elif name == "llm_score":
+            if v is not None and not isinstance(v, str):
+                what = "a model name (text)" if key == "model" else "text"
+                raise ProgrammingError(f"{fn}: {key} must be {what}, got {shown}")
+        elif key == "model" and v is not None and not isinstance(v, str):  # predict, predict_proba
+            raise ProgrammingError(f"{fn}: model must be a model name (text), got {shown}")
+    if literal and name in ("llm_generate", "llm_generate_list"):
+        _check_combination(fn, values)
+
+
+def _check_combination(fn: str, v: dict[str, Any]) -> None:
+    """Arguments that are each valid but not together (beam search with sampling or stop strings, n with
+    beam_width), when every argument is a literal: SamplingParams' own checks, as the UDF runs them."""
+    from reldl.llm.params import SamplingParams
+
+    stop = v.get("stop")
+    try:
+        SamplingParams(
+            max_tokens=int(v.get("max_tokens", 64)),
+            temperature=float(v.get("temperature") or 0.0),
+            top_p=float(v.get("top_p") or 1.0),
+            top_k=int(v.get("top_k") or 0),
+            seed=None if v.get("seed") is None else int(v["seed"]),
+            stop=tuple(stop if isinstance(stop, list) else [stop] if stop else []),
+            n=int(v.get("n", 1)),
+            beam_width=None if v.get("beam_width") is None else int(v["beam_width"]),
+        )
+    except ValueError as e:
+        raise ProgrammingError(f"{fn}: {e}") from None
 
 
 def _set_option(tokens: list[Token]) -> SetOption:

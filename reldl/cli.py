@@ -46,13 +46,13 @@ def cmd_sql(args: argparse.Namespace) -> int:
     """Run SQL: a query (-c), a script on stdin, or an interactive shell."""
     with contextlib.closing(reldl.connect(args.database, read_only=args.read_only)) as conn:
         if args.query is not None:
-            shell.run_query(conn.cursor(), args.query, sys.stdout, args.max_rows)
+            shell.run_query(conn.cursor(), args.query, sys.stdout, args.max_rows, args.max_width)
         elif not sys.stdin.isatty():
-            shell.run_script(conn.cursor(), sys.stdin.read(), sys.stdout, args.max_rows)
+            shell.run_script(conn.cursor(), sys.stdin.read(), sys.stdout, args.max_rows, max_width=args.max_width)
         else:
             print(f"reldl {reldl.__version__} (DuckDB {duckdb.__version__}) on {args.database}; .help for help")
             with shell.readline_history():
-                return shell.Shell(conn, max_rows=args.max_rows).run()
+                return shell.Shell(conn, max_rows=args.max_rows, max_width=args.max_width).run()
     return 0
 
 
@@ -124,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"print at most N rows of a result, 0 for all (default {shell.MAX_ROWS})",
     )
+    p.add_argument(
+        "--max-width",
+        type=int,
+        default=shell.MAX_WIDTH,
+        metavar="N",
+        help=f"wrap cells wider than N columns onto more lines, 0 for never (default {shell.MAX_WIDTH}); "
+        "values are never cut off, EXPLAIN prints as plain text",
+    )
 
     _database(_command(sub, "models", cmd_models))
 
@@ -149,11 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (KeyboardInterrupt, RuntimeError) as e:
         if not shell.interrupted(e):
-            raise
+            shell.print_internal_error(e)
+            return 1
         print("Error: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as e:  # noqa: BLE001 - a bug in reldl: one line, no traceback
+        shell.print_internal_error(e)
         return 1
 
 

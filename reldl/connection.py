@@ -330,6 +330,7 @@ class Cursor:
             if not any(isinstance(s, Passthrough) and s.functions for s in parse(sql)):
                 if explain and not analyze:
                     why = "plan: lookup (predict on models trained in the database reads their tables; no model runs)"
+                    self._bind(sql, parameters)
                     self._show([why] + _sql_lines(None, sql))
                 elif explain:
                     self._duckdb("EXPLAIN ANALYZE " + sql, parameters)
@@ -338,6 +339,7 @@ class Cursor:
                 return
         plan = planning.make_plan(self, sql, parameters)
         if explain and not analyze:
+            self._bind(sql, parameters)  # a missing table or column, a type error: the statement's own error
             self._show(plan.explain() + self._sparse_lines(plan) + _sql_lines(plan, plan.rewritten_sql or sql))
             return
         timings = planning.Timings() if analyze else None
@@ -387,6 +389,12 @@ class Cursor:
         self._temp_views.append(table)
         self._execute(f'SELECT * FROM "{table}"', None)
         self._finish(True)
+
+    def _bind(self, sql: str, parameters) -> None:
+        """Have DuckDB parse and bind `sql` without running it (its EXPLAIN): EXPLAIN of a statement that cannot run
+        (a missing table or column, an argument of the wrong type) fails with the statement's own error."""
+        self._execute("EXPLAIN " + sql, parameters)
+        self._duck.fetchall()
 
     def _execute(self, sql: str, parameters) -> None:
         try:

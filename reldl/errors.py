@@ -89,8 +89,89 @@ def shown(value) -> str:
     return "NULL" if value is None else repr(value)
 
 
+def unknown_model(function: str, name: str | None) -> ProgrammingError:
+    """A reldl function given a model name that is not registered."""
+    return ProgrammingError(f"{function}: model {name!r} does not exist (SHOW MODELS lists the registered models)")
+
+
+def wrong_model(function: str, rec, wanted: str) -> ProgrammingError:
+    """A reldl function given a registered model of the wrong kind (`rec`: its catalog record), e.g.
+    "llm_generate: model 'churn_mlp' is a 'mlp' model, not an LLM"."""
+    return ProgrammingError(f"{function}: model {rec.name!r} is a {rec.model_type!r} model, not {wanted}")
+
+
 def first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
+
+
+_INTERNAL_UDF = re.compile(r"'reldl_(llm_generate_list|llm_generate|llm_score|predict_proba|predict)_\d+\(")
+_INTEGERS = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER", "INTEGER_LITERAL"}
+_WANTED = {"BIGINT": "an integer (BIGINT)", "DOUBLE": "a number (DOUBLE)", "VARCHAR": "text (VARCHAR)"}
+
+
+def _split_types(text: str, start: int) -> list[str] | None:
+    """The comma-separated types of `name(T1, T2(3,1), ...)` from just after its '(' (None if it does not close)."""
+    out, depth, cur = [], 0, ""
+    for ch in text[start:]:
+        if ch == ")" and depth == 0:
+            return [t.strip() for t in out + [cur] if t.strip()]
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return None
+
+
+def _fits(given: str, wanted: str) -> bool:
+    """Whether DuckDB casts an argument of type `given` to the UDF's `wanted` type on its own (roughly)."""
+    if given in ('"NULL"', "NULL", "JSON"):
+        return True
+    if wanted == "VARCHAR":
+        return given in ("VARCHAR", "STRING_LITERAL")
+    if wanted == "BIGINT":
+        return given in _INTEGERS or given == "STRING_LITERAL"
+    if wanted == "DOUBLE":
+        return given in _INTEGERS or given in ("FLOAT", "DOUBLE", "STRING_LITERAL") or given.startswith("DECIMAL")
+    return True
+
+
+def _user_type(t: str) -> str:
+    return {'"NULL"': "NULL", "INTEGER_LITERAL": "INTEGER", "STRING_LITERAL": "VARCHAR"}.get(t, t)
+
+
+def _internal_udf_message(text: str) -> str | None:
+    """DuckDB's "No function matches ... 'reldl_llm_generate_0(VARCHAR, DOUBLE, ...)'" names the UDF behind a
+    reldl function's macro, with the macro's positional arguments: the message the user should see instead names
+    the function they called and the argument of the wrong type."""
+    m = _INTERNAL_UDF.search(text)
+    if m is None:
+        return None
+    from reldl.planner.plans import SIGNATURES  # (lazily: the planner imports this module)
+
+    udf = m.group(1)
+    fn = "llm_generate" if udf == "llm_generate_list" else udf
+    sig = SIGNATURES[udf]
+    positional = 2 if fn == "llm_score" else 1
+    shown = [f"{name} := {typ}" if i >= positional else f"{name} {typ}" for i, (name, typ, _) in enumerate(sig)]
+    if fn.startswith("predict"):
+        shown = ["model VARCHAR", "feature, ... (numbers)"]
+    elif fn == "llm_generate":
+        shown = [s.replace("stop := VARCHAR", "stop := VARCHAR or VARCHAR[]") for s in shown[:9]]
+        shown += ["n := BIGINT", "beam_width := BIGINT"]
+    signature = f"{fn}({', '.join(shown)})"
+    types = _split_types(text, m.end())
+    if types is None or len(types) != len(sig):
+        return f"{fn}: an argument has the wrong type; {signature}"
+    for (name, wanted, _), given in zip(sig, types):
+        if not _fits(given, wanted):
+            what = _WANTED.get(wanted, wanted)
+            return f"{fn}: {name} must be {what}, got {_user_type(given)} (cast it; arguments: {signature})"
+    return f"{fn}: no version takes these argument types ({', '.join(map(_user_type, types))}); {signature}"
 
 
 def translate(exc: BaseException) -> Error:
@@ -98,6 +179,9 @@ def translate(exc: BaseException) -> Error:
     if isinstance(exc, Error):
         return exc
     text = str(exc)
+    internal = _internal_udf_message(text)
+    if internal is not None and isinstance(exc, duckdb.Error):
+        return ProgrammingError(internal)
     m = _UDF_ERROR.search(text)
     if m:
         name, msg = m.group(1), first_line(m.group(2))

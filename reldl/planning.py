@@ -19,7 +19,7 @@ from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 
 from reldl import catalog
-from reldl.errors import OperationalError, ProgrammingError, translate
+from reldl.errors import OperationalError, ProgrammingError, translate, unknown_model, wrong_model
 from reldl.planner import cost, plans, predict_calls
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def _workload(cur: Cursor, call: plans.CallSite, rows: float, distinct: float, r
         w.flops_per_row = float(opts.get("flops_per_row", 0.0))
         w.weight_bytes = float(opts.get("weight_bytes", 0.0))
         w.activation_bytes_per_row = float(opts.get("activation_bytes_per_row", 8 * opts.get("max_width", 64)))
-        w.relation_ok = rec.model_type in ("mlp", "linear_reg", "logistic_reg")
+        w.relation_ok = call.function.startswith("predict") and rec.model_type in ("mlp", "linear_reg", "logistic_reg")
         if w.relation_ok:
             try:
                 shapes = _layer_shapes(rec.path)
@@ -122,8 +122,7 @@ def _workload(cur: Cursor, call: plans.CallSite, rows: float, distinct: float, r
 
             w.row_seconds, w.call_seconds = offload_sql.workload_seconds(cur._duck, rec, w.max_tokens)
         if call.function == "llm_generate_list":  # n samples / beam_width beams: that many rows of decoding
-            widths = [a for a in call.args[9:] if isinstance(a, exp.Literal) and not a.is_string]
-            w.max_tokens *= max([int(float(a.this)) for a in widths] + [1])
+            w.max_tokens *= max([_int_literal(a, 1) for a in call.args[9:]] + [1])
     return w
 
 
@@ -185,10 +184,45 @@ def make_plan(cur: Cursor, sql: str, parameters) -> plans.Plan:
     return plan
 
 
+def _int_literal(arg: exp.Expression, default: int) -> int:
+    """An argument's value when it is an integer literal (statements.check_literals has checked its range),
+    `default` otherwise (an expression, NULL, or a value the UDF will refuse)."""
+    if isinstance(arg, exp.Literal) and not arg.is_string:
+        try:
+            value = float(arg.this)
+        except ValueError:
+            return default
+        if value.is_integer() and value >= 0:
+            return int(value)
+    return default
+
+
 def _max_tokens(call: plans.CallSite) -> int:
     """The literal max_tokens of an llm_generate call (64, its default, when not a literal)."""
-    mt = call.args[2]
-    return int(mt.this) if isinstance(mt, exp.Literal) and not mt.is_string else 64
+    return _int_literal(call.args[2], 64)
+
+
+def check_models(cur: Cursor, calls: list[plans.CallSite]) -> None:
+    """The models the calls name with a literal (or, for the LLM functions, the default LLM) exist and are of the
+    kind the function runs: the one-line error the call raises when it runs, raised before anything runs (and by
+    EXPLAIN). Models named by an expression are checked row by row when the statement runs."""
+    if not calls:
+        return
+    from reldl.udfs.predict import TABULAR_TYPES
+
+    models = catalog.list_models(cur._duck)
+    for c in calls:
+        fn = "llm_generate" if c.function == "llm_generate_list" else c.function
+        arg = c.args[[name for name, _, _ in plans.SIGNATURES[c.function]].index("model")]
+        if c.model is None and (fn.startswith("predict") or not isinstance(arg, exp.Null)):
+            continue  # an expression (checked per row), or predict(NULL, ...), which is NULL
+        rec = catalog.pick_model(models, c.model)  # no model given: the only LLM (raises if none or several)
+        if rec is None:
+            raise unknown_model(fn, c.model)
+        if fn.startswith("llm") and rec.model_type != "llm":
+            raise wrong_model(fn, rec, "an LLM")
+        if fn.startswith("predict") and rec.model_type not in TABULAR_TYPES:
+            raise wrong_model(fn, rec, f"a tabular model ({', '.join(TABULAR_TYPES)})")
 
 
 def _scalar_functions(duck: duckdb.DuckDBPyConnection) -> set[str]:
@@ -217,6 +251,7 @@ def _make_plan(cur: Cursor, sql: str, parameters) -> plans.Plan:
 
     tree, top_n = plans.push_top_n(tree, scalar)
     calls, select, why = plans.analyse(tree)
+    check_models(cur, calls)
     plan = plans.Plan("udf", tree, calls, select, top_n=top_n)
     if top_n:
         plan.rewritten_sql = tree.sql(dialect="duckdb")
@@ -397,8 +432,10 @@ def relation_predict(cur: Cursor, function: str, cols: list[pa.Array]) -> pa.Arr
     _ensure_temp_directory(cur._duck)
     for name in {m for m in models if m is not None}:
         rec = catalog.pick_model(snapshot, name)
-        if rec is None or rec.model_type not in tabular.MODEL_TYPES:
-            raise ProgrammingError(f"{function}: model {name!r} is not a registered tabular model")
+        if rec is None:
+            raise unknown_model(function, name)
+        if rec.model_type not in tabular.MODEL_TYPES:
+            raise wrong_model(function, rec, f"a tabular model ({', '.join(tabular.MODEL_TYPES)})")
         spec, layers = tabular.read_layers(rec.path)
         tiles = layer_tiles(layers, limit)
         weights, matrices = _weight_tables(cur, rec.path, layers, tiles)

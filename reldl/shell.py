@@ -24,6 +24,7 @@ from reldl.errors import Error, first_line
 from reldl.planner.statements import split
 
 MAX_ROWS = 1000
+MAX_WIDTH = 80  # columns of text a cell takes before it wraps onto more lines (0: never wrap); nothing is clipped
 STATUS_COLUMNS = {("Count", "BIGINT"), ("Success", "BOOLEAN")}
 ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
 TABLES_SQL = (
@@ -36,6 +37,7 @@ HELP = """\
 .help      show this help
 .tables    list tables and views
 .models    list registered models (same as SHOW MODELS;)
+.width N   wrap cells wider than N columns onto more lines (0: never wrap; default 80); nothing is cut off
 .quit      leave the shell (also .exit or Ctrl-D)
 
 SQL statements may span lines and run once they end with ';'. Ctrl-C discards the statement being typed.
@@ -52,20 +54,42 @@ reldl adds to DuckDB's SQL:
 
 
 def format_table(
-    description: Sequence[Sequence[Any]], rows: Sequence[Sequence[Any]], max_width: int = 60, total: int | None = None
+    description: Sequence[Sequence[Any]],
+    rows: Sequence[Sequence[Any]],
+    max_width: int = MAX_WIDTH,
+    total: int | None = None,
 ) -> str:
     """Aligned text table (psql style): header, separator, rows, and a `(N rows)` footer.
 
-    `total` is the size of the whole result when `rows` is only its first part.
+    Values are shown in full: a cell wider than `max_width` terminal columns wraps onto further lines of its row
+    (`max_width` 0: no wrapping); newlines inside a value are shown as `\\n`. `total` is the size of the whole
+    result when `rows` is only its first part.
     """
-    header = [_clip(str(d[0]), max_width) for d in description]
-    body = [[_clip(_text(v), max_width) for v in row] for row in rows]
+    header = [_wrap(str(d[0]).translate(ESCAPES), max_width) for d in description]
+    body = [[_wrap(_text(v), max_width) for v in row] for row in rows]
     right = [_numeric([row[i] for row in rows]) for i in range(len(header))]
-    widths = [max(map(_width, [h, *(r[i] for r in body)])) for i, h in enumerate(header)]
-    lines = [_line(header, widths, right), "-" + "-+-".join("-" * w for w in widths) + "-"]
-    lines += [_line(r, widths, right) for r in body]
+    widths = [max(_width(line) for cell in [h, *(r[i] for r in body)] for line in cell) for i, h in enumerate(header)]
+    lines = _lines(header, widths, right) + ["-" + "-+-".join("-" * w for w in widths) + "-"]
+    for r in body:
+        lines += _lines(r, widths, right)
     lines.append(_footer(len(rows), len(rows) if total is None else total))
     return "\n".join(lines)
+
+
+def format_explain(rows: Sequence[Sequence[Any]]) -> str:
+    """EXPLAIN output as plain text, never wrapped or cut: reldl's plan (one line a row) or DuckDB's (a key and a
+    multi-line plan drawing a row: the drawing is printed)."""
+    return "\n".join(("" if row[-1] is None else str(row[-1])).rstrip("\n") for row in rows)
+
+
+def _lines(cells: list[list[str]], widths: list[int], right: list[bool]) -> list[str]:
+    """The text lines of one table row whose cells hold one or more (wrapped) lines each."""
+    height = max(len(c) for c in cells)
+    out = []
+    for k in range(height):
+        parts = [c[k] if k < len(c) else "" for c in cells]
+        out.append(_line(parts, widths, right))
+    return out
 
 
 def _line(cells: list[str], widths: list[int], right: list[bool]) -> str:
@@ -97,9 +121,24 @@ def _text(value: Any) -> str:
     return str(value).translate(ESCAPES)
 
 
-def _clip(text: str, max_width: int) -> str:
-    text = text.translate(ESCAPES)
-    return text if len(text) <= max_width else text[: max_width - 1] + "…"
+def _wrap(text: str, max_width: int) -> list[str]:
+    """`text` cut into lines of at most `max_width` terminal columns (all of it: nothing is dropped), breaking
+    after a space where one falls in the second half of a line; one line when `max_width` is 0 or less."""
+    if max_width <= 0 or _width(text) <= max_width:
+        return [text]
+    lines: list[str] = []
+    while _width(text) > max_width:
+        cut, used = 0, 0
+        while cut < len(text) and used + _width(text[cut]) <= max_width:
+            used += _width(text[cut])
+            cut += 1
+        cut = max(cut, 1)  # a character wider than the limit still moves on
+        space = text.rfind(" ", 0, cut)
+        if space >= cut // 2 and space + 1 < cut:
+            cut = space + 1
+        lines.append(text[:cut].rstrip(" ") or text[:cut])
+        text = text[cut:]
+    return lines + ([text] if text else [])
 
 
 def _width(text: str) -> int:
@@ -139,31 +178,61 @@ def fetch_limited(cur: Cursor, limit: int = MAX_ROWS) -> tuple[list[tuple], int]
     return rows[:limit], total
 
 
-def print_result(cur: Cursor, sql: str, out: TextIO, max_rows: int = MAX_ROWS, status: str | None = None) -> None:
+def is_explain(sql: str) -> bool:
+    """Whether the statement is an EXPLAIN (reldl's or DuckDB's), whose rows are printed as plain text."""
+    statements = split(sql)
+    tokens = statements[-1][1] if statements else []
+    return bool(tokens) and tokens[0].text.upper() == "EXPLAIN"
+
+
+def print_result(
+    cur: Cursor,
+    sql: str,
+    out: TextIO,
+    max_rows: int = MAX_ROWS,
+    status: str | None = None,
+    max_width: int = MAX_WIDTH,
+) -> None:
     """Print the result set of `sql`, just run on `cur`; `status` (e.g. OK) is printed when there is none."""
     if returns_rows(sql, cur.description):
+        if is_explain(sql):
+            print(format_explain(cur.fetchall()), file=out)
+            return
         rows, total = fetch_limited(cur, max_rows)
-        print(format_table(cur.description, rows, total=total), file=out)
+        print(format_table(cur.description, rows, max_width, total=total), file=out)
     elif status:
         print(status, file=out)
 
 
-def run_query(cur: Cursor, sql: str, out: TextIO, max_rows: int = MAX_ROWS) -> None:
+def run_query(cur: Cursor, sql: str, out: TextIO, max_rows: int = MAX_ROWS, max_width: int = MAX_WIDTH) -> None:
     """Run `sql` (one statement or several) as one call and print the last statement's result."""
     cur.execute(sql)
     statements = split(sql)
-    print_result(cur, statements[-1][0] if statements else sql, out, max_rows)
+    print_result(cur, statements[-1][0] if statements else sql, out, max_rows, max_width=max_width)
 
 
-def run_script(cur: Cursor, sql: str, out: TextIO, max_rows: int = MAX_ROWS, status: str | None = None) -> None:
+def run_script(
+    cur: Cursor,
+    sql: str,
+    out: TextIO,
+    max_rows: int = MAX_ROWS,
+    status: str | None = None,
+    max_width: int = MAX_WIDTH,
+) -> None:
     """Run a script statement by statement, printing each result set; the first error stops it."""
     for text, _ in split(sql):
         cur.execute(text)
-        print_result(cur, text, out, max_rows, status)
+        print_result(cur, text, out, max_rows, status, max_width)
 
 
 def print_error(exc: BaseException, err: TextIO | None = None) -> None:
     print(f"Error: {first_line(str(exc))}", file=err or sys.stderr)
+
+
+def print_internal_error(exc: BaseException, err: TextIO | None = None) -> None:
+    """An exception reldl did not turn into one of its errors (a bug): one line naming it, never a traceback."""
+    text = first_line(str(exc))
+    print(f"Error: internal error ({type(exc).__name__}{': ' + text if text else ''})", file=err or sys.stderr)
 
 
 def interrupted(exc: BaseException) -> bool:
@@ -196,12 +265,14 @@ class Shell:
         out: TextIO | None = None,
         err: TextIO | None = None,
         max_rows: int = MAX_ROWS,
+        max_width: int = MAX_WIDTH,
     ):
         self.cur = conn.cursor()
         self.input_fn = input_fn
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.max_rows = max_rows
+        self.max_width = max_width
 
     def run(self) -> int:
         """Loop until Ctrl-D or .quit; errors are reported and the loop goes on."""
@@ -227,13 +298,16 @@ class Shell:
 
     def execute(self, sql: str) -> None:
         try:
-            run_script(self.cur, sql, self.out, self.max_rows, status="OK")
+            run_script(self.cur, sql, self.out, self.max_rows, status="OK", max_width=self.max_width)
         except Error as e:
             print_error(e, self.err)
         except (KeyboardInterrupt, RuntimeError) as e:
             if not interrupted(e):
-                raise
-            print("Error: interrupted", file=self.err)
+                print_internal_error(e, self.err)
+            else:
+                print("Error: interrupted", file=self.err)
+        except Exception as e:  # noqa: BLE001 - a bug must not end the user's session
+            print_internal_error(e, self.err)
 
     def dot_command(self, line: str) -> bool:
         """Run a dot-command; False means leave the shell."""
@@ -242,6 +316,14 @@ class Shell:
             return False
         if cmd == ".help":
             print(HELP, file=self.out)
+        elif cmd == ".width":
+            args = line.split()[1:]
+            if len(args) == 1 and args[0].isdigit():
+                self.max_width = int(args[0])
+            elif args:
+                print("Error: usage: .width N (columns; 0: never wrap)", file=self.err)
+            else:
+                print(f"width {self.max_width}", file=self.out)
         elif cmd in DOT_SQL:
             self.execute(DOT_SQL[cmd])
         else:

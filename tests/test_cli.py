@@ -36,12 +36,37 @@ def test_format_table_aligns_numbers_right_and_text_left():
     ]
 
 
-def test_format_table_null_truncation_newlines():
+def test_format_table_null_wrapping_newlines():
     rows = [(None, "x" * 20), (Decimal("1.5"), "a\nb")]
     lines = format_table(DESC, rows, max_width=10).splitlines()
-    assert lines[2] == " NULL | xxxxxxxxx…"
-    assert lines[3] == "  1.5 | a\\nb"
-    assert all(len(line) <= len(lines[1]) for line in lines[:4])
+    assert lines[2:5] == [" NULL | xxxxxxxxxx", "      | xxxxxxxxxx", "  1.5 | a\\nb"]  # wrapped, nothing cut off
+    assert all(len(line) <= len(lines[1]) for line in lines[:5])
+
+
+def test_format_table_wraps_long_text_at_spaces_and_keeps_all_of_it():
+    text = "the quick brown fox jumps over the lazy dog " * 3
+    lines = format_table(DESC, [(1, text)], max_width=30).splitlines()
+    cells = [line.split(" | ", 1)[1] for line in lines[2:-1]]
+    assert all(len(c) <= 30 for c in cells) and len(cells) > 1
+    assert " ".join(cells).split() == text.split()
+    assert lines[3].startswith("    | ")  # continuation lines leave the other columns empty
+    assert format_table(DESC, [(1, text)], max_width=0).splitlines()[2] == "  1 | " + text.rstrip()
+
+
+def test_explain_prints_in_full(capsys):
+    code, out, err = run(capsys, "sql", "-c", "EXPLAIN SELECT 1")
+    assert (code, err) == (0, "")
+    assert "Projection" in out and "\\n" not in out and "…" not in out and len(out.splitlines()) > 3
+    code, out, _ = run(capsys, "sql", "--max-width", "20", "-c", "SELECT repeat('ab ', 30) AS s")
+    assert code == 0 and out.count("ab") == 30 and all(len(line) <= 24 for line in out.splitlines())
+
+
+def test_reldl_explain_lines_are_not_clipped():
+    """reldl's own EXPLAIN (a statement with model calls) prints its lines as text, none cut at any width."""
+    from reldl.shell import format_explain
+
+    long = "  why: " + "x" * 200
+    assert format_explain([("reldl plan: UDF-centric",), (long,)]) == "reldl plan: UDF-centric\n" + long
 
 
 def test_format_table_footers():
@@ -130,6 +155,27 @@ def test_models_on_empty_database(capsys, tmp_path):
 def test_models_does_not_create_a_database(capsys, tmp_path):
     code, _, err = run(capsys, "models", str(tmp_path / "nope.db"))
     assert code == 1 and err.startswith("Error: ") and not (tmp_path / "nope.db").exists()
+
+
+def test_unusable_paths_exit_1_with_one_line_naming_them(capsys, tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    for argv, why in (
+        (("demo", "--dir", str(f / "sub"), "--rows", "1"), f"{str(f / 'sub')!r} cannot be created"),
+        (("demo", "--dir", str(f), "--rows", "1"), f"{str(f)!r} is not a directory"),
+        (
+            (
+                "sql",
+                "-c",
+                "CREATE TABLE t AS SELECT 1.0 AS x, 1 AS y; CREATE MODEL m OPTIONS (model_type = 'linear_reg', "
+                f"label = 'y', path = '{f / 'sub'}') AS SELECT * FROM t",
+            ),
+            f"{str(f / 'sub')!r} cannot be created",
+        ),
+    ):
+        code, out, err = run(capsys, *argv)
+        assert code == 1 and err.startswith("Error: ") and err.count("\n") == 1 and why in err, (argv, err)
+    assert f.read_text() == "x"
 
 
 def test_help_version_and_usage_errors(capsys):
@@ -226,3 +272,62 @@ def test_shell_survives_an_interrupted_query(monkeypatch):
     err = io.StringIO()
     assert Shell(reldl.connect(), input_fn=input_fn, out=io.StringIO(), err=err).run() == 0
     assert err.getvalue() == "Error: interrupted\n" * 2 and len(prompts) == 3
+
+
+# -- bad input never ends the shell: reldl errors and bugs alike are one line
+
+
+def _shell(lines: list[str], **kw) -> tuple[str, str]:
+    feed = iter(lines)
+
+    def input_fn(prompt: str) -> str:
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    out, err = io.StringIO(), io.StringIO()
+    conn = reldl.connect()
+    try:
+        assert Shell(conn, input_fn=input_fn, out=out, err=err, **kw).run() == 0
+    finally:
+        conn.close()
+    return out.getvalue(), err.getvalue()
+
+
+def test_shell_survives_bad_llm_arguments():
+    out, err = _shell(["SELECT llm_generate('x', max_tokens := 1.5);", "SELECT 42 AS answer;"])
+    assert err == "Error: llm_generate: max_tokens must be an integer, got 1.5\n"
+    assert " 42\n" in out
+
+
+def test_shell_survives_an_internal_error(monkeypatch):
+    from reldl.connection import Cursor
+
+    def broken(self, operation, parameters=None):
+        if "boom" in operation:
+            raise ValueError("invalid literal for int() with base 10: '1.5'")
+        return original(self, operation, parameters)
+
+    original = Cursor.execute
+    monkeypatch.setattr(Cursor, "execute", broken)
+    out, err = _shell(["SELECT 'boom';", "SELECT 7 AS seven;"])
+    assert err.count("\n") == 1 and err.startswith("Error: internal error (ValueError: ") and "Traceback" not in err
+    assert " 7\n" in out
+
+
+def test_cli_internal_error_is_one_line(capsys, monkeypatch):
+    from reldl.connection import Cursor
+
+    def broken(self, operation, parameters=None):
+        raise TypeError("'in <string>' requires string as left operand, not NoneType")
+
+    monkeypatch.setattr(Cursor, "execute", broken)
+    code, out, err = run(capsys, "sql", "-c", "SELECT 1")
+    assert code == 1 and out == "" and err.count("\n") == 1 and err.startswith("Error: internal error (TypeError")
+
+
+def test_shell_width_command():
+    out, err = _shell([".width 12", "SELECT repeat('x', 30) AS s;", ".width", ".width abc"])
+    assert "\n xxxxxxxxxxxx\n xxxxxxxxxxxx\n xxxxxx\n" in out and "width 12\n" in out
+    assert err == "Error: usage: .width N (columns; 0: never wrap)\n"

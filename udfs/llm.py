@@ -19,7 +19,7 @@ import pyarrow as pa
 from duckdb.sqltypes import BIGINT, DOUBLE, VARCHAR
 
 from reldl import catalog
-from reldl.errors import ProgrammingError
+from reldl.errors import ProgrammingError, unknown_model, wrong_model
 from reldl.llm.params import SamplingParams
 from reldl.progress import Progress
 
@@ -68,17 +68,19 @@ def _branches(value: str | None, name: str, fn: str) -> int | None:
 
 
 def _params(max_tokens, temperature, top_p, top_k, seed, stop, n="1", beam_width=UNSET, fn="llm_generate"):
-    if max_tokens is None or max_tokens < 0:
-        raise ProgrammingError(f"llm_generate: max_tokens must be >= 0, got {max_tokens}")
+    if max_tokens is None:
+        raise ProgrammingError(f"{fn}: max_tokens must be an integer >= 0, got NULL")
+    if max_tokens < 0:
+        raise ProgrammingError(f"{fn}: max_tokens must be >= 0, got {max_tokens}")
     temperature = 0.0 if temperature is None else float(temperature)
     if temperature < 0:
-        raise ProgrammingError(f"llm_generate: temperature must be >= 0, got {temperature}")
+        raise ProgrammingError(f"{fn}: temperature must be >= 0, got {temperature:g}")
     top_p = 1.0 if top_p is None else float(top_p)
     if not 0.0 < top_p <= 1.0:
-        raise ProgrammingError(f"llm_generate: top_p must be in (0, 1], got {top_p}")
+        raise ProgrammingError(f"{fn}: top_p must be in (0, 1], got {top_p:g}")
     top_k = 0 if top_k is None else int(top_k)
     if top_k < 0:
-        raise ProgrammingError(f"llm_generate: top_k must be >= 0, got {top_k}")
+        raise ProgrammingError(f"{fn}: top_k must be >= 0, got {top_k}")
     n = _branches(n, "n", fn)
     beam_width = _branches(beam_width, "beam_width", fn)
     try:
@@ -167,7 +169,7 @@ class LLMFunctions:
         if progress is not None:
             progress.close()
 
-    def _engine(self, model: str | None) -> tuple[EngineKey, Engine]:
+    def _engine(self, model: str | None, fn: str = "llm_generate") -> tuple[EngineKey, Engine]:
         """The engine of a model, and its identity for the result cache: the checkpoint (path, mtime), dtype and
         device, not the catalog name, so results of a model replaced under the same name are never reused."""
         models = getattr(self.local, "models", None)
@@ -179,9 +181,9 @@ class LLMFunctions:
                 cur.close()
         rec = catalog.pick_model(models, model)
         if rec is None:
-            raise ProgrammingError(f"model {model!r} does not exist (SHOW MODELS lists the registered models)")
+            raise unknown_model(fn, model)
         if rec.model_type != "llm":
-            raise ProgrammingError(f"model {rec.name!r} is a {rec.model_type!r} model, not an LLM")
+            raise wrong_model(fn, rec, "an LLM")
         from reldl import registry  # loads torch: only once a model is actually used
 
         return registry.model_engine(rec)  # an Engine, or an offloaded model's adapter (reldl/llm/offload)
@@ -260,7 +262,7 @@ class LLMFunctions:
             if p is not None and c is not None:
                 groups.setdefault(m, []).append(i)
         for m, idx in groups.items():
-            _, eng = self._engine(m)
+            _, eng = self._engine(m, "llm_score")
             scores = eng.score([rows[i][0] for i in idx], [rows[i][1] for i in idx])
             for i, s in zip(idx, scores):
                 out[i] = s

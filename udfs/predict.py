@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from duckdb.sqltypes import DOUBLE, VARCHAR
 
 from reldl import catalog
-from reldl.errors import DataError, ProgrammingError
+from reldl.errors import DataError, unknown_model, wrong_model
 
 TABULAR_TYPES = ("mlp", "linear_reg", "logistic_reg")
 MACROS_FILE = "predict_functions.sql"
@@ -85,12 +85,9 @@ class PredictFunctions:
     def _model(self, fn: str, name: str, models: list[catalog.ModelRecord]):
         rec = catalog.pick_model(models, name)
         if rec is None:
-            raise ProgrammingError(f"{fn}: model {name!r} does not exist (SHOW MODELS lists the registered models)")
+            raise unknown_model(fn, name)
         if rec.model_type not in TABULAR_TYPES:
-            raise ProgrammingError(
-                f"{fn}: model {rec.name!r} is a {rec.model_type!r} model, not a tabular model "
-                f"({', '.join(TABULAR_TYPES)})"
-            )
+            raise wrong_model(fn, rec, f"a tabular model ({', '.join(TABULAR_TYPES)})")
         from reldl import tabular  # loads torch: only once a model is actually used
 
         return rec, tabular.get_tabular(rec.path, rec.device, name=rec.name)

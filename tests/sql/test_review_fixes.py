@@ -153,9 +153,9 @@ def test_model_call_in_an_aborted_transaction(llm):
     llm.execute("CREATE TABLE t AS SELECT 1 AS a")
     before = _models(llm)
     with pytest.raises(reldl.ProgrammingError, match="nosuch"):
-        llm.execute("BEGIN; INSERT INTO nosuch VALUES (1); SELECT llm_generate('hi', n := 0); COMMIT;")
-    with pytest.raises(reldl.OperationalError) as info:
-        llm.execute("SELECT llm_generate('hi', n := 0)")
+        llm.execute("BEGIN; INSERT INTO nosuch VALUES (1); SELECT llm_generate('hi', max_tokens := 1); COMMIT;")
+    with pytest.raises(reldl.OperationalError) as info:  # (a literal n := 0 is refused before anything runs)
+        llm.execute("SELECT llm_generate('hi', max_tokens := 1)")
     assert "transaction is aborted" in str(info.value) and "\n" not in str(info.value)
     llm.execute("ROLLBACK")
     assert _models(llm) == before and llm.execute("SELECT a FROM t").fetchall() == [(1,)]
@@ -248,8 +248,10 @@ def test_prepare_with_n_and_beam_width(llm):
     want = llm.execute("SELECT llm_generate('the cat', max_tokens := 2, n := 2, seed := 3)").fetchall()[0][0]
     assert two == want and len(beams) == 2
     assert _err(llm, "PREPARE s3 AS SELECT llm_generate(?, nn := 2)").startswith("llm_generate: unknown argument 'nn'")
-    llm.execute("PREPARE s4 AS SELECT llm_generate(?, n := 2.5)")
-    assert _err(llm, "EXECUTE s4('x')") == "llm_generate: n must be an integer from 1 to 64, got 2.5"
+    bad_n = "llm_generate: n must be an integer from 1 to 64, got 2.5"
+    assert _err(llm, "PREPARE s4 AS SELECT llm_generate(?, n := 2.5)") == bad_n  # a literal: refused at once
+    llm.execute("PREPARE s5 AS SELECT llm_generate(?, n := ?)")
+    assert _err(llm, "EXECUTE s5('x', 2.5)") == bad_n
 
 
 # -- 10. CREATE MODEL ... AS takes one SELECT, nothing that writes
