@@ -15,8 +15,9 @@ options and query, so a CREATE OR REPLACE that fails leaves the previous model's
   ``BCEWithLogitsLoss``, ``CrossEntropyLoss``. The task: ``linear_reg`` regression; ``logistic_reg`` binary when the
   labels are 0/1, else multiclass over classes ``0..max(label)``; ``mlp`` from ``task`` or the label's type (integer
   or boolean: classification, else regression). The trained weights are exported (float32) to a tabular checkpoint
-  (``path``, default ``<database>.models/<name>`` or a temporary directory for in-memory databases) and the model is
-  registered with that path, so ``predict()`` / ``predict_proba()`` and all three planner plans work on it.
+  (``path``: missing or an empty directory, checked before training; default ``<database>.models/<name>``, another
+  name when that holds files, or a temporary directory for in-memory databases) and the model is registered with
+  that path, so ``predict()`` / ``predict_proba()`` and all three planner plans work on it.
 * ``matrix_factorization``: rows ``(user, item, rating)`` (column names: options ``user``, ``item``, ``label``).
   Users and items get dense ids; embeddings ``__users(u, v DOUBLE[k])`` and ``__items(i, v DOUBLE[k])``; the loss is
   the mean of ``(p_u . q_i - rating)^2`` over the observed entries of the batch only (the sparse mask: the join with
@@ -49,7 +50,7 @@ import pyarrow as pa
 import sqlglot
 from sqlglot import exp
 
-from reldl import catalog, scratch
+from reldl import catalog, paths
 from reldl.autodiff import builder as ad
 from reldl.autodiff import symbolic as sym
 from reldl.autodiff import train
@@ -180,6 +181,10 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
         o["tile_rows"] = t
         if o["path"] is not None and (not isinstance(o["path"], str) or not o["path"]):
             raise bad("option 'path' must be a directory name")
+        if o["path"] is not None:  # missing or an empty directory (catalog.model_dir's rule): nothing is overwritten
+            paths.new_dir(f"CREATE MODEL {name}: path", o["path"])
+    if o["plot"] is not None:
+        train.check_plot(f"CREATE MODEL {name}: plot", o["plot"])
     try:
         train.Optimizer(
             o["optimizer"], o["learning_rate"], o["momentum"], o["beta1"], o["beta2"], o["eps"], o["weight_decay"]
@@ -905,22 +910,12 @@ def export_tabular(duck: Any, job: Job, path: Path) -> Path:
     return tabular.save_tabular(path, spec, weights)
 
 
-def default_path(duck: Any, name: str) -> Path:
-    """``<database file>.models/<name>``, or for an in-memory database a fresh temporary directory, removed when the
-    process exits (the catalog that names it goes with the process)."""
-    db = catalog.db_file(duck)
-    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name.lower())
-    if db:
-        return Path(str(db) + ".models") / safe
-    return scratch.process_dir(f"reldl-{safe}-")
-
-
 def create_model(
     duck: Any, name: str, options: dict[str, Any], query_sql: str, progress: bool | None = None
 ) -> tuple[str | None, dict[str, Any], list[str]]:
     """Train the model of ``CREATE MODEL name OPTIONS (...) AS SELECT ...``; returns (path or None, catalog options,
     tables of a previously registered version that the caller drops once the new one is registered)."""
-    job = make_job(duck, name, options, query_sql)
+    job = make_job(duck, name, options, query_sql)  # checks `path` and `plot` before anything is written
     result = fit(duck, job, progress)
     o, kind = job.options, job.options["model_type"]
     stored: dict[str, Any] = {
@@ -940,7 +935,7 @@ def create_model(
     if kind in TABULAR:
         from reldl import tabular
 
-        target = Path(o["path"]).expanduser() if o["path"] else default_path(duck, name)
+        target, _ = catalog.model_dir(duck, name, o["path"])  # `path` checked again: not taken while training
         export_tabular(duck, job, target)
         resolved, tab = tabular.validate_create_options(name, {"model_type": kind, "path": str(target)})
         spec = tabular.inspect_tabular(resolved)

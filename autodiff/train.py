@@ -30,6 +30,7 @@ The loss of every step is in ``reldl.training_log``; :func:`plot_loss` draws it 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import sys
@@ -43,12 +44,14 @@ import numpy as np
 import sqlglot
 from sqlglot import exp
 
+from reldl import paths
 from reldl.autodiff import blockfuse
 from reldl.autodiff import symbolic as sym
 from reldl.autodiff.emit import aliased, col, select, table_as
 from reldl.autodiff.grad import Program, backward
 from reldl.autodiff.ir import AutodiffError, Node, Scan
 from reldl.autodiff.kernels import at, install, transform
+from reldl.errors import ProgrammingError
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 RUNS_TABLE = ("reldl", "training_runs")
@@ -529,6 +532,8 @@ def minimize(
         raise TrainingError("a training run needs a name")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise TrainingError(f"threads must be a positive integer or None, got {threads!r}")
+    if plot is not None:
+        check_plot("plot", plot)  # before training, not after it
     opt = Optimizer(optimizer, learning_rate, momentum, betas[0], betas[1], eps, weight_decay)
     prog: Program = backward(loss, params)
     block_plan = None
@@ -766,6 +771,14 @@ def minimize(
     return result
 
 
+def check_plot(label: str, path: str | Path) -> Path:
+    """Where :func:`plot_loss` can draw: a file (not a directory) in an existing writable directory, with matplotlib
+    installed; else a one-line reldl ProgrammingError starting with ``label``. Run before training."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ProgrammingError(f"{label}: plotting the loss needs matplotlib (pip install matplotlib)")
+    return paths.output_file(label, path)
+
+
 def plot_loss(duck: Any, name: str, path: str | Path) -> Path:
     """Draw run ``name``'s loss per step (and per-epoch means) from ``reldl.training_log`` to a PNG at ``path``."""
     try:
@@ -793,6 +806,10 @@ def plot_loss(duck: Any, name: str, path: str | Path) -> Path:
     ax.set_title(f"training run {name}")
     ax.legend()
     path = Path(path)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    except OSError as e:
+        raise TrainingError(f"plot {str(path)!r} cannot be written ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
     return path

@@ -76,44 +76,46 @@ def _unload(name: str) -> None:
     tabular.unload(name)
 
 
-# -- directories reldl created for a model (catalog option `owned_dirs`): removed once DROP MODEL / OR REPLACE is
-# committed, never a directory a user named (a checkpoint `path`), never one another catalog row still refers to.
+# -- directories reldl created for a model (catalog option `owned_dirs`, resolved by `catalog.owned_dirs`): removed once
+# DROP MODEL / OR REPLACE is committed, never a directory a user named (a checkpoint `path`), never one another
+# catalog row still refers to, never one another database file made (a copied or moved database owns none of them).
 _TRANSACTION_END = ("commit", "end", "rollback", "abort")
-
-
-def owned_dirs(options: dict | None) -> list[str]:
-    return [str(d) for d in (options or {}).get("owned_dirs", []) if isinstance(d, str) and d]
+_OWNERSHIP_KEYS = ("owned_dirs", "owned_by")  # read through catalog.owned_dirs, not as paths
 
 
 def _strings(value) -> Iterator[str]:
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
+        for k, v in value.items():
+            if k not in _OWNERSHIP_KEYS:
+                yield from _strings(v)
     elif isinstance(value, (list, tuple)):
         for v in value:
             yield from _strings(v)
 
 
-def _referenced(records) -> set[str]:
-    """Every absolute path a catalog row mentions (its `path`, `sparse_dir`, a variant's `base_path`, ...)."""
+def _referenced(duck: duckdb.DuckDBPyConnection, records) -> set[str]:
+    """Every absolute path a catalog row mentions (its `path`, `sparse_dir`, a variant's `base_path`, ...) and the
+    directories it owns."""
     out: set[str] = set()
     for rec in records:
         for s in _strings([rec.path, rec.options]):
             if s.startswith(os.sep) or s.startswith("~"):
                 out.add(os.path.realpath(os.path.expanduser(s)))
+        out.update(catalog.owned_dirs(duck, rec.options))
     return out
 
 
-def _carry_ownership(existing, path: str | None, options: dict) -> None:
-    """OR REPLACE: a directory the replaced model owned and the new one still uses stays owned (by the new one)."""
+def _carry_ownership(duck: duckdb.DuckDBPyConnection, existing, path: str | None, options: dict) -> None:
+    """OR REPLACE: a directory the replaced model owned and the new one still uses stays owned (by the new one).
+    `path`: None when the user named it; `options["owned_dirs"]`: absolute paths, not stored yet (put_model)."""
     if existing is None:
         return
-    refs = _referenced([catalog.ModelRecord("", "", path, options)])  # path: None when the user named it
-    kept = [d for d in owned_dirs(existing.options) if os.path.realpath(d) in refs]
+    refs = _referenced(duck, [catalog.ModelRecord("", "", path, {**options, "owned_dirs": []})])
+    kept = [d for d in catalog.owned_dirs(duck, existing.options) if d in refs]
     if kept:
-        options["owned_dirs"] = list(dict.fromkeys(owned_dirs(options) + kept))
+        options["owned_dirs"] = list(dict.fromkeys(list(options.get("owned_dirs") or []) + kept))
 
 
 def _in_transaction(duck: duckdb.DuckDBPyConnection) -> bool:
@@ -150,7 +152,7 @@ class _DirJanitor:
     def discard(self, duck: duckdb.DuckDBPyConnection, rec: catalog.ModelRecord | None) -> None:
         """`rec`'s catalog row was just deleted or replaced on `duck` (in its transaction, if one is open); the
         caller has unloaded its engine, so no memory map holds the files."""
-        dirs = owned_dirs(rec.options) if rec is not None else []
+        dirs = catalog.owned_dirs(duck, rec.options) if rec is not None else []
         if not dirs:
             return
         with self._lock:
@@ -160,7 +162,7 @@ class _DirJanitor:
     def created(self, duck: duckdb.DuckDBPyConnection, options: dict) -> None:
         """A CREATE MODEL on `duck` just wrote a catalog row owning `options`' `owned_dirs`. In autocommit the row
         is committed already; inside a transaction its directories go if the transaction does not commit."""
-        dirs = owned_dirs(options)
+        dirs = catalog.owned_dirs(duck, options)
         if not dirs:
             return
         try:
@@ -193,7 +195,7 @@ class _DirJanitor:
         try:
             reader = (self._duck or ready[0][0]).cursor()
             try:
-                refs = _referenced(catalog.list_models(reader))
+                refs = _referenced(reader, catalog.list_models(reader))
             finally:
                 reader.close()
         except duckdb.Error as e:
@@ -452,7 +454,7 @@ class Cursor:
             spec = tabular.inspect_tabular(path)
             options["activation_bytes_per_row"] = 8 * (spec.n_features + sum(out for _, out, _ in spec.layers))
         existing = catalog.get_model(self._duck, stmt.name)
-        _carry_ownership(existing, None, options)  # `path` is the user's: never owned
+        _carry_ownership(self._duck, existing, None, options)  # `path` is the user's: never owned
         catalog.put_model(self._duck, stmt.name, model_type, str(path), options, replace=stmt.replace)
         self._janitor().created(self._duck, options)  # an offload_dir reldl will create
         if existing is not None:
@@ -473,7 +475,7 @@ class Cursor:
         path, options, tables = models.create_model(self._duck, stmt.name, stmt.options, stmt.query)
         if path is not None and not stmt.options.get("path"):  # <db>.models/<name> or a temporary directory
             options["owned_dirs"] = [path]
-        _carry_ownership(existing, path if "owned_dirs" in options else None, options)
+        _carry_ownership(self._duck, existing, path if "owned_dirs" in options else None, options)
         catalog.put_model(self._duck, stmt.name, stmt.options["model_type"], path, options, replace=stmt.replace)
         self._janitor().created(self._duck, options)
         if existing is not None:
@@ -493,7 +495,7 @@ class Cursor:
         if existing is not None and not stmt.replace:
             raise IntegrityError(f"model {existing.name!r} already exists (use CREATE OR REPLACE MODEL)")
         path, options = sparse_sql.create(self._duck, stmt.name, stmt.options, stmt.query)
-        _carry_ownership(existing, path if options.get("owned_dirs") else None, options)
+        _carry_ownership(self._duck, existing, path if options.get("owned_dirs") else None, options)
         catalog.put_model(self._duck, stmt.name, "llm", path, options, replace=stmt.replace)
         self._janitor().created(self._duck, options)
         if existing is not None:
@@ -514,7 +516,7 @@ class Cursor:
         path, options, log = finetune_sql.create(self._duck, stmt.name, stmt.options, stmt.query)
         if not stmt.options.get("path"):  # reldl chose the checkpoint's place (<db>.models/<name> or a temp dir)
             options["owned_dirs"] = [path]
-        _carry_ownership(existing, path if "owned_dirs" in options else None, options)
+        _carry_ownership(self._duck, existing, path if "owned_dirs" in options else None, options)
         catalog.put_model(self._duck, stmt.name, "llm", path, options, replace=stmt.replace)
         self._janitor().created(self._duck, options)
         finetune_sql.write_log(self._duck, stmt.name, log)
@@ -553,7 +555,7 @@ class Cursor:
             options["offload"] = offload_sql.create_options(duck, name, opts, ckpt.config, str(dev), size)
             odir = (options["offload"] or {}).get("offload_dir")
             if odir and not os.path.exists(odir):  # reldl creates it when the model loads: reldl's to remove
-                options["owned_dirs"] = [odir]
+                options["owned_dirs"] = [os.path.abspath(os.path.expanduser(odir))]
         return str(ckpt.path.resolve()), options
 
     def executemany(self, operation: str, seq_of_parameters: Sequence[Sequence[Any]]) -> Cursor:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 import reldl
+from reldl import paths
 from reldl.demo import data
 from reldl.shell import format_table
 
@@ -139,6 +140,8 @@ def run(
 ) -> int:
     """Run the demo; returns the process exit status (0: accuracy at or above `min_accuracy`)."""
     out = out or sys.stdout
+    if directory:  # checked first: one line naming it (not a traceback) if it cannot be used
+        directory = paths.work_dir("reldl demo: directory", directory)
     directory = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="reldl-demo-"))
     directory.mkdir(parents=True, exist_ok=True)
     db = directory / "demo.db"

@@ -4,12 +4,10 @@ rows, and the directory the new model's files go to."""
 
 from __future__ import annotations
 
-import tempfile
-import uuid
-from pathlib import Path
 from typing import Any
 
-from reldl import catalog, scratch
+from reldl import catalog
+from reldl.catalog import model_dir  # noqa: F401 - where the new model's files go (one rule for every model type)
 from reldl.errors import ProgrammingError
 
 
@@ -41,23 +39,3 @@ def run_query(duck, query: str) -> tuple[list[str], list[tuple[Any, ...]]]:
             raise translate(e) from None
     finally:
         cur.close()
-
-
-def model_dir(duck, name: str, path: str | None) -> tuple[Path, bool]:
-    """Where the new model's files go, and whether reldl chose the place: `path` (missing or an empty directory),
-    else `<db>.models/<name>` (with a random suffix when that is taken), else a new name in the temp directory.
-    Nothing is created here."""
-    if path is not None:
-        p = Path(path).expanduser().resolve()
-        if p.exists() and (not p.is_dir() or any(p.iterdir())):
-            raise ProgrammingError(f"CREATE MODEL {name}: path {str(p)!r} exists and is not an empty directory")
-        return p, False
-    db = catalog.db_file(duck)
-    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name.lower())
-    root = Path(str(db) + ".models") if db else Path(tempfile.gettempdir())
-    p = root / (safe if db else f"reldl-{safe}-{uuid.uuid4().hex[:8]}")
-    if p.exists() and any(p.iterdir()):  # a file database's <db>.models/<name> from an earlier model: a new one
-        p = p.with_name(f"{p.name}-{uuid.uuid4().hex[:8]}")
-    if not db:  # an in-memory database's catalog dies with the process: so do the files only it names
-        scratch.remove_at_exit(p)
-    return p, True

@@ -49,7 +49,7 @@ def test_drop_removes_the_owned_dir(db, tmp_path, llama_ckpt):
     db.execute(_sparse("fast"))
     d = _path(db, "fast")
     assert d.is_dir() and d.parent == tmp_path / "m.duckdb.models"
-    assert _options(db, "fast")["owned_dirs"] == [str(d)]
+    assert _options(db, "fast")["owned_dirs"] == [d.name]  # relative to the database's own m.duckdb.models/
     db.execute("SELECT llm_generate('the cat', model := 'fast', max_tokens := 2)").fetchall()  # engine loaded
     db.execute("DROP MODEL fast")
     assert not d.exists()
@@ -64,7 +64,7 @@ def test_or_replace_removes_the_old_dir_and_keeps_the_new(db):
     db.execute(_sparse("fast", verb="CREATE OR REPLACE"))
     new = _path(db, "fast")
     assert new != old and not old.exists() and (new / "sparse.json").is_file()
-    assert _options(db, "fast")["owned_dirs"] == [str(new)]
+    assert _options(db, "fast")["owned_dirs"] == [new.name]
     out = db.execute("SELECT llm_generate('the cat', model := 'fast', max_tokens := 2)").fetchall()[0][0]
     assert isinstance(out, str)
 
@@ -153,7 +153,7 @@ def test_finetuned_checkpoint_dir(db, tmp_path):
     db.execute("CREATE MODEL tuned " + ft.format(""))
     db.execute("CREATE MODEL mine " + ft.format(f", path = {quote(tmp_path / 'my_ckpt')}"))
     owned, mine = _path(db, "tuned"), _path(db, "mine")
-    assert _options(db, "tuned")["owned_dirs"] == [str(owned)] and "owned_dirs" not in _options(db, "mine")
+    assert _options(db, "tuned")["owned_dirs"] == [owned.name] and "owned_dirs" not in _options(db, "mine")
     db.execute("DROP MODEL tuned")
     db.execute("DROP MODEL mine")
     assert not owned.exists() and mine.is_dir()

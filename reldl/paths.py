@@ -1,0 +1,97 @@
+"""Checks, before any work is done, that a file or directory reldl is asked to write can be written there.
+
+Each raises a one-line ProgrammingError that starts with the caller's `label` (e.g. "CREATE MODEL m: path") and
+names the path, instead of an OSError traceback after minutes of training. The checks look, they create nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from reldl.errors import ProgrammingError
+
+
+def _resolved(label: str, path: str | os.PathLike) -> Path:
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, an embedded NUL, no home directory
+        raise ProgrammingError(f"{label} {str(path)!r} is not a usable path ({e})") from None
+
+
+def _exists(label: str, p: Path) -> bool:
+    try:
+        return p.exists()
+    except OSError as e:  # e.g. a parent that cannot be searched
+        raise ProgrammingError(f"{label} {str(p)!r} cannot be accessed ({e.strerror or e})") from None
+
+
+def _writable(p: Path) -> bool:
+    return os.access(p, os.W_OK | os.X_OK)
+
+
+def _why_not_creatable(label: str, p: Path) -> str | None:
+    """Why the missing `p` could not be made (with any missing parents), or None if it could."""
+    above = p.parent
+    while not _exists(label, above):
+        above = above.parent
+    if not above.is_dir():
+        return f"{str(above)!r} is not a directory"
+    if not _writable(above):
+        return f"{str(above)!r} is not writable"
+    return None
+
+
+def new_dir(label: str, path: str | os.PathLike) -> Path:
+    """`path` resolved, where a new model's files may go: missing (and creatable) or an empty writable directory.
+    Anything else is refused, so that no file already there is ever overwritten."""
+    p = _resolved(label, path)
+    if _exists(label, p):
+        try:
+            occupied = not p.is_dir() or any(p.iterdir())
+        except OSError as e:
+            raise ProgrammingError(f"{label} {str(p)!r} cannot be read ({e.strerror or e})") from None
+        if occupied:
+            raise ProgrammingError(f"{label} {str(p)!r} exists and is not an empty directory")
+        if not _writable(p):
+            raise ProgrammingError(f"{label} {str(p)!r} is not writable")
+        return p
+    why = _why_not_creatable(label, p)
+    if why:
+        raise ProgrammingError(f"{label} {str(p)!r} cannot be created: {why}")
+    return p
+
+
+def work_dir(label: str, path: str | os.PathLike) -> Path:
+    """`path` resolved, a directory to work in: an existing writable directory (its files may be replaced), or a
+    missing one that can be created."""
+    p = _resolved(label, path)
+    if _exists(label, p):
+        if not p.is_dir():
+            raise ProgrammingError(f"{label} {str(p)!r} is not a directory")
+        if not _writable(p):
+            raise ProgrammingError(f"{label} {str(p)!r} is not writable")
+        return p
+    why = _why_not_creatable(label, p)
+    if why:
+        raise ProgrammingError(f"{label} {str(p)!r} cannot be created: {why}")
+    return p
+
+
+def output_file(label: str, path: str | os.PathLike) -> Path:
+    """`path` resolved, a file to (over)write: not a directory, in an existing writable directory."""
+    p = _resolved(label, path)
+    if _exists(label, p):
+        if p.is_dir():
+            raise ProgrammingError(f"{label} {str(p)!r} is a directory")
+        if not os.access(p, os.W_OK):
+            raise ProgrammingError(f"{label} {str(p)!r} is not writable")
+        return p
+    parent = p.parent
+    if not _exists(label, parent):
+        raise ProgrammingError(f"{label} {str(p)!r} cannot be written: directory {str(parent)!r} does not exist")
+    if not parent.is_dir():
+        raise ProgrammingError(f"{label} {str(p)!r} cannot be written: {str(parent)!r} is not a directory")
+    if not _writable(parent):
+        raise ProgrammingError(f"{label} {str(p)!r} cannot be written: directory {str(parent)!r} is not writable")
+    return p
