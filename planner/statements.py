@@ -79,7 +79,16 @@ class Explain:
     analyze: bool = False
 
 
-Statement = Passthrough | CreateModel | DropModel | ShowModels | SetOption | Explain
+@dataclass
+class ExplainModel:
+    """EXPLAIN CREATE MODEL ...: what registering the model would do (an offloaded LLM's policy and predicted
+    throughput), checked as CREATE MODEL checks it; nothing is registered."""
+
+    create: CreateModel
+    analyze: bool = False
+
+
+Statement = Passthrough | CreateModel | DropModel | ShowModels | SetOption | Explain | ExplainModel
 
 
 def split(sql: str) -> list[tuple[str, list[Token]]]:
@@ -184,6 +193,11 @@ def _explain(text: str, body: str) -> Statement:
         stmt = classify(*inner[0])
         if isinstance(stmt, Passthrough) and stmt.functions:
             return Explain(stmt.sql, analyze)
+        if isinstance(stmt, CreateModel):
+            return ExplainModel(stmt, analyze)
+        if isinstance(stmt, (DropModel, ShowModels, SetOption)):
+            what = " ".join(t.text.upper() for t in inner[0][1][:2])
+            raise ProgrammingError(f"EXPLAIN {what}: nothing to explain (EXPLAIN takes a query or CREATE MODEL)")
     return Passthrough(text, set(), True)
 
 

@@ -24,7 +24,16 @@ import pyarrow as pa
 
 from reldl import catalog
 from reldl.errors import IntegrityError, InterfaceError, NotSupportedError, ProgrammingError, shown, translate
-from reldl.planner.statements import CreateModel, DropModel, Explain, Passthrough, SetOption, ShowModels, parse
+from reldl.planner.statements import (
+    CreateModel,
+    DropModel,
+    Explain,
+    ExplainModel,
+    Passthrough,
+    SetOption,
+    ShowModels,
+    parse,
+)
 from reldl.udfs import SqlFunctions
 
 LLM_OPTIONS = {"model_type", "path", "dtype", "device"}
@@ -211,6 +220,36 @@ class _DirJanitor:
                 warnings.warn(f"reldl: could not remove model directory {real}: {e}", stacklevel=3)
 
 
+def _check_offload_dir(name: str, value) -> None:
+    """`offload_dir`, when it names a directory that exists (or one whose parent exists, which reldl creates when
+    the model loads), must be writable: a one-line error at CREATE MODEL, not a PermissionError at the first query.
+    Other bad values (not text, not a directory, no parent) get their messages from the offload option checks."""
+    if not isinstance(value, str) or not value:
+        return
+    path = os.path.abspath(os.path.expanduser(value))
+    if os.path.isdir(path):
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ProgrammingError(f"CREATE MODEL {name}: offload_dir {path} is not writable")
+        return
+    parent = os.path.dirname(path)
+    if not os.path.exists(path) and os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
+        raise ProgrammingError(
+            f"CREATE MODEL {name}: offload_dir {path} cannot be created (its parent directory {parent} is not writable)"
+        )
+
+
+def model_types() -> dict[str, str]:
+    """Every model_type CREATE MODEL takes -> how a model of it is made, gathered from the modules that implement
+    them (tabular checkpoints: reldl/tabular.py; trained in SQL: autodiff/models.py), so no list is written twice."""
+    from reldl import tabular
+    from reldl.autodiff.models import MODEL_TYPES as TRAINED
+
+    kinds = {"llm": "a checkpoint (path), or a variant of a registered LLM (base) AS SELECT"}
+    kinds.update({t: "a checkpoint (path), or trained AS SELECT" for t in tabular.MODEL_TYPES})
+    kinds.update({t: "trained AS SELECT" for t in TRAINED if t not in kinds})
+    return kinds
+
+
 def _registry():
     """The model registry, imported on first use so that importing reldl (and the CLI) does not load torch."""
     from reldl import registry
@@ -288,7 +327,7 @@ class Cursor:
 
     def _run(self, stmt, parameters) -> None:
         if isinstance(stmt, Passthrough) and stmt.functions:
-            self._model_statement(stmt.sql, parameters, stmt.returns_rows)
+            self._model_statement(stmt.sql, parameters, stmt.returns_rows, original=stmt.original)
         elif isinstance(stmt, Explain):
             self._model_statement(stmt.statement, parameters, True, explain=True, analyze=stmt.analyze)
         elif isinstance(stmt, Passthrough):
@@ -302,6 +341,8 @@ class Cursor:
             self.connection.set_option(stmt.name, stmt.value)
         elif isinstance(stmt, CreateModel):
             self._create_model(stmt)
+        elif isinstance(stmt, ExplainModel):
+            self._explain_model(stmt)
         elif isinstance(stmt, DropModel):
             rec = catalog.delete_model(self._duck, stmt.name, if_exists=stmt.if_exists)
             if rec is not None:
@@ -321,14 +362,21 @@ class Cursor:
         return janitor if janitor is not None else _DirJanitor(None)
 
     def _model_statement(
-        self, sql: str, parameters, returns_rows: bool, explain: bool = False, analyze: bool = False
+        self,
+        sql: str,
+        parameters,
+        returns_rows: bool,
+        explain: bool = False,
+        analyze: bool = False,
+        original: str | None = None,
     ) -> None:
-        """A statement with model calls: plan it (planner/), then run the plan or show it (EXPLAIN)."""
+        """A statement with model calls: plan it (planner/), then run the plan or show it (EXPLAIN). `original`: the
+        statement as the user wrote it, when reldl's text rewrites made `sql` of it (result columns keep its names)."""
         from reldl import planning
 
-        rewritten = planning.rewrite_trained_lookups(self, sql)
+        rewritten = planning.rewrite_trained_lookups(self, sql, original)
         if rewritten is not None:  # predict() on trained lookup models (matrix factorization, GCN) became SQL
-            sql = rewritten
+            sql, original = rewritten, None  # (its result columns are named already)
             if not any(isinstance(s, Passthrough) and s.functions for s in parse(sql)):
                 if explain and not analyze:
                     why = "plan: lookup (predict on models trained in the database reads their tables; no model runs)"
@@ -339,7 +387,7 @@ class Cursor:
                 else:
                     self._duckdb(sql, parameters, returns_rows=returns_rows)
                 return
-        plan = planning.make_plan(self, sql, parameters)
+        plan = planning.make_plan(self, sql, parameters, original)
         if explain and not analyze:
             self._bind(sql, parameters)  # a missing table or column, a type error: the statement's own error
             self._show(plan.explain() + self._sparse_lines(plan) + _sql_lines(plan, plan.rewritten_sql or sql))
@@ -442,9 +490,7 @@ class Cursor:
         if stmt.query is not None:
             self._train_model(stmt)
             return
-        if model_type != "llm" and model_type not in tabular.MODEL_TYPES:
-            kinds = ", ".join(repr(t) for t in ("llm", *tabular.MODEL_TYPES))
-            raise NotSupportedError(f"CREATE MODEL {stmt.name}: model_type {model_type!r} is not supported ({kinds})")
+        self._check_model_type(stmt.name, model_type)
         if stmt.if_not_exists and catalog.get_model(self._duck, stmt.name) is not None:
             return
         if model_type == "llm":
@@ -460,6 +506,67 @@ class Cursor:
         if existing is not None:
             _unload(existing.name)
             self._janitor().discard(self._duck, existing)
+
+    def _explain_model(self, stmt: ExplainModel) -> None:
+        """EXPLAIN CREATE MODEL: the options checked as CREATE MODEL checks them (same errors), and what the model
+        would be: its checkpoint and, for an offloaded LLM, the policy and predicted throughput that EXPLAIN SELECT
+        shows once it is registered. Nothing is registered or created. Training (AS SELECT) is not explained."""
+        from reldl import tabular
+
+        create, name = stmt.create, stmt.create.name
+        opts = dict(create.options)
+        model_type = opts.get("model_type")
+        if stmt.analyze:
+            raise NotSupportedError(f"EXPLAIN ANALYZE CREATE MODEL {name}: not supported (it would create the model)")
+        if model_type is None:
+            raise ProgrammingError(f"CREATE MODEL {name}: OPTIONS must set model_type (e.g. model_type = 'llm')")
+        if create.query is not None or (model_type == "llm" and ("base" in opts or "finetune" in opts)):
+            raise NotSupportedError(
+                f"EXPLAIN CREATE MODEL {name}: training (AS SELECT) has no plan to show; EXPLAIN explains "
+                "registering a checkpoint (OPTIONS (path = ...)), e.g. an offload = 'auto' policy"
+            )
+        existing = catalog.get_model(self._duck, name)
+        if existing is not None and not (create.replace or create.if_not_exists):
+            raise IntegrityError(f"model {existing.name!r} already exists (use CREATE OR REPLACE MODEL)")
+        head = f"CREATE MODEL {name}: model_type {model_type!r} (EXPLAIN: nothing is registered)"
+        if model_type == "llm":
+            path, options = self._llm_options(name, opts, self._duck)
+            lines = [head, f"  checkpoint: {path} ({options['architecture']})"]
+            lines.append(f"  dtype {options['dtype']}, device {options['device']}")
+            if options.get("offload"):
+                from reldl.llm.offload import sql as offload_sql
+
+                rec = catalog.ModelRecord(name, "llm", path, options)
+                lines += [f"  {line}" for line in offload_sql.explain_lines(self._duck, [rec], [(name, 0)], "dl", None)]
+            else:
+                lines.append("  not offloaded: the whole model is loaded on the device (offload = 'auto' plans it)")
+        elif model_type in tabular.MODEL_TYPES:
+            path, _ = tabular.validate_create_options(name, opts)
+            spec = tabular.inspect_tabular(path)
+            layers = " -> ".join(str(n) for n in [spec.n_features] + [out for _, out, _ in spec.layers])
+            lines = [head, f"  checkpoint: {path}", f"  {spec.n_features} features, layer widths {layers}"]
+        else:
+            self._check_model_type(name, model_type)
+            return
+        self._show(lines)
+
+    @staticmethod
+    def _check_model_type(name: str, model_type) -> None:
+        """CREATE MODEL without AS SELECT: a model_type that registers a checkpoint, else a one-line error listing
+        the model types (every registered kind, from model_types())."""
+        from reldl import tabular
+
+        if model_type == "llm" or model_type in tabular.MODEL_TYPES:
+            return
+        kinds = model_types()
+        if model_type in kinds:  # trained in the database only: there is no checkpoint to register
+            raise ProgrammingError(
+                f"CREATE MODEL {name}: model_type {model_type!r} is trained in the database: "
+                f"CREATE MODEL {name} OPTIONS (model_type = {model_type!r}, ...) AS SELECT ..."
+            )
+        raise NotSupportedError(
+            f"CREATE MODEL {name}: model_type {shown(model_type)} is not supported (model types: {', '.join(kinds)})"
+        )
 
     def _train_model(self, stmt: CreateModel) -> None:
         """CREATE MODEL ... AS SELECT: train with relational autodiff (autodiff/models.py), then register the model.
@@ -540,6 +647,8 @@ class Cursor:
                 raise ProgrammingError(
                     f"CREATE MODEL {name}: option {key!r} must be text such as 'auto', got {shown(opts[key])}"
                 )
+        if "offload" in opts:
+            _check_offload_dir(name, opts.get("offload_dir"))
         from reldl.llm.loader import inspect_checkpoint
 
         registry = _registry()

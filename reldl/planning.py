@@ -146,9 +146,67 @@ def _memory_limit(duck: duckdb.DuckDBPyConnection) -> float:
         return float("inf")
 
 
-def rewrite_trained_lookups(cur: Cursor, sql: str) -> str | None:
+# -- output column names: a rewrite must not rename the user's columns. DuckDB names an unaliased select item by the
+# text of its parsed expression (`llm_generate(prompt, max_tokens := 2)`); reldl's rewrites replace calls
+# (`__reldl_d.__reldl_r0`, a lookup) or change their text (`predict('m', list_value(a, b))`, `llm_generate_list`), so
+# the items holding calls get, as an alias, the name DuckDB gives the item as the user wrote it.
+
+
+def _output_select(tree: exp.Expression) -> exp.Select | None:
+    """The SELECT whose items name the statement's result columns (a SELECT, or CREATE TABLE ... AS SELECT)."""
+    if isinstance(tree, exp.Create):
+        tree = tree.expression
+    return tree if isinstance(tree, exp.Select) else None
+
+
+def _calls_reldl(node: exp.Expression) -> bool:
+    return any(str(a.this).lower() in plans.SIGNATURES for a in node.find_all(exp.Anonymous))
+
+
+def output_names(duck: duckdb.DuckDBPyConnection, sql: str) -> dict[int, str]:
+    """Position -> the column name DuckDB gives each unaliased result item of ``sql`` (as the user wrote it) that
+    calls a reldl function: the item's text as DuckDB's parser prints it back. {} when there is none, or when
+    sqlglot or DuckDB cannot parse the statement (names are then left as they come)."""
+    try:
+        select = _output_select(predict_calls.parse_one(sql))
+    except (ParseError, TokenError):
+        return {}
+    if select is None:
+        return {}
+    names = {}
+    for i, item in enumerate(select.expressions):
+        if isinstance(item, (exp.Alias, exp.Column, exp.Star)) or not _calls_reldl(item):
+            continue
+        text = "SELECT " + item.sql(dialect=predict_calls.DIALECT)
+        try:
+            ((printed,),) = duck.execute("SELECT json_deserialize_sql(json_serialize_sql(?))", [text]).fetchall()
+        except (duckdb.Error, ValueError):
+            continue
+        if isinstance(printed, str) and printed.startswith("SELECT ") and "\n" not in printed:
+            names[i] = printed[len("SELECT ") :]
+    return names
+
+
+def pin_names(tree: exp.Expression, names: dict[int, str]) -> bool:
+    """Alias the result items of ``tree`` at ``names``' positions (those still unaliased); whether any changed."""
+    select = _output_select(tree)
+    if select is None or not names:
+        return False
+    items = list(select.expressions)
+    changed = False
+    for i, name in names.items():
+        if i < len(items) and not isinstance(items[i], exp.Alias):
+            items[i] = exp.alias_(items[i], name, quoted=True)
+            changed = True
+    if changed:
+        select.set("expressions", items)
+    return changed
+
+
+def rewrite_trained_lookups(cur: Cursor, sql: str, original: str | None = None) -> str | None:
     """``sql`` with predict() on in-database-trained matrix factorizations and GCNs replaced by SQL over their tables
-    (planner/trained_calls.py), or None when it has no such call."""
+    (planner/trained_calls.py), or None when it has no such call. The replaced calls' result columns keep the names
+    they have in ``original`` (the statement as the user wrote it; default ``sql``)."""
     from reldl.autodiff import models as trained
     from reldl.planner import trained_calls
 
@@ -163,16 +221,24 @@ def rewrite_trained_lookups(cur: Cursor, sql: str) -> str | None:
         rec = catalog.pick_model(lookups, name)  # None: another kind of model, or an unknown one (fails later)
         return None if rec is None else trained.lookup_sql(rec.name, rec.model_type, rec.options, args)
 
+    names = output_names(cur._duck, original or sql)
     try:
-        return trained_calls.rewrite(sql, resolve)
+        out = trained_calls.rewrite(sql, resolve)
+        if out is not None and names:
+            tree = predict_calls.parse_one(out)
+            if pin_names(tree, names):
+                out = tree.sql(dialect=predict_calls.DIALECT)
+        return out
     except (ParseError, TokenError):
         return None
 
 
-def make_plan(cur: Cursor, sql: str, parameters) -> plans.Plan:
+def make_plan(cur: Cursor, sql: str, parameters, original: str | None = None) -> plans.Plan:
     """Parse, analyse and cost a statement with model calls; honours `SET reldl_plan`. EXPLAIN's extra lines:
-    the offload policy and predicted throughput of offloaded models the statement calls."""
-    plan = _make_plan(cur, sql, parameters)
+    the offload policy and predicted throughput of offloaded models the statement calls. ``original``: the
+    statement as the user wrote it, when reldl's text rewrites (statements.classify) changed it into ``sql``: its
+    result columns keep the names they have there."""
+    plan = _make_plan(cur, sql, parameters, original)
     calls = [c for c in plan.calls if c.function in plans.GENERATE]
     if calls:
         models = catalog.list_models(cur._duck)
@@ -236,12 +302,13 @@ def _scalar_functions(duck: duckdb.DuckDBPyConnection) -> set[str]:
         return set()
 
 
-def _make_plan(cur: Cursor, sql: str, parameters) -> plans.Plan:
+def _make_plan(cur: Cursor, sql: str, parameters, original: str | None = None) -> plans.Plan:
     forced = cur.connection.settings.get("reldl_plan", "auto")
     try:
         tree = predict_calls.parse_one(sql)
     except (ParseError, TokenError):
         return plans.Plan("udf", exp.Anonymous(this="raw"), reason="statement not parsed by sqlglot; runs as written")
+    renamed = pin_names(tree, output_names(cur._duck, original or sql))  # every plan keeps the user's column names
     known: list[set[str]] = []
 
     def scalar(name: str) -> bool:  # DuckDB's function list, read only for a statement that needs it
@@ -253,7 +320,7 @@ def _make_plan(cur: Cursor, sql: str, parameters) -> plans.Plan:
     calls, select, why = plans.analyse(tree)
     check_models(cur, calls)
     plan = plans.Plan("udf", tree, calls, select, top_n=top_n)
-    if top_n:
+    if top_n or (renamed and original is not None):  # (the text as written names its columns right otherwise)
         plan.rewritten_sql = tree.sql(dialect="duckdb")
     if select is None:
         plan.reason = f"SQL shape not understood ({why}): runs UDF-centric, as written"

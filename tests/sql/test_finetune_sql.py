@@ -133,7 +133,7 @@ def test_errors_leave_catalog_unchanged(conn, llama_ckpt, tmp_path, stmt, msg):
     [
         ({"gpu_memory": "16GB"}, 16e9),  # DuckDB's sizes, as offloading's gpu_memory: GB = 1000^3
         ({"gpu_memory": "512 MiB"}, 512 * 2**20),
-        ({"gpu_memory": 2**30}, 2**30),  # a number: bytes
+        ({"gpu_memory": "1073741824B"}, 2**30),  # bytes, with their unit (a bare number is refused)
         ({"gpu_memory_gb": 2}, 2 * 2**30),  # the older alias: GiB
         ({}, None),
     ],

@@ -211,3 +211,173 @@ def test_stop_newline_is_chr10(db, monkeypatch):
     db.execute("SELECT llm_generate('hello', max_tokens := 2, stop := chr(10))").fetchall()
     db.execute("SELECT llm_generate('hello', max_tokens := 2, stop := '\\n')").fetchall()
     assert seen == [("\n",), ("\\n",)]  # the README's example uses chr(10); '\n' is a backslash and an n
+
+
+# -- 8. result columns keep the names DuckDB gives the expressions as the user wrote them, whatever the plan
+
+
+@pytest.mark.parametrize("plan", ["udf", "dl"])
+@pytest.mark.parametrize(
+    "sql, names",
+    [
+        (
+            "SELECT prompt, llm_generate(prompt, max_tokens := 2) FROM t",
+            ["prompt", "llm_generate(prompt, max_tokens := 2)"],
+        ),
+        (
+            "SELECT llm_generate(prompt, max_tokens := 2, n := 2) FROM t",
+            ["llm_generate(prompt, max_tokens := 2, n := 2)"],
+        ),
+        (
+            "SELECT upper(llm_generate(prompt, max_tokens := 2)), llm_generate(prompt, max_tokens := 1) AS g FROM t",
+            ["upper(llm_generate(prompt, max_tokens := 2))", "g"],
+        ),
+        ("SELECT a, predict('churn_mlp', a, b) FROM cust", ["a", "predict('churn_mlp', a, b)"]),
+        (
+            "SELECT *, predict_proba('churn_mlp', a, b) FROM cust ORDER BY a LIMIT 3",
+            ["a", "b", "y", "predict_proba('churn_mlp', a, b)"],
+        ),
+        ("SELECT llm_generate('say \"hi\"', max_tokens := 1) FROM t", ["llm_generate('say \"hi\"', max_tokens := 1)"]),
+    ],
+)
+def test_result_columns_keep_their_names(db, plan, sql, names):
+    db.execute(f"SET reldl_plan = '{plan}'")
+    cur = db.execute(sql)
+    assert [d[0] for d in cur.description] == names
+    assert cur.fetchall()
+    db.execute(f"CREATE TABLE made AS {sql}")
+    assert [d[0] for d in db.execute("SELECT * FROM made").description] == names
+
+
+def test_trained_lookup_keeps_the_column_name(db):
+    db.execute("CREATE TABLE r AS SELECT i % 4 AS u, i % 3 AS m, (i % 5)::DOUBLE AS stars FROM range(30) x(i)")
+    db.execute(
+        "CREATE MODEL recs OPTIONS (model_type = 'matrix_factorization', user = 'u', item = 'm', label = 'stars', "
+        "num_factors = 2, epochs = 1) AS SELECT u, m, stars FROM r"
+    )
+    cur = db.execute("SELECT u, predict('recs', u, m) FROM r LIMIT 2")
+    assert [d[0] for d in cur.description] == ["u", "predict('recs', u, m)"] and len(cur.fetchall()) == 2
+
+
+# -- 9. model types: the list in the message is every kind reldl has
+
+
+def test_unknown_model_type_lists_every_kind(conn):
+    from reldl.autodiff.models import MODEL_TYPES as TRAINED
+    from reldl.tabular import MODEL_TYPES as TABULAR_TYPES
+
+    msg = _err(conn, "CREATE MODEL x OPTIONS (model_type = 'svm', path = '/x')")
+    assert msg.startswith("CREATE MODEL x: model_type 'svm' is not supported (model types: llm, ")
+    assert all(t in msg for t in (*TABULAR_TYPES, *TRAINED))
+    msg = _err(conn, "CREATE MODEL x OPTIONS (model_type = 'gcn', path = '/x')")
+    assert msg == "CREATE MODEL x: model_type 'gcn' is trained in the database: " + (
+        "CREATE MODEL x OPTIONS (model_type = 'gcn', ...) AS SELECT ..."
+    )
+
+
+# -- 6. sizes need their unit; offload_dir must be writable
+
+
+@pytest.fixture(scope="module")
+def opt_ckpt(ckpt_root):
+    import checkpoints
+
+    return checkpoints.make_checkpoint(ckpt_root / "opt_surface", "opt")
+
+
+def _offload(name: str, path, extra: str) -> str:
+    return f"CREATE MODEL {name} OPTIONS (model_type = 'llm', path = '{path}', device = 'cpu', offload = 'auto'{extra})"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ", gpu_memory = 16",
+            "gpu_memory must be a size such as '16GB' or '512MiB', got 16 without a unit (write '16GB' or '16GiB', "
+            "or '16B' for bytes)",
+        ),
+        (", cpu_memory = '64'", "cpu_memory must be a size such as '16GB' or '512MiB', got '64' without a unit"),
+        (", gpu_memory = 0", "gpu_memory must be a positive size, got 0"),
+        (", offload_dir = 5", "offload_dir must be a directory path, got 5"),
+    ],
+)
+def test_bad_sizes_and_offload_dirs(conn, opt_ckpt, extra, message):
+    assert _err(conn, _offload("big", opt_ckpt, extra)).startswith(f"CREATE MODEL big: {message}")
+    assert conn.execute("SELECT count(*) FROM reldl.models").fetchall() == [(0,)]
+
+
+def test_sizes_with_units(conn, opt_ckpt):
+    conn.execute(_offload("big", opt_ckpt, ", gpu_memory = '16 GiB', cpu_memory = '64GB'"))
+    ((opts,),) = conn.execute("SELECT options->'offload'->'caps' FROM reldl.models").fetchall()
+    assert '"gpu":17179869184' in opts.replace(" ", "") and '"cpu":64000000000' in opts.replace(" ", "")
+
+
+def test_finetune_gpu_memory_needs_a_unit():
+    from reldl.llm.finetune.sql import check_options
+
+    base = {"model_type": "llm", "base": "b", "finetune": "full"}
+    with pytest.raises(reldl.ProgrammingError, match="got 16 without a unit"):
+        check_options("t", {**base, "gpu_memory": 16}, True)
+    s, _ = check_options("t", {**base, "gpu_memory": "1073741824B"}, True)
+    assert s.gpu_memory == 2**30
+
+
+def test_offload_dir_not_writable(conn, opt_ckpt, tmp_path, monkeypatch):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(locked) else real(p, mode, **kw))
+    msg = _err(conn, _offload("big", opt_ckpt, f", offload_dir = '{locked}'"))
+    assert msg == f"CREATE MODEL big: offload_dir {locked} is not writable"
+    msg = _err(conn, _offload("big", opt_ckpt, f", offload_dir = '{locked}/spill'"))
+    assert msg == (
+        f"CREATE MODEL big: offload_dir {locked}/spill cannot be created (its parent directory {locked} is not "
+        "writable)"
+    )
+
+
+# -- 7. EXPLAIN CREATE MODEL: what registering would do (an offload policy), checked like CREATE, nothing registered
+
+
+def test_explain_create_model_shows_the_offload_policy(conn, opt_ckpt, tmp_path):
+    lines = [
+        r[0]
+        for r in conn.execute(_offload("big", opt_ckpt, ", gpu_memory = '1MB'").replace("CREATE", "EXPLAIN CREATE", 1))
+    ]
+    assert lines[0] == "CREATE MODEL big: model_type 'llm' (EXPLAIN: nothing is registered)"
+    assert any("offload policy:" in line for line in lines) and any("predicted throughput" in line for line in lines)
+    assert conn.execute("SELECT count(*) FROM reldl.models").fetchall() == [(0,)]
+    plain = [r[0] for r in conn.execute(f"EXPLAIN CREATE MODEL p OPTIONS (model_type = 'llm', path = '{opt_ckpt}')")]
+    assert plain[-1].startswith("  not offloaded")
+    odir = tmp_path / "spill"
+    conn.execute(_offload("big", opt_ckpt, f", offload_dir = '{odir}'").replace("CREATE", "EXPLAIN CREATE", 1))
+    assert not odir.exists()
+
+
+@pytest.mark.parametrize(
+    "sql, message",
+    [
+        (
+            "EXPLAIN " + _offload("big", "{ckpt}", ", gpu_memory = '16XB'"),
+            "CREATE MODEL big: gpu_memory must be a size such as '16GB' or '512MiB', got '16XB'",
+        ),
+        ("EXPLAIN CREATE MODEL big OPTIONS (path = '/x')", "CREATE MODEL big: OPTIONS must set model_type"),
+        (
+            "EXPLAIN CREATE MODEL keep OPTIONS (model_type = 'llm', path = '{ckpt}')",
+            "model 'keep' already exists (use CREATE OR REPLACE MODEL)",
+        ),
+        (
+            "EXPLAIN CREATE MODEL m OPTIONS (model_type = 'mlp', label = 'y') AS SELECT 1 AS x, 0 AS y",
+            "EXPLAIN CREATE MODEL m: training (AS SELECT) has no plan to show",
+        ),
+        ("EXPLAIN ANALYZE CREATE MODEL big OPTIONS (model_type = 'llm', path = '/x')", "EXPLAIN ANALYZE CREATE MODEL"),
+        ("EXPLAIN DROP MODEL keep", "EXPLAIN DROP MODEL: nothing to explain"),
+    ],
+)
+def test_explain_create_model_errors(conn, opt_ckpt, sql, message):
+    conn.execute(f"CREATE MODEL keep OPTIONS (model_type = 'llm', path = '{opt_ckpt}', device = 'cpu')")
+    assert _err(conn, sql.format(ckpt=opt_ckpt)).startswith(message)
+    assert [r[0] for r in conn.execute("SELECT name FROM reldl.models").fetchall()] == ["keep"]

@@ -72,16 +72,23 @@ _UNITS = {
 
 
 def parse_bytes(value: Any, name: str, option: str) -> float:
-    """'16GB' (DuckDB's units: KB = 1000, KiB = 1024), '512 MiB', or a number of bytes."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number, unit = float(value), ""
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(value).lower())
-        if m is None or m.group(2) not in _UNITS:
-            raise ProgrammingError(
-                f"CREATE MODEL {name}: {option} must be a size such as '16GB' or '512MiB', got {shown(value)}"
-            )
-        number, unit = float(m.group(1)), m.group(2)
+    """A size with its unit, as DuckDB's memory_limit takes it: '16GB' (KB, MB, GB, TB: powers of 1000), '16 GiB'
+    (KiB, MiB, GiB, TiB: powers of 1024), '512MiB', '4096B'. A bare number (16, '16') is refused, as DuckDB refuses
+    it: 16 could mean bytes or GB, and a budget read in the wrong unit fails late or plans nonsense."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", str(value).lower())
+    if isinstance(value, (int, float)) and not isinstance(value, bool) or (m is not None and m.group(2) == ""):
+        n = str(value) if isinstance(value, int) else f"{float(value):g}" if m is None else m.group(1)
+        if float(n) <= 0:
+            raise ProgrammingError(f"CREATE MODEL {name}: {option} must be a positive size, got {shown(value)}")
+        raise ProgrammingError(
+            f"CREATE MODEL {name}: {option} must be a size such as '16GB' or '512MiB', got {shown(value)} without "
+            f"a unit (write '{n}GB' or '{n}GiB', or '{n}B' for bytes)"
+        )
+    if m is None or m.group(2) not in _UNITS:
+        raise ProgrammingError(
+            f"CREATE MODEL {name}: {option} must be a size such as '16GB' or '512MiB', got {shown(value)}"
+        )
+    number, unit = float(m.group(1)), m.group(2)
     out = number * _UNITS[unit]
     if not math.isfinite(out) or out <= 0:
         raise ProgrammingError(f"CREATE MODEL {name}: {option} must be a positive size, got {shown(value)}")
