@@ -307,7 +307,7 @@ def _check_integer(fn: str, key: str, v: Any, shown: str, low: int | None, null_
         if not null_ok:
             raise ProgrammingError(f"{fn}: {key} must be an integer{bound}, got NULL")
         return
-    if not _is_integer(v):
+    if not (isinstance(v, int) and not isinstance(v, bool)):  # 2.0 too: DuckDB does not cast a DECIMAL to BIGINT
         raise ProgrammingError(f"{fn}: {key} must be an integer, got {shown}")
     if low is not None and v < low:
         raise ProgrammingError(f"{fn}: {key} must be{bound}, got {shown}")

@@ -38,6 +38,7 @@ def db(llm):
 
 BAD_LITERALS = [
     ("max_tokens := 1.5", "llm_generate: max_tokens must be an integer, got 1.5"),
+    ("max_tokens := 2.0", "llm_generate: max_tokens must be an integer, got 2.0"),
     ("max_tokens := 'abc'", "llm_generate: max_tokens must be an integer, got 'abc'"),
     ("max_tokens := true", "llm_generate: max_tokens must be an integer, got true"),
     ("max_tokens := NULL", "llm_generate: max_tokens must be an integer >= 0, got NULL"),
