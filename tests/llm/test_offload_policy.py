@@ -306,6 +306,24 @@ def test_measure_hooks_on_cpu(tmp_path):
     assert measure_attention("cpu", batch=1, heads=2, ctx=64, head_dim=16) > 0
 
 
+def test_cpu_attention_rate_is_the_median_call_not_the_best(monkeypatch):
+    """CPU decode attention is timed as the median of five calls after a warm-up: the best of three read 13.6
+    GFLOP/s on an H200 box where the executor got about 10, and the search chose CPU attention on it."""
+    durations = iter([0.0, 9.0, 1.0, 4.0, 2.0, 3.0])  # the warm-up call (untimed), then five timed calls
+    clock = {"t": 0.0}
+    calls = []
+
+    def fake_attention(*args):
+        calls.append(1)
+        clock["t"] += next(durations)
+
+    monkeypatch.setattr(policy.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr("reldl.llm.offload.layers.cpu_decode_attention", fake_attention)
+    flops = measure_attention("cpu", batch=1, heads=2, ctx=64, head_dim=16)
+    assert len(calls) == 6
+    assert flops == pytest.approx(4 * 1 * 64 * 2 * 16 / 3.0)  # the median of 9, 1, 4, 2, 3
+
+
 def test_compressed_weights_stream_at_the_4bit_kernel_rate():
     """A decode step over 4-bit weights on the GPU is charged at gpu_q4_bw (the fused kernel's rate), not at the
     GPU's memory bandwidth; without a measured value it is Q4_BW_FRACTION of it; fp16 weights are unaffected."""
