@@ -114,6 +114,7 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
 
     from reldl.llm.offload import ModelShape, estimate, memory, search_policy
     from reldl.llm.offload.executor import OffloadEngine
+    from reldl.llm.offload.tiers import job_rates
 
     cpu = args.preset == "cpu"
     dev = torch.device("cpu" if cpu else "cuda")
@@ -220,6 +221,13 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
             within_1_2x=ratio <= 1.2,
             predicted_terms={k: v for k, v in est.terms.items() if k.startswith("decode_")},
         )
+        rates = job_rates([j for s in prof for j in s.jobs], steps=len(prof))
+        row["breakdown"]["transfer_by_size"] = rates
+        for r in rates:
+            print(
+                f"   {r['counter']:>9} jobs >= {r['min_bytes'] / 2**20:8.3f} MiB: {r['jobs_per_step']:7.1f} per step, "
+                f"{r['gb_per_step']:7.3f} GB, {r['s_per_step']:.3g} s, {r['gb_per_s']:.3g} GB/s"
+            )
         print(
             f"   decode step: transfer {tr:.3g} s, compute {co:.3g} s (serialised {ser:.3g} s); overlapped "
             f"{m['decode_step_mean_s']:.3g} s = {ratio:.2f} x max -> {'OK' if ratio <= 1.2 else 'over 1.2x'}"

@@ -24,6 +24,7 @@ from reldl.kernels.quant4 import dequantize_4bit, quantize_4bit_reference  # noq
 from reldl.llm import SamplingParams  # noqa: E402
 from reldl.llm.offload.executor import OffloadEngine, split_counts  # noqa: E402
 from reldl.llm.offload.policy import Policy, unit_tiers  # noqa: E402
+from reldl.llm.offload.tiers import job_rates  # noqa: E402
 from reldl.registry import get_engine  # noqa: E402
 
 NEW = 6
@@ -140,6 +141,25 @@ def test_profile_mode_breaks_down_transfer_and_compute(opt):
     # copies counted per kind beside the bytes: none where no bytes moved, at least one per copy's worth otherwise
     assert all((s.copies[k] > 0) == (s.bytes[k] > 0) for s in steps for k in s.bytes)
     assert all(s.copies["d2h"] >= 2 for s in steps[:NEW])  # a K and a V store at least
+    # every job timed, in its step: the jobs' bytes are the step's bytes, their seconds its transfer seconds
+    for s in steps:
+        assert sum(n for _, n, _ in s.jobs) == sum(s.bytes.values())
+        assert sum(t for _, _, t in s.jobs) == pytest.approx(s.transfer_s)
+    rates = job_rates([j for s in steps[1:NEW] for j in s.jobs], steps=NEW - 1)
+    assert {r["counter"] for r in rates} >= {"h2d", "disk_read"}
+    dec = steps[1:NEW]
+    assert sum(r["gb_per_step"] for r in rates) == pytest.approx(
+        sum(sum(s.bytes.values()) for s in dec) / 1e9 / len(dec)
+    )
+
+
+def test_job_rates_group_by_counter_and_size():
+    jobs = [("h2d", 100 << 20, 0.002), ("h2d", 300 << 20, 0.006), ("h2d", 40 << 10, 0.001), ("d2h", 2 << 20, 0.001)]
+    rates = {(r["counter"], r["min_bytes"]): r for r in job_rates(jobs, steps=2)}
+    assert set(rates) == {("h2d", 16 << 20), ("h2d", 256 << 20), ("h2d", 0), ("d2h", 1 << 20)}
+    big = rates[("h2d", 256 << 20)]
+    assert big["jobs_per_step"] == 0.5 and big["gb_per_s"] == pytest.approx((300 << 20) / 1e9 / 0.006)
+    assert rates[("h2d", 0)]["gb_per_step"] == pytest.approx((40 << 10) / 1e9 / 2)
 
 
 def _dequantized_checkpoint(src, dst):

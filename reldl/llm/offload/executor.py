@@ -342,6 +342,7 @@ class StepStats:
     transfer_s: float = 0.0  # profile mode only
     compute_s: float = 0.0  # profile mode only
     copies: dict[str, int] = field(default_factory=dict)  # copy calls per kind (Mover.copies)
+    jobs: list[tuple[str, int, float]] = field(default_factory=list)  # profile mode: Mover.jobs of this step
 
 
 @dataclass
@@ -463,6 +464,7 @@ class OffloadEngine:
     def set_profile(self, on: bool) -> None:
         """Switch the serialised, timed mode (see the module docstring) on or off for the next runs."""
         self.profile = self.mover.profile = bool(on)
+        self.mover.jobs.clear()
 
     def close(self) -> None:
         self.mover.close()
@@ -507,7 +509,7 @@ class OffloadEngine:
                 ctx.append((ids[k], pos, mask))
             t0 = time.perf_counter()
             b0, c0 = dict(self.mover.bytes), dict(self.mover.copies)
-            tr0 = self.mover.transfer_s
+            tr0, j0 = self.mover.transfer_s, len(self.mover.jobs)
             self._compute_s = 0.0
             tokens, pending = self._step(ctx, s, T, pending, last=i == max_tokens - 1)
             if self.device.type == "cuda":
@@ -520,6 +522,7 @@ class OffloadEngine:
                     self.mover.transfer_s - tr0,
                     self._compute_s,
                     {key: self.mover.copies[key] - c0[key] for key in c0},
+                    self.mover.jobs[j0:],
                 )
             )
             ids = [t[:, None] for t in tokens]

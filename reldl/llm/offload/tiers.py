@@ -417,7 +417,8 @@ class Mover:
 
     `threads`: run jobs on worker threads (the engine asks for them where a copy blocks the host, a disk share;
     CPU tests, to exercise that path), else inline. `profile=True`: run every job inline and synchronise the device
-    after it, accumulating the seconds in `transfer_s` (no overlap: for the transfer / compute breakdown).
+    after it, accumulating the seconds in `transfer_s` (no overlap: for the transfer / compute breakdown) and
+    appending (the counter that moved most, bytes, seconds) per job to `jobs` (rates by copy size: `job_rates`).
     Byte counters: `bytes["h2d"]`, `bytes["d2h"]`, `bytes["disk_read"]`, `bytes["disk_write"]` (a copy from or to a
     non-pinned host tensor on CUDA, or from / to a disk-tier tensor on CPU, counts as disk traffic); `copies`: the
     number of counted transfers per key (a tensor pair each; a 4-bit tensor's three parts count as one), for
@@ -435,6 +436,7 @@ class Mover:
         self.bytes = {"h2d": 0, "d2h": 0, "disk_read": 0, "disk_write": 0}
         self.copies = dict.fromkeys(self.bytes, 0)
         self.transfer_s = 0.0
+        self.jobs: list[tuple[str, int, float]] = []  # profile mode: (main counter, bytes, seconds) per job
         self._lock = threading.Lock()
 
     def _count(self, key: str, n: int) -> None:
@@ -451,11 +453,15 @@ class Mover:
 
     def _run(self, pool, job):
         if self.profile:
+            before = dict(self.bytes)
             t = time.perf_counter()
             out = job()
             if self.cuda:
                 torch.cuda.synchronize(self.device)
-            self.transfer_s += time.perf_counter() - t
+            secs = time.perf_counter() - t
+            self.transfer_s += secs
+            moved = {k: v - before[k] for k, v in self.bytes.items() if v != before[k]}
+            self.jobs.append((max(moved, key=moved.get) if moved else "none", sum(moved.values()), secs))
             return _Done(out)
         if pool is None:
             return _Done(job())
@@ -550,3 +556,31 @@ class Mover:
         for p in (self._loads, self._stores):
             if p is not None:
                 p.shutdown(wait=True)
+
+
+JOB_SIZE_BUCKETS = (64 << 10, 1 << 20, 16 << 20, 256 << 20)
+
+
+def job_rates(jobs: Sequence[tuple[str, int, float]], steps: int = 1) -> list[dict]:
+    """Profile-mode jobs grouped by counter and size (below 64 KiB, 1 MiB, 16 MiB, 256 MiB, and above): jobs, GB
+    and seconds per step, and GB/s. Why: a step's serialised transfer time can be short of its bytes over the
+    measured bandwidth for small copies (per-copy latency) or for the memory they come from; this says which."""
+    groups: dict[tuple[str, int], list[float]] = {}
+    for key, n, secs in jobs:
+        bucket = sum(n >= b for b in JOB_SIZE_BUCKETS)
+        g = groups.setdefault((key, bucket), [0, 0, 0.0])
+        g[0], g[1], g[2] = g[0] + 1, g[1] + n, g[2] + secs
+    out = []
+    for (key, bucket), (count, n, secs) in sorted(groups.items()):
+        lo = JOB_SIZE_BUCKETS[bucket - 1] if bucket else 0
+        out.append(
+            dict(
+                counter=key,
+                min_bytes=lo,
+                jobs_per_step=count / steps,
+                gb_per_step=n / 1e9 / steps,
+                s_per_step=secs / steps,
+                gb_per_s=n / 1e9 / secs if secs > 0 else 0.0,
+            )
+        )
+    return out
