@@ -168,11 +168,12 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
         offload_dir=args.offload_dir,
         drop_page_cache=args.drop_page_cache,
         pin=args.pin,
+        cache_stream=args.cache_stream,
     )
     row["build_s"] = time.perf_counter() - t
     try:
         row["reserve_s"] = eng.reserve(args.prompt, args.gen)  # the block's KV cache / activation buffers
-        row["pin_s"], row["pin"] = eng.arena.pin_s, args.pin
+        row["pin_s"], row["pin"], row["cache_stream"] = eng.arena.pin_s, args.pin, args.cache_stream
         print(f"   built in {row['build_s']:.1f} s (pinning {row['pin_s']:.1f} s), reserve {row['reserve_s']:.2f} s")
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(4, run_cfg.vocab_size, (policy.block_size, args.prompt), generator=g).tolist()
@@ -307,6 +308,11 @@ def main() -> int:
     ap.add_argument("--drop-page-cache", action="store_true", help="drop disk files from the page cache after writing")
     ap.add_argument(
         "--pin", choices=PIN_METHODS, default="register", help="how large pinned buffers are made (OffloadEngine pin)"
+    )
+    ap.add_argument(
+        "--cache-stream",
+        action="store_true",
+        help="KV cache and hidden-state loads on their own CUDA stream (OffloadEngine cache_stream)",
     )
     ap.add_argument("--quick-measure", action="store_true")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed 2-token run")

@@ -24,21 +24,25 @@ def _prompts(seed: int = 0) -> list[list[int]]:
     return [torch.randint(4, 100, (n,), generator=g).tolist() for n in (5, 9, 3, 12, 7, 4)]
 
 
-def _run(path, policy: Policy, threads: bool | None = None) -> list[list[int]]:
-    with OffloadEngine(path, policy, device="cuda", dtype=torch.float32, threads=threads) as eng:  # float32: no ties
+def _run(path, policy: Policy, threads: bool | None = None, cache_stream: bool = False) -> list[list[int]]:
+    with OffloadEngine(
+        path, policy, device="cuda", dtype=torch.float32, threads=threads, cache_stream=cache_stream
+    ) as eng:  # float32: no ties
         assert eng.mover.threads == (policy.uses_disk if threads is None else threads)
+        assert (eng.mover.h2d_side is not eng.mover.h2d) == cache_stream
         return eng.generate(_prompts(), NEW)
 
 
+@pytest.mark.parametrize("cache_stream", [False, True])
 @pytest.mark.parametrize("threads", [None, True])
 @pytest.mark.parametrize("compress", [False, True])
-def test_placements_match_all_on_gpu(tiny_checkpoints, monkeypatch, compress, threads):
+def test_placements_match_all_on_gpu(tiny_checkpoints, monkeypatch, compress, threads, cache_stream):
     """Weights and cache on the CPU, split 50/50 (the cache by heads: a GPU and a host segment per layer, the host
     one loaded into the ring of device buffers every decode step) and over three tiers: the all-on-GPU tokens. The
     attention is slowed on the GPU (a spin before each call on the compute stream), so a load that overwrote a ring
     buffer before the attention reading it had run would change the tokens; the ring must have been used. Copies
     from the engine's default (the main thread without a disk share, worker threads with one) and from worker
-    threads always."""
+    threads always; the cache and hidden states on the weights' stream or on their own (cache_stream)."""
     ex = importlib.import_module("reldl.llm.offload.executor")
     made = []
 
@@ -67,7 +71,7 @@ def test_placements_match_all_on_gpu(tiny_checkpoints, monkeypatch, compress, th
         "thirds": dict(weights=THIRDS, cache=THIRDS, activations=HALF_CPU),
     }.items():
         made.clear()
-        assert _run(path, Policy(2, 2, **both, **kw), threads) == want, name
+        assert _run(path, Policy(2, 2, **both, **kw), threads, cache_stream) == want, name
         assert any(kv.load_bufs and kv.next_load > 0 for kv in made), name  # decode steps loaded through the ring
 
 

@@ -120,6 +120,29 @@ def test_threaded_transfers_on_cpu(opt):
     assert out == opt.base
 
 
+@pytest.mark.parametrize("threads", [False, True])
+def test_cache_loads_on_their_own_lane(opt, threads):
+    """cache_stream: KV cache and hidden-state loads go through the Mover's side lane (its own worker when threaded,
+    its own CUDA stream on a GPU), weights through the main one; same tokens and logits as one lane."""
+    policy = Policy(2, 3, weights=THIRDS, cache=THIRDS, activations=THIRDS)
+    base, base_logits, _ = _run(opt.path, policy, opt.prompts, threads=threads)
+    sides = []
+    with OffloadEngine(opt.path, policy, threads=threads, cache_stream=True) as eng:
+        load = eng.mover.load
+
+        def spy(pairs, after=(), side=False):
+            sides.append(side)
+            return load(pairs, after, side)
+
+        eng.mover.load = spy
+        out = eng.generate(opt.prompts, NEW, keep_logits=True)
+        assert (eng.mover._side_loads is not eng.mover._loads) == threads
+        logits = eng.logits
+    assert out == base == opt.base
+    torch.testing.assert_close(logits, base_logits)
+    assert True in sides and False in sides  # both lanes used
+
+
 def test_disk_weights_are_the_checkpoints_memory_maps(opt):
     with OffloadEngine(opt.path, Policy(2, 2, weights=DISK)) as eng:
         w = eng.weights

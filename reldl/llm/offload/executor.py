@@ -329,7 +329,7 @@ class ActStore:
                 dst[r0:r1].copy_(self.dev[k])
             else:
                 pairs.append((dst[r0:r1], self._view(k, tier, r1 - r0, T, hid), tier == "disk"))
-        return dst, self.eng.mover.load(pairs, after=[self.futs[k]])
+        return dst, self.eng.mover.load(pairs, after=[self.futs[k]], side=True)
 
 
 # --------------------------------------------------------------------------------------------------- engine
@@ -361,7 +361,10 @@ class OffloadEngine:
     stages through pinned memory on the host and would block the schedule; pinned copies are asynchronous already,
     and issuing them from the main thread avoided a thread handoff per copy (H100, OPT-30B at 40 GB, full depth:
     decode steps 0.108 -> 0.076 s; benchmarks/RESULTS.md). `profile`: see the module docstring. `pin`: how large
-    pinned host buffers are made on CUDA (tiers.Arena: "register", the default, or "alloc").
+    pinned host buffers are made on CUDA (tiers.Arena: "register", the default, or "alloc"). `cache_stream`: load
+    the KV cache and hidden states on a second host-to-device stream, so a GPU batch's cache does not queue behind
+    the next unit's weights (FIFO on one stream: on the H200, OPT-66B's 1.5 GB per-layer weight prefetch held back
+    the batches behind it, and the decode step was 1.2x the stream's busy time); off until measured on a GPU.
     """
 
     def __init__(
@@ -376,6 +379,7 @@ class OffloadEngine:
         profile: bool = False,
         drop_page_cache: bool = False,
         pin: str = "register",
+        cache_stream: bool = False,
     ):
         if pin not in PIN_METHODS:  # before anything is made (the offload directory)
             raise ValueError(f"OffloadEngine: pin must be one of {', '.join(PIN_METHODS)}, got {pin!r}")
@@ -393,7 +397,7 @@ class OffloadEngine:
         self.arena = Arena(self.device, self.disk, pin)
         if threads is None:
             threads = self.device.type == "cuda" and policy.uses_disk
-        self.mover = Mover(self.device, threads, profile)
+        self.mover = Mover(self.device, threads, profile, side_stream=cache_stream)
         self.eos = set(cfg.eos_token_ids)
         self.scale = cfg.head_dim**-0.5
         self.rope = None
@@ -615,7 +619,7 @@ class OffloadEngine:
                         bufs = tuple(torch.empty(shp, dtype=self.dtype, device=self.device) for _ in range(2))
                     pairs += [(bufs[0][:s], seg.k[:s], disk), (bufs[1][:s], seg.v[:s], disk)]
                 cache.append(bufs)
-            ticket = self.mover.load(pairs, after=[self._kv.stores.get((j, k))]) if pairs else None
+            ticket = self.mover.load(pairs, after=[self._kv.stores.get((j, k))], side=True) if pairs else None
             return cache, ticket
         return [None] * len(self._kv.split), None
 

@@ -424,7 +424,7 @@ class Mover:
     number of counted transfers per key (a tensor pair each; a 4-bit tensor's three parts count as one), for
     fitting a per-transfer latency beside the bytes; the CPU-attention path's q / output transfers are not counted."""
 
-    def __init__(self, device: torch.device, threads: bool = False, profile: bool = False):
+    def __init__(self, device: torch.device, threads: bool = False, profile: bool = False, side_stream: bool = False):
         self.device = device
         self.cuda = device.type == "cuda"
         self.profile = profile
@@ -432,6 +432,12 @@ class Mover:
         self.h2d = torch.cuda.Stream(device) if self.cuda else None
         self.d2h = torch.cuda.Stream(device) if self.cuda else None
         self._loads = ThreadPoolExecutor(1, thread_name_prefix="reldl-load") if self.threads else None
+        # `load(side=True)` goes to a second stream (and worker) when side_stream is set, else to the main one
+        self.side_stream = side_stream
+        self.h2d_side = torch.cuda.Stream(device) if self.cuda and side_stream else self.h2d
+        self._side_loads = (
+            ThreadPoolExecutor(1, thread_name_prefix="reldl-load-side") if self.threads and side_stream else self._loads
+        )
         self._stores = ThreadPoolExecutor(1, thread_name_prefix="reldl-store") if self.threads else None
         self.bytes = {"h2d": 0, "d2h": 0, "disk_read": 0, "disk_write": 0}
         self.copies = dict.fromkeys(self.bytes, 0)
@@ -472,23 +478,28 @@ class Mover:
 
         return pool.submit(threaded)
 
-    def load(self, pairs: list[tuple[torch.Tensor, torch.Tensor, bool]], after: Sequence = ()) -> Future | _Done:
-        """Copy each (device dst, host src, src_on_disk) pair; `after`: store futures this load must follow."""
+    def load(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor, bool]], after: Sequence = (), side: bool = False
+    ) -> Future | _Done:
+        """Copy each (device dst, host src, src_on_disk) pair; `after`: store futures this load must follow.
+        `side`: on the side stream (the KV cache and hidden states; the same stream as weights unless the Mover
+        was made with side_stream), so such loads need not wait behind the next unit's weights."""
         ready = self._event()
+        stream = self.h2d_side if side else self.h2d
         after = [a for a in after if a is not None]
 
         def job():
             for a in after:
                 ev = a.result()
                 if ev is not None:
-                    self.h2d.wait_event(ev)
+                    stream.wait_event(ev)
             if not self.cuda:
                 for dst, src, disk in pairs:
                     dst.copy_(src)
                     self._count("disk_read" if disk else "h2d", nbytes(src))
                 return None
-            with torch.cuda.stream(self.h2d):
-                self.h2d.wait_event(ready)
+            with torch.cuda.stream(stream):
+                stream.wait_event(ready)
                 for dst, src, _disk in pairs:
                     if not src.is_pinned():
                         staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
@@ -498,10 +509,10 @@ class Mover:
                     dst.copy_(src, non_blocking=True)
                     self._count("h2d", nbytes(src))
                 done = torch.cuda.Event()
-                done.record(self.h2d)
+                done.record(stream)
             return done
 
-        return self._run(self._loads, job)
+        return self._run(self._side_loads if side else self._loads, job)
 
     def store(self, pairs: list[tuple[torch.Tensor, torch.Tensor, bool]]) -> Future | _Done:
         """Copy each (host dst, device src, dst_on_disk) pair once the compute stream has produced src."""
@@ -553,9 +564,8 @@ class Mover:
             ev.synchronize()
 
     def close(self) -> None:
-        for p in (self._loads, self._stores):
-            if p is not None:
-                p.shutdown(wait=True)
+        for p in {self._loads, self._side_loads, self._stores} - {None}:
+            p.shutdown(wait=True)
 
 
 JOB_SIZE_BUCKETS = (64 << 10, 1 << 20, 16 << 20, 256 << 20)
