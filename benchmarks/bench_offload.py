@@ -233,6 +233,27 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
             f"   decode step: transfer {tr:.3g} s, compute {co:.3g} s (serialised {ser:.3g} s); overlapped "
             f"{m['decode_step_mean_s']:.3g} s = {ratio:.2f} x max -> {'OK' if ratio <= 1.2 else 'over 1.2x'}"
         )
+        if args.ab_cache_stream:  # the same engine and prompts with the other cache-stream setting, measured again
+            other = not args.cache_stream
+            eng.set_cache_stream(other)
+            eng.generate(prompts, args.gen)
+            eng.set_cache_stream(args.cache_stream)
+            st = eng.stats.steps
+            dec2 = [s.seconds for s in st[1:]]
+            tot2 = sum(s.seconds for s in st)
+            row["ab_cache_stream"] = {
+                str(args.cache_stream).lower(): dict(
+                    throughput=m["throughput"], decode_step_mean_s=m["decode_step_mean_s"]
+                ),
+                str(other).lower(): dict(
+                    throughput=policy.block_size * args.gen / tot2, decode_step_mean_s=sum(dec2) / len(dec2)
+                ),
+            }
+            for k, v in row["ab_cache_stream"].items():
+                print(
+                    f"   cache_stream={k}: {v['throughput']:.3g} tok/s, decode step {v['decode_step_mean_s']:.3g} s "
+                    f"(predicted {est.throughput:.3g} tok/s, ratio {v['throughput'] / est.throughput:.2f})"
+                )
         if shape.num_layers != full.num_layers:
             per_layer = (m["decode_step_mean_s"]) / (shape.num_layers + 2)
             row["scaled_48_layers"] = dict(
@@ -308,6 +329,11 @@ def main() -> int:
     ap.add_argument("--drop-page-cache", action="store_true", help="drop disk files from the page cache after writing")
     ap.add_argument(
         "--pin", choices=PIN_METHODS, default="register", help="how large pinned buffers are made (OffloadEngine pin)"
+    )
+    ap.add_argument(
+        "--ab-cache-stream",
+        action="store_true",
+        help="after the measured run, run again with the other --cache-stream setting on the same engine",
     )
     ap.add_argument(
         "--cache-stream",

@@ -138,7 +138,10 @@ def test_cache_loads_on_their_own_lane(opt, threads):
         out = eng.generate(opt.prompts, NEW, keep_logits=True)
         assert (eng.mover._side_loads is not eng.mover._loads) == threads
         logits = eng.logits
-    assert out == base == opt.base
+        eng.set_cache_stream(False)  # switched between runs: one lane again, same tokens
+        assert eng.mover._side_loads is eng.mover._loads
+        again = eng.generate(opt.prompts, NEW)
+    assert out == base == again == opt.base
     torch.testing.assert_close(logits, base_logits)
     assert True in sides and False in sides  # both lanes used
 

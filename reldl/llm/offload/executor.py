@@ -465,6 +465,11 @@ class OffloadEngine:
         cache) are not counted: see torch.cuda.max_memory_allocated for the peak."""
         return {"weights": dict(self.weights.bytes), "block": dict(self.block_bytes)}
 
+    def set_cache_stream(self, on: bool) -> None:
+        """Switch the KV cache / hidden-state loads to their own stream (True) or the weights' (False) for the next
+        runs (see the class docstring)."""
+        self.mover.side_stream = bool(on)
+
     def set_profile(self, on: bool) -> None:
         """Switch the serialised, timed mode (see the module docstring) on or off for the next runs."""
         self.profile = self.mover.profile = bool(on)

@@ -432,18 +432,26 @@ class Mover:
         self.h2d = torch.cuda.Stream(device) if self.cuda else None
         self.d2h = torch.cuda.Stream(device) if self.cuda else None
         self._loads = ThreadPoolExecutor(1, thread_name_prefix="reldl-load") if self.threads else None
-        # `load(side=True)` goes to a second stream (and worker) when side_stream is set, else to the main one
+        # `load(side=True)` goes to a second stream (and worker) while side_stream is set, else to the main one;
+        # both exist from the start, so the choice can change between runs (a same-process A/B)
         self.side_stream = side_stream
-        self.h2d_side = torch.cuda.Stream(device) if self.cuda and side_stream else self.h2d
-        self._side_loads = (
-            ThreadPoolExecutor(1, thread_name_prefix="reldl-load-side") if self.threads and side_stream else self._loads
-        )
+        self._side = torch.cuda.Stream(device) if self.cuda else None
+        self._side_pool = ThreadPoolExecutor(1, thread_name_prefix="reldl-load-side") if self.threads else None
         self._stores = ThreadPoolExecutor(1, thread_name_prefix="reldl-store") if self.threads else None
         self.bytes = {"h2d": 0, "d2h": 0, "disk_read": 0, "disk_write": 0}
         self.copies = dict.fromkeys(self.bytes, 0)
         self.transfer_s = 0.0
         self.jobs: list[tuple[str, int, float]] = []  # profile mode: (main counter, bytes, seconds) per job
         self._lock = threading.Lock()
+
+    @property
+    def h2d_side(self):
+        """The stream side loads use now."""
+        return self._side if self.side_stream else self.h2d
+
+    @property
+    def _side_loads(self):
+        return self._side_pool if self.side_stream else self._loads
 
     def _count(self, key: str, n: int) -> None:
         with self._lock:
@@ -564,8 +572,9 @@ class Mover:
             ev.synchronize()
 
     def close(self) -> None:
-        for p in {self._loads, self._side_loads, self._stores} - {None}:
-            p.shutdown(wait=True)
+        for p in (self._loads, self._side_pool, self._stores):
+            if p is not None:
+                p.shutdown(wait=True)
 
 
 JOB_SIZE_BUCKETS = (64 << 10, 1 << 20, 16 << 20, 256 << 20)
