@@ -428,13 +428,12 @@ def _ident(tok: Token) -> str:
     return tok.text
 
 
-_QUERY_START = {"SELECT", "WITH"}
-_WRITES = (exp.Insert, exp.Update, exp.Delete, exp.Create, exp.Drop, exp.Alter, exp.Command, exp.Merge)
+_QUERY_START = {"SELECT", "WITH", "FROM", "VALUES"}
 
 
-def _check_query(tokens: list[Token]) -> None:
-    """CREATE MODEL ... AS <query>: the query must be one SELECT (it only reads; a statement after it is a separate
-    statement of the script, split off before this)."""
+def _check_query(tokens: list[Token]) -> int | None:
+    """CREATE MODEL ... AS <query>: the index of the query's first token (None without AS). The query must be one
+    SELECT (it only reads; a statement after it is a separate statement of the script, split off before this)."""
     words = [t.text.upper() for t in tokens]
     at = words.index("MODEL") + 1
     if words[at : at + 3] == ["IF", "NOT", "EXISTS"]:
@@ -446,16 +445,24 @@ def _check_query(tokens: list[Token]) -> None:
             depth += 1
         elif tok.token_type == TokenType.R_PAREN:
             depth -= 1
-        elif depth == 0 and tok.text.upper() == "AS":
+        elif depth == 0 and tok.token_type == TokenType.ALIAS:  # the keyword AS, not a model named "as"
             rest = [t for t in tokens[i + 1 :] if t.token_type != TokenType.L_PAREN]  # (SELECT ...)
             if not rest or rest[0].text.upper() not in _QUERY_START:
                 raise ProgrammingError(f"CREATE MODEL {name}: AS must be followed by a SELECT query")
-            return
+            return i + 1
+    return None
 
 
 def _create_model(text: str, tokens: list[Token] | None = None) -> CreateModel:
-    if tokens:
-        _check_query(tokens)
+    """CREATE MODEL: the name and OPTIONS are read with sqlglot's BigQuery dialect (whose CREATE MODEL syntax this
+    is); the query after AS is kept exactly as written, for DuckDB: never rewritten from BigQuery's SQL, where
+    "x" is a string, '\\n' an escape and a[1] 0-based."""
+    query_text = None
+    at = _check_query(tokens) if tokens else None
+    if at is not None:  # token offsets count from the start of the script the statement came from
+        base = tokens[0].start
+        query_text = text[tokens[at].start - base :]
+        text = text[: tokens[at - 1].start - base]
     quiet = logging.getLogger("sqlglot")
     level, quiet.level = quiet.level, logging.ERROR  # no "falling back to parsing as a Command" on stderr
     try:
@@ -467,8 +474,14 @@ def _create_model(text: str, tokens: list[Token] | None = None) -> CreateModel:
         quiet.level = level
     if not isinstance(tree, exp.Create) or str(tree.args.get("kind", "")).upper() != "MODEL":
         raise ProgrammingError("syntax: CREATE [OR REPLACE] MODEL name OPTIONS (key = value, ...) [AS SELECT ...]")
+    if tree.expression is not None:  # AS inside something sqlglot read as the query: not a query reldl found
+        raise ProgrammingError("syntax: CREATE [OR REPLACE] MODEL name OPTIONS (key = value, ...) [AS SELECT ...]")
     target = tree.this
     name = target.name if isinstance(target, exp.Table) else target.sql()
+    if not name:
+        raise ProgrammingError("CREATE MODEL: the model name is empty")
+    if tree.args.get("replace") and tree.args.get("exists"):
+        raise ProgrammingError(f"CREATE MODEL {name}: OR REPLACE and IF NOT EXISTS cannot be combined")
     options: dict[str, Any] = {}
     props = tree.args.get("properties")
     for prop in props.expressions if props else []:
@@ -479,16 +492,47 @@ def _create_model(text: str, tokens: list[Token] | None = None) -> CreateModel:
         if key in options:
             raise ProgrammingError(f"CREATE MODEL {name}: option {key!r} given twice")
         options[key] = _value(prop.args.get("value"), name, key)
-    query = tree.expression
-    if query is not None and (not isinstance(query, exp.Query) or query.find(*_WRITES)):
-        raise ProgrammingError(f"CREATE MODEL {name}: AS must be followed by a SELECT query")
+    if query_text is not None:
+        _check_select(name, query_text)
     return CreateModel(
         name=name,
         options=options,
         replace=bool(tree.args.get("replace")),
         if_not_exists=bool(tree.args.get("exists")),
-        query=query.sql(dialect="duckdb") if query is not None else None,
+        query=query_text,
     )
+
+
+_WRITES = (exp.Insert, exp.Update, exp.Delete, exp.Create, exp.Drop, exp.Alter, exp.Command, exp.Merge)
+_WRITE_TOKENS = {TokenType.INSERT, TokenType.UPDATE, TokenType.DELETE, TokenType.MERGE, TokenType.CREATE}
+_WRITE_TOKENS |= {TokenType.DROP, TokenType.ALTER, TokenType.COPY, TokenType.TRUNCATE}
+
+
+def _check_select(name: str, query: str) -> None:
+    """The query of CREATE MODEL ... AS is one statement that DuckDB reads as a SELECT and that writes nothing (DuckDB
+    runs `WITH d AS (DELETE ... RETURNING *) SELECT ...`)."""
+    import duckdb
+
+    try:
+        kinds = [s.type for s in duckdb.extract_statements(query)]
+    except duckdb.Error as e:
+        raise ProgrammingError(f"CREATE MODEL {name}: {str(e).strip().splitlines()[0]}") from None
+    try:
+        writes = _parse_duckdb(query).find(*_WRITES) is not None
+    except (ParseError, TokenError):  # sqlglot cannot read it: look for a writing keyword
+        writes = any(t.token_type in _WRITE_TOKENS for t in sqlglot.tokenize(query, read="duckdb"))
+    if kinds != [duckdb.StatementType.SELECT] or writes:
+        raise ProgrammingError(f"CREATE MODEL {name}: AS must be followed by a SELECT query")
+
+
+def _parse_duckdb(sql: str) -> exp.Expression:
+    """`sql` parsed as DuckDB SQL, without sqlglot's warnings on stderr."""
+    quiet = logging.getLogger("sqlglot")
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        return sqlglot.parse_one(sql, read="duckdb")
+    finally:
+        quiet.level = level
 
 
 def _value(node: exp.Expression | None, model: str, key: str) -> Any:

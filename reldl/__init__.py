@@ -74,7 +74,7 @@ def _quote(s: str) -> str:
 
 
 def _quote_ident(s: str) -> str:
-    return '"' + s.replace('"', '""') + '"' if not s.isidentifier() else s
+    return '"' + s.replace('"', '""') + '"'  # always: a keyword (from, as, select) is a fine model name
 
 
 class _Detached:
