@@ -453,54 +453,119 @@ def _check_query(tokens: list[Token]) -> int | None:
     return None
 
 
-def _create_model(text: str, tokens: list[Token] | None = None) -> CreateModel:
-    """CREATE MODEL: the name and OPTIONS are read with sqlglot's BigQuery dialect (whose CREATE MODEL syntax this
-    is); the query after AS is kept exactly as written, for DuckDB: never rewritten from BigQuery's SQL, where
-    "x" is a string, '\\n' an escape and a[1] 0-based."""
-    query_text = None
-    at = _check_query(tokens) if tokens else None
+_SYNTAX = "syntax: CREATE [OR REPLACE] MODEL [IF NOT EXISTS] name [OPTIONS (key = value, ...)] [AS SELECT ...]"
+_STRINGS = {TokenType.STRING, TokenType.BYTE_STRING, TokenType.HEREDOC_STRING, TokenType.NATIONAL_STRING}
+_NOT_NAMES = _STRINGS | {TokenType.NUMBER, TokenType.L_PAREN, TokenType.R_PAREN, TokenType.L_BRACKET}
+_NOT_NAMES |= {TokenType.R_BRACKET, TokenType.COMMA, TokenType.EQ, TokenType.DOT, TokenType.DASH, TokenType.PLUS}
+
+
+def _create_model(text: str, tokens: list[Token]) -> CreateModel:
+    """CREATE MODEL, read from DuckDB's tokens: option strings are DuckDB strings ('bob''s' is bob's, '\\n' a
+    backslash and an n), and the query after AS is kept exactly as written, for DuckDB to run."""
+    at = _check_query(tokens)
+    head = tokens if at is None else tokens[: at - 1]
+    query = None
     if at is not None:  # token offsets count from the start of the script the statement came from
-        base = tokens[0].start
-        query_text = text[tokens[at].start - base :]
-        text = text[: tokens[at - 1].start - base]
-    quiet = logging.getLogger("sqlglot")
-    level, quiet.level = quiet.level, logging.ERROR  # no "falling back to parsing as a Command" on stderr
-    try:
-        tree = sqlglot.parse_one(text, read="bigquery")
-    except (ParseError, TokenError) as e:
-        msg = str(e).splitlines()[0]
-        raise ProgrammingError(f"CREATE MODEL: cannot parse statement ({msg})") from None
-    finally:
-        quiet.level = level
-    if not isinstance(tree, exp.Create) or str(tree.args.get("kind", "")).upper() != "MODEL":
-        raise ProgrammingError("syntax: CREATE [OR REPLACE] MODEL name OPTIONS (key = value, ...) [AS SELECT ...]")
-    if tree.expression is not None:  # AS inside something sqlglot read as the query: not a query reldl found
-        raise ProgrammingError("syntax: CREATE [OR REPLACE] MODEL name OPTIONS (key = value, ...) [AS SELECT ...]")
-    target = tree.this
-    name = target.name if isinstance(target, exp.Table) else target.sql()
+        query = text[tokens[at].start - tokens[0].start :]
+
+    def word(i: int, *words: str) -> bool:
+        return (
+            i < len(head)
+            and head[i].token_type not in _NOT_NAMES | {TokenType.IDENTIFIER}
+            and (head[i].text.upper() in words)
+        )
+
+    i = 1
+    replace = word(1, "OR") and word(2, "REPLACE")
+    i += 2 if replace else 0
+    if not word(i, "MODEL"):
+        raise ProgrammingError(_SYNTAX)
+    i += 1
+    if_not_exists = word(i, "IF") and word(i + 1, "NOT") and word(i + 2, "EXISTS")
+    i += 3 if if_not_exists else 0
+    while i + 2 < len(head) and head[i + 1].token_type == TokenType.DOT:  # schema.name: the name is what counts
+        i += 2
+    if i >= len(head) or head[i].token_type in _NOT_NAMES:
+        raise ProgrammingError(_SYNTAX)
+    name = head[i].text
     if not name:
         raise ProgrammingError("CREATE MODEL: the model name is empty")
-    if tree.args.get("replace") and tree.args.get("exists"):
+    if replace and if_not_exists:
         raise ProgrammingError(f"CREATE MODEL {name}: OR REPLACE and IF NOT EXISTS cannot be combined")
+    i += 1
     options: dict[str, Any] = {}
-    props = tree.args.get("properties")
-    for prop in props.expressions if props else []:
-        if not isinstance(prop, exp.Property):
-            continue
-        key = prop.this.name if isinstance(prop.this, exp.Expression) else str(prop.this)
-        key = key.lower()
-        if key in options:
-            raise ProgrammingError(f"CREATE MODEL {name}: option {key!r} given twice")
-        options[key] = _value(prop.args.get("value"), name, key)
-    if query_text is not None:
-        _check_select(name, query_text)
-    return CreateModel(
-        name=name,
-        options=options,
-        replace=bool(tree.args.get("replace")),
-        if_not_exists=bool(tree.args.get("exists")),
-        query=query_text,
-    )
+    if word(i, "OPTIONS"):
+        if i + 1 >= len(head) or head[i + 1].token_type != TokenType.L_PAREN:
+            raise ProgrammingError(_SYNTAX)
+        i += 2
+        while i < len(head) and head[i].token_type != TokenType.R_PAREN:
+            if head[i].token_type in _NOT_NAMES or i + 1 >= len(head) or head[i + 1].token_type != TokenType.EQ:
+                raise ProgrammingError(f"CREATE MODEL {name}: OPTIONS takes key = value pairs ({_SYNTAX[8:]})")
+            key = head[i].text.lower()
+            if key in options:
+                raise ProgrammingError(f"CREATE MODEL {name}: option {key!r} given twice")
+            options[key], i = _option_value(head, i + 2, name, key, text)
+            if i < len(head) and head[i].token_type == TokenType.COMMA:
+                i += 1
+            elif i >= len(head) or head[i].token_type != TokenType.R_PAREN:
+                raise ProgrammingError(f"CREATE MODEL {name}: {_SYNTAX}")
+        i += 1
+    if i != len(head):
+        raise ProgrammingError(_SYNTAX)
+    if query is not None:
+        _check_select(name, query)
+    return CreateModel(name=name, options=options, replace=replace, if_not_exists=if_not_exists, query=query)
+
+
+def _option_value(tokens: list[Token], i: int, model: str, key: str, text: str) -> tuple[Any, int]:
+    """The literal at tokens[i] (a string, number, boolean, NULL, a bare word, or a [list] / (tuple) of them) and the
+    index after it."""
+    end = i
+    try:
+        value, end = _literal_at(tokens, i)
+        if end >= len(tokens) or tokens[end].token_type in (TokenType.COMMA, TokenType.R_PAREN):
+            return value, end
+    except (_NotLiteral, IndexError):
+        pass
+    depth, j = 0, i  # the whole expression, for the message
+    while j < len(tokens) and not (depth == 0 and tokens[j].token_type in (TokenType.COMMA, TokenType.R_PAREN)):
+        depth += tokens[j].token_type in (TokenType.L_PAREN, TokenType.L_BRACKET)
+        depth -= tokens[j].token_type in (TokenType.R_PAREN, TokenType.R_BRACKET)
+        j += 1
+    base = tokens[0].start
+    shown = text[tokens[i].start - base : tokens[j - 1].end + 1 - base] if j > i else "nothing"
+    raise ProgrammingError(f"CREATE MODEL {model}: option {key!r} must be a literal, got {shown}")
+
+
+def _literal_at(tokens: list[Token], i: int) -> tuple[Any, int]:
+    tok = tokens[i]
+    tt = tok.token_type
+    if tt in _STRINGS:
+        return tok.text, i + 1
+    if tt == TokenType.NUMBER:
+        return (float(tok.text) if any(c in tok.text for c in ".eE") else int(tok.text)), i + 1
+    if tt in (TokenType.DASH, TokenType.PLUS) and tokens[i + 1].token_type == TokenType.NUMBER:
+        value, end = _literal_at(tokens, i + 1)
+        return (-value if tt == TokenType.DASH else value), end
+    if tt in (TokenType.TRUE, TokenType.FALSE):
+        return tt == TokenType.TRUE, i + 1
+    if tt == TokenType.NULL:
+        return None, i + 1
+    if tt in (TokenType.L_BRACKET, TokenType.L_PAREN):
+        close = TokenType.R_BRACKET if tt == TokenType.L_BRACKET else TokenType.R_PAREN
+        items: list[Any] = []
+        i += 1
+        while tokens[i].token_type != close:
+            value, i = _literal_at(tokens, i)
+            items.append(value)
+            if tokens[i].token_type == TokenType.COMMA:
+                i += 1
+            elif tokens[i].token_type != close:
+                raise _NotLiteral
+        return items, i + 1
+    if tt not in _NOT_NAMES and tt not in (TokenType.STAR, TokenType.SLASH):  # a bare word: model_type = llm
+        return tok.text, i + 1
+    raise _NotLiteral
 
 
 _WRITES = (exp.Insert, exp.Update, exp.Delete, exp.Create, exp.Drop, exp.Alter, exp.Command, exp.Merge)
@@ -533,25 +598,6 @@ def _parse_duckdb(sql: str) -> exp.Expression:
         return sqlglot.parse_one(sql, read="duckdb")
     finally:
         quiet.level = level
-
-
-def _value(node: exp.Expression | None, model: str, key: str) -> Any:
-    if node is None or isinstance(node, exp.Null):
-        return None
-    if isinstance(node, exp.Boolean):
-        return bool(node.this)
-    if isinstance(node, exp.Literal):
-        if node.is_string:
-            return node.this
-        num = node.this
-        return float(num) if any(c in num for c in ".eE") else int(num)
-    if isinstance(node, exp.Neg):
-        return -_value(node.this, model, key)
-    if isinstance(node, (exp.Array, exp.Tuple)):
-        return [_value(x, model, key) for x in node.expressions]
-    if isinstance(node, (exp.Var, exp.Column, exp.Identifier)):
-        return node.name
-    raise ProgrammingError(f"CREATE MODEL {model}: option {key!r} must be a literal, got {node.sql()}")
 
 
 def parse(sql: str) -> list[Statement]:

@@ -88,3 +88,29 @@ def test_register_model_takes_keyword_names(conn, llama_ckpt, name):
     assert conn.execute("SELECT name FROM reldl.models").fetchall() == [(name,)]
     conn.execute(f'DROP MODEL "{name}"')
     assert conn.execute("SELECT count(*) FROM reldl.models").fetchall() == [(0,)]
+
+
+@pytest.mark.parametrize("dirname", ["bob's models", "a\\nb"], ids=["apostrophe", "backslash"])
+def test_option_strings_are_duckdb_strings(conn, llama_ckpt, tmp_path, dirname):
+    """'' is a quote and a backslash is a backslash, as everywhere in DuckDB's SQL (not BigQuery's escapes)."""
+    link = tmp_path / dirname
+    link.symlink_to(llama_ckpt, target_is_directory=True)
+    quoted = "'" + str(link).replace("'", "''") + "'"
+    conn.execute(f"CREATE MODEL m OPTIONS (model_type = 'llm', path = {quoted}, device = 'cpu')")
+    reldl.register_model(conn, "m2", str(link), device="cpu")
+    assert conn.execute("SELECT name, path FROM reldl.models ORDER BY name").fetchall() == [
+        ("m", str(llama_ckpt.resolve())),
+        ("m2", str(llama_ckpt.resolve())),
+    ]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ("(model_type = 'mlp', epochs = 1 + 2)", "CREATE MODEL m: option 'epochs' must be a literal, got 1 + 2"),
+        ("(model_type = 'mlp', epochs)", "CREATE MODEL m: OPTIONS takes key = value pairs"),
+        ("(model_type = 'mlp') extra", "syntax: CREATE [OR REPLACE] MODEL"),
+    ],
+)
+def test_bad_options(conn, options, message):
+    assert _err(conn, f"CREATE MODEL m OPTIONS {options}").startswith(message)
