@@ -17,6 +17,7 @@ arguments (`:=`, `=>`) are left for DuckDB to report.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterator
 
 import sqlglot
@@ -154,3 +155,27 @@ def calls_predict(sql: str) -> bool:
         t.text.lower() in PREDICT_FUNCTIONS and tokens[i + 1].token_type == TokenType.L_PAREN
         for i, t in enumerate(tokens[:-1])
     )
+
+
+_CAST_TO_LIST = (
+    re.compile(r"Unimplemented type for cast \((.+?) -> DOUBLE\[\]\)"),
+    re.compile(r"Type (\S+) with value .* can't be cast to the destination type DOUBLE\[\]"),
+)
+
+
+def lone_feature_message(sql: str, error: str) -> str | None:
+    """A better message for DuckDB's failure to cast a lone feature argument to the feature list: `predict(m, x)`
+    with a column or expression x is read as `predict(m, list)` (a number literal is wrapped), so a one-feature model
+    called on a DOUBLE column fails as "Unimplemented type for cast (DOUBLE -> DOUBLE[])". None when `error` is not
+    that or `sql` has no such call."""
+    found = next((m for p in _CAST_TO_LIST if (m := p.search(error))), None)
+    if found is None:
+        return None
+    for tok, args, named in function_calls(sql, PREDICT_FUNCTIONS):
+        if not named and len(args) == 2 and args[1] and args[1][0].token_type != TokenType.L_BRACKET:
+            fn = tok.text.lower()
+            return (
+                f"{fn}: a single feature argument is taken as the list of features (DOUBLE[]) but is "
+                f"{found.group(1)}: for a model of one feature write {fn}(model, [x])"
+            )
+    return None

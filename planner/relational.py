@@ -611,7 +611,7 @@ def proba_query(
     matrices: str | None = None,
 ) -> exp.Select:
     """``(rid, proba DOUBLE[])``: binary [1 - p, p] with p = sigmoid(y[1]); multiclass softmax(y) (as torch: exp(y -
-    max) / sum). Regression has no probabilities. Arguments as :func:`forward_query`."""
+    max) / sum); regression the raw outputs y. Arguments as :func:`forward_query`."""
     forward = forward_query(weights_table, source, layers, tile, rid=rid, x=x, spill_safe=spill_safe, matrices=matrices)
     if task == "binary":
         return _wrap(
@@ -626,6 +626,6 @@ def proba_query(
             "(SELECT rid, list_transform(y, lambda v: exp(v - m)) AS e FROM "
             "(SELECT rid, y, list_max(y) AS m FROM __y) AS a) AS b) AS c",
         )
-    if task == "regression":
-        raise ValueError("a regression model has no class probabilities")
+    if task == "regression":  # the raw outputs, as TabularModel.predict_proba (the UDF) gives them
+        return _wrap(forward, "SELECT rid, y AS proba FROM __y")
     raise ValueError(f"unknown task {task!r} (one of {', '.join(TASKS)})")

@@ -23,7 +23,8 @@ import duckdb
 import pyarrow as pa
 
 from reldl import catalog
-from reldl.errors import IntegrityError, InterfaceError, NotSupportedError, ProgrammingError, shown, translate
+from reldl.errors import Error, IntegrityError, InterfaceError, NotSupportedError, ProgrammingError, shown, translate
+from reldl.planner.predict_calls import lone_feature_message
 from reldl.planner.statements import (
     CreateModel,
     DropModel,
@@ -327,7 +328,13 @@ class Cursor:
 
     def _run(self, stmt, parameters) -> None:
         if isinstance(stmt, Passthrough) and stmt.functions:
-            self._model_statement(stmt.sql, parameters, stmt.returns_rows, original=stmt.original)
+            try:
+                self._model_statement(stmt.sql, parameters, stmt.returns_rows, original=stmt.original)
+            except Error as e:  # predict(m, x) of a one-feature model: say how to call it
+                better = lone_feature_message(stmt.original or stmt.sql, str(e))
+                if better is None:
+                    raise
+                raise ProgrammingError(better) from None
         elif isinstance(stmt, Explain):
             self._model_statement(stmt.statement, parameters, True, explain=True, analyze=stmt.analyze)
         elif isinstance(stmt, Passthrough):

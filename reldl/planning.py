@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from sqlglot import exp
 from sqlglot.errors import ParseError, TokenError
 
 from reldl import catalog
-from reldl.errors import OperationalError, ProgrammingError, translate, unknown_model, wrong_model
+from reldl.errors import DataError, OperationalError, ProgrammingError, translate, unknown_model, wrong_model
 from reldl.planner import cost, plans, predict_calls
 
 if TYPE_CHECKING:
@@ -504,10 +505,19 @@ def relation_predict(cur: Cursor, function: str, cols: list[pa.Array]) -> pa.Arr
         if rec.model_type not in tabular.MODEL_TYPES:
             raise wrong_model(function, rec, f"a tabular model ({', '.join(tabular.MODEL_TYPES)})")
         spec, layers = tabular.read_layers(rec.path)
+        # NULL features (or a NULL among them) give NULL, as in the UDF: only complete vectors go to SQL
+        mine = np.asarray([m == name for m in models], dtype=bool)
+        given = np.flatnonzero(mine & features.is_valid().to_numpy(zero_copy_only=False))
+        lengths = pc.list_value_length(features.take(pa.array(given, pa.int64()))).to_numpy(zero_copy_only=False)
+        wrong = np.flatnonzero(lengths != spec.n_features)
+        if wrong.size:  # as the UDF checks it (a list with a NULL in it too), not the weight query's error()
+            got = int(lengths[wrong[0]])
+            raise DataError(f"{function}: model {rec.name!r} expects {spec.n_features} features, got {got}")
+        rows = np.flatnonzero(complete & mine)
+        if not rows.size:  # every row of this model has a NULL feature: NULL, nothing to run
+            continue
         tiles = layer_tiles(layers, limit)
         weights, matrices = _weight_tables(cur, rec.path, layers, tiles)
-        # NULL features (or a NULL among them) give NULL, as in the UDF: only complete vectors go to SQL
-        rows = np.flatnonzero(complete & np.asarray([m == name for m in models], dtype=bool))
         view = plans.new_table_name()
         table = pa.table({"rid": pa.array(rows, pa.int64()), "x": features.take(pa.array(rows))})
         cur._duck.register(view, pa.Table.from_batches(table.to_batches(max_chunksize=batch_rows(layers, limit))))
