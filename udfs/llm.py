@@ -73,7 +73,7 @@ def _params(max_tokens, temperature, top_p, top_k, seed, stop, n="1", beam_width
     if max_tokens < 0:
         raise ProgrammingError(f"{fn}: max_tokens must be >= 0, got {max_tokens}")
     temperature = 0.0 if temperature is None else float(temperature)
-    if temperature < 0:
+    if not temperature >= 0:  # NaN too: it compares false both ways and sampled as neither greedy nor a temperature
         raise ProgrammingError(f"{fn}: temperature must be >= 0, got {temperature:g}")
     top_p = 1.0 if top_p is None else float(top_p)
     if not 0.0 < top_p <= 1.0:

@@ -79,6 +79,14 @@ def test_bad_literal_arguments(db, args, message, explain):
         ("SELECT llm_generate(123) FROM t", "llm_generate: prompt must be text, got 123"),
         ("SELECT llm_score(prompt, 5) FROM t", "llm_score: continuation must be text, got 5"),
         ("SELECT predict(1, a, b) FROM cust", "predict: model must be a model name (text), got 1"),
+        (
+            "SELECT llm_generate(prompt, temperature := 'nan'::DOUBLE) FROM t",
+            "llm_generate: temperature must be >= 0, got nan",
+        ),
+        (
+            "SELECT llm_generate(prompt, n := 2, temperature := 'nan'::DOUBLE) FROM t",
+            "llm_generate: temperature must be >= 0, got nan",
+        ),
     ],
 )
 def test_bad_literal_values_of_other_arguments(db, sql, message):
