@@ -679,11 +679,14 @@ class Cursor:
         statements = parse(operation)
         if len(statements) != 1 or not isinstance(statements[0], Passthrough):
             raise ProgrammingError("executemany() takes a single SQL statement")
+        params = list(seq_of_parameters)
         try:
-            self._duck.executemany(statements[0].sql, list(seq_of_parameters))
+            self._duck.executemany(statements[0].sql, params)
         except (duckdb.Error, RuntimeError) as e:
             raise translate(e) from None
         self._finish(statements[0].returns_rows)
+        if len(params) > 1:  # DuckDB reports the last parameter set's count only: PEP 249's -1, not a wrong total
+            self.rowcount = -1
         return self
 
     def _fetch(self, how: str, *args):

@@ -256,10 +256,13 @@ def test_script_returns_last_result(conn):
 def test_executemany(table):
     cur = table.cursor()
     cur.executemany("INSERT INTO t VALUES (?, ?, ?)", [(10, "x", 1.0), (11, "y", None), (12, None, 2.0)])
+    assert cur.rowcount == -1  # not the last set's 1: DuckDB gives no total
+    cur.executemany("UPDATE t SET score = ? WHERE id >= ?", [(5.0, 11)])
+    assert cur.rowcount == 2  # one parameter set: its count
     assert cur.execute("SELECT id, name, score FROM t WHERE id >= 10 ORDER BY id").fetchall() == [
         (10, "x", 1.0),
-        (11, "y", None),
-        (12, None, 2.0),
+        (11, "y", 5.0),
+        (12, None, 5.0),
     ]
 
 
