@@ -586,6 +586,11 @@ class Cursor:
         if existing is not None and not stmt.replace:
             raise IntegrityError(f"model {existing.name!r} already exists (use CREATE OR REPLACE MODEL)")
         models.check_options(stmt.name, stmt.options)  # bad options fail before anything is written
+        if _in_transaction(self._duck):  # (checked before DuckDB's own error, which would abort the transaction)
+            raise ProgrammingError(
+                f"CREATE MODEL {stmt.name}: training in the database commits its steps one by one, so it cannot run "
+                "inside a transaction (BEGIN ... COMMIT): run it outside one"
+            )
         path, options, tables = models.create_model(self._duck, stmt.name, stmt.options, stmt.query)
         if path is not None and not stmt.options.get("path"):  # <db>.models/<name> or a temporary directory
             options["owned_dirs"] = [path]

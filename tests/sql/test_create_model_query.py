@@ -114,3 +114,16 @@ def test_option_strings_are_duckdb_strings(conn, llama_ckpt, tmp_path, dirname):
 )
 def test_bad_options(conn, options, message):
     assert _err(conn, f"CREATE MODEL m OPTIONS {options}").startswith(message)
+
+
+def test_training_inside_a_transaction_is_refused_and_leaves_it_open(conn):
+    conn.execute("CREATE TABLE u AS SELECT range::DOUBLE AS x, range::DOUBLE AS y FROM range(4)")
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO u VALUES (9, 9)")
+    assert _err(conn, f"CREATE MODEL m {TRAIN} AS SELECT x, y FROM u") == (
+        "CREATE MODEL m: training in the database commits its steps one by one, so it cannot run inside a "
+        "transaction (BEGIN ... COMMIT): run it outside one"
+    )
+    conn.execute("COMMIT")  # the transaction was not aborted: its insert is kept
+    assert conn.execute("SELECT count(*) FROM u").fetchall() == [(5,)]
+    assert conn.execute("SELECT count(*) FROM reldl.models").fetchall() == [(0,)]
