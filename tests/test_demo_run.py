@@ -38,3 +38,19 @@ def test_demo_command_line(tmp_path, capsys):
     assert main(["demo", "--dir", str(tmp_path), "--rows", "8"]) == 0
     assert "exact match on all four fields" in capsys.readouterr().out
     assert main(["demo", "--rows", "0"]) == 1
+
+
+def test_demo_bad_device_or_failure_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    import pytest
+
+    from reldl.demo import data
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(reldl.ProgrammingError, match="unknown device 'tpu'"):
+        run(device="tpu", out=io.StringIO())
+    monkeypatch.setattr(data, "reviews", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        run(rows=5, out=io.StringIO())
+    assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ aggregates over the generated column joined back to the truth.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 import reldl
-from reldl import paths
+from reldl import paths, registry
 from reldl.demo import data
 from reldl.shell import format_table
 
@@ -140,10 +141,20 @@ def run(
 ) -> int:
     """Run the demo; returns the process exit status (0: accuracy at or above `min_accuracy`)."""
     out = out or sys.stdout
+    registry.resolve_device(device)  # an unknown or missing device: one line before anything is made
     if directory:  # checked first: one line naming it (not a traceback) if it cannot be used
         directory = paths.work_dir("reldl demo: directory", directory)
-    directory = Path(directory) if directory else Path(tempfile.mkdtemp(prefix="reldl-demo-"))
-    directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        return _run(directory, rows, device, min_accuracy, out)
+    directory = Path(tempfile.mkdtemp(prefix="reldl-demo-"))
+    try:
+        return _run(directory, rows, device, min_accuracy, out)
+    except BaseException:  # a failed or interrupted demo leaves no temporary folder behind
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _run(directory: Path, rows: int, device: str, min_accuracy: float, out: TextIO) -> int:
     db = directory / "demo.db"
     out.write(f"reldl demo: database {db}\n")
     with reldl.connect(str(db)) as con:
@@ -169,8 +180,6 @@ def run(
         _step(con, f"extract product, rating, sentiment and issue from {rows} reviews", STEPS["extract"], out)
         secs = time.perf_counter() - start
         answers = [a for (a,) in con.execute("SELECT answer FROM extracted").fetchall()]
-        from reldl import registry
-
         eng = registry.get_engine("demo", str(MODEL_DIR), "auto", device)
         tokens = sum(len(eng.tokenizer.encode(a or "", add_special_tokens=False).ids) for a in answers)
         out.write(
