@@ -34,7 +34,7 @@ examples:
                                       weights / KV cache across GPU, CPU and disk by a FlexGen-style policy
   reldl sql my.db -c "CREATE MODEL t OPTIONS (model_type='llm', base='m', finetune='lora') AS SELECT * FROM ex"
                                       fine-tune on prompt, completion columns (Adam on the CPU; resumes after a kill)
-  reldl sql my.db < script.sql        run a script, printing each result
+  reldl sql my.db < script.sql        run a script (SQL and .commands), printing each result
   reldl sql my.db                     interactive shell (.help lists its commands)
   reldl models my.db
   reldl calibrate my.db               measure the planner's cost constants and the offload hardware (PCIe,
@@ -48,7 +48,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
         if args.query is not None:
             shell.run_query(conn.cursor(), args.query, sys.stdout, args.max_rows, args.max_width)
         elif not sys.stdin.isatty():
-            shell.run_script(conn.cursor(), sys.stdin.read(), sys.stdout, args.max_rows, max_width=args.max_width)
+            shell.run_input(conn, sys.stdin.read(), sys.stdout, args.max_rows, args.max_width)
         else:
             print(f"reldl {reldl.__version__} (DuckDB {duckdb.__version__}) on {args.database}; .help for help")
             with shell.readline_history():

@@ -225,6 +225,44 @@ def run_script(
         print_result(cur, text, out, max_rows, status, max_width)
 
 
+def run_input(
+    conn: Connection,
+    text: str,
+    out: TextIO,
+    max_rows: int = MAX_ROWS,
+    max_width: int = MAX_WIDTH,
+) -> None:
+    """A script read from stdin: its statements as run_script runs them (the first error stops it), and the shell's
+    dot-commands (.tables, .width 40, .quit, ...) on lines of their own between statements."""
+    cur = conn.cursor()
+    buffer = ""
+    for line in text.splitlines(keepends=True):
+        if line.strip().startswith(".") and not split(buffer):  # between statements (comments aside)
+            buffer = ""
+            shell = Shell(conn, out=out, err=_Raise(), max_rows=max_rows, max_width=max_width, cursor=cur)
+            if not shell.dot_command(line.strip()):
+                return
+            max_width = shell.max_width
+            continue
+        buffer += line
+        if statement_complete(buffer):
+            run_script(cur, buffer, out, max_rows, max_width=max_width)
+            buffer = ""
+    if buffer.strip():
+        run_script(cur, buffer, out, max_rows, max_width=max_width)
+
+
+class _Raise:
+    """An error stream for dot-commands in a script: what the shell would print as an error stops the script."""
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            raise Error(text.strip().removeprefix("Error: "))
+
+    def flush(self) -> None:
+        pass
+
+
 def print_error(exc: BaseException, err: TextIO | None = None) -> None:
     print(f"Error: {first_line(str(exc))}", file=err or sys.stderr)
 
@@ -266,8 +304,9 @@ class Shell:
         err: TextIO | None = None,
         max_rows: int = MAX_ROWS,
         max_width: int = MAX_WIDTH,
+        cursor: Cursor | None = None,
     ):
-        self.cur = conn.cursor()
+        self.cur = cursor or conn.cursor()
         self.input_fn = input_fn
         self.out = out or sys.stdout
         self.err = err or sys.stderr

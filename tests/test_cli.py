@@ -120,6 +120,16 @@ def test_script_from_stdin_prints_each_result(capsys, monkeypatch):
     assert out == " n\n---\n 2\n(1 row)\n s\n------\n done\n(1 row)\n"
 
 
+def test_script_from_stdin_runs_dot_commands(capsys, monkeypatch):
+    script = "CREATE TABLE t(a INT);\n.tables\n.width 3\nSELECT 'abcdef' AS s;\n.quit\nSELECT 'not run' AS s;\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    code, out, err = run(capsys, "sql")
+    assert (code, err) == (0, "")
+    assert out == " name | type\n------+------------\n t    | base table\n(1 row)\n s\n-----\n abc\n def\n(1 row)\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(".bogus\nSELECT 1;\n"))
+    assert run(capsys, "sql") == (1, "", "Error: unknown command .bogus (try .help)\n")  # stops, as a SQL error does
+
+
 def test_error_exits_1_with_one_line_message(capsys, monkeypatch):
     code, out, err = run(capsys, "sql", "-c", "SELEC 1")
     assert (code, out) == (1, "")
