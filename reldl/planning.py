@@ -289,7 +289,9 @@ def check_models(cur: Cursor, calls: list[plans.CallSite]) -> None:
         if fn.startswith("llm") and rec.model_type != "llm":
             raise wrong_model(fn, rec, "an LLM")
         if fn.startswith("predict") and rec.model_type not in TABULAR_TYPES:
-            raise wrong_model(fn, rec, f"a tabular model ({', '.join(TABULAR_TYPES)})")
+            kinds = TABULAR_TYPES + (("matrix_factorization", "gcn") if fn == "predict" else ())  # (trained lookups)
+            what = "a model predict() runs" if fn == "predict" else "a tabular model"
+            raise wrong_model(fn, rec, f"{what} ({', '.join(kinds)})")
 
 
 def _scalar_functions(duck: duckdb.DuckDBPyConnection) -> set[str]:

@@ -149,7 +149,8 @@ def test_wrong_sql_types_name_the_argument(db, sql, message):
         ),
         (
             f"SELECT predict('{MODEL}', a, b) FROM cust",
-            f"predict: model '{MODEL}' is a 'llm' model, not a tabular model (mlp, linear_reg, logistic_reg)",
+            f"predict: model '{MODEL}' is a 'llm' model, not a model predict() runs "
+            "(mlp, linear_reg, logistic_reg, matrix_factorization, gcn)",
         ),
         (
             f"SELECT predict_proba('{MODEL}', a, b) FROM cust",
