@@ -739,8 +739,11 @@ class Cursor:
 
 class Connection:
     def __init__(self, database: str = ":memory:", *, read_only: bool = False, config: dict | None = None):
+        if not isinstance(database, (str, bytes, os.PathLike)):  # 123 opened a file named "123", then a TypeError
+            raise ProgrammingError(f"connect: database must be a file path or ':memory:', got {database!r}")
+        database = os.fsdecode(database)
         try:
-            self._duck = duckdb.connect(str(database), read_only=read_only, config=config or {})
+            self._duck = duckdb.connect(database, read_only=read_only, config=config or {})
         except duckdb.Error as e:
             raise translate(e) from None
         try:

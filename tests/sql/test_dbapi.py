@@ -348,3 +348,12 @@ def test_setinputsizes_setoutputsize_exist(conn):
     cur.setinputsizes([None])
     cur.setoutputsize(10)
     cur.setoutputsize(10, 0)
+
+
+def test_connect_takes_paths_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(reldl.ProgrammingError, match="database must be a file path or ':memory:', got 123"):
+        reldl.connect(123)
+    assert list(tmp_path.iterdir()) == []  # no file named "123"
+    with reldl.connect(tmp_path / "p.db") as conn:  # a pathlib.Path is fine
+        assert conn.execute("SELECT 1").fetchall() == [(1,)]
