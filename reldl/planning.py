@@ -373,6 +373,8 @@ def _make_plan(cur: Cursor, sql: str, parameters, original: str | None = None) -
     plan.family, plan.reason = best.family, reason
     if forced != "auto":
         if forced not in per_family:
+            if not why and forced == "relation":
+                why = "it runs tabular models only (mlp, linear_reg, logistic_reg), as SQL over weight tables"
             raise ProgrammingError(
                 f"reldl_plan = '{forced}' is not possible for this statement ({why or 'model type'})"
             )

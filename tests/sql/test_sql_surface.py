@@ -391,3 +391,13 @@ def test_explain_create_model_errors(conn, opt_ckpt, sql, message):
     conn.execute(f"CREATE MODEL keep OPTIONS (model_type = 'llm', path = '{opt_ckpt}', device = 'cpu')")
     assert _err(conn, sql.format(ckpt=opt_ckpt)).startswith(message)
     assert [r[0] for r in conn.execute("SELECT name FROM reldl.models").fetchall()] == ["keep"]
+
+
+def test_forced_relation_plan_on_an_llm_says_why(db):
+    db.execute("SET reldl_plan = 'relation'")
+    with pytest.raises(reldl.ProgrammingError) as info:
+        db.execute("SELECT llm_generate(prompt, max_tokens := 2) FROM t")
+    assert one_line(info.value) == (
+        "reldl_plan = 'relation' is not possible for this statement (it runs tabular models only (mlp, linear_reg, "
+        "logistic_reg), as SQL over weight tables)"
+    )
