@@ -327,6 +327,13 @@ class Cursor:
         return self
 
     def _run(self, stmt, parameters) -> None:
+        if parameters and not isinstance(stmt, (Passthrough, Explain)):  # reldl's own statements bind nothing
+            what = {CreateModel: "CREATE MODEL", ExplainModel: "EXPLAIN CREATE MODEL", DropModel: "DROP MODEL"}
+            what.update({ShowModels: "SHOW MODELS", SetOption: f"SET {getattr(stmt, 'name', '')}"})
+            raise NotSupportedError(
+                f"{what[type(stmt)]} does not take parameters (? or $name): write the values into the statement "
+                "(reldl.register_model(conn, name, path) registers a checkpoint from Python)"
+            )
         if isinstance(stmt, Passthrough) and stmt.functions:
             try:
                 self._model_statement(stmt.sql, parameters, stmt.returns_rows, original=stmt.original)

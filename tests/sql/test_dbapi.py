@@ -357,3 +357,26 @@ def test_connect_takes_paths_only(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no file named "123"
     with reldl.connect(tmp_path / "p.db") as conn:  # a pathlib.Path is fine
         assert conn.execute("SELECT 1").fetchall() == [(1,)]
+
+
+@pytest.mark.parametrize(
+    "sql, params, what",
+    [
+        ("CREATE MODEL m OPTIONS (model_type = 'llm', path = ?)", ["/models/x"], "CREATE MODEL"),
+        (
+            "CREATE MODEL m OPTIONS (model_type = 'linear_reg', label = 'y') AS SELECT 1.0 AS x, 2.0 AS y WHERE 1 > ?",
+            [0],
+            "CREATE MODEL",
+        ),
+        ("DROP MODEL ?", ["m"], "DROP MODEL"),
+        ("SHOW MODELS", {"x": 1}, "SHOW MODELS"),
+        ("SET reldl_plan = ?", ["dl"], "SET reldl_plan"),
+    ],
+)
+def test_reldl_statements_refuse_parameters(conn, sql, params, what):
+    """They were ignored: path = ? registered the path '?', DROP MODEL ? looked for a model named '?'."""
+    with pytest.raises(reldl.NotSupportedError) as info:
+        conn.execute(sql, params)
+    assert one_line(info.value).startswith(f"{what} does not take parameters (? or $name)")
+    assert conn.execute("SELECT count(*) FROM reldl.models").fetchall() == [(0,)]
+    conn.execute("SHOW MODELS", [])  # no parameters given: fine
