@@ -689,8 +689,12 @@ class Cursor:
     def executemany(self, operation: str, seq_of_parameters: Sequence[Sequence[Any]]) -> Cursor:
         self._check()
         statements = parse(operation)
-        if len(statements) != 1 or not isinstance(statements[0], Passthrough):
-            raise ProgrammingError("executemany() takes a single SQL statement")
+        if len(statements) != 1:
+            raise ProgrammingError(f"executemany() takes a single SQL statement, got {len(statements)}")
+        if not isinstance(statements[0], Passthrough):  # CREATE / DROP / SHOW MODEL, EXPLAIN, SET reldl_*
+            raise NotSupportedError(
+                "executemany() runs DuckDB statements with parameters; run reldl's own with execute()"
+            )
         params = list(seq_of_parameters)
         try:
             self._duck.executemany(statements[0].sql, params)

@@ -380,3 +380,14 @@ def test_reldl_statements_refuse_parameters(conn, sql, params, what):
     assert one_line(info.value).startswith(f"{what} does not take parameters (? or $name)")
     assert conn.execute("SELECT count(*) FROM reldl.models").fetchall() == [(0,)]
     conn.execute("SHOW MODELS", [])  # no parameters given: fine
+
+
+def test_executemany_of_a_reldl_statement(conn):
+    cur = conn.cursor()
+    with pytest.raises(reldl.NotSupportedError) as info:
+        cur.executemany("DROP MODEL IF EXISTS m", [(), ()])
+    assert one_line(info.value) == (
+        "executemany() runs DuckDB statements with parameters; run reldl's own with execute()"
+    )
+    with pytest.raises(reldl.ProgrammingError, match="takes a single SQL statement, got 2"):
+        cur.executemany("SELECT ?; SELECT ?", [(1,)])
