@@ -109,6 +109,22 @@ def mem_available() -> float:
     return 0.0
 
 
+def measured(steps, tokens: int) -> dict:
+    """One generate call's steps (prefill first): step times, throughput, bytes and copies per decode step."""
+    dec = [s.seconds for s in steps[1:]]
+    per = max(len(dec), 1)
+    total_s = sum(s.seconds for s in steps)
+    return dict(
+        prefill_s=steps[0].seconds,
+        decode_steps_s=dec,
+        decode_step_mean_s=sum(dec) / per,
+        total_s=total_s,
+        throughput=tokens / total_s,
+        bytes_per_decode_step={k: sum(s.bytes[k] for s in steps[1:]) / per for k in steps[0].bytes},
+        copies_per_decode_step={k: sum(s.copies[k] for s in steps[1:]) / per for k in steps[0].copies},
+    )
+
+
 def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
     import torch
 
@@ -183,18 +199,8 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
         t = time.perf_counter()
         eng.generate(prompts, args.gen)
         row["wall_s"] = time.perf_counter() - t
-        steps = eng.stats.steps
-        total_s = sum(s.seconds for s in steps)
-        dec = [s.seconds for s in steps[1:]]
-        row["measured"] = dict(
-            prefill_s=steps[0].seconds,
-            decode_steps_s=dec,
-            decode_step_mean_s=sum(dec) / max(len(dec), 1),
-            total_s=total_s,
-            throughput=policy.block_size * args.gen / total_s,
-            bytes_per_decode_step={k: sum(s.bytes[k] for s in steps[1:]) / max(len(dec), 1) for k in steps[0].bytes},
-            copies_per_decode_step={k: sum(s.copies[k] for s in steps[1:]) / max(len(dec), 1) for k in steps[0].copies},
-        )
+        row["measured"] = measured(eng.stats.steps, policy.block_size * args.gen)
+        dec = row["measured"]["decode_steps_s"]
         row["memory_placed_gib"] = {part: {k: v / GiB for k, v in d.items()} for part, d in eng.memory().items()}
         if not cpu:
             row["peak_gpu_gib"] = torch.cuda.max_memory_allocated(dev) / GiB
@@ -238,16 +244,10 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
             eng.set_cache_stream(other)
             eng.generate(prompts, args.gen)
             eng.set_cache_stream(args.cache_stream)
-            st = eng.stats.steps
-            dec2 = [s.seconds for s in st[1:]]
-            tot2 = sum(s.seconds for s in st)
+            m2 = measured(eng.stats.steps, policy.block_size * args.gen)
             row["ab_cache_stream"] = {
-                str(args.cache_stream).lower(): dict(
-                    throughput=m["throughput"], decode_step_mean_s=m["decode_step_mean_s"]
-                ),
-                str(other).lower(): dict(
-                    throughput=policy.block_size * args.gen / tot2, decode_step_mean_s=sum(dec2) / len(dec2)
-                ),
+                str(on).lower(): dict(throughput=r["throughput"], decode_step_mean_s=r["decode_step_mean_s"])
+                for on, r in ((args.cache_stream, m), (other, m2))
             }
             for k, v in row["ab_cache_stream"].items():
                 print(

@@ -42,40 +42,39 @@ def _why_not_creatable(label: str, p: Path) -> str | None:
     return None
 
 
-def new_dir(label: str, path: str | os.PathLike) -> Path:
-    """`path` resolved, where a new model's files may go: missing (and creatable) or an empty writable directory.
-    Anything else is refused, so that no file already there is ever overwritten."""
+def _dir(label: str, path: str | os.PathLike, empty: bool) -> Path:
+    """`path` resolved: an existing writable directory (empty, if `empty`; `new_dir` refuses any existing non-directory
+    too) or a missing one that can be created."""
     p = _resolved(label, path)
-    if _exists(label, p):
+    if not _exists(label, p):
+        why = _why_not_creatable(label, p)
+        if why:
+            raise ProgrammingError(f"{label} {str(p)!r} cannot be created: {why}")
+        return p
+    if empty:
         try:
             occupied = not p.is_dir() or any(p.iterdir())
         except OSError as e:
             raise ProgrammingError(f"{label} {str(p)!r} cannot be read ({e.strerror or e})") from None
         if occupied:
             raise ProgrammingError(f"{label} {str(p)!r} exists and is not an empty directory")
-        if not _writable(p):
-            raise ProgrammingError(f"{label} {str(p)!r} is not writable")
-        return p
-    why = _why_not_creatable(label, p)
-    if why:
-        raise ProgrammingError(f"{label} {str(p)!r} cannot be created: {why}")
+    elif not p.is_dir():
+        raise ProgrammingError(f"{label} {str(p)!r} is not a directory")
+    if not _writable(p):
+        raise ProgrammingError(f"{label} {str(p)!r} is not writable")
     return p
+
+
+def new_dir(label: str, path: str | os.PathLike) -> Path:
+    """`path` resolved, where a new model's files may go: missing (and creatable) or an empty writable directory.
+    Anything else is refused, so that no file already there is ever overwritten."""
+    return _dir(label, path, empty=True)
 
 
 def work_dir(label: str, path: str | os.PathLike) -> Path:
     """`path` resolved, a directory to work in: an existing writable directory (its files may be replaced), or a
     missing one that can be created."""
-    p = _resolved(label, path)
-    if _exists(label, p):
-        if not p.is_dir():
-            raise ProgrammingError(f"{label} {str(p)!r} is not a directory")
-        if not _writable(p):
-            raise ProgrammingError(f"{label} {str(p)!r} is not writable")
-        return p
-    why = _why_not_creatable(label, p)
-    if why:
-        raise ProgrammingError(f"{label} {str(p)!r} cannot be created: {why}")
-    return p
+    return _dir(label, path, empty=False)
 
 
 def output_file(label: str, path: str | os.PathLike) -> Path:

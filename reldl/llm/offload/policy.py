@@ -186,21 +186,8 @@ class Hardware:
         return cls(**kw)
 
 
-def _best_seconds(fn, sync, repeat: int = 3) -> float:
-    fn()
-    sync()
-    best = math.inf
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def _median_seconds(fn, sync, repeat: int = 5) -> float:
-    """The median of `repeat` timed calls after one warm-up: for CPU work, whose best call overstates the rate the
-    executor gets (two 66B measurements on one H200 box read 5.9 and 13.6 GFLOP/s best-of-3 decode attention)."""
+def _timings(fn, sync, repeat: int) -> list[float]:
+    """Seconds of `repeat` timed calls of `fn` after one untimed warm-up call."""
     fn()
     sync()
     times = []
@@ -209,7 +196,17 @@ def _median_seconds(fn, sync, repeat: int = 5) -> float:
         fn()
         sync()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
+
+
+def _best_seconds(fn, sync, repeat: int = 3) -> float:
+    return min(_timings(fn, sync, repeat))
+
+
+def _median_seconds(fn, sync, repeat: int = 5) -> float:
+    """The median call: for CPU work, whose best call overstates the rate the executor gets (two 66B measurements on
+    one H200 box read 5.9 and 13.6 GFLOP/s best-of-3 decode attention)."""
+    return statistics.median(_timings(fn, sync, repeat))
 
 
 def measure_pcie(device: str = "cuda", nbytes: int = 256 << 20) -> tuple[float, float]:
