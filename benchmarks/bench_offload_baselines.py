@@ -554,7 +554,11 @@ def worker_main(system: str, job_file: str) -> int:
         row = dict(error=f"{type(e).__name__}: {e}"[:2000])
     row["worker_s"] = time.perf_counter() - t
     Path(job_file + ".out").write_text(json.dumps(row, default=str))
-    return 0
+    # exit now: a failed flexgen leaves its non-daemon copy threads running, and the worker would sit until the
+    # parent's timeout (H200, 2026-11-28: an init OOM held the call for 330 s)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ------------------------------------------------------------------------------------------------------ parent
