@@ -128,7 +128,7 @@ def measured(steps, tokens: int) -> dict:
 def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
     import torch
 
-    from reldl.llm.offload import ModelShape, estimate, memory, search_policy
+    from reldl.llm.offload import ModelShape, estimate, memory, search_policy, timeline
     from reldl.llm.offload.executor import OffloadEngine
     from reldl.llm.offload.tiers import job_rates
 
@@ -254,6 +254,18 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
                     f"   cache_stream={k}: {v['throughput']:.3g} tok/s, decode step {v['decode_step_mean_s']:.3g} s "
                     f"(predicted {est.throughput:.3g} tok/s, ratio {v['throughput'] / est.throughput:.2f})"
                 )
+        if args.timeline:  # where the overlapped step's time goes (OffloadEngine.set_timeline), a few decode steps
+            eng.set_timeline(True)
+            eng.generate(prompts, 4)
+            eng.set_timeline(False)
+            tl_steps = eng.stats.steps[1:]
+            row["timeline"] = dict(
+                decode_step_mean_s=sum(s.seconds for s in tl_steps) / len(tl_steps),
+                mean=timeline.merge([s.timeline for s in tl_steps]),
+            )
+            print(f"   timeline (3 decode steps, step {row['timeline']['decode_step_mean_s']:.3g} s):")
+            for line in timeline.format_summary(row["timeline"]["mean"]):
+                print("      " + line)
         if shape.num_layers != full.num_layers:
             per_layer = (m["decode_step_mean_s"]) / (shape.num_layers + 2)
             row["scaled_48_layers"] = dict(
@@ -334,6 +346,11 @@ def main() -> int:
         "--ab-cache-stream",
         action="store_true",
         help="after the measured run, run again with the other --cache-stream setting on the same engine",
+    )
+    ap.add_argument(
+        "--timeline",
+        action="store_true",
+        help="after the measured run, 3 decode steps in the timeline mode: GPU busy / idle time per stream and why",
     )
     ap.add_argument(
         "--cache-stream",

@@ -94,3 +94,26 @@ def test_driver_allocated_pinned_buffers_give_the_same_tokens(tiny_checkpoints, 
         if pin == "register":
             assert not made
     assert made and out["alloc"] == out["register"]
+
+
+@pytest.mark.parametrize("cache_stream", [False, True])
+def test_timeline_mode_on_cuda(tiny_checkpoints, cache_stream):
+    """The timeline mode on real streams: the same tokens; every call and copy timed on the device clock (the
+    weights' loads arrive before the calls that wait for them end; each stream's busy time, idle gaps and tail add
+    up to the step)."""
+    path = tiny_checkpoints("opt")
+    policy = Policy(2, 2, weights=HALF_CPU, cache=HALF_CPU, activations=HALF_CPU)
+    want = _run(path, policy, cache_stream=cache_stream)
+    with OffloadEngine(path, policy, device="cuda", dtype=torch.float32, cache_stream=cache_stream) as eng:
+        eng.set_timeline(True)
+        assert eng.generate(_prompts(), NEW) == want
+        steps = eng.stats.steps
+    for s in steps:
+        tl = s.timeline
+        assert tl["compute"]["calls"] == eng.num_units * policy.num_gpu_batches
+        assert 0 < tl["gpu_step_s"] <= s.seconds
+        for name in ("compute", "h2d", "h2d_side", "d2h"):
+            if name in tl:
+                parts = [v for k, v in tl[name].items() if k in ("busy", "tail") or k.startswith("idle_")]
+                assert sum(parts) == pytest.approx(tl["gpu_step_s"], rel=1e-6), name
+        assert ("h2d_side" in tl) == cache_stream  # the hidden states come back from the CPU in every step

@@ -179,6 +179,30 @@ def test_profile_mode_breaks_down_transfer_and_compute(opt):
     )
 
 
+@pytest.mark.parametrize("cache_stream", [False, True])
+def test_timeline_mode_changes_nothing_and_accounts_every_call_and_copy(opt, cache_stream):
+    """The timeline mode records every compute call and copy job of a step (same tokens as without it); on the CPU
+    stand-in the clock is the host's, so every call is host-bound."""
+    policy = Policy(2, 2, weights=HALF_CPU, cache=HALF_CPU, activations=HALF_CPU)
+    with OffloadEngine(opt.path, policy, cache_stream=cache_stream) as eng:
+        units = eng.num_units
+        eng.set_timeline(True)
+        out = eng.generate(opt.prompts, NEW)
+        steps = eng.stats.steps
+        eng.set_timeline(False)
+        again = eng.generate(opt.prompts[:4], 2)
+        assert all(not s.timeline for s in eng.stats.steps)
+    assert out == opt.base and again == [t[:2] for t in opt.base[:4]]
+    for s in steps:
+        tl = s.timeline
+        assert tl["compute"]["calls"] == units * policy.num_gpu_batches
+        assert tl["compute"]["host_bound_calls"] == tl["compute"]["calls"]
+        loads = sum(tl[k]["bytes"] for k in ("h2d", "h2d_side") if k in tl)
+        assert loads == s.bytes["h2d"] and tl.get("d2h", {}).get("bytes", 0) == s.bytes["d2h"]
+        assert ("h2d_side" in tl) == cache_stream  # the hidden states come back from the CPU in every step
+        assert 0 < tl["gpu_step_s"] <= s.seconds
+
+
 def test_job_rates_group_by_counter_and_size():
     jobs = [("h2d", 100 << 20, 0.002), ("h2d", 300 << 20, 0.006), ("h2d", 40 << 10, 0.001), ("d2h", 2 << 20, 0.001)]
     rates = {(r["counter"], r["min_bytes"]): r for r in job_rates(jobs, steps=2)}

@@ -59,7 +59,7 @@ from reldl.kernels.quant4 import (
 )
 from reldl.kernels.quant4_attention import decode_splits, quant4_decode_attention, quantize_kv_4bit_into
 from reldl.llm.engine import encode_texts
-from reldl.llm.offload import layers
+from reldl.llm.offload import layers, timeline
 from reldl.llm.offload.policy import Policy, fuses_qkv, unit_tiers
 from reldl.llm.offload.tiers import (
     PIN_METHODS,
@@ -343,6 +343,7 @@ class StepStats:
     compute_s: float = 0.0  # profile mode only
     copies: dict[str, int] = field(default_factory=dict)  # copy calls per kind (Mover.copies)
     jobs: list[tuple[str, int, float]] = field(default_factory=list)  # profile mode: Mover.jobs of this step
+    timeline: dict = field(default_factory=dict)  # timeline mode: timeline.summarize of this step
 
 
 @dataclass
@@ -393,6 +394,8 @@ class OffloadEngine:
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.tokenizer = source.tokenizer
         self.profile = profile
+        self.timeline = False
+        self._tl_calls: list[tuple] = []
         self.disk = DiskPool(offload_dir, drop_page_cache)
         self.arena = Arena(self.device, self.disk, pin)
         if threads is None:
@@ -475,6 +478,11 @@ class OffloadEngine:
         self.profile = self.mover.profile = bool(on)
         self.mover.jobs.clear()
 
+    def set_timeline(self, on: bool) -> None:
+        """Switch the timeline mode (timeline.py: host times and CUDA events around every copy and compute call,
+        the schedule unchanged; a summary per step in `StepStats.timeline`) on or off for the next runs."""
+        self.timeline = bool(on)
+
     def close(self) -> None:
         self.mover.close()
         if self.device.type == "cuda":
@@ -516,6 +524,7 @@ class OffloadEngine:
                 pos = (qpos[None, :] - pads[k][:, None]).clamp(min=0)
                 mask = (keys[None, None, :] >= pads[k][:, None, None]) & (keys[None, None, :] <= qpos[None, :, None])
                 ctx.append((ids[k], pos, mask))
+            ref = self._timeline_start() if self.timeline else None
             t0 = time.perf_counter()
             b0, c0 = dict(self.mover.bytes), dict(self.mover.copies)
             tr0, j0 = self.mover.transfer_s, len(self.mover.jobs)
@@ -532,6 +541,7 @@ class OffloadEngine:
                     self._compute_s,
                     {key: self.mover.copies[key] - c0[key] for key in c0},
                     self.mover.jobs[j0:],
+                    self._timeline_end(*ref) if ref else {},
                 )
             )
             ids = [t[:, None] for t in tokens]
@@ -578,7 +588,10 @@ class OffloadEngine:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     t0 = time.perf_counter()
-                self._compute(u, k, w, data, ctx[k], s, T, tokens)
+                if self.timeline:
+                    self._timed_compute(u, k, w, wt, data, ctx[k], s, T, tokens)
+                else:
+                    self._compute(u, k, w, data, ctx[k], s, T, tokens)
                 if self.profile:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
@@ -588,6 +601,56 @@ class OffloadEngine:
                 nxt = self.weights.fetch(u + 1) if u + 1 < U else None
             w_cur = nxt
         return tokens, (nxt if overlap else None)
+
+    def _timeline_start(self) -> tuple:
+        """The step's reference point: an event on the idle device and the host time beside it."""
+        self._tl_calls = []
+        self.mover.timeline = []
+        if self.device.type != "cuda":
+            return None, time.perf_counter()
+        torch.cuda.synchronize(self.device)
+        ref = torch.cuda.Event(enable_timing=True)
+        ref.record(torch.cuda.current_stream(self.device))
+        return ref, time.perf_counter()
+
+    def _timeline_end(self, ref, h0: float) -> dict:
+        """After the step's synchronisation: the recorded calls and jobs on one clock, summarized."""
+
+        def at(x):
+            if x is None:
+                return None
+            if isinstance(x, float):
+                return x - h0
+            try:
+                return ref.elapsed_time(x) / 1e3
+            except RuntimeError:  # an event without timing (recorded before the timeline mode was on)
+                return None
+
+        jobs = [timeline.Job(st, n, h - h0, at(a), at(b)) for st, n, h, a, b in self.mover.timeline]
+        calls = []
+        for u, k, h, he, end, deps, inner in self._tl_calls:
+            d = {name: t for name, ev in deps.items() if (t := at(ev)) is not None}
+            i = {name: t for name, ev in inner.items() if (t := at(ev)) is not None}
+            calls.append(timeline.Call(u, k, h - h0, he - h0, at(end), d, i))
+        self.mover.timeline = None
+        return timeline.summarize(calls, [j for j in jobs if j.start is not None and j.end is not None])
+
+    def _timed_compute(self, u: int, k: int, w, wt, data, ctx, s: int, T: int, tokens) -> None:
+        """`_compute` with its host times, its end (an event on CUDA) and the done events of its inputs' loads."""
+
+        def done(ticket):
+            return None if ticket is None else ticket.result()
+
+        h = time.perf_counter()
+        self._compute(u, k, w, data, ctx, s, T, tokens)
+        he = time.perf_counter()
+        if self.device.type == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(torch.cuda.current_stream(self.device))
+        else:
+            end = he
+        deps = {"weights": done(wt), "act": done(data[0][1])}
+        self._tl_calls.append((u, k, h, he, end, deps, {"cache": done(data[1][1])}))
 
     def _prefetch_act(self, u: int, k: int):
         """Start loading the hidden states (unit u, batch k) reads (the output of unit u - 1 for batch k)."""

@@ -442,6 +442,9 @@ class Mover:
         self.copies = dict.fromkeys(self.bytes, 0)
         self.transfer_s = 0.0
         self.jobs: list[tuple[str, int, float]] = []  # profile mode: (main counter, bytes, seconds) per job
+        # timeline mode (a list, else None): (stream, bytes, host issue time, start, end) per job; start / end are
+        # CUDA events (recorded after the job's waits and after its copies) on CUDA, host times on the CPU
+        self.timeline: list[tuple] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -464,6 +467,21 @@ class Mover:
         ev = torch.cuda.Event()
         ev.record(torch.cuda.current_stream(self.device))
         return ev
+
+    def _mark(self, stream):
+        """Timeline mode: an event recorded on `stream` now (on CUDA), else the host time."""
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(stream)
+        return ev
+
+    def _log(self, stream: str, pairs, host: float, start, end) -> None:
+        if self.timeline is not None:
+            self.timeline.append((stream, sum(nbytes(src) for _, src, _ in pairs), host, start, end))
+
+    def _now(self) -> float:
+        return time.perf_counter() if self.timeline is not None else 0.0
 
     def _run(self, pool, job):
         if self.profile:
@@ -494,20 +512,25 @@ class Mover:
         was made with side_stream), so such loads need not wait behind the next unit's weights."""
         ready = self._event()
         stream = self.h2d_side if side else self.h2d
+        name = "h2d_side" if side and self.side_stream else "h2d"
         after = [a for a in after if a is not None]
 
         def job():
+            host = self._now()
             for a in after:
                 ev = a.result()
                 if ev is not None:
                     stream.wait_event(ev)
             if not self.cuda:
+                start = self._now()
                 for dst, src, disk in pairs:
                     dst.copy_(src)
                     self._count("disk_read" if disk else "h2d", nbytes(src))
+                self._log(name, pairs, host, start, self._now())
                 return None
             with torch.cuda.stream(stream):
                 stream.wait_event(ready)
+                start = self._mark(stream) if self.timeline is not None else None
                 for dst, src, _disk in pairs:
                     if not src.is_pinned():
                         staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
@@ -516,8 +539,9 @@ class Mover:
                         src = staged
                     dst.copy_(src, non_blocking=True)
                     self._count("h2d", nbytes(src))
-                done = torch.cuda.Event()
+                done = torch.cuda.Event(enable_timing=self.timeline is not None)
                 done.record(stream)
+            self._log(name, pairs, host, start, done)
             return done
 
         return self._run(self._side_loads if side else self._loads, job)
@@ -527,14 +551,17 @@ class Mover:
         ready = self._event()
 
         def job():
+            host = self._now()
             if not self.cuda:
                 for dst, src, disk in pairs:
                     dst.copy_(src)
                     self._count("disk_write" if disk else "d2h", nbytes(src))
+                self._log("d2h", pairs, host, host, self._now())
                 return None
             later = []
             with torch.cuda.stream(self.d2h):
                 self.d2h.wait_event(ready)
+                start = self._mark(self.d2h) if self.timeline is not None else None
                 for dst, src, _disk in pairs:
                     if dst.is_pinned():
                         dst.copy_(src, non_blocking=True)
@@ -544,8 +571,9 @@ class Mover:
                         later.append((dst, staged))
                     src.record_stream(self.d2h)
                     self._count("d2h", nbytes(src))
-                done = torch.cuda.Event()
+                done = torch.cuda.Event(enable_timing=self.timeline is not None)
                 done.record(self.d2h)
+            self._log("d2h", pairs, host, start, done)
             if later:
                 done.synchronize()
                 for dst, staged in later:
