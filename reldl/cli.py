@@ -38,7 +38,8 @@ examples:
   reldl sql my.db                     interactive shell (.help lists its commands)
   reldl models my.db
   reldl calibrate my.db               measure the planner's cost constants and the offload hardware (PCIe,
-                                      disk, GPU/CPU rates) here; EXPLAIN and offload = 'auto' then use them
+                                      disk, GPU/CPU rates) here and store them in my.db, whose EXPLAIN and
+                                      offload = 'auto' then use them (without my.db: printed, not stored)
 """
 
 
@@ -64,13 +65,31 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+CALIBRATE_DATABASE = (
+    "DuckDB database file to store the measurements in (table reldl.calibration), where that database's EXPLAIN "
+    "and CREATE MODEL ... offload = 'auto' read them; without it they are measured and printed, not stored"
+)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    """Measure the planner's cost constants and the offload hardware on this machine; store them in the database."""
+    """Measure the planner's cost constants and the offload hardware on this machine; store them in DATABASE."""
     from reldl.calibrate import calibrate
 
     with contextlib.closing(reldl.connect(args.database)) as conn:
         calibrate(conn.duckdb_connection)
+    if _in_memory(args.database):  # the measurements died with the in-memory database: say how to keep them
+        print(
+            "Note: not stored (in-memory database); run `reldl calibrate my.db` to store them in my.db, whose EXPLAIN "
+            "and offload = 'auto' use them",
+            file=sys.stderr,
+        )
+    else:
+        print(f"stored in {args.database} (table reldl.calibration)")
     return 0
+
+
+def _in_memory(database: str) -> bool:
+    return not database or database.startswith(":memory:")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -90,14 +109,10 @@ def _command(sub, name: str, func: Callable[[argparse.Namespace], int], **kw) ->
     return parser
 
 
-def _database(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "database",
-        nargs="?",
-        default=":memory:",
-        metavar="DATABASE",
-        help="DuckDB database file (default: an in-memory database)",
-    )
+def _database(
+    parser: argparse.ArgumentParser, text: str = "DuckDB database file (default: an in-memory database)"
+) -> None:
+    parser.add_argument("database", nargs="?", default=":memory:", metavar="DATABASE", help=text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _database(_command(sub, "models", cmd_models))
 
-    _database(_command(sub, "calibrate", cmd_calibrate))
+    _database(_command(sub, "calibrate", cmd_calibrate), CALIBRATE_DATABASE)
 
     p = _command(sub, "demo", cmd_demo)
     p.add_argument("--dir", type=Path, help="folder for the demo database (default: a new temporary folder)")

@@ -22,7 +22,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from reldl import catalog
+from reldl import catalog, paths
 from reldl.errors import Error, IntegrityError, InterfaceError, NotSupportedError, ProgrammingError, shown, translate
 from reldl.planner.predict_calls import lone_feature_message
 from reldl.planner.statements import (
@@ -223,11 +223,17 @@ class _DirJanitor:
 
 def _check_offload_dir(name: str, value) -> None:
     """`offload_dir`, when it names a directory that exists (or one whose parent exists, which reldl creates when
-    the model loads), must be writable: a one-line error at CREATE MODEL, not a PermissionError at the first query.
+    the model loads), must be writable and not on a pseudo-file system such as /proc (where root may "write"): a
+    one-line error at CREATE MODEL, not a PermissionError at the first query.
     Other bad values (not text, not a directory, no parent) get their messages from the offload option checks."""
     if not isinstance(value, str) or not value:
         return
     path = os.path.abspath(os.path.expanduser(value))
+    fs = paths.pseudo_fs(os.path.realpath(path))
+    if fs:
+        raise ProgrammingError(
+            f"CREATE MODEL {name}: offload_dir {path} is on a kernel pseudo-file system ({fs}), which cannot hold files"
+        )
     if os.path.isdir(path):
         if not os.access(path, os.W_OK | os.X_OK):
             raise ProgrammingError(f"CREATE MODEL {name}: offload_dir {path} is not writable")
@@ -723,10 +729,15 @@ class Cursor:
     def fetchall(self) -> list[tuple]:
         return self._fetch("fetchall")
 
-    def fetch_arrow_table(self):
-        # DuckDB 1.4+ calls it to_arrow_table (fetch_arrow_table was deprecated, then removed)
-        how = "to_arrow_table" if hasattr(self._duck, "to_arrow_table") else "fetch_arrow_table"
-        return self._fetch(how)
+    def fetch_arrow_table(self) -> pa.Table:
+        """The rest of the result as an Arrow table. DuckDB 1.4+ calls it to_arrow_table (fetch_arrow_table was
+        deprecated, then removed) and warns that it copies the rows, advising con.sql(query).to_arrow_table(): a
+        cursor's statement has run already, so the copy is the only way, and the advice is not for reldl's users."""
+        if not hasattr(self._duck, "to_arrow_table"):
+            return self._fetch("fetch_arrow_table")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Arrow output on a DB-API result makes an extra copy", UserWarning)
+            return self._fetch("to_arrow_table")
 
     def fetchdf(self):
         return self._fetch("fetchdf")

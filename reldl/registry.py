@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import shutil
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,8 +171,23 @@ def model_engine(rec) -> tuple[EngineKey | OffloadKey, object]:
                 getattr(torch, key.engine.dtype),
                 spec.get("offload_dir"),
             )
+            _remove_spill_dir_at_exit(eng)
         _names.setdefault(rec.name, set()).add(key)
     return key, eng
+
+
+def _remove_spill_dir_at_exit(eng) -> None:
+    """An offloaded model given no offload_dir spills into a temporary directory of its own, which `unload` (DROP
+    MODEL, OR REPLACE) removes by closing the engine. One still loaded when the process exits, or dropped unclosed,
+    would stay in the temp folder for good: it is removed then (by the process that made it, not a forked child)."""
+    disk = eng.engine.disk
+    if disk.owned:
+        weakref.finalize(eng, _remove_dir, str(disk.dir), os.getpid())
+
+
+def _remove_dir(path: str, pid: int) -> None:
+    if os.getpid() == pid:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def unload(name: str | None = None) -> int:

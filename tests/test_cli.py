@@ -188,6 +188,34 @@ def test_unusable_paths_exit_1_with_one_line_naming_them(capsys, tmp_path):
     assert f.read_text() == "x"
 
 
+def _fake_calibrate(duck, out=print, offload=True):
+    """`reldl.calibrate.calibrate` without the measuring: stores and prints one constant."""
+    from reldl.calibrate import SCHEMA
+
+    duck.execute(SCHEMA)
+    duck.execute("INSERT OR REPLACE INTO reldl.calibration (key, value) VALUES ('sql_flops', 123.0)")
+    out("sql_flops                       123")
+    return {"sql_flops": 123.0}
+
+
+def test_calibrate_without_a_database_says_nothing_was_stored(capsys, monkeypatch):
+    monkeypatch.setattr("reldl.calibrate.calibrate", _fake_calibrate)
+    code, out, err = run(capsys, "calibrate")
+    assert code == 0 and "sql_flops" in out  # the measurements are shown
+    assert err.count("\n") == 1 and "not stored" in err and "reldl calibrate my.db" in err
+    code, out, _ = run(capsys, "calibrate", "--help")
+    assert code == 0 and "without it they are measured and printed, not stored" in " ".join(out.split())
+
+
+def test_calibrate_stores_in_the_database_given(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr("reldl.calibrate.calibrate", _fake_calibrate)
+    db = str(tmp_path / "my.db")
+    code, out, err = run(capsys, "calibrate", db)
+    assert (code, err) == (0, "") and out.splitlines()[-1] == f"stored in {db} (table reldl.calibration)"
+    code, out, _ = run(capsys, "sql", db, "--read-only", "-c", "SELECT value FROM reldl.calibration")
+    assert code == 0 and out.splitlines()[2] == " 123.0"
+
+
 def test_help_version_and_usage_errors(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0 and "sql" in out and "models" in out and "reldl models my.db" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import duckdb
 import pytest
@@ -326,6 +327,19 @@ def test_fetch_arrow_table(table):
     assert tbl.column_names == ["id", "name"]
     assert tbl.column("id").to_pylist() == [1, 2, 3, 4, 5]
     assert tbl.column("name").to_pylist() == ["a", "b", None, "d", "e"]
+
+
+def test_fetch_arrow_table_warns_nothing(table):
+    """No DuckDB warning reaches the user: neither the deprecation of fetch_arrow_table nor DuckDB's advice to
+    use con.sql(query).to_arrow_table(), which a reldl cursor (its statement already run) cannot follow."""
+    pytest.importorskip("pyarrow")
+    cur = table.cursor()
+    cur.execute("SELECT id FROM t ORDER BY id")
+    assert cur.fetchone() == (1,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tbl = cur.fetch_arrow_table()  # the rest of the result, as before
+    assert tbl.column("id").to_pylist() == [2, 3, 4, 5]
 
 
 def test_fetchdf(table):

@@ -18,7 +18,7 @@ import pytest
 from sqlhelpers import one_line, quote
 
 import reldl
-from reldl import catalog
+from reldl import catalog, paths
 
 TRAIN = "CREATE MODEL m OPTIONS (model_type = {kind!r}, label = 'y', epochs = 2, batch_size = 20{extra}) AS "
 TRAIN += "SELECT x1, x2, y FROM pts"
@@ -264,6 +264,22 @@ def test_unwritable_path_is_one_line_before_training(mem, tmp_path):
     finally:
         ro.chmod(0o700)
     _nothing_written(mem)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc")
+def test_paths_on_pseudo_file_systems_are_refused(mem, tmp_path):
+    """As root, os.access calls /proc, /sys and /dev writable: a path there, or reached through a symlink, is refused
+    in one line naming it, before training."""
+    link = tmp_path / "to_proc"
+    link.symlink_to("/proc")
+    for given, real in ((link / "m", "/proc/m"), ("/sys/m", "/sys/m"), ("/dev/m", "/dev/m")):
+        with pytest.raises(reldl.ProgrammingError) as e:
+            _train(mem, extra=f", path = {quote(given)}")
+        assert one_line(e.value).startswith(f"CREATE MODEL m: path {real!r} is on a kernel pseudo-file system (")
+        _nothing_written(mem)
+    assert paths.work_dir("x", tmp_path) == tmp_path.resolve()  # real file systems, tmpfs included, still pass
+    if os.path.isdir("/dev/shm"):
+        assert paths.pseudo_fs("/dev/shm/m") is None
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,9 @@ CPU (the executor's CPU mode); tiers stand in for each other."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import checkpoints as ck
@@ -139,6 +142,47 @@ def test_unsupported_decoding_is_one_line(table, opt_ckpt):
     out = conn.execute("SELECT llm_generate('Alice', model := 'big', max_tokens := 3, top_k := 5)").fetchall()
     assert isinstance(out[0][0], str)
     usable(conn)
+
+
+# a fresh process with its temp folder (TMPDIR) in argv[2]: one model dropped, one still loaded when the process exits
+SPILL_SCRIPT = """
+import sys, tempfile
+from pathlib import Path
+import reldl
+ckpt, tmp = sys.argv[1], Path(tempfile.gettempdir())
+spills = lambda: sorted(p.name for p in tmp.glob("reldl-offload-*"))
+conn = reldl.connect()
+for m, batch in (("dropped", 2), ("kept", 3)):  # two policies: two engines
+    conn.execute(f"CREATE MODEL {m} OPTIONS (model_type = 'llm', path = '{ckpt}', dtype = 'float32', "
+                 f"device = 'cpu', offload = 'weights = 50/0/50, cache = 0/100/0, gpu_batch_size = {batch}')")
+    conn.execute(f"SELECT llm_generate('Alice', model := '{m}', max_tokens := 2)").fetchall()
+print(len(spills()), any((tmp / d).iterdir() for d in spills()))
+conn.execute("DROP MODEL dropped")
+print(len(spills()))
+conn.close()
+"""
+
+
+def test_temporary_offload_dir_goes_with_the_model_and_the_process(opt_ckpt, tmp_path):
+    """Without offload_dir the disk tier spills into a temporary directory of the model's own: DROP MODEL removes
+    it, and so does the process's exit while the model is still loaded (it stayed behind in the temp folder)."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "-c", SPILL_SCRIPT, str(opt_ckpt)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["2", "True", "1"]  # one each, with the spilled weights in them; DROP: one left
+    assert not list(tmp_path.glob("reldl-offload-*"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc")
+def test_offload_dir_on_proc_is_refused(conn, opt_ckpt):
+    """As root, os.access calls /proc writable: the pseudo-file system is refused by name, in one line."""
+    for where in ("/proc/reldl-offload", "/proc/self/fd"):
+        with pytest.raises(reldl.ProgrammingError) as e:
+            conn.execute(_create("big", opt_ckpt, "auto", f", offload_dir = {quote(where)}"))
+        assert one_line(e.value).startswith(f"CREATE MODEL big: offload_dir {where} is on a kernel pseudo-file system")
+    assert conn.execute("SELECT count(*) FROM reldl.models").fetchall() == [(0,)]
 
 
 BAD = [
