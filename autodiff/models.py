@@ -1,7 +1,8 @@
 """Model types trained by ``CREATE MODEL name OPTIONS (model_type = ...) AS SELECT ...``: IR graphs over tile tables.
 
 The SELECT's rows become tables in the ``reldl`` schema named ``m_<model>_<spec>__*`` (``<spec>``: a hash of the
-options and query, so a CREATE OR REPLACE that fails leaves the previous model's tables alone):
+options and query, another when the registered model already uses that one, so a CREATE OR REPLACE that fails leaves
+the previous model's tables alone):
 
 * ``linear_reg``, ``logistic_reg``, ``mlp``: every column but ``label`` is a numeric feature. Rows become one tile
   a row, ``__data(rb, r, x DOUBLE[features], y DOUBLE[1])`` stored in row order (``r``: the SELECT's order, or with
@@ -33,6 +34,12 @@ Initialisation (deterministic, numpy PCG64 seeded by ``seed``): linear and logis
 GCN weights and biases are uniform in ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]`` (torch.nn.Linear's bounds), drawn per
 tensor in order ``w0, b0, w1, b1, ...`` from one generator; matrix factorization embeddings are normal with standard
 deviation ``init_scale`` (default 0.1), users then items.
+
+Failures leave the database as it was: a SELECT without rows (or with NULLs, bad labels, a model too large) fails
+while the tables are prepared, in one transaction with the bookkeeping tables; training that diverges (a NaN or
+infinite loss or parameter) is undone (:func:`_discard`). The parameters (DOUBLE) may take at most
+``MAX_PARAMETER_BYTES`` and an eighth of memory (:func:`parameter_limit`), checked before anything is allocated. Only
+an interrupted run keeps its tables, to resume.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +272,74 @@ def _dbl(e: exp.Expression) -> exp.Expression:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# model size: the largest model trained in the database
+
+# its parameters as DOUBLE (how they are stored and computed) may take at most this and an eighth of the machine's
+# memory, since training holds several copies of them (working copies, gradients, optimizer moments, the update):
+# 134M parameters at most. Checked before anything is allocated, so hidden_units = [100000000] is one line, not
+# gigabytes of tables and a machine out of memory
+MAX_PARAMETER_BYTES = 1 << 30
+
+
+def parameter_limit() -> int:
+    """Bytes the DOUBLE parameters of a model trained in the database may take (see MAX_PARAMETER_BYTES)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # no sysconf: the fixed cap alone
+        return MAX_PARAMETER_BYTES
+    return min(MAX_PARAMETER_BYTES, memory // 8)
+
+
+def _layered(dims: Sequence[int]) -> int:
+    """Weights and biases of dense layers of widths ``dims`` (inputs first)."""
+    return sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def _check_parameters(name: str, count: int, asked: str, fix: str, at_least: bool = False) -> None:
+    """A one-line ModelError when ``count`` DOUBLE parameters exceed :func:`parameter_limit`; ``asked`` says what
+    made them (the options, the data's sizes), ``fix`` what to change."""
+    limit = parameter_limit()
+    if count * 8 <= limit:
+        return
+    raise ModelError(
+        f"CREATE MODEL {name}: {asked} needs {'at least ' if at_least else ''}{count:,} parameters "
+        f"({_size(count * 8)} as DOUBLE), over the limit of {limit // 8:,} parameters ({_size(limit)}: training keeps "
+        f"several copies of them); {fix}"
+    )
+
+
+def _layers_asked(kind: str, hidden: Sequence[int], features: int, classes: int | None) -> tuple[str, str]:
+    """(what sized a layered model's parameters, what to change) for _check_parameters' message."""
+    asked = (f"hidden_units = {list(hidden)} with " if hidden else "") + f"{features:,} features"
+    fix = "reduce hidden_units" if kind in ("mlp", "gcn") else "use fewer features"
+    if classes is not None:
+        asked += f" and {classes:,} classes"
+        fix += " or classes (a label's classes are 0 .. its largest value)"
+    return asked, fix
+
+
+def _check_size_before_data(name: str, opts: dict[str, Any], info: dict[str, Any]) -> None:
+    """The model-size cap with the least the data can add (one output, one user and item), before anything is
+    written; the prepare functions check it again with the data's classes, users and items."""
+    kind = opts["model_type"]
+    if kind == "matrix_factorization":
+        k = opts["num_factors"]
+        _check_parameters(name, 2 * k, f"num_factors = {k}", "reduce num_factors", at_least=True)
+        return
+    hidden = opts["hidden_units"] if kind in ("mlp", "gcn") else []
+    features = len(info["features"])
+    asked, fix = _layers_asked(kind, hidden, features, None)
+    _check_parameters(name, _layered([features, *hidden, 1]), asked, fix, at_least=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # custom kernel: matrix factorization's squared error on observed entries
 
 
@@ -377,13 +453,25 @@ def make_job(duck: Any, name: str, options: dict[str, Any], query_sql: str) -> J
                 )
         info["features"] = features
     info["label_integral"] = types[opts["label"]].split("(")[0] in _INTEGRAL
+    _check_size_before_data(name, opts, info)
     trained = {k: v for k, v in opts.items() if k != "plot"}  # where the curve is drawn does not change the model
     spec_text = json.dumps(
         {"options": trained, "query": query.sql("duckdb"), "layout": LAYOUT}, sort_keys=True, default=str
     )
     spec = hashlib.sha256(spec_text.encode()).hexdigest()[:10]
     safe = "".join(ch if ch.isalnum() else "_" for ch in name.lower())
+    if _registered_on(duck, name, f"m_{safe}_{spec}"):
+        spec = hashlib.sha256(f"{spec}:again".encode()).hexdigest()[:10]
     return Job(name, opts, query, spec, f"m_{safe}_{spec}", info=info)
+
+
+def _registered_on(duck: Any, name: str, base: str) -> bool:
+    """Whether the registered model ``name`` keeps its tables under ``base``: the same statement run again (after its
+    data changed, say) then trains under the other of two specs, so a run that fails or is interrupted never writes
+    over, or drops, the tables of the model it would replace."""
+    rec = catalog.get_model(duck, name)
+    tables = ((rec.options or {}).get("tables") or {}) if rec is not None else {}
+    return any(t.split(".", 1)[-1].lower().startswith(f"{base}__") for t in tables.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -491,9 +579,12 @@ def _prepare_tabular(duck: Any, job: Job) -> None:
     task = _task(job, lo, hi, frac)
     info.update(task=task, rows=int(n), n_features=len(feats))
     info["classes"] = int(hi) + 1 if task == "multiclass" else None
+    sizes = _layer_sizes(job)
+    hidden = o["hidden_units"] if o["model_type"] == "mlp" else []
+    asked, fix = _layers_asked(o["model_type"], hidden, len(feats), info["classes"])
+    _check_parameters(job.name, sum(fi * fo + fo for fi, fo in sizes), asked, fix)
     if o["batch_size"] > t:  # batches of several shuffled blocks: an IN list, through an index
         _index_rb(duck, data)
-    sizes = _layer_sizes(job)
     rng = np.random.default_rng(o["seed"])
     for i, (fan_in, fan_out) in enumerate(sizes):
         if o["model_type"] == "mlp":
@@ -597,8 +688,10 @@ def _prepare_mf(duck: Any, job: Job) -> None:
     if not n:
         raise DataError(f"CREATE MODEL {job.name}: the SELECT returned no rows")
     job.info.update(rows=int(n), users=int(n_users), items=int(n_items))
-    rng = np.random.default_rng(o["seed"])
     k, scale = o["num_factors"], float(o["init_scale"])
+    asked = f"num_factors = {k} for {n_users:,} users and {n_items:,} items"
+    _check_parameters(job.name, k * (n_users + n_items), asked, "reduce num_factors")
+    rng = np.random.default_rng(o["seed"])
     for role, key, count in (("users", "u", n_users), ("items", "i", n_items)):
         emb = rng.normal(0.0, scale, size=(count, k))
         _put(
@@ -688,11 +781,16 @@ def _prepare_gcn(duck: Any, job: Job) -> None:
     _run(duck, train.drop_sql(pairs))
     del job.tables["pairs"]
     info.update(rows=int(n), labeled=int(labeled), n_features=len(feats), classes=int(hi) + 1, task="multiclass")
-    rng = np.random.default_rng(o["seed"])
     dims = [len(feats), o["hidden_units"][0], int(hi) + 1]
+    asked, fix = _layers_asked("gcn", o["hidden_units"], len(feats), dims[-1])
+    _check_parameters(job.name, _layered(dims), asked, fix)
+    rng = np.random.default_rng(o["seed"])
     for i, (fi, fo) in enumerate(zip(dims[:-1], dims[1:])):
         _put(duck, job.add(f"w{i}"), _one(_uniform(rng, fi, (fi, fo))))
         _put(duck, job.add(f"b{i}"), _one(_uniform(rng, fi, (fo,))))
+
+
+BOOKKEEPING = ("training_jobs", "training_runs", "training_log")  # tables in schema reldl that training makes
 
 
 def _jobs_table(duck: Any) -> None:
@@ -704,6 +802,26 @@ def _jobs_table(duck: Any) -> None:
     )
 
 
+def _bookkeeping(duck: Any) -> set[str]:
+    """Which of the BOOKKEEPING tables exist in the database's reldl schema."""
+    names = ", ".join(f"'{t}'" for t in BOOKKEEPING)
+    rows = _run(
+        duck,
+        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() AND schema_name = 'reldl' "
+        f"AND table_name IN ({names})",
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def _job_row(duck: Any, job: Job) -> list[tuple]:
+    """The job's training_jobs row (spec, tables, info) as a list of zero or one rows; none without the table."""
+    if "training_jobs" not in _bookkeeping(duck):
+        return []
+    return _run(
+        duck, "SELECT spec, tables, info FROM reldl.training_jobs WHERE name = ?", [job.name.lower()]
+    ).fetchall()
+
+
 def _drop_tables(duck: Any, tables: Sequence[str]) -> None:
     for t in tables:
         _run(duck, train.drop_sql(_t("reldl", t)))
@@ -711,14 +829,16 @@ def _drop_tables(duck: Any, tables: Sequence[str]) -> None:
 
 def prepare(duck: Any, job: Job) -> bool:
     """Tile tables and initial parameters, committed in one transaction with the job's row; returns True when an
-    interrupted run of the same job (same options and SELECT) was found instead, whose tables are reused."""
-    _jobs_table(duck)
-    row = _run(duck, "SELECT spec, tables, info FROM reldl.training_jobs WHERE name = ?", [job.name.lower()]).fetchall()
+    interrupted run of the same job (same options and SELECT) was found instead, whose tables are reused. The
+    bookkeeping tables are made inside the transaction too: a job that fails here (no rows, NULLs, too large) leaves
+    the database as it was, without an empty training_jobs table."""
+    row = _job_row(duck, job)
     if row and row[0][0] == job.spec:
         job.tables, job.info = json.loads(row[0][1]), json.loads(row[0][2])
         return True
     _run(duck, "BEGIN TRANSACTION")
     try:
+        _jobs_table(duck)
         if row:  # an unfinished job with other options: its tables go (a registered model's job row was removed)
             _drop_tables(duck, list(json.loads(row[0][1]).values()))
             _run(duck, "DELETE FROM reldl.training_jobs WHERE name = ?", [job.name.lower()])
@@ -916,7 +1036,13 @@ def create_model(
     """Train the model of ``CREATE MODEL name OPTIONS (...) AS SELECT ...``; returns (path or None, catalog options,
     tables of a previously registered version that the caller drops once the new one is registered)."""
     job = make_job(duck, name, options, query_sql)  # checks `path` and `plot` before anything is written
-    result = fit(duck, job, progress)
+    saved = _save(duck, job)
+    try:
+        result = fit(duck, job, progress)
+        _check_finite(duck, job, result)
+    except train.Diverged as e:  # no use resuming it: undone, as a job that fails in prepare is
+        _discard(duck, job, saved)
+        raise _diverged(job, e) from None
     o, kind = job.options, job.options["model_type"]
     stored: dict[str, Any] = {
         "trained": True,
@@ -944,6 +1070,89 @@ def create_model(
         path = resolved
     _run(duck, "DELETE FROM reldl.training_jobs WHERE name = ?", [job.name.lower()])
     return path, stored, list(job.tables.values())
+
+
+@dataclass
+class _Saved:
+    """What a job changes outside its own tables, to put back if it diverges: which BOOKKEEPING tables existed, and
+    the registered model's rows in training_runs / training_log (Arrow), which the new job's prepare forgets (its run
+    has the model's name); None when an unfinished job of that name owns those rows."""
+
+    tables: set[str]
+    runs: pa.Table | None = None
+    log: pa.Table | None = None
+
+
+def _save(duck: Any, job: Job) -> _Saved:
+    saved = _Saved(_bookkeeping(duck))
+    if _job_row(duck, job) or not {"training_runs", "training_log"} <= saved.tables:
+        return saved
+    for attr, table in (("runs", "training_runs"), ("log", "training_log")):
+        setattr(saved, attr, _arrow(duck, f"SELECT * FROM reldl.{table} WHERE name = ?", [job.run]))
+    return saved
+
+
+def _arrow(duck: Any, sql: str, params: Sequence[Any]) -> pa.Table:
+    import duckdb
+
+    try:
+        rel = duck.sql(sql, params=params)
+        return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()  # (renamed in DuckDB 1.4)
+    except duckdb.Error as e:
+        from reldl.errors import translate
+
+        raise translate(e) from None
+
+
+def _parameter_roles(job: Job) -> list[str]:
+    if job.options["model_type"] == "matrix_factorization":
+        return ["users", "items"]
+    return [role for role in job.tables if role[0] in "wb" and role[1:].isdigit()]
+
+
+def _check_finite(duck: Any, job: Job, result: train.TrainResult) -> None:
+    """Raise train.Diverged when a trained parameter is NaN or infinite: minimize checks each step's loss, which
+    comes before that step's update, so the last update is checked here."""
+    for role in _parameter_roles(job):
+        values = f"SELECT unnest(v) AS x FROM {job.table(role).sql('duckdb')}"
+        if _run(duck, f"SELECT count(*) FROM ({values}) WHERE NOT isfinite(x)").fetchall()[0][0]:
+            raise train.Diverged(result.epochs, result.steps, "the parameters are not finite after the last update")
+
+
+def _discard(duck: Any, job: Job, saved: _Saved) -> None:
+    """Undo a job that cannot finish, in one transaction: its tables, training_jobs row and run rows go, the
+    registered model's run rows come back, and the BOOKKEEPING tables the statement made go if they are empty."""
+    view = "__reldl_models_saved"
+    _run(duck, "BEGIN TRANSACTION")
+    try:
+        drop_trained(duck, {"tables": job.tables})
+        _run(duck, "DELETE FROM reldl.training_jobs WHERE name = ?", [job.name.lower()])
+        train.forget(duck, job.run)
+        for table, rows in (("training_runs", saved.runs), ("training_log", saved.log)):
+            if rows is not None and rows.num_rows:
+                duck.register(view, rows)
+                try:
+                    _run(duck, f"INSERT INTO reldl.{table} SELECT * FROM {view}")
+                finally:
+                    duck.unregister(view)
+        for table in BOOKKEEPING:
+            if table not in saved.tables and not _run(duck, f"SELECT count(*) FROM reldl.{table}").fetchall()[0][0]:
+                _run(duck, train.drop_sql(_t("reldl", table)))
+        _run(duck, "COMMIT")
+    except BaseException:
+        duck.execute("ROLLBACK")
+        raise
+
+
+def _diverged(job: Job, e: train.Diverged) -> DataError:
+    """The one line a SQL user sees: where it diverged and what to change."""
+    if e.first_step:  # before any update: the initial parameters are small, so the values are at fault
+        return DataError(
+            f"CREATE MODEL {job.name}: the {e.what} at the first step, before any update: the SELECT's values "
+            "include NaN, infinite or very large numbers"
+        )
+    scale = "ratings" if job.options["model_type"] == "matrix_factorization" else "features"
+    return DataError(f"CREATE MODEL {job.name}: {e}; lower learning_rate or scale the {scale}")
 
 
 def drop_trained(duck: Any, options: dict[str, Any], keep: Sequence[str] = ()) -> None:

@@ -63,6 +63,15 @@ class TrainingError(AutodiffError):
     """A training job that cannot run as asked (message says why, in one line)."""
 
 
+class Diverged(TrainingError):
+    """The loss (or, checked by the caller, the parameters) stopped being finite: further steps cannot recover, so
+    training stops there. ``first_step``: the loss was not finite before any update (the data, not the steps)."""
+
+    def __init__(self, epoch: int, step: int, what: str, first_step: bool = False):
+        super().__init__(f"training diverged at epoch {epoch} (step {step}): {what}")
+        self.epoch, self.step, self.what, self.first_step = epoch, step, what, first_step
+
+
 @dataclass(frozen=True)
 class Batches:
     """Mini-batches over ``source`` (a table): each step, the TEMP view ``view`` shows the rows whose ``key`` is among
@@ -523,8 +532,9 @@ def minimize(
     relation they are written with last, not a batch of data tiles (it counts rows, not bytes). ``fuse_blocks``:
     compute the forward and backward pass of the loss's block-local part (data tiles keyed by a row block, joined
     with keyless parameters, up to a SUM the loss is linear in) in one pass over each batch
-    (:mod:`reldl.autodiff.blockfuse`); graphs without such a part run unfused either way. Returns a
-    :class:`TrainResult`.
+    (:mod:`reldl.autodiff.blockfuse`); graphs without such a part run unfused either way. A step whose loss is NaN
+    or infinite raises :class:`Diverged` (its step rolled back, the parameter tables at the last whole epoch): every
+    later step would only spread the NaN. Returns a :class:`TrainResult`.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise TrainingError(f"epochs must be a non-negative integer, got {epochs!r}")
@@ -708,6 +718,8 @@ def minimize(
                         blockfuse.release(block_plan)
                     value = _execute(duck, loss_sql).fetchall()
                     loss_value = float(value[0][0]) if value and value[0][0] is not None else float("nan")
+                    if value and value[0][0] is not None and not math.isfinite(loss_value):  # NULL: no loss rows
+                        raise Diverged(epoch, step, f"loss is {loss_value}", first_step=step == 1)
                     for sql in update_sql(step):
                         _execute(duck, sql)
                     log_rows.append([name, epoch, step, loss_value, time.perf_counter() - t0])
