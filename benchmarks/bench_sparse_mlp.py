@@ -130,7 +130,9 @@ def _k2(**kw) -> dict:
 # batch 1 (one program per column block writes the output: no partials, no reduce launch), with 4 warps, 32-column
 # blocks or 256-row steps, "k2 2 splits" = at most 2 splits, "k2 n32" = 32-column blocks, "k2 .../SM" = more
 # split-K programs per SM (PROGRAMS_PER_SM), "k2 k64/k32" = 64/32-row steps, "fused ..." = the
-# one-launch batch-1 kernel. TEAL, forced sparse at every batch: "walk" = kernel 2 visiting every input row,
+# one-launch batch-1 kernel, "barrier ..." = the one-launch kernel with a grid barrier between the halves (BARRIER:
+# default, 8 warps, fixed column blocks, 8-row steps, 512-wide up steps, 2 programs per SM, the tile in registers,
+# and its two-launch form). TEAL, forced sparse at every batch: "walk" = kernel 2 visiting every input row,
 # "compact" = inputs compacted on the device, "compact-in" = only the MLP input compacted, "... pdl" = with PDL;
 # "dense" = the thresholded dense fallback at every batch
 RELU_VARIANTS = {
@@ -161,6 +163,15 @@ RELU_VARIANTS = {
     "k2 k64 4w 8/SM": {"attrs": {"PROGRAMS_PER_SM": 8, "DOWN_TILES": _k2(BLOCK_K=64, num_warps=4)}},
     "k2 k32 8/SM": {"attrs": {"PROGRAMS_PER_SM": 8, "DOWN_TILES": _k2(BLOCK_K=32)}},
     "fused r8 d1024": {"fused": {"MAX_BYTES": None, "MAX_ROWS": 8, "PROGRAMS_PER_SM": 1, "BLOCK_D": 1024}, "b1": 1},
+    "barrier": {"barrier": {"MAX_BYTES": None}, "b1": 1},
+    "barrier 8w": {"barrier": {"MAX_BYTES": None, "num_warps": 8}, "b1": 1},
+    "barrier c512": {"barrier": {"MAX_BYTES": None, "BLOCK_C": 512}, "b1": 1},
+    "barrier c256": {"barrier": {"MAX_BYTES": None, "BLOCK_C": 256}, "b1": 1},
+    "barrier chunk8": {"barrier": {"MAX_BYTES": None, "CHUNK_RB": 8}, "b1": 1},
+    "barrier da512": {"barrier": {"MAX_BYTES": None, "BLOCK_DA": 512}, "b1": 1},
+    "barrier 2/SM 8w": {"barrier": {"MAX_BYTES": None, "PROGRAMS_PER_SM": 2, "num_warps": 8}, "b1": 1},
+    "barrier regs": {"barrier": {"MAX_BYTES": None, "W2_L2": False}, "b1": 1},
+    "barrier 2 launches": {"barrier": {"MAX_BYTES": None, "TWO_LAUNCHES": True}, "b1": 1},
 }
 _SPARSE = {"TEAL_MAX_SPARSE_BATCH": 1 << 20}
 TEAL_VARIANTS = {
@@ -177,20 +188,23 @@ class patched:
     """Within the block, the kernels run with a variant's settings."""
 
     def __init__(self, variant: dict):
-        self.attrs, self.fused = variant.get("attrs", {}), variant.get("fused", {})
+        self.attrs = variant.get("attrs", {})
+        self.dicts = {"FUSED": variant.get("fused", {}), "BARRIER": variant.get("barrier", {})}
 
     def __enter__(self):
-        self.saved = {a: getattr(SM, a) for a in self.attrs}, dict(SM.FUSED)
+        self.saved = {a: getattr(SM, a) for a in self.attrs}, {n: dict(getattr(SM, n)) for n in self.dicts}
         for a, v in self.attrs.items():
             setattr(SM, a, v)
-        SM.FUSED.update(self.fused)
+        for n, upd in self.dicts.items():
+            getattr(SM, n).update(upd)
 
     def __exit__(self, *exc):
-        attrs, fused = self.saved
+        attrs, dicts = self.saved
         for a, v in attrs.items():
             setattr(SM, a, v)
-        SM.FUSED.clear()
-        SM.FUSED.update(fused)
+        for n, saved in dicts.items():
+            getattr(SM, n).clear()
+            getattr(SM, n).update(saved)
 
 
 def run_variants(table: dict, batch: int, fns, check, key: str, errors: dict, checked: bool) -> dict:

@@ -30,6 +30,10 @@ Kernels:
 4. `_fused_mlp_kernel` (batch-1 ReLU MLP in one launch: up, activation and down per block of neurons, partials
    reduced by `_arrive_and_reduce`): correct, but slower than 1 + 2 + 3 at every benchmark shape, so off by default
    (FUSED["MAX_BYTES"] = 0).
+   `_barrier_mlp_kernel` (batch 1 in one launch, a grid-wide barrier between the halves: each program starts its
+   tile of W2t rows on its way (into registers, or prefetched into L2), computes its neurons' h and stores it, waits
+   for every program, then multiplies the h of its neuron split by the tile; column blocks reduced by their last
+   split to arrive): off by default until measured (BARRIER["MAX_BYTES"] = 0).
 5. TEAL without an index: `_compact_kernel` lists the kept input dimensions on the device (count, indices, values);
    kernel 2 then reads the count from device memory (no host sync). `sparse_swiglu_mlp` runs the thresholded dense
    MLP (cuBLAS + `_threshold_kernel` / `_glu_threshold_kernel`) above TEAL_MAX_SPARSE_BATCH rows.
@@ -600,6 +604,123 @@ def _fused_mlp_kernel(
 
 
 @triton.jit
+def _barrier_mlp_kernel(
+    x_ptr,
+    w1_ptr,
+    b1_ptr,
+    idx_ptr,
+    w2_ptr,
+    b2_ptr,
+    h_ptr,
+    part_ptr,
+    out_ptr,
+    cnt_ptr,
+    k,
+    d,
+    rows_a,
+    rows_b,
+    n_cols,
+    stride_w1,
+    stride_w2,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    ACT: tl.constexpr,
+    PHASE: tl.constexpr,
+    W2_L2: tl.constexpr,
+    BLOCK_RA: tl.constexpr,
+    BLOCK_DA: tl.constexpr,
+    BLOCK_RB: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    LINE: tl.constexpr,
+):
+    """Batch-1 ReLU MLP with a grid-wide barrier between its halves (PHASE 0), or one half per launch (1: up, 2:
+    down). Up half: program p computes h for selected neurons [p * rows_a, (p + 1) * rows_a) over the whole of d
+    and stores it (float32). Down half: program p = s * n_cols + c takes neuron split s (rows_b neurons) and output
+    columns block c: part[s, cols] = h[split] . W2t[split rows, cols]; with one split it writes the output, else the
+    last of the splits to arrive on column block c (an arrival counter) sums part[0..S-1, cols] in order
+    (deterministic). Before the up half starts, PHASE 0 puts the down half's weights in flight: the whole tile into
+    registers, or with W2_L2 a prefetch of its 128-byte lines (LINE elements) into L2, read after the barrier
+    BLOCK_RB rows at a time. Every program waits at the barrier for all: they must be resident together (the
+    launcher checks)."""
+    p = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    s = p // n_cols
+    c = p % n_cols
+    cols = c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cols < d
+    rb = tl.arange(0, BLOCK_RB)
+    if PHASE != 1:  # the down half's weights first: their reads overlap the up half's
+        if W2_L2:
+            if PHASE == 0:
+                segs = tl.minimum(c * BLOCK_C + tl.arange(0, BLOCK_C // LINE) * LINE, d - 1)
+                for r0 in range(0, rows_b, BLOCK_RB):
+                    j = s * rows_b + r0 + rb
+                    rows2 = tl.load(idx_ptr + j, mask=(r0 + rb < rows_b) & (j < k), other=0).to(tl.int64)
+                    _prefetch_l2(w2_ptr + rows2[:, None] * stride_w2 + segs[None, :])
+        else:
+            jb = s * rows_b + rb
+            jbm = (rb < rows_b) & (jb < k)
+            rows2 = tl.load(idx_ptr + jb, mask=jbm, other=0).to(tl.int64)
+            w2 = tl.load(
+                w2_ptr + rows2[:, None] * stride_w2 + cols[None, :], mask=jbm[:, None] & cm[None, :], other=0.0
+            )
+    if PHASE != 2:
+        ra = tl.arange(0, BLOCK_RA)
+        ja = p * rows_a + ra
+        jam = (ra < rows_a) & (ja < k)
+        rows1 = tl.load(idx_ptr + ja, mask=jam, other=0).to(tl.int64)
+        h = tl.zeros([BLOCK_RA], dtype=tl.float32)
+        for d0 in range(0, d, BLOCK_DA):
+            dc = d0 + tl.arange(0, BLOCK_DA)
+            dm = dc < d
+            w = tl.load(w1_ptr + rows1[:, None] * stride_w1 + dc[None, :], mask=jam[:, None] & dm[None, :], other=0.0)
+            xv = tl.load(x_ptr + dc, mask=dm, other=0.0)
+            h += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
+        if HAS_B1:
+            h += tl.load(b1_ptr + rows1, mask=jam, other=0.0).to(tl.float32)
+        tl.store(h_ptr + ja, _apply_act(h, ACT), mask=jam)
+    if PHASE == 0:  # grid barrier: arrive, wait for every program, then count the exit (the last one resets)
+        tl.debug_barrier()  # every thread's h stores before the (releasing) arrival
+        seen = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") + 1
+        while seen < n_prog:
+            seen = tl.atomic_add(cnt_ptr, 0, sem="acq_rel", scope="gpu")
+        if tl.atomic_add(cnt_ptr + 1, 1, sem="acq_rel", scope="gpu") == n_prog - 1:
+            tl.atomic_xchg(cnt_ptr + 1, 0, sem="acq_rel", scope="gpu")
+            tl.atomic_xchg(cnt_ptr, 0, sem="acq_rel", scope="gpu")
+    if PHASE != 1:
+        if W2_L2:  # the tile from L2, BLOCK_RB rows at a time
+            y = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for r0 in range(0, rows_b, BLOCK_RB):
+                j = s * rows_b + r0 + rb
+                jm = (r0 + rb < rows_b) & (j < k)
+                rows2 = tl.load(idx_ptr + j, mask=jm, other=0).to(tl.int64)
+                w = tl.load(
+                    w2_ptr + rows2[:, None] * stride_w2 + cols[None, :], mask=jm[:, None] & cm[None, :], other=0.0
+                )
+                hb = tl.load(h_ptr + j, mask=jm, other=0.0, cache_modifier=".cg")  # other programs' stores: from L2
+                y += tl.sum(hb[:, None] * w.to(tl.float32), axis=0)
+        else:
+            hb = tl.load(h_ptr + jb, mask=jbm, other=0.0, cache_modifier=".cg")
+            y = tl.sum(hb[:, None] * w2.to(tl.float32), axis=0)
+        n_splits = n_prog // n_cols
+        if n_splits == 1:
+            if HAS_B2:
+                y += tl.load(b2_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+            tl.store(out_ptr + cols, y.to(out_ptr.dtype.element_ty), mask=cm)
+        else:
+            tl.store(part_ptr + s.to(tl.int64) * d + cols, y, mask=cm)
+            tl.debug_barrier()
+            if tl.atomic_add(cnt_ptr + 2 + c, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+                tot = tl.zeros([BLOCK_C], dtype=tl.float32)
+                for ss in range(0, n_splits):
+                    tot += tl.load(part_ptr + ss * d + cols, mask=cm, other=0.0, cache_modifier=".cg")
+                if HAS_B2:
+                    tot += tl.load(b2_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+                tl.store(out_ptr + cols, tot.to(out_ptr.dtype.element_ty), mask=cm)
+                tl.atomic_xchg(cnt_ptr + 2 + c, 0, sem="acq_rel", scope="gpu")
+
+
+@triton.jit
 def _compact_kernel(
     a_ptr,
     out_ptr,
@@ -808,6 +929,72 @@ def fused_config(k: int, d: int, sms: int, interpreted: bool = False) -> dict:
 def use_fused(batch: int, k: int, d: int, dtype: torch.dtype) -> bool:
     """The fused kernel serves batch 1 when the selected rows of both matrices total at most FUSED["MAX_BYTES"]."""
     limit = FUSED["MAX_BYTES"]
+    return batch == 1 and k > 0 and (limit is None or 2 * k * d * dtype.itemsize <= limit)
+
+
+# the batch-1 ReLU MLP in one launch with a grid barrier between its halves (`_barrier_mlp_kernel`): both matrices'
+# reads in flight at once and no launch boundary, where the fused kernel above streams one matrix after the other
+# per program. Off (MAX_BYTES 0) until measured on a GPU: bench_sparse_mlp's "barrier ..." variants. Every program
+# waits at the barrier for all, so the grid is PROGRAMS_PER_SM programs per SM, launched in one piece only where the
+# compiled kernel's registers, threads and shared memory let that many be resident on an SM together
+# (`_barrier_fits`); else, and always in the interpreter (whose programs run one after another) or with
+# TWO_LAUNCHES, the halves run as two launches. BLOCK_C None: the column block that wastes the least of the tiles and
+# the grid (`barrier_config`). Compiled for sm_90 (triton 3.9, cuobjdump -res-usage), these defaults take 84-128
+# registers and no spills at the OPT-13B / 30B shapes at 5-10% (1 program of 16 warps per SM).
+BARRIER = {
+    "MAX_BYTES": 0,
+    "PROGRAMS_PER_SM": 1,
+    "BLOCK_C": None,
+    "BLOCK_DA": 1024,
+    "TILE_A": 8192,  # the up half's tile (BLOCK_RA x BLOCK_DA) at most this many elements: BLOCK_DA shrinks with rows
+    "W2_L2": True,  # the down half's tile prefetched into L2 and read in steps of CHUNK_RB rows (else: registers)
+    "CHUNK_RB": 16,
+    "num_warps": 16,
+    "TWO_LAUNCHES": False,
+}
+BARRIER_MAX_COLS = 64  # column blocks of the down half (one arrival counter each)
+BARRIER_BLOCK_CS = (128, 256, 512, 1024)  # BLOCK_C None chooses among these
+
+
+def _barrier_grid(k: int, d: int, cap: int, block_c: int) -> dict:
+    block_c = max(block_c, next_pow2(cdiv(d, min(cap, BARRIER_MAX_COLS))))  # COLS <= cap and <= BARRIER_MAX_COLS
+    cols = cdiv(d, block_c)
+    splits = max(1, min(k, cap // cols))
+    rows_b = cdiv(k, splits)
+    splits = cdiv(k, rows_b)
+    block_rb = next_pow2(rows_b)
+    used = (k * d) / (splits * block_rb * cols * block_c)  # tile slots that hold selected weights
+    return dict(
+        BLOCK_C=block_c, COLS=cols, SPLITS=splits, ROWS_B=rows_b, BLOCK_RB=block_rb, SCORE=used * splits * cols / cap
+    )
+
+
+def barrier_config(k: int, d: int, sms: int, interpreted: bool = False) -> dict:
+    """The barrier kernel's launch for k selected neurons of a d-dim model: COLS column blocks of BLOCK_C outputs
+    times SPLITS neuron splits of ROWS_B neurons in the down half, PROGRAMS = SPLITS * COLS <= PROGRAMS_PER_SM * sms
+    (at least one split); the up half spreads the k neurons over the same programs (ROWS_A each)."""
+    cfg = dict(BARRIER)
+    cap = max(1, int(cfg["PROGRAMS_PER_SM"] * sms))
+    widest = max(16, next_pow2(d))
+    if cfg["BLOCK_C"]:
+        grid = _barrier_grid(k, d, cap, min(cfg["BLOCK_C"], widest))
+    else:  # the least waste; ties to the wider block (fewer partials)
+        cands = [_barrier_grid(k, d, cap, min(c, widest)) for c in BARRIER_BLOCK_CS]
+        grid = max(cands, key=lambda g: (round(g["SCORE"], 6), g["BLOCK_C"]))
+    programs = grid["SPLITS"] * grid["COLS"]
+    rows_a = cdiv(k, programs)
+    cfg.update(grid, PROGRAMS=programs, ROWS_A=rows_a, BLOCK_RA=next_pow2(rows_a))
+    if cfg["W2_L2"]:  # the tile read in steps of CHUNK_RB rows; one 128-byte line per LINE elements
+        cfg["BLOCK_RB"] = min(cfg["BLOCK_RB"], next_pow2(cfg["CHUNK_RB"]))
+    cfg["LINE"] = min(64, cfg["BLOCK_C"])
+    cfg["BLOCK_DA"] = max(16, min(cfg["BLOCK_DA"], widest, cfg["TILE_A"] // cfg["BLOCK_RA"]))
+    cfg["TWO_LAUNCHES"] = bool(cfg["TWO_LAUNCHES"] or interpreted)
+    return cfg
+
+
+def use_barrier(batch: int, k: int, d: int, dtype: torch.dtype) -> bool:
+    """The barrier kernel serves batch 1 when the selected rows of both matrices total at most BARRIER["MAX_BYTES"]."""
+    limit = BARRIER["MAX_BYTES"]
     return batch == 1 and k > 0 and (limit is None or 2 * k * d * dtype.itemsize <= limit)
 
 
@@ -1071,16 +1258,18 @@ _counter_buffers: dict = {}
 _counter_next = [0]
 
 
-def _arrival_counters(device: torch.device) -> torch.Tensor | None:
-    """Two int32 counters (arrivals, finished reducers) for one launch of the fused kernel, zero between launches
-    (the kernel resets them). Slots rotate through a per-device buffer, so launches on different streams or in
-    different CUDA graphs do not share them. None while a CUDA graph is being captured and the device has no buffer
-    yet (allocating in a capture would tie it to the graph): the caller then reduces in a second launch."""
-    buf = _counter_buffers.get(device)
+def _arrival_counters(device: torch.device, width: int = 2) -> torch.Tensor | None:
+    """`width` int32 counters for one launch (the fused kernel: arrivals, finished reducers; the barrier kernel: its
+    barrier's two, then one per column block), zero between launches (the kernels reset them). Slots rotate through
+    a per-device buffer, so launches on different streams or in different CUDA graphs do not share them. None while
+    a CUDA graph is being captured and the device has no buffer yet (allocating in a capture would tie it to the
+    graph): the caller then takes a path without counters."""
+    key = (device, width)
+    buf = _counter_buffers.get(key)
     if buf is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        buf = _counter_buffers[device] = torch.zeros((_COUNTER_SLOTS, 2), dtype=torch.int32, device=device)
+        buf = _counter_buffers[key] = torch.zeros((_COUNTER_SLOTS, width), dtype=torch.int32, device=device)
     _counter_next[0] += 1  # (two threads racing here could share a slot: both users of the counters are off by default)
     return buf[_counter_next[0] % _COUNTER_SLOTS]
 
@@ -1117,6 +1306,51 @@ def _fused_mlp(x, w1, b1, w2t, b2, idx, act_code, y) -> None:
     )
     if cnt is None:
         _reduce(part, y, d, n_prog, bias=b2, block=128)
+
+
+def _barrier_mlp(x, w1, b1, w2t, b2, idx, act_code, y) -> bool:
+    """Batch 1 (x, y [1, d]) through `_barrier_mlp_kernel`: one launch, or the two halves as two launches. False
+    (nothing launched) where a CUDA graph capture finds no counter buffer yet."""
+    k, d = idx.numel(), x.shape[1]
+    cfg = barrier_config(k, d, num_sms(x.device), interpreted=x.device.type != "cuda")
+    cnt = _arrival_counters(x.device, 2 + BARRIER_MAX_COLS)
+    if cnt is None:
+        return False
+    h = torch.empty(k, dtype=torch.float32, device=x.device)
+    part = torch.empty((cfg["SPLITS"], d), dtype=torch.float32, device=x.device) if cfg["SPLITS"] > 1 else h
+    args = (x, w1, b1 if b1 is not None else w1, idx, w2t, b2 if b2 is not None else w2t, h, part, y, cnt)
+    args += (k, d, cfg["ROWS_A"], cfg["ROWS_B"], cfg["COLS"], w1.stride(0), w2t.stride(0))
+    opts = dict(HAS_B1=b1 is not None, HAS_B2=b2 is not None, ACT=act_code, W2_L2=bool(cfg["W2_L2"]))
+    opts.update(_launch_opts(cfg, "BLOCK_RA", "BLOCK_DA", "BLOCK_RB", "BLOCK_C", "LINE"))
+    grid = (cfg["PROGRAMS"],)
+    one = not cfg["TWO_LAUNCHES"] and _barrier_fits(args, opts, grid, cdiv(cfg["PROGRAMS"], num_sms(x.device)))
+    for phase in (0,) if one else (1, 2):
+        _barrier_mlp_kernel[grid](*args, PHASE=phase, **opts)
+    return True
+
+
+_barrier_resident: dict = {}
+
+
+def _barrier_fits(args, opts: dict, grid: tuple, per_sm: int) -> bool:
+    """Whether `per_sm` programs of the one-launch barrier kernel (PHASE 0, these constexprs) fit on an SM at once,
+    from the compiled kernel's registers (allocated per warp in units of 256), threads and shared memory against
+    the device's limits; cached per compiled variant."""
+    x = args[0]
+    key = (x.device, x.dtype, args[1].dtype, tuple(sorted(opts.items())))
+    if key not in _barrier_resident:
+        kernel = _barrier_mlp_kernel.warmup(*args, grid=grid, PHASE=0, **opts)
+        kernel._init_handles()
+        props = torch.cuda.get_device_properties(x.device)
+        warps = opts.get("num_warps", 4)
+        regs_per_warp = cdiv(max(1, kernel.n_regs) * 32, 256) * 256
+        fit = min(
+            getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps),  # 64K on every sm_70+
+            props.max_threads_per_multi_processor // (32 * warps),
+            props.shared_memory_per_multiprocessor // max(1, kernel.metadata.shared),
+        )
+        _barrier_resident[key] = fit
+    return _barrier_resident[key] >= per_sm
 
 
 def sparse_up(
@@ -1193,6 +1427,8 @@ def sparse_mlp(
         xc, yc = x[lo:hi], y[lo:hi]
         if k == 0:
             _gather_matmul(xc, w2t, yc, mode=MODE_COMPACT, k=0, idx=idx, bias=b2)
+            continue
+        if use_barrier(hi - lo, k, x.shape[1], w1.dtype) and _barrier_mlp(xc, w1, b1, w2t, b2, idx, act_code, yc):
             continue
         if use_fused(hi - lo, k, x.shape[1], w1.dtype):
             _fused_mlp(xc, w1, b1, w2t, b2, idx, act_code, yc)

@@ -166,6 +166,102 @@ def test_fused_batch1_matches_dense_and_masked_reference(device, fused):
         assert int(buf.abs().sum()) == 0
 
 
+BARRIER_VARIANTS = {
+    "default": {"MAX_BYTES": None},  # the test's sizes: one column block, one neuron per split
+    "one-program": {"MAX_BYTES": None, "PROGRAMS_PER_SM": 1e-3},  # one split: the output written directly
+    # 3 x 4 programs, d cut, the down half's 10 rows per split read 4 at a time (or held whole: "registers")
+    "splits": {"MAX_BYTES": None, "PROGRAMS_PER_SM": 0.1, "BLOCK_C": 16, "BLOCK_DA": 16, "CHUNK_RB": 4},
+    "registers": {"MAX_BYTES": None, "PROGRAMS_PER_SM": 0.1, "BLOCK_C": 16, "BLOCK_DA": 16, "W2_L2": False},
+    "two-per-sm": {"MAX_BYTES": None, "PROGRAMS_PER_SM": 2, "BLOCK_C": 16},  # one launch only where 2 fit on an SM
+}
+
+
+@pytest.mark.parametrize("variant", list(BARRIER_VARIANTS))
+def test_barrier_kernel_matches_dense_and_masked_reference(device, monkeypatch, variant):
+    """Batch 1 through `_barrier_mlp_kernel` (the halves as two launches in the interpreter; on a GPU in one launch
+    with its grid barrier, and bitwise equal to the two launches): the oracle set gives the dense MLP (1e-5), a
+    random selection the masked float64 MLP with unselected rows poisoned (never read); bitwise repeatable; every
+    counter back at zero."""
+    for key, value in BARRIER_VARIANTS[variant].items():
+        monkeypatch.setitem(SM.BARRIER, key, value)
+    if variant == "two-per-sm":  # a GPU of 16 SMs, so that the test's sizes fill more than one program per SM
+        monkeypatch.setattr(SM, "num_sms", lambda dev: 16)
+    w1, b1, w2t, b2 = mlp_weights(N, D, seed=231, device=device)
+    b1 = b1 - 1.0
+    x = randn(1, D, seed=232, device=device)
+    pre = x @ w1.T + b1
+    oracle = shuffled(torch.nonzero((pre > 0).any(0)).view(-1).to(torch.int32), seed=233)
+    assert 0 < oracle.numel() < N and SM.use_barrier(1, oracle.numel(), D, w1.dtype)
+    cfg = SM.barrier_config(37, D, SM.num_sms(x.device))
+    assert (cfg["SPLITS"] > 1 and cfg["COLS"] > 1 and cfg["ROWS_A"] > 1) == (
+        variant in ("splits", "registers", "two-per-sm")
+    )
+    assert (cfg["ROWS_B"] > cfg["BLOCK_RB"]) == (variant in ("splits", "one-program"))  # read in several steps
+    assert (cfg["PROGRAMS"] > SM.num_sms(x.device)) == (variant == "two-per-sm")
+    assert (cfg["PROGRAMS"] == 1) == (variant == "one-program")
+    assert_rel(K.sparse_mlp(x, w1, b1, w2t, b2, oracle), F.linear(F.relu(pre), w2t.T, b2), 1e-5)
+    for act in ("relu", "gelu"):
+        idx = torch.randperm(N, generator=gen(234))[:37].to(device=device, dtype=torch.int64)
+        off = torch.ones(N, dtype=torch.bool, device=device)
+        off[idx] = False
+        w1n, b1n, w2n = w1.clone(), b1.clone(), w2t.clone()
+        w1n[off], b1n[off], w2n[off] = float("nan"), float("nan"), float("nan")
+        y = K.sparse_mlp(x, w1n, b1n, w2n, b2, idx, act)
+        assert_rel(y, masked_mlp64(x, w1, b1, w2t, b2, idx, act), 1e-5)
+        assert torch.equal(K.sparse_mlp(x, w1n, b1n, w2n, b2, idx, act), y)
+        monkeypatch.setitem(SM.BARRIER, "TWO_LAUNCHES", True)
+        assert torch.equal(K.sparse_mlp(x, w1n, b1n, w2n, b2, idx, act), y)
+        monkeypatch.setitem(SM.BARRIER, "TWO_LAUNCHES", False)
+        no_bias = masked_mlp64(x, w1, 0 * b1, w2t, 0 * b2, idx, act)
+        assert_rel(K.sparse_mlp(x, w1, None, w2t, None, idx, act), no_bias, 1e-5)
+    assert SM._counter_buffers
+    for buf in SM._counter_buffers.values():
+        assert int(buf.abs().sum()) == 0
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the one-launch barrier runs compiled on a GPU only")
+@pytest.mark.parametrize("l2", [True, False])
+def test_barrier_kernel_one_launch_on_the_gpu(device, monkeypatch, l2):
+    """At a realistic size in fp16, the one-launch barrier kernel (its tile prefetched into L2 or held in registers)
+    equals its two-launch form bitwise over many repeats (a missed barrier or a stale h would show as a changed
+    result), and the float32 reference; the counters are back at zero."""
+    for key, value in {"MAX_BYTES": None, "W2_L2": l2}.items():
+        monkeypatch.setitem(SM.BARRIER, key, value)
+    w1, b1, w2t, b2 = mlp_weights(4096, 1536, seed=241, dtype=torch.float16, device=device)
+    x = randn(1, 1536, seed=242, dtype=torch.float16, device=device)
+    idx = torch.randperm(4096, generator=gen(243))[:700].to(device)
+    cfg = SM.barrier_config(700, 1536, SM.num_sms(x.device))
+    assert cfg["SPLITS"] > 1 and cfg["COLS"] > 1 and not cfg["TWO_LAUNCHES"]
+    one = [K.sparse_mlp(x, w1, b1, w2t, b2, idx) for _ in range(20)]
+    monkeypatch.setitem(SM.BARRIER, "TWO_LAUNCHES", True)
+    two = K.sparse_mlp(x, w1, b1, w2t, b2, idx)
+    for y in one:
+        assert torch.equal(y, two)
+    torch.testing.assert_close(two, K.sparse_mlp_reference(x, w1, b1, w2t, b2, idx), atol=5e-3, rtol=5e-3)
+    assert any(v >= 1 for v in SM._barrier_resident.values())
+    for buf in SM._counter_buffers.values():
+        assert int(buf.abs().sum()) == 0
+
+
+def test_barrier_configs_for_the_benchmark_shapes():
+    """Every selected neuron in one up-half program and one down-half split; at most one program per SM
+    (the barrier needs them resident together); column blocks cover d, at most BARRIER_MAX_COLS of them."""
+    for d, n in ((5120, 20480), (7168, 28672), (12288, 49152), (4096, 11008)):
+        for density in (0.001, 0.05, 0.1, 0.5, 1.0):
+            k = max(1, int(round(density * n)))
+            for sms in (132, 78, 16, 1):
+                cfg = SM.barrier_config(k, d, sms)
+                assert cfg["PROGRAMS"] == cfg["SPLITS"] * cfg["COLS"] <= sms
+                assert cfg["BLOCK_C"] in SM.BARRIER_BLOCK_CS or cfg["COLS"] in (1, sms, SM.BARRIER_MAX_COLS)
+                assert (cfg["SPLITS"] - 1) * cfg["ROWS_B"] < k <= cfg["SPLITS"] * cfg["ROWS_B"]
+                assert cfg["ROWS_A"] == SM.cdiv(k, cfg["PROGRAMS"])  # (programs past k // ROWS_A get no up-half rows)
+                assert (cfg["COLS"] - 1) * cfg["BLOCK_C"] < d <= cfg["COLS"] * cfg["BLOCK_C"] <= 2 * d + 32
+                assert cfg["COLS"] <= SM.BARRIER_MAX_COLS
+                for key in ("BLOCK_RA", "BLOCK_RB", "BLOCK_C", "BLOCK_DA"):
+                    assert cfg[key] == SM.next_pow2(cfg[key])
+                assert cfg["ROWS_A"] <= cfg["BLOCK_RA"] and cfg["BLOCK_RB"] <= SM.next_pow2(cfg["CHUNK_RB"])
+
+
 @pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch exists on the GPU only")
 @pytest.mark.parametrize("batch", [1, 4])
 def test_pdl_matches_reference_and_plain_launches(device, monkeypatch, batch):
