@@ -804,13 +804,14 @@ def _jobs_table(duck: Any) -> None:
 
 def _bookkeeping(duck: Any) -> set[str]:
     """Which of the BOOKKEEPING tables exist in the database's reldl schema."""
-    names = ", ".join(f"'{t}'" for t in BOOKKEEPING)
-    rows = _run(
-        duck,
-        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() AND schema_name = 'reldl' "
-        f"AND table_name IN ({names})",
-    ).fetchall()
-    return {r[0] for r in rows}
+    q = (
+        select(col("table_name"))
+        .from_(exp.Table(this=exp.Anonymous(this="duckdb_tables", expressions=[])))
+        .where(exp.Anonymous(this="current_database", expressions=[]).eq(col("database_name")))
+        .where(col("schema_name").eq(exp.Literal.string("reldl")))
+        .where(col("table_name").isin(*(exp.Literal.string(t) for t in BOOKKEEPING)))
+    )
+    return {r[0] for r in _run(duck, q).fetchall()}
 
 
 def _job_row(duck: Any, job: Job) -> list[tuple]:
@@ -1088,7 +1089,8 @@ def _save(duck: Any, job: Job) -> _Saved:
     if _job_row(duck, job) or not {"training_runs", "training_log"} <= saved.tables:
         return saved
     for attr, table in (("runs", "training_runs"), ("log", "training_log")):
-        setattr(saved, attr, _arrow(duck, f"SELECT * FROM reldl.{table} WHERE name = ?", [job.run]))
+        q = select(exp.Star()).from_(_t("reldl", table)).where(col("name").eq(exp.Placeholder()))
+        setattr(saved, attr, _arrow(duck, q.sql("duckdb"), [job.run]))
     return saved
 
 
@@ -1114,8 +1116,10 @@ def _check_finite(duck: Any, job: Job, result: train.TrainResult) -> None:
     """Raise train.Diverged when a trained parameter is NaN or infinite: minimize checks each step's loss, which
     comes before that step's update, so the last update is checked here."""
     for role in _parameter_roles(job):
-        values = f"SELECT unnest(v) AS x FROM {job.table(role).sql('duckdb')}"
-        if _run(duck, f"SELECT count(*) FROM ({values}) WHERE NOT isfinite(x)").fetchall()[0][0]:
+        values = select(aliased(exp.Unnest(expressions=[col("v")]), "x")).from_(job.table(role))
+        finite = exp.Anonymous(this="isfinite", expressions=[col("x")])
+        q = select(exp.Count(this=exp.Star())).from_(values.subquery()).where(exp.Not(this=finite))
+        if _run(duck, q).fetchall()[0][0]:
             raise train.Diverged(result.epochs, result.steps, "the parameters are not finite after the last update")
 
 
@@ -1132,11 +1136,12 @@ def _discard(duck: Any, job: Job, saved: _Saved) -> None:
             if rows is not None and rows.num_rows:
                 duck.register(view, rows)
                 try:
-                    _run(duck, f"INSERT INTO reldl.{table} SELECT * FROM {view}")
+                    _run(duck, exp.insert(select(exp.Star()).from_(exp.to_identifier(view)), _t("reldl", table)))
                 finally:
                     duck.unregister(view)
         for table in BOOKKEEPING:
-            if table not in saved.tables and not _run(duck, f"SELECT count(*) FROM reldl.{table}").fetchall()[0][0]:
+            count = select(exp.Count(this=exp.Star())).from_(_t("reldl", table))
+            if table not in saved.tables and not _run(duck, count).fetchall()[0][0]:
                 _run(duck, train.drop_sql(_t("reldl", table)))
         _run(duck, "COMMIT")
     except BaseException:
