@@ -172,6 +172,7 @@ RELU_VARIANTS = {
     "barrier 2/SM 8w": {"barrier": {"MAX_BYTES": None, "PROGRAMS_PER_SM": 2, "num_warps": 8}, "b1": 1},
     "barrier regs": {"barrier": {"MAX_BYTES": None, "W2_L2": False}, "b1": 1},
     "barrier 2 launches": {"barrier": {"MAX_BYTES": None, "TWO_LAUNCHES": True}, "b1": 1},
+    "barrier plain launch": {"barrier": {"MAX_BYTES": None, "COOPERATIVE": False}, "b1": 1},
 }
 _SPARSE = {"TEAL_MAX_SPARSE_BATCH": 1 << 20}
 TEAL_VARIANTS = {

@@ -951,6 +951,7 @@ BARRIER = {
     "CHUNK_RB": 16,
     "num_warps": 16,
     "TWO_LAUNCHES": False,
+    "COOPERATIVE": True,  # the one launch as a cooperative launch (the driver checks the whole grid fits)
 }
 BARRIER_MAX_COLS = 64  # column blocks of the down half (one arrival counter each)
 BARRIER_BLOCK_CS = (128, 256, 512, 1024)  # BLOCK_C None chooses among these
@@ -1324,7 +1325,12 @@ def _barrier_mlp(x, w1, b1, w2t, b2, idx, act_code, y) -> bool:
     opts.update(_launch_opts(cfg, "BLOCK_RA", "BLOCK_DA", "BLOCK_RB", "BLOCK_C", "LINE"))
     grid = (cfg["PROGRAMS"],)
     one = not cfg["TWO_LAUNCHES"] and _barrier_fits(args, opts, grid, cdiv(cfg["PROGRAMS"], num_sms(x.device)))
-    for phase in (0,) if one else (1, 2):
+    if one:  # a cooperative launch also makes the driver refuse a grid that cannot be resident at once (no hang)
+        _barrier_mlp_kernel[grid](
+            *args, PHASE=0, **opts, **({"launch_cooperative_grid": True} if cfg["COOPERATIVE"] else {})
+        )
+        return True
+    for phase in (1, 2):
         _barrier_mlp_kernel[grid](*args, PHASE=phase, **opts)
     return True
 
@@ -1339,7 +1345,7 @@ def _barrier_fits(args, opts: dict, grid: tuple, per_sm: int) -> bool:
     x = args[0]
     key = (x.device, x.dtype, args[1].dtype, tuple(sorted(opts.items())))
     if key not in _barrier_resident:
-        kernel = _barrier_mlp_kernel.warmup(*args, grid=grid, PHASE=0, **opts)
+        kernel = _barrier_mlp_kernel.warmup(*args, grid=grid, PHASE=0, **opts)  # compiled, not launched
         kernel._init_handles()
         props = torch.cuda.get_device_properties(x.device)
         warps = opts.get("num_warps", 4)
