@@ -53,7 +53,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reldl.kernels._triton import cdiv, next_pow2, pdl_launch_opts, pdl_supported, require_triton, tl, triton
+from reldl.kernels._triton import (
+    cdiv,
+    cooperative_launch_opts,
+    next_pow2,
+    pdl_launch_opts,
+    pdl_supported,
+    require_triton,
+    tl,
+    triton,
+)
 from reldl.kernels.paged_attention import num_sms
 
 ACTIVATIONS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
@@ -1326,9 +1335,7 @@ def _barrier_mlp(x, w1, b1, w2t, b2, idx, act_code, y) -> bool:
     grid = (cfg["PROGRAMS"],)
     one = not cfg["TWO_LAUNCHES"] and _barrier_fits(args, opts, grid, cdiv(cfg["PROGRAMS"], num_sms(x.device)))
     if one:  # a cooperative launch also makes the driver refuse a grid that cannot be resident at once (no hang)
-        _barrier_mlp_kernel[grid](
-            *args, PHASE=0, **opts, **({"launch_cooperative_grid": True} if cfg["COOPERATIVE"] else {})
-        )
+        _barrier_mlp_kernel[grid](*args, PHASE=0, **opts, **cooperative_launch_opts(x.device, cfg["COOPERATIVE"]))
         return True
     for phase in (1, 2):
         _barrier_mlp_kernel[grid](*args, PHASE=phase, **opts)
