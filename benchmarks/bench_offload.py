@@ -109,6 +109,18 @@ def mem_available() -> float:
     return 0.0
 
 
+def allocator_counts(dev) -> dict:
+    """The CUDA caching allocator's event counters (cumulative; {} on the CPU): cudaMalloc / cudaFree calls, and the
+    retries that free cached blocks and synchronise the device when an allocation does not fit (near the cap)."""
+    import torch
+
+    if dev.type != "cuda":
+        return {}
+    st = torch.cuda.memory_stats(dev)
+    keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams", "num_ooms")
+    return {k: int(st.get(k, 0)) for k in keys}
+
+
 def measured(steps, tokens: int) -> dict:
     """One generate call's steps (prefill first): step times, throughput, bytes and copies per decode step."""
     dec = [s.seconds for s in steps[1:]]
@@ -185,21 +197,25 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
         drop_page_cache=args.drop_page_cache,
         pin=args.pin,
         cache_stream=args.cache_stream,
+        staging=args.staging,
     )
     row["build_s"] = time.perf_counter() - t
     try:
         row["reserve_s"] = eng.reserve(args.prompt, args.gen)  # the block's KV cache / activation buffers
         row["pin_s"], row["pin"], row["cache_stream"] = eng.arena.pin_s, args.pin, args.cache_stream
+        row["staging"] = args.staging
         print(f"   built in {row['build_s']:.1f} s (pinning {row['pin_s']:.1f} s), reserve {row['reserve_s']:.2f} s")
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(4, run_cfg.vocab_size, (policy.block_size, args.prompt), generator=g).tolist()
         if args.warmup:  # first-use costs (cuBLAS / Triton compiles, page faults of fresh buffers) not timed; a
             # prompt of at most WARMUP_PROMPT tokens runs the same kernels and configs without the whole prefill
             eng.generate([p[:WARMUP_PROMPT] for p in prompts], 2)
+        alloc0 = allocator_counts(dev)
         t = time.perf_counter()
         eng.generate(prompts, args.gen)
         row["wall_s"] = time.perf_counter() - t
         row["measured"] = measured(eng.stats.steps, policy.block_size * args.gen)
+        row["allocator"] = {k: v - alloc0.get(k, 0) for k, v in allocator_counts(dev).items()}
         dec = row["measured"]["decode_steps_s"]
         row["memory_placed_gib"] = {part: {k: v / GiB for k, v in d.items()} for part, d in eng.memory().items()}
         if not cpu:
@@ -210,6 +226,8 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
             f"(min {min(dec):.3g}, max {max(dec):.3g}), {m['throughput']:.3g} tok/s "
             f"(predicted {est.throughput:.3g}, ratio {m['throughput'] / est.throughput:.2f})"
         )
+        if row["allocator"]:
+            print("   allocator during the run: " + ", ".join(f"{k} {v}" for k, v in row["allocator"].items()))
         # transfer vs compute, serialised (profile mode), a few decode steps
         eng.set_profile(True)
         eng.generate(prompts, 4)
@@ -253,6 +271,24 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
                 print(
                     f"   cache_stream={k}: {v['throughput']:.3g} tok/s, decode step {v['decode_step_mean_s']:.3g} s "
                     f"(predicted {est.throughput:.3g} tok/s, ratio {v['throughput'] / est.throughput:.2f})"
+                )
+        if args.ab_staging:  # the same engine and prompts with the other weight staging, measured again
+            other = "fixed" if args.staging == "alloc" else "alloc"
+            eng.set_staging(other)
+            alloc0 = allocator_counts(dev)
+            eng.generate(prompts, args.gen)
+            counts = {k: v - alloc0.get(k, 0) for k, v in allocator_counts(dev).items()}
+            eng.set_staging(args.staging)
+            m2 = measured(eng.stats.steps, policy.block_size * args.gen)
+            row["ab_staging"] = {
+                st: dict(throughput=r["throughput"], decode_step_mean_s=r["decode_step_mean_s"], allocator=c)
+                for st, r, c in ((args.staging, m, row["allocator"]), (other, m2, counts))
+            }
+            for k, v in row["ab_staging"].items():
+                print(
+                    f"   staging={k}: {v['throughput']:.3g} tok/s, decode step {v['decode_step_mean_s']:.3g} s "
+                    f"(predicted {est.throughput:.3g} tok/s, ratio {v['throughput'] / est.throughput:.2f}); "
+                    f"allocator {v['allocator']}"
                 )
         if args.timeline:  # where the overlapped step's time goes (OffloadEngine.set_timeline), a few decode steps
             eng.set_timeline(True)
@@ -346,6 +382,17 @@ def main() -> int:
         "--ab-cache-stream",
         action="store_true",
         help="after the measured run, run again with the other --cache-stream setting on the same engine",
+    )
+    ap.add_argument(
+        "--staging",
+        choices=("alloc", "fixed"),
+        default="alloc",
+        help="where streamed weights land (OffloadEngine staging): fresh tensors per fetch, or two fixed buffers",
+    )
+    ap.add_argument(
+        "--ab-staging",
+        action="store_true",
+        help="after the measured run, run again with the other --staging on the same engine",
     )
     ap.add_argument(
         "--timeline",

@@ -117,3 +117,20 @@ def test_timeline_mode_on_cuda(tiny_checkpoints, cache_stream):
                 parts = [v for k, v in tl[name].items() if k in ("busy", "tail") or k.startswith("idle_")]
                 assert sum(parts) == pytest.approx(tl["gpu_step_s"], rel=1e-6), name
         assert ("h2d_side" in tl) == cache_stream  # the hidden states come back from the CPU in every step
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_fixed_weight_staging_on_cuda(tiny_checkpoints, compress):
+    """staging="fixed" (streamed weights in two buffers made once) gives the all-on-GPU tokens, with the weights on
+    the CPU, split 50/50 and over three tiers; the allocator makes no device allocation during a second run."""
+    path = tiny_checkpoints("opt")
+    both = dict(compress_weight=compress, compress_cache=compress)
+    want = _run(path, Policy(2, 2, **both))
+    for weights in (CPU, HALF_CPU, THIRDS):
+        policy = Policy(2, 2, weights=weights, cache=HALF_CPU, **both)
+        with OffloadEngine(path, policy, device="cuda", dtype=torch.float32, staging="fixed") as eng:
+            assert eng.generate(_prompts(), NEW) == want, weights
+            before = torch.cuda.memory_stats()["num_device_alloc"]
+            assert eng.generate(_prompts(), NEW) == want, weights
+            if not policy.uses_disk:  # (a disk share stages through pinned host copies, not device memory)
+                assert torch.cuda.memory_stats()["num_device_alloc"] == before, weights

@@ -22,7 +22,7 @@ import checkpoints as ck  # noqa: E402
 
 from reldl.kernels.quant4 import dequantize_4bit, quantize_4bit_reference  # noqa: E402
 from reldl.llm import SamplingParams  # noqa: E402
-from reldl.llm.offload.executor import OffloadEngine, split_counts  # noqa: E402
+from reldl.llm.offload.executor import OffloadEngine, _parts, split_counts  # noqa: E402
 from reldl.llm.offload.policy import Policy, unit_tiers  # noqa: E402
 from reldl.llm.offload.tiers import job_rates  # noqa: E402
 from reldl.registry import get_engine  # noqa: E402
@@ -144,6 +144,38 @@ def test_cache_loads_on_their_own_lane(opt, threads):
     assert out == base == again == opt.base
     torch.testing.assert_close(logits, base_logits)
     assert True in sides and False in sides  # both lanes used
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_fixed_weight_staging_gives_the_same_tokens(opt, compress):
+    """staging="fixed": streamed weights land in two buffers made once (alternating per fetch) instead of fresh
+    tensors; same tokens and logits as "alloc", and switching back between runs works."""
+    policy = Policy(2, 3, weights=THIRDS, cache=HALF_CPU, compress_weight=compress, compress_cache=compress)
+    base, base_logits, _ = _run(opt.path, policy, opt.prompts)
+    with OffloadEngine(opt.path, policy, staging="fixed") as eng:
+        fetched = []
+        fetch = eng.weights.fetch
+
+        def spy(u):
+            w, ticket = fetch(u)
+            moved = [w[key] for key, (tier, _) in eng.weights.placed[u].items() if tier != "gpu"]
+            fetched.append({p.untyped_storage().data_ptr() for t in moved for p in _parts(t)})
+            return w, ticket
+
+        eng.weights.fetch = spy
+        out = eng.generate(opt.prompts, NEW, keep_logits=True)
+        logits = eng.logits
+        slabs = {eng.arena._slabs[("gpu", f"wstage{i}")].untyped_storage().data_ptr() for i in (0, 1)}
+        eng.set_staging("alloc")
+        again = eng.generate(opt.prompts, NEW)
+        with pytest.raises(ValueError, match="staging must be one of alloc, fixed"):
+            eng.set_staging("pinned")
+    assert out == base == again
+    torch.testing.assert_close(logits, base_logits)
+    fixed = [f for f in fetched[: len(fetched) // 2] if f]
+    buffers = {ptr for f in fixed for ptr in f}
+    assert buffers == slabs  # every fixed-staging fetch landed in one of the two buffers, alternately
+    assert all(a != b for a, b in zip(fixed, fixed[1:]))
 
 
 def test_disk_weights_are_the_checkpoints_memory_maps(opt):

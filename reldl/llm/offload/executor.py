@@ -74,6 +74,8 @@ from reldl.llm.offload.tiers import (
 )
 from reldl.llm.rope import Rotary
 
+STAGING = ("alloc", "fixed")  # OffloadEngine(staging=...): where streamed weights land on the device
+
 
 def split_counts(n: int, fractions: Sequence[float]) -> list[tuple[str, int, int]]:
     """[0, n) split into (tier, start, end) by cumulative fractions (rounded), empty ranges dropped."""
@@ -118,6 +120,8 @@ class WeightStore:
 
     def __init__(self, source, policy: Policy, device: torch.device, dtype: torch.dtype, arena: Arena, mover: Mover):
         self.device, self.dtype, self.arena, self.mover = device, dtype, arena, mover
+        self.staging = "alloc"  # where fetched weights land: fresh tensors from the allocator, or "fixed" (set_staging)
+        self._slot = 0
         self.units = layers.units(source.config)
         self.placed: list[dict[str, tuple[str, object]]] = []
         self.bytes = {t: 0 for t in TIERS}
@@ -165,15 +169,38 @@ class WeightStore:
         return self.arena.put("cpu", t.to(dt))  # from the map or the device straight into the (pinned) buffer
 
     def fetch(self, u: int):
-        out, pairs = {}, []
-        for key, (tier, val) in self.placed[u].items():
-            if tier == "gpu":
-                out[key] = val
-                continue
-            dst = _empty_like_on(val, self.device)
+        pairs = []
+        out = {key: val for key, (tier, val) in self.placed[u].items() if tier == "gpu"}
+        moved = [(key, tier, val) for key, (tier, val) in self.placed[u].items() if tier != "gpu"]
+        views = iter(self._stage(u)) if moved and self.staging == "fixed" else None
+        for key, tier, val in moved:
+            if views is None:
+                dst = _empty_like_on(val, self.device)
+            elif isinstance(val, Quantized4):
+                dst = Quantized4(*(next(views) for _ in range(3)), val.k)
+            else:
+                dst = next(views)
             pairs += [(d, s, tier == "disk") for d, s in zip(_parts(dst), _parts(val))]
             out[key] = dst
         return out, (self.mover.load(pairs) if pairs else None)
+
+    def _stage(self, u: int) -> list[torch.Tensor]:
+        """staging "fixed": device views for unit u's offloaded parts in the next of two buffers, both made once at
+        the largest unit's size. Consecutive fetches alternate, and a load waits for the compute issued before it,
+        so the unit still being computed keeps its buffer; no allocator call per fetch (near the memory cap the
+        allocator's retries synchronise the device)."""
+        if ("gpu", "wstage0") not in self.arena._slabs:
+            biggest = max(_total(self._moved_specs(i)) for i in range(len(self.placed)))
+            for name in ("wstage0", "wstage1"):
+                self.arena.slab("gpu", [((biggest,), torch.uint8)], name)
+        self._slot ^= 1
+        return self.arena.slab("gpu", self._moved_specs(u), f"wstage{self._slot}")
+
+    def _moved_specs(self, u: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of unit u's offloaded parts, in fetch order."""
+        return [
+            (tuple(p.shape), p.dtype) for tier, val in self.placed[u].values() if tier != "gpu" for p in _parts(val)
+        ]
 
 
 def fuse_qkv_entries(entries: list[tuple[str, str]]) -> list[tuple[str, object]]:
@@ -365,7 +392,10 @@ class OffloadEngine:
     pinned host buffers are made on CUDA (tiers.Arena: "register", the default, or "alloc"). `cache_stream`: load
     the KV cache and hidden states on a second host-to-device stream, so a GPU batch's cache does not queue behind
     the next unit's weights (FIFO on one stream: on the H200, OPT-66B's 1.5 GB per-layer weight prefetch held back
-    the batches behind it, and the decode step was 1.2x the stream's busy time); off until measured on a GPU.
+    the batches behind it, and the decode step was 1.2x the stream's busy time); measured on the H200 it changed
+    nothing, so it is off. `staging`: where streamed weights land, "alloc" (fresh tensors per fetch) or "fixed" (two
+    buffers made once: no allocator call per unit, whose retries near the memory cap would synchronise the device);
+    "alloc" until measured.
     """
 
     def __init__(
@@ -381,6 +411,7 @@ class OffloadEngine:
         drop_page_cache: bool = False,
         pin: str = "register",
         cache_stream: bool = False,
+        staging: str = "alloc",
     ):
         if pin not in PIN_METHODS:  # before anything is made (the offload directory)
             raise ValueError(f"OffloadEngine: pin must be one of {', '.join(PIN_METHODS)}, got {pin!r}")
@@ -410,6 +441,7 @@ class OffloadEngine:
             )
         with torch.inference_mode():
             self.weights = WeightStore(source, policy, self.device, self.dtype, self.arena, self.mover)
+        self.set_staging(staging)
         self.num_units = len(self.weights.units)
         self.stats = RunStats()
         self.block_bytes = {t: 0 for t in TIERS}
@@ -472,6 +504,13 @@ class OffloadEngine:
         """Switch the KV cache / hidden-state loads to their own stream (True) or the weights' (False) for the next
         runs (see the class docstring)."""
         self.mover.side_stream = bool(on)
+
+    def set_staging(self, staging: str) -> None:
+        """Where streamed weights land for the next runs: "alloc" (fresh tensors from the caching allocator per
+        fetch) or "fixed" (two device buffers made once; see WeightStore._stage)."""
+        if staging not in STAGING:
+            raise ValueError(f"OffloadEngine: staging must be one of {', '.join(STAGING)}, got {staging!r}")
+        self.weights.staging = staging
 
     def set_profile(self, on: bool) -> None:
         """Switch the serialised, timed mode (see the module docstring) on or off for the next runs."""
