@@ -62,6 +62,7 @@ from reldl.llm.engine import encode_texts
 from reldl.llm.offload import layers, timeline
 from reldl.llm.offload.policy import Policy, fuses_qkv, unit_tiers
 from reldl.llm.offload.tiers import (
+    ALIGN,
     PIN_METHODS,
     TIERS,
     Arena,
@@ -190,11 +191,23 @@ class WeightStore:
         so the unit still being computed keeps its buffer; no allocator call per fetch (near the memory cap the
         allocator's retries synchronise the device)."""
         if ("gpu", "wstage0") not in self.arena._slabs:
-            biggest = max(_total(self._moved_specs(i)) for i in range(len(self.placed)))
-            for name in ("wstage0", "wstage1"):
-                self.arena.slab("gpu", [((biggest,), torch.uint8)], name)
+            self.make_staging()
         self._slot ^= 1
         return self.arena.slab("gpu", self._moved_specs(u), f"wstage{self._slot}")
+
+    def make_staging(self) -> None:
+        """The two "fixed" staging buffers, at the largest unit's offloaded size (before a timed run: no allocation in
+        it)."""
+        biggest = max(_total(self._moved_specs(i)) for i in range(len(self.placed)))
+        if biggest > ALIGN:  # (no unit streams anything: nothing to make)
+            for name in ("wstage0", "wstage1"):
+                self.arena.slab("gpu", [((biggest,), torch.uint8)], name)
+
+    def drop_staging(self) -> None:
+        for name in ("wstage0", "wstage1"):
+            buf = self.arena._slabs.pop(("gpu", name), None)
+            if buf is not None:
+                self.arena.bytes["gpu"] -= buf.numel()
 
     def _moved_specs(self, u: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
         """(shape, dtype) of unit u's offloaded parts, in fetch order."""
@@ -511,6 +524,12 @@ class OffloadEngine:
         if staging not in STAGING:
             raise ValueError(f"OffloadEngine: staging must be one of {', '.join(STAGING)}, got {staging!r}")
         self.weights.staging = staging
+        if staging == "fixed":  # made now, outside any timed run; the allocator's cached blocks given back first
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.weights.make_staging()
+        else:
+            self.weights.drop_staging()
 
     def set_profile(self, on: bool) -> None:
         """Switch the serialised, timed mode (see the module docstring) on or off for the next runs."""
