@@ -121,6 +121,22 @@ def allocator_counts(dev) -> dict:
     return {k: int(st.get(k, 0)) for k in keys}
 
 
+def ab_run(eng, setter, current, other, prompts, gen: int, row: dict, dev) -> dict:
+    """The measured run (row) beside one more with `setter(other)` on the same engine (then `setter(current)`):
+    throughput, mean decode step and allocator counts of each, keyed by the setting."""
+    setter(other)
+    alloc0 = allocator_counts(dev)
+    eng.generate(prompts, gen)
+    counts = {k: v - alloc0.get(k, 0) for k, v in allocator_counts(dev).items()}
+    setter(current)
+    m2 = measured(eng.stats.steps, len(prompts) * gen)
+    m = row["measured"]
+    return {
+        str(key).lower(): dict(throughput=r["throughput"], decode_step_mean_s=r["decode_step_mean_s"], allocator=c)
+        for key, r, c in ((current, m, row["allocator"]), (other, m2, counts))
+    }
+
+
 def measured(steps, tokens: int) -> dict:
     """One generate call's steps (prefill first): step times, throughput, bytes and copies per decode step."""
     dec = [s.seconds for s in steps[1:]]
@@ -257,36 +273,18 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
             f"   decode step: transfer {tr:.3g} s, compute {co:.3g} s (serialised {ser:.3g} s); overlapped "
             f"{m['decode_step_mean_s']:.3g} s = {ratio:.2f} x max -> {'OK' if ratio <= 1.2 else 'over 1.2x'}"
         )
-        if args.ab_cache_stream:  # the same engine and prompts with the other cache-stream setting, measured again
-            other = not args.cache_stream
-            eng.set_cache_stream(other)
-            eng.generate(prompts, args.gen)
-            eng.set_cache_stream(args.cache_stream)
-            m2 = measured(eng.stats.steps, policy.block_size * args.gen)
-            row["ab_cache_stream"] = {
-                str(on).lower(): dict(throughput=r["throughput"], decode_step_mean_s=r["decode_step_mean_s"])
-                for on, r in ((args.cache_stream, m), (other, m2))
-            }
-            for k, v in row["ab_cache_stream"].items():
+        # A/B: the same engine and prompts with the other setting, measured again (then set back)
+        if args.ab_cache_stream:
+            cur = args.cache_stream
+            row["ab_cache_stream"] = ab_run(eng, eng.set_cache_stream, cur, not cur, prompts, args.gen, row, dev)
+        if args.ab_staging:
+            cur = args.staging
+            other = "fixed" if cur == "alloc" else "alloc"
+            row["ab_staging"] = ab_run(eng, eng.set_staging, cur, other, prompts, args.gen, row, dev)
+        for name in ("ab_cache_stream", "ab_staging"):
+            for k, v in row.get(name, {}).items():
                 print(
-                    f"   cache_stream={k}: {v['throughput']:.3g} tok/s, decode step {v['decode_step_mean_s']:.3g} s "
-                    f"(predicted {est.throughput:.3g} tok/s, ratio {v['throughput'] / est.throughput:.2f})"
-                )
-        if args.ab_staging:  # the same engine and prompts with the other weight staging, measured again
-            other = "fixed" if args.staging == "alloc" else "alloc"
-            eng.set_staging(other)
-            alloc0 = allocator_counts(dev)
-            eng.generate(prompts, args.gen)
-            counts = {k: v - alloc0.get(k, 0) for k, v in allocator_counts(dev).items()}
-            eng.set_staging(args.staging)
-            m2 = measured(eng.stats.steps, policy.block_size * args.gen)
-            row["ab_staging"] = {
-                st: dict(throughput=r["throughput"], decode_step_mean_s=r["decode_step_mean_s"], allocator=c)
-                for st, r, c in ((args.staging, m, row["allocator"]), (other, m2, counts))
-            }
-            for k, v in row["ab_staging"].items():
-                print(
-                    f"   staging={k}: {v['throughput']:.3g} tok/s, decode step {v['decode_step_mean_s']:.3g} s "
+                    f"   {name[3:]}={k}: {v['throughput']:.3g} tok/s, decode step {v['decode_step_mean_s']:.3g} s "
                     f"(predicted {est.throughput:.3g} tok/s, ratio {v['throughput'] / est.throughput:.2f}); "
                     f"allocator {v['allocator']}"
                 )

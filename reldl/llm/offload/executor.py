@@ -123,6 +123,7 @@ class WeightStore:
         self.device, self.dtype, self.arena, self.mover = device, dtype, arena, mover
         self.staging = "alloc"  # where fetched weights land: fresh tensors from the allocator, or "fixed" (set_staging)
         self._slot = 0
+        self._views: dict[tuple[int, int], list[torch.Tensor]] = {}  # (buffer, unit) -> the unit's views of it
         self.units = layers.units(source.config)
         self.placed: list[dict[str, tuple[str, object]]] = []
         self.bytes = {t: 0 for t in TIERS}
@@ -193,7 +194,10 @@ class WeightStore:
         if ("gpu", "wstage0") not in self.arena._slabs:
             self.make_staging()
         self._slot ^= 1
-        return self.arena.slab("gpu", self._moved_specs(u), f"wstage{self._slot}")
+        key = (self._slot, u)
+        if key not in self._views:  # a unit's views of a buffer never change: carved once
+            self._views[key] = self.arena.slab("gpu", self._moved_specs(u), f"wstage{self._slot}")
+        return self._views[key]
 
     def make_staging(self) -> None:
         """The two "fixed" staging buffers, at the largest unit's offloaded size (before a timed run: no allocation in
@@ -204,6 +208,7 @@ class WeightStore:
                 self.arena.slab("gpu", [((biggest,), torch.uint8)], name)
 
     def drop_staging(self) -> None:
+        self._views.clear()
         for name in ("wstage0", "wstage1"):
             buf = self.arena._slabs.pop(("gpu", name), None)
             if buf is not None:
