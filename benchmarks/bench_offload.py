@@ -214,12 +214,13 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
         pin=args.pin,
         cache_stream=args.cache_stream,
         staging=args.staging,
+        weight_pieces=args.weight_pieces,
     )
     row["build_s"] = time.perf_counter() - t
     try:
         row["reserve_s"] = eng.reserve(args.prompt, args.gen)  # the block's KV cache / activation buffers
         row["pin_s"], row["pin"], row["cache_stream"] = eng.arena.pin_s, args.pin, args.cache_stream
-        row["staging"] = args.staging
+        row["staging"], row["weight_pieces"] = args.staging, args.weight_pieces
         print(f"   built in {row['build_s']:.1f} s (pinning {row['pin_s']:.1f} s), reserve {row['reserve_s']:.2f} s")
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(4, run_cfg.vocab_size, (policy.block_size, args.prompt), generator=g).tolist()
@@ -281,7 +282,12 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
             cur = args.staging
             other = "fixed" if cur == "alloc" else "alloc"
             row["ab_staging"] = ab_run(eng, eng.set_staging, cur, other, prompts, args.gen, row, dev)
-        for name in ("ab_cache_stream", "ab_staging"):
+        if args.ab_pieces:
+            cur = args.weight_pieces
+            keys = {True: "pieces", False: "whole"}
+            ab = ab_run(eng, eng.set_weight_pieces, cur, not cur, prompts, args.gen, row, dev)
+            row["ab_pieces"] = {keys[k == "true"]: v for k, v in ab.items()}
+        for name in ("ab_cache_stream", "ab_staging", "ab_pieces"):
             for k, v in row.get(name, {}).items():
                 print(
                     f"   {name[3:]}={k}: {v['throughput']:.3g} tok/s, decode step {v['decode_step_mean_s']:.3g} s "
@@ -391,6 +397,17 @@ def main() -> int:
         "--ab-staging",
         action="store_true",
         help="after the measured run, run again with the other --staging on the same engine",
+    )
+    ap.add_argument(
+        "--whole-unit-fetch",
+        dest="weight_pieces",
+        action="store_false",
+        help="fetch each unit's weights in one load ahead of the batches' loads (OffloadEngine weight_pieces=False)",
+    )
+    ap.add_argument(
+        "--ab-pieces",
+        action="store_true",
+        help="after the measured run, run again with the other weight-fetch setting (pieces / whole unit)",
     )
     ap.add_argument(
         "--timeline",

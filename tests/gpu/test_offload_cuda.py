@@ -33,17 +33,21 @@ def _run(path, policy: Policy, threads: bool | None = None, cache_stream: bool =
         return eng.generate(_prompts(), NEW)
 
 
+@pytest.mark.parametrize("pieces", [False, True])
 @pytest.mark.parametrize("cache_stream", [False, True])
 @pytest.mark.parametrize("threads", [None, True])
 @pytest.mark.parametrize("compress", [False, True])
-def test_placements_match_all_on_gpu(tiny_checkpoints, monkeypatch, compress, threads, cache_stream):
+def test_placements_match_all_on_gpu(tiny_checkpoints, monkeypatch, compress, threads, cache_stream, pieces):
     """Weights and cache on the CPU, split 50/50 (the cache by heads: a GPU and a host segment per layer, the host
     one loaded into the ring of device buffers every decode step) and over three tiers: the all-on-GPU tokens. The
     attention is slowed on the GPU (a spin before each call on the compute stream), so a load that overwrote a ring
     buffer before the attention reading it had run would change the tokens; the ring must have been used. Copies
     from the engine's default (the main thread without a disk share, worker threads with one) and from worker
-    threads always; the cache and hidden states on the weights' stream or on their own (cache_stream)."""
+    threads always; the cache and hidden states on the weights' stream or on their own (cache_stream); with `pieces`
+    every unit's weights move in several loads between the batches (PieceLoad, 256-byte pieces)."""
     ex = importlib.import_module("reldl.llm.offload.executor")
+    if pieces:
+        monkeypatch.setattr(ex, "PIECE_MIN_BYTES", 256)
     made = []
 
     class SpyCache(ex.KVCache):

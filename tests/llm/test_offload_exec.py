@@ -22,9 +22,10 @@ import checkpoints as ck  # noqa: E402
 
 from reldl.kernels.quant4 import dequantize_4bit, quantize_4bit_reference  # noqa: E402
 from reldl.llm import SamplingParams  # noqa: E402
-from reldl.llm.offload.executor import OffloadEngine, _parts, split_counts  # noqa: E402
+from reldl.llm.offload import executor  # noqa: E402
+from reldl.llm.offload.executor import OffloadEngine, _parts, split_counts, split_pairs  # noqa: E402
 from reldl.llm.offload.policy import Policy, unit_tiers  # noqa: E402
-from reldl.llm.offload.tiers import job_rates  # noqa: E402
+from reldl.llm.offload.tiers import job_rates, nbytes  # noqa: E402
 from reldl.registry import get_engine  # noqa: E402
 
 NEW = 6
@@ -130,9 +131,9 @@ def test_cache_loads_on_their_own_lane(opt, threads):
     with OffloadEngine(opt.path, policy, threads=threads, cache_stream=True) as eng:
         load = eng.mover.load
 
-        def spy(pairs, after=(), side=False):
+        def spy(pairs, after=(), side=False, **kw):
             sides.append(side)
-            return load(pairs, after, side)
+            return load(pairs, after, side, **kw)
 
         eng.mover.load = spy
         out = eng.generate(opt.prompts, NEW, keep_logits=True)
@@ -154,15 +155,15 @@ def test_fixed_weight_staging_gives_the_same_tokens(opt, compress):
     base, base_logits, _ = _run(opt.path, policy, opt.prompts)
     with OffloadEngine(opt.path, policy, staging="fixed") as eng:
         fetched = []
-        fetch = eng.weights.fetch
+        prepare = eng.weights.prepare
 
         def spy(u):
-            w, ticket = fetch(u)
+            w, pairs = prepare(u)
             moved = [w[key] for key, (tier, _) in eng.weights.placed[u].items() if tier != "gpu"]
             fetched.append({p.untyped_storage().data_ptr() for t in moved for p in _parts(t)})
-            return w, ticket
+            return w, pairs
 
-        eng.weights.fetch = spy
+        eng.weights.prepare = spy
         out = eng.generate(opt.prompts, NEW, keep_logits=True)
         logits = eng.logits
         slabs = {eng.arena._slabs[("gpu", f"wstage{i}")].untyped_storage().data_ptr() for i in (0, 1)}
@@ -176,6 +177,72 @@ def test_fixed_weight_staging_gives_the_same_tokens(opt, compress):
     buffers = {ptr for f in fixed for ptr in f}
     assert buffers == slabs  # every fixed-staging fetch landed in one of the two buffers, alternately
     assert all(a != b for a, b in zip(fixed, fixed[1:]))
+
+
+def test_split_pairs_cuts_large_tensors_in_order():
+    """A unit's copy pairs in at most `pieces` groups of at least `min_bytes` (but the last); contiguous tensors are
+    cut along their elements, others kept whole; copying every group's pairs copies everything exactly."""
+    g = torch.Generator().manual_seed(1)
+    srcs = [torch.randn(n, generator=g) for n in (1000, 7, 3000, 1)] + [torch.randn(40, 30, generator=g).t()]
+    dsts = [torch.zeros_like(s) for s in srcs]
+    pairs = [(d, s, False) for d, s in zip(dsts, srcs)]
+    total = sum(nbytes(s) for s in srcs)
+    for pieces, min_bytes in [(1, 0), (4, 0), (16, 0), (4, 8000), (100, 0), (3, 10**9)]:
+        for d in dsts:
+            d.zero_()
+        groups = split_pairs(pairs, pieces, min_bytes)
+        sizes = [sum(nbytes(s) for _, s, _ in grp) for grp in groups]
+        assert 1 <= len(groups) <= pieces and sum(sizes) == total
+        assert all(size >= min_bytes for size in sizes[:-1])
+        assert len(groups) == 1 or max(len(grp) for grp in groups) < len(pairs) + len(groups)
+        for grp in groups:
+            for d, s, _ in grp:
+                d.copy_(s)
+        assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
+        assert any(s is srcs[-1] for grp in groups for _, s, _ in grp)  # the non-contiguous one went whole
+    assert len(split_pairs(pairs, 16, 0)) > 8  # the large tensors were cut
+    assert split_pairs([], 4) == []
+
+
+PIECES = {
+    "weights_cpu": MATRIX["weights_cpu"],
+    "weights_50_disk": MATRIX["weights_50_disk"],
+    "many_gpu_batches": MATRIX["many_gpu_batches"],
+    "activations_cpu_disk": MATRIX["activations_cpu_disk"],
+    "one_big_batch": MATRIX["one_big_batch"],
+    "compressed": Policy(2, 3, weights=THIRDS, cache=HALF_CPU, compress_weight=True, compress_cache=True),
+}
+
+
+@pytest.mark.parametrize("threads", [False, True])
+@pytest.mark.parametrize("name", list(PIECES))
+def test_weights_fetched_in_pieces_between_batches(opt, monkeypatch, name, threads):
+    """With overlap the next unit's weights are fetched in up to num_gpu_batches pieces, one after each batch's own
+    loads (PieceLoad); with pieces of a few bytes every unit is cut up, and the tokens stay those of whole-unit fetches
+    (the all-on-device run's, uncompressed), through the inline and the threaded Mover and both weight stagings."""
+    policy = PIECES[name]
+    counts, outs = [], []
+    for piece in (executor.PIECE_MIN_BYTES, 64):
+        monkeypatch.setattr(executor, "PIECE_MIN_BYTES", piece)
+        staging = "fixed" if piece == 64 and threads else "alloc"
+        with OffloadEngine(opt.path, policy, threads=threads, staging=staging) as eng:
+            weight_loads = []
+            load = eng.mover.load
+
+            def spy(pairs, after=(), side=False, load=load, log=weight_loads, **kw):
+                log.append(not side)
+                return load(pairs, after, side, **kw)
+
+            eng.mover.load = spy
+            outs.append(eng.generate(opt.prompts, NEW))
+        counts.append(sum(weight_loads))
+    assert outs[1] == outs[0]
+    if not policy.compress_weight:
+        assert outs[0] == opt.base
+    if policy.num_gpu_batches > 1:
+        assert counts[1] > counts[0]  # the weights really went in more, smaller loads
+    else:
+        assert counts[1] == counts[0]  # one batch: nothing to put pieces between
 
 
 def test_disk_weights_are_the_checkpoints_memory_maps(opt):

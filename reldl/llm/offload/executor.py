@@ -171,6 +171,18 @@ class WeightStore:
         return self.arena.put("cpu", t.to(dt))  # from the map or the device straight into the (pinned) buffer
 
     def fetch(self, u: int):
+        """Start moving unit u's offloaded tensors (one load); (weights dict, load ticket)."""
+        out, pairs = self.prepare(u)
+        return out, (self.mover.load(pairs) if pairs else None)
+
+    def fetch_in_pieces(self, u: int, pieces: int) -> PieceLoad:
+        """Unit u's fetch as up to `pieces` loads, issued by the caller between GPU batches (`PieceLoad`)."""
+        out, pairs = self.prepare(u)
+        return PieceLoad(self.mover, out, split_pairs(pairs, pieces))
+
+    def prepare(self, u: int):
+        """Unit u's weights dict (device tensors; offloaded ones not yet filled) and the (dst, src, on_disk) pairs
+        that fill them."""
         pairs = []
         out = {key: val for key, (tier, val) in self.placed[u].items() if tier == "gpu"}
         moved = [(key, tier, val) for key, (tier, val) in self.placed[u].items() if tier != "gpu"]
@@ -184,7 +196,7 @@ class WeightStore:
                 dst = next(views)
             pairs += [(d, s, tier == "disk") for d, s in zip(_parts(dst), _parts(val))]
             out[key] = dst
-        return out, (self.mover.load(pairs) if pairs else None)
+        return out, pairs
 
     def _stage(self, u: int) -> list[torch.Tensor]:
         """staging "fixed": device views for unit u's offloaded parts in the next of two buffers, both made once at
@@ -219,6 +231,62 @@ class WeightStore:
         return [
             (tuple(p.shape), p.dtype) for tier, val in self.placed[u].values() if tier != "gpu" for p in _parts(val)
         ]
+
+
+PIECE_MIN_BYTES = 32 << 20  # a piece of a unit's fetch: no smaller (per-copy cost), unless the unit is
+
+
+def split_pairs(pairs: list[tuple], pieces: int, min_bytes: int | None = None) -> list[list[tuple]]:
+    """(dst, src, on_disk) copy pairs cut into at most `pieces` groups, in order, of about equal bytes and no
+    fewer than `min_bytes` each (but the last); a contiguous pair is cut along its flattened elements, so one large
+    matrix spreads over several groups."""
+    if not pairs:
+        return []
+    total = sum(nbytes(src) for _, src, _ in pairs)
+    target = max(-(-total // max(1, pieces)), PIECE_MIN_BYTES if min_bytes is None else min_bytes, 1)
+    groups: list[list[tuple]] = [[]]
+    room = target
+    for dst, src, disk in pairs:
+        esize = src.element_size()
+        whole = not (dst.is_contiguous() and src.is_contiguous() and dst.numel() == src.numel())
+        a, n = 0, src.numel()
+        while a < n:
+            if room <= 0:
+                groups.append([])
+                room = target
+            b = n if whole else min(n, a + max(1, room // esize))
+            if (a, b) == (0, n):
+                groups[-1].append((dst, src, disk))
+            else:
+                groups[-1].append((dst.view(-1)[a:b], src.view(-1)[a:b], disk))
+            room -= (b - a) * esize
+            a = b
+    return groups
+
+
+class PieceLoad:
+    """A unit's weight fetch issued in pieces (`issue`) between the GPU batches of the unit before it, so that
+    each batch's KV cache and hidden-state loads, on the same FIFO copy stream, wait behind one piece rather than
+    the whole unit (OPT-66B on the H200: a 1.5 GB layer took 28 ms to move while the compute waiting behind it sat
+    idle; a second copy stream did not help, `cache_stream`). Every piece waits for the compute issued before the
+    fetch began (`ready`, as a whole-unit load does): the unit two back, whose memory it may reuse."""
+
+    def __init__(self, mover: Mover, out: dict, groups: list[list[tuple]]):
+        self.mover, self.out, self.groups = mover, out, groups
+        self.ready = mover.compute_event() if groups else None
+        self.next = 0
+        self.ticket = None
+
+    def issue(self, upto: int) -> None:
+        """Issue the pieces before index `upto` not issued yet."""
+        while self.next < min(upto, len(self.groups)):
+            self.ticket = self.mover.load(self.groups[self.next], ready=self.ready)
+            self.next += 1
+
+    def finish(self) -> tuple[dict, object]:
+        """Issue the rest; (weights dict, the last piece's ticket: the stream is FIFO, so it covers them all)."""
+        self.issue(len(self.groups))
+        return self.out, self.ticket
 
 
 def fuse_qkv_entries(entries: list[tuple[str, str]]) -> list[tuple[str, object]]:
@@ -413,7 +481,9 @@ class OffloadEngine:
     the batches behind it, and the decode step was 1.2x the stream's busy time); measured on the H200 it changed
     nothing, so it is off. `staging`: where streamed weights land, "alloc" (fresh tensors per fetch) or "fixed" (two
     buffers made once: no allocator call per unit, whose retries near the memory cap would synchronise the device);
-    "alloc" until measured.
+    "alloc" until measured. `weight_pieces`: with overlap, the next unit's weights move in up to num_gpu_batches
+    pieces, one after each GPU batch's own cache and hidden-state loads (PieceLoad), rather than as one load ahead of
+    them all (False, for A/B runs).
     """
 
     def __init__(
@@ -430,6 +500,7 @@ class OffloadEngine:
         pin: str = "register",
         cache_stream: bool = False,
         staging: str = "alloc",
+        weight_pieces: bool = True,
     ):
         if pin not in PIN_METHODS:  # before anything is made (the offload directory)
             raise ValueError(f"OffloadEngine: pin must be one of {', '.join(PIN_METHODS)}, got {pin!r}")
@@ -444,6 +515,7 @@ class OffloadEngine:
         self.tokenizer = source.tokenizer
         self.profile = profile
         self.timeline = False
+        self.weight_pieces = weight_pieces
         self._tl_calls: list[tuple] = []
         self.disk = DiskPool(offload_dir, drop_page_cache)
         self.arena = Arena(self.device, self.disk, pin)
@@ -522,6 +594,11 @@ class OffloadEngine:
         """Switch the KV cache / hidden-state loads to their own stream (True) or the weights' (False) for the next
         runs (see the class docstring)."""
         self.mover.side_stream = bool(on)
+
+    def set_weight_pieces(self, on: bool) -> None:
+        """Fetch the next unit's weights in pieces between GPU batches (True) or in one load (False) for the next
+        runs (see the class docstring)."""
+        self.weight_pieces = bool(on)
 
     def set_staging(self, staging: str) -> None:
         """Where streamed weights land for the next runs: "alloc" (fresh tensors from the caching allocator per
@@ -633,10 +710,16 @@ class OffloadEngine:
         nxt = None
         for u in range(U):
             w, wt = w_cur
-            if overlap:  # the next unit's weights (the next step's embedding after the head) move during this unit
-                nxt = self.weights.fetch(u + 1) if u + 1 < U else (None if last else self.weights.fetch(0))
+            if overlap:  # the next unit's weights (the next step's embedding after the head) move during this unit,
+                # a piece after each batch's own loads (PieceLoad)
+                nu_w = u + 1 if u + 1 < U else (None if last else 0)
+                nxt = self.weights.fetch_in_pieces(nu_w, nb if self.weight_pieces else 1) if nu_w is not None else None
+                if nxt is not None and not self.weight_pieces:
+                    nxt.issue(1)  # whole, ahead of this unit's batches' loads
             self.mover.wait(wt)
             for k in range(nb):
+                act = pre_a.pop((u, k), None) or self._prefetch_act(u, k)
+                cache = pre_c.pop((u, k), None) or self._prefetch_cache(u, k, s, T)
                 if overlap:  # the next batch's (or the next unit's first batch's) cache and hidden states
                     nu, nk = (u, k + 1) if k + 1 < nb else (u + 1, 0)
                     if nu < U:
@@ -644,8 +727,8 @@ class OffloadEngine:
                             pre_c[(nu, nk)] = self._prefetch_cache(nu, nk, s, T)
                         if (nu, nk) not in pre_a and (nu == u or k > 0):  # its producer (nu - 1, nk) has run
                             pre_a[(nu, nk)] = self._prefetch_act(nu, nk)
-                act = pre_a.pop((u, k), None) or self._prefetch_act(u, k)
-                cache = pre_c.pop((u, k), None) or self._prefetch_cache(u, k, s, T)
+                    if nxt is not None:
+                        nxt.issue(k + 1)
                 data = (act, cache)
                 if self.profile:
                     if self.device.type == "cuda":
@@ -660,7 +743,9 @@ class OffloadEngine:
                         torch.cuda.synchronize(self.device)
                     self._compute_s += time.perf_counter() - t0
             del w
-            if not overlap:
+            if overlap:
+                nxt = nxt.finish() if nxt is not None else None
+            else:
                 nxt = self.weights.fetch(u + 1) if u + 1 < U else None
             w_cur = nxt
         return tokens, (nxt if overlap else None)

@@ -468,6 +468,10 @@ class Mover:
         ev.record(torch.cuda.current_stream(self.device))
         return ev
 
+    def compute_event(self):
+        """An event after the compute issued so far (None on the CPU), for `load(ready=...)`."""
+        return self._event()
+
     def _mark(self, stream):
         """Timeline mode: an event recorded on `stream` now (on CUDA), else the host time."""
         if not self.cuda:
@@ -505,12 +509,18 @@ class Mover:
         return pool.submit(threaded)
 
     def load(
-        self, pairs: list[tuple[torch.Tensor, torch.Tensor, bool]], after: Sequence = (), side: bool = False
+        self,
+        pairs: list[tuple[torch.Tensor, torch.Tensor, bool]],
+        after: Sequence = (),
+        side: bool = False,
+        ready=None,
     ) -> Future | _Done:
         """Copy each (device dst, host src, src_on_disk) pair; `after`: store futures this load must follow.
         `side`: on the side stream (the KV cache and hidden states; the same stream as weights unless the Mover
-        was made with side_stream), so such loads need not wait behind the next unit's weights."""
-        ready = self._event()
+        was made with side_stream), so such loads need not wait behind the next unit's weights. `ready`: the
+        compute-stream event the copies wait for (`compute_event`, recorded earlier), else one recorded now: the
+        compute issued so far (which may still read the memory the copies overwrite)."""
+        ready = ready if ready is not None else self._event()
         stream = self.h2d_side if side else self.h2d
         name = "h2d_side" if side and self.side_stream else "h2d"
         after = [a for a in after if a is not None]
