@@ -153,10 +153,18 @@ def measured(steps, tokens: int) -> dict:
     )
 
 
+def policy_fields_from(path: str, cap_gb: float) -> dict:
+    """The policy fields of the row for `cap_gb` in a bench_offload JSON (benchmarks/policies/ holds some)."""
+    for r in json.loads(Path(path).read_text()).get("rows", []):
+        if abs(float(r.get("cap_gb", -1)) - cap_gb) < 1e-9 and "policy_fields" in r:
+            return r["policy_fields"]
+    raise SystemExit(f"bench_offload: {path} has no policy for a {cap_gb:g} GB cap")
+
+
 def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
     import torch
 
-    from reldl.llm.offload import ModelShape, estimate, memory, search_policy, timeline
+    from reldl.llm.offload import ModelShape, Policy, estimate, memory, search_policy, timeline
     from reldl.llm.offload.executor import OffloadEngine
     from reldl.llm.offload.tiers import job_rates
 
@@ -171,15 +179,20 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
     hw = hw_base.with_memory(gpu=cap_gb * GiB, disk=0.0 if args.no_disk else None)
     comp = None if args.compress else False
     t = time.perf_counter()
-    policy, est_full = search_policy(
-        full,
-        hw,
-        args.prompt,
-        args.gen,
-        compress_weight=True if args.weights_4bit else comp,
-        compress_cache=comp,
-        **(dict(gpu_batch_sizes=(1, 2, 4), num_gpu_batches=(1, 2, 3)) if cpu else {}),
-    )
+    fields = policy_fields_from(args.policy_from, cap_gb) if args.policy_from else None
+    if fields is not None:  # a given policy (an earlier run's), predicted but not searched
+        policy = Policy(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        est_full = estimate(policy, full, hw, args.prompt, args.gen)
+    else:
+        policy, est_full = search_policy(
+            full,
+            hw,
+            args.prompt,
+            args.gen,
+            compress_weight=True if args.weights_4bit else comp,
+            compress_cache=comp,
+            **(dict(gpu_batch_sizes=(1, 2, 4), num_gpu_batches=(1, 2, 3)) if cpu else {}),
+        )
     search_s = time.perf_counter() - t
     est = estimate(policy, shape, hw, args.prompt, args.gen)
     row = dict(
@@ -418,6 +431,9 @@ def main() -> int:
         "--cache-stream",
         action="store_true",
         help="KV cache and hidden-state loads on their own CUDA stream (OffloadEngine cache_stream)",
+    )
+    ap.add_argument(
+        "--policy-from", default=None, help="a bench_offload JSON: run its row's policy per cap instead of searching"
     )
     ap.add_argument("--quick-measure", action="store_true")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed 2-token run")
