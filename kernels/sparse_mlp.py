@@ -33,7 +33,8 @@ Kernels:
    `_barrier_mlp_kernel` (batch 1 in one launch, a grid-wide barrier between the halves: each program starts its
    tile of W2t rows on its way (into registers, or prefetched into L2), computes its neurons' h and stores it, waits
    for every program, then multiplies the h of its neuron split by the tile; column blocks reduced by their last
-   split to arrive): off by default until measured (BARRIER["MAX_BYTES"] = 0).
+   split to arrive): off (BARRIER["MAX_BYTES"] = 0): 2-3x slower than 1 + 2 + 3 at every batch-1 shape on the H200,
+   as slow split into two launches, so the barrier is not the cost but the one-program-per-SM loop (RESULTS.md).
 5. TEAL without an index: `_compact_kernel` lists the kept input dimensions on the device (count, indices, values);
    kernel 2 then reads the count from device memory (no host sync). `sparse_swiglu_mlp` runs the thresholded dense
    MLP (cuBLAS + `_threshold_kernel` / `_glu_threshold_kernel`) above TEAL_MAX_SPARSE_BATCH rows.
@@ -951,7 +952,7 @@ def use_fused(batch: int, k: int, d: int, dtype: torch.dtype) -> bool:
 # the grid (`barrier_config`). Compiled for sm_90 (triton 3.9, cuobjdump -res-usage), these defaults take 84-128
 # registers and no spills at the OPT-13B / 30B shapes at 5-10% (1 program of 16 warps per SM).
 BARRIER = {
-    "MAX_BYTES": 0,
+    "MAX_BYTES": 0,  # off: slower than the unfused kernels at every benchmark shape (H200, RESULTS.md session 12)
     "PROGRAMS_PER_SM": 1,
     "BLOCK_C": None,
     "BLOCK_DA": 1024,
