@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
 import threading
 import weakref
 from dataclasses import dataclass
@@ -181,13 +180,13 @@ def _remove_spill_dir_at_exit(eng) -> None:
     MODEL, OR REPLACE) removes by closing the engine. One still loaded when the process exits, or dropped unclosed,
     would stay in the temp folder for good: it is removed then (by the process that made it, not a forked child)."""
     disk = eng.engine.disk
-    if disk.owned:
-        weakref.finalize(eng, _remove_dir, str(disk.dir), os.getpid())
+    if disk.owned:  # (the pool makes its directory with its first file, if ever: looked up at exit)
+        weakref.finalize(eng, _close_pool, disk, os.getpid())
 
 
-def _remove_dir(path: str, pid: int) -> None:
+def _close_pool(disk, pid: int) -> None:
     if os.getpid() == pid:
-        shutil.rmtree(path, ignore_errors=True)
+        disk.close()
 
 
 def unload(name: str | None = None) -> int:

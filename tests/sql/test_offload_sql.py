@@ -152,11 +152,11 @@ import reldl
 ckpt, tmp = sys.argv[1], Path(tempfile.gettempdir())
 spills = lambda: sorted(p.name for p in tmp.glob("reldl-offload-*"))
 conn = reldl.connect()
-for m, batch in (("dropped", 2), ("kept", 3)):  # two policies: two engines
+for m, batch, c in (("dropped", 2, "0/50/50"), ("kept", 3, "0/50/50"), ("nodisk", 4, "0/100/0")):  # three engines
     conn.execute(f"CREATE MODEL {m} OPTIONS (model_type = 'llm', path = '{ckpt}', dtype = 'float32', "
-                 f"device = 'cpu', offload = 'weights = 50/0/50, cache = 0/100/0, gpu_batch_size = {batch}')")
+                 f"device = 'cpu', offload = 'weights = 50/50/0, cache = {c}, gpu_batch_size = {batch}')")
     conn.execute(f"SELECT llm_generate('Alice', model := '{m}', max_tokens := 2)").fetchall()
-print(len(spills()), any((tmp / d).iterdir() for d in spills()))
+print(len(spills()), all(any((tmp / d).iterdir()) for d in spills()))
 conn.execute("DROP MODEL dropped")
 print(len(spills()))
 conn.close()
@@ -165,13 +165,14 @@ conn.close()
 
 def test_temporary_offload_dir_goes_with_the_model_and_the_process(opt_ckpt, tmp_path):
     """Without offload_dir the disk tier spills into a temporary directory of the model's own: DROP MODEL removes
-    it, and so does the process's exit while the model is still loaded (it stayed behind in the temp folder)."""
+    it, and so does the process's exit while the model is still loaded (it stayed behind in the temp folder). A
+    model with no disk share makes no directory at all."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     proc = subprocess.run(
         [sys.executable, "-c", SPILL_SCRIPT, str(opt_ckpt)], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["2", "True", "1"]  # one each, with the spilled weights in them; DROP: one left
+    assert proc.stdout.split() == ["2", "True", "1"]  # one per disk model, its KV cache in it; DROP: one left
     assert not list(tmp_path.glob("reldl-offload-*"))
 
 

@@ -205,22 +205,38 @@ class MemorySource:
 class DiskPool:
     """Files under one directory (a temporary one by default, removed by `close`). `drop_cache=True` asks the
     kernel to drop a file's pages after writing it (posix_fadvise DONTNEED), so later reads come from the disk
-    rather than the page cache (reads themselves refill it; see `Mover(drop_cache=...)`)."""
+    rather than the page cache (reads themselves refill it; see `Mover(drop_cache=...)`). The temporary directory
+    is made by the first file: a policy with no disk share leaves nothing behind, even if the process dies."""
 
     def __init__(self, directory: str | Path | None = None, drop_cache: bool = False):
         self.owned = directory is None
-        self.dir = Path(tempfile.mkdtemp(prefix="reldl-offload-") if directory is None else directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._dir = None if directory is None else Path(directory)
+        if self._dir is not None:
+            self._dir.mkdir(parents=True, exist_ok=True)
         self.drop_cache = drop_cache
         self._n = 0
         self._lock = threading.Lock()
         self.files: list[Path] = []
         self.bytes = 0
 
+    @property
+    def dir(self) -> Path:
+        """The directory (the temporary one made now if it was not yet)."""
+        with self._lock:
+            if self._dir is None:
+                self._dir = Path(tempfile.mkdtemp(prefix="reldl-offload-"))
+            return self._dir
+
+    @property
+    def made(self) -> bool:
+        """Whether the directory exists because of this pool (given, or made by a file)."""
+        return self._dir is not None
+
     def alloc_many(self, specs: Sequence[tuple[tuple[int, ...], torch.dtype]], tag: str = "t") -> list[torch.Tensor]:
+        directory = self.dir
         with self._lock:
             self._n += 1
-            path = self.dir / f"{tag}-{self._n:06d}.bin"
+            path = directory / f"{tag}-{self._n:06d}.bin"
         size = _total(specs)
         mm = np.memmap(path, dtype=np.uint8, mode="w+", shape=(size,))
         self.files.append(path)
@@ -243,8 +259,8 @@ class DiskPool:
         return out
 
     def close(self) -> None:
-        if self.owned:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        if self.owned and self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
 
 PIN_METHODS = ("register", "alloc")
