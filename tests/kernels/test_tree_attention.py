@@ -511,6 +511,8 @@ def test_cuda_graph_capture_and_replay():
         dict(PREFETCH_KV=True, BLOCK_M_WIDE=128, BLOCK_N=16),
         dict(OFFS32=False),
         dict(OFFS32=False, PREFETCH_KV=True, DENSE=True),
+        dict(SPLIT_TILES=True),
+        dict(SPLIT_TILES=True, WIDE_WARPS=8, KV_FAST=False, DENSE=True),
     ],
 )
 def test_kernel_config_variants(device, config):
@@ -524,6 +526,10 @@ def test_kernel_config_variants(device, config):
     plan = plan_tree_attention(layout, 8, 2, 64, torch.float32, chunk_tokens=11, config=config)
     assert plan.config["MERGE_HEADS"] == config.get("MERGE_HEADS", plan.config["MERGE_HEADS"])
     assert not plan.direct and plan.max_partials > 2
+    if config.get("SPLIT_TILES"):  # both launches have items; wide ones first
+        wide = plan.item_meta[:, 5].tolist()
+        assert 0 < plan.num_wide_items < plan.num_items
+        assert wide == [1] * plan.num_wide_items + [0] * (plan.num_items - plan.num_wide_items)
     _run(layout, len(slots) + 7, 8, 2, 64, torch.float32, device, seed=31, plan=plan)
 
 
