@@ -204,6 +204,40 @@ def test_split_pairs_cuts_large_tensors_in_order():
     assert split_pairs([], 4) == []
 
 
+def test_a_failed_piece_fails_the_unit_fetch():
+    """A unit fetched in pieces waits for every piece: an error in any (a disk read on a worker thread) reaches the
+    compute that waits for the unit, not just one in the last piece."""
+    from concurrent.futures import Future
+
+    class FakeMover:
+        def __init__(self):
+            self.n = 0
+
+        def compute_event(self):
+            return None
+
+        def load(self, pairs, ready=None):
+            self.n += 1
+            f = Future()
+            if self.n == 2:
+                f.set_exception(OSError("read failed"))
+            else:
+                f.set_result(f"event {self.n}")
+            return f
+
+    pairs = [(torch.zeros(100), torch.ones(100), False)]
+    fetch = executor.PieceLoad(FakeMover(), {}, split_pairs(pairs, 4, 0))
+    fetch.issue(1)
+    assert len(fetch.tickets) == 1
+    _, ticket = fetch.finish()
+    assert len(fetch.tickets) == 4
+    with pytest.raises(OSError, match="read failed"):
+        ticket.result()
+    ok = executor.PieceLoad(FakeMover(), {}, split_pairs(pairs, 1, 0))
+    assert ok.finish()[1].result() == "event 1"
+    assert executor.PieceLoad(FakeMover(), {}, []).finish()[1] is None
+
+
 PIECES = {
     "weights_cpu": MATRIX["weights_cpu"],
     "weights_50_disk": MATRIX["weights_50_disk"],

@@ -274,19 +274,33 @@ class PieceLoad:
     def __init__(self, mover: Mover, out: dict, groups: list[list[tuple]]):
         self.mover, self.out, self.groups = mover, out, groups
         self.ready = mover.compute_event() if groups else None
-        self.next = 0
-        self.ticket = None
+        self.tickets: list = []
 
     def issue(self, upto: int) -> None:
         """Issue the pieces before index `upto` not issued yet."""
-        while self.next < min(upto, len(self.groups)):
-            self.ticket = self.mover.load(self.groups[self.next], ready=self.ready)
-            self.next += 1
+        while len(self.tickets) < min(upto, len(self.groups)):
+            self.tickets.append(self.mover.load(self.groups[len(self.tickets)], ready=self.ready))
 
     def finish(self) -> tuple[dict, object]:
-        """Issue the rest; (weights dict, the last piece's ticket: the stream is FIFO, so it covers them all)."""
+        """Issue the rest; (weights dict, one ticket for all the pieces)."""
         self.issue(len(self.groups))
-        return self.out, self.ticket
+        return self.out, (_AllPieces(self.tickets) if self.tickets else None)
+
+
+class _AllPieces:
+    """The pieces' tickets as one: `result()` waits for each (so a failed piece raises, as a whole-unit load would)
+    and gives the last one's event (one FIFO stream: the last copy done means all are)."""
+
+    __slots__ = ("tickets",)
+
+    def __init__(self, tickets: list):
+        self.tickets = tickets
+
+    def result(self):
+        out = None
+        for t in self.tickets:
+            out = t.result()
+        return out
 
 
 def fuse_qkv_entries(entries: list[tuple[str, str]]) -> list[tuple[str, object]]:
