@@ -21,9 +21,12 @@ Prints a table and writes JSON (benchmarks/out/tree_decode.json; the cpu preset 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import json
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -185,8 +188,25 @@ def main() -> None:
     ap.add_argument("--requests", type=int, help="prompts decoded together (each with n samples)")
     ap.add_argument("--max-tokens", type=int)
     ap.add_argument("--all", action="store_true", help="also time separate requests with tree attention")
+    ap.add_argument(
+        "--tree-config",
+        default="",
+        help="K=V,...: tree-attention config entries for this run (kernels.tree_attention.CONFIG_OVERRIDES), "
+        "e.g. SPLIT_TILES=True",
+    )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    tree_config = {}
+    for part in filter(None, args.tree_config.split(",")):
+        key, sep, val = part.partition("=")
+        if not sep:
+            sys.exit(f"bench_tree_decode: --tree-config entry {part!r} is not KEY=VALUE")
+        try:
+            tree_config[key.strip()] = ast.literal_eval(val.strip())
+        except (ValueError, SyntaxError):
+            tree_config[key.strip()] = val.strip()
+    if tree_config:
+        importlib.import_module("reldl.kernels.tree_attention").CONFIG_OVERRIDES.update(tree_config)
     p = dict(PRESETS[args.preset])
     for k in ("layers", "prompts", "n", "requests", "max_tokens"):
         if getattr(args, k) is not None:
@@ -240,6 +260,7 @@ def main() -> None:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "tree_attention": "triton kernel" if uses_kernel else "pytorch reference",
+        "tree_config": tree_config,
         "cases": cases,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -177,6 +177,9 @@ HEAVY_ROWS = 640  # compute-bound trees with at least this many rows per token (
 HEAVY_MAX_CHUNK = 2048  # MAX_CHUNK of those: fewer partials to write and merge
 
 
+CONFIG_OVERRIDES: dict = {}  # entries that replace tree_attention_config's everywhere (benchmarks' A/B of a setting)
+
+
 def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype, intensity: float | None = None) -> dict:
     """Tile sizes and launch options of the main kernel. Rows of a tile = query tile x (group padded to a power of
     two); two tile heights: BLOCK_M_NARROW for chunks seen by few queries (decode branches: one query, one GQA
@@ -225,7 +228,7 @@ def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype, intensi
         # holding both is allocated the wide tile's registers (sm_90, 64 x 64-key tiles: 231 per thread against 103
         # for the narrow tile alone, compiled locally with the launch's divisibility hints), so narrow items, most
         # of a branchy tree's programs, run at half the occupancy they could. WIDE_WARPS: the wide launch's warps
-        # (None: num_warps). Off until measured; CUDA-graph buffers (TreePlanBuffers) keep one launch.
+        # (None: num_warps). Off until measured; TreePlanBuffers (CUDA graphs) pads the two classes apart.
         "SPLIT_TILES": False,
         "WIDE_WARPS": None,
         # programmatic dependent launch (where supported: sm_90+, compiled): the merge is launched while phase 1's
@@ -244,6 +247,7 @@ def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype, intensi
         "MERGE_BLOCK_P": 16,
         "MERGE_HEADS": 2,
         "merge_warps": 1,
+        **CONFIG_OVERRIDES,
     }
 
 
@@ -461,7 +465,9 @@ class TreePlanBuffers:
     the layout's get q_index = N (no token visible), no partials, zero output; items past the plan's have t0 = t1 = 0
     and qhi = 0 (no K/V loads, every store masked); partial rows past the plan's are never written or read. The
     merge always runs (also for direct plans), BLOCK_P = MERGE_BLOCK_P, so the kernels' constants stay fixed.
-    `template`: a plan of the head configuration and config (tile sizes) the buffers are for.
+    `template`: a plan of the head configuration and config (tile sizes) the buffers are for. With SPLIT_TILES in
+    its config, the first `num_wide_items` of the `num_items` item rows take the wide items and the rest the narrow
+    ones (two launches of fixed grids); without it, one launch over all of them.
     """
 
     def __init__(
@@ -472,9 +478,13 @@ class TreePlanBuffers:
         num_partials: int,
         slots: torch.Tensor,
         end: torch.Tensor,
+        num_wide_items: int = 0,
     ):
         dev = slots.device
         Q, I, P = num_queries, num_items, num_partials
+        split = template.config.get("SPLIT_TILES", False)
+        if split and not 0 <= num_wide_items <= num_items:
+            raise ValueError(f"TreePlanBuffers: {num_wide_items} wide items of {num_items}")
         self.small32 = torch.zeros(Q + 8 * I, dtype=torch.int32, device=dev)  # q_index | item_meta
         self.small64 = torch.zeros(Q + 1 + P, dtype=torch.int64, device=dev)  # merge_ptr | merge_rows
         q_index = self.small32[:Q]
@@ -492,7 +502,7 @@ class TreePlanBuffers:
             max_partials=template.config["MERGE_BLOCK_P"],
             direct=False,
             item_wide=None,
-            num_wide_items=None,  # one launch over the padded items (either tile height per item)
+            num_wide_items=num_wide_items if split else None,  # else one launch, either tile height per item
             item_meta=self.small32[Q:].view(I, 8),
             merge_ptr=self.small64[: Q + 1],
             merge_rows=self.small64[Q + 1 :],
@@ -501,10 +511,12 @@ class TreePlanBuffers:
 
     def fits(self, layout: TreeLayout, plan: TreeAttentionPlan) -> bool:
         b = self.plan
+        wide, bw = plan.num_wide_items or 0, b.num_wide_items or 0
         return (
             layout.num_tokens <= b.num_tokens
             and plan.num_queries <= b.num_queries
-            and plan.num_items <= b.num_items
+            and wide <= bw
+            and plan.num_items - wide <= b.num_items - bw
             and plan.num_partials <= b.num_partials
             and (plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.dtype)
             == (b.num_heads, b.num_kv_heads, b.head_dim, b.dtype)
@@ -522,7 +534,10 @@ class TreePlanBuffers:
         s32 = torch.zeros(Qb + 8 * Ib, dtype=torch.int32, device=src)
         s32[:Q] = layout.q_index
         s32[Q:Qb] = b.num_tokens  # padding queries see nothing
-        s32[Qb : Qb + 8 * I] = plan.item_meta.reshape(-1)
+        wide, bw = plan.num_wide_items or 0, b.num_wide_items or 0
+        meta = s32[Qb:].view(Ib, 8)  # wide items at the front, the rest from row bw (zero rows: empty items)
+        meta[:wide] = plan.item_meta[:wide]
+        meta[bw : bw + I - wide] = plan.item_meta[wide:]
         s64 = torch.empty(Qb + 1 + P, dtype=torch.int64, device=src)
         s64[: Q + 1] = plan.merge_ptr
         s64[Q + 1 : Qb + 1] = P  # padding queries: no partials
