@@ -121,6 +121,16 @@ def _k2(**kw) -> dict:
     return dict(SM.DOWN_TILES, gemv_small=dict(SM.DOWN_TILES["gemv_small"], **kw))
 
 
+def _k1(**kw) -> dict:
+    """UP_TILES with kernel 1's batch-1 tiles ("gemv_small" and "gemv") changed."""
+    return dict(SM.UP_TILES, **{t: dict(SM.UP_TILES[t], **kw) for t in ("gemv_small", "gemv")})
+
+
+def _k2_all(**kw) -> dict:
+    """DOWN_TILES with both batch-1 tiles changed."""
+    return dict(SM.DOWN_TILES, **{t: dict(SM.DOWN_TILES[t], **kw) for t in ("gemv_small", "gemv")})
+
+
 # side-by-side variants of the kernels' settings (reldl.kernels.sparse_mlp module attributes, FUSED keys), each timed
 # like the default in the same run. ReLU: "no pdl" = plain launches at batch 1 too (the default chains the unfused
 # kernels with programmatic dependent launch at batch 1, kernel 2 prefetching its weight rows into L2 before it waits
@@ -132,7 +142,9 @@ def _k2(**kw) -> dict:
 # split-K programs per SM (PROGRAMS_PER_SM), "k2 k64/k32" = 64/32-row steps, "fused ..." = the
 # one-launch batch-1 kernel, "barrier ..." = the one-launch kernel with a grid barrier between the halves (BARRIER:
 # default, 8 warps, fixed column blocks, 8-row steps, 512-wide up steps, 2 programs per SM, the tile in registers,
-# and its two-launch form). TEAL, forced sparse at every batch: "walk" = kernel 2 visiting every input row,
+# and its two-launch form), "loops N" = both kernels' batch-1 loops software-pipelined in N stages (LOOP_STAGES; Triton
+# pipelines by itself only loads that feed a tl.dot), "k2 step-sum" = kernel 2 summing each block of rows as it
+# arrives (STEP_SUM: fewer registers). TEAL, forced sparse at every batch: "walk" = kernel 2 visiting every input row,
 # "compact" = inputs compacted on the device, "compact-in" = only the MLP input compacted, "... pdl" = with PDL;
 # "dense" = the thresholded dense fallback at every batch
 RELU_VARIANTS = {
@@ -162,6 +174,14 @@ RELU_VARIANTS = {
     "k2 k64 8/SM": {"attrs": {"PROGRAMS_PER_SM": 8, "DOWN_TILES": _k2(BLOCK_K=64)}},
     "k2 k64 4w 8/SM": {"attrs": {"PROGRAMS_PER_SM": 8, "DOWN_TILES": _k2(BLOCK_K=64, num_warps=4)}},
     "k2 k32 8/SM": {"attrs": {"PROGRAMS_PER_SM": 8, "DOWN_TILES": _k2(BLOCK_K=32)}},
+    "loops 2": {"attrs": {"UP_TILES": _k1(LOOP_STAGES=2), "DOWN_TILES": _k2_all(LOOP_STAGES=2)}},
+    "loops 3": {"attrs": {"UP_TILES": _k1(LOOP_STAGES=3), "DOWN_TILES": _k2_all(LOOP_STAGES=3)}},
+    "k1 loops 3": {"attrs": {"UP_TILES": _k1(LOOP_STAGES=3)}},
+    "k2 step-sum": {"attrs": {"DOWN_TILES": _k2_all(STEP_SUM=True)}},
+    "k2 step-sum loops 3": {"attrs": {"DOWN_TILES": _k2_all(STEP_SUM=True, LOOP_STAGES=3)}},
+    "step-sum loops 3": {
+        "attrs": {"UP_TILES": _k1(LOOP_STAGES=3), "DOWN_TILES": _k2_all(STEP_SUM=True, LOOP_STAGES=3)}
+    },
     "fused r8 d1024": {"fused": {"MAX_BYTES": None, "MAX_ROWS": 8, "PROGRAMS_PER_SM": 1, "BLOCK_D": 1024}, "b1": 1},
     "barrier": {"barrier": {"MAX_BYTES": None}, "b1": 1},
     "barrier 8w": {"barrier": {"MAX_BYTES": None, "num_warps": 8}, "b1": 1},

@@ -333,7 +333,11 @@ def _rows_dot_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
     PDL: tl.constexpr = False,
+    LOOP_STAGES: tl.constexpr = None,
 ):
+    """LOOP_STAGES: software-pipeline the loop over d in that many stages (tl.range's num_stages: the next steps'
+    weight loads go out before this step's arrive); None, the plain loop: Triton pipelines only loads that feed a
+    tl.dot, so each step of the batch-1 loop waits for its own loads."""
     if PDL:  # programmatic dependent launch: wait for the previous kernel, then let the next one start launching
         # (in this order: kernel 2 reads the neuron index before it waits for this kernel, so it must not start
         # before the kernel that wrote the index has finished)
@@ -352,7 +356,7 @@ def _rows_dot_kernel(
     bm = bb < B
     if BLOCK_B == 1:
         acc2 = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for d0 in range(d_lo, d_hi, BLOCK_D):
+        for d0 in tl.range(d_lo, d_hi, BLOCK_D, num_stages=LOOP_STAGES):
             cols = d0 + cols0
             cm = cols < d
             w = tl.load(w_rows + cols[None, :], mask=jm[:, None] & cm[None, :], other=0.0)
@@ -450,7 +454,12 @@ def _gather_matmul_kernel(
     RED_C: tl.constexpr = 64,
     PREFETCH_L2: tl.constexpr = False,
     LINE: tl.constexpr = 64,
+    LOOP_STAGES: tl.constexpr = None,
+    STEP_SUM: tl.constexpr = False,
 ):
+    """LOOP_STAGES: as in `_rows_dot_kernel`, for the loop over blocks of rows (its index, input and weight loads).
+    STEP_SUM (batch 1): sum each block of rows into a [BLOCK_N] accumulator as it arrives, rather than keeping a
+    [BLOCK_K, BLOCK_N] one summed at the end (fewer registers: the 128 x 64 tile at 2 warps spills without it)."""
     pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
     if PDL:  # programmatic dependent launch: let the next kernel start launching, wait for the previous one
@@ -472,14 +481,14 @@ def _gather_matmul_kernel(
     blk_lo = pid_s * blocks_per_split
     blk_hi = tl.minimum(blk_lo + blocks_per_split, nblk)
     if BLOCK_B == 1:
-        acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        acc2 = tl.zeros([1 if STEP_SUM else BLOCK_K, BLOCK_N], dtype=tl.float32)
         if DUAL:
-            acc2u = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+            acc2u = tl.zeros([1 if STEP_SUM else BLOCK_K, BLOCK_N], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
         if DUAL:
             accu = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-    for blk in range(blk_lo, blk_hi):
+    for blk in tl.range(blk_lo, blk_hi, num_stages=LOOP_STAGES):
         j = blk * BLOCK_K + kk
         jm = j < k
         if A_MODE == 3:
@@ -511,9 +520,14 @@ def _gather_matmul_kernel(
             w2 = tl.load(w2_ptr + rows[:, None] * stride_w2 + cols[None, :], mask=wm, other=0.0)
         if BLOCK_B == 1:
             a1 = tl.sum(a, axis=0)[:, None]  # [BLOCK_K, 1]
-            acc2 += a1 * w.to(tl.float32)
-            if DUAL:
-                acc2u += a1 * w2.to(tl.float32)
+            if STEP_SUM:
+                acc2 += tl.sum(a1 * w.to(tl.float32), axis=0)[None, :]
+                if DUAL:
+                    acc2u += tl.sum(a1 * w2.to(tl.float32), axis=0)[None, :]
+            else:
+                acc2 += a1 * w.to(tl.float32)
+                if DUAL:
+                    acc2u += a1 * w2.to(tl.float32)
         else:
             acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PREC)
             if DUAL:
@@ -1186,7 +1200,7 @@ def _gather_matmul(
         K_PTR=k_ptr is not None,
         DOT_PREC=_dot_prec(w.dtype),
         RED_IN=red_in,
-        **_launch_opts(cfg, "BLOCK_B", "BLOCK_K", "BLOCK_N", device=w.device, pdl=pdl),
+        **_launch_opts(cfg, "BLOCK_B", "BLOCK_K", "BLOCK_N", "LOOP_STAGES", "STEP_SUM", device=w.device, pdl=pdl),
         **_prefetch_opts(cfg, w, k, pdl, dual, k_ptr, idx),
     )
     if not direct and not red_in:
@@ -1259,7 +1273,7 @@ def _up_partials(x, w1, b1, idx, act_code, out_h=None, pdl=False, small=False):
         ACT=act_code,
         FINAL=final,
         DOT_PREC=_dot_prec(w1.dtype),
-        **_launch_opts(cfg, "BLOCK_B", "BLOCK_N", "BLOCK_D", device=w1.device, pdl=pdl),
+        **_launch_opts(cfg, "BLOCK_B", "BLOCK_N", "BLOCK_D", "LOOP_STAGES", device=w1.device, pdl=pdl),
     )
     return out, split
 

@@ -26,13 +26,14 @@ ACT64 = {
 }
 
 
-@pytest.fixture(params=["default", "large", "split", "split-reduce-in", "split-direct"])
+@pytest.fixture(params=["default", "large", "split", "split-reduce-in", "split-direct", "split-pipelined"])
 def tiles(request, monkeypatch):
     """'default': the test sizes are small, so batch 1 takes the "gemv_small" tiles; 'large': the "gemv" tiles of
     larger selections; 'split': tiles of 16 (or 8 / 4 where no tl.dot is involved) and no cap on split-K partials;
     'split-reduce-in': the same with kernel 2's partials summed inside its own launch (`_arrive_and_reduce`);
     'split-direct': the same tiles, but at batch 1 kernel 2 walks all its rows in one program per column block
-    (DOWN_MAX_SPLITS_GEMV = 1: no partials)."""
+    (DOWN_MAX_SPLITS_GEMV = 1: no partials); 'split-pipelined': the split tiles with both kernels' loops
+    software-pipelined (LOOP_STAGES = 3) and kernel 2 summing each block of rows as it arrives (STEP_SUM)."""
     monkeypatch.setattr(SM, "DOWN_REDUCE_IN_KERNEL", request.param == "split-reduce-in")
     if request.param == "split-direct":
         monkeypatch.setattr(SM, "DOWN_MAX_SPLITS_GEMV", 1)
@@ -45,6 +46,10 @@ def tiles(request, monkeypatch):
         monkeypatch.setitem(SM.DOWN_TILES, "gemv", {"BLOCK_K": 8, "BLOCK_N": 16, "num_warps": 1})
         monkeypatch.setitem(SM.DOWN_TILES, "dot", {"BLOCK_K": 16, "BLOCK_N": 16, "num_warps": 1})
         monkeypatch.setattr(SM, "PARTIAL_FRACTION", 1e-3)
+        if request.param == "split-pipelined":
+            for table, extra in ((SM.UP_TILES, {}), (SM.DOWN_TILES, {"STEP_SUM": True})):
+                for name in ("gemv", "dot"):
+                    monkeypatch.setitem(table, name, dict(table[name], LOOP_STAGES=3, **extra))
     return request.param
 
 
