@@ -1,7 +1,9 @@
-"""Pieces the kernel micro-benchmarks share: a timer and the JSON report (card, date, command, rows)."""
+"""Pieces the kernel micro-benchmarks share: a timer, the JSON report (card, date, command, rows), and parsing of
+`K=V,...` settings on a command line."""
 
 from __future__ import annotations
 
+import ast
 import datetime
 import json
 import platform
@@ -63,3 +65,17 @@ def write_report(out: str, benchmark: str, rows: list[dict], *, preset: str, dty
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def parse_settings(text: str, what: str) -> dict:
+    """'K=V,K2=V2' -> {K: V as a Python literal, else the text}; `what` names the option in the error."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, sep, val = part.partition("=")
+        if not sep:
+            sys.exit(f"{what} entry {part!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = ast.literal_eval(val.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = val.strip()
+    return out

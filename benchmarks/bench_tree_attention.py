@@ -75,6 +75,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
+from _common import parse_settings  # noqa: E402
 
 import reldl.kernels as K  # noqa: E402
 
@@ -612,22 +613,6 @@ def summarize(rows, bw, tol) -> dict:
     return summary
 
 
-def _parse_config(text: str) -> dict:
-    """'K=V,K2=V2' -> {K: literal V}."""
-    import ast
-
-    out = {}
-    for part in filter(None, text.split(",")):
-        key, sep, val = part.partition("=")
-        if not sep:
-            sys.exit(f"bench_tree_attention: --old-config entry {part!r} is not KEY=VALUE")
-        try:
-            out[key.strip()] = ast.literal_eval(val.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = val.strip()
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="h100", choices=sorted(PRESETS))
@@ -649,7 +634,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     args.skip = set(s for s in args.skip.split(",") if s)
-    args.old_config = _parse_config(args.old_config)
+    args.old_config = parse_settings(args.old_config, "bench_tree_attention: --old-config")
     args.old = args.old or bool(args.old_config)
     cfg = PRESETS[args.preset]
     if args.preset == "cpu":

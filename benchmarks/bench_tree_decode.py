@@ -21,16 +21,15 @@ Prints a table and writes JSON (benchmarks/out/tree_decode.json; the cpu preset 
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib
 import json
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import parse_settings
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from reldl.llm import SamplingParams, fused
@@ -196,15 +195,7 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    tree_config = {}
-    for part in filter(None, args.tree_config.split(",")):
-        key, sep, val = part.partition("=")
-        if not sep:
-            sys.exit(f"bench_tree_decode: --tree-config entry {part!r} is not KEY=VALUE")
-        try:
-            tree_config[key.strip()] = ast.literal_eval(val.strip())
-        except (ValueError, SyntaxError):
-            tree_config[key.strip()] = val.strip()
+    tree_config = parse_settings(args.tree_config, "bench_tree_decode: --tree-config")
     if tree_config:
         importlib.import_module("reldl.kernels.tree_attention").CONFIG_OVERRIDES.update(tree_config)
     p = dict(PRESETS[args.preset])
