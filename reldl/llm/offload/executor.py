@@ -233,7 +233,7 @@ class WeightStore:
         ]
 
 
-PIECE_MIN_BYTES = 32 << 20  # a piece of a unit's fetch: no smaller (per-copy cost), unless the unit is
+PIECE_MIN_BYTES = 32 << 20  # a piece of a unit's fetch is no smaller (per-copy cost), but a unit's last piece may be
 
 
 def split_pairs(pairs: list[tuple], pieces: int, min_bytes: int | None = None) -> list[list[tuple]]:
