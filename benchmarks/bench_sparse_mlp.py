@@ -144,7 +144,8 @@ def _k2_all(**kw) -> dict:
 # default, 8 warps, fixed column blocks, 8-row steps, 512-wide up steps, 2 programs per SM, the tile in registers,
 # and its two-launch form), "loops N" = both kernels' batch-1 loops software-pipelined in N stages (LOOP_STAGES; Triton
 # pipelines by itself only loads that feed a tl.dot), "k2 step-sum" = kernel 2 summing each block of rows as it
-# arrives (STEP_SUM: fewer registers). TEAL, forced sparse at every batch: "walk" = kernel 2 visiting every input row,
+# arrives (STEP_SUM: fewer registers), "... k256 4w" = with 256-row steps at 4 warps (one step per program).
+# TEAL, forced sparse at every batch: "walk" = kernel 2 visiting every input row,
 # "compact" = inputs compacted on the device, "compact-in" = only the MLP input compacted, "... pdl" = with PDL;
 # "dense" = the thresholded dense fallback at every batch
 RELU_VARIANTS = {
@@ -179,6 +180,7 @@ RELU_VARIANTS = {
     "k1 loops 3": {"attrs": {"UP_TILES": _k1(LOOP_STAGES=3)}},
     "k2 step-sum": {"attrs": {"DOWN_TILES": _k2_all(STEP_SUM=True)}},
     "k2 step-sum loops 3": {"attrs": {"DOWN_TILES": _k2_all(STEP_SUM=True, LOOP_STAGES=3)}},
+    "k2 step-sum k256 4w": {"attrs": {"DOWN_TILES": _k2(BLOCK_K=256, num_warps=4, STEP_SUM=True)}},
     "step-sum loops 3": {
         "attrs": {"UP_TILES": _k1(LOOP_STAGES=3), "DOWN_TILES": _k2_all(STEP_SUM=True, LOOP_STAGES=3)}
     },
