@@ -153,18 +153,27 @@ def measured(steps, tokens: int) -> dict:
     )
 
 
-def policy_fields_from(path: str, cap_gb: float) -> dict:
-    """The policy fields of the row for `cap_gb` in a bench_offload JSON (benchmarks/policies/ holds some)."""
-    for r in json.loads(Path(path).read_text()).get("rows", []):
+def policy_from_fields(fields: dict):
+    """A Policy from a JSON row's policy_fields (lists back to tuples)."""
+    from reldl.llm.offload import Policy
+
+    return Policy(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def policy_from_file(path: str, cap_gb: float) -> tuple[dict, str, dict] | None:
+    """(policy_fields, description, source) of the row for `cap_gb` in a bench_offload JSON (benchmarks/policies/
+    holds some), or None."""
+    data = json.loads(Path(path).read_text())
+    for r in data.get("rows", []):
         if abs(float(r.get("cap_gb", -1)) - cap_gb) < 1e-9 and "policy_fields" in r:
-            return r["policy_fields"]
-    raise SystemExit(f"bench_offload: {path} has no policy for a {cap_gb:g} GB cap")
+            return r["policy_fields"], r.get("policy", ""), dict(source=path)
+    return None
 
 
 def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
     import torch
 
-    from reldl.llm.offload import ModelShape, Policy, estimate, memory, search_policy, timeline
+    from reldl.llm.offload import ModelShape, estimate, memory, search_policy, timeline
     from reldl.llm.offload.executor import OffloadEngine
     from reldl.llm.offload.tiers import job_rates
 
@@ -179,9 +188,11 @@ def run_cap(args, cap_gb: float, hw_base, out_rows: list) -> dict:
     hw = hw_base.with_memory(gpu=cap_gb * GiB, disk=0.0 if args.no_disk else None)
     comp = None if args.compress else False
     t = time.perf_counter()
-    fields = policy_fields_from(args.policy_from, cap_gb) if args.policy_from else None
-    if fields is not None:  # a given policy (an earlier run's), predicted but not searched
-        policy = Policy(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    found = policy_from_file(args.policy_from, cap_gb) if args.policy_from else None
+    if args.policy_from and found is None:
+        raise SystemExit(f"bench_offload: {args.policy_from} has no policy for a {cap_gb:g} GB cap")
+    if found is not None:  # a given policy (an earlier run's), predicted but not searched
+        policy = policy_from_fields(found[0])
         est_full = estimate(policy, full, hw, args.prompt, args.gen)
     else:
         policy, est_full = search_policy(

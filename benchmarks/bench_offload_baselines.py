@@ -111,12 +111,6 @@ def random_prompts(n: int, prompt: int, vocab: int) -> list[list[int]]:
     return torch.randint(4, vocab, (n, prompt), generator=g).tolist()
 
 
-def policy_from_fields(fields: dict):
-    from reldl.llm.offload import Policy
-
-    return Policy(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-
-
 # ------------------------------------------------------------------------------------------------------ reldl
 def run_reldl(job: dict) -> dict:
     import torch
@@ -128,7 +122,7 @@ def run_reldl(job: dict) -> dict:
     from reldl.llm.offload import policy as policy_mod
 
     policy_mod.FUSE_QKV = job.get("fuse_qkv", True)
-    policy = policy_from_fields(job["policy_fields"])
+    policy = bo.policy_from_fields(job["policy_fields"])
     tmp = Path(tempfile.mkdtemp(prefix="baselines-reldl-"))
     cfg = bo.opt_config(dims_for(job["preset"]), job["layers"], tmp / "cfg")
     set_cap(job)
@@ -584,14 +578,6 @@ def search(args, cap_gb: float, hw) -> tuple[dict, str, dict]:
     return fields, policy.describe(), dict(throughput_full_model=est.throughput)
 
 
-def policy_from_file(path: str, cap_gb: float) -> tuple[dict, str, dict] | None:
-    data = json.loads(Path(path).read_text())
-    for r in data.get("rows", []):
-        if abs(float(r.get("cap_gb", -1)) - cap_gb) < 1e-9 and "policy_fields" in r:
-            return r["policy_fields"], r.get("policy", ""), dict(source=path)
-    return None
-
-
 def run_child(system: str, job: dict, timeout: float) -> dict:
     fd, job_file = tempfile.mkstemp(prefix=f"baselines-{system}-", suffix=".json")
     os.close(fd)
@@ -695,7 +681,7 @@ def main() -> int:
     layers_run = args.layers or layers_full
     status = 0
     for cap in (float(c) for c in args.caps.split(",")):
-        got = policy_from_file(args.policy_from, cap) if args.policy_from else None
+        got = bo.policy_from_file(args.policy_from, cap) if args.policy_from else None
         fields, described, extra = got or search(args, cap, hw)
         print(f"\n== cap {cap} GB, {layers_run} of {layers_full} layers: {described}")
         job = dict(

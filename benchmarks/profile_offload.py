@@ -254,12 +254,10 @@ def main() -> int:
     full = ModelShape.from_config(bo.opt_config(bo.OPT_30B, None, tmp / "full"))
     cfg = bo.opt_config(bo.OPT_30B, args.layers, tmp / "run")
     if args.policy_from:
-        from bench_offload_baselines import policy_from_fields, policy_from_file
-
-        found = policy_from_file(args.policy_from, args.cap)
+        found = bo.policy_from_file(args.policy_from, args.cap)
         if found is None:
             raise SystemExit(f"{args.policy_from}: no policy row for --cap {args.cap:g}")
-        policy = policy_from_fields(found[0])
+        policy = bo.policy_from_fields(found[0])
     elif args.measure:
         hw = Hardware.measure("cuda", quick=True).with_memory(gpu=args.cap * GiB, cpu=0.85 * bo.mem_available())
         free = None if args.compress else False

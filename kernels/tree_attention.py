@@ -914,7 +914,7 @@ def _extent(t: torch.Tensor) -> int:
 def _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o):
     """One launch over every item, or (plan.num_wide_items set) one over the wide items and one over the rest."""
     cfg = _kernel_config(plan, q.dtype)
-    nw = getattr(plan, "num_wide_items", None)
+    nw = plan.num_wide_items
     if nw is None:
         _launch_items(q, k_cache, v_cache, layout, scale, plan, lse, part_o, cfg, 0, 0, plan.num_items)
         return

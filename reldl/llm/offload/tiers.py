@@ -227,11 +227,6 @@ class DiskPool:
                 self._dir = Path(tempfile.mkdtemp(prefix="reldl-offload-"))
             return self._dir
 
-    @property
-    def made(self) -> bool:
-        """Whether the directory exists because of this pool (given, or made by a file)."""
-        return self._dir is not None
-
     def alloc_many(self, specs: Sequence[tuple[tuple[int, ...], torch.dtype]], tag: str = "t") -> list[torch.Tensor]:
         directory = self.dir
         with self._lock:
