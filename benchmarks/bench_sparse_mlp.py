@@ -144,7 +144,10 @@ def _k2_all(**kw) -> dict:
 # default, 8 warps, fixed column blocks, 8-row steps, 512-wide up steps, 2 programs per SM, the tile in registers,
 # and its two-launch form), "loops N" = both kernels' batch-1 loops software-pipelined in N stages (LOOP_STAGES; Triton
 # pipelines by itself only loads that feed a tl.dot), "k2 step-sum" = kernel 2 summing each block of rows as it
-# arrives (STEP_SUM: fewer registers), "... k256 4w" = with 256-row steps at 4 warps (one step per program).
+# arrives (STEP_SUM: fewer registers), "... k256 4w" = with 256-row steps at 4 warps (one step per program),
+# "dataflow ..." = both halves in one launch, down programs waiting per split on arrival counters (DATAFLOW: default,
+# 8 or 2 warps, no L2 prefetch, roles by program id, more or fewer up / down programs per SM, 256-row steps,
+# 128-column blocks).
 # TEAL, forced sparse at every batch: "walk" = kernel 2 visiting every input row,
 # "compact" = inputs compacted on the device, "compact-in" = only the MLP input compacted, "... pdl" = with PDL;
 # "dense" = the thresholded dense fallback at every batch
@@ -195,6 +198,16 @@ RELU_VARIANTS = {
     "barrier regs": {"barrier": {"MAX_BYTES": None, "W2_L2": False}, "b1": 1},
     "barrier 2 launches": {"barrier": {"MAX_BYTES": None, "TWO_LAUNCHES": True}, "b1": 1},
     "barrier plain launch": {"barrier": {"MAX_BYTES": None, "COOPERATIVE": False}, "b1": 1},
+    "dataflow": {"dataflow": {"MAX_BYTES": None}, "b1": 1},
+    "dataflow 8w": {"dataflow": {"MAX_BYTES": None, "num_warps": 8}, "b1": 1},
+    "dataflow 2w": {"dataflow": {"MAX_BYTES": None, "num_warps": 2}, "b1": 1},
+    "dataflow no-prefetch": {"dataflow": {"MAX_BYTES": None, "PREFETCH_L2": False}, "b1": 1},
+    "dataflow by-id": {"dataflow": {"MAX_BYTES": None, "TICKETS": False}, "b1": 1},
+    "dataflow up 8/SM": {"dataflow": {"MAX_BYTES": None, "UP_PROGRAMS_PER_SM": 8}, "b1": 1},
+    "dataflow down 8/SM": {"dataflow": {"MAX_BYTES": None, "DOWN_PROGRAMS_PER_SM": 8}, "b1": 1},
+    "dataflow up 2/SM": {"dataflow": {"MAX_BYTES": None, "UP_PROGRAMS_PER_SM": 2}, "b1": 1},
+    "dataflow k256": {"dataflow": {"MAX_BYTES": None, "BLOCK_K": 256}, "b1": 1},
+    "dataflow c128": {"dataflow": {"MAX_BYTES": None, "BLOCK_C": 128}, "b1": 1},
 }
 _SPARSE = {"TEAL_MAX_SPARSE_BATCH": 1 << 20}
 TEAL_VARIANTS = {
@@ -212,7 +225,11 @@ class patched:
 
     def __init__(self, variant: dict):
         self.attrs = variant.get("attrs", {})
-        self.dicts = {"FUSED": variant.get("fused", {}), "BARRIER": variant.get("barrier", {})}
+        self.dicts = {
+            "FUSED": variant.get("fused", {}),
+            "BARRIER": variant.get("barrier", {}),
+            "DATAFLOW": variant.get("dataflow", {}),
+        }
 
     def __enter__(self):
         self.saved = {a: getattr(SM, a) for a in self.attrs}, {n: dict(getattr(SM, n)) for n in self.dicts}

@@ -745,6 +745,128 @@ def _barrier_mlp_kernel(
 
 
 @triton.jit
+def _dataflow_mlp_kernel(
+    x_ptr,
+    w1_ptr,
+    b1_ptr,
+    idx_ptr,
+    w2_ptr,
+    b2_ptr,
+    hpart_ptr,
+    part_ptr,
+    out_ptr,
+    cnt_ptr,
+    k,
+    d,
+    n_out,
+    d_per_split,
+    n_up,
+    n_split_d,
+    rows_per_split,
+    n_cols,
+    n_splits,
+    stride_w1,
+    stride_w2,
+    HAS_B1: tl.constexpr,
+    HAS_B2: tl.constexpr,
+    ACT: tl.constexpr,
+    BLOCK_NU: tl.constexpr,
+    BLOCK_DU: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PREFETCH_L2: tl.constexpr,
+    LINE: tl.constexpr,
+    TICKETS: tl.constexpr,
+):
+    """Batch-1 ReLU MLP in one launch of many short programs, each half waiting only for the data it reads (no
+    grid barrier, no launch boundary). A program's role comes from its ticket (an arrival counter: tickets follow
+    the order programs start in, so every program a waiter depends on has started and never waits itself; the last
+    ticket resets the counter). Tickets [0, n_up): up programs, each BLOCK_NU neurons x one of n_split_d slices of
+    d: hpart[slice, j] = W1[idx[j], slice] . x[slice]; then one release-arrival on ready[s] of the down split s
+    holding those neurons. Tickets [n_up, ...): down programs (split s, column block c): the weight rows of
+    W2t[idx[split s], cols] are pulled into L2 first (PREFETCH_L2), then the program waits for ready[s] to count all
+    the split's up programs, sums their slices (+ b1, activation) and multiplies; with one split it writes the
+    output, else the last of the splits to arrive on column block c sums part[0..S-1, cols] in order (deterministic)
+    and writes it. Counters (int32): [ticket, ready[0..S), passed[0..S), column[0..C)]; each goes back to 0 in the
+    launch (the last down program of a split to pass its wait resets ready[s]), so graph replays find them zeroed."""
+    total = tl.num_programs(0)
+    if TICKETS:
+        t = tl.atomic_add(cnt_ptr, 1, sem="relaxed", scope="gpu")
+        if t == total - 1:  # every other program holds its ticket already
+            tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+    else:
+        t = tl.program_id(0)
+    ready_ptr = cnt_ptr + 1
+    passed_ptr = ready_ptr + n_splits
+    col_ptr = passed_ptr + n_splits
+    if t < n_up:
+        nb = t // n_split_d
+        sd = t % n_split_d
+        j = nb * BLOCK_NU + tl.arange(0, BLOCK_NU)
+        jm = j < k
+        rows = tl.load(idx_ptr + j, mask=jm, other=0).to(tl.int64)
+        d_lo = sd * d_per_split
+        d_hi = tl.minimum(d_lo + d_per_split, d)
+        acc2 = tl.zeros([BLOCK_NU, BLOCK_DU], dtype=tl.float32)
+        for d0 in range(d_lo, d_hi, BLOCK_DU):
+            dc = d0 + tl.arange(0, BLOCK_DU)
+            dm = dc < d_hi
+            w = tl.load(w1_ptr + rows[:, None] * stride_w1 + dc[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
+            xv = tl.load(x_ptr + dc, mask=dm, other=0.0)
+            acc2 += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+        tl.store(hpart_ptr + sd.to(tl.int64) * k + j, tl.sum(acc2, axis=1), mask=jm)
+        tl.debug_barrier()  # every thread's stores before the (releasing) arrival
+        tl.atomic_add(ready_ptr + (nb * BLOCK_NU) // rows_per_split, 1, sem="release", scope="gpu")
+    else:
+        v = t - n_up
+        s = v // n_cols
+        c = v % n_cols
+        cols = c * BLOCK_C + tl.arange(0, BLOCK_C)
+        cm = cols < n_out
+        r_lo = s * rows_per_split
+        r_hi = tl.minimum(r_lo + rows_per_split, k)
+        if PREFETCH_L2:  # the weight reads overlap the wait
+            _prefetch_rows_l2(idx_ptr, w2_ptr, k, n_out, stride_w2, r_lo // BLOCK_K, rows_per_split // BLOCK_K, c,
+                              BLOCK_K, BLOCK_C, LINE)  # fmt: skip
+        need = (tl.cdiv(r_hi, BLOCK_NU) - r_lo // BLOCK_NU) * n_split_d
+        seen = tl.atomic_add(ready_ptr + s, 0, sem="acquire", scope="gpu")
+        while seen < need:
+            seen = tl.atomic_add(ready_ptr + s, 0, sem="acquire", scope="gpu")
+        if tl.atomic_add(passed_ptr + s, 1, sem="relaxed", scope="gpu") == n_cols - 1:  # the split's last waiter
+            tl.atomic_xchg(passed_ptr + s, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(ready_ptr + s, 0, sem="relaxed", scope="gpu")
+        kk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for r0 in range(r_lo, r_hi, BLOCK_K):
+            j = r0 + kk
+            jm = j < r_hi
+            rows = tl.load(idx_ptr + j, mask=jm, other=0).to(tl.int64)
+            a = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for sd in range(n_split_d):  # other programs' stores: read from L2
+                a += tl.load(hpart_ptr + sd * k + j, mask=jm, other=0.0, cache_modifier=".cg")
+            if HAS_B1:
+                a += tl.load(b1_ptr + rows, mask=jm, other=0.0).to(tl.float32)
+            a = tl.where(jm, _apply_act(a, ACT), 0.0)
+            w = tl.load(w2_ptr + rows[:, None] * stride_w2 + cols[None, :], mask=jm[:, None] & cm[None, :], other=0.0)
+            acc += tl.sum(a[:, None] * w.to(tl.float32), axis=0)
+        if n_splits == 1:
+            if HAS_B2:
+                acc += tl.load(b2_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+            tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cm)
+        else:
+            tl.store(part_ptr + s.to(tl.int64) * n_out + cols, acc, mask=cm)
+            tl.debug_barrier()
+            if tl.atomic_add(col_ptr + c, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+                tot = tl.zeros([BLOCK_C], dtype=tl.float32)
+                for ss in range(0, n_splits):
+                    tot += tl.load(part_ptr + ss * n_out + cols, mask=cm, other=0.0, cache_modifier=".cg")
+                if HAS_B2:
+                    tot += tl.load(b2_ptr + cols, mask=cm, other=0.0).to(tl.float32)
+                tl.store(out_ptr + cols, tot.to(out_ptr.dtype.element_ty), mask=cm)
+                tl.atomic_xchg(col_ptr + c, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _compact_kernel(
     a_ptr,
     out_ptr,
@@ -1020,6 +1142,62 @@ def barrier_config(k: int, d: int, sms: int, interpreted: bool = False) -> dict:
 def use_barrier(batch: int, k: int, d: int, dtype: torch.dtype) -> bool:
     """The barrier kernel serves batch 1 when the selected rows of both matrices total at most BARRIER["MAX_BYTES"]."""
     limit = BARRIER["MAX_BYTES"]
+    return batch == 1 and k > 0 and (limit is None or 2 * k * d * dtype.itemsize <= limit)
+
+
+# the one-launch dataflow batch-1 ReLU MLP (`_dataflow_mlp_kernel`): kernel 1's and kernel 2's programs in one grid,
+# each down program waiting only for the up programs of its own split (an arrival counter per split) and the last of
+# a column block's splits summing the partials, so neither the launch boundary between the halves nor the reduce
+# launch is on the critical path; the tiles are the unfused kernels' "gemv_small" ones at one warp count. Off
+# (MAX_BYTES 0) until measured on a GPU (bench_sparse_mlp's "dataflow ..." variants).
+DATAFLOW = {
+    "MAX_BYTES": 0,
+    "BLOCK_NU": 8,  # up programs: neurons x BLOCK_DU-wide steps over a slice of d
+    "BLOCK_DU": 512,
+    "UP_PROGRAMS_PER_SM": 4,  # d is sliced until about this many up programs per SM
+    "BLOCK_K": 128,  # down programs: BLOCK_K-row steps x BLOCK_C columns (BLOCK_K a multiple of BLOCK_NU)
+    "BLOCK_C": 64,
+    "DOWN_PROGRAMS_PER_SM": 4,
+    "PREFETCH_L2": True,  # down programs pull their weight rows into L2 before they wait (compiled only)
+    "TICKETS": True,  # roles by arrival ticket (else by program id: relies on programs starting in id order)
+    "num_warps": 4,
+}
+DATAFLOW_MAX_SPLITS = 32  # counters per launch: 1 ticket + 2 per split + 1 per column block
+DATAFLOW_MAX_COLS = 256
+
+
+def dataflow_config(k: int, d: int, n_out: int, dtype: torch.dtype, sms: int, compiled: bool = True) -> dict | None:
+    """The dataflow kernel's grid for k selected neurons, d inputs, n_out outputs: N_UP up programs (SPLIT_D slices
+    of D_PER_SPLIT), then SPLITS x COLS down programs of ROWS_PER_SPLIT neurons each (split-K partials bounded by
+    PARTIAL_FRACTION, as in `down_config`). None where its counters would not fit."""
+    cfg = dict(DATAFLOW)
+    if cfg["BLOCK_K"] % cfg["BLOCK_NU"]:
+        raise ValueError("DATAFLOW: BLOCK_K must be a multiple of BLOCK_NU")
+    cfg["BLOCK_DU"] = min(cfg["BLOCK_DU"], max(16, next_pow2(d)))
+    cfg["BLOCK_C"] = min(cfg["BLOCK_C"], max(16, next_pow2(n_out)))
+    blocks_n = cdiv(k, cfg["BLOCK_NU"])
+    chunks = cdiv(d, cfg["BLOCK_DU"])
+    split = min(chunks, max(1, cdiv(cfg["UP_PROGRAMS_PER_SM"] * sms, blocks_n)))
+    per = cdiv(chunks, split) * cfg["BLOCK_DU"]
+    cols = cdiv(n_out, cfg["BLOCK_C"])
+    nblk = cdiv(k, cfg["BLOCK_K"])
+    by_bytes = max(1, int(k * dtype.itemsize / (4 * PARTIAL_FRACTION)))
+    splits = max(1, min(nblk, cdiv(cfg["DOWN_PROGRAMS_PER_SM"] * sms, cols), by_bytes))
+    per_k = cdiv(nblk, splits)
+    splits = cdiv(nblk, per_k)
+    if splits > DATAFLOW_MAX_SPLITS or cols > DATAFLOW_MAX_COLS:
+        return None
+    line = 128 // dtype.itemsize
+    cfg.update(D_PER_SPLIT=per, SPLIT_D=cdiv(d, per), COLS=cols, SPLITS=splits, ROWS_PER_SPLIT=per_k * cfg["BLOCK_K"])
+    cfg["N_UP"] = blocks_n * cfg["SPLIT_D"]
+    cfg["LINE"] = min(line, cfg["BLOCK_C"])
+    cfg["PREFETCH_L2"] = bool(cfg["PREFETCH_L2"] and compiled and cfg["BLOCK_C"] % cfg["LINE"] == 0)
+    return cfg
+
+
+def use_dataflow(batch: int, k: int, d: int, dtype: torch.dtype) -> bool:
+    """Batch 1 takes the dataflow kernel when both matrices' selected rows total at most DATAFLOW["MAX_BYTES"]."""
+    limit = DATAFLOW["MAX_BYTES"]
     return batch == 1 and k > 0 and (limit is None or 2 * k * d * dtype.itemsize <= limit)
 
 
@@ -1333,6 +1511,49 @@ def _fused_mlp(x, w1, b1, w2t, b2, idx, act_code, y) -> None:
         _reduce(part, y, d, n_prog, bias=b2, block=128)
 
 
+def _dataflow_mlp(x, w1, b1, w2t, b2, idx, act_code, y) -> bool:
+    """Batch 1 (x, y [1, d]) through `_dataflow_mlp_kernel`, one launch. False (nothing launched) where its counters
+    do not fit or a CUDA graph capture finds no counter buffer yet."""
+    k, d, n_out = idx.numel(), x.shape[1], w2t.shape[1]
+    cfg = dataflow_config(k, d, n_out, w1.dtype, num_sms(x.device), compiled=x.device.type == "cuda")
+    if cfg is None:
+        return False
+    cnt = _arrival_counters(x.device, 1 + 2 * DATAFLOW_MAX_SPLITS + DATAFLOW_MAX_COLS)
+    if cnt is None:
+        return False
+    hpart = torch.empty((cfg["SPLIT_D"], k), dtype=torch.float32, device=x.device)
+    part = torch.empty((cfg["SPLITS"], n_out), dtype=torch.float32, device=x.device) if cfg["SPLITS"] > 1 else hpart
+    grid = (cfg["N_UP"] + cfg["SPLITS"] * cfg["COLS"],)
+    _dataflow_mlp_kernel[grid](
+        x,
+        w1,
+        b1 if b1 is not None else w1,
+        idx,
+        w2t,
+        b2 if b2 is not None else w2t,
+        hpart,
+        part,
+        y,
+        cnt,
+        k,
+        d,
+        n_out,
+        cfg["D_PER_SPLIT"],
+        cfg["N_UP"],
+        cfg["SPLIT_D"],
+        cfg["ROWS_PER_SPLIT"],
+        cfg["COLS"],
+        cfg["SPLITS"],
+        w1.stride(0),
+        w2t.stride(0),
+        HAS_B1=b1 is not None,
+        HAS_B2=b2 is not None,
+        ACT=act_code,
+        **_launch_opts(cfg, "BLOCK_NU", "BLOCK_DU", "BLOCK_K", "BLOCK_C", "PREFETCH_L2", "LINE", "TICKETS"),
+    )
+    return True
+
+
 def _barrier_mlp(x, w1, b1, w2t, b2, idx, act_code, y) -> bool:
     """Batch 1 (x, y [1, d]) through `_barrier_mlp_kernel`: one launch, or the two halves as two launches. False
     (nothing launched) where a CUDA graph capture finds no counter buffer yet."""
@@ -1455,6 +1676,8 @@ def sparse_mlp(
         xc, yc = x[lo:hi], y[lo:hi]
         if k == 0:
             _gather_matmul(xc, w2t, yc, mode=MODE_COMPACT, k=0, idx=idx, bias=b2)
+            continue
+        if use_dataflow(hi - lo, k, x.shape[1], w1.dtype) and _dataflow_mlp(xc, w1, b1, w2t, b2, idx, act_code, yc):
             continue
         if use_barrier(hi - lo, k, x.shape[1], w1.dtype) and _barrier_mlp(xc, w1, b1, w2t, b2, idx, act_code, yc):
             continue

@@ -248,6 +248,92 @@ def test_barrier_kernel_one_launch_on_the_gpu(device, monkeypatch, l2):
         assert int(buf.abs().sum()) == 0
 
 
+DATAFLOW_VARIANTS = {
+    # tiny tiles: several up programs per split, d sliced, several splits and column blocks, ragged last split
+    "splits": {"MAX_BYTES": None, "BLOCK_NU": 4, "BLOCK_DU": 16, "BLOCK_K": 8, "BLOCK_C": 16, "num_warps": 1},
+    "by-id": {"MAX_BYTES": None, "BLOCK_NU": 4, "BLOCK_DU": 16, "BLOCK_K": 8, "BLOCK_C": 16, "TICKETS": False},
+    "one-split": {"MAX_BYTES": None, "BLOCK_NU": 8, "BLOCK_DU": 16, "BLOCK_K": 64, "BLOCK_C": 64},  # writes y
+}
+
+
+@pytest.mark.parametrize("variant", list(DATAFLOW_VARIANTS))
+def test_dataflow_kernel_matches_dense_and_masked_reference(device, monkeypatch, variant):
+    """Batch 1 through `_dataflow_mlp_kernel` (one launch; its down programs wait on per-split arrival counters):
+    the oracle set gives the dense MLP (1e-5), a random selection the masked float64 MLP with unselected rows
+    poisoned (never read); bitwise repeatable; every counter back at zero after each launch."""
+    for key, value in DATAFLOW_VARIANTS[variant].items():
+        monkeypatch.setitem(SM.DATAFLOW, key, value)
+    monkeypatch.setattr(SM, "PARTIAL_FRACTION", 1e-3)  # no cap on the split-K partials at these sizes
+    w1, b1, w2t, b2 = mlp_weights(N, D, seed=261, device=device)
+    b1 = b1 - 1.0
+    x = randn(1, D, seed=262, device=device)
+    pre = x @ w1.T + b1
+    oracle = shuffled(torch.nonzero((pre > 0).any(0)).view(-1).to(torch.int32), seed=263)
+    assert 0 < oracle.numel() < N and SM.use_dataflow(1, oracle.numel(), D, w1.dtype)
+    cfg = SM.dataflow_config(37, D, D, w1.dtype, SM.num_sms(x.device))
+    assert (cfg["SPLITS"] > 1 and cfg["COLS"] > 1 and cfg["SPLIT_D"] > 1) == (variant != "one-split")
+    assert (cfg["SPLITS"] == 1) == (variant == "one-split")
+    assert_rel(K.sparse_mlp(x, w1, b1, w2t, b2, oracle), F.linear(F.relu(pre), w2t.T, b2), 1e-5)
+    for act in ("relu", "gelu"):
+        idx = torch.randperm(N, generator=gen(264))[:37].to(device=device, dtype=torch.int64)
+        off = torch.ones(N, dtype=torch.bool, device=device)
+        off[idx] = False
+        w1n, b1n, w2n = w1.clone(), b1.clone(), w2t.clone()
+        w1n[off], b1n[off], w2n[off] = float("nan"), float("nan"), float("nan")
+        y = K.sparse_mlp(x, w1n, b1n, w2n, b2, idx, act)
+        assert_rel(y, masked_mlp64(x, w1, b1, w2t, b2, idx, act), 1e-5)
+        assert torch.equal(K.sparse_mlp(x, w1n, b1n, w2n, b2, idx, act), y)
+        no_bias = masked_mlp64(x, w1, 0 * b1, w2t, 0 * b2, idx, act)
+        assert_rel(K.sparse_mlp(x, w1, None, w2t, None, idx, act), no_bias, 1e-5)
+    assert SM._counter_buffers
+    for buf in SM._counter_buffers.values():
+        assert int(buf.abs().sum()) == 0
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the one-launch dataflow kernel's waits are exercised on a GPU only")
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_dataflow_kernel_on_the_gpu(device, monkeypatch, prefetch):
+    """At a realistic size in fp16 (waiters resident beside the programs they wait for), the dataflow kernel gives
+    the same output on every one of many repeats (a missed wait or a stale partial would change it), close to the
+    float32 reference and to the unfused kernels; the counters are back at zero."""
+    for key, value in {"MAX_BYTES": None, "PREFETCH_L2": prefetch}.items():
+        monkeypatch.setitem(SM.DATAFLOW, key, value)
+    w1, b1, w2t, b2 = mlp_weights(8192, 2048, seed=271, dtype=torch.float16, device=device)
+    x = randn(1, 2048, seed=272, dtype=torch.float16, device=device)
+    idx = torch.randperm(8192, generator=gen(273))[:1000].to(device)
+    cfg = SM.dataflow_config(1000, 2048, 2048, torch.float16, SM.num_sms(x.device))
+    assert cfg["SPLITS"] > 1 and cfg["COLS"] > 1 and cfg["SPLIT_D"] > 1
+    first = K.sparse_mlp(x, w1, b1, w2t, b2, idx)
+    for _ in range(50):
+        assert torch.equal(K.sparse_mlp(x, w1, b1, w2t, b2, idx), first)
+    ref = K.sparse_mlp_reference(x, w1, b1, w2t, b2, idx)
+    torch.testing.assert_close(first, ref, atol=5e-3, rtol=5e-3)
+    monkeypatch.setitem(SM.DATAFLOW, "MAX_BYTES", 0)
+    torch.testing.assert_close(K.sparse_mlp(x, w1, b1, w2t, b2, idx), first, atol=2e-3, rtol=2e-3)
+    for buf in SM._counter_buffers.values():
+        assert int(buf.abs().sum()) == 0
+
+
+def test_dataflow_configs_for_the_benchmark_shapes():
+    """Every selected neuron in exactly one up block and one down split (a split holds whole up blocks); d and the
+    outputs covered; counters within their buffer; about the asked programs per SM."""
+    for d, n in ((5120, 20480), (7168, 28672), (12288, 49152), (4096, 11008)):
+        for density in (0.001, 0.05, 0.1, 0.5):
+            k = max(1, int(round(density * n)))
+            for sms in (132, 78, 16):
+                cfg = SM.dataflow_config(k, d, d, torch.float16, sms)
+                if cfg is None:
+                    continue
+                assert cfg["ROWS_PER_SPLIT"] % cfg["BLOCK_NU"] == 0
+                assert (cfg["SPLITS"] - 1) * cfg["ROWS_PER_SPLIT"] < k <= cfg["SPLITS"] * cfg["ROWS_PER_SPLIT"]
+                assert (cfg["SPLIT_D"] - 1) * cfg["D_PER_SPLIT"] < d <= cfg["SPLIT_D"] * cfg["D_PER_SPLIT"]
+                assert (cfg["COLS"] - 1) * cfg["BLOCK_C"] < d <= cfg["COLS"] * cfg["BLOCK_C"]
+                assert cfg["N_UP"] == SM.cdiv(k, cfg["BLOCK_NU"]) * cfg["SPLIT_D"]
+                assert cfg["SPLITS"] <= SM.DATAFLOW_MAX_SPLITS and cfg["COLS"] <= SM.DATAFLOW_MAX_COLS
+            cfg = SM.dataflow_config(k, d, d, torch.float16, 132)
+            assert cfg is not None or density >= 0.5
+
+
 def test_barrier_configs_for_the_benchmark_shapes():
     """Every selected neuron in one up-half program and one down-half split; at most one program per SM
     (the barrier needs them resident together); column blocks cover d, at most BARRIER_MAX_COLS of them."""
