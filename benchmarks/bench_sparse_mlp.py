@@ -140,14 +140,10 @@ def _k2_all(**kw) -> dict:
 # batch 1 (one program per column block writes the output: no partials, no reduce launch), with 4 warps, 32-column
 # blocks or 256-row steps, "k2 2 splits" = at most 2 splits, "k2 n32" = 32-column blocks, "k2 .../SM" = more
 # split-K programs per SM (PROGRAMS_PER_SM), "k2 k64/k32" = 64/32-row steps, "fused ..." = the
-# one-launch batch-1 kernel, "barrier ..." = the one-launch kernel with a grid barrier between the halves (BARRIER:
-# default, 8 warps, fixed column blocks, 8-row steps, 512-wide up steps, 2 programs per SM, the tile in registers,
-# and its two-launch form), "loops N" = both kernels' batch-1 loops software-pipelined in N stages (LOOP_STAGES; Triton
+# one-launch batch-1 kernel, "loops N" = both kernels' batch-1 loops software-pipelined in N stages (LOOP_STAGES; Triton
 # pipelines by itself only loads that feed a tl.dot), "k2 step-sum" = kernel 2 summing each block of rows as it
-# arrives (STEP_SUM: fewer registers), "... k256 4w" = with 256-row steps at 4 warps (one step per program),
-# "dataflow ..." = both halves in one launch, down programs waiting per split on arrival counters (DATAFLOW: default,
-# 8 or 2 warps, no L2 prefetch, roles by program id, more or fewer up / down programs per SM, 256-row steps,
-# 128-column blocks).
+# arrives (STEP_SUM: fewer registers), "... k256 4w" = with 256-row steps at 4 warps (one step per program).
+# (The "barrier ..." and "dataflow ..." variants timed one-launch kernels removed since: RESULTS.md sessions 12-13.)
 # TEAL, forced sparse at every batch: "walk" = kernel 2 visiting every input row,
 # "compact" = inputs compacted on the device, "compact-in" = only the MLP input compacted, "... pdl" = with PDL;
 # "dense" = the thresholded dense fallback at every batch
@@ -188,26 +184,6 @@ RELU_VARIANTS = {
         "attrs": {"UP_TILES": _k1(LOOP_STAGES=3), "DOWN_TILES": _k2_all(STEP_SUM=True, LOOP_STAGES=3)}
     },
     "fused r8 d1024": {"fused": {"MAX_BYTES": None, "MAX_ROWS": 8, "PROGRAMS_PER_SM": 1, "BLOCK_D": 1024}, "b1": 1},
-    "barrier": {"barrier": {"MAX_BYTES": None}, "b1": 1},
-    "barrier 8w": {"barrier": {"MAX_BYTES": None, "num_warps": 8}, "b1": 1},
-    "barrier c512": {"barrier": {"MAX_BYTES": None, "BLOCK_C": 512}, "b1": 1},
-    "barrier c256": {"barrier": {"MAX_BYTES": None, "BLOCK_C": 256}, "b1": 1},
-    "barrier chunk8": {"barrier": {"MAX_BYTES": None, "CHUNK_RB": 8}, "b1": 1},
-    "barrier da512": {"barrier": {"MAX_BYTES": None, "BLOCK_DA": 512}, "b1": 1},
-    "barrier 2/SM 8w": {"barrier": {"MAX_BYTES": None, "PROGRAMS_PER_SM": 2, "num_warps": 8}, "b1": 1},
-    "barrier regs": {"barrier": {"MAX_BYTES": None, "W2_L2": False}, "b1": 1},
-    "barrier 2 launches": {"barrier": {"MAX_BYTES": None, "TWO_LAUNCHES": True}, "b1": 1},
-    "barrier plain launch": {"barrier": {"MAX_BYTES": None, "COOPERATIVE": False}, "b1": 1},
-    "dataflow": {"dataflow": {"MAX_BYTES": None}, "b1": 1},
-    "dataflow 8w": {"dataflow": {"MAX_BYTES": None, "num_warps": 8}, "b1": 1},
-    "dataflow 2w": {"dataflow": {"MAX_BYTES": None, "num_warps": 2}, "b1": 1},
-    "dataflow no-prefetch": {"dataflow": {"MAX_BYTES": None, "PREFETCH_L2": False}, "b1": 1},
-    "dataflow by-id": {"dataflow": {"MAX_BYTES": None, "TICKETS": False}, "b1": 1},
-    "dataflow up 8/SM": {"dataflow": {"MAX_BYTES": None, "UP_PROGRAMS_PER_SM": 8}, "b1": 1},
-    "dataflow down 8/SM": {"dataflow": {"MAX_BYTES": None, "DOWN_PROGRAMS_PER_SM": 8}, "b1": 1},
-    "dataflow up 2/SM": {"dataflow": {"MAX_BYTES": None, "UP_PROGRAMS_PER_SM": 2}, "b1": 1},
-    "dataflow k256": {"dataflow": {"MAX_BYTES": None, "BLOCK_K": 256}, "b1": 1},
-    "dataflow c128": {"dataflow": {"MAX_BYTES": None, "BLOCK_C": 128}, "b1": 1},
 }
 _SPARSE = {"TEAL_MAX_SPARSE_BATCH": 1 << 20}
 TEAL_VARIANTS = {
@@ -225,11 +201,7 @@ class patched:
 
     def __init__(self, variant: dict):
         self.attrs = variant.get("attrs", {})
-        self.dicts = {
-            "FUSED": variant.get("fused", {}),
-            "BARRIER": variant.get("barrier", {}),
-            "DATAFLOW": variant.get("dataflow", {}),
-        }
+        self.dicts = {"FUSED": variant.get("fused", {})}
 
     def __enter__(self):
         self.saved = {a: getattr(SM, a) for a in self.attrs}, {n: dict(getattr(SM, n)) for n in self.dicts}

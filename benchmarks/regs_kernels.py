@@ -68,17 +68,8 @@ SPARSE_VARIANTS = [  # (name, kernel, warps, stages, constexprs)
         dict(DOWN, BLOCK_K=64, BLOCK_N=128, STEP_SUM=True),
     ),
 ]
-DATAFLOW_TYPES = dict(SPARSE_TYPES, w1_ptr="*fp16", b1_ptr="*fp16", b2_ptr="*fp16", hpart_ptr="*fp32",
-                      part_ptr="*fp32", out_ptr="*fp16")  # fmt: skip
-FLOW = dict(HAS_B1=True, HAS_B2=True, ACT=1, BLOCK_NU=8, BLOCK_DU=512, BLOCK_K=128, BLOCK_C=64, PREFETCH_L2=True,
-            LINE=64, TICKETS=True)  # fmt: skip
-SPARSE_VARIANTS += [
-    ("dataflow one launch (DATAFLOW default)", "_dataflow_mlp_kernel", 4, 3, FLOW),
-    ("dataflow, 8 warps", "_dataflow_mlp_kernel", 8, 3, FLOW),
-    ("dataflow, 2 warps", "_dataflow_mlp_kernel", 2, 3, FLOW),
-]
 # integer arguments hinted as multiples of 16 (they are here)
-SIZES = ("B", "k", "d", "d_per_split", "N", "n_red", "n_out", "rows_per_split")
+SIZES = ("B", "k", "d", "d_per_split", "N", "n_red")
 
 
 def resources(fn, const: dict, warps: int, stages: int, types: dict = TYPES) -> dict:
@@ -119,10 +110,7 @@ def main() -> int:
         jobs += [("tree", name, tree, w, st, dict(BASE, **over), TYPES) for name, w, st, over in TREE_VARIANTS]
     if args.only in (None, "sparse"):
         sm = importlib.import_module("reldl.kernels.sparse_mlp")
-        jobs += [
-            ("sparse", name, getattr(sm, k), w, st, c, DATAFLOW_TYPES if "dataflow" in k else SPARSE_TYPES)
-            for name, k, w, st, c in SPARSE_VARIANTS
-        ]
+        jobs += [("sparse", name, getattr(sm, k), w, st, c, SPARSE_TYPES) for name, k, w, st, c in SPARSE_VARIANTS]
     rows = []
     print(
         f"{'kernel':7s} {'variant':44s} {'warps':>5s} {'regs':>5s} {'spill B':>7s} {'programs/SM':>11s} {'async':>5s}"

@@ -85,19 +85,3 @@ def pdl_supported(device: torch.device) -> bool:
 def pdl_launch_opts(device: torch.device, on: bool) -> dict:
     """A kernel's PDL constexpr and launch option where PDL is asked for (`on`) and supported, else nothing."""
     return {"PDL": True, "launch_pdl": True} if on and pdl_supported(device) else {}
-
-
-@functools.cache
-def _has_cooperative_option() -> bool:
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-
-        return "launch_cooperative_grid" in CUDAOptions.__dataclass_fields__
-    except (ImportError, AttributeError):  # pragma: no cover - a triton without the option or the NVIDIA backend
-        return False
-
-
-def cooperative_launch_opts(device: torch.device, on: bool) -> dict:
-    """`launch_cooperative_grid=True` where asked for, compiled on CUDA, and known to this triton: the driver then
-    refuses a grid whose programs cannot all be resident at once (a kernel that waits for all of them would hang)."""
-    return {"launch_cooperative_grid": True} if on and device.type == "cuda" and _has_cooperative_option() else {}

@@ -30,11 +30,9 @@ Kernels:
 4. `_fused_mlp_kernel` (batch-1 ReLU MLP in one launch: up, activation and down per block of neurons, partials
    reduced by `_arrive_and_reduce`): correct, but slower than 1 + 2 + 3 at every benchmark shape, so off by default
    (FUSED["MAX_BYTES"] = 0).
-   `_barrier_mlp_kernel` (batch 1 in one launch, a grid-wide barrier between the halves: each program starts its
-   tile of W2t rows on its way (into registers, or prefetched into L2), computes its neurons' h and stores it, waits
-   for every program, then multiplies the h of its neuron split by the tile; column blocks reduced by their last
-   split to arrive): off (BARRIER["MAX_BYTES"] = 0): 2-3x slower than 1 + 2 + 3 at every batch-1 shape on the H200,
-   as slow split into two launches, so the barrier is not the cost but the one-program-per-SM loop (RESULTS.md).
+   Also measured and removed (RESULTS.md): a one-launch kernel with a grid-wide barrier between the halves (2-3x
+   slower on the H200, commit 99e7b3b) and a one-launch dataflow kernel whose down programs wait on per-split
+   arrival counters (1.35x or more slower, commit 31471f7).
 5. TEAL without an index: `_compact_kernel` lists the kept input dimensions on the device (count, indices, values);
    kernel 2 then reads the count from device memory (no host sync). `sparse_swiglu_mlp` runs the thresholded dense
    MLP (cuBLAS + `_threshold_kernel` / `_glu_threshold_kernel`) above TEAL_MAX_SPARSE_BATCH rows.
@@ -56,7 +54,6 @@ import torch.nn.functional as F
 
 from reldl.kernels._triton import (
     cdiv,
-    cooperative_launch_opts,
     next_pow2,
     pdl_launch_opts,
     pdl_supported,
@@ -628,245 +625,6 @@ def _fused_mlp_kernel(
 
 
 @triton.jit
-def _barrier_mlp_kernel(
-    x_ptr,
-    w1_ptr,
-    b1_ptr,
-    idx_ptr,
-    w2_ptr,
-    b2_ptr,
-    h_ptr,
-    part_ptr,
-    out_ptr,
-    cnt_ptr,
-    k,
-    d,
-    rows_a,
-    rows_b,
-    n_cols,
-    stride_w1,
-    stride_w2,
-    HAS_B1: tl.constexpr,
-    HAS_B2: tl.constexpr,
-    ACT: tl.constexpr,
-    PHASE: tl.constexpr,
-    W2_L2: tl.constexpr,
-    BLOCK_RA: tl.constexpr,
-    BLOCK_DA: tl.constexpr,
-    BLOCK_RB: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    LINE: tl.constexpr,
-):
-    """Batch-1 ReLU MLP with a grid-wide barrier between its halves (PHASE 0), or one half per launch (1: up, 2:
-    down). Up half: program p computes h for selected neurons [p * rows_a, (p + 1) * rows_a) over the whole of d
-    and stores it (float32). Down half: program p = s * n_cols + c takes neuron split s (rows_b neurons) and output
-    columns block c: part[s, cols] = h[split] . W2t[split rows, cols]; with one split it writes the output, else the
-    last of the splits to arrive on column block c (an arrival counter) sums part[0..S-1, cols] in order
-    (deterministic). Before the up half starts, PHASE 0 puts the down half's weights in flight: the whole tile into
-    registers, or with W2_L2 a prefetch of its 128-byte lines (LINE elements) into L2, read after the barrier
-    BLOCK_RB rows at a time. Every program waits at the barrier for all: they must be resident together (the
-    launcher checks)."""
-    p = tl.program_id(0)
-    n_prog = tl.num_programs(0)
-    s = p // n_cols
-    c = p % n_cols
-    cols = c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = cols < d
-    rb = tl.arange(0, BLOCK_RB)
-    if PHASE != 1:  # the down half's weights first: their reads overlap the up half's
-        if W2_L2:
-            if PHASE == 0:
-                segs = tl.minimum(c * BLOCK_C + tl.arange(0, BLOCK_C // LINE) * LINE, d - 1)
-                for r0 in range(0, rows_b, BLOCK_RB):
-                    j = s * rows_b + r0 + rb
-                    rows2 = tl.load(idx_ptr + j, mask=(r0 + rb < rows_b) & (j < k), other=0).to(tl.int64)
-                    _prefetch_l2(w2_ptr + rows2[:, None] * stride_w2 + segs[None, :])
-        else:
-            jb = s * rows_b + rb
-            jbm = (rb < rows_b) & (jb < k)
-            rows2 = tl.load(idx_ptr + jb, mask=jbm, other=0).to(tl.int64)
-            w2 = tl.load(
-                w2_ptr + rows2[:, None] * stride_w2 + cols[None, :], mask=jbm[:, None] & cm[None, :], other=0.0
-            )
-    if PHASE != 2:
-        ra = tl.arange(0, BLOCK_RA)
-        ja = p * rows_a + ra
-        jam = (ra < rows_a) & (ja < k)
-        rows1 = tl.load(idx_ptr + ja, mask=jam, other=0).to(tl.int64)
-        h = tl.zeros([BLOCK_RA], dtype=tl.float32)
-        for d0 in range(0, d, BLOCK_DA):
-            dc = d0 + tl.arange(0, BLOCK_DA)
-            dm = dc < d
-            w = tl.load(w1_ptr + rows1[:, None] * stride_w1 + dc[None, :], mask=jam[:, None] & dm[None, :], other=0.0)
-            xv = tl.load(x_ptr + dc, mask=dm, other=0.0)
-            h += tl.sum(w.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
-        if HAS_B1:
-            h += tl.load(b1_ptr + rows1, mask=jam, other=0.0).to(tl.float32)
-        tl.store(h_ptr + ja, _apply_act(h, ACT), mask=jam)
-    if PHASE == 0:  # grid barrier: arrive, wait for every program, then count the exit (the last one resets)
-        tl.debug_barrier()  # every thread's h stores before the (releasing) arrival
-        seen = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") + 1
-        while seen < n_prog:
-            seen = tl.atomic_add(cnt_ptr, 0, sem="acq_rel", scope="gpu")
-        if tl.atomic_add(cnt_ptr + 1, 1, sem="acq_rel", scope="gpu") == n_prog - 1:
-            tl.atomic_xchg(cnt_ptr + 1, 0, sem="acq_rel", scope="gpu")
-            tl.atomic_xchg(cnt_ptr, 0, sem="acq_rel", scope="gpu")
-    if PHASE != 1:
-        if W2_L2:  # the tile from L2, BLOCK_RB rows at a time
-            y = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for r0 in range(0, rows_b, BLOCK_RB):
-                j = s * rows_b + r0 + rb
-                jm = (r0 + rb < rows_b) & (j < k)
-                rows2 = tl.load(idx_ptr + j, mask=jm, other=0).to(tl.int64)
-                w = tl.load(
-                    w2_ptr + rows2[:, None] * stride_w2 + cols[None, :], mask=jm[:, None] & cm[None, :], other=0.0
-                )
-                hb = tl.load(h_ptr + j, mask=jm, other=0.0, cache_modifier=".cg")  # other programs' stores: from L2
-                y += tl.sum(hb[:, None] * w.to(tl.float32), axis=0)
-        else:
-            hb = tl.load(h_ptr + jb, mask=jbm, other=0.0, cache_modifier=".cg")
-            y = tl.sum(hb[:, None] * w2.to(tl.float32), axis=0)
-        n_splits = n_prog // n_cols
-        if n_splits == 1:
-            if HAS_B2:
-                y += tl.load(b2_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-            tl.store(out_ptr + cols, y.to(out_ptr.dtype.element_ty), mask=cm)
-        else:
-            tl.store(part_ptr + s.to(tl.int64) * d + cols, y, mask=cm)
-            tl.debug_barrier()
-            if tl.atomic_add(cnt_ptr + 2 + c, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
-                tot = tl.zeros([BLOCK_C], dtype=tl.float32)
-                for ss in range(0, n_splits):
-                    tot += tl.load(part_ptr + ss * d + cols, mask=cm, other=0.0, cache_modifier=".cg")
-                if HAS_B2:
-                    tot += tl.load(b2_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-                tl.store(out_ptr + cols, tot.to(out_ptr.dtype.element_ty), mask=cm)
-                tl.atomic_xchg(cnt_ptr + 2 + c, 0, sem="acq_rel", scope="gpu")
-
-
-@triton.jit
-def _dataflow_mlp_kernel(
-    x_ptr,
-    w1_ptr,
-    b1_ptr,
-    idx_ptr,
-    w2_ptr,
-    b2_ptr,
-    hpart_ptr,
-    part_ptr,
-    out_ptr,
-    cnt_ptr,
-    k,
-    d,
-    n_out,
-    d_per_split,
-    n_up,
-    n_split_d,
-    rows_per_split,
-    n_cols,
-    n_splits,
-    stride_w1,
-    stride_w2,
-    HAS_B1: tl.constexpr,
-    HAS_B2: tl.constexpr,
-    ACT: tl.constexpr,
-    BLOCK_NU: tl.constexpr,
-    BLOCK_DU: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    PREFETCH_L2: tl.constexpr,
-    LINE: tl.constexpr,
-    TICKETS: tl.constexpr,
-):
-    """Batch-1 ReLU MLP in one launch of many short programs, each half waiting only for the data it reads (no
-    grid barrier, no launch boundary). A program's role comes from its ticket (an arrival counter: tickets follow
-    the order programs start in, so every program a waiter depends on has started and never waits itself; the last
-    ticket resets the counter). Tickets [0, n_up): up programs, each BLOCK_NU neurons x one of n_split_d slices of
-    d: hpart[slice, j] = W1[idx[j], slice] . x[slice]; then one release-arrival on ready[s] of the down split s
-    holding those neurons. Tickets [n_up, ...): down programs (split s, column block c): the weight rows of
-    W2t[idx[split s], cols] are pulled into L2 first (PREFETCH_L2), then the program waits for ready[s] to count all
-    the split's up programs, sums their slices (+ b1, activation) and multiplies; with one split it writes the
-    output, else the last of the splits to arrive on column block c sums part[0..S-1, cols] in order (deterministic)
-    and writes it. Counters (int32): [ticket, ready[0..S), passed[0..S), column[0..C)]; each goes back to 0 in the
-    launch (the last down program of a split to pass its wait resets ready[s]), so graph replays find them zeroed."""
-    total = tl.num_programs(0)
-    if TICKETS:
-        t = tl.atomic_add(cnt_ptr, 1, sem="relaxed", scope="gpu")
-        if t == total - 1:  # every other program holds its ticket already
-            tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
-    else:
-        t = tl.program_id(0)
-    ready_ptr = cnt_ptr + 1
-    passed_ptr = ready_ptr + n_splits
-    col_ptr = passed_ptr + n_splits
-    if t < n_up:
-        nb = t // n_split_d
-        sd = t % n_split_d
-        j = nb * BLOCK_NU + tl.arange(0, BLOCK_NU)
-        jm = j < k
-        rows = tl.load(idx_ptr + j, mask=jm, other=0).to(tl.int64)
-        d_lo = sd * d_per_split
-        d_hi = tl.minimum(d_lo + d_per_split, d)
-        acc2 = tl.zeros([BLOCK_NU, BLOCK_DU], dtype=tl.float32)
-        for d0 in range(d_lo, d_hi, BLOCK_DU):
-            dc = d0 + tl.arange(0, BLOCK_DU)
-            dm = dc < d_hi
-            w = tl.load(w1_ptr + rows[:, None] * stride_w1 + dc[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
-            xv = tl.load(x_ptr + dc, mask=dm, other=0.0)
-            acc2 += w.to(tl.float32) * xv.to(tl.float32)[None, :]
-        tl.store(hpart_ptr + sd.to(tl.int64) * k + j, tl.sum(acc2, axis=1), mask=jm)
-        tl.debug_barrier()  # every thread's stores before the (releasing) arrival
-        tl.atomic_add(ready_ptr + (nb * BLOCK_NU) // rows_per_split, 1, sem="release", scope="gpu")
-    else:
-        v = t - n_up
-        s = v // n_cols
-        c = v % n_cols
-        cols = c * BLOCK_C + tl.arange(0, BLOCK_C)
-        cm = cols < n_out
-        r_lo = s * rows_per_split
-        r_hi = tl.minimum(r_lo + rows_per_split, k)
-        if PREFETCH_L2:  # the weight reads overlap the wait
-            _prefetch_rows_l2(idx_ptr, w2_ptr, k, n_out, stride_w2, r_lo // BLOCK_K, rows_per_split // BLOCK_K, c,
-                              BLOCK_K, BLOCK_C, LINE)  # fmt: skip
-        need = (tl.cdiv(r_hi, BLOCK_NU) - r_lo // BLOCK_NU) * n_split_d
-        seen = tl.atomic_add(ready_ptr + s, 0, sem="acquire", scope="gpu")
-        while seen < need:
-            seen = tl.atomic_add(ready_ptr + s, 0, sem="acquire", scope="gpu")
-        if tl.atomic_add(passed_ptr + s, 1, sem="relaxed", scope="gpu") == n_cols - 1:  # the split's last waiter
-            tl.atomic_xchg(passed_ptr + s, 0, sem="relaxed", scope="gpu")
-            tl.atomic_xchg(ready_ptr + s, 0, sem="relaxed", scope="gpu")
-        kk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for r0 in range(r_lo, r_hi, BLOCK_K):
-            j = r0 + kk
-            jm = j < r_hi
-            rows = tl.load(idx_ptr + j, mask=jm, other=0).to(tl.int64)
-            a = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for sd in range(n_split_d):  # other programs' stores: read from L2
-                a += tl.load(hpart_ptr + sd * k + j, mask=jm, other=0.0, cache_modifier=".cg")
-            if HAS_B1:
-                a += tl.load(b1_ptr + rows, mask=jm, other=0.0).to(tl.float32)
-            a = tl.where(jm, _apply_act(a, ACT), 0.0)
-            w = tl.load(w2_ptr + rows[:, None] * stride_w2 + cols[None, :], mask=jm[:, None] & cm[None, :], other=0.0)
-            acc += tl.sum(a[:, None] * w.to(tl.float32), axis=0)
-        if n_splits == 1:
-            if HAS_B2:
-                acc += tl.load(b2_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-            tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cm)
-        else:
-            tl.store(part_ptr + s.to(tl.int64) * n_out + cols, acc, mask=cm)
-            tl.debug_barrier()
-            if tl.atomic_add(col_ptr + c, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
-                tot = tl.zeros([BLOCK_C], dtype=tl.float32)
-                for ss in range(0, n_splits):
-                    tot += tl.load(part_ptr + ss * n_out + cols, mask=cm, other=0.0, cache_modifier=".cg")
-                if HAS_B2:
-                    tot += tl.load(b2_ptr + cols, mask=cm, other=0.0).to(tl.float32)
-                tl.store(out_ptr + cols, tot.to(out_ptr.dtype.element_ty), mask=cm)
-                tl.atomic_xchg(col_ptr + c, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
 def _compact_kernel(
     a_ptr,
     out_ptr,
@@ -1075,129 +833,6 @@ def fused_config(k: int, d: int, sms: int, interpreted: bool = False) -> dict:
 def use_fused(batch: int, k: int, d: int, dtype: torch.dtype) -> bool:
     """The fused kernel serves batch 1 when the selected rows of both matrices total at most FUSED["MAX_BYTES"]."""
     limit = FUSED["MAX_BYTES"]
-    return batch == 1 and k > 0 and (limit is None or 2 * k * d * dtype.itemsize <= limit)
-
-
-# the batch-1 ReLU MLP in one launch with a grid barrier between its halves (`_barrier_mlp_kernel`): both matrices'
-# reads in flight at once and no launch boundary, where the fused kernel above streams one matrix after the other
-# per program. Off (MAX_BYTES 0) until measured on a GPU: bench_sparse_mlp's "barrier ..." variants. Every program
-# waits at the barrier for all, so the grid is PROGRAMS_PER_SM programs per SM, launched in one piece only where the
-# compiled kernel's registers, threads and shared memory let that many be resident on an SM together
-# (`_barrier_fits`); else, and always in the interpreter (whose programs run one after another) or with
-# TWO_LAUNCHES, the halves run as two launches. BLOCK_C None: the column block that wastes the least of the tiles and
-# the grid (`barrier_config`). Compiled for sm_90 (triton 3.9, cuobjdump -res-usage), these defaults take 84-128
-# registers and no spills at the OPT-13B / 30B shapes at 5-10% (1 program of 16 warps per SM).
-BARRIER = {
-    "MAX_BYTES": 0,  # off: slower than the unfused kernels at every benchmark shape (H200, RESULTS.md session 12)
-    "PROGRAMS_PER_SM": 1,
-    "BLOCK_C": None,
-    "BLOCK_DA": 1024,
-    "TILE_A": 8192,  # the up half's tile (BLOCK_RA x BLOCK_DA) at most this many elements: BLOCK_DA shrinks with rows
-    "W2_L2": True,  # the down half's tile prefetched into L2 and read in steps of CHUNK_RB rows (else: registers)
-    "CHUNK_RB": 16,
-    "num_warps": 16,
-    "TWO_LAUNCHES": False,
-    "COOPERATIVE": True,  # the one launch as a cooperative launch (the driver checks the whole grid fits)
-}
-BARRIER_MAX_COLS = 64  # column blocks of the down half (one arrival counter each)
-BARRIER_BLOCK_CS = (128, 256, 512, 1024)  # BLOCK_C None chooses among these
-
-
-def _barrier_grid(k: int, d: int, cap: int, block_c: int) -> dict:
-    block_c = max(block_c, next_pow2(cdiv(d, min(cap, BARRIER_MAX_COLS))))  # COLS <= cap and <= BARRIER_MAX_COLS
-    cols = cdiv(d, block_c)
-    splits = max(1, min(k, cap // cols))
-    rows_b = cdiv(k, splits)
-    splits = cdiv(k, rows_b)
-    block_rb = next_pow2(rows_b)
-    used = (k * d) / (splits * block_rb * cols * block_c)  # tile slots that hold selected weights
-    return dict(
-        BLOCK_C=block_c, COLS=cols, SPLITS=splits, ROWS_B=rows_b, BLOCK_RB=block_rb, SCORE=used * splits * cols / cap
-    )
-
-
-def barrier_config(k: int, d: int, sms: int, interpreted: bool = False) -> dict:
-    """The barrier kernel's launch for k selected neurons of a d-dim model: COLS column blocks of BLOCK_C outputs
-    times SPLITS neuron splits of ROWS_B neurons in the down half, PROGRAMS = SPLITS * COLS <= PROGRAMS_PER_SM * sms
-    (at least one split); the up half spreads the k neurons over the same programs (ROWS_A each)."""
-    cfg = dict(BARRIER)
-    cap = max(1, int(cfg["PROGRAMS_PER_SM"] * sms))
-    widest = max(16, next_pow2(d))
-    if cfg["BLOCK_C"]:
-        grid = _barrier_grid(k, d, cap, min(cfg["BLOCK_C"], widest))
-    else:  # the least waste; ties to the wider block (fewer partials)
-        cands = [_barrier_grid(k, d, cap, min(c, widest)) for c in BARRIER_BLOCK_CS]
-        grid = max(cands, key=lambda g: (round(g["SCORE"], 6), g["BLOCK_C"]))
-    programs = grid["SPLITS"] * grid["COLS"]
-    rows_a = cdiv(k, programs)
-    cfg.update(grid, PROGRAMS=programs, ROWS_A=rows_a, BLOCK_RA=next_pow2(rows_a))
-    if cfg["W2_L2"]:  # the tile read in steps of CHUNK_RB rows; one 128-byte line per LINE elements
-        cfg["BLOCK_RB"] = min(cfg["BLOCK_RB"], next_pow2(cfg["CHUNK_RB"]))
-    cfg["LINE"] = min(64, cfg["BLOCK_C"])
-    cfg["BLOCK_DA"] = max(16, min(cfg["BLOCK_DA"], widest, cfg["TILE_A"] // cfg["BLOCK_RA"]))
-    cfg["TWO_LAUNCHES"] = bool(cfg["TWO_LAUNCHES"] or interpreted)
-    return cfg
-
-
-def use_barrier(batch: int, k: int, d: int, dtype: torch.dtype) -> bool:
-    """The barrier kernel serves batch 1 when the selected rows of both matrices total at most BARRIER["MAX_BYTES"]."""
-    limit = BARRIER["MAX_BYTES"]
-    return batch == 1 and k > 0 and (limit is None or 2 * k * d * dtype.itemsize <= limit)
-
-
-# the one-launch dataflow batch-1 ReLU MLP (`_dataflow_mlp_kernel`): kernel 1's and kernel 2's programs in one grid,
-# each down program waiting only for the up programs of its own split (an arrival counter per split) and the last of
-# a column block's splits summing the partials, so neither the launch boundary between the halves nor the reduce
-# launch is on the critical path; the tiles are the unfused kernels' "gemv_small" ones at one warp count. Off
-# (MAX_BYTES 0) until measured on a GPU (bench_sparse_mlp's "dataflow ..." variants).
-DATAFLOW = {
-    "MAX_BYTES": 0,
-    "BLOCK_NU": 8,  # up programs: neurons x BLOCK_DU-wide steps over a slice of d
-    "BLOCK_DU": 512,
-    "UP_PROGRAMS_PER_SM": 4,  # d is sliced until about this many up programs per SM
-    "BLOCK_K": 128,  # down programs: BLOCK_K-row steps x BLOCK_C columns (BLOCK_K a multiple of BLOCK_NU)
-    "BLOCK_C": 64,
-    "DOWN_PROGRAMS_PER_SM": 4,
-    "PREFETCH_L2": True,  # down programs pull their weight rows into L2 before they wait (compiled only)
-    "TICKETS": True,  # roles by arrival ticket (else by program id: relies on programs starting in id order)
-    "num_warps": 4,
-}
-DATAFLOW_MAX_SPLITS = 32  # counters per launch: 1 ticket + 2 per split + 1 per column block
-DATAFLOW_MAX_COLS = 256
-
-
-def dataflow_config(k: int, d: int, n_out: int, dtype: torch.dtype, sms: int, compiled: bool = True) -> dict | None:
-    """The dataflow kernel's grid for k selected neurons, d inputs, n_out outputs: N_UP up programs (SPLIT_D slices
-    of D_PER_SPLIT), then SPLITS x COLS down programs of ROWS_PER_SPLIT neurons each (split-K partials bounded by
-    PARTIAL_FRACTION, as in `down_config`). None where its counters would not fit."""
-    cfg = dict(DATAFLOW)
-    if cfg["BLOCK_K"] % cfg["BLOCK_NU"]:
-        raise ValueError("DATAFLOW: BLOCK_K must be a multiple of BLOCK_NU")
-    cfg["BLOCK_DU"] = min(cfg["BLOCK_DU"], max(16, next_pow2(d)))
-    cfg["BLOCK_C"] = min(cfg["BLOCK_C"], max(16, next_pow2(n_out)))
-    blocks_n = cdiv(k, cfg["BLOCK_NU"])
-    chunks = cdiv(d, cfg["BLOCK_DU"])
-    split = min(chunks, max(1, cdiv(cfg["UP_PROGRAMS_PER_SM"] * sms, blocks_n)))
-    per = cdiv(chunks, split) * cfg["BLOCK_DU"]
-    cols = cdiv(n_out, cfg["BLOCK_C"])
-    nblk = cdiv(k, cfg["BLOCK_K"])
-    by_bytes = max(1, int(k * dtype.itemsize / (4 * PARTIAL_FRACTION)))
-    splits = max(1, min(nblk, cdiv(cfg["DOWN_PROGRAMS_PER_SM"] * sms, cols), by_bytes))
-    per_k = cdiv(nblk, splits)
-    splits = cdiv(nblk, per_k)
-    if splits > DATAFLOW_MAX_SPLITS or cols > DATAFLOW_MAX_COLS:
-        return None
-    line = 128 // dtype.itemsize
-    cfg.update(D_PER_SPLIT=per, SPLIT_D=cdiv(d, per), COLS=cols, SPLITS=splits, ROWS_PER_SPLIT=per_k * cfg["BLOCK_K"])
-    cfg["N_UP"] = blocks_n * cfg["SPLIT_D"]
-    cfg["LINE"] = min(line, cfg["BLOCK_C"])
-    cfg["PREFETCH_L2"] = bool(cfg["PREFETCH_L2"] and compiled and cfg["BLOCK_C"] % cfg["LINE"] == 0)
-    return cfg
-
-
-def use_dataflow(batch: int, k: int, d: int, dtype: torch.dtype) -> bool:
-    """Batch 1 takes the dataflow kernel when both matrices' selected rows total at most DATAFLOW["MAX_BYTES"]."""
-    limit = DATAFLOW["MAX_BYTES"]
     return batch == 1 and k > 0 and (limit is None or 2 * k * d * dtype.itemsize <= limit)
 
 
@@ -1462,8 +1097,8 @@ _counter_next = [0]
 
 
 def _arrival_counters(device: torch.device, width: int = 2) -> torch.Tensor | None:
-    """`width` int32 counters for one launch (the fused kernel: arrivals, finished reducers; the barrier kernel: its
-    barrier's two, then one per column block), zero between launches (the kernels reset them). Slots rotate through
+    """`width` int32 counters for one launch (arrivals, finished reducers: the fused kernel and kernel 2's in-kernel
+    reduce), zero between launches (the kernels reset them). Slots rotate through
     a per-device buffer, so launches on different streams or in different CUDA graphs do not share them. None while
     a CUDA graph is being captured and the device has no buffer yet (allocating in a capture would tie it to the
     graph): the caller then takes a path without counters."""
@@ -1509,97 +1144,6 @@ def _fused_mlp(x, w1, b1, w2t, b2, idx, act_code, y) -> None:
     )
     if cnt is None:
         _reduce(part, y, d, n_prog, bias=b2, block=128)
-
-
-def _dataflow_mlp(x, w1, b1, w2t, b2, idx, act_code, y) -> bool:
-    """Batch 1 (x, y [1, d]) through `_dataflow_mlp_kernel`, one launch. False (nothing launched) where its counters
-    do not fit or a CUDA graph capture finds no counter buffer yet."""
-    k, d, n_out = idx.numel(), x.shape[1], w2t.shape[1]
-    cfg = dataflow_config(k, d, n_out, w1.dtype, num_sms(x.device), compiled=x.device.type == "cuda")
-    if cfg is None:
-        return False
-    cnt = _arrival_counters(x.device, 1 + 2 * DATAFLOW_MAX_SPLITS + DATAFLOW_MAX_COLS)
-    if cnt is None:
-        return False
-    hpart = torch.empty((cfg["SPLIT_D"], k), dtype=torch.float32, device=x.device)
-    part = torch.empty((cfg["SPLITS"], n_out), dtype=torch.float32, device=x.device) if cfg["SPLITS"] > 1 else hpart
-    grid = (cfg["N_UP"] + cfg["SPLITS"] * cfg["COLS"],)
-    _dataflow_mlp_kernel[grid](
-        x,
-        w1,
-        b1 if b1 is not None else w1,
-        idx,
-        w2t,
-        b2 if b2 is not None else w2t,
-        hpart,
-        part,
-        y,
-        cnt,
-        k,
-        d,
-        n_out,
-        cfg["D_PER_SPLIT"],
-        cfg["N_UP"],
-        cfg["SPLIT_D"],
-        cfg["ROWS_PER_SPLIT"],
-        cfg["COLS"],
-        cfg["SPLITS"],
-        w1.stride(0),
-        w2t.stride(0),
-        HAS_B1=b1 is not None,
-        HAS_B2=b2 is not None,
-        ACT=act_code,
-        **_launch_opts(cfg, "BLOCK_NU", "BLOCK_DU", "BLOCK_K", "BLOCK_C", "PREFETCH_L2", "LINE", "TICKETS"),
-    )
-    return True
-
-
-def _barrier_mlp(x, w1, b1, w2t, b2, idx, act_code, y) -> bool:
-    """Batch 1 (x, y [1, d]) through `_barrier_mlp_kernel`: one launch, or the two halves as two launches. False
-    (nothing launched) where a CUDA graph capture finds no counter buffer yet."""
-    k, d = idx.numel(), x.shape[1]
-    cfg = barrier_config(k, d, num_sms(x.device), interpreted=x.device.type != "cuda")
-    cnt = _arrival_counters(x.device, 2 + BARRIER_MAX_COLS)
-    if cnt is None:
-        return False
-    h = torch.empty(k, dtype=torch.float32, device=x.device)
-    part = torch.empty((cfg["SPLITS"], d), dtype=torch.float32, device=x.device) if cfg["SPLITS"] > 1 else h
-    args = (x, w1, b1 if b1 is not None else w1, idx, w2t, b2 if b2 is not None else w2t, h, part, y, cnt)
-    args += (k, d, cfg["ROWS_A"], cfg["ROWS_B"], cfg["COLS"], w1.stride(0), w2t.stride(0))
-    opts = dict(HAS_B1=b1 is not None, HAS_B2=b2 is not None, ACT=act_code, W2_L2=bool(cfg["W2_L2"]))
-    opts.update(_launch_opts(cfg, "BLOCK_RA", "BLOCK_DA", "BLOCK_RB", "BLOCK_C", "LINE"))
-    grid = (cfg["PROGRAMS"],)
-    one = not cfg["TWO_LAUNCHES"] and _barrier_fits(args, opts, grid, cdiv(cfg["PROGRAMS"], num_sms(x.device)))
-    if one:  # a cooperative launch also makes the driver refuse a grid that cannot be resident at once (no hang)
-        _barrier_mlp_kernel[grid](*args, PHASE=0, **opts, **cooperative_launch_opts(x.device, cfg["COOPERATIVE"]))
-        return True
-    for phase in (1, 2):
-        _barrier_mlp_kernel[grid](*args, PHASE=phase, **opts)
-    return True
-
-
-_barrier_resident: dict = {}
-
-
-def _barrier_fits(args, opts: dict, grid: tuple, per_sm: int) -> bool:
-    """Whether `per_sm` programs of the one-launch barrier kernel (PHASE 0, these constexprs) fit on an SM at once,
-    from the compiled kernel's registers (allocated per warp in units of 256), threads and shared memory against
-    the device's limits; cached per compiled variant."""
-    x = args[0]
-    key = (x.device, x.dtype, args[1].dtype, tuple(sorted(opts.items())))
-    if key not in _barrier_resident:
-        kernel = _barrier_mlp_kernel.warmup(*args, grid=grid, PHASE=0, **opts)  # compiled, not launched
-        kernel._init_handles()
-        props = torch.cuda.get_device_properties(x.device)
-        warps = opts.get("num_warps", 4)
-        regs_per_warp = cdiv(max(1, kernel.n_regs) * 32, 256) * 256
-        fit = min(
-            getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps),  # 64K on every sm_70+
-            props.max_threads_per_multi_processor // (32 * warps),
-            props.shared_memory_per_multiprocessor // max(1, kernel.metadata.shared),
-        )
-        _barrier_resident[key] = fit
-    return _barrier_resident[key] >= per_sm
 
 
 def sparse_up(
@@ -1676,10 +1220,6 @@ def sparse_mlp(
         xc, yc = x[lo:hi], y[lo:hi]
         if k == 0:
             _gather_matmul(xc, w2t, yc, mode=MODE_COMPACT, k=0, idx=idx, bias=b2)
-            continue
-        if use_dataflow(hi - lo, k, x.shape[1], w1.dtype) and _dataflow_mlp(xc, w1, b1, w2t, b2, idx, act_code, yc):
-            continue
-        if use_barrier(hi - lo, k, x.shape[1], w1.dtype) and _barrier_mlp(xc, w1, b1, w2t, b2, idx, act_code, yc):
             continue
         if use_fused(hi - lo, k, x.shape[1], w1.dtype):
             _fused_mlp(xc, w1, b1, w2t, b2, idx, act_code, yc)
