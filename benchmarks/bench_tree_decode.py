@@ -191,7 +191,7 @@ def main() -> None:
         "--tree-config",
         default="",
         help="K=V,...: tree-attention config entries for this run (kernels.tree_attention.CONFIG_OVERRIDES), "
-        "e.g. SPLIT_TILES=True",
+        "e.g. BLOCK_N=32",
     )
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()

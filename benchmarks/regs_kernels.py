@@ -28,18 +28,13 @@ TYPES = {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "lse_ptr": "*fp32
 BASE = dict(  # Llama-3-8B heads (32 query, 8 KV, head dim 128), fp16: the DeFT workloads' shape
     NUM_KV_HEADS=8, NUM_HEADS=32, GROUP=4, HEAD_DIM=128, BLOCK_M_NARROW=16, BLOCK_M_WIDE=64, BLOCK_G=4, BLOCK_D=128,
     BLOCK_N=64, DOT_PREC="tf32", WRITE_LSE=True, EARLY_V=False, PREFETCH=True, PREFETCH_KV=False, KV_FAST=True,
-    USE_DENSE=False, PDL=False, OFFS32=True, TILES=0,
+    USE_DENSE=False, PDL=False, OFFS32=True,
 )  # fmt: skip
 TREE_VARIANTS = [  # (name, warps, stages, overrides)
-    ("one kernel, both tile heights (default)", 4, 3, {}),
-    ("wide tiles only (SPLIT_TILES)", 4, 3, dict(TILES=1)),
-    ("narrow tiles only (SPLIT_TILES)", 4, 3, dict(TILES=2)),
-    ("wide only, 8 warps (WIDE_WARPS=8)", 8, 3, dict(TILES=1)),
-    ("both, 32-key tiles", 4, 3, dict(BLOCK_N=32)),
-    ("wide only, 32-key tiles", 4, 3, dict(TILES=1, BLOCK_N=32)),
-    ("narrow only, 32-key tiles", 4, 3, dict(TILES=2, BLOCK_N=32)),
-    ("wide only, 128 rows, 8 warps", 8, 3, dict(TILES=1, BLOCK_M_WIDE=128)),
-    ("both, 64-bit K/V offsets", 4, 3, dict(OFFS32=False)),
+    ("default (64-row wide, 16-row narrow tiles)", 4, 3, {}),
+    ("32-key tiles", 4, 3, dict(BLOCK_N=32)),
+    ("128-row wide tiles, 8 warps", 8, 3, dict(BLOCK_M_WIDE=128)),
+    ("64-bit K/V offsets", 4, 3, dict(OFFS32=False)),
 ]
 
 

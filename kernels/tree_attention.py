@@ -224,13 +224,6 @@ def tree_attention_config(head_dim: int, group: int, dtype: torch.dtype, intensi
         # 30x50 19.2 -> 17.7, 50x50 31.3 -> 27.6, the longer branches unchanged
         "OFFS32": True,
         "KV_FAST": True,  # program order: the KV heads of one item next to each other (else items first)
-        # phase 1 as two launches, wide items then narrow ones, each kernel compiled with one tile height: one kernel
-        # holding both is allocated the wide tile's registers (sm_90, 64 x 64-key tiles: 231 per thread against 103
-        # for the narrow tile alone, compiled locally with the launch's divisibility hints), so narrow items, most
-        # of a branchy tree's programs, run at half the occupancy they could. WIDE_WARPS: the wide launch's warps
-        # (None: num_warps). Off until measured; TreePlanBuffers (CUDA graphs) pads the two classes apart.
-        "SPLIT_TILES": False,
-        "WIDE_WARPS": None,
         # programmatic dependent launch (where supported: sm_90+, compiled): the merge is launched while phase 1's
         # last programs run and waits for them on the GPU; phase 1 likewise after the kernel before it. Memory-bound
         # trees only: on the H100 (2026-11-27, results/2026-11-27-tree-attention-pdl-h100.json) it saved 0.3-1.3 us
@@ -261,8 +254,6 @@ class TreeAttentionPlan:
       item_chunk, item_q0 [I] int32, item_wide [I] int8: phase-1 work items (a chunk and a tile of its queries
         starting at item_q0, BLOCK_M_WIDE rows if item_wide else BLOCK_M_NARROW), longest chunks first.
       item_dense [I] int8: every token of the item's chunk is visible to every query of its tile (no mask).
-      num_wide_items (Python int, or None): with SPLIT_TILES the items are ordered wide first, and this many are
-        wide (phase 1 then runs as two launches); None: one launch.
       item_meta [I, 8] int32: what the kernel reads of item i (chunk start and end, q0, the chunk's qhi, partial
         row base = chunk_pbase - chunk_qlo, wide, dense), one row: one memory latency before the first K/V load.
       merge_ptr [Q + 1] int64, merge_rows [P] int64: query x merges partial rows merge_rows[merge_ptr[x]:
@@ -380,16 +371,14 @@ def plan_tree_attention(
     wide = nq * bg > bm_n
     nt = tiles(nq)
     pbase = torch.cumsum(nq, 0) - nq
-    sizes = torch.stack([nt.sum(), nq.sum(), (nt * wide).sum()]).tolist() if C else [0, 0, 0]
-    num_items, P, num_wide = int(sizes[0]), int(sizes[1]), int(sizes[2])
+    sizes = torch.stack([nt.sum(), nq.sum()]).tolist() if C else [0, 0]
+    num_items, P = int(sizes[0]), int(sizes[1])
     # work items, longest chunks first (stable: deterministic); the order only affects scheduling
     item_chunk = torch.repeat_interleave(torch.arange(C, device=dev, dtype=i64), nt, output_size=num_items)
     tile_base = torch.cumsum(nt, 0) - nt
     bq = torch.where(wide, bq_w, bq_n)
     item_q0 = qlo[item_chunk] + (torch.arange(num_items, device=dev) - tile_base[item_chunk]) * bq[item_chunk]
     order = torch.argsort(-counts[item_chunk], stable=True)
-    if cfg["SPLIT_TILES"]:  # wide items first (still longest first within each class): one launch per class
-        order = order[torch.argsort((~wide[item_chunk[order]]).to(torch.int8), stable=True)]
     item_chunk, item_q0 = item_chunk[order], item_q0[order]
     # dense items: every token of the chunk visible to every query of the tile (queries are sorted, so: the chunk's
     # last token <= the tile's first query, and the tile's last query <= the chunk's smallest subtree end)
@@ -430,7 +419,6 @@ def plan_tree_attention(
         head_dim=head_dim,
         num_chunks=C,
         num_items=num_items,
-        num_wide_items=num_wide if cfg["SPLIT_TILES"] else None,
         num_partials=P,
         max_partials=int(lo_hi[1]),
         # every query seen by exactly one chunk: partial row = query, phase 1 writes the output (no merge)
@@ -465,9 +453,7 @@ class TreePlanBuffers:
     the layout's get q_index = N (no token visible), no partials, zero output; items past the plan's have t0 = t1 = 0
     and qhi = 0 (no K/V loads, every store masked); partial rows past the plan's are never written or read. The
     merge always runs (also for direct plans), BLOCK_P = MERGE_BLOCK_P, so the kernels' constants stay fixed.
-    `template`: a plan of the head configuration and config (tile sizes) the buffers are for. With SPLIT_TILES in
-    its config, the first `num_wide_items` of the `num_items` item rows take the wide items and the rest the narrow
-    ones (two launches of fixed grids); without it, one launch over all of them.
+    `template`: a plan of the head configuration and config (tile sizes) the buffers are for.
     """
 
     def __init__(
@@ -478,13 +464,9 @@ class TreePlanBuffers:
         num_partials: int,
         slots: torch.Tensor,
         end: torch.Tensor,
-        num_wide_items: int = 0,
     ):
         dev = slots.device
         Q, I, P = num_queries, num_items, num_partials
-        split = template.config.get("SPLIT_TILES", False)
-        if split and not 0 <= num_wide_items <= num_items:
-            raise ValueError(f"TreePlanBuffers: {num_wide_items} wide items of {num_items}")
         self.small32 = torch.zeros(Q + 8 * I, dtype=torch.int32, device=dev)  # q_index | item_meta
         self.small64 = torch.zeros(Q + 1 + P, dtype=torch.int64, device=dev)  # merge_ptr | merge_rows
         q_index = self.small32[:Q]
@@ -502,7 +484,6 @@ class TreePlanBuffers:
             max_partials=template.config["MERGE_BLOCK_P"],
             direct=False,
             item_wide=None,
-            num_wide_items=num_wide_items if split else None,  # else one launch, either tile height per item
             item_meta=self.small32[Q:].view(I, 8),
             merge_ptr=self.small64[: Q + 1],
             merge_rows=self.small64[Q + 1 :],
@@ -511,12 +492,10 @@ class TreePlanBuffers:
 
     def fits(self, layout: TreeLayout, plan: TreeAttentionPlan) -> bool:
         b = self.plan
-        wide, bw = plan.num_wide_items or 0, b.num_wide_items or 0
         return (
             layout.num_tokens <= b.num_tokens
             and plan.num_queries <= b.num_queries
-            and wide <= bw
-            and plan.num_items - wide <= b.num_items - bw
+            and plan.num_items <= b.num_items
             and plan.num_partials <= b.num_partials
             and (plan.num_heads, plan.num_kv_heads, plan.head_dim, plan.dtype)
             == (b.num_heads, b.num_kv_heads, b.head_dim, b.dtype)
@@ -534,10 +513,7 @@ class TreePlanBuffers:
         s32 = torch.zeros(Qb + 8 * Ib, dtype=torch.int32, device=src)
         s32[:Q] = layout.q_index
         s32[Q:Qb] = b.num_tokens  # padding queries see nothing
-        wide, bw = plan.num_wide_items or 0, b.num_wide_items or 0
-        meta = s32[Qb:].view(Ib, 8)  # wide items at the front, the rest from row bw (zero rows: empty items)
-        meta[:wide] = plan.item_meta[:wide]
-        meta[bw : bw + I - wide] = plan.item_meta[wide:]
+        s32[Qb : Qb + 8 * I] = plan.item_meta.reshape(-1)
         s64 = torch.empty(Qb + 1 + P, dtype=torch.int64, device=src)
         s64[: Q + 1] = plan.merge_ptr
         s64[Q + 1 : Qb + 1] = P  # padding queries: no partials
@@ -723,11 +699,7 @@ def _tree_attention_kernel(
     USE_DENSE: tl.constexpr,
     PDL: tl.constexpr = False,
     OFFS32: tl.constexpr = False,
-    TILES: tl.constexpr = 0,
-    item0=0,
 ):
-    """Phase 1 over the plan's items from item0. TILES: 0 compiles both tile heights and picks one per item by its
-    flag; 1 (wide items) or 2 (narrow items) compiles one, for a launch over one class of items with its own warps."""
     SLOT_T: tl.constexpr = tl.int32 if OFFS32 else tl.int64
     if PDL:  # let the merge start launching; wait for the kernel before this one (it may have written q)
         tl.extra.cuda.gdc_launch_dependents()
@@ -736,11 +708,11 @@ def _tree_attention_kernel(
     # and read the same cache rows, [slots, KVH, D], at the same time)
     pid = tl.program_id(0)
     if KV_FAST:
-        item = item0 + pid // NUM_KV_HEADS
+        item = pid // NUM_KV_HEADS
         kvh = pid % NUM_KV_HEADS
     else:
         num_items = tl.num_programs(0) // NUM_KV_HEADS
-        item = item0 + pid % num_items
+        item = pid % num_items
         kvh = pid // num_items
     # the item's metadata, one row of 8 int32 (independent loads: one memory latency)
     meta = meta_ptr + item.to(tl.int64) * 8
@@ -749,10 +721,7 @@ def _tree_attention_kernel(
     q0 = tl.load(meta + 2)
     qhi = tl.load(meta + 3)
     prow0 = tl.load(meta + 4).to(tl.int64)  # partial row of query x = prow0 + x
-    if TILES == 0:
-        wide = tl.load(meta + 5)
-    else:
-        wide = 1 if TILES == 1 else 0
+    wide = tl.load(meta + 5)
     dense = 0
     if USE_DENSE:  # (else the unmasked tiles are not compiled: half the code and the shared memory)
         dense = tl.load(meta + 6)  # every token of the chunk visible to every query of the tile: no mask
@@ -912,24 +881,10 @@ def _extent(t: torch.Tensor) -> int:
 
 
 def _launch_phase1(q, k_cache, v_cache, layout, scale, plan, lse, part_o):
-    """One launch over every item, or (plan.num_wide_items set) one over the wide items and one over the rest."""
-    cfg = _kernel_config(plan, q.dtype)
-    nw = plan.num_wide_items
-    if nw is None:
-        _launch_items(q, k_cache, v_cache, layout, scale, plan, lse, part_o, cfg, 0, 0, plan.num_items)
-        return
-    warps = cfg.get("WIDE_WARPS") or cfg["num_warps"]
-    for tiles, item0, count, w in ((1, 0, nw, warps), (2, nw, plan.num_items - nw, cfg["num_warps"])):
-        if count:
-            _launch_items(
-                q, k_cache, v_cache, layout, scale, plan, lse, part_o, dict(cfg, num_warps=w), tiles, item0, count
-            )
-
-
-def _launch_items(q, k_cache, v_cache, layout, scale, plan, lse, part_o, cfg, tiles, item0, count):
     Q, H, D = q.shape
     kvh = k_cache.shape[1]
-    _tree_attention_kernel[(count * kvh,)](
+    cfg = _kernel_config(plan, q.dtype)
+    _tree_attention_kernel[(plan.num_items * kvh,)](
         q,
         k_cache,
         v_cache,
@@ -965,8 +920,6 @@ def _launch_items(q, k_cache, v_cache, layout, scale, plan, lse, part_o, cfg, ti
         num_stages=cfg["num_stages"],
         USE_DENSE=cfg["DENSE"],
         OFFS32=bool(cfg.get("OFFS32")) and max(_extent(k_cache), _extent(v_cache)) < 2**31,
-        TILES=tiles,
-        item0=item0,
         **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         **pdl_launch_opts(q.device, cfg.get("PDL", False)),
     )

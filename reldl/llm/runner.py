@@ -114,13 +114,11 @@ class DecodeGraphs:
             layout, plan = self._tree_layout_plan(cached[1], lengths)
         if plan is None:
             return None
-        wide = plan.num_wide_items  # SPLIT_TILES: wide and narrow items padded apart (one launch each)
         key = (
             batch,
-            _bucket(max(plan.num_items - (wide or 0), 32)),
+            _bucket(max(plan.num_items, 32)),
             _bucket(max(plan.num_partials, 64)),
             tuple(sorted(plan.config.items())),
-            None if wide is None else _bucket(max(wide, 16)),
         )
         g = self.tree_graphs.get(key)
         if g is None:
@@ -130,8 +128,7 @@ class DecodeGraphs:
                     torch.zeros(n, dtype=torch.long, device=dev),
                     torch.full((n,), -1, dtype=torch.int32, device=dev),
                 )
-            w = key[4] or 0
-            bufs = TreePlanBuffers(plan, batch, key[1] + w, key[2], *self._tree_tokens, num_wide_items=w)
+            bufs = TreePlanBuffers(plan, batch, key[1], key[2], *self._tree_tokens)
             g = self.tree_graphs[key] = _Captured(eng, batch, 1, self.pool, tree=bufs)
         g.tree.load(layout, plan)
         logits = g.replay(seqs, bs)

@@ -379,38 +379,27 @@ def test_kernel_block_table_forest(device):
     _run(layout, num_blocks * 8, 16, 4, 64, torch.float32, device, seed=9)
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_plan_buffers_padded(device, split):
+def test_plan_buffers_padded(device):
     """Layouts and plans planned on the host, copied into fixed-size buffers (what CUDA-graph tree steps replay):
     padding queries, items, partials and tokens change nothing; a smaller tree loaded after a larger one (stale token
-    tails) too; a direct plan goes through the merge. `split` (SPLIT_TILES): wide and narrow items each in their own
-    padded part of the item rows, one launch per part."""
+    tails) too; a direct plan goes through the merge."""
     rng = random.Random(13)
     h, kvh, d = 16, 4, 64
-    cfg = dict(SPLIT_TILES=split)
     cases = []
     for roots in (3, 1):
         tables, ctx, num_blocks = random_block_tables(rng, 8, roots=roots)
         layout = layout_from_block_tables(tables, ctx, 8)
-        plan = plan_tree_attention(layout, h, kvh, d, torch.float32, chunk_tokens=16, config=cfg)
-        cases.append((layout, plan, num_blocks))
-    ql, qp = cases[0][0], plan_tree_attention(cases[0][0], h, kvh, d, torch.float32, chunk_tokens=10**6, config=cfg)
+        cases.append((layout, plan_tree_attention(layout, h, kvh, d, torch.float32, chunk_tokens=16), num_blocks))
+    ql, qp = cases[0][0], plan_tree_attention(cases[0][0], h, kvh, d, torch.float32, chunk_tokens=10**6)
     cases.append((ql, qp, cases[0][2]))
     num_slots = max(c[2] for c in cases) * 8
     big = max(cases, key=lambda c: c[1].num_items)[1]
     Q = max(c[0].num_queries for c in cases) + 3
     slots = torch.zeros(num_slots, dtype=torch.long, device=device)
     end = torch.full((num_slots,), -1, dtype=torch.int32, device=device)
-    wide = max(c[1].num_wide_items or 0 for c in cases)
-    if split:
-        assert wide > 0 and all(c[1].num_items > (c[1].num_wide_items or 0) for c in cases[:2])
-    narrow = max(c[1].num_items - (c[1].num_wide_items or 0) for c in cases)
     bufs = TreePlanBuffers(
-        big, Q, wide + 2 + narrow + 5, max(c[1].num_partials for c in cases) + 9, slots, end, num_wide_items=wide + 2
+        big, Q, max(c[1].num_items for c in cases) + 5, max(c[1].num_partials for c in cases) + 9, slots, end
     )
-    if split:
-        small = TreePlanBuffers(big, Q, wide + narrow + 5, 10**4, slots, end, num_wide_items=wide - 1)
-        assert not small.fits(*max(cases, key=lambda c: c[1].num_wide_items)[:2])  # too few wide rows
     for i, (layout, plan, _) in enumerate(cases):
         assert bufs.fits(layout, plan)
         bufs.load(layout, plan)
@@ -485,10 +474,8 @@ def test_kernel_no_queries(device):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU (RELDL_KERNEL_TESTS_GPU=1)")
-@pytest.mark.parametrize("config", [{}, dict(SPLIT_TILES=True, WIDE_WARPS=8)])
-def test_cuda_graph_capture_and_replay(config):
-    """A plan computed once; tree_attention captured in a CUDA graph and replayed with new q/k/v values (also with
-    phase 1 as two launches, SPLIT_TILES, the wide one at 8 warps)."""
+def test_cuda_graph_capture_and_replay():
+    """A plan computed once; tree_attention captured in a CUDA graph and replayed with new q/k/v values."""
     dev = torch.device("cuda")
     rng = random.Random(21)
     parents, lens = random_tree(rng, 3, (1, 4), lambda r, lvl: r.choice([1, r.randint(1, 500)]))
@@ -498,9 +485,7 @@ def test_cuda_graph_capture_and_replay(config):
     q = torch.zeros(layout.num_queries, h, d, device=dev, dtype=dtype)
     k = torch.zeros(n, kvh, d, device=dev, dtype=dtype)
     v = torch.zeros_like(k)
-    plan = plan_tree_attention(layout, h, kvh, d, dtype, config=config)
-    if config:
-        assert 0 < plan.num_wide_items < plan.num_items
+    plan = plan_tree_attention(layout, h, kvh, d, dtype)
     tree_attention(q, k, v, layout, d**-0.5, plan)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -526,8 +511,6 @@ def test_cuda_graph_capture_and_replay(config):
         dict(PREFETCH_KV=True, BLOCK_M_WIDE=128, BLOCK_N=16),
         dict(OFFS32=False),
         dict(OFFS32=False, PREFETCH_KV=True, DENSE=True),
-        dict(SPLIT_TILES=True),
-        dict(SPLIT_TILES=True, WIDE_WARPS=8, KV_FAST=False, DENSE=True),
     ],
 )
 def test_kernel_config_variants(device, config):
@@ -541,10 +524,6 @@ def test_kernel_config_variants(device, config):
     plan = plan_tree_attention(layout, 8, 2, 64, torch.float32, chunk_tokens=11, config=config)
     assert plan.config["MERGE_HEADS"] == config.get("MERGE_HEADS", plan.config["MERGE_HEADS"])
     assert not plan.direct and plan.max_partials > 2
-    if config.get("SPLIT_TILES"):  # both launches have items; wide ones first
-        wide = plan.item_meta[:, 5].tolist()
-        assert 0 < plan.num_wide_items < plan.num_items
-        assert wide == [1] * plan.num_wide_items + [0] * (plan.num_items - plan.num_wide_items)
     _run(layout, len(slots) + 7, 8, 2, 64, torch.float32, device, seed=31, plan=plan)
 
 
