@@ -131,19 +131,20 @@ def _k2_all(**kw) -> dict:
     return dict(SM.DOWN_TILES, **{t: dict(SM.DOWN_TILES[t], **kw) for t in ("gemv_small", "gemv")})
 
 
-# side-by-side variants of the kernels' settings (reldl.kernels.sparse_mlp module attributes, FUSED keys), each timed
-# like the default in the same run. ReLU: "no pdl" = plain launches at batch 1 too (the default chains the unfused
-# kernels with programmatic dependent launch at batch 1, kernel 2 prefetching its weight rows into L2 before it waits
-# for kernel 1), "no prefetch" = that PDL chain without the prefetch, "k1 ..." = kernel 1 with fewer programs per SM
-# (UP_PROGRAMS_PER_SM) or 4 warps, so that kernel 2's programs find room beside it sooner, "pdl" = PDL at every batch,
-# "reduce-in" = kernel 2 sums its own split-K partials (no reduce launch), "k2 direct ..." = kernel 2 unsplit at
-# batch 1 (one program per column block writes the output: no partials, no reduce launch), with 4 warps, 32-column
-# blocks or 256-row steps, "k2 2 splits" = at most 2 splits, "k2 n32" = 32-column blocks, "k2 .../SM" = more
-# split-K programs per SM (PROGRAMS_PER_SM), "k2 k64/k32" = 64/32-row steps, "fused ..." = the
-# one-launch batch-1 kernel, "loops N" = both kernels' batch-1 loops software-pipelined in N stages (LOOP_STAGES; Triton
-# pipelines by itself only loads that feed a tl.dot), "k2 step-sum" = kernel 2 summing each block of rows as it
-# arrives (STEP_SUM: fewer registers), "... k256 4w" = with 256-row steps at 4 warps (one step per program).
-# (The "barrier ..." and "dataflow ..." variants timed one-launch kernels removed since: RESULTS.md sessions 12-13.)
+# side-by-side variants of the kernels' settings (reldl.kernels.sparse_mlp module attributes), each timed like the
+# default in the same run ("b1": 1 = batch 1 only). ReLU: "no pdl" = plain launches at batch 1 too (the default chains
+# the three kernels with programmatic dependent launch at batch 1, kernel 2 prefetching its weight rows into L2 before
+# it waits for kernel 1), "no prefetch" = that PDL chain without the prefetch, "k1 ..." = kernel 1 with fewer programs
+# per SM (UP_PROGRAMS_PER_SM) or 4 warps, so that kernel 2's programs find room beside it sooner, "pdl" = PDL at every
+# batch, "reduce-in" = kernel 2 sums its own split-K partials (no reduce launch), "k2 direct ..." = kernel 2 unsplit
+# at batch 1 (one program per column block writes the output: no partials, no reduce launch), with 4 warps, 32-column
+# blocks or 256-row steps, "k2 2 splits" = at most 2 splits, "k2 n32" = 32-column blocks, "k2 .../SM" = more split-K
+# programs per SM (PROGRAMS_PER_SM), "k2 k64/k32" = 64/32-row steps, "loops N" = both kernels' batch-1 loops
+# software-pipelined in N stages (LOOP_STAGES; Triton pipelines by itself only loads that feed a tl.dot),
+# "k2 step-sum" = kernel 2 summing each block of rows as it arrives (STEP_SUM: fewer registers), "... k256 4w" = with
+# 256-row steps at 4 warps (one step per program).
+# (The "fused ...", "barrier ..." and "dataflow ..." variants timed one-launch kernels removed since: RESULTS.md
+# sessions 4, 12 and 13.)
 # TEAL, forced sparse at every batch: "walk" = kernel 2 visiting every input row,
 # "compact" = inputs compacted on the device, "compact-in" = only the MLP input compacted, "... pdl" = with PDL;
 # "dense" = the thresholded dense fallback at every batch
@@ -183,7 +184,6 @@ RELU_VARIANTS = {
     "step-sum loops 3": {
         "attrs": {"UP_TILES": _k1(LOOP_STAGES=3), "DOWN_TILES": _k2_all(STEP_SUM=True, LOOP_STAGES=3)}
     },
-    "fused r8 d1024": {"fused": {"MAX_BYTES": None, "MAX_ROWS": 8, "PROGRAMS_PER_SM": 1, "BLOCK_D": 1024}, "b1": 1},
 }
 _SPARSE = {"TEAL_MAX_SPARSE_BATCH": 1 << 20}
 TEAL_VARIANTS = {
@@ -197,26 +197,19 @@ TEAL_VARIANTS = {
 
 
 class patched:
-    """Within the block, the kernels run with a variant's settings."""
+    """Within the block, the kernels run with a variant's settings (its "attrs": module attributes)."""
 
     def __init__(self, variant: dict):
         self.attrs = variant.get("attrs", {})
-        self.dicts = {"FUSED": variant.get("fused", {})}
 
     def __enter__(self):
-        self.saved = {a: getattr(SM, a) for a in self.attrs}, {n: dict(getattr(SM, n)) for n in self.dicts}
+        self.saved = {a: getattr(SM, a) for a in self.attrs}
         for a, v in self.attrs.items():
             setattr(SM, a, v)
-        for n, upd in self.dicts.items():
-            getattr(SM, n).update(upd)
 
     def __exit__(self, *exc):
-        attrs, dicts = self.saved
-        for a, v in attrs.items():
+        for a, v in self.saved.items():
             setattr(SM, a, v)
-        for n, saved in dicts.items():
-            getattr(SM, n).clear()
-            getattr(SM, n).update(saved)
 
 
 def run_variants(table: dict, batch: int, fns, check, key: str, errors: dict, checked: bool) -> dict:
@@ -516,7 +509,6 @@ def main() -> None:
         "configs": {
             "up_tiles": SM.UP_TILES,
             "down_tiles": SM.DOWN_TILES,
-            "fused": SM.FUSED,
             "pdl": SM.PDL,
             "pdl_relu_max_batch": SM.PDL_RELU_MAX_BATCH,
             "down_reduce_in_kernel": SM.DOWN_REDUCE_IN_KERNEL,

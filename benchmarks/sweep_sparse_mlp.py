@@ -1,13 +1,14 @@
 """Side-by-side variants of the contextual-sparsity MLP kernels (issue 7) against dense torch, in one GPU run.
 
-    python benchmarks/sweep_sparse_mlp.py [--out sweep.json] [--rep 30] [--quick]
+    python benchmarks/sweep_sparse_mlp.py [--out sweep.json] [--rep 30] [--quick] [--only tiles|teal] [--combos]
 
-ReLU (DejaVu) at batch 1 on the OPT shapes: the unfused three-kernel path and variants of the fused kernel
-(`FUSED` settings: programs per SM, rows per program, tiles, warps, reducers, one launch or two). TEAL (SwiGLU,
-Llama-2-7B) at batch 1, 4, 16: the older row-walking kernel, the compacted path with a few tile settings, and the
-thresholded dense fallback. Same method as bench_sparse_mlp.py: CUDA-graph medians (triton do_bench_cudagraph), each
-timed call cycling through up to 16 disjoint neuron sets / inputs so no call finds its rows in L2; dense baseline in
-the same run. Every variant is first checked in float16 against the float32 reference (scaled error printed).
+ReLU (DejaVu) at batch 1 on the OPT shapes: the three-kernel path with its tiles, programs per SM and split-K bound
+changed one at a time (TILE_VARIANTS) or in combinations (TILE_COMBOS, `--combos`). The one-launch fused batch-1
+kernel this script also swept was removed (1.3-1.8x slower: RESULTS.md). TEAL (SwiGLU, Llama-2-7B) at batch 1, 4,
+16: the older row-walking kernel, the compacted path with a few tile settings, and the thresholded dense fallback.
+Same method as bench_sparse_mlp.py: CUDA-graph medians (triton do_bench_cudagraph), each timed call cycling through
+up to 16 disjoint neuron sets / inputs so no call finds its rows in L2; dense baseline in the same run. Every variant
+is first checked in float16 against the float32 reference (scaled error printed).
 """
 
 # ruff: noqa: B023  (the lambdas run inside the loop iteration that made them)
@@ -31,20 +32,7 @@ ROT = 16
 TOL = 5e-3
 
 RELU_SHAPES = {"opt-13b": (5120, 20480), "opt-30b": (7168, 28672), "opt-175b": (12288, 49152)}
-FUSED_VARIANTS = {
-    "unfused": {"MAX_BYTES": 0},
-    "F pps1": {"PROGRAMS_PER_SM": 1},
-    "F pps2": {"PROGRAMS_PER_SM": 2},
-    "F pps4": {"PROGRAMS_PER_SM": 4},
-    "F pps1 w8": {"PROGRAMS_PER_SM": 1, "num_warps": 8},
-    "F pps2 w8": {"PROGRAMS_PER_SM": 2, "num_warps": 8},
-    "F pps2 bd256": {"PROGRAMS_PER_SM": 2, "BLOCK_D": 256},
-    "F pps2 bd1024 w8": {"PROGRAMS_PER_SM": 2, "BLOCK_D": 1024, "num_warps": 8},
-    "F pps2 red32": {"PROGRAMS_PER_SM": 2, "REDUCERS": 32},
-    "F pps2 2launch": {"PROGRAMS_PER_SM": 2, "IN_KERNEL": False},
-    "F pps2 rows32 w8": {"PROGRAMS_PER_SM": 2, "MAX_ROWS": 32, "num_warps": 8},
-}
-# the unfused batch-1 path (kernels 1-3, PDL): its tiles, programs per SM and split-K bound, one change at a time
+# the batch-1 ReLU path (kernels 1-3, PDL): its tiles, programs per SM and split-K bound, one change at a time
 # from the defaults, then a few combinations (`--only tiles`)
 TILE_VARIANTS = {
     "current": {},
@@ -146,19 +134,17 @@ TEAL_VARIANTS = {
 
 
 class patched:
-    """Temporarily set FUSED keys / module attributes / DOWN_TILES entries."""
+    """Temporarily set module attributes / DOWN_TILES / UP_TILES entries."""
 
-    def __init__(self, fused=None, attrs=None, tiles=None, up=None):
-        self.fused, self.attrs, self.tiles, self.up = fused or {}, attrs or {}, tiles or {}, up or {}
+    def __init__(self, attrs=None, tiles=None, up=None):
+        self.attrs, self.tiles, self.up = attrs or {}, tiles or {}, up or {}
 
     def __enter__(self):
         self.old = (
-            dict(SM.FUSED),
             {a: getattr(SM, a) for a in self.attrs},
             {k: dict(v) for k, v in SM.DOWN_TILES.items()},
             {k: dict(v) for k, v in SM.UP_TILES.items()},
         )
-        SM.FUSED.update(self.fused)
         for a, v in self.attrs.items():
             setattr(SM, a, v)
         for path, upd in self.tiles.items():
@@ -167,9 +153,7 @@ class patched:
             SM.UP_TILES[path] = dict(SM.UP_TILES[path], **upd)
 
     def __exit__(self, *exc):
-        fused, attrs, tiles, up = self.old
-        SM.FUSED.clear()
-        SM.FUSED.update(fused)
+        attrs, tiles, up = self.old
         for a, v in attrs.items():
             setattr(SM, a, v)
         SM.DOWN_TILES.clear()
@@ -223,51 +207,9 @@ def relu_case(d: int, n: int, rep: int):
     return w1, b1, w2t, b2, perm, xs, dense
 
 
-def relu_sweep(args, rows):
-    densities = [0.05, 0.1] if args.quick else [0.05, 0.1, 0.2, 0.5]
-    for name, (d, n) in RELU_SHAPES.items():
-        w1, b1, w2t, b2, perm, xs, dense = relu_case(d, n, args.rep)
-        for density in densities:
-            k = round(density * n)
-            m = max(1, min(ROT, n // k))
-            sets = [perm[i * k : (i + 1) * k] for i in range(m)]
-            want = K.sparse_mlp_reference(xs[0], w1, b1, w2t, b2, sets[0])
-            line = f"{name:<9} relu B=1 {density:>4.0%} dense {dense * 1e3:7.1f} us |"
-            for vname, over in FUSED_VARIANTS.items():
-                with patched(fused=over):
-                    err = scaled_err(K.sparse_mlp(xs[0], w1, b1, w2t, b2, sets[0]), want)
-                    again = K.sparse_mlp(xs[0], w1, b1, w2t, b2, sets[0])
-                    det = bool(torch.equal(again, K.sparse_mlp(xs[0], w1, b1, w2t, b2, sets[0])))
-                    ms = bench(
-                        [lambda x=x, s=s: K.sparse_mlp(x, w1, b1, w2t, b2, s) for x, s in zip(xs, sets)], args.rep
-                    )
-                    cfg = SM.fused_config(k, d, SM.num_sms(w1.device))
-                rows.append(
-                    relu_row(
-                        name,
-                        "relu",
-                        density,
-                        vname,
-                        dense,
-                        ms,
-                        err,
-                        k * d,
-                        deterministic=det,
-                        programs=cfg["PROGRAMS"],
-                        rows=cfg["ROWS"],
-                        n_red=cfg["N_RED"],
-                    )
-                )
-                flag = "" if err <= TOL and det else "!"
-                line += f" {vname} {ms * 1e3:6.1f}us {dense / ms:5.2f}x{flag} |"
-            print(line, flush=True)
-        w1 = w2t = None
-        torch.cuda.empty_cache()
-
-
 def tiles_sweep(args, rows):
-    """The unfused batch-1 ReLU path under TILE_VARIANTS: every variant checked (float16 vs the float32 reference)
-    and timed on the same neuron sets."""
+    """The batch-1 ReLU path (kernels 1-3) under TILE_VARIANTS (or TILE_COMBOS): every variant checked (float16 vs
+    the float32 reference) and timed on the same neuron sets."""
     cases = [("opt-13b", 0.05), ("opt-13b", 0.1), ("opt-30b", 0.05), ("opt-175b", 0.05)]
     for name in dict.fromkeys(c[0] for c in cases):
         d, n = RELU_SHAPES[name]
@@ -356,19 +298,19 @@ def main():
     ap.add_argument("--out", default="benchmarks/out/sweep_sparse_mlp.json")
     ap.add_argument("--rep", type=int, default=30)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--combos", action="store_true", help="--only tiles: TILE_COMBOS instead of TILE_VARIANTS")
-    ap.add_argument("--only", choices=["relu", "teal", "tiles"], default=None)
+    ap.add_argument("--combos", action="store_true", help="the ReLU tiles sweep: TILE_COMBOS instead of TILE_VARIANTS")
+    ap.add_argument(
+        "--only", choices=["tiles", "teal"], default=None, help="only the ReLU tiles sweep or only TEAL (default: both)"
+    )
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.cuda.get_device_name()
     print(f"{dev}, torch {torch.__version__}, triton {triton.__version__}, SMs {SM.num_sms(torch.device('cuda'))}")
     rows, t0 = [], time.time()
-    if args.only == "tiles":
+    if args.only != "teal":
         tiles_sweep(args, rows)
-    elif args.only != "teal":
-        relu_sweep(args, rows)
-        print(f"relu sweep {time.time() - t0:.0f} s", flush=True)
-    if args.only not in ("relu", "tiles"):
+        print(f"relu tiles sweep {time.time() - t0:.0f} s", flush=True)
+    if args.only != "tiles":
         teal_sweep(args, rows)
     print(f"sweep {time.time() - t0:.0f} s")
     with open(args.out, "w") as f:
@@ -378,7 +320,6 @@ def main():
                 torch=torch.__version__,
                 triton=triton.__version__,
                 rows=rows,
-                fused_defaults=SM.FUSED,
                 down_tiles=SM.DOWN_TILES,
             ),
             f,

@@ -27,9 +27,8 @@ Kernels:
    gathered through idx), activation, or silu(gate) * up for the fused gate/up projection. With
    DOWN_REDUCE_IN_KERNEL, kernel 2 (not the dual gate/up) sums its own partials instead (`_arrive_and_reduce`: the
    last programs to arrive, counted with atomics, reduce column slices in a fixed split order: still deterministic).
-4. `_fused_mlp_kernel` (batch-1 ReLU MLP in one launch: up, activation and down per block of neurons, partials
-   reduced by `_arrive_and_reduce`): correct, but slower than 1 + 2 + 3 at every benchmark shape, so off by default
-   (FUSED["MAX_BYTES"] = 0).
+4. A one-launch fused batch-1 ReLU MLP kernel was measured 1.3-1.8x slower than 1 + 2 + 3 and removed (RESULTS.md,
+   session 4; commit d1bae54).
    Also measured and removed (RESULTS.md): a one-launch kernel with a grid-wide barrier between the halves (2-3x
    slower on the H200, commit 99e7b3b) and a one-launch dataflow kernel whose down programs wait on per-split
    arrival counters (1.35x or more slower, commit 31471f7).
@@ -565,66 +564,6 @@ def _gather_matmul_kernel(
 
 
 @triton.jit
-def _fused_mlp_kernel(
-    x_ptr,
-    w1_ptr,
-    b1_ptr,
-    idx_ptr,
-    w2_ptr,
-    b2_ptr,
-    part_ptr,
-    out_ptr,
-    cnt_ptr,
-    k,
-    d,
-    rows_per_prog,
-    n_red,
-    stride_w1,
-    stride_w2,
-    stride_p,
-    HAS_B1: tl.constexpr,
-    HAS_B2: tl.constexpr,
-    ACT: tl.constexpr,
-    REDUCE: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    RED_P: tl.constexpr,
-    RED_C: tl.constexpr,
-):
-    """Batch-1 ReLU MLP, one program per `rows_per_prog` selected neurons: h = act(W1[rows] . x + b1[rows]) (the whole
-    of d), then its share of the output, part[p, :] = h . W2t[rows] (float32). With REDUCE the same launch sums the
-    partials (`_arrive_and_reduce`)."""
-    p = tl.program_id(0)
-    r = tl.arange(0, BLOCK_R)
-    j = p * rows_per_prog + r
-    jm = (r < rows_per_prog) & (j < k)
-    rows = tl.load(idx_ptr + j, mask=jm, other=0).to(tl.int64)
-    cols0 = tl.arange(0, BLOCK_D)
-    acc2 = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, d, BLOCK_D):
-        cols = d0 + cols0
-        cm = cols < d
-        w = tl.load(w1_ptr + rows[:, None] * stride_w1 + cols[None, :], mask=jm[:, None] & cm[None, :], other=0.0)
-        xv = tl.load(x_ptr + cols, mask=cm, other=0.0)
-        acc2 += w.to(tl.float32) * xv.to(tl.float32)[None, :]
-    h = tl.sum(acc2, axis=1)
-    if HAS_B1:
-        h += tl.load(b1_ptr + rows, mask=jm, other=0.0).to(tl.float32)
-    h = tl.where(jm, _apply_act(h, ACT), 0.0)
-    dst = part_ptr + p.to(tl.int64) * stride_p
-    for d0 in range(0, d, BLOCK_D):
-        cols = d0 + cols0
-        cm = cols < d
-        w = tl.load(w2_ptr + rows[:, None] * stride_w2 + cols[None, :], mask=jm[:, None] & cm[None, :], other=0.0)
-        tl.store(dst + cols, tl.sum(h[:, None] * w.to(tl.float32), axis=0), mask=cm)
-    if REDUCE:
-        n_prog = tl.num_programs(0)
-        _arrive_and_reduce(
-            part_ptr, out_ptr, b2_ptr, cnt_ptr, n_prog, n_prog, n_red, 1, d, stride_p, 0, 0, HAS_B2, RED_P, RED_C
-        )
-
-
-@triton.jit
 def _compact_kernel(
     a_ptr,
     out_ptr,
@@ -799,41 +738,6 @@ def down_config(
     cfg["BLOCKS_PER_SPLIT"] = per
     cfg["SPLITS"] = cdiv(nblk, per)
     return cfg
-
-
-# the fused batch-1 ReLU MLP (`_fused_mlp_kernel`): about PROGRAMS_PER_SM programs per SM, each taking at most
-# MAX_ROWS selected neurons through both matrices; REDUCERS programs (at most half the SMs) sum the float32 partials in
-# the same launch (IN_KERNEL; else a second launch does); used at batch 1 for selections of at most MAX_BYTES of weights
-FUSED = {
-    "PROGRAMS_PER_SM": 2,
-    "MAX_ROWS": 16,
-    "BLOCK_D": 512,
-    "num_warps": 4,
-    "REDUCERS": 64,
-    "RED_P": 32,
-    "RED_C": 64,
-    "IN_KERNEL": True,
-    "MAX_BYTES": 0,  # off: slower than the unfused kernels at every benchmark shape (H100 sweep, RESULTS.md)
-}
-
-
-def fused_config(k: int, d: int, sms: int, interpreted: bool = False) -> dict:
-    """The fused batch-1 kernel's launch: ROWS neurons per program, PROGRAMS = cdiv(k, ROWS), N_RED reducers (1 in
-    the interpreter, whose programs run one after another: only the last one may reduce)."""
-    cfg = dict(FUSED)
-    rows = max(1, min(cfg["MAX_ROWS"], cdiv(k, max(1, int(cfg["PROGRAMS_PER_SM"] * sms)))))
-    cfg["ROWS"] = rows
-    cfg["BLOCK_R"] = next_pow2(rows)
-    cfg["PROGRAMS"] = cdiv(k, rows)
-    cfg["BLOCK_D"] = min(cfg["BLOCK_D"], max(16, next_pow2(d)))
-    cfg["N_RED"] = 1 if interpreted else max(1, min(cfg["PROGRAMS"], cfg["REDUCERS"], sms // 2))
-    return cfg
-
-
-def use_fused(batch: int, k: int, d: int, dtype: torch.dtype) -> bool:
-    """The fused kernel serves batch 1 when the selected rows of both matrices total at most FUSED["MAX_BYTES"]."""
-    limit = FUSED["MAX_BYTES"]
-    return batch == 1 and k > 0 and (limit is None or 2 * k * d * dtype.itemsize <= limit)
 
 
 # TEAL without an index: TEAL_COMPACT compacts the input on the device first (`_compact_kernel`, inputs of at most
@@ -1097,53 +1001,21 @@ _counter_next = [0]
 
 
 def _arrival_counters(device: torch.device, width: int = 2) -> torch.Tensor | None:
-    """`width` int32 counters for one launch (arrivals, finished reducers: the fused kernel and kernel 2's in-kernel
-    reduce), zero between launches (the kernels reset them). Slots rotate through
-    a per-device buffer, so launches on different streams or in different CUDA graphs do not share them. None while
-    a CUDA graph is being captured and the device has no buffer yet (allocating in a capture would tie it to the
-    graph): the caller then takes a path without counters."""
+    """`width` int32 counters for one launch of kernel 2 with its in-kernel reduce (arrivals, finished reducers), zero
+    between launches (the kernel resets them). Slots rotate through a per-device buffer, so launches on different
+    streams or in different CUDA graphs do not share them. None while a CUDA graph is being captured and the device
+    has no buffer yet (allocating in a capture would tie it to the graph): the caller then takes a path without
+    counters."""
     key = (device, width)
     buf = _counter_buffers.get(key)
     if buf is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
         buf = _counter_buffers[key] = torch.zeros((_COUNTER_SLOTS, width), dtype=torch.int32, device=device)
-    _counter_next[0] += 1  # (two threads racing here could share a slot: both users of the counters are off by default)
-    return buf[_counter_next[0] % _COUNTER_SLOTS]
-
-
-def _fused_mlp(x, w1, b1, w2t, b2, idx, act_code, y) -> None:
-    """Batch 1 (x, y [1, d]): `_fused_mlp_kernel`, reducing in the same launch when it can, else in `_reduce`."""
-    k, d = idx.numel(), x.shape[1]
-    cfg = fused_config(k, d, num_sms(x.device), interpreted=x.device.type != "cuda")
-    n_prog = cfg["PROGRAMS"]
-    part = torch.empty((n_prog, 1, d), dtype=torch.float32, device=x.device)
-    cnt = _arrival_counters(x.device) if cfg["IN_KERNEL"] else None
-    _fused_mlp_kernel[(n_prog,)](
-        x,
-        w1,
-        b1 if b1 is not None else w1,
-        idx,
-        w2t,
-        b2 if b2 is not None else w2t,
-        part,
-        y,
-        cnt if cnt is not None else part,
-        k,
-        d,
-        cfg["ROWS"],
-        cfg["N_RED"],
-        w1.stride(0),
-        w2t.stride(0),
-        part.stride(0),
-        HAS_B1=b1 is not None,
-        HAS_B2=b2 is not None,
-        ACT=act_code,
-        REDUCE=cnt is not None,
-        **_launch_opts(cfg, "BLOCK_R", "BLOCK_D", "RED_P", "RED_C"),
+    _counter_next[0] += (
+        1  # (two threads racing here could share a slot: the only user, DOWN_REDUCE_IN_KERNEL, is off by default)
     )
-    if cnt is None:
-        _reduce(part, y, d, n_prog, bias=b2, block=128)
+    return buf[_counter_next[0] % _COUNTER_SLOTS]
 
 
 def sparse_up(
@@ -1220,9 +1092,6 @@ def sparse_mlp(
         xc, yc = x[lo:hi], y[lo:hi]
         if k == 0:
             _gather_matmul(xc, w2t, yc, mode=MODE_COMPACT, k=0, idx=idx, bias=b2)
-            continue
-        if use_fused(hi - lo, k, x.shape[1], w1.dtype):
-            _fused_mlp(xc, w1, b1, w2t, b2, idx, act_code, yc)
             continue
         pdl = hi - lo <= PDL_RELU_MAX_BATCH
         part, split = _up_partials(xc, w1, b1, idx, act_code, pdl=pdl, small=True)

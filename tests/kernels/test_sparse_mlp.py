@@ -64,23 +64,6 @@ def teal_path(request, monkeypatch):
     return request.param
 
 
-FUSED_VARIANTS = {
-    "one-row": {"MAX_ROWS": 1, "MAX_BYTES": None},
-    "five-rows": {"MAX_ROWS": 5, "PROGRAMS_PER_SM": 1e-3, "BLOCK_D": 16, "RED_P": 4, "RED_C": 8, "MAX_BYTES": None},
-    "two-launches": {"MAX_ROWS": 3, "PROGRAMS_PER_SM": 1e-3, "IN_KERNEL": False, "MAX_BYTES": None},
-    "unfused": {"MAX_BYTES": 0},
-}
-
-
-@pytest.fixture(params=list(FUSED_VARIANTS))
-def fused(request, monkeypatch):
-    """The batch-1 fused kernel with 1, 5 (tile of 8, tiny d and reduce tiles) or 3 neurons per program (reduced in a
-    second launch), and the unfused three-kernel path it replaces."""
-    for key, value in FUSED_VARIANTS[request.param].items():
-        monkeypatch.setitem(SM.FUSED, key, value)
-    return request.param
-
-
 def mlp_weights(n, d, seed, dtype=torch.float32, device="cpu"):
     w1 = randn(n, d, seed=seed, dtype=dtype, device=device, scale=d**-0.5)
     b1 = randn(n, seed=seed + 1, dtype=dtype, device=device, scale=0.5)
@@ -141,40 +124,21 @@ def test_random_selection_matches_masked_reference(device, tiles, batch, act):
     torch.testing.assert_close(K.sparse_down(h, w2t, b2, idx), y, **TOL[torch.float32])
 
 
-def test_fused_batch1_matches_dense_and_masked_reference(device, fused):
-    """Batch 1 through the fused kernel (or not, for 'unfused'): the oracle set gives the dense MLP (1e-5), a random
-    selection the masked float64 MLP; unselected rows are never read; results are bitwise repeatable; the arrival
-    counters are back at zero after each launch."""
+def test_batch1_int64_index_without_biases(device, tiles):
+    """Batch 1 with an int64 index and no biases: the masked float64 MLP (1e-5); bitwise repeatable."""
     w1, b1, w2t, b2 = mlp_weights(N, D, seed=131, device=device)
-    b1 = b1 - 1.0
     x = randn(1, D, seed=132, device=device)
-    pre = x @ w1.T + b1
-    oracle = shuffled(torch.nonzero((pre > 0).any(0)).view(-1).to(torch.int32), seed=133)
-    assert 0 < oracle.numel() < N
-    fused_on = SM.use_fused(1, oracle.numel(), D, w1.dtype)
-    assert fused_on == (fused != "unfused")
-    assert_rel(K.sparse_mlp(x, w1, b1, w2t, b2, oracle), F.linear(F.relu(pre), w2t.T, b2), 1e-5)
+    idx = torch.randperm(N, generator=gen(134))[:37].to(device=device, dtype=torch.int64)
     for act in ("relu", "gelu"):
-        idx = torch.randperm(N, generator=gen(134))[:37].to(device=device, dtype=torch.int64)
-        want = masked_mlp64(x, w1, b1, w2t, b2, idx, act)
-        off = torch.ones(N, dtype=torch.bool, device=device)
-        off[idx] = False
-        w1n, b1n, w2n = w1.clone(), b1.clone(), w2t.clone()
-        w1n[off], b1n[off], w2n[off] = float("nan"), float("nan"), float("nan")
-        y = K.sparse_mlp(x, w1n, b1n, w2n, b2, idx, act)
-        assert_rel(y, want, 1e-5)
-        assert torch.equal(K.sparse_mlp(x, w1n, b1n, w2n, b2, idx, act), y)
-        assert_rel(
-            K.sparse_mlp(x, w1, None, w2t, None, idx, act), masked_mlp64(x, w1, 0 * b1, w2t, 0 * b2, idx, act), 1e-5
-        )
-    for buf in SM._counter_buffers.values():
-        assert int(buf.abs().sum()) == 0
+        y = K.sparse_mlp(x, w1, None, w2t, None, idx, act)
+        assert_rel(y, masked_mlp64(x, w1, 0 * b1, w2t, 0 * b2, idx, act), 1e-5)
+        assert torch.equal(K.sparse_mlp(x, w1, None, w2t, None, idx, act), y)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="programmatic dependent launch exists on the GPU only")
 @pytest.mark.parametrize("batch", [1, 4])
 def test_pdl_matches_reference_and_plain_launches(device, monkeypatch, batch):
-    """The unfused kernels chained with PDL (kernel 2 prefetching its weight rows into L2 or not): bitwise the
+    """The three kernels chained with PDL (kernel 2 prefetching its weight rows into L2 or not): bitwise the
     results of plain launches, and the float32 reference."""
     w1, b1, w2t, b2 = mlp_weights(2048, 1536, seed=161, dtype=torch.float16, device=device)
     x = randn(batch, 1536, seed=162, dtype=torch.float16, device=device)
@@ -228,19 +192,6 @@ def test_reduce_in_kernel_resets_its_counters(device, monkeypatch):
     assert SM._counter_buffers
     for buf in SM._counter_buffers.values():
         assert int(buf.abs().sum()) == 0
-
-
-def test_fused_configs_for_the_benchmark_shapes():
-    """Every selected neuron is in exactly one program; at most half the SMs reduce; tiles are powers of two."""
-    for d, n in ((5120, 20480), (7168, 28672), (12288, 49152)):
-        for density in (0.001, 0.05, 0.1, 0.2, 0.5, 1.0):
-            k = max(1, int(round(density * n)))
-            for sms in (132, 78, 16):
-                cfg = SM.fused_config(k, d, sms)
-                assert cfg["ROWS"] <= cfg["BLOCK_R"] == SM.next_pow2(cfg["ROWS"])
-                assert (cfg["PROGRAMS"] - 1) * cfg["ROWS"] < k <= cfg["PROGRAMS"] * cfg["ROWS"]
-                assert 1 <= cfg["N_RED"] <= min(cfg["PROGRAMS"], max(1, sms // 2))
-                assert SM.fused_config(k, d, sms, interpreted=True)["N_RED"] == 1
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -507,10 +458,8 @@ def test_configs_for_the_benchmark_shapes():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("variant", ["default", "fused", "pdl", "reduce-in", "pdl-reduce-in"])
+@pytest.mark.parametrize("variant", ["default", "pdl", "reduce-in", "pdl-reduce-in"])
 def test_cuda_graph_capture(device, variant, monkeypatch):
-    if variant == "fused":
-        monkeypatch.setitem(SM.FUSED, "MAX_BYTES", None)
     monkeypatch.setattr(SM, "PDL", "pdl" in variant)
     monkeypatch.setattr(SM, "DOWN_REDUCE_IN_KERNEL", "reduce-in" in variant)
     w1, b1, w2t, b2 = mlp_weights(512, 256, seed=121, dtype=torch.float16, device=device)
