@@ -132,7 +132,7 @@ def _k2_all(**kw) -> dict:
 
 
 # side-by-side variants of the kernels' settings (reldl.kernels.sparse_mlp module attributes), each timed like the
-# default in the same run ("b1": 1 = batch 1 only). ReLU: "no pdl" = plain launches at batch 1 too (the default chains
+# default in the same run. ReLU: "no pdl" = plain launches at batch 1 too (the default chains
 # the three kernels with programmatic dependent launch at batch 1, kernel 2 prefetching its weight rows into L2 before
 # it waits for kernel 1), "no prefetch" = that PDL chain without the prefetch, "k1 ..." = kernel 1 with fewer programs
 # per SM (UP_PROGRAMS_PER_SM) or 4 warps, so that kernel 2's programs find room beside it sooner, "pdl" = PDL at every
@@ -218,7 +218,7 @@ def run_variants(table: dict, batch: int, fns, check, key: str, errors: dict, ch
     if ARGS.no_variants or not GPU:
         return out
     for name, v in table.items():
-        if (v.get("b1") and batch != 1) or (ARGS.variants and name not in ARGS.variants):
+        if ARGS.variants and name not in ARGS.variants:
             continue
         try:
             with patched(v):

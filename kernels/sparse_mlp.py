@@ -1000,21 +1000,19 @@ _counter_buffers: dict = {}
 _counter_next = [0]
 
 
-def _arrival_counters(device: torch.device, width: int = 2) -> torch.Tensor | None:
-    """`width` int32 counters for one launch of kernel 2 with its in-kernel reduce (arrivals, finished reducers), zero
+def _arrival_counters(device: torch.device) -> torch.Tensor | None:
+    """Two int32 counters for one launch of kernel 2 with its in-kernel reduce (arrivals, finished reducers), zero
     between launches (the kernel resets them). Slots rotate through a per-device buffer, so launches on different
     streams or in different CUDA graphs do not share them. None while a CUDA graph is being captured and the device
     has no buffer yet (allocating in a capture would tie it to the graph): the caller then takes a path without
     counters."""
-    key = (device, width)
-    buf = _counter_buffers.get(key)
+    buf = _counter_buffers.get(device)
     if buf is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        buf = _counter_buffers[key] = torch.zeros((_COUNTER_SLOTS, width), dtype=torch.int32, device=device)
-    _counter_next[0] += (
-        1  # (two threads racing here could share a slot: the only user, DOWN_REDUCE_IN_KERNEL, is off by default)
-    )
+        buf = _counter_buffers[device] = torch.zeros((_COUNTER_SLOTS, 2), dtype=torch.int32, device=device)
+    # (two threads racing here could share a slot: the only user, DOWN_REDUCE_IN_KERNEL, is off by default)
+    _counter_next[0] += 1
     return buf[_counter_next[0] % _COUNTER_SLOTS]
 
 
